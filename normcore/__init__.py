@@ -1,0 +1,12 @@
+"""normcore: normalization kernels for NumPy arrays.
+
+Every mode (batch, layer, instance, group, RMS, channel norm, weight standardization and
+any mode a user registers) runs through the same compiled Cython/OpenMP kernels.
+"""
+from .spec import SpecError
+from .modes import Mode, get_mode, modes, register_mode
+from .functional import NormCache, backward, normalize
+from .forms import (batch_norm, group_norm, instance_norm, layer_norm, rms_norm,
+                    weight_standardize, weight_standardize_backward)
+
+__version__ = "0.1.0"

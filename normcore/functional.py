@@ -1,0 +1,356 @@
+"""normalize / backward: thin validating wrappers around the compiled kernels.
+
+Every check happens here, before any kernel runs and before any running statistic is
+written, so bad input raises and leaves the caller's state exactly as it was. The kernels
+(src/normcore/_kernels.pyx) check nothing.
+
+Numerics
+--------
+* Statistics accumulate in double (two-pass per chunk, Chan merges); the output is
+  normalized with the biased variance.
+* ``running_var`` receives the unbiased variance n/(n-1) by default (PyTorch, seed 000);
+  ``unbiased=False`` stores the biased one (Flax, Keras, CS231n).
+* ``momentum`` follows PyTorch: running = (1 - m) * running + m * batch. Decay-style
+  conventions map as momentum = 1 - decay (decay 0.99 -> momentum 0.01, CS231n's 0.9 -> 0.1).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _kernels as K
+from .modes import Mode, get_mode
+from .plan import Plan, make_plan
+
+__all__ = ["normalize", "backward", "NormCache"]
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class NormCache:
+    """What backward needs from one forward call: plan, canonical x, mean and 1/std."""
+
+    __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "has_weight",
+                 "has_bias", "stats_grad")
+
+    def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_weight, has_bias, stats_grad):
+        self.mode = mode
+        self.plan = plan
+        self.x3 = x3                # (A, C, B) input in the canonical layout
+        self.dtype = dtype
+        self.mean = mean            # (C,) float64 mean used to normalize (0 when not centred)
+        self.rstd = rstd            # (C,) float64 1 / sqrt(var + eps)
+        self.weight = weight        # (P,) float64 weight, or None
+        self.has_weight = has_weight
+        self.has_bias = has_bias
+        self.stats_grad = stats_grad  # gradients flow through batch statistics
+
+    @property
+    def shape(self):
+        return self.plan.shape
+
+    @property
+    def saved_mean(self):
+        """Per-group mean used by forward, shaped like the statistics axes (float64)."""
+        return self.mean.reshape(self.plan.stat_shape)
+
+    @property
+    def saved_rstd(self):
+        """Per-group inverse standard deviation used by forward (float64)."""
+        return self.rstd.reshape(self.plan.stat_shape)
+
+
+def _describe(mode: Mode) -> str:
+    return f"mode {mode.name!r} (spec {mode.spec!r})" if mode.name else f"spec {mode.spec!r}"
+
+
+def _check_array(name, a, dtype=None):
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected float32 or float64, got dtype {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
+
+
+def _check_param(name, a, shape, dtype):
+    if a is None:
+        return
+    _check_array(name, a, dtype)
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+
+
+def _check_scalar(name, value, lo, hi, lo_open):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    v = float(value)
+    bad_lo = v <= lo if lo_open else v < lo
+    if not math.isfinite(v) or bad_lo or v > hi:
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ValueError(f"{name}: expected a finite value in {interval}, got {value!r}")
+    return v
+
+
+def _plan(mode: Mode, x: np.ndarray, sizes) -> Plan:
+    try:
+        return make_plan(mode, x.shape, sizes)
+    except ValueError as e:
+        raise ValueError(f"x: {e} ({_describe(mode)}, x.shape {x.shape})") from None
+
+
+def _canonical(a: np.ndarray, plan: Plan) -> np.ndarray:
+    """``a`` as a C-contiguous (A, C, B) array; a view when no copy is needed."""
+    e = a.reshape(plan.elem_shape)
+    if plan.perm is not None:
+        e = e.transpose(plan.perm)
+    return np.ascontiguousarray(e).reshape(plan.layout)
+
+
+def _from_canonical(a3: np.ndarray, plan: Plan) -> np.ndarray:
+    if plan.perm is None:
+        return a3.reshape(plan.shape)
+    moved = a3.reshape([plan.elem_shape[i] for i in plan.perm])
+    return np.ascontiguousarray(moved.transpose(np.argsort(plan.perm))).reshape(plan.shape)
+
+
+def _moments(x3: np.ndarray, plan: Plan):
+    """Per-group (mean, biased variance) in float64, from one compiled pass over x."""
+    A, C, B = plan.layout
+    if plan.columns:
+        rpb = plan.rows_per_block
+        nb = -(-A // rpb)
+        pmean = np.empty((nb, C))
+        pm2 = np.empty((nb, C))
+        K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2)
+        counts = np.full(nb, float(rpb))
+        counts[-1] = A - rpb * (nb - 1)
+    else:
+        pmean = np.empty((A, C))
+        pm2 = np.empty((A, C))
+        K.moments_rows(x3, pmean, pm2)
+        counts = np.full(A, float(B))
+    if A == 1 or pmean.shape[0] == 1:
+        return pmean[0], pm2[0] / plan.count
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    K.combine_moments(pmean, pm2, counts, mean, m2)
+    return mean, m2 / plan.count
+
+
+def _per_running(values: np.ndarray, plan: Plan) -> np.ndarray:
+    """Average per-group values into running-statistic entries (identity for batch norm)."""
+    size = math.prod(plan.running_shape)
+    out = np.bincount(plan.rc, weights=values, minlength=size) / plan.groups_per_running
+    return out.reshape(plan.running_shape)
+
+
+def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
+              training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False, **sizes):
+    """Normalize ``x`` with a registered mode; return ``(y, cache)`` for :func:`backward`.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, any shape the mode's spec accepts.
+    mode : str or Mode
+        A name from :func:`normcore.modes` or a :class:`normcore.Mode`.
+    weight, bias : ndarray of the mode's parameter shape and x's dtype, optional.
+    running_mean, running_var : ndarray of the running-statistics shape, optional.
+        Updated in place in training mode (only after every check has passed).
+    training : bool
+        True: normalize with batch statistics (and update running statistics if given).
+        False: normalize with the running statistics if given, else batch statistics.
+    momentum : float in [0, 1]
+        running = (1 - momentum) * running + momentum * batch.
+    eps : float > 0
+    unbiased : bool
+        Store the unbiased (n/(n-1)) batch variance in running_var (default) or the biased one.
+    estimate : bool
+        Estimated batch norm: in training, update the running statistics first, then
+        normalize with them; no gradient flows through the statistics.
+    **sizes : int
+        Axis sizes, e.g. ``g=32`` for group norm.
+
+    Returns
+    -------
+    y : ndarray of x's shape and dtype, C-contiguous.
+    cache : NormCache
+
+    Example
+    -------
+    >>> import numpy as np, normcore
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> y, cache = normcore.normalize(x, "batch_norm")
+    >>> dx, dw, db = normcore.backward(np.ones_like(y), cache)
+    """
+    m = get_mode(mode)
+    _check_array("x", x)
+    plan = _plan(m, x, sizes)
+    dtype = x.dtype
+    if m.params is None and (weight is not None or bias is not None):
+        raise ValueError(f"weight/bias: {_describe(m)} has no affine parameters")
+    if m.params is not None:
+        _check_param("weight", weight, plan.param_shape, dtype)
+        _check_param("bias", bias, plan.param_shape, dtype)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean/running_var: give both or neither")
+    has_running = running_mean is not None
+    if has_running:
+        if m.running_stats is None:
+            raise ValueError(f"running_mean: {_describe(m)} keeps no running statistics")
+        _check_param("running_mean", running_mean, plan.running_shape, dtype)
+        _check_param("running_var", running_var, plan.running_shape, dtype)
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            if training and not a.flags.writeable:
+                raise ValueError(f"{name}: must be writeable to be updated in training")
+    eps = _check_scalar("eps", eps, 0.0, math.inf, lo_open=True)
+    if momentum is None:
+        raise ValueError("momentum: None (cumulative average) needs a batch count; "
+                         "use a layer, or pass momentum=1/num_batches")
+    momentum = _check_scalar("momentum", momentum, 0.0, 1.0, lo_open=False)
+    if estimate and not (has_running and training):
+        raise ValueError("estimate: needs running_mean and running_var and training=True")
+    n = plan.count
+    C = plan.layout[1]
+    if n == 0 and C > 0:
+        raise ValueError(f"x: cannot compute statistics over zero elements ({_describe(m)}, x.shape {x.shape})")
+    if training and m.running_stats is not None and n == 1:
+        raise ValueError(f"x: expected more than 1 value per statistics group in training, "
+                         f"got x.shape {x.shape} ({_describe(m)})")
+
+    x3 = _canonical(x, plan)
+    use_batch = training or not has_running
+    new_running = None
+    if use_batch and C:
+        mean, var = _moments(x3, plan)
+        if not m.center:
+            var = var + mean * mean  # mean of squares: no cancellation, all terms >= 0
+            mean = np.zeros_like(mean)
+        if training and has_running:
+            bvar = var * (n / (n - 1)) if unbiased else var
+            new_running = (
+                (1 - momentum) * running_mean.astype(np.float64) + momentum * _per_running(mean, plan),
+                (1 - momentum) * running_var.astype(np.float64) + momentum * _per_running(bvar, plan),
+            )
+    if (not use_batch or estimate) and C:
+        rm, rv = new_running if estimate else (running_mean, running_var)
+        # Statistics must be the ones the output is rounded with: stored-dtype values.
+        mean = np.asarray(rm, dtype).astype(np.float64).reshape(-1)[plan.rc]
+        var = np.asarray(rv, dtype).astype(np.float64).reshape(-1)[plan.rc]
+    if not C:
+        mean = var = np.zeros(0)
+    rstd = 1.0 / np.sqrt(var + eps)
+
+    y3 = np.empty(plan.layout, dtype)
+    w = None if weight is None else weight.astype(np.float64).reshape(-1)
+    if plan.params_reduced and (weight is not None or bias is not None):
+        P = math.prod(plan.param_shape)
+        w_ = np.ones(P) if w is None else w
+        b_ = np.zeros(P) if bias is None else bias.astype(np.float64).reshape(-1)
+        K.affine_params(x3, mean, rstd, plan.pc, plan.pb, w_, b_, y3)
+    else:
+        # y = (x - mean) * rstd * w + b  =  x * scale + shift,  scale = rstd * w,
+        # shift = b - mean * scale; evaluated in double, so the offset costs no digits.
+        scale = rstd if w is None else rstd * w[plan.pc]
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.astype(np.float64).reshape(-1)[plan.pc]
+        K.affine_groups(x3, scale, shift, y3)
+
+    if new_running is not None:
+        running_mean[...] = new_running[0]
+        running_var[...] = new_running[1]
+    cache = NormCache(m, plan, x3, dtype, mean, rstd, w, weight is not None, bias is not None,
+                      stats_grad=use_batch and not estimate)
+    return _from_canonical(y3, plan), cache
+
+
+def backward(dy, cache):
+    """Gradients of :func:`normalize`: return ``(dx, dweight, dbias)``.
+
+    ``dweight`` / ``dbias`` are None when forward had no weight / bias. In training mode
+    (batch statistics) the gradient flows through the mean and variance; in eval mode
+    and for estimated batch norm the statistics are constants.
+
+    Shapes: ``dy`` has x's shape and dtype; ``dx`` too; dweight/dbias the parameter shape.
+
+    Example
+    -------
+    >>> import numpy as np, normcore
+    >>> x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    >>> w = np.ones(6, np.float32)
+    >>> y, cache = normcore.normalize(x, "layer_norm", weight=w)
+    >>> dx, dw, db = normcore.backward(np.ones_like(y), cache)
+    >>> db is None
+    True
+    """
+    if not isinstance(cache, NormCache):
+        raise TypeError(f"cache: expected the NormCache returned by normalize, got {type(cache).__name__}")
+    _check_array("dy", dy, cache.dtype)
+    plan = cache.plan
+    if dy.shape != plan.shape:
+        raise ValueError(f"dy: expected shape {plan.shape} (the forward input's), got {dy.shape}; "
+                         "is the cache from another call?")
+    dy3 = _canonical(dy, plan)
+    x3, mean, rstd = cache.x3, cache.mean, cache.rstd
+    A, C, B = plan.layout
+    n = plan.count
+    dtype = cache.dtype
+    dx3 = np.empty(plan.layout, dtype)
+    affine = cache.has_weight or cache.has_bias
+    dw = db = None
+
+    if plan.params_reduced and affine:
+        P = math.prod(plan.param_shape)
+        w = cache.weight if cache.weight is not None else np.ones(P)
+        rpb = plan.rows_per_block
+        nb = max(1, -(-C // rpb))
+        s1, s2 = np.empty(C), np.empty(C)
+        pdw, pdb = np.zeros((nb, P)), np.zeros((nb, P))
+        K.sums_params(dy3, x3, mean, rstd, plan.pc, plan.pb, w, rpb, s1, s2, pdw, pdb)
+        dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
+        if cache.stats_grad:
+            c1 = s1 / n if cache.mode.center else np.zeros(C)
+            c2 = s2 / n
+        else:
+            c1 = c2 = np.zeros(C)
+        K.dx_params(dy3, x3, mean, rstd, plan.pc, plan.pb, w, c1, c2, dx3)
+    else:
+        gamma = np.ones(C) if cache.weight is None else cache.weight[plan.pc]
+        k1 = rstd * gamma
+        k2 = k3 = np.zeros(C)
+        if cache.stats_grad or affine:
+            t1, t2 = _group_sums(dy3, x3, mean, plan)  # sum dy, sum dy * (x - mean)
+            dyxhat = rstd * t2
+            if affine:
+                P = math.prod(plan.param_shape)
+                dw = np.bincount(plan.pc, weights=dyxhat, minlength=P)
+                db = np.bincount(plan.pc, weights=t1, minlength=P)
+            if cache.stats_grad:
+                # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
+                # xhat = (x - mean) * rstd, regrouped as dy * k1 + x * k2 + k3.
+                m1 = gamma * t1 / n if cache.mode.center else np.zeros(C)
+                m2 = gamma * dyxhat / n
+                k2 = -rstd * rstd * m2
+                k3 = mean * rstd * rstd * m2 - rstd * m1
+        K.dx_groups(dy3, x3, k1, k2, k3, dx3)
+
+    dx = _from_canonical(dx3, plan)
+    dweight = dw.reshape(plan.param_shape).astype(dtype) if cache.has_weight else None
+    dbias = db.reshape(plan.param_shape).astype(dtype) if cache.has_bias else None
+    return dx, dweight, dbias
+
+
+def _group_sums(dy3, x3, mean, plan: Plan):
+    A, C, B = plan.layout
+    if plan.columns:
+        rpb = plan.rows_per_block
+        nb = -(-A // rpb)
+        p1, p2 = np.empty((nb, C)), np.empty((nb, C))
+        K.sums_cols(dy3.reshape(A, C), x3.reshape(A, C), mean, rpb, p1, p2)
+    else:
+        p1, p2 = np.empty((A, C)), np.empty((A, C))
+        K.sums_rows(dy3, x3, mean, p1, p2)
+    # NumPy sums the partial rows in a fixed order: deterministic for any thread count.
+    return p1.sum(axis=0), p2.sum(axis=0)

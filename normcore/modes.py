@@ -1,0 +1,143 @@
+"""The mode registry: a normalization mode is an axis spec plus where its parameters live.
+
+Built-in modes are registered at import with the same public :func:`register_mode` that
+users call, and every mode runs on the same compiled kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .spec import ELLIPSIS, SpecError, parse_axes, parse_spec
+
+__all__ = ["Mode", "register_mode", "modes", "get_mode"]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """An immutable normalization mode. Build one with :func:`register_mode` or directly.
+
+    ``Mode("n c ... -> c", params="c", running_stats=True)`` is spatial batch norm: the
+    statistics are kept per channel and reduced over N and every trailing axis, the
+    affine parameters have shape (C,), and running statistics have shape (C,).
+    """
+
+    spec: str
+    # Axes of the affine parameters, in the spec's left-hand order ("(g k)" merges into
+    # one parameter axis); None: the mode takes no weight or bias.
+    params: str | None = None
+    # False: x is centred by its mean; False gives RMS-style scaling by sqrt(mean(x^2)).
+    center: bool = True
+    # Axes of the running statistics: None (none), or a subset of the statistics axes.
+    # A subset shorter than the statistics axes averages the per-group statistics over
+    # the other kept axes (instance norm keeps running stats per channel, not per sample).
+    running_stats: str | None = None
+    # Axis sizes fixed by the mode (e.g. groups); more can be given per call.
+    sizes: tuple[tuple[str, int], ...] = ()
+    name: str | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        parsed = parse_spec(self.spec)
+        names = tuple(n for n in parsed.names)
+        if self.params is not None:
+            if not isinstance(self.params, str):
+                raise TypeError(f"params: expected a str of axis names or None, got {type(self.params).__name__}")
+            parse_axes(self.params, self.spec, "params", names)
+        if self.running_stats is not None:
+            if not isinstance(self.running_stats, str):
+                raise TypeError("running_stats: expected True, False or a str of statistics axes")
+            groups = parse_axes(self.running_stats, self.spec, "running_stats", parsed.kept)
+            if any(len(g) > 1 for g in groups):
+                raise SpecError(f"spec {self.spec!r}: running_stats axes cannot be parenthesised")
+            if not self.center:
+                raise ValueError("running_stats: only centred modes keep running statistics")
+        if not isinstance(self.center, bool):
+            raise TypeError(f"center: expected a bool, got {type(self.center).__name__}")
+        for axis, size in self.sizes:
+            _check_size(axis, size, parsed)
+
+    @property
+    def parsed(self):
+        return parse_spec(self.spec)
+
+    def __repr__(self):
+        label = f"{self.name!r}, " if self.name else ""
+        return (f"Mode({label}{self.spec!r}, params={self.params!r}, center={self.center}, "
+                f"running_stats={self.running_stats!r}, sizes={dict(self.sizes)})")
+
+
+def _check_size(axis, size, parsed):
+    if axis not in parsed.names or axis == ELLIPSIS:
+        raise ValueError(f"sizes: axis {axis!r} is not in spec {parsed.text!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"sizes: {axis}={size!r} must be a positive int")
+
+
+_REGISTRY: dict[str, Mode] = {}
+
+
+def register_mode(name, spec, *, params=None, center=True, running_stats=False, **sizes) -> Mode:
+    """Register a normalization mode under ``name`` and return it.
+
+    Parameters
+    ----------
+    name : str
+        Key for :func:`normcore.normalize`. Must not be registered already.
+    spec : str
+        ``"<input axes> -> <statistics axes>"``, e.g. ``"n c ... -> c"``.
+    params : str or None
+        Axes of weight and bias, e.g. ``"c"`` (shape (C,)) or ``"(g k)"`` (one merged
+        axis). None: the mode has no affine parameters.
+    center : bool
+        Subtract the mean (True) or only scale by the root mean square (False, RMS norm).
+    running_stats : bool or str
+        True keeps running statistics on all statistics axes, a str on a subset of them.
+    **sizes : int
+        Fixed axis sizes, e.g. ``g=32``.
+
+    Example
+    -------
+    >>> import numpy as np, normcore
+    >>> m = normcore.register_mode("per_row_doc", "r col -> r", params="col")
+    >>> y, cache = normcore.normalize(np.ones((2, 3), np.float32), "per_row_doc")
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name: expected a non-empty str, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"name: mode {name!r} is already registered")
+    if running_stats is True:
+        running_stats = " ".join(parse_spec(spec).kept) if isinstance(spec, str) else spec
+    elif running_stats is False:
+        running_stats = None
+    mode = Mode(spec, params=params, center=center, running_stats=running_stats,
+                sizes=tuple(sorted(sizes.items())), name=name)
+    _REGISTRY[name] = mode
+    return mode
+
+
+def modes() -> dict[str, Mode]:
+    """All registered modes by name (built-ins first, in registration order)."""
+    return dict(_REGISTRY)
+
+
+def get_mode(mode) -> Mode:
+    """Return the :class:`Mode` for a registered name or a :class:`Mode` instance."""
+    if isinstance(mode, Mode):
+        return mode
+    if not isinstance(mode, str):
+        raise TypeError(f"mode: expected a registered name or a Mode, got {type(mode).__name__}")
+    try:
+        return _REGISTRY[mode]
+    except KeyError:
+        raise ValueError(f"mode: unknown mode {mode!r}; registered: {', '.join(_REGISTRY)}") from None
+
+
+# Built-in modes, through the public call.
+register_mode("batch_norm", "n c ... -> c", params="c", running_stats=True)
+register_mode("batch_norm_channels_last", "n ... c -> c", params="c", running_stats=True)
+register_mode("batch_norm_per_activation", "n d -> d", params="d", running_stats=True)
+register_mode("layer_norm", "... d -> ...", params="d")
+register_mode("rms_norm", "... d -> ...", params="d", center=False)
+register_mode("instance_norm", "n c ... -> n c", params="c", running_stats="c")
+register_mode("group_norm", "n (g k) ... -> n g", params="(g k)")
+register_mode("channel_norm", "n (g k) ... -> n g", params="g")
+register_mode("weight_standardize", "o ... -> o")

@@ -1,0 +1,212 @@
+"""From (mode, input shape, sizes) to an immutable plan on the canonical (A, C, B) layout.
+
+Every mode lands on one layout: a C-contiguous (A, C, B) array whose statistics groups are
+indexed by ``c`` and reduced over ``a`` and ``b``. Adjacent axes of the same kind merge;
+when the kept axes are not adjacent (or parameters sit on the leading reduced axes) the
+input is transposed to (kept..., reduced...), i.e. A = 1. Plans are cached by
+(mode, shape, sizes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
+
+import numpy as np
+
+from .modes import Mode
+from .spec import ELLIPSIS, parse_axes
+
+__all__ = ["Plan", "make_plan"]
+
+# Blocks for column reductions: about this many elements per block, so a block stays in
+# cache between its two passes, and at most this many blocks of rows for param partials.
+_BLOCK_ELEMS = 65536
+_PARAM_BLOCKS = 64
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    shape: tuple            # input shape
+    elem_shape: tuple       # input shape with parenthesised axes split (a reshape of x)
+    perm: tuple | None      # transpose of the elementary view to (kept, reduced); None: no copy
+    layout: tuple           # (A, C, B) of the canonical array
+    stat_shape: tuple       # shape of per-group statistics: kept axes in spec order
+    param_shape: tuple | None    # shape of weight and bias; None when the mode has none
+    running_shape: tuple | None  # shape of running statistics; None when the mode has none
+    count: int              # elements per statistics group, A * B
+    pc: np.ndarray | None   # (C,) parameter offset of each group
+    pb: np.ndarray | None   # (B,) parameter offset of each inner position
+    params_reduced: bool    # parameters vary along b: per-element affine kernels (A == 1)
+    rc: np.ndarray | None   # (C,) running-statistics entry of each group
+    groups_per_running: int  # groups averaged into one running entry
+    rows_per_block: int     # fixed block height of column / parameter reductions
+
+    @property
+    def columns(self) -> bool:
+        """Reduce columns of an (A, C) matrix: B == 1 and more than one row."""
+        return self.layout[2] == 1 and self.layout[0] > 1
+
+
+def _elementary(mode: Mode, shape: tuple, sizes: dict):
+    """Split ``shape`` into named elementary axes; raise ValueError naming what is wrong."""
+    parsed = mode.parsed
+    fixed = len(parsed.lhs) - (1 if (ELLIPSIS,) in parsed.lhs else 0)
+    ndim = len(shape)
+    if (ELLIPSIS,) in parsed.lhs:
+        if ndim < fixed:
+            raise ValueError(f"expected at least {fixed} dimensions, got {ndim}")
+    elif ndim != fixed:
+        raise ValueError(f"expected {fixed} dimensions, got {ndim}")
+    for axis in sizes:
+        if axis not in parsed.names or axis == ELLIPSIS:
+            raise ValueError(f"sizes: axis {axis!r} is not in the spec")
+    names, dims = [], []
+    it = iter(shape)
+    for group in parsed.lhs:
+        if group == (ELLIPSIS,):
+            for i in range(ndim - fixed):
+                names.append(f"...{i}")
+                dims.append(next(it))
+            continue
+        dim = next(it)
+        if len(group) == 1:
+            if group[0] in sizes and sizes[group[0]] != dim:
+                raise ValueError(f"axis {group[0]} has size {dim}, expected {sizes[group[0]]}")
+            names.append(group[0])
+            dims.append(dim)
+            continue
+        known = {n: sizes[n] for n in group if n in sizes}
+        unknown = [n for n in group if n not in sizes]
+        label = "(" + " ".join(group) + ")"
+        if len(unknown) > 1:
+            raise ValueError(f"axis {label} needs sizes for all but one of {', '.join(group)}")
+        k = prod(known.values())
+        if unknown:
+            if dim % k:
+                given = " * ".join(f"{n}={v}" for n, v in known.items())
+                raise ValueError(f"axis {label} of size {dim} is not divisible by {given}")
+            known[unknown[0]] = dim // k
+        elif k != dim:
+            raise ValueError(f"axis {label} has size {dim}, but {' * '.join(map(str, known.values()))} = {k}")
+        for n in group:
+            names.append(n)
+            dims.append(known[n])
+    return names, dims
+
+
+def _kept_flags(mode: Mode, names):
+    kept = set(mode.parsed.kept)
+    return [(n in kept) or (n.startswith(ELLIPSIS) and ELLIPSIS in kept) for n in names]
+
+
+def _expand(axes_text, mode, what, allowed, names):
+    """Elementary names (ellipsis expanded) and the array shape grouping of an axis list."""
+    groups = parse_axes(axes_text, mode.spec, what, allowed)
+    out, grouping = [], []
+    for g in groups:
+        members = []
+        for n in g:
+            members += [m for m in names if m.startswith(ELLIPSIS)] if n == ELLIPSIS else [n]
+        out += members
+        grouping.append(members)
+    return out, grouping
+
+
+def _offsets(axes, dims, strides):
+    """Flat offsets sum(idx_i * stride_i) over the C-ordered product of ``axes``."""
+    total = np.zeros([dims[i] for i in axes] or [1], dtype=np.intp)
+    for j, i in enumerate(axes):
+        shape = [1] * len(axes)
+        shape[j] = dims[i]
+        total = total + (np.arange(dims[i], dtype=np.intp) * strides[i]).reshape(shape)
+    out = np.ascontiguousarray(total.reshape(-1))
+    out.setflags(write=False)
+    return out
+
+
+@lru_cache(maxsize=4096)
+def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
+    names, dims = _elementary(mode, shape, dict(sizes))
+    kept = _kept_flags(mode, names)
+    allowed = tuple(mode.parsed.names)
+    nd = len(names)
+
+    param_strides = [0] * nd
+    param_shape = None
+    if mode.params is not None:
+        paxes, grouping = _expand(mode.params, mode, "params", allowed, names)
+        param_shape = tuple(prod(dims[names.index(m)] for m in g) for g in grouping)
+        stride = 1
+        for m in reversed(paxes):
+            param_strides[names.index(m)] = stride
+            stride *= dims[names.index(m)]
+
+    run_strides = [0] * nd
+    running_shape = None
+    if mode.running_stats is not None:
+        raxes, grouping = _expand(mode.running_stats, mode, "running_stats", mode.parsed.kept, names)
+        running_shape = tuple(dims[names.index(m)] for m in raxes)
+        stride = 1
+        for m in reversed(raxes):
+            run_strides[names.index(m)] = stride
+            stride *= dims[names.index(m)]
+
+    # Segments of the canonical layout: A = leading reduced axes, C = kept run, B = rest.
+    # Size-1 axes never matter for memory or indices, so they do not break a run.
+    big_kept = [i for i in range(nd) if kept[i] and dims[i] > 1]
+    if big_kept:
+        first, last = big_kept[0], big_kept[-1]
+    else:
+        first, last = nd, nd - 1  # no kept extent: everything is A
+    contiguous_run = all(kept[i] or dims[i] == 1 for i in range(first, last + 1))
+    lead_params = any(param_strides[i] and dims[i] > 1 for i in range(first))
+    tail_params = any(param_strides[i] and dims[i] > 1 for i in range(last + 1, nd))
+    lead = prod(dims[:first])
+    if not contiguous_run or lead_params or (tail_params and lead > 1):
+        order = [i for i in range(nd) if kept[i]] + [i for i in range(nd) if not kept[i]]
+        perm = tuple(order)
+        c_axes = [i for i in order if kept[i]]
+        a_axes, b_axes = [], [i for i in order if not kept[i]]
+    else:
+        perm = None
+        a_axes = list(range(first))
+        c_axes = list(range(first, last + 1))
+        b_axes = list(range(last + 1, nd))
+    A, C, B = (prod(dims[i] for i in s) for s in (a_axes, c_axes, b_axes))
+
+    stat_shape = tuple(dims[i] for i in range(nd) if kept[i])
+    pc = pb = None
+    params_reduced = False
+    if param_shape is not None:
+        pc = _offsets(c_axes, dims, param_strides)
+        pb = _offsets(b_axes, dims, param_strides)
+        params_reduced = bool(B > 1 and pb.any())
+    rc, per_running = None, 1
+    if running_shape is not None:
+        rc = _offsets(c_axes, dims, run_strides)
+        per_running = C // max(prod(running_shape), 1) if C else 1
+
+    if A > 1 and B == 1:
+        rows_per_block = max(1, min(_BLOCK_ELEMS // max(C, 1), -(-A // 16)))
+    else:
+        rows_per_block = max(1, -(-C // _PARAM_BLOCKS))
+    return Plan(tuple(shape), tuple(dims), perm, (A, C, B), stat_shape, param_shape,
+                running_shape, A * B, pc, pb, params_reduced, rc, per_running, rows_per_block)
+
+
+def make_plan(mode: Mode, shape, sizes=None) -> Plan:
+    """Return the cached :class:`Plan` for ``mode`` on an input of ``shape``.
+
+    Raises ValueError (without the spec; callers add it) when the shape does not fit.
+
+    >>> from normcore.modes import get_mode
+    >>> make_plan(get_mode("batch_norm"), (8, 3, 4, 4)).layout
+    (8, 3, 16)
+    """
+    merged = dict(mode.sizes)
+    for k, v in (sizes or {}).items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"sizes: {k}={v!r} must be a positive int")
+        merged[k] = int(v)
+    return _make_plan(mode, tuple(int(s) for s in shape), tuple(sorted(merged.items())))

@@ -1,0 +1,111 @@
+"""A float64 NumPy reference for every mode, written from the formulas.
+
+It shares only the spec parser with the library: axes are reduced with NumPy's
+``mean(axis=...)`` on the elementary view of x, parameters broadcast by reshaping, and the
+gradients follow the closed form of the batch-norm derivation. No canonical layout, no
+merged axes, no compiled code: it is the oracle the property tests compare against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .modes import get_mode
+from .plan import _elementary, _expand, _kept_flags
+
+__all__ = ["ReferenceResult", "reference_forward", "reference_backward"]
+
+
+@dataclass
+class ReferenceResult:
+    y: np.ndarray                  # float64, x's shape
+    mean: np.ndarray               # float64, per-group mean used (broadcastable elementary shape)
+    var: np.ndarray                # float64, per-group variance used (mean square if not centred)
+    running_mean: np.ndarray | None  # float64 updated running statistics (training), else None
+    running_var: np.ndarray | None
+    stats_grad: bool               # gradients flow through the statistics
+    context: tuple                 # what reference_backward needs
+
+
+def _axes(mode, shape, sizes):
+    merged = dict(mode.sizes)
+    merged.update(sizes)
+    names, dims = _elementary(mode, tuple(shape), merged)
+    kept = _kept_flags(mode, names)
+    reduced = tuple(i for i, k in enumerate(kept) if not k)
+    return names, dims, kept, reduced
+
+
+def _broadcast(a, axes_text, what, allowed, mode, names, dims):
+    """Reshape a parameter / running array onto the elementary view (1 on other axes)."""
+    members, _ = _expand(axes_text, mode, what, allowed, names)
+    shape = [dims[i] if n in members else 1 for i, n in enumerate(names)]
+    return np.asarray(a, np.float64).reshape(shape)
+
+
+def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
+                      training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False,
+                      **sizes) -> ReferenceResult:
+    """float64 forward of ``mode`` (same keywords as :func:`normcore.normalize`)."""
+    m = get_mode(mode)
+    names, dims, kept, reduced = _axes(m, x.shape, sizes)
+    xe = np.asarray(x, np.float64).reshape(dims)
+    n = int(np.prod([dims[i] for i in reduced]))
+    has_running = running_mean is not None
+    allowed = m.parsed.names
+    new_rm = new_rv = None
+    if training or not has_running:
+        if m.center:
+            mean = xe.mean(axis=reduced, keepdims=True)
+            var = ((xe - mean) ** 2).mean(axis=reduced, keepdims=True)
+        else:
+            mean = np.zeros([1 if i in reduced else d for i, d in enumerate(dims)])
+            var = (xe ** 2).mean(axis=reduced, keepdims=True)
+        if training and has_running:
+            rm = _broadcast(running_mean, m.running_stats, "running_stats", m.parsed.kept, m, names, dims)
+            rv = _broadcast(running_var, m.running_stats, "running_stats", m.parsed.kept, m, names, dims)
+            bvar = var * n / (n - 1) if unbiased else var
+            # average the per-group statistics over kept axes that the running stats lack
+            other = tuple(i for i in range(len(dims)) if rm.shape[i] == 1 and i not in reduced)
+            new_rm = (1 - momentum) * rm + momentum * mean.mean(axis=other, keepdims=True)
+            new_rv = (1 - momentum) * rv + momentum * bvar.mean(axis=other, keepdims=True)
+    if has_running and (estimate or not training):
+        src_m, src_v = (new_rm, new_rv) if estimate else (running_mean, running_var)
+        dt = np.asarray(running_mean).dtype
+        mean = _broadcast(np.asarray(src_m, dt), m.running_stats, "running_stats", m.parsed.kept, m, names, dims)
+        var = _broadcast(np.asarray(src_v, dt), m.running_stats, "running_stats", m.parsed.kept, m, names, dims)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (xe - mean) * rstd
+    w = 1.0 if weight is None else _broadcast(weight, m.params, "params", allowed, m, names, dims)
+    b = 0.0 if bias is None else _broadcast(bias, m.params, "params", allowed, m, names, dims)
+    y = xhat * w + b
+    if new_rm is not None:
+        new_rm = new_rm.reshape(np.shape(running_mean))
+        new_rv = new_rv.reshape(np.shape(running_var))
+    stats_grad = (training or not has_running) and not estimate
+    ctx = (m, names, dims, reduced, xhat, rstd, w, weight is not None, bias is not None, x.shape)
+    return ReferenceResult(y.reshape(x.shape), mean, var, new_rm, new_rv, stats_grad, ctx)
+
+
+def reference_backward(dy, result: ReferenceResult):
+    """float64 (dx, dweight, dbias) from the closed form; None where there is no parameter."""
+    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape = result.context
+    d = np.asarray(dy, np.float64).reshape(dims)
+    g = d * w
+    if result.stats_grad:
+        mg = g.mean(axis=reduced, keepdims=True) if m.center else 0.0
+        mgx = (g * xhat).mean(axis=reduced, keepdims=True)
+        dx = rstd * (g - mg - xhat * mgx)
+    else:
+        dx = rstd * g
+    dweight = dbias = None
+    if has_w or has_b:
+        members, grouping = _expand(m.params, m, "params", m.parsed.names, names)
+        summed = tuple(i for i, nm in enumerate(names) if nm not in members)
+        pshape = tuple(int(np.prod([dims[names.index(a)] for a in grp])) for grp in grouping)
+        if has_w:
+            dweight = (d * xhat).sum(axis=summed).reshape(pshape)
+        if has_b:
+            dbias = d.sum(axis=summed).reshape(pshape)
+    return dx.reshape(shape), dweight, dbias

@@ -1,0 +1,64 @@
+"""Build the compiled kernels: Cython sources live in src/normcore, the package in normcore/.
+
+OpenMP is used when the compiler accepts it; without it the kernels still compile and run
+on one thread (the prange loops become plain loops).
+"""
+import os
+import sys
+import tempfile
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _openmp_flags(compiler):
+    """Return (compile, link) flags for OpenMP if this compiler accepts them, else ([], [])."""
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    flags = ["-fopenmp"]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n")
+        try:
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+            compiler.link_executable(objs, os.path.join(tmp, "omp"), extra_postargs=flags)
+        except Exception:
+            print("normcore: the compiler rejected -fopenmp; building single-threaded kernels")
+            return [], []
+    return flags, flags
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        cflags, lflags = _openmp_flags(self.compiler)
+        for ext in self.extensions:
+            ext.extra_compile_args += cflags + ["-O3"]
+            ext.extra_link_args += lflags
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "normcore._kernels",
+        ["src/normcore/_kernels.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+        },
+    ),
+    cmdclass={"build_ext": BuildExt},
+)
