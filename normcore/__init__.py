@@ -9,4 +9,8 @@ from .functional import NormCache, backward, normalize
 from .forms import (batch_norm, group_norm, instance_norm, layer_norm, rms_norm,
                     weight_standardize, weight_standardize_backward)
 
+from .layers import (BatchChannelNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelNorm,
+                     EstimatedBatchNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
+                     LayerNorm, RMSNorm)
+
 __version__ = "0.1.0"

@@ -250,13 +250,11 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         b_ = np.zeros(P) if bias is None else bias.astype(np.float64).reshape(-1)
         K.affine_params(x3, mean, rstd, plan.pc, plan.pb, w_, b_, y3)
     else:
-        # y = (x - mean) * rstd * w + b  =  x * scale + shift,  scale = rstd * w,
-        # shift = b - mean * scale; evaluated in double, so the offset costs no digits.
+        # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
+        # and shift = b per group: one subtract and one multiply-add per element, in double.
         scale = rstd if w is None else rstd * w[plan.pc]
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.astype(np.float64).reshape(-1)[plan.pc]
-        K.affine_groups(x3, scale, shift, y3)
+        shift = np.zeros(C) if bias is None else bias.astype(np.float64).reshape(-1)[plan.pc]
+        K.affine_groups(x3, mean, scale, shift, y3)
 
     if new_running is not None:
         running_mean[...] = new_running[0]
@@ -329,12 +327,12 @@ def backward(dy, cache):
                 db = np.bincount(plan.pc, weights=t1, minlength=P)
             if cache.stats_grad:
                 # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
-                # xhat = (x - mean) * rstd, regrouped as dy * k1 + x * k2 + k3.
+                # xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3.
                 m1 = gamma * t1 / n if cache.mode.center else np.zeros(C)
                 m2 = gamma * dyxhat / n
                 k2 = -rstd * rstd * m2
-                k3 = mean * rstd * rstd * m2 - rstd * m1
-        K.dx_groups(dy3, x3, k1, k2, k3, dx3)
+                k3 = -rstd * m1
+        K.dx_groups(dy3, x3, mean, k1, k2, k3, dx3)
 
     dx = _from_canonical(dx3, plan)
     dweight = dw.reshape(plan.param_shape).astype(dtype) if cache.has_weight else None

@@ -14,7 +14,7 @@ import numpy as np
 from .modes import get_mode
 from .plan import _elementary, _expand, _kept_flags
 
-__all__ = ["ReferenceResult", "reference_forward", "reference_backward"]
+__all__ = ["ReferenceResult", "reference_forward", "reference_backward", "term_scales"]
 
 
 @dataclass
@@ -84,13 +84,13 @@ def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, run
         new_rm = new_rm.reshape(np.shape(running_mean))
         new_rv = new_rv.reshape(np.shape(running_var))
     stats_grad = (training or not has_running) and not estimate
-    ctx = (m, names, dims, reduced, xhat, rstd, w, weight is not None, bias is not None, x.shape)
+    ctx = (m, names, dims, reduced, xhat, rstd, w, weight is not None, bias is not None, x.shape, xe)
     return ReferenceResult(y.reshape(x.shape), mean, var, new_rm, new_rv, stats_grad, ctx)
 
 
 def reference_backward(dy, result: ReferenceResult):
     """float64 (dx, dweight, dbias) from the closed form; None where there is no parameter."""
-    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape = result.context
+    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, _ = result.context
     d = np.asarray(dy, np.float64).reshape(dims)
     g = d * w
     if result.stats_grad:
@@ -109,3 +109,22 @@ def reference_backward(dy, result: ReferenceResult):
         if has_b:
             dbias = d.sum(axis=summed).reshape(pshape)
     return dx.reshape(shape), dweight, dbias
+
+
+def term_scales(dy, result: ReferenceResult) -> dict:
+    """Magnitudes of the terms that cancel inside each result, keyed "dx" and "dweight".
+
+    Any float implementation rounds at these magnitudes: dx is a difference of terms of
+    size |rstd * weight * dy| (a one-element group has dx = 0 from such terms), and
+    dweight sums dy * (x - mean) * rstd, whose subtraction costs digits in proportion to
+    |x| * rstd when x sits at an offset far from zero. Comparisons are judged against
+    these, never against a hand-widened tolerance.
+    """
+    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, xe = result.context
+    d = np.abs(np.asarray(dy, np.float64).reshape(dims))
+    out = {"dx": float((d * np.abs(w) * rstd).max()) if d.size else 0.0, "dweight": 0.0}
+    if has_w and d.size:
+        members, _ = _expand(m.params, m, "params", m.parsed.names, names)
+        summed = tuple(i for i, nm in enumerate(names) if nm not in members)
+        out["dweight"] = float((d * np.abs(xe) * rstd).sum(axis=summed).max())
+    return out

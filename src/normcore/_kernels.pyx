@@ -136,26 +136,32 @@ def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
 
 
 def affine_groups(const floating[:, :, ::1] x,  # IN  (A, C, B)
+                  const double[::1] mean,       # IN  (C,)
                   const double[::1] scale,      # IN  (C,)
                   const double[::1] shift,      # IN  (C,)
                   floating[:, :, ::1] y):       # OUT (A, C, B)
-    """y = x * scale[c] + shift[c], evaluated in double."""
+    """y = (x - mean[c]) * scale[c] + shift[c], evaluated in double.
+
+    Subtracting the mean first (rather than folding it into shift) keeps the rounding at
+    the size of y instead of |x| * scale, which matters when x sits at a large offset.
+    """
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
     cdef Py_ssize_t r, a, c, b
-    cdef double s, t
+    cdef double mu, s, t
     with nogil:
         if B == 1:
             for a in prange(A, schedule='static'):
                 for c in range(C):
-                    y[a, c, 0] = <floating>(x[a, c, 0] * scale[c] + shift[c])
+                    y[a, c, 0] = <floating>((x[a, c, 0] - mean[c]) * scale[c] + shift[c])
         else:
             for r in prange(A * C, schedule='static'):
                 a = r // C
                 c = r - a * C
+                mu = mean[c]
                 s = scale[c]
                 t = shift[c]
                 for b in range(B):
-                    y[a, c, b] = <floating>(x[a, c, b] * s + t)
+                    y[a, c, b] = <floating>((x[a, c, b] - mu) * s + t)
 
 
 def affine_params(const floating[:, :, ::1] x,  # IN  (1, C, B)
@@ -287,28 +293,30 @@ def sums_params(const floating[:, :, ::1] dy,   # IN  (1, C, B)
 
 def dx_groups(const floating[:, :, ::1] dy,     # IN  (A, C, B)
               const floating[:, :, ::1] x,      # IN  (A, C, B)
+              const double[::1] mean,           # IN  (C,)
               const double[::1] k1,             # IN  (C,)
               const double[::1] k2,             # IN  (C,)
               const double[::1] k3,             # IN  (C,)
               floating[:, :, ::1] dx):          # OUT (A, C, B)
-    """dx = dy * k1[c] + x * k2[c] + k3[c], evaluated in double."""
+    """dx = dy * k1[c] + (x - mean[c]) * k2[c] + k3[c], evaluated in double."""
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
     cdef Py_ssize_t r, a, c, b
-    cdef double u, v, t
+    cdef double mu, u, v, t
     with nogil:
         if B == 1:
             for a in prange(A, schedule='static'):
                 for c in range(C):
-                    dx[a, c, 0] = <floating>(dy[a, c, 0] * k1[c] + x[a, c, 0] * k2[c] + k3[c])
+                    dx[a, c, 0] = <floating>(dy[a, c, 0] * k1[c] + (x[a, c, 0] - mean[c]) * k2[c] + k3[c])
         else:
             for r in prange(A * C, schedule='static'):
                 a = r // C
                 c = r - a * C
+                mu = mean[c]
                 u = k1[c]
                 v = k2[c]
                 t = k3[c]
                 for b in range(B):
-                    dx[a, c, b] = <floating>(dy[a, c, b] * u + x[a, c, b] * v + t)
+                    dx[a, c, b] = <floating>(dy[a, c, b] * u + (x[a, c, b] - mu) * v + t)
 
 
 def dx_params(const floating[:, :, ::1] dy,     # IN  (1, C, B)

@@ -1,0 +1,471 @@
+"""Layer classes with torch.nn's names, arguments and attributes, on NumPy arrays.
+
+A layer owns its parameters (``weight``, ``bias``), running statistics (``running_mean``,
+``running_var``, ``num_batches_tracked``) and accumulated gradients (``grad_weight``,
+``grad_bias``, summed with ``+=`` across backward calls until :meth:`zero_grad`).
+``layer(x)`` runs forward and remembers the cache for ``layer.backward(dy)``.
+
+dtype: parameters and running statistics have the layer's ``dtype`` (float32 by default,
+as in torch). An input of another dtype raises ``TypeError`` naming both dtypes: cast the
+input, or build the layer with the input's dtype. Nothing is cast silently.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .forms import _last_axes_mode
+from .functional import _check_array, backward, normalize
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm",
+           "EstimatedBatchNorm", "BatchChannelNorm"]
+
+_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _layer_dtype(dtype):
+    dt = np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+    return dt
+
+
+def _positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0 \
+            or not np.isfinite(eps):
+        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+    return float(eps)
+
+
+def _check_momentum(momentum):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)) \
+            or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum: expected a float in [0, 1] or None, got {momentum!r}")
+    return float(momentum)
+
+
+class Layer:
+    """Shared machinery: train/eval, gradients, state_dict and .npz save/load."""
+
+    def __init__(self):
+        self.training = True
+        self._cache = None
+
+    # -- modes ---------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        """Switch to training (batch statistics) or, with ``mode=False``, eval; return self."""
+        self.training = bool(mode)
+        for child in self._children().values():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        """Switch to eval mode (running statistics where the layer tracks them); return self."""
+        return self.train(False)
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def _children(self) -> dict:
+        return {}
+
+    # -- gradients -----------------------------------------------------------------
+    def zero_grad(self):
+        """Reset the accumulated ``grad_weight`` / ``grad_bias`` to zero."""
+        for name in ("grad_weight", "grad_bias"):
+            g = getattr(self, name, None)
+            if g is not None:
+                g[...] = 0
+        for child in self._children().values():
+            child.zero_grad()
+
+    # -- state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Copies of the parameters and buffers, keyed as in torch (``"weight"``, ...)."""
+        out = {}
+        for name in _STATE:
+            value = getattr(self, name, None)
+            if value is not None:
+                out[name] = np.array(value, copy=True)
+        for prefix, child in self._children().items():
+            out.update({f"{prefix}.{k}": v for k, v in child.state_dict().items()})
+        return out
+
+    def load_state_dict(self, state: dict):
+        """Load a :meth:`state_dict`. Keys and shapes must match; values are cast to the
+        layer's dtype. Everything is checked before anything is written."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected a dict, got {type(state).__name__}")
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state: missing keys {missing}, unexpected keys {unexpected}")
+        for key, value in state.items():
+            value = np.asarray(value)
+            if value.shape != own[key].shape:
+                raise ValueError(f"state[{key!r}]: expected shape {own[key].shape}, got {value.shape}")
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"state[{key!r}]: expected a numeric array, got dtype {value.dtype}")
+        for key, value in state.items():
+            self._assign(key, np.asarray(value))
+
+    def _assign(self, key, value):
+        head, _, rest = key.partition(".")
+        if rest:
+            self._children()[head]._assign(rest, value)
+        elif key == "num_batches_tracked":
+            self.num_batches_tracked = int(value)
+        else:
+            getattr(self, key)[...] = value
+
+    def save(self, path):
+        """Write :meth:`state_dict` to an ``.npz`` file at ``path``."""
+        np.savez(path, **self.state_dict())
+
+    def load(self, path):
+        """Load parameters and buffers saved by :meth:`save`; return self."""
+        with np.load(path) as data:
+            self.load_state_dict({k: data[k] for k in data.files})
+        return self
+
+
+class _Norm(Layer):
+    """A layer over one registered mode."""
+
+    _mode = None            # mode name or Mode
+    _ndims = None           # accepted input ranks (None: any the spec accepts)
+    _estimate = False
+
+    def __init__(self, *, features, param_shape, eps, momentum, affine, bias, track_running_stats,
+                 running_shape=None, dtype=np.float32, unbiased=True):
+        super().__init__()
+        self.dtype = _layer_dtype(dtype)
+        self.eps = _check_eps(eps) if eps is not None else None
+        self.momentum = _check_momentum(momentum)
+        self.unbiased = bool(unbiased)
+        self.track_running_stats = bool(track_running_stats)
+        self._features = features
+        self.weight = np.ones(param_shape, self.dtype) if affine else None
+        self.bias = np.zeros(param_shape, self.dtype) if (affine and bias) else None
+        self.grad_weight = None if self.weight is None else np.zeros_like(self.weight)
+        self.grad_bias = None if self.bias is None else np.zeros_like(self.bias)
+        rshape = param_shape if running_shape is None else running_shape
+        self.running_mean = np.zeros(rshape, self.dtype) if self.track_running_stats else None
+        self.running_var = np.ones(rshape, self.dtype) if self.track_running_stats else None
+        self.num_batches_tracked = 0 if self.track_running_stats else None
+
+    def _sizes(self, x) -> dict:
+        return {}
+
+    def _check_input(self, x):
+        _check_array("x", x)
+        if x.dtype != self.dtype:
+            raise TypeError(f"x: dtype {x.dtype} does not match the layer's dtype {self.dtype}; "
+                            f"cast x or build the layer with dtype=np.{x.dtype}")
+        if self._ndims is not None and x.ndim not in self._ndims:
+            want = " or ".join(f"{d}-D" for d in self._ndims)
+            raise ValueError(f"x: {type(self).__name__} expects {want} input, got shape {x.shape}")
+        axis, count, what = self._features
+        if axis is not None:
+            if x.ndim <= max(axis, -axis - 1) or x.shape[axis] != count:
+                got = x.shape[axis] if x.ndim > max(axis, -axis - 1) else "none"
+                raise ValueError(f"x: expected {count} {what} on axis {axis}, got {got} (shape {x.shape})")
+
+    def _eps(self, x):
+        return self.eps
+
+    def forward(self, x):
+        """Normalize ``x`` (same shape and dtype out) and keep the cache for backward."""
+        self._check_input(x)
+        track = self.track_running_stats
+        momentum = self.momentum
+        if self.training and track and momentum is None:
+            momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
+        y, cache = normalize(
+            x, self._mode, weight=self.weight, bias=self.bias,
+            running_mean=self.running_mean if track else None,
+            running_var=self.running_var if track else None,
+            training=self.training, momentum=0.0 if momentum is None else momentum,
+            eps=self._eps(x), unbiased=self.unbiased,
+            estimate=self._estimate and self.training, **self._sizes(x))
+        if self.training and track:
+            self.num_batches_tracked += 1
+        self._cache = cache
+        return y
+
+    def backward(self, dy):
+        """Return dx for the last forward; add dweight/dbias into grad_weight/grad_bias."""
+        if self._cache is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        dx, dw, db = backward(dy, self._cache)
+        if dw is not None:
+            self.grad_weight += dw
+        if db is not None:
+            self.grad_bias += db
+        return dx
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._features[1]}, eps={self.eps}, dtype={self.dtype})"
+
+
+class _BatchNorm(_Norm):
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 channel_axis=1, *, dtype=np.float32, unbiased=True):
+        num_features = _positive_int("num_features", num_features)
+        if channel_axis not in (1, -1) or isinstance(channel_axis, bool):
+            raise ValueError(f"channel_axis: expected 1 (channels first) or -1 (channels last), got {channel_axis!r}")
+        self.num_features = num_features
+        self.affine = bool(affine)
+        self.channel_axis = channel_axis
+        super().__init__(features=(channel_axis, num_features, "channels (num_features)"),
+                         param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
+                         bias=True, track_running_stats=track_running_stats, dtype=dtype,
+                         unbiased=unbiased)
+
+    @property
+    def _mode(self):
+        return "batch_norm" if self.channel_axis == 1 else "batch_norm_channels_last"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) input; channel_axis=-1 takes (N, L, C).
+
+    >>> import numpy as np
+    >>> bn = BatchNorm1d(4)
+    >>> y = bn(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    >>> dx = bn.backward(np.ones_like(y))
+    """
+    _ndims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) input (or (N, H, W, C) with channel_axis=-1).
+
+    >>> import numpy as np
+    >>> y = BatchNorm2d(3)(np.ones((2, 3, 4, 4), np.float32))
+    """
+    _ndims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over (N, C, D, H, W) input (or (N, D, H, W, C) with channel_axis=-1).
+
+    >>> import numpy as np
+    >>> y = BatchNorm3d(3)(np.ones((2, 3, 2, 2, 2), np.float32))
+    """
+    _ndims = (5,)
+
+
+class EstimatedBatchNorm(_BatchNorm):
+    """Estimated batch norm (seed 004): training updates the running statistics from the
+    batch, then normalizes with the updated running statistics; no gradient flows through
+    the statistics. Input (N, C, *).
+
+    >>> import numpy as np
+    >>> ebn = EstimatedBatchNorm(3)
+    >>> y = ebn(np.random.default_rng(0).standard_normal((8, 3, 5)).astype(np.float32))
+    """
+    _estimate = True
+
+    def __init__(self, channels, eps=1e-5, momentum=0.1, affine=True, *, dtype=np.float32, unbiased=True):
+        super().__init__(channels, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=True, dtype=dtype, unbiased=unbiased)
+        self.channels = self.num_features
+
+
+class _InstanceNorm(_Norm):
+    _mode = "instance_norm"
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
+                 *, dtype=np.float32, unbiased=True):
+        num_features = _positive_int("num_features", num_features)
+        self.num_features = num_features
+        self.affine = bool(affine)
+        super().__init__(features=(1, num_features, "channels (num_features)"),
+                         param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
+                         bias=True, track_running_stats=track_running_stats, dtype=dtype,
+                         unbiased=unbiased)
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Instance norm over (N, C, L): statistics per sample and channel.
+
+    >>> import numpy as np
+    >>> y = InstanceNorm1d(3)(np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32))
+    """
+    _ndims = (3,)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Instance norm over (N, C, H, W).
+
+    >>> import numpy as np
+    >>> y = InstanceNorm2d(3)(np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32))
+    """
+    _ndims = (4,)
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Instance norm over (N, C, D, H, W).
+
+    >>> import numpy as np
+    >>> y = InstanceNorm3d(3)(np.random.default_rng(0).standard_normal((2, 3, 2, 4, 4)).astype(np.float32))
+    """
+    _ndims = (5,)
+
+
+def _shape_tuple(normalized_shape):
+    if isinstance(normalized_shape, (int, np.integer)):
+        normalized_shape = (normalized_shape,)
+    shape = tuple(_positive_int("normalized_shape", s) for s in normalized_shape)
+    if not shape:
+        raise ValueError("normalized_shape: expected at least one axis")
+    return shape
+
+
+class _LastAxesNorm(_Norm):
+    _center = True
+
+    def __init__(self, normalized_shape, eps, affine, bias, dtype):
+        self.normalized_shape = _shape_tuple(normalized_shape)
+        self._mode = _last_axes_mode(len(self.normalized_shape), self._center)
+        super().__init__(features=(None, self.normalized_shape, ""), param_shape=self.normalized_shape,
+                         eps=eps, momentum=0.1, affine=affine, bias=bias, track_running_stats=False,
+                         dtype=dtype)
+
+    def _check_input(self, x):
+        super()._check_input(x)
+        k = len(self.normalized_shape)
+        if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
+            raise ValueError(f"x: trailing axes of shape {x.shape} do not match "
+                             f"normalized_shape {self.normalized_shape}")
+
+
+class LayerNorm(_LastAxesNorm):
+    """Layer norm over the trailing ``normalized_shape`` axes; weight/bias of that shape.
+
+    >>> import numpy as np
+    >>> ln = LayerNorm(8)
+    >>> y = ln(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32):
+        self.elementwise_affine = bool(elementwise_affine)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, dtype)
+
+
+class RMSNorm(_LastAxesNorm):
+    """RMS norm, y = x / sqrt(mean(x^2) + eps) * weight, over the trailing axes.
+
+    ``eps=None`` uses the machine epsilon of the layer's dtype (as torch does).
+
+    >>> import numpy as np
+    >>> y = RMSNorm(8)(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    """
+    _center = False
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+        self.elementwise_affine = bool(elementwise_affine)
+        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype)
+
+    def _eps(self, x):
+        return float(np.finfo(self.dtype).eps) if self.eps is None else self.eps
+
+
+class _GroupedNorm(_Norm):
+    _ndims = None
+
+    def __init__(self, groups, channels, eps, affine, param_shape, dtype):
+        groups = _positive_int("num_groups", groups)
+        channels = _positive_int("num_channels", channels)
+        if channels % groups:
+            raise ValueError(f"num_groups ({groups}) does not divide num_channels ({channels})")
+        self._groups = groups
+        self.affine = bool(affine)
+        super().__init__(features=(1, channels, "channels"), param_shape=param_shape, eps=eps,
+                         momentum=0.1, affine=affine, bias=True, track_running_stats=False,
+                         dtype=dtype)
+
+    def _sizes(self, x):
+        return {"g": self._groups}
+
+
+class GroupNorm(_GroupedNorm):
+    """Group norm over (N, C, *): channels split into ``num_groups``; weight/bias (C,).
+
+    >>> import numpy as np
+    >>> gn = GroupNorm(2, 4)
+    >>> y = gn(np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32))
+    """
+    _mode = "group_norm"
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, dtype=np.float32):
+        self.num_groups, self.num_channels = num_groups, num_channels
+        super().__init__(num_groups, num_channels, eps, affine, (num_channels,), dtype)
+
+
+class ChannelNorm(_GroupedNorm):
+    """Channel norm (seed 004): group norm with one weight/bias per group, shape (groups,).
+
+    >>> import numpy as np
+    >>> cn = ChannelNorm(4, 2)
+    >>> y = cn(np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32))
+    """
+    _mode = "channel_norm"
+
+    def __init__(self, channels, groups, eps=1e-5, affine=True, *, dtype=np.float32):
+        self.channels, self.groups = channels, groups
+        super().__init__(groups, channels, eps, affine, (groups,), dtype)
+
+
+class _AnyRankBatchNorm(_BatchNorm):
+    _ndims = None
+
+
+class BatchChannelNorm(Layer):
+    """Batch-channel norm (seed 004): (estimated) batch norm, then channel norm, on (N, C, *).
+
+    Sub-layers are ``batch_norm`` and ``channel_norm``; their parameters appear in
+    :meth:`state_dict` as ``"batch_norm.weight"``, ``"channel_norm.weight"``, ...
+
+    >>> import numpy as np
+    >>> bcn = BatchChannelNorm(4, 2)
+    >>> y = bcn(np.random.default_rng(0).standard_normal((8, 4, 3)).astype(np.float32))
+    >>> dx = bcn.backward(np.ones_like(y))
+    """
+
+    def __init__(self, channels, groups, eps=1e-5, momentum=0.1, estimate=True, *, dtype=np.float32,
+                 unbiased=True):
+        super().__init__()
+        self.channels, self.groups, self.estimate = channels, groups, bool(estimate)
+        self.channel_norm = ChannelNorm(channels, groups, eps=eps, dtype=dtype)
+        if estimate:
+            self.batch_norm = EstimatedBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype,
+                                                 unbiased=unbiased)
+        else:
+            self.batch_norm = _AnyRankBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype,
+                                                unbiased=unbiased)
+
+    def _children(self):
+        return {"batch_norm": self.batch_norm, "channel_norm": self.channel_norm}
+
+    def forward(self, x):
+        """y = channel_norm(batch_norm(x))."""
+        self.channel_norm._check_input(x)
+        return self.channel_norm(self.batch_norm(x))
+
+    def backward(self, dy):
+        """dx through both sub-layers; their gradients accumulate in the sub-layers."""
+        if self.channel_norm._cache is None:
+            raise RuntimeError("BatchChannelNorm.backward called before forward")
+        # channel_norm.backward validates dy before it touches any gradient.
+        return self.batch_norm.backward(self.channel_norm.backward(dy))
