@@ -27,7 +27,7 @@ parameter index of element (c, b) is pc[c] + pb[b].
 
 The kernels check nothing: normcore/functional.py validates shapes, dtypes and sizes.
 """
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 
 ctypedef fused floating:
     float
@@ -343,3 +343,17 @@ def dx_params(const floating[:, :, ::1] dy,     # IN  (1, C, B)
                 p = pc[c] + pb[b]
                 xh = (x[0, c, b] - mu) * r
                 dx[0, c, b] = <floating>(r * (dy[0, c, b] * w[p] - m1 - xh * m2))
+
+
+def openmp_probe():
+    """Threads seen in a two-thread parallel region: 2 with OpenMP compiled in, else 1."""
+    cdef int i, n = 0
+    cdef int seen[2]
+    seen[0] = 0
+    seen[1] = 0
+    with nogil:
+        for i in prange(2, schedule='static', num_threads=2):
+            seen[threadid()] = 1
+    for i in range(2):
+        n = n + seen[i]
+    return n
