@@ -1,0 +1,127 @@
+"""The compiled path itself: layouts, threads, strides, empty inputs, large offsets."""
+import numpy as np
+import pytest
+
+import normcore as nc
+from normcore import _kernels
+from normcore.plan import make_plan
+from normcore.reference import reference_backward, reference_forward
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+RNG = np.random.default_rng(2)
+
+
+def test_extension_is_built_with_openmp():
+    assert _kernels.openmp_probe() == 2
+
+
+@pytest.mark.parametrize("mode, shape, layout, perm", [
+    ("batch_norm", (8, 3, 4, 5), (8, 3, 20), None),
+    ("batch_norm", (8, 3), (8, 3, 1), None),
+    ("batch_norm_channels_last", (8, 4, 5, 3), (160, 3, 1), None),
+    ("layer_norm", (2, 3, 7), (1, 6, 7), None),
+    ("instance_norm", (2, 3, 4, 4), (1, 6, 16), None),
+    ("group_norm", (2, 8, 3), (1, 4, 12), None),
+    ("batch_norm", (1, 3, 1, 1), (1, 3, 1), None),
+])
+def test_plans_merge_axes_onto_the_canonical_layout(mode, shape, layout, perm):
+    plan = make_plan(nc.get_mode(mode), shape, {"g": 2} if "group" in mode else {})
+    assert plan.layout == layout and plan.perm == perm
+    assert plan.layout[0] * plan.layout[1] * plan.layout[2] == np.prod(shape)
+
+
+def test_non_adjacent_kept_axes_are_transposed_and_still_correct():
+    mode = nc.Mode("a b c d -> a c", params="b")
+    x = RNG.standard_normal((3, 4, 5, 6))
+    plan = make_plan(mode, x.shape)
+    assert plan.perm == (0, 2, 1, 3) and plan.layout == (1, 15, 24)
+    w = RNG.standard_normal(4)
+    y, cache = nc.normalize(x, mode, weight=w)
+    mean = x.mean(axis=(1, 3), keepdims=True)
+    var = x.var(axis=(1, 3), keepdims=True)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5) * w[None, :, None, None], rtol=1e-10, atol=1e-12)
+    dy = RNG.standard_normal(x.shape)
+    ref = reference_forward(x, mode, weight=w)
+    got, want = nc.backward(dy, cache), reference_backward(dy, ref)
+    assert got[2] is None and want[2] is None
+    for g, r in zip(got[:2], want[:2]):
+        np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("view", [
+    lambda a: a[:, :, ::-1],
+    lambda a: a[::2],
+    lambda a: np.asfortranarray(a),
+    lambda a: a.transpose(1, 0, 2).copy().transpose(1, 0, 2),
+])
+def test_non_contiguous_and_negative_stride_inputs(view):
+    base = RNG.standard_normal((8, 4, 6)).astype(np.float32)
+    x = view(base)
+    w = RNG.standard_normal(4).astype(np.float32)
+    for mode in ("batch_norm", "instance_norm"):
+        y, cache = nc.normalize(x, mode, weight=w)
+        y_c, cache_c = nc.normalize(np.ascontiguousarray(x), mode, weight=w)
+        assert np.array_equal(y, y_c) and y.flags.c_contiguous
+        dy = view(RNG.standard_normal(base.shape).astype(np.float32))
+        for a, b in zip(nc.backward(dy, cache), nc.backward(np.ascontiguousarray(dy), cache_c)):
+            assert np.array_equal(a, b)
+
+
+def test_zero_size_inputs():
+    # no groups: an empty result and zero parameter gradients
+    w = np.ones(8, np.float32)
+    y, cache = nc.layer_norm(np.empty((0, 8), np.float32), (8,), weight=w, bias=np.zeros(8, np.float32))
+    assert y.shape == (0, 8) and y.dtype == np.float32
+    dx, dw, db = nc.backward(np.empty((0, 8), np.float32), cache)
+    assert dx.shape == (0, 8) and not dw.any() and not db.any()
+    # empty groups: statistics over nothing are refused, running stats untouched
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match=r"^x: cannot compute statistics over zero elements"):
+        nc.batch_norm(np.empty((0, 3, 4), np.float32), rm, rv, training=True)
+    assert not rm.any() and (rv == 1).all()
+
+
+@pytest.mark.parametrize("mode, shape, sizes, params", [
+    ("batch_norm", (64, 16, 30, 30), {}, (16,)),             # rows, many per group
+    ("batch_norm_channels_last", (4096, 300), {}, (300,)),   # column blocks
+    ("layer_norm", (3000, 200), {}, (200,)),                 # per-row, params on b
+    ("group_norm", (16, 64, 20, 20), {"g": 8}, (64,)),       # params across c and b
+])
+def test_bitwise_identical_for_one_and_two_threads(mode, shape, sizes, params):
+    x = (100 + RNG.standard_normal(shape)).astype(np.float32)
+    dy = RNG.standard_normal(shape).astype(np.float32)
+    w = RNG.standard_normal(params).astype(np.float32)
+    b = RNG.standard_normal(params).astype(np.float32)
+    results = []
+    for threads in (1, 2, 2):
+        with threadpoolctl.threadpool_limits(threads, user_api="openmp"):
+            y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
+            results.append((y, *nc.backward(dy, cache)))
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            assert np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("name", [n for n in ("batch_norm", "batch_norm_channels_last", "layer_norm",
+                                                "rms_norm", "instance_norm", "group_norm", "channel_norm")])
+def test_float32_at_offset_1e4_is_accurate(name):
+    # Statistics accumulate in double and the mean is subtracted before scaling, so an
+    # offset of 1e4 costs nothing beyond float32's final rounding.
+    mode = nc.get_mode(name)
+    shape = (16, 8, 64)
+    sizes = {"g": 4} if "g k" in mode.spec else {}
+    x = (1e4 + RNG.standard_normal(shape)).astype(np.float32)
+    dy = RNG.standard_normal(shape).astype(np.float32)
+    plan = make_plan(mode, shape, sizes)
+    w = RNG.standard_normal(plan.param_shape).astype(np.float32)
+    kw = {"weight": w} if mode.center is False else {"weight": w, "bias": w.copy()}
+    y, cache = nc.normalize(x, name, **kw, **sizes)
+    ref = reference_forward(x, name, **kw, **sizes)
+    dx, dw, db = nc.backward(dy, cache)
+    rdx, rdw, rdb = reference_backward(dy, ref)
+    for got, want in ((y, ref.y), (dx, rdx), (dw, rdw), (db, rdb)):
+        if got is None:
+            continue
+        err = np.abs(got.astype(np.float64) - want).max() / np.abs(want).max()
+        assert err < 1e-6
