@@ -63,10 +63,11 @@ def run(seed: int = 0) -> list[dict]:
                          "running_var": rng.uniform(0.5, 2.0, plan.running_shape).astype(dtype)}
                 passes = [("train", stats), ("eval", dict(stats, training=False))]
             for label, extra in passes:
-                call = dict(kw, **{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in extra.items()})
-                ref = reference_forward(x, mode, **dict(kw, **{k: (v.copy() if isinstance(v, np.ndarray) else v)
-                                                               for k, v in extra.items()}))
-                y, cache = nc.normalize(x, mode, **call)
+                # each call updates its own copy of the running statistics
+                def fresh():
+                    return dict(kw, **{k: getattr(v, "copy", lambda v=v: v)() for k, v in extra.items()})
+                ref = reference_forward(x, mode, **fresh())
+                y, cache = nc.normalize(x, mode, **fresh())
                 dx, dw, db = nc.backward(dy, cache)
                 rdx, rdw, rdb = reference_backward(dy, ref)
                 rows.append({"mode": mode, "what": what, "dtype": np.dtype(dtype).name, "pass": label,

@@ -29,7 +29,12 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class NormCache:
-    """What backward needs from one forward call: plan, canonical x, mean and 1/std."""
+    """What backward needs from one forward call: plan, canonical x, mean and 1/std.
+
+    When x is already C-contiguous in the canonical layout the cache holds x itself, not a
+    copy (as autograd frameworks save their inputs): changing x in place between forward
+    and backward changes the gradients.
+    """
 
     __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "has_weight",
                  "has_bias", "stats_grad")

@@ -384,11 +384,11 @@ class RMSNorm(_LastAxesNorm):
 class _GroupedNorm(_Norm):
     _ndims = None
 
-    def __init__(self, groups, channels, eps, affine, param_shape, dtype):
-        groups = _positive_int("num_groups", groups)
-        channels = _positive_int("num_channels", channels)
+    def __init__(self, groups, channels, eps, affine, param_shape, dtype, names=("num_groups", "num_channels")):
+        groups = _positive_int(names[0], groups)
+        channels = _positive_int(names[1], channels)
         if channels % groups:
-            raise ValueError(f"num_groups ({groups}) does not divide num_channels ({channels})")
+            raise ValueError(f"{names[0]} ({groups}) does not divide {names[1]} ({channels})")
         self._groups = groups
         self.affine = bool(affine)
         super().__init__(features=(1, channels, "channels"), param_shape=param_shape, eps=eps,
@@ -424,7 +424,7 @@ class ChannelNorm(_GroupedNorm):
 
     def __init__(self, channels, groups, eps=1e-5, affine=True, *, dtype=np.float32):
         self.channels, self.groups = channels, groups
-        super().__init__(groups, channels, eps, affine, (groups,), dtype)
+        super().__init__(groups, channels, eps, affine, (groups,), dtype, names=("groups", "channels"))
 
 
 class _AnyRankBatchNorm(_BatchNorm):

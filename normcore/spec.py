@@ -107,15 +107,20 @@ def parse_spec(spec: str) -> ParsedSpec:
     if not lhs:
         raise SpecError(f"spec {spec!r}: no input axes on the left of '->'")
     rhs = _groups(right, spec, allow_parens=False)
-    names = [n for g in lhs for n in g]
     kept = tuple(g[0] for g in rhs)
-    for name in kept:
-        if name not in names:
-            raise SpecError(f"spec {spec!r}: axis {name!r} on the right is missing on the left")
-    order = [names.index(n) for n in kept]
-    if order != sorted(order):
-        raise SpecError(f"spec {spec!r}: statistics axes {' '.join(kept)!r} must keep their left-hand order")
+    _ordered_subset(kept, tuple(n for g in lhs for n in g), spec, "statistics",
+                    "axis {!r} on the right is missing on the left")
     return ParsedSpec(spec, lhs, kept)
+
+
+def _ordered_subset(names, allowed, spec, what, missing):
+    """Check that ``names`` are among ``allowed`` and in the same order."""
+    for name in names:
+        if name not in allowed:
+            raise SpecError(f"spec {spec!r}: " + missing.format(name))
+    order = [allowed.index(n) for n in names]
+    if order != sorted(order):
+        raise SpecError(f"spec {spec!r}: {what} axes {' '.join(names)!r} must keep their left-hand order")
 
 
 @lru_cache(maxsize=None)
@@ -127,11 +132,6 @@ def parse_axes(text: str, spec: str, what: str, allowed: tuple[str, ...]) -> tup
     the spec's left-hand order.
     """
     groups = _groups(text, spec, allow_parens=True)
-    flat = [n for g in groups for n in g]
-    for name in flat:
-        if name not in allowed:
-            raise SpecError(f"spec {spec!r}: {what} axis {name!r} is not one of {' '.join(allowed)!r}")
-    order = [allowed.index(n) for n in flat]
-    if order != sorted(order):
-        raise SpecError(f"spec {spec!r}: {what} axes {text.strip()!r} must keep their left-hand order")
+    _ordered_subset(tuple(n for g in groups for n in g), allowed, spec, what,
+                    f"{what} axis {{!r}} is not one of {' '.join(allowed)!r}")
     return groups

@@ -97,8 +97,8 @@ def test_backward_with_cache_from_another_shape():
 
 @pytest.mark.parametrize("ctor, exc, arg", [
     (lambda: nc.GroupNorm(3, 8), ValueError, "num_groups"),
-    (lambda: nc.ChannelNorm(8, 3), ValueError, "num_groups"),
-    (lambda: nc.BatchChannelNorm(8, 3), ValueError, "num_groups"),
+    (lambda: nc.ChannelNorm(8, 3), ValueError, "groups"),
+    (lambda: nc.BatchChannelNorm(8, 3), ValueError, "groups"),
     (lambda: nc.BatchNorm2d(3, eps=0.0), ValueError, "eps"),
     (lambda: nc.BatchNorm2d(3, eps=-1e-5), ValueError, "eps"),
     (lambda: nc.LayerNorm(3, eps=float("nan")), ValueError, "eps"),

@@ -37,6 +37,13 @@ ctypedef fused floating:
 cdef Py_ssize_t CHUNK = 4096
 
 
+cdef inline Py_ssize_t _block_rows(Py_ssize_t k, Py_ssize_t rows_per_block,
+                                   Py_ssize_t total) noexcept nogil:
+    # Rows in block k: blocks are full but the last.
+    cdef Py_ssize_t rows = total - k * rows_per_block
+    return rows_per_block if rows > rows_per_block else rows
+
+
 cdef inline void _merge(double* n, double* mean, double* m2,
                         double nb, double meanb, double m2b) noexcept nogil:
     # Chan et al.: exact merge of two (count, mean, centered sum of squares) triples.
@@ -110,9 +117,7 @@ def moments_cols(const floating[:, ::1] x,       # IN  (A, C)
     with nogil:
         for k in prange(nb, schedule='static'):
             r0 = k * rows_per_block
-            rows = A - r0
-            if rows > rows_per_block:
-                rows = rows_per_block
+            rows = _block_rows(k, rows_per_block, A)
             _block_col_moments(&x[r0, 0], rows, C, &pmean[k, 0], &pm2[k, 0])
 
 
@@ -234,9 +239,7 @@ def sums_cols(const floating[:, ::1] dy,        # IN  (A, C)
     with nogil:
         for k in prange(nb, schedule='static'):
             r0 = k * rows_per_block
-            rows = A - r0
-            if rows > rows_per_block:
-                rows = rows_per_block
+            rows = _block_rows(k, rows_per_block, A)
             _block_col_sums(&dy[r0, 0], &x[r0, 0], rows, C, &mean[0], &p1[k, 0], &p2[k, 0])
 
 
@@ -284,9 +287,7 @@ def sums_params(const floating[:, :, ::1] dy,   # IN  (1, C, B)
     with nogil:
         for k in prange(nb, schedule='static'):
             c0 = k * rows_per_block
-            rows = C - c0
-            if rows > rows_per_block:
-                rows = rows_per_block
+            rows = _block_rows(k, rows_per_block, C)
             _block_param_sums(&dy[0, c0, 0], &x[0, c0, 0], c0, rows, B, &mean[0], &rstd[0],
                               &pc[0], &pb[0], &w[0], &s1[0], &s2[0], &pdw[k, 0], &pdb[k, 0])
 
