@@ -247,26 +247,29 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         mean = var = np.zeros(0)
     rstd = 1.0 / np.sqrt(var + eps)
 
-    y3 = np.empty(plan.layout, dtype)
+    # Per-row coefficients on the (A, R, S) view; rows of one group share its statistics.
+    mean_r, rstd_r = mean[plan.rg], rstd[plan.rg]
+    x_rows = x3.reshape(plan.rows)
+    y_rows = np.empty(plan.rows, dtype)
     w = None if weight is None else weight.astype(np.float64).reshape(-1)
-    if plan.params_reduced and (weight is not None or bias is not None):
+    b = None if bias is None else bias.astype(np.float64).reshape(-1)
+    if plan.param_inner and (w is not None or b is not None):
         P = math.prod(plan.param_shape)
-        w_ = np.ones(P) if w is None else w
-        b_ = np.zeros(P) if bias is None else bias.astype(np.float64).reshape(-1)
-        K.affine_params(x3, mean, rstd, plan.pc, plan.pb, w_, b_, y3)
+        K.affine_inner(x_rows, mean_r, rstd_r, plan.rp, np.ones(P) if w is None else w,
+                       np.zeros(P) if b is None else b, y_rows)
     else:
         # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
-        # and shift = b per group: one subtract and one multiply-add per element, in double.
-        scale = rstd if w is None else rstd * w[plan.pc]
-        shift = np.zeros(C) if bias is None else bias.astype(np.float64).reshape(-1)[plan.pc]
-        K.affine_groups(x3, mean, scale, shift, y3)
+        # and shift = b per row: one subtract and one multiply-add per element, in double.
+        scale = rstd_r if w is None else rstd_r * w[plan.rp]
+        shift = np.zeros(len(mean_r)) if b is None else b[plan.rp]
+        K.affine_rows(x_rows, mean_r, scale, shift, y_rows)
 
     if new_running is not None:
         running_mean[...] = new_running[0]
         running_var[...] = new_running[1]
     cache = NormCache(m, plan, x3, dtype, mean, rstd, w, weight is not None, bias is not None,
                       stats_grad=use_batch and not estimate)
-    return _from_canonical(y3, plan), cache
+    return _from_canonical(y_rows, plan), cache
 
 
 def backward(dy, cache):
@@ -295,65 +298,68 @@ def backward(dy, cache):
     if dy.shape != plan.shape:
         raise ValueError(f"dy: expected shape {plan.shape} (the forward input's), got {dy.shape}; "
                          "is the cache from another call?")
-    dy3 = _canonical(dy, plan)
-    x3, mean, rstd = cache.x3, cache.mean, cache.rstd
-    A, C, B = plan.layout
+    dy_rows = _canonical(dy, plan).reshape(plan.rows)
+    x_rows = cache.x3.reshape(plan.rows)
+    mean_r, rstd_r = cache.mean[plan.rg], cache.rstd[plan.rg]
+    R = plan.rows[1]
     n = plan.count
-    dtype = cache.dtype
-    dx3 = np.empty(plan.layout, dtype)
+    center = cache.mode.center
+    dx_rows = np.empty(plan.rows, cache.dtype)
     affine = cache.has_weight or cache.has_bias
+    P = math.prod(plan.param_shape) if affine else 0
+    w = cache.weight
     dw = db = None
 
-    if plan.params_reduced and affine:
-        P = math.prod(plan.param_shape)
-        w = cache.weight if cache.weight is not None else np.ones(P)
+    def per_row_group_mean(values):
+        # rows -> their group's total / n -> back to rows (bincount adds in a fixed order)
+        return (np.bincount(plan.rg, weights=values, minlength=plan.layout[1]) / n)[plan.rg]
+
+    if plan.param_inner and affine:
+        w = np.ones(P) if w is None else w
         rpb = plan.rows_per_block
-        nb = max(1, -(-C // rpb))
-        s1, s2 = np.empty(C), np.empty(C)
+        nb = max(1, -(-R // rpb))
+        s1, s2 = np.empty(R), np.empty(R)
         pdw, pdb = np.zeros((nb, P)), np.zeros((nb, P))
-        K.sums_params(dy3, x3, mean, rstd, plan.pc, plan.pb, w, rpb, s1, s2, pdw, pdb)
+        K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, rpb, s1, s2, pdw, pdb)
         dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
-        if cache.stats_grad:
-            c1 = s1 / n if cache.mode.center else np.zeros(C)
-            c2 = s2 / n
-        else:
-            c1 = c2 = np.zeros(C)
-        K.dx_params(dy3, x3, mean, rstd, plan.pc, plan.pb, w, c1, c2, dx3)
+        c1 = per_row_group_mean(s1) if cache.stats_grad and center else np.zeros(R)
+        c2 = per_row_group_mean(s2) if cache.stats_grad else np.zeros(R)
+        K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows)
     else:
-        gamma = np.ones(C) if cache.weight is None else cache.weight[plan.pc]
-        k1 = rstd * gamma
-        k2 = k3 = np.zeros(C)
+        gamma = np.ones(R) if w is None else w[plan.rp]
+        k1 = rstd_r * gamma
+        k2 = k3 = np.zeros(R)
         if cache.stats_grad or affine:
-            t1, t2 = _group_sums(dy3, x3, mean, plan)  # sum dy, sum dy * (x - mean)
-            dyxhat = rstd * t2
+            t1, t2 = _row_sums(dy_rows, x_rows, mean_r, plan)  # sum dy, sum dy * (x - mean)
+            dyxhat = rstd_r * t2
             if affine:
-                P = math.prod(plan.param_shape)
-                dw = np.bincount(plan.pc, weights=dyxhat, minlength=P)
-                db = np.bincount(plan.pc, weights=t1, minlength=P)
+                dw = np.bincount(plan.rp, weights=dyxhat, minlength=P)
+                db = np.bincount(plan.rp, weights=t1, minlength=P)
             if cache.stats_grad:
                 # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
                 # xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3.
-                m1 = gamma * t1 / n if cache.mode.center else np.zeros(C)
-                m2 = gamma * dyxhat / n
-                k2 = -rstd * rstd * m2
-                k3 = -rstd * m1
-        K.dx_groups(dy3, x3, mean, k1, k2, k3, dx3)
+                m2 = per_row_group_mean(gamma * dyxhat)
+                k2 = -rstd_r * rstd_r * m2
+                if center:
+                    k3 = -rstd_r * per_row_group_mean(gamma * t1)
+        K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, dx_rows)
 
-    dx = _from_canonical(dx3, plan)
-    dweight = dw.reshape(plan.param_shape).astype(dtype) if cache.has_weight else None
-    dbias = db.reshape(plan.param_shape).astype(dtype) if cache.has_bias else None
+    dx = _from_canonical(dx_rows, plan)
+    dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
+    dbias = db.reshape(plan.param_shape).astype(cache.dtype) if cache.has_bias else None
     return dx, dweight, dbias
 
 
-def _group_sums(dy3, x3, mean, plan: Plan):
-    A, C, B = plan.layout
+def _row_sums(dy_rows, x_rows, mean_r, plan: Plan):
+    """Per-row (sum dy, sum dy * (x - mean)) on the (A, R, S) view, summed over A."""
+    A, R, S = plan.rows
     if plan.columns:
         rpb = plan.rows_per_block
         nb = -(-A // rpb)
-        p1, p2 = np.empty((nb, C)), np.empty((nb, C))
-        K.sums_cols(dy3.reshape(A, C), x3.reshape(A, C), mean, rpb, p1, p2)
+        p1, p2 = np.empty((nb, R)), np.empty((nb, R))
+        K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2)
     else:
-        p1, p2 = np.empty((A, C)), np.empty((A, C))
-        K.sums_rows(dy3, x3, mean, p1, p2)
+        p1, p2 = np.empty((A, R)), np.empty((A, R))
+        K.sums_rows(dy_rows, x_rows, mean_r, p1, p2)
     # NumPy sums the partial rows in a fixed order: deterministic for any thread count.
     return p1.sum(axis=0), p2.sum(axis=0)

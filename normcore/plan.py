@@ -29,15 +29,16 @@ _PARAM_BLOCKS = 64
 class Plan:
     shape: tuple            # input shape
     elem_shape: tuple       # input shape with parenthesised axes split (a reshape of x)
-    perm: tuple | None      # transpose of the elementary view to (kept, reduced); None: no copy
-    layout: tuple           # (A, C, B) of the canonical array
+    perm: tuple | None      # transpose of the elementary view before the kernels; None: none
+    layout: tuple           # (A, C, B): statistics group c reduces over a and b
+    rows: tuple             # (A, R, S): the same memory, one coefficient set per row r
     stat_shape: tuple       # shape of per-group statistics: kept axes in spec order
     param_shape: tuple | None    # shape of weight and bias; None when the mode has none
     running_shape: tuple | None  # shape of running statistics; None when the mode has none
     count: int              # elements per statistics group, A * B
-    pc: np.ndarray | None   # (C,) parameter offset of each group
-    pb: np.ndarray | None   # (B,) parameter offset of each inner position
-    params_reduced: bool    # parameters vary along b: per-element affine kernels (A == 1)
+    rg: np.ndarray          # (R,) statistics group of each row
+    rp: np.ndarray | None   # (R,) parameter offset of each row (of its first element if inner)
+    param_inner: bool       # parameters run contiguously along S: w[rp[r] + s]
     rc: np.ndarray | None   # (C,) running-statistics entry of each group
     groups_per_running: int  # groups averaged into one running entry
     rows_per_block: int     # fixed block height of column / parameter reductions
@@ -154,45 +155,59 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
 
     # Segments of the canonical layout: A = leading reduced axes, C = kept run, B = rest.
     # Size-1 axes never matter for memory or indices, so they do not break a run.
-    big_kept = [i for i in range(nd) if kept[i] and dims[i] > 1]
-    if big_kept:
-        first, last = big_kept[0], big_kept[-1]
-    else:
-        first, last = nd, nd - 1  # no kept extent: everything is A
-    contiguous_run = all(kept[i] or dims[i] == 1 for i in range(first, last + 1))
-    lead_params = any(param_strides[i] and dims[i] > 1 for i in range(first))
-    tail_params = any(param_strides[i] and dims[i] > 1 for i in range(last + 1, nd))
+    big = [dims[i] > 1 for i in range(nd)]
+    is_param = [bool(param_strides[i]) and big[i] for i in range(nd)]
+    big_kept = [i for i in range(nd) if kept[i] and big[i]]
+    first, last = (big_kept[0], big_kept[-1]) if big_kept else (nd, nd - 1)
+    contiguous_run = all(kept[i] or not big[i] for i in range(first, last + 1))
     lead = prod(dims[:first])
-    if not contiguous_run or lead_params or (tail_params and lead > 1):
-        order = [i for i in range(nd) if kept[i]] + [i for i in range(nd) if not kept[i]]
-        perm = tuple(order)
-        c_axes = [i for i in order if kept[i]]
-        a_axes, b_axes = [], [i for i in order if not kept[i]]
-    else:
-        perm = None
-        a_axes = list(range(first))
-        c_axes = list(range(first, last + 1))
-        b_axes = list(range(last + 1, nd))
-    A, C, B = (prod(dims[i] for i in s) for s in (a_axes, c_axes, b_axes))
+    params_reduced = any(is_param[i] and not kept[i] for i in range(nd))
+    lead_params = any(is_param[i] for i in range(first))
+    if contiguous_run and not lead_params and not (params_reduced and lead > 1):
+        a_axes, c_axes, b_axes = list(range(first)), list(range(first, last + 1)), list(range(last + 1, nd))
+    else:  # transpose to (kept, reduced): A = 1
+        a_axes = []
+        c_axes = [i for i in range(nd) if kept[i]]
+        b_axes = [i for i in range(nd) if not kept[i]]
 
-    stat_shape = tuple(dims[i] for i in range(nd) if kept[i])
-    pc = pb = None
-    params_reduced = False
-    if param_shape is not None:
-        pc = _offsets(c_axes, dims, param_strides)
-        pb = _offsets(b_axes, dims, param_strides)
-        params_reduced = bool(B > 1 and pb.any())
+    # Rows of the elementwise passes. Parameters on reduced axes either run contiguously
+    # along the end of B (layer norm: "inner" rows) or are constant along its end (group
+    # norm: one weight per row); B's axes are reordered only if neither holds as given.
+    split = 0  # B's leading axes that become rows
+    param_inner = False
+    if params_reduced:
+        p_ax = [i for i in b_axes if is_param[i]]
+        n_ax = [i for i in b_axes if not is_param[i]]
+        inner_ok = all(param_strides[p] == param_strides[q] * dims[q] for p, q in zip(p_ax, p_ax[1:])) \
+            and param_strides[p_ax[-1]] == 1
+        if b_axes == p_ax + n_ax and prod(dims[i] for i in n_ax) > 1:
+            pass
+        elif inner_ok:
+            b_axes, param_inner = n_ax + p_ax, True
+        else:
+            b_axes = p_ax + n_ax
+        split = len(n_ax) if param_inner else len(p_ax)
+    order = tuple(a_axes + c_axes + b_axes)
+    perm = None if order == tuple(range(nd)) else order
+    A, C, B = (prod(dims[i] for i in axes) for axes in (a_axes, c_axes, b_axes))
+    row_axes, s_axes = c_axes + b_axes[:split], b_axes[split:]
+    R, S = prod(dims[i] for i in row_axes), prod(dims[i] for i in s_axes)
+
+    rg = np.repeat(np.arange(C, dtype=np.intp), R // C if C else 0)
+    rg.setflags(write=False)
+    rp = None if param_shape is None else _offsets(row_axes, dims, param_strides)
     rc, per_running = None, 1
     if running_shape is not None:
         rc = _offsets(c_axes, dims, run_strides)
         per_running = C // max(prod(running_shape), 1) if C else 1
 
+    stat_shape = tuple(dims[i] for i in range(nd) if kept[i])
     if A > 1 and B == 1:
         rows_per_block = max(1, min(_BLOCK_ELEMS // max(C, 1), -(-A // 16)))
     else:
-        rows_per_block = max(1, -(-C // _PARAM_BLOCKS))
-    return Plan(tuple(shape), tuple(dims), perm, (A, C, B), stat_shape, param_shape,
-                running_shape, A * B, pc, pb, params_reduced, rc, per_running, rows_per_block)
+        rows_per_block = max(1, -(-R // _PARAM_BLOCKS))
+    return Plan(tuple(shape), tuple(dims), perm, (A, C, B), (A, R, S), stat_shape, param_shape,
+                running_shape, A * B, rg, rp, param_inner, rc, per_running, rows_per_block)
 
 
 def make_plan(mode: Mode, shape, sizes=None) -> Plan:

@@ -3,12 +3,19 @@
 
 Design
 ------
-The planner (normcore/plan.py) maps every mode onto one canonical layout, a C-contiguous
-array of shape (A, C, B): statistics group ``c`` reduces over the outer axis ``a`` and the
-inner axis ``b``. Two memory patterns cover every case:
+The planner (normcore/plan.py) maps every mode onto C-contiguous canonical arrays:
 
-* rows (B > 1, or A == 1): each (a, c) row of B elements is contiguous; a row is reduced
-  on its own and rows of one group are merged in order of ``a``;
+* statistics layout (A, C, B): group ``c`` reduces over the outer axis ``a`` and the inner
+  axis ``b``;
+* elementwise layout (A, R, S), a finer view of the same memory: each row ``r`` belongs to
+  one statistics group, and either has one parameter value for all its S elements
+  ("row" kernels: per-row scale and shift) or walks a contiguous parameter slice
+  w[rp[r] : rp[r] + S] ("inner" kernels: layer norm, RMS norm).
+
+Reductions come in two memory patterns:
+
+* rows (B > 1, or A == 1): a contiguous row is reduced on its own and rows of one group
+  are merged in order;
 * columns (B == 1): groups are the columns of an (A, C) matrix; rows are cut into fixed
   blocks, each block reduces its columns into its own row of a partial buffer (no atomics,
   no shared scratch), and partials are merged in block order.
@@ -16,14 +23,12 @@ inner axis ``b``. Two memory patterns cover every case:
 Block boundaries depend only on the shape, never on the thread count, and partials are
 merged in a fixed order, so results are bitwise identical for any number of threads.
 
-Accumulation is always in double. Moments use two passes inside chunks of at most CHUNK
+Accumulation is always in double. Row sums use LANES independent accumulators, combined in
+a fixed order: the compiler vectorizes them without -ffast-math (IEEE semantics kept), and
+the order never depends on threads. Moments use two passes inside chunks of at most CHUNK
 elements (the second pass reads from cache) and Chan's parallel formula across chunks,
-rows and blocks: never E[x^2] - E[x]^2. The elementwise passes evaluate their per-group
-coefficients in double too, so a large common offset in x does not cost float32 digits.
-
-Parameters may live on kept axes (one scale/shift per group: the "groups" kernels) or on
-reduced axes too (layer norm, group norm: the "params" kernels, on layout (1, C, B)). The
-parameter index of element (c, b) is pc[c] + pb[b].
+rows and blocks: never E[x^2] - E[x]^2. The elementwise passes subtract the mean first and
+evaluate in double, so a large common offset in x does not cost float32 digits.
 
 The kernels check nothing: normcore/functional.py validates shapes, dtypes and sizes.
 """
@@ -33,15 +38,57 @@ ctypedef fused floating:
     float
     double
 
+cdef enum:
+    LANES = 8  # independent accumulators per row sum
+
 # Elements per two-pass chunk: 32 KiB of float64, so the second pass hits L1/L2.
 cdef Py_ssize_t CHUNK = 4096
 
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
 
 cdef inline Py_ssize_t _block_rows(Py_ssize_t k, Py_ssize_t rows_per_block,
                                    Py_ssize_t total) noexcept nogil:
     # Rows in block k: blocks are full but the last.
     cdef Py_ssize_t rows = total - k * rows_per_block
     return rows_per_block if rows > rows_per_block else rows
+
+
+cdef inline double _lanes_total(double* acc) noexcept nogil:
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+cdef inline double _sum(const floating* p, Py_ssize_t n) noexcept nogil:
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        acc[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            acc[j] += p[i + j]
+    for i in range(full, n):
+        acc[i - full] += p[i]
+    return _lanes_total(acc)
+
+
+cdef inline double _sum_sq_dev(const floating* p, Py_ssize_t n, double mu) noexcept nogil:
+    cdef double acc[LANES]
+    cdef double d
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        acc[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            d = p[i + j] - mu
+            acc[j] += d * d
+    for i in range(full, n):
+        d = p[i] - mu
+        acc[i - full] += d * d
+    return _lanes_total(acc)
 
 
 cdef inline void _merge(double* n, double* mean, double* m2,
@@ -58,25 +105,22 @@ cdef inline void _merge(double* n, double* mean, double* m2,
 
 cdef inline void _row_moments(const floating* p, Py_ssize_t n,
                               double* out_mean, double* out_m2) noexcept nogil:
-    cdef Py_ssize_t start = 0, m, i
-    cdef double count = 0.0, mean = 0.0, m2 = 0.0, s, cmean, cm2, d
+    cdef Py_ssize_t start = 0, m
+    cdef double count = 0.0, mean = 0.0, m2 = 0.0, cmean
     while start < n:
         m = n - start
         if m > CHUNK:
             m = CHUNK
-        s = 0.0
-        for i in range(m):
-            s = s + p[start + i]
-        cmean = s / m
-        cm2 = 0.0
-        for i in range(m):
-            d = p[start + i] - cmean
-            cm2 = cm2 + d * d
-        _merge(&count, &mean, &m2, <double>m, cmean, cm2)
+        cmean = _sum(p + start, m) / m
+        _merge(&count, &mean, &m2, <double>m, cmean, _sum_sq_dev(p + start, m, cmean))
         start = start + m
     out_mean[0] = mean
     out_m2[0] = m2
 
+
+# ---------------------------------------------------------------------------------------
+# Forward statistics on the (A, C, B) layout
+# ---------------------------------------------------------------------------------------
 
 def moments_rows(const floating[:, :, ::1] x,    # IN  (A, C, B)
                  double[:, ::1] pmean,           # OUT (A, C) mean of each row
@@ -92,6 +136,7 @@ def moments_rows(const floating[:, :, ::1] x,    # IN  (A, C, B)
 
 cdef inline void _block_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t C,
                                     double* mean, double* m2) noexcept nogil:
+    # Columns are independent lanes: these loops vectorize across c.
     cdef Py_ssize_t r, c
     cdef double d
     for c in range(C):
@@ -113,12 +158,11 @@ def moments_cols(const floating[:, ::1] x,       # IN  (A, C)
                  double[:, ::1] pmean,           # OUT (nblocks, C)
                  double[:, ::1] pm2):            # OUT (nblocks, C)
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = pmean.shape[0]
-    cdef Py_ssize_t k, r0, rows
+    cdef Py_ssize_t k
     with nogil:
         for k in prange(nb, schedule='static'):
-            r0 = k * rows_per_block
-            rows = _block_rows(k, rows_per_block, A)
-            _block_col_moments(&x[r0, 0], rows, C, &pmean[k, 0], &pm2[k, 0])
+            _block_col_moments(&x[k * rows_per_block, 0], _block_rows(k, rows_per_block, A), C,
+                               &pmean[k, 0], &pm2[k, 0])
 
 
 def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
@@ -140,79 +184,73 @@ def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
             m2[c] = s
 
 
-def affine_groups(const floating[:, :, ::1] x,  # IN  (A, C, B)
-                  const double[::1] mean,       # IN  (C,)
-                  const double[::1] scale,      # IN  (C,)
-                  const double[::1] shift,      # IN  (C,)
-                  floating[:, :, ::1] y):       # OUT (A, C, B)
-    """y = (x - mean[c]) * scale[c] + shift[c], evaluated in double.
+# ---------------------------------------------------------------------------------------
+# Elementwise passes and backward sums on the (A, R, S) layout, one scale/shift per row
+# ---------------------------------------------------------------------------------------
+
+cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
+                             double mu, double s, double t) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mu) * s + t)
+
+
+def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
+                const double[::1] mean,         # IN  (R,)
+                const double[::1] scale,        # IN  (R,)
+                const double[::1] shift,        # IN  (R,)
+                floating[:, :, ::1] y):         # OUT (A, R, S)
+    """y = (x - mean[r]) * scale[r] + shift[r], evaluated in double.
 
     Subtracting the mean first (rather than folding it into shift) keeps the rounding at
     the size of y instead of |x| * scale, which matters when x sits at a large offset.
     """
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef Py_ssize_t r, a, c, b
-    cdef double mu, s, t
+    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t i, a, r
     with nogil:
-        if B == 1:
+        if S == 1:
             for a in prange(A, schedule='static'):
-                for c in range(C):
-                    y[a, c, 0] = <floating>((x[a, c, 0] - mean[c]) * scale[c] + shift[c])
+                for r in range(R):
+                    y[a, r, 0] = <floating>((x[a, r, 0] - mean[r]) * scale[r] + shift[r])
         else:
-            for r in prange(A * C, schedule='static'):
-                a = r // C
-                c = r - a * C
-                mu = mean[c]
-                s = scale[c]
-                t = shift[c]
-                for b in range(B):
-                    y[a, c, b] = <floating>((x[a, c, b] - mu) * s + t)
-
-
-def affine_params(const floating[:, :, ::1] x,  # IN  (1, C, B)
-                  const double[::1] mean,       # IN  (C,)
-                  const double[::1] rstd,       # IN  (C,)
-                  const Py_ssize_t[::1] pc,     # IN  (C,) parameter offset of group c
-                  const Py_ssize_t[::1] pb,     # IN  (B,) parameter offset of position b
-                  const double[::1] w,          # IN  (P,)
-                  const double[::1] bias,       # IN  (P,)
-                  floating[:, :, ::1] y):       # OUT (1, C, B)
-    """y = (x - mean[c]) * rstd[c] * w[p] + bias[p] with p = pc[c] + pb[b]."""
-    cdef Py_ssize_t C = x.shape[1], B = x.shape[2]
-    cdef Py_ssize_t c, b, p
-    cdef double mu, r
-    with nogil:
-        for c in prange(C, schedule='static'):
-            mu = mean[c]
-            r = rstd[c]
-            for b in range(B):
-                p = pc[c] + pb[b]
-                y[0, c, b] = <floating>((x[0, c, b] - mu) * r * w[p] + bias[p])
+            for i in prange(A * R, schedule='static'):
+                a = i // R
+                r = i - a * R
+                _affine_row(&x[a, r, 0], &y[a, r, 0], S, mean[r], scale[r], shift[r])
 
 
 cdef inline void _row_sums(const floating* dy, const floating* x, Py_ssize_t n, double mu,
                            double* s1, double* s2) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double a = 0.0, b = 0.0
-    for i in range(n):
-        a = a + dy[i]
-        b = b + dy[i] * (x[i] - mu)
-    s1[0] = a
-    s2[0] = b
+    cdef double a1[LANES]
+    cdef double a2[LANES]
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            a1[j] += dy[i + j]
+            a2[j] += dy[i + j] * (x[i + j] - mu)
+    for i in range(full, n):
+        a1[i - full] += dy[i]
+        a2[i - full] += dy[i] * (x[i] - mu)
+    s1[0] = _lanes_total(a1)
+    s2[0] = _lanes_total(a2)
 
 
-def sums_rows(const floating[:, :, ::1] dy,     # IN  (A, C, B)
-              const floating[:, :, ::1] x,      # IN  (A, C, B)
-              const double[::1] mean,           # IN  (C,)
-              double[:, ::1] p1,                # OUT (A, C) row sums of dy
-              double[:, ::1] p2):               # OUT (A, C) row sums of dy * (x - mean)
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef Py_ssize_t r, a, c
+def sums_rows(const floating[:, :, ::1] dy,     # IN  (A, R, S)
+              const floating[:, :, ::1] x,      # IN  (A, R, S)
+              const double[::1] mean,           # IN  (R,)
+              double[:, ::1] p1,                # OUT (A, R) row sums of dy
+              double[:, ::1] p2):               # OUT (A, R) row sums of dy * (x - mean)
+    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t i, a, r
     with nogil:
-        for r in prange(A * C, schedule='static'):
-            a = r // C
-            c = r - a * C
-            _row_sums(&dy[a, c, 0], &x[a, c, 0], B, mean[c], &p1[a, c], &p2[a, c])
+        for i in prange(A * R, schedule='static'):
+            a = i // R
+            r = i - a * R
+            _row_sums(&dy[a, r, 0], &x[a, r, 0], S, mean[r], &p1[a, r], &p2[a, r])
 
 
 cdef inline void _block_col_sums(const floating* dy, const floating* x, Py_ssize_t rows,
@@ -235,115 +273,147 @@ def sums_cols(const floating[:, ::1] dy,        # IN  (A, C)
               double[:, ::1] p1,                # OUT (nblocks, C)
               double[:, ::1] p2):               # OUT (nblocks, C)
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = p1.shape[0]
-    cdef Py_ssize_t k, r0, rows
+    cdef Py_ssize_t k, r0
     with nogil:
         for k in prange(nb, schedule='static'):
             r0 = k * rows_per_block
-            rows = _block_rows(k, rows_per_block, A)
-            _block_col_sums(&dy[r0, 0], &x[r0, 0], rows, C, &mean[0], &p1[k, 0], &p2[k, 0])
+            _block_col_sums(&dy[r0, 0], &x[r0, 0], _block_rows(k, rows_per_block, A), C,
+                            &mean[0], &p1[k, 0], &p2[k, 0])
 
 
-cdef inline void _block_param_sums(const floating* dy, const floating* x, Py_ssize_t c0,
-                                   Py_ssize_t rows, Py_ssize_t B,
-                                   const double* mean, const double* rstd,
-                                   const Py_ssize_t* pc, const Py_ssize_t* pb,
-                                   const double* w, double* s1, double* s2,
-                                   double* dw, double* db) noexcept nogil:
-    cdef Py_ssize_t i, c, b, p
-    cdef double g, xh, a1, a2, mu, r, d
-    for i in range(rows):
-        c = c0 + i
-        mu = mean[c]
-        r = rstd[c]
-        a1 = 0.0
-        a2 = 0.0
-        for b in range(B):
-            p = pc[c] + pb[b]
-            d = dy[i * B + b]
-            xh = (x[i * B + b] - mu) * r
-            g = d * w[p]
-            a1 += g
-            a2 += g * xh
-            dw[p] += d * xh
-            db[p] += d
-        s1[c] = a1
-        s2[c] = a2
+cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                         double mu, double k1, double k2, double k3) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(dy[i] * k1 + (x[i] - mu) * k2 + k3)
 
 
-def sums_params(const floating[:, :, ::1] dy,   # IN  (1, C, B)
-                const floating[:, :, ::1] x,    # IN  (1, C, B)
-                const double[::1] mean,         # IN  (C,)
-                const double[::1] rstd,         # IN  (C,)
-                const Py_ssize_t[::1] pc,       # IN  (C,)
-                const Py_ssize_t[::1] pb,       # IN  (B,)
-                const double[::1] w,            # IN  (P,)
-                Py_ssize_t rows_per_block,
-                double[::1] s1,                 # OUT (C,) sum of g = dy * w[p]
-                double[::1] s2,                 # OUT (C,) sum of g * xhat
-                double[:, ::1] pdw,             # OUT (nblocks, P) zeroed: partial dweight
-                double[:, ::1] pdb):            # OUT (nblocks, P) zeroed: partial dbias
-    cdef Py_ssize_t C = x.shape[1], B = x.shape[2], nb = pdw.shape[0]
-    cdef Py_ssize_t k, c0, rows
+def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
+            const floating[:, :, ::1] x,        # IN  (A, R, S)
+            const double[::1] mean,             # IN  (R,)
+            const double[::1] k1,               # IN  (R,)
+            const double[::1] k2,               # IN  (R,)
+            const double[::1] k3,               # IN  (R,)
+            floating[:, :, ::1] dx):            # OUT (A, R, S)
+    """dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r], evaluated in double."""
+    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t i, a, r
+    with nogil:
+        if S == 1:
+            for a in prange(A, schedule='static'):
+                for r in range(R):
+                    dx[a, r, 0] = <floating>(dy[a, r, 0] * k1[r] + (x[a, r, 0] - mean[r]) * k2[r] + k3[r])
+        else:
+            for i in prange(A * R, schedule='static'):
+                a = i // R
+                r = i - a * R
+                _dx_row(&dy[a, r, 0], &x[a, r, 0], &dx[a, r, 0], S, mean[r], k1[r], k2[r], k3[r])
+
+
+# ---------------------------------------------------------------------------------------
+# Elementwise passes and backward sums on (1, R, S) with parameters along S
+# (row r uses w[rp[r] : rp[r] + S])
+# ---------------------------------------------------------------------------------------
+
+cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n, double mu,
+                                   double rs, const double* w, const double* b) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
+
+
+def affine_inner(const floating[:, :, ::1] x,   # IN  (1, R, S)
+                 const double[::1] mean,        # IN  (R,)
+                 const double[::1] rstd,        # IN  (R,)
+                 const Py_ssize_t[::1] rp,      # IN  (R,) offset of row r's parameters
+                 const double[::1] w,           # IN  (P,)
+                 const double[::1] bias,        # IN  (P,)
+                 floating[:, :, ::1] y):        # OUT (1, R, S)
+    """y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + bias[rp[r] + s]."""
+    cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t r
+    with nogil:
+        for r in prange(R, schedule='static'):
+            _affine_inner_row(&x[0, r, 0], &y[0, r, 0], S, mean[r], rstd[r], &w[rp[r]], &bias[rp[r]])
+
+
+cdef inline void _inner_row_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                                 double mu, double rs, const double* w,
+                                 double* dw, double* db, double* s1, double* s2) noexcept nogil:
+    cdef double a1[LANES]
+    cdef double a2[LANES]
+    cdef double d, xh, g
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        a1[j] = 0.0
+        a2[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            d = dy[i + j]
+            xh = (x[i + j] - mu) * rs
+            g = d * w[i + j]
+            a1[j] += g
+            a2[j] += g * xh
+            dw[i + j] += d * xh
+            db[i + j] += d
+    for i in range(full, n):
+        d = dy[i]
+        xh = (x[i] - mu) * rs
+        g = d * w[i]
+        a1[i - full] += g
+        a2[i - full] += g * xh
+        dw[i] += d * xh
+        db[i] += d
+    s1[0] = _lanes_total(a1)
+    s2[0] = _lanes_total(a2)
+
+
+def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
+               const floating[:, :, ::1] x,     # IN  (1, R, S)
+               const double[::1] mean,          # IN  (R,)
+               const double[::1] rstd,          # IN  (R,)
+               const Py_ssize_t[::1] rp,        # IN  (R,)
+               const double[::1] w,             # IN  (P,)
+               Py_ssize_t rows_per_block,
+               double[::1] s1,                  # OUT (R,) sum of g = dy * w
+               double[::1] s2,                  # OUT (R,) sum of g * xhat
+               double[:, ::1] pdw,              # OUT (nblocks, P) zeroed: partial dweight
+               double[:, ::1] pdb):             # OUT (nblocks, P) zeroed: partial dbias
+    cdef Py_ssize_t R = x.shape[1], S = x.shape[2], nb = pdw.shape[0]
+    cdef Py_ssize_t k, r, r0
     with nogil:
         for k in prange(nb, schedule='static'):
-            c0 = k * rows_per_block
-            rows = _block_rows(k, rows_per_block, C)
-            _block_param_sums(&dy[0, c0, 0], &x[0, c0, 0], c0, rows, B, &mean[0], &rstd[0],
-                              &pc[0], &pb[0], &w[0], &s1[0], &s2[0], &pdw[k, 0], &pdb[k, 0])
+            r0 = k * rows_per_block
+            for r in range(r0, r0 + _block_rows(k, rows_per_block, R)):
+                _inner_row_sums(&dy[0, r, 0], &x[0, r, 0], S, mean[r], rstd[r], &w[rp[r]],
+                                &pdw[k, rp[r]], &pdb[k, rp[r]], &s1[r], &s2[r])
 
 
-def dx_groups(const floating[:, :, ::1] dy,     # IN  (A, C, B)
-              const floating[:, :, ::1] x,      # IN  (A, C, B)
-              const double[::1] mean,           # IN  (C,)
-              const double[::1] k1,             # IN  (C,)
-              const double[::1] k2,             # IN  (C,)
-              const double[::1] k3,             # IN  (C,)
-              floating[:, :, ::1] dx):          # OUT (A, C, B)
-    """dx = dy * k1[c] + (x - mean[c]) * k2[c] + k3[c], evaluated in double."""
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef Py_ssize_t r, a, c, b
-    cdef double mu, u, v, t
+cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                               double mu, double rs, const double* w,
+                               double m1, double m2) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
+
+
+def dx_inner(const floating[:, :, ::1] dy,      # IN  (1, R, S)
+             const floating[:, :, ::1] x,       # IN  (1, R, S)
+             const double[::1] mean,            # IN  (R,)
+             const double[::1] rstd,            # IN  (R,)
+             const Py_ssize_t[::1] rp,          # IN  (R,)
+             const double[::1] w,               # IN  (P,)
+             const double[::1] c1,              # IN  (R,) group mean of g (0 when not centred)
+             const double[::1] c2,              # IN  (R,) group mean of g * xhat (0 in eval)
+             floating[:, :, ::1] dx):           # OUT (1, R, S)
+    """dx = rstd[r] * (dy * w[rp[r] + s] - c1[r] - xhat * c2[r])."""
+    cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t r
     with nogil:
-        if B == 1:
-            for a in prange(A, schedule='static'):
-                for c in range(C):
-                    dx[a, c, 0] = <floating>(dy[a, c, 0] * k1[c] + (x[a, c, 0] - mean[c]) * k2[c] + k3[c])
-        else:
-            for r in prange(A * C, schedule='static'):
-                a = r // C
-                c = r - a * C
-                mu = mean[c]
-                u = k1[c]
-                v = k2[c]
-                t = k3[c]
-                for b in range(B):
-                    dx[a, c, b] = <floating>(dy[a, c, b] * u + (x[a, c, b] - mu) * v + t)
-
-
-def dx_params(const floating[:, :, ::1] dy,     # IN  (1, C, B)
-              const floating[:, :, ::1] x,      # IN  (1, C, B)
-              const double[::1] mean,           # IN  (C,)
-              const double[::1] rstd,           # IN  (C,)
-              const Py_ssize_t[::1] pc,         # IN  (C,)
-              const Py_ssize_t[::1] pb,         # IN  (B,)
-              const double[::1] w,              # IN  (P,)
-              const double[::1] c1,             # IN  (C,) mean of g (0 when not centered)
-              const double[::1] c2,             # IN  (C,) mean of g * xhat (0 in eval)
-              floating[:, :, ::1] dx):          # OUT (1, C, B)
-    """dx = rstd[c] * (dy * w[p] - c1[c] - xhat * c2[c]) with p = pc[c] + pb[b]."""
-    cdef Py_ssize_t C = x.shape[1], B = x.shape[2]
-    cdef Py_ssize_t c, b, p
-    cdef double mu, r, m1, m2, xh
-    with nogil:
-        for c in prange(C, schedule='static'):
-            mu = mean[c]
-            r = rstd[c]
-            m1 = c1[c]
-            m2 = c2[c]
-            for b in range(B):
-                p = pc[c] + pb[b]
-                xh = (x[0, c, b] - mu) * r
-                dx[0, c, b] = <floating>(r * (dy[0, c, b] * w[p] - m1 - xh * m2))
+        for r in prange(R, schedule='static'):
+            _dx_inner_row(&dy[0, r, 0], &x[0, r, 0], &dx[0, r, 0], S, mean[r], rstd[r],
+                          &w[rp[r]], c1[r], c2[r])
 
 
 def openmp_probe():
