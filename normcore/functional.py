@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from . import _kernels as K
+from . import kernels
 from .modes import Mode, get_mode
 from .plan import Plan, make_plan
 
@@ -128,19 +128,19 @@ def _moments(x3: np.ndarray, plan: Plan):
         nb = -(-A // rpb)
         pmean = np.empty((nb, C))
         pm2 = np.empty((nb, C))
-        K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2)
+        kernels.K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2)
         counts = np.full(nb, float(rpb))
         counts[-1] = A - rpb * (nb - 1)
     else:
         pmean = np.empty((A, C))
         pm2 = np.empty((A, C))
-        K.moments_rows(x3, pmean, pm2)
+        kernels.K.moments_rows(x3, pmean, pm2)
         counts = np.full(A, float(B))
     if A == 1 or pmean.shape[0] == 1:
         return pmean[0], pm2[0] / plan.count
     mean = np.empty(C)
     m2 = np.empty(C)
-    K.combine_moments(pmean, pm2, counts, mean, m2)
+    kernels.K.combine_moments(pmean, pm2, counts, mean, m2)
     return mean, m2 / plan.count
 
 
@@ -255,14 +255,14 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     b = None if bias is None else bias.astype(np.float64).reshape(-1)
     if plan.param_inner and (w is not None or b is not None):
         P = math.prod(plan.param_shape)
-        K.affine_inner(x_rows, mean_r, rstd_r, plan.rp, np.ones(P) if w is None else w,
+        kernels.K.affine_inner(x_rows, mean_r, rstd_r, plan.rp, np.ones(P) if w is None else w,
                        np.zeros(P) if b is None else b, y_rows)
     else:
         # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
         # and shift = b per row: one subtract and one multiply-add per element, in double.
         scale = rstd_r if w is None else rstd_r * w[plan.rp]
         shift = np.zeros(len(mean_r)) if b is None else b[plan.rp]
-        K.affine_rows(x_rows, mean_r, scale, shift, y_rows)
+        kernels.K.affine_rows(x_rows, mean_r, scale, shift, y_rows)
 
     if new_running is not None:
         running_mean[...] = new_running[0]
@@ -320,11 +320,11 @@ def backward(dy, cache):
         nb = max(1, -(-R // rpb))
         s1, s2 = np.empty(R), np.empty(R)
         pdw, pdb = np.zeros((nb, P)), np.zeros((nb, P))
-        K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, rpb, s1, s2, pdw, pdb)
+        kernels.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, rpb, s1, s2, pdw, pdb)
         dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
         c1 = per_row_group_mean(s1) if cache.stats_grad and center else np.zeros(R)
         c2 = per_row_group_mean(s2) if cache.stats_grad else np.zeros(R)
-        K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows)
+        kernels.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows)
     else:
         gamma = np.ones(R) if w is None else w[plan.rp]
         k1 = rstd_r * gamma
@@ -342,7 +342,7 @@ def backward(dy, cache):
                 k2 = -rstd_r * rstd_r * m2
                 if center:
                     k3 = -rstd_r * per_row_group_mean(gamma * t1)
-        K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, dx_rows)
+        kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, dx_rows)
 
     dx = _from_canonical(dx_rows, plan)
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
@@ -357,9 +357,9 @@ def _row_sums(dy_rows, x_rows, mean_r, plan: Plan):
         rpb = plan.rows_per_block
         nb = -(-A // rpb)
         p1, p2 = np.empty((nb, R)), np.empty((nb, R))
-        K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2)
+        kernels.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2)
     else:
         p1, p2 = np.empty((A, R)), np.empty((A, R))
-        K.sums_rows(dy_rows, x_rows, mean_r, p1, p2)
+        kernels.K.sums_rows(dy_rows, x_rows, mean_r, p1, p2)
     # NumPy sums the partial rows in a fixed order: deterministic for any thread count.
     return p1.sum(axis=0), p2.sum(axis=0)

@@ -19,9 +19,10 @@ from .spec import ELLIPSIS, parse_axes
 
 __all__ = ["Plan", "make_plan"]
 
-# Blocks for column reductions: about this many elements per block, so a block stays in
-# cache between its two passes, and at most this many blocks of rows for param partials.
-_BLOCK_ELEMS = 65536
+# Blocks for column reductions: this many elements per column tile of a block (the kernels'
+# TILE is 256 columns), so a tile stays in L1 between its two passes; and at most this many
+# blocks of rows for parameter partials.
+_TILE_ELEMS = 4096
 _PARAM_BLOCKS = 64
 
 
@@ -203,7 +204,8 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
 
     stat_shape = tuple(dims[i] for i in range(nd) if kept[i])
     if A > 1 and B == 1:
-        rows_per_block = max(1, min(_BLOCK_ELEMS // max(C, 1), -(-A // 16)))
+        # a block's column tile (rows x TILE) fits L1 between the two passes
+        rows_per_block = max(1, _TILE_ELEMS // max(min(C, 256), 1))
     else:
         rows_per_block = max(1, -(-R // _PARAM_BLOCKS))
     return Plan(tuple(shape), tuple(dims), perm, (A, C, B), (A, R, S), stat_shape, param_shape,

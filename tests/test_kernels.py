@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
-from normcore import _kernels
+from normcore import kernels
 from normcore.plan import make_plan
 from normcore.reference import reference_backward, reference_forward
 
@@ -13,7 +13,28 @@ RNG = np.random.default_rng(2)
 
 
 def test_extension_is_built_with_openmp():
-    assert _kernels.openmp_probe() == 2
+    assert kernels.K.openmp_probe() == 2
+
+
+def test_avx2_and_baseline_builds_agree_bitwise(monkeypatch):
+    avx2 = pytest.importorskip("normcore._kernels_avx2", reason="no AVX2 build on this platform")
+    if kernels.VARIANT != "avx2":
+        pytest.skip("this CPU lacks AVX2/FMA")
+    from normcore import _kernels as baseline
+    cases = [("batch_norm", (16, 8, 50), {}), ("batch_norm_channels_last", (300, 70), {}),
+             ("layer_norm", (40, 333), {}), ("group_norm", (4, 8, 33), {"g": 2})]
+    for mode, shape, sizes in cases:
+        x = (50 + RNG.standard_normal(shape)).astype(np.float32)
+        dy = RNG.standard_normal(shape).astype(np.float32)
+        p = make_plan(nc.get_mode(mode), shape, sizes).param_shape
+        w, b = RNG.standard_normal(p).astype(np.float32), RNG.standard_normal(p).astype(np.float32)
+        results = []
+        for build in (avx2, baseline):
+            monkeypatch.setattr(kernels, "K", build)
+            y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
+            results.append((y, *nc.backward(dy, cache)))
+        for a, c in zip(*results):
+            assert np.array_equal(a, c), mode
 
 
 @pytest.mark.parametrize("mode, shape, layout, perm", [

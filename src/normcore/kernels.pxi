@@ -1,0 +1,502 @@
+"""Compiled kernels shared by every normalization mode (included by _kernels*.pyx).
+
+Design
+------
+The planner (normcore/plan.py) maps every mode onto C-contiguous canonical arrays:
+
+* statistics layout (A, C, B): group ``c`` reduces over the outer axis ``a`` and the inner
+  axis ``b``;
+* elementwise layout (A, R, S), a finer view of the same memory: each row ``r`` belongs to
+  one statistics group, and either has one parameter value for all its S elements
+  ("row" kernels: per-row scale and shift) or walks a contiguous parameter slice
+  w[rp[r] : rp[r] + S] ("inner" kernels: layer norm, RMS norm).
+
+Reductions come in two memory patterns:
+
+* rows (B > 1, or A == 1): a contiguous row is reduced on its own and rows of one group
+  are merged in order;
+* columns (B == 1): groups are the columns of an (A, C) matrix; rows are cut into fixed
+  blocks, each block reduces its columns into its own row of a partial buffer (no atomics,
+  no shared scratch), and partials are merged in block order.
+
+Block boundaries depend only on the shape, never on the thread count, and partials are
+merged in a fixed order, so results are bitwise identical for any number of threads.
+
+Accumulation is always in double. Row sums use LANES independent accumulators, combined in
+a fixed order: the compiler vectorizes them without -ffast-math (IEEE semantics kept), and
+the order never depends on threads. Moments use two passes inside chunks of at most CHUNK
+elements (the second pass reads from cache) and Chan's parallel formula across chunks,
+rows and blocks: never E[x^2] - E[x]^2. The elementwise passes subtract the mean first and
+evaluate in double, so a large common offset in x does not cost float32 digits.
+
+The kernels check nothing: normcore/functional.py validates shapes, dtypes and sizes.
+"""
+from cython.parallel cimport prange, threadid
+
+ctypedef fused floating:
+    float
+    double
+
+cdef enum:
+    LANES = 8    # independent accumulators per row sum
+    TILE = 256   # columns per tile in column kernels: accumulators and coefficients stay in L1
+
+# Elements per two-pass chunk: 32 KiB of float64, so the second pass hits L1/L2.
+cdef Py_ssize_t CHUNK = 4096
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t _block_rows(Py_ssize_t k, Py_ssize_t rows_per_block,
+                                   Py_ssize_t total) noexcept nogil:
+    # Rows in block k: blocks are full but the last.
+    cdef Py_ssize_t rows = total - k * rows_per_block
+    return rows_per_block if rows > rows_per_block else rows
+
+
+cdef inline double _lanes_total(double* acc) noexcept nogil:
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+cdef inline double _sum(const floating* p, Py_ssize_t n) noexcept nogil:
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        acc[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            acc[j] += p[i + j]
+    for i in range(full, n):
+        acc[i - full] += p[i]
+    return _lanes_total(acc)
+
+
+cdef inline double _sum_sq_dev(const floating* p, Py_ssize_t n, double mu) noexcept nogil:
+    cdef double acc[LANES]
+    cdef double d
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        acc[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            d = p[i + j] - mu
+            acc[j] += d * d
+    for i in range(full, n):
+        d = p[i] - mu
+        acc[i - full] += d * d
+    return _lanes_total(acc)
+
+
+cdef inline void _merge(double* n, double* mean, double* m2,
+                        double nb, double meanb, double m2b) noexcept nogil:
+    # Chan et al.: exact merge of two (count, mean, centered sum of squares) triples.
+    cdef double tot = n[0] + nb
+    cdef double d = meanb - mean[0]
+    if nb == 0:
+        return
+    mean[0] = mean[0] + d * nb / tot
+    m2[0] = m2[0] + m2b + d * d * n[0] * nb / tot
+    n[0] = tot
+
+
+cdef inline void _row_moments(const floating* p, Py_ssize_t n,
+                              double* out_mean, double* out_m2) noexcept nogil:
+    cdef Py_ssize_t start = 0, m
+    cdef double count = 0.0, mean = 0.0, m2 = 0.0, cmean
+    while start < n:
+        m = n - start
+        if m > CHUNK:
+            m = CHUNK
+        cmean = _sum(p + start, m) / m
+        _merge(&count, &mean, &m2, <double>m, cmean, _sum_sq_dev(p + start, m, cmean))
+        start = start + m
+    out_mean[0] = mean
+    out_m2[0] = m2
+
+
+# ---------------------------------------------------------------------------------------
+# Forward statistics on the (A, C, B) layout
+# ---------------------------------------------------------------------------------------
+
+def moments_rows(const floating[:, :, ::1] x,    # IN  (A, C, B)
+                 double[:, ::1] pmean,           # OUT (A, C) mean of each row
+                 double[:, ::1] pm2):            # OUT (A, C) centered sum of squares
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef Py_ssize_t r, a, c
+    with nogil:
+        for r in prange(A * C, schedule='static'):
+            a = r // C
+            c = r - a * C
+            _row_moments(&x[a, c, 0], B, &pmean[a, c], &pm2[a, c])
+
+
+cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t ld,
+                                   Py_ssize_t tw, double* mean, double* m2) noexcept nogil:
+    # One pass of sums shifted by the tile's first row k: with d = x - k,
+    # m2 = sum d^2 - (sum d)^2 / rows. As k is a member of the block, (k - mean)^2 is at
+    # most (rows - 1) / rows * m2, so sum d^2 <= rows * m2 and the subtraction loses at
+    # most log2(rows) bits of double: exact enough for any input. Columns are independent
+    # lanes, so the loops vectorize across c.
+    cdef Py_ssize_t r, c
+    cdef const floating* row
+    cdef double d, s
+    for c in range(tw):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    for r in range(1, rows):
+        row = x + r * ld
+        for c in range(tw):
+            d = row[c] - x[c]
+            mean[c] += d
+            m2[c] += d * d
+    for c in range(tw):
+        s = mean[c]
+        mean[c] = x[c] + s / rows
+        m2[c] = max(m2[c] - s * s / rows, 0.0)
+
+
+def moments_cols(const floating[:, ::1] x,       # IN  (A, C)
+                 Py_ssize_t rows_per_block,
+                 double[:, ::1] pmean,           # OUT (nblocks, C)
+                 double[:, ::1] pm2):            # OUT (nblocks, C)
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = pmean.shape[0]
+    cdef Py_ssize_t k, c0, r0, t
+    with nogil:
+        for k in prange(nb, schedule='static'):
+            r0 = k * rows_per_block
+            for t in range((C + TILE - 1) // TILE):
+                c0 = t * TILE
+                _tile_col_moments(&x[r0, c0], _block_rows(k, rows_per_block, A), C,
+                                  _block_rows(t, TILE, C), &pmean[k, c0], &pm2[k, c0])
+
+
+def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
+                    const double[:, ::1] pm2,    # IN  (K, C) partial centered sums of squares
+                    const double[::1] counts,    # IN  (K,)   elements behind each partial
+                    double[::1] mean,            # OUT (C,)
+                    double[::1] m2):             # OUT (C,)
+    """Exact merge of K partials per column: the two-pass formula over the partial means,
+    mean = sum(n_k mean_k) / N, m2 = sum(m2_k + n_k (mean_k - mean)^2), in a fixed order.
+    (Chan's pairwise merge gives the same result but divides twice per partial.)"""
+    cdef Py_ssize_t K = pmean.shape[0], C = pmean.shape[1]
+    cdef Py_ssize_t k, t
+    cdef double total = 0.0
+    for k in range(K):
+        total = total + counts[k]
+    with nogil:
+        # column tiles in parallel; within a tile the partial rows are read contiguously
+        for t in prange((C + TILE - 1) // TILE, schedule='static'):
+            _combine_tile(&pmean[0, t * TILE], &pm2[0, t * TILE], &counts[0], K, C,
+                          _block_rows(t, TILE, C), total, &mean[t * TILE], &m2[t * TILE])
+
+
+cdef inline void _combine_tile(const double* pmean, const double* pm2, const double* counts,
+                               Py_ssize_t K, Py_ssize_t ld, Py_ssize_t tw, double total,
+                               double* mean, double* m2) noexcept nogil:
+    cdef Py_ssize_t k, c
+    cdef double d
+    for c in range(tw):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    for k in range(K):
+        for c in range(tw):
+            mean[c] += counts[k] * pmean[k * ld + c]
+    for c in range(tw):
+        mean[c] /= total
+    for k in range(K):
+        for c in range(tw):
+            d = pmean[k * ld + c] - mean[c]
+            m2[c] += pm2[k * ld + c] + counts[k] * d * d
+
+
+# ---------------------------------------------------------------------------------------
+# Elementwise passes and backward sums on the (A, R, S) layout, one scale/shift per row
+# ---------------------------------------------------------------------------------------
+
+cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
+                             double mu, double s, double t) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mu) * s + t)
+
+
+cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t ld,
+                              Py_ssize_t tw, const double* mean, const double* scale,
+                              const double* shift) noexcept nogil:
+    # (rows, tw) tile of a column layout: the coefficients stay in L1 across rows.
+    cdef Py_ssize_t a, c
+    for a in range(rows):
+        for c in range(tw):
+            y[a * ld + c] = <floating>((x[a * ld + c] - mean[c]) * scale[c] + shift[c])
+
+
+def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
+                const double[::1] mean,         # IN  (R,)
+                const double[::1] scale,        # IN  (R,)
+                const double[::1] shift,        # IN  (R,)
+                floating[:, :, ::1] y):         # OUT (A, R, S)
+    """y = (x - mean[r]) * scale[r] + shift[r], evaluated in double.
+
+    Subtracting the mean first (rather than folding it into shift) keeps the rounding at
+    the size of y instead of |x| * scale, which matters when x sits at a large offset.
+    """
+    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t i, a, r, t
+    with nogil:
+        if S == 1:
+            for i in prange((A + TILE - 1) // TILE, schedule='static'):
+                for t in range((R + TILE - 1) // TILE):
+                    r = t * TILE
+                    _affine_tile(&x[i * TILE, r, 0], &y[i * TILE, r, 0], _block_rows(i, TILE, A), R,
+                                 _block_rows(t, TILE, R), &mean[r], &scale[r], &shift[r])
+        else:
+            for i in prange(A * R, schedule='static'):
+                a = i // R
+                r = i - a * R
+                _affine_row(&x[a, r, 0], &y[a, r, 0], S, mean[r], scale[r], shift[r])
+
+
+cdef inline double _dot_dev(const floating* dy, const floating* x, Py_ssize_t n,
+                            double mu) noexcept nogil:
+    # sum dy * (x - mu) in LANES fixed-order accumulators
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        acc[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            acc[j] += dy[i + j] * (x[i + j] - mu)
+    for i in range(full, n):
+        acc[i - full] += dy[i] * (x[i] - mu)
+    return _lanes_total(acc)
+
+
+cdef inline void _row_sums(const floating* dy, const floating* x, Py_ssize_t n, double mu,
+                           double* s1, double* s2) noexcept nogil:
+    # Two single-accumulator loops vectorize where one loop with two does not; the row
+    # is still in cache for the second.
+    s1[0] = _sum(dy, n)
+    s2[0] = _dot_dev(dy, x, n, mu)
+
+
+def sums_rows(const floating[:, :, ::1] dy,     # IN  (A, R, S)
+              const floating[:, :, ::1] x,      # IN  (A, R, S)
+              const double[::1] mean,           # IN  (R,)
+              double[:, ::1] p1,                # OUT (A, R) row sums of dy
+              double[:, ::1] p2):               # OUT (A, R) row sums of dy * (x - mean)
+    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t i, a, r, t
+    with nogil:
+        for i in prange(A * R, schedule='static'):
+            a = i // R
+            r = i - a * R
+            _row_sums(&dy[a, r, 0], &x[a, r, 0], S, mean[r], &p1[a, r], &p2[a, r])
+
+
+cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_t rows,
+                                Py_ssize_t ld, Py_ssize_t tw, const double* mean,
+                                double* s1, double* s2) noexcept nogil:
+    cdef Py_ssize_t r, c
+    for c in range(tw):
+        s1[c] = 0.0
+        s2[c] = 0.0
+    for r in range(rows):
+        for c in range(tw):
+            s1[c] += dy[r * ld + c]
+            s2[c] += dy[r * ld + c] * (x[r * ld + c] - mean[c])
+
+
+def sums_cols(const floating[:, ::1] dy,        # IN  (A, C)
+              const floating[:, ::1] x,         # IN  (A, C)
+              const double[::1] mean,           # IN  (C,)
+              Py_ssize_t rows_per_block,
+              double[:, ::1] p1,                # OUT (nblocks, C)
+              double[:, ::1] p2):               # OUT (nblocks, C)
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = p1.shape[0]
+    cdef Py_ssize_t k, r0, c0, t
+    with nogil:
+        for k in prange(nb, schedule='static'):
+            r0 = k * rows_per_block
+            for t in range((C + TILE - 1) // TILE):
+                c0 = t * TILE
+                _tile_col_sums(&dy[r0, c0], &x[r0, c0], _block_rows(k, rows_per_block, A), C,
+                               _block_rows(t, TILE, C), &mean[c0], &p1[k, c0], &p2[k, c0])
+
+
+cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                         double mu, double k1, double k2, double k3) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(dy[i] * k1 + (x[i] - mu) * k2 + k3)
+
+
+cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,
+                          Py_ssize_t ld, Py_ssize_t tw, const double* mean, const double* k1,
+                          const double* k2, const double* k3) noexcept nogil:
+    cdef Py_ssize_t a, c
+    for a in range(rows):
+        for c in range(tw):
+            dx[a * ld + c] = <floating>(dy[a * ld + c] * k1[c] + (x[a * ld + c] - mean[c]) * k2[c] + k3[c])
+
+
+def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
+            const floating[:, :, ::1] x,        # IN  (A, R, S)
+            const double[::1] mean,             # IN  (R,)
+            const double[::1] k1,               # IN  (R,)
+            const double[::1] k2,               # IN  (R,)
+            const double[::1] k3,               # IN  (R,)
+            floating[:, :, ::1] dx):            # OUT (A, R, S)
+    """dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r], evaluated in double."""
+    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t i, a, r, t
+    with nogil:
+        if S == 1:
+            for i in prange((A + TILE - 1) // TILE, schedule='static'):
+                for t in range((R + TILE - 1) // TILE):
+                    r = t * TILE
+                    _dx_tile(&dy[i * TILE, r, 0], &x[i * TILE, r, 0], &dx[i * TILE, r, 0],
+                             _block_rows(i, TILE, A), R, _block_rows(t, TILE, R),
+                             &mean[r], &k1[r], &k2[r], &k3[r])
+        else:
+            for i in prange(A * R, schedule='static'):
+                a = i // R
+                r = i - a * R
+                _dx_row(&dy[a, r, 0], &x[a, r, 0], &dx[a, r, 0], S, mean[r], k1[r], k2[r], k3[r])
+
+
+# ---------------------------------------------------------------------------------------
+# Elementwise passes and backward sums on (1, R, S) with parameters along S
+# (row r uses w[rp[r] : rp[r] + S])
+# ---------------------------------------------------------------------------------------
+
+cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n, double mu,
+                                   double rs, const double* w, const double* b) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
+
+
+def affine_inner(const floating[:, :, ::1] x,   # IN  (1, R, S)
+                 const double[::1] mean,        # IN  (R,)
+                 const double[::1] rstd,        # IN  (R,)
+                 const Py_ssize_t[::1] rp,      # IN  (R,) offset of row r's parameters
+                 const double[::1] w,           # IN  (P,)
+                 const double[::1] bias,        # IN  (P,)
+                 floating[:, :, ::1] y):        # OUT (1, R, S)
+    """y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + bias[rp[r] + s]."""
+    cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t r
+    with nogil:
+        for r in prange(R, schedule='static'):
+            _affine_inner_row(&x[0, r, 0], &y[0, r, 0], S, mean[r], rstd[r], &w[rp[r]], &bias[rp[r]])
+
+
+cdef inline double _dot_w(const floating* dy, const double* w, Py_ssize_t n) noexcept nogil:
+    # sum dy * w in LANES fixed-order accumulators
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        acc[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            acc[j] += dy[i + j] * w[i + j]
+    for i in range(full, n):
+        acc[i - full] += dy[i] * w[i]
+    return _lanes_total(acc)
+
+
+cdef inline double _dot_w_dev(const floating* dy, const double* w, const floating* x,
+                              Py_ssize_t n, double mu) noexcept nogil:
+    # sum dy * w * (x - mu) in LANES fixed-order accumulators
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, i0, j, full = n - n % LANES
+    for j in range(LANES):
+        acc[j] = 0.0
+    for i0 in range(full // LANES):
+        i = i0 * LANES
+        for j in range(LANES):
+            acc[j] += dy[i + j] * w[i + j] * (x[i + j] - mu)
+    for i in range(full, n):
+        acc[i - full] += dy[i] * w[i] * (x[i] - mu)
+    return _lanes_total(acc)
+
+
+cdef inline void _inner_row_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                                 double mu, double rs, const double* w,
+                                 double* dw, double* db, double* s1, double* s2) noexcept nogil:
+    # Loops with one accumulator each vectorize; the row stays in cache across them.
+    cdef Py_ssize_t i
+    cdef double xh
+    s1[0] = _dot_w(dy, w, n)
+    s2[0] = _dot_w_dev(dy, w, x, n, mu) * rs
+    for i in range(n):
+        xh = (x[i] - mu) * rs
+        dw[i] += dy[i] * xh
+        db[i] += dy[i]
+
+
+def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
+               const floating[:, :, ::1] x,     # IN  (1, R, S)
+               const double[::1] mean,          # IN  (R,)
+               const double[::1] rstd,          # IN  (R,)
+               const Py_ssize_t[::1] rp,        # IN  (R,)
+               const double[::1] w,             # IN  (P,)
+               Py_ssize_t rows_per_block,
+               double[::1] s1,                  # OUT (R,) sum of g = dy * w
+               double[::1] s2,                  # OUT (R,) sum of g * xhat
+               double[:, ::1] pdw,              # OUT (nblocks, P) zeroed: partial dweight
+               double[:, ::1] pdb):             # OUT (nblocks, P) zeroed: partial dbias
+    cdef Py_ssize_t R = x.shape[1], S = x.shape[2], nb = pdw.shape[0]
+    cdef Py_ssize_t k, r, r0
+    with nogil:
+        for k in prange(nb, schedule='static'):
+            r0 = k * rows_per_block
+            for r in range(r0, r0 + _block_rows(k, rows_per_block, R)):
+                _inner_row_sums(&dy[0, r, 0], &x[0, r, 0], S, mean[r], rstd[r], &w[rp[r]],
+                                &pdw[k, rp[r]], &pdb[k, rp[r]], &s1[r], &s2[r])
+
+
+cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                               double mu, double rs, const double* w,
+                               double m1, double m2) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
+
+
+def dx_inner(const floating[:, :, ::1] dy,      # IN  (1, R, S)
+             const floating[:, :, ::1] x,       # IN  (1, R, S)
+             const double[::1] mean,            # IN  (R,)
+             const double[::1] rstd,            # IN  (R,)
+             const Py_ssize_t[::1] rp,          # IN  (R,)
+             const double[::1] w,               # IN  (P,)
+             const double[::1] c1,              # IN  (R,) group mean of g (0 when not centred)
+             const double[::1] c2,              # IN  (R,) group mean of g * xhat (0 in eval)
+             floating[:, :, ::1] dx):           # OUT (1, R, S)
+    """dx = rstd[r] * (dy * w[rp[r] + s] - c1[r] - xhat * c2[r])."""
+    cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t r
+    with nogil:
+        for r in prange(R, schedule='static'):
+            _dx_inner_row(&dy[0, r, 0], &x[0, r, 0], &dx[0, r, 0], S, mean[r], rstd[r],
+                          &w[rp[r]], c1[r], c2[r])
+
+
+def openmp_probe():
+    """Threads seen in a two-thread parallel region: 2 with OpenMP compiled in, else 1."""
+    cdef int i, n = 0
+    cdef int seen[2]
+    seen[0] = 0
+    seen[1] = 0
+    with nogil:
+        for i in prange(2, schedule='static', num_threads=2):
+            seen[threadid()] = 1
+    for i in range(2):
+        n = n + seen[i]
+    return n
