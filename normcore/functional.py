@@ -262,7 +262,7 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         # and shift = b per row: one subtract and one multiply-add per element, in double.
         scale = rstd_r if w is None else rstd_r * w[plan.rp]
         shift = np.zeros(len(mean_r)) if b is None else b[plan.rp]
-        kernels.K.affine_rows(x_rows, mean_r, scale, shift, y_rows)
+        kernels.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows)
 
     if new_running is not None:
         running_mean[...] = new_running[0]
@@ -342,7 +342,7 @@ def backward(dy, cache):
                 k2 = -rstd_r * rstd_r * m2
                 if center:
                     k3 = -rstd_r * per_row_group_mean(gamma * t1)
-        kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, dx_rows)
+        kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows)
 
     dx = _from_canonical(dx_rows, plan)
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None

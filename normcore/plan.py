@@ -19,10 +19,8 @@ from .spec import ELLIPSIS, parse_axes
 
 __all__ = ["Plan", "make_plan"]
 
-# Blocks for column reductions: this many elements per column tile of a block (the kernels'
-# TILE is 256 columns), so a tile stays in L1 between its two passes; and at most this many
-# blocks of rows for parameter partials.
-_TILE_ELEMS = 4096
+# Rows per block of column reductions, and the most blocks of rows for parameter partials.
+_BLOCK_ROWS = 128
 _PARAM_BLOCKS = 64
 
 
@@ -204,8 +202,9 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
 
     stat_shape = tuple(dims[i] for i in range(nd) if kept[i])
     if A > 1 and B == 1:
-        # a block's column tile (rows x TILE) fits L1 between the two passes
-        rows_per_block = max(1, _TILE_ELEMS // max(min(C, 256), 1))
+        # Column blocks: up to _BLOCK_ROWS rows (the one-pass tile moments lose at most
+        # log2(rows) bits), at least 16 blocks where A allows, for parallelism.
+        rows_per_block = max(1, min(_BLOCK_ROWS, -(-A // 16)))
     else:
         rows_per_block = max(1, -(-R // _PARAM_BLOCKS))
     return Plan(tuple(shape), tuple(dims), perm, (A, C, B), (A, R, S), stat_shape, param_shape,

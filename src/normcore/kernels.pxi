@@ -39,7 +39,7 @@ ctypedef fused floating:
 
 cdef enum:
     LANES = 8    # independent accumulators per row sum
-    TILE = 256   # columns per tile in column kernels: accumulators and coefficients stay in L1
+    TILE = 512   # columns per tile in column kernels: accumulators and coefficients stay in L1
 
 # Elements per two-pass chunk: 32 KiB of float64, so the second pass hits L1/L2.
 cdef Py_ssize_t CHUNK = 4096
@@ -139,8 +139,8 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
     # One pass of sums shifted by the tile's first row k: with d = x - k,
     # m2 = sum d^2 - (sum d)^2 / rows. As k is a member of the block, (k - mean)^2 is at
     # most (rows - 1) / rows * m2, so sum d^2 <= rows * m2 and the subtraction loses at
-    # most log2(rows) bits of double: exact enough for any input. Columns are independent
-    # lanes, so the loops vectorize across c.
+    # most log2(rows) bits of double (rows <= 128): exact enough for any input. Columns are
+    # independent lanes, so the loops vectorize across c.
     cdef Py_ssize_t r, c
     cdef const floating* row
     cdef double d, s
@@ -238,6 +238,7 @@ def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
                 const double[::1] mean,         # IN  (R,)
                 const double[::1] scale,        # IN  (R,)
                 const double[::1] shift,        # IN  (R,)
+                Py_ssize_t rows_per_block,      # row blocks of the S == 1 (column) layout
                 floating[:, :, ::1] y):         # OUT (A, R, S)
     """y = (x - mean[r]) * scale[r] + shift[r], evaluated in double.
 
@@ -248,10 +249,11 @@ def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
     cdef Py_ssize_t i, a, r, t
     with nogil:
         if S == 1:
-            for i in prange((A + TILE - 1) // TILE, schedule='static'):
+            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static'):
+                a = i * rows_per_block
                 for t in range((R + TILE - 1) // TILE):
                     r = t * TILE
-                    _affine_tile(&x[i * TILE, r, 0], &y[i * TILE, r, 0], _block_rows(i, TILE, A), R,
+                    _affine_tile(&x[a, r, 0], &y[a, r, 0], _block_rows(i, rows_per_block, A), R,
                                  _block_rows(t, TILE, R), &mean[r], &scale[r], &shift[r])
         else:
             for i in prange(A * R, schedule='static'):
@@ -350,17 +352,19 @@ def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
             const double[::1] k1,               # IN  (R,)
             const double[::1] k2,               # IN  (R,)
             const double[::1] k3,               # IN  (R,)
+            Py_ssize_t rows_per_block,          # row blocks of the S == 1 (column) layout
             floating[:, :, ::1] dx):            # OUT (A, R, S)
     """dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r], evaluated in double."""
     cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t i, a, r, t
     with nogil:
         if S == 1:
-            for i in prange((A + TILE - 1) // TILE, schedule='static'):
+            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static'):
+                a = i * rows_per_block
                 for t in range((R + TILE - 1) // TILE):
                     r = t * TILE
-                    _dx_tile(&dy[i * TILE, r, 0], &x[i * TILE, r, 0], &dx[i * TILE, r, 0],
-                             _block_rows(i, TILE, A), R, _block_rows(t, TILE, R),
+                    _dx_tile(&dy[a, r, 0], &x[a, r, 0], &dx[a, r, 0],
+                             _block_rows(i, rows_per_block, A), R, _block_rows(t, TILE, R),
                              &mean[r], &k1[r], &k2[r], &k3[r])
         else:
             for i in prange(A * R, schedule='static'):
