@@ -128,7 +128,9 @@ def main():
     if torch is not None:
         torch.set_num_threads(args.threads)
         torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
-    print(f"normcore {nc.__version__}, numpy {np.__version__}, torch {torch.__version__ if torch else '-'}; "
+    from normcore.kernels import VARIANT
+    print(f"normcore {nc.__version__} ({VARIANT} kernels), numpy {np.__version__}, "
+          f"torch {torch.__version__ if torch else '-'}; "
           f"{platform.machine()}, {args.threads} threads, {dtype.name}, median of {repeats}, ms")
     print("| case | shape | nc fwd | torch fwd | np fwd | nc bwd | torch bwd | np bwd | nc infer | torch infer "
           "| fwd torch/nc | bwd torch/nc | fwd np/nc |")

@@ -146,3 +146,21 @@ def test_float32_at_offset_1e4_is_accurate(name):
             continue
         err = np.abs(got.astype(np.float64) - want).max() / np.abs(want).max()
         assert err < 1e-6
+
+
+@pytest.mark.parametrize("mode, shape, sizes", [
+    ("batch_norm_channels_last", (300, 1100), {}),        # column tiles: 512 + 512 + 76
+    ("batch_norm", (3, 2, 9000), {}),                     # rows longer than one chunk (4096)
+    ("layer_norm", (5, 1030), {}),                        # inner rows across lane tails
+    ("group_norm", (2, 6, 1500), {"g": 3}),
+])
+def test_tile_and_chunk_boundaries_match_reference(mode, shape, sizes):
+    x = 7 + RNG.standard_normal(shape)
+    dy = RNG.standard_normal(shape)
+    p = make_plan(nc.get_mode(mode), shape, sizes).param_shape
+    w, b = RNG.standard_normal(p), RNG.standard_normal(p)
+    y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
+    ref = reference_forward(x, mode, weight=w, bias=b, **sizes)
+    np.testing.assert_allclose(y, ref.y, rtol=1e-10, atol=1e-10)
+    for got, want in zip(nc.backward(dy, cache), reference_backward(dy, ref)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
