@@ -120,7 +120,17 @@ def _from_canonical(a3: np.ndarray, plan: Plan) -> np.ndarray:
     return np.ascontiguousarray(moved.transpose(np.argsort(plan.perm))).reshape(plan.shape)
 
 
-def _moments(x3: np.ndarray, plan: Plan):
+# Below this many elements a kernel runs on one thread: the work (tens of microseconds)
+# does not repay waking a team, and OpenMP workers busy-waiting after it would compete
+# with the caller's BLAS threads between calls (small-batch training interleaves both).
+_GRAIN = 1 << 18
+
+
+def _threads(size: int) -> int:
+    return 1 if size < _GRAIN else kernels.K.max_threads()
+
+
+def _moments(x3: np.ndarray, plan: Plan, threads: int):
     """Per-group (mean, biased variance) in float64, from one compiled pass over x."""
     A, C, B = plan.layout
     if plan.columns:
@@ -128,19 +138,19 @@ def _moments(x3: np.ndarray, plan: Plan):
         nb = -(-A // rpb)
         pmean = np.empty((nb, C))
         pm2 = np.empty((nb, C))
-        kernels.K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2)
+        kernels.K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2, threads)
         counts = np.full(nb, float(rpb))
         counts[-1] = A - rpb * (nb - 1)
     else:
         pmean = np.empty((A, C))
         pm2 = np.empty((A, C))
-        kernels.K.moments_rows(x3, pmean, pm2)
+        kernels.K.moments_rows(x3, pmean, pm2, threads)
         counts = np.full(A, float(B))
     if A == 1 or pmean.shape[0] == 1:
         return pmean[0], pm2[0] / plan.count
     mean = np.empty(C)
     m2 = np.empty(C)
-    kernels.K.combine_moments(pmean, pm2, counts, mean, m2)
+    kernels.K.combine_moments(pmean, pm2, counts, mean, m2, threads)
     return mean, m2 / plan.count
 
 
@@ -225,10 +235,11 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
                          f"got x.shape {x.shape} ({_describe(m)})")
 
     x3 = _canonical(x, plan)
+    threads = _threads(x3.size)
     use_batch = training or not has_running
     new_running = None
     if use_batch and C:
-        mean, var = _moments(x3, plan)
+        mean, var = _moments(x3, plan, threads)
         if not m.center:
             var = var + mean * mean  # mean of squares: no cancellation, all terms >= 0
             mean = np.zeros_like(mean)
@@ -256,13 +267,13 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     if plan.param_inner and (w is not None or b is not None):
         P = math.prod(plan.param_shape)
         kernels.K.affine_inner(x_rows, mean_r, rstd_r, plan.rp, np.ones(P) if w is None else w,
-                       np.zeros(P) if b is None else b, y_rows)
+                       np.zeros(P) if b is None else b, y_rows, threads)
     else:
         # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
         # and shift = b per row: one subtract and one multiply-add per element, in double.
         scale = rstd_r if w is None else rstd_r * w[plan.rp]
         shift = np.zeros(len(mean_r)) if b is None else b[plan.rp]
-        kernels.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows)
+        kernels.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, threads)
 
     if new_running is not None:
         running_mean[...] = new_running[0]
@@ -299,6 +310,7 @@ def backward(dy, cache):
         raise ValueError(f"dy: expected shape {plan.shape} (the forward input's), got {dy.shape}; "
                          "is the cache from another call?")
     dy_rows = _canonical(dy, plan).reshape(plan.rows)
+    threads = _threads(dy_rows.size)
     x_rows = cache.x3.reshape(plan.rows)
     mean_r, rstd_r = cache.mean[plan.rg], cache.rstd[plan.rg]
     R = plan.rows[1]
@@ -320,17 +332,17 @@ def backward(dy, cache):
         nb = max(1, -(-R // rpb))
         s1, s2 = np.empty(R), np.empty(R)
         pdw, pdb = np.zeros((nb, P)), np.zeros((nb, P))
-        kernels.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, rpb, s1, s2, pdw, pdb)
+        kernels.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, rpb, s1, s2, pdw, pdb, threads)
         dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
         c1 = per_row_group_mean(s1) if cache.stats_grad and center else np.zeros(R)
         c2 = per_row_group_mean(s2) if cache.stats_grad else np.zeros(R)
-        kernels.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows)
+        kernels.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows, threads)
     else:
         gamma = np.ones(R) if w is None else w[plan.rp]
         k1 = rstd_r * gamma
         k2 = k3 = np.zeros(R)
         if cache.stats_grad or affine:
-            t1, t2 = _row_sums(dy_rows, x_rows, mean_r, plan)  # sum dy, sum dy * (x - mean)
+            t1, t2 = _row_sums(dy_rows, x_rows, mean_r, plan, threads)  # sum dy, sum dy * (x - mean)
             dyxhat = rstd_r * t2
             if affine:
                 dw = np.bincount(plan.rp, weights=dyxhat, minlength=P)
@@ -342,7 +354,7 @@ def backward(dy, cache):
                 k2 = -rstd_r * rstd_r * m2
                 if center:
                     k3 = -rstd_r * per_row_group_mean(gamma * t1)
-        kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows)
+        kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, threads)
 
     dx = _from_canonical(dx_rows, plan)
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
@@ -350,16 +362,16 @@ def backward(dy, cache):
     return dx, dweight, dbias
 
 
-def _row_sums(dy_rows, x_rows, mean_r, plan: Plan):
+def _row_sums(dy_rows, x_rows, mean_r, plan: Plan, threads: int):
     """Per-row (sum dy, sum dy * (x - mean)) on the (A, R, S) view, summed over A."""
     A, R, S = plan.rows
     if plan.columns:
         rpb = plan.rows_per_block
         nb = -(-A // rpb)
         p1, p2 = np.empty((nb, R)), np.empty((nb, R))
-        kernels.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2)
+        kernels.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2, threads)
     else:
         p1, p2 = np.empty((A, R)), np.empty((A, R))
-        kernels.K.sums_rows(dy_rows, x_rows, mean_r, p1, p2)
+        kernels.K.sums_rows(dy_rows, x_rows, mean_r, p1, p2, threads)
     # NumPy sums the partial rows in a fixed order: deterministic for any thread count.
     return p1.sum(axis=0), p2.sum(axis=0)

@@ -78,6 +78,22 @@ class Layer:
         return {}
 
     # -- gradients -----------------------------------------------------------------
+    def named_parameters(self):
+        """``[(name, parameter, accumulated gradient), ...]`` for an optimizer, children
+        prefixed as in :meth:`state_dict`; parameters are updated in place.
+
+        >>> [name for name, p, g in BatchNorm1d(3).named_parameters()]
+        ['weight', 'bias']
+        """
+        out = []
+        for name, grad in (("weight", "grad_weight"), ("bias", "grad_bias")):
+            p = getattr(self, name, None)
+            if p is not None:
+                out.append((name, p, getattr(self, grad)))
+        for prefix, child in self._children().items():
+            out += [(f"{prefix}.{n}", p, g) for n, p, g in child.named_parameters()]
+        return out
+
     def zero_grad(self):
         """Reset the accumulated ``grad_weight`` / ``grad_bias`` to zero."""
         for name in ("grad_weight", "grad_bias"):

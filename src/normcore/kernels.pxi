@@ -124,11 +124,12 @@ cdef inline void _row_moments(const floating* p, Py_ssize_t n,
 
 def moments_rows(const floating[:, :, ::1] x,    # IN  (A, C, B)
                  double[:, ::1] pmean,           # OUT (A, C) mean of each row
-                 double[:, ::1] pm2):            # OUT (A, C) centered sum of squares
+                 double[:, ::1] pm2,            # OUT (A, C) centered sum of squares
+                 int threads):                 # OpenMP threads for this call
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
     cdef Py_ssize_t r, a, c
     with nogil:
-        for r in prange(A * C, schedule='static'):
+        for r in prange(A * C, schedule='static', num_threads=threads):
             a = r // C
             c = r - a * C
             _row_moments(&x[a, c, 0], B, &pmean[a, c], &pm2[a, c])
@@ -162,11 +163,12 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
 def moments_cols(const floating[:, ::1] x,       # IN  (A, C)
                  Py_ssize_t rows_per_block,
                  double[:, ::1] pmean,           # OUT (nblocks, C)
-                 double[:, ::1] pm2):            # OUT (nblocks, C)
+                 double[:, ::1] pm2,            # OUT (nblocks, C)
+                 int threads):                 # OpenMP threads for this call
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = pmean.shape[0]
     cdef Py_ssize_t k, c0, r0, t
     with nogil:
-        for k in prange(nb, schedule='static'):
+        for k in prange(nb, schedule='static', num_threads=threads):
             r0 = k * rows_per_block
             for t in range((C + TILE - 1) // TILE):
                 c0 = t * TILE
@@ -178,7 +180,8 @@ def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
                     const double[:, ::1] pm2,    # IN  (K, C) partial centered sums of squares
                     const double[::1] counts,    # IN  (K,)   elements behind each partial
                     double[::1] mean,            # OUT (C,)
-                    double[::1] m2):             # OUT (C,)
+                    double[::1] m2,             # OUT (C,)
+                    int threads):                 # OpenMP threads for this call
     """Exact merge of K partials per column: the two-pass formula over the partial means,
     mean = sum(n_k mean_k) / N, m2 = sum(m2_k + n_k (mean_k - mean)^2), in a fixed order.
     (Chan's pairwise merge gives the same result but divides twice per partial.)"""
@@ -189,7 +192,7 @@ def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
         total = total + counts[k]
     with nogil:
         # column tiles in parallel; within a tile the partial rows are read contiguously
-        for t in prange((C + TILE - 1) // TILE, schedule='static'):
+        for t in prange((C + TILE - 1) // TILE, schedule='static', num_threads=threads):
             _combine_tile(&pmean[0, t * TILE], &pm2[0, t * TILE], &counts[0], K, C,
                           _block_rows(t, TILE, C), total, &mean[t * TILE], &m2[t * TILE])
 
@@ -239,7 +242,8 @@ def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
                 const double[::1] scale,        # IN  (R,)
                 const double[::1] shift,        # IN  (R,)
                 Py_ssize_t rows_per_block,      # row blocks of the S == 1 (column) layout
-                floating[:, :, ::1] y):         # OUT (A, R, S)
+                floating[:, :, ::1] y,         # OUT (A, R, S)
+                int threads):                 # OpenMP threads for this call
     """y = (x - mean[r]) * scale[r] + shift[r], evaluated in double.
 
     Subtracting the mean first (rather than folding it into shift) keeps the rounding at
@@ -249,14 +253,14 @@ def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
     cdef Py_ssize_t i, a, r, t
     with nogil:
         if S == 1:
-            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static'):
+            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads):
                 a = i * rows_per_block
                 for t in range((R + TILE - 1) // TILE):
                     r = t * TILE
                     _affine_tile(&x[a, r, 0], &y[a, r, 0], _block_rows(i, rows_per_block, A), R,
                                  _block_rows(t, TILE, R), &mean[r], &scale[r], &shift[r])
         else:
-            for i in prange(A * R, schedule='static'):
+            for i in prange(A * R, schedule='static', num_threads=threads):
                 a = i // R
                 r = i - a * R
                 _affine_row(&x[a, r, 0], &y[a, r, 0], S, mean[r], scale[r], shift[r])
@@ -290,11 +294,12 @@ def sums_rows(const floating[:, :, ::1] dy,     # IN  (A, R, S)
               const floating[:, :, ::1] x,      # IN  (A, R, S)
               const double[::1] mean,           # IN  (R,)
               double[:, ::1] p1,                # OUT (A, R) row sums of dy
-              double[:, ::1] p2):               # OUT (A, R) row sums of dy * (x - mean)
+              double[:, ::1] p2,               # OUT (A, R) row sums of dy * (x - mean)
+              int threads):                 # OpenMP threads for this call
     cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t i, a, r, t
     with nogil:
-        for i in prange(A * R, schedule='static'):
+        for i in prange(A * R, schedule='static', num_threads=threads):
             a = i // R
             r = i - a * R
             _row_sums(&dy[a, r, 0], &x[a, r, 0], S, mean[r], &p1[a, r], &p2[a, r])
@@ -318,11 +323,12 @@ def sums_cols(const floating[:, ::1] dy,        # IN  (A, C)
               const double[::1] mean,           # IN  (C,)
               Py_ssize_t rows_per_block,
               double[:, ::1] p1,                # OUT (nblocks, C)
-              double[:, ::1] p2):               # OUT (nblocks, C)
+              double[:, ::1] p2,               # OUT (nblocks, C)
+              int threads):                 # OpenMP threads for this call
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = p1.shape[0]
     cdef Py_ssize_t k, r0, c0, t
     with nogil:
-        for k in prange(nb, schedule='static'):
+        for k in prange(nb, schedule='static', num_threads=threads):
             r0 = k * rows_per_block
             for t in range((C + TILE - 1) // TILE):
                 c0 = t * TILE
@@ -353,13 +359,14 @@ def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
             const double[::1] k2,               # IN  (R,)
             const double[::1] k3,               # IN  (R,)
             Py_ssize_t rows_per_block,          # row blocks of the S == 1 (column) layout
-            floating[:, :, ::1] dx):            # OUT (A, R, S)
+            floating[:, :, ::1] dx,            # OUT (A, R, S)
+            int threads):                 # OpenMP threads for this call
     """dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r], evaluated in double."""
     cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t i, a, r, t
     with nogil:
         if S == 1:
-            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static'):
+            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads):
                 a = i * rows_per_block
                 for t in range((R + TILE - 1) // TILE):
                     r = t * TILE
@@ -367,7 +374,7 @@ def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
                              _block_rows(i, rows_per_block, A), R, _block_rows(t, TILE, R),
                              &mean[r], &k1[r], &k2[r], &k3[r])
         else:
-            for i in prange(A * R, schedule='static'):
+            for i in prange(A * R, schedule='static', num_threads=threads):
                 a = i // R
                 r = i - a * R
                 _dx_row(&dy[a, r, 0], &x[a, r, 0], &dx[a, r, 0], S, mean[r], k1[r], k2[r], k3[r])
@@ -391,12 +398,13 @@ def affine_inner(const floating[:, :, ::1] x,   # IN  (1, R, S)
                  const Py_ssize_t[::1] rp,      # IN  (R,) offset of row r's parameters
                  const double[::1] w,           # IN  (P,)
                  const double[::1] bias,        # IN  (P,)
-                 floating[:, :, ::1] y):        # OUT (1, R, S)
+                 floating[:, :, ::1] y,        # OUT (1, R, S)
+                 int threads):                 # OpenMP threads for this call
     """y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + bias[rp[r] + s]."""
     cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t r
     with nogil:
-        for r in prange(R, schedule='static'):
+        for r in prange(R, schedule='static', num_threads=threads):
             _affine_inner_row(&x[0, r, 0], &y[0, r, 0], S, mean[r], rstd[r], &w[rp[r]], &bias[rp[r]])
 
 
@@ -455,11 +463,12 @@ def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
                double[::1] s1,                  # OUT (R,) sum of g = dy * w
                double[::1] s2,                  # OUT (R,) sum of g * xhat
                double[:, ::1] pdw,              # OUT (nblocks, P) zeroed: partial dweight
-               double[:, ::1] pdb):             # OUT (nblocks, P) zeroed: partial dbias
+               double[:, ::1] pdb,             # OUT (nblocks, P) zeroed: partial dbias
+               int threads):                 # OpenMP threads for this call
     cdef Py_ssize_t R = x.shape[1], S = x.shape[2], nb = pdw.shape[0]
     cdef Py_ssize_t k, r, r0
     with nogil:
-        for k in prange(nb, schedule='static'):
+        for k in prange(nb, schedule='static', num_threads=threads):
             r0 = k * rows_per_block
             for r in range(r0, r0 + _block_rows(k, rows_per_block, R)):
                 _inner_row_sums(&dy[0, r, 0], &x[0, r, 0], S, mean[r], rstd[r], &w[rp[r]],
@@ -482,14 +491,32 @@ def dx_inner(const floating[:, :, ::1] dy,      # IN  (1, R, S)
              const double[::1] w,               # IN  (P,)
              const double[::1] c1,              # IN  (R,) group mean of g (0 when not centred)
              const double[::1] c2,              # IN  (R,) group mean of g * xhat (0 in eval)
-             floating[:, :, ::1] dx):           # OUT (1, R, S)
+             floating[:, :, ::1] dx,           # OUT (1, R, S)
+             int threads):                 # OpenMP threads for this call
     """dx = rstd[r] * (dy * w[rp[r] + s] - c1[r] - xhat * c2[r])."""
     cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t r
     with nogil:
-        for r in prange(R, schedule='static'):
+        for r in prange(R, schedule='static', num_threads=threads):
             _dx_inner_row(&dy[0, r, 0], &x[0, r, 0], &dx[0, r, 0], S, mean[r], rstd[r],
                           &w[rp[r]], c1[r], c2[r])
+
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int normcore_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int normcore_max_threads(void) { return 1; }
+    #endif
+    """
+    int normcore_max_threads() nogil
+
+
+def max_threads():
+    """OpenMP's current thread limit (what threadpoolctl and OMP_NUM_THREADS set); 1 without OpenMP."""
+    return normcore_max_threads()
 
 
 def openmp_probe():

@@ -1,6 +1,6 @@
 """Run every normalization mode, and a user-registered one, through the compiled kernels.
 
-``python -m normcore.demo`` prints, for each mode and dtype, the largest error of the
+``python -m normcore.selfcheck`` prints, for each mode and dtype, the largest error of the
 forward output and of the gradients against the float64 reference, relative to the
 largest reference value.
 """
@@ -78,7 +78,7 @@ def run(seed: int = 0) -> list[dict]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m normcore.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m normcore.selfcheck", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs (default 0)")
     args = parser.parse_args(argv)
     rows = run(args.seed)
