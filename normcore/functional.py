@@ -146,7 +146,7 @@ def _moments(x3: np.ndarray, plan: Plan, threads: int):
         pm2 = np.empty((A, C))
         kernels.K.moments_rows(x3, pmean, pm2, threads)
         counts = np.full(A, float(B))
-    if A == 1 or pmean.shape[0] == 1:
+    if pmean.shape[0] == 1:
         return pmean[0], pm2[0] / plan.count
     mean = np.empty(C)
     m2 = np.empty(C)
@@ -267,7 +267,7 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     if plan.param_inner and (w is not None or b is not None):
         P = math.prod(plan.param_shape)
         kernels.K.affine_inner(x_rows, mean_r, rstd_r, plan.rp, np.ones(P) if w is None else w,
-                       np.zeros(P) if b is None else b, y_rows, threads)
+                               np.zeros(P) if b is None else b, y_rows, threads)
     else:
         # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
         # and shift = b per row: one subtract and one multiply-add per element, in double.

@@ -82,13 +82,18 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer epochs (under a minute on 2 cores)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (default 30, --quick 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batches")
-    parser.add_argument("--lr", type=float, default=0.01, help="base learning rate of SGD with momentum 0.9")
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                        help="SGD with momentum 0.9 (default) or Adam")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="base learning rate (default 0.01 for SGD, 0.001 for Adam); runs use it and 100x it")
     parser.add_argument("--out", default="normcore_demo_out", help="directory for the PNG, JSON and checkpoint")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of: {', '.join(VARIANTS)}")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     epochs = args.epochs or (8 if args.quick else 30)
+    if args.lr is None:
+        args.lr = 0.01 if args.optimizer == "sgd" else 0.001
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS:
@@ -96,13 +101,15 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     data = load_digits_split(args.seed)
+    optimizer = "SGD with momentum 0.9" if args.optimizer == "sgd" else "Adam"
     print(f"digits: {len(data[0])} training and {len(data[2])} test images; {epochs} epochs per run, "
-          f"SGD with momentum 0.9, batch 64, seed {args.seed}")
-    results, nets = run_experiments(variants, args.lr, epochs, args.seed, data, progress=not args.no_progress)
+          f"{optimizer}, batch 64, seed {args.seed}")
+    results, nets = run_experiments(variants, args.lr, epochs, args.seed, data, progress=not args.no_progress,
+                                    optimizer=args.optimizer)
     print()
     print(table(results, args.lr))
 
-    extra = {"epochs": epochs, "seed": args.seed, "base_lr": args.lr}
+    extra = {"epochs": epochs, "seed": args.seed, "base_lr": args.lr, "optimizer": args.optimizer}
     ckpt_variant = "cnn+bn" if "cnn+bn" in variants else variants[0]
     check = checkpoint_round_trip(nets[(ckpt_variant, args.lr)], ckpt_variant, args.seed, args.out)
     extra["checkpoint"] = check
