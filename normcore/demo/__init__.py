@@ -64,10 +64,14 @@ def checkpoint_round_trip(net, variant, seed, directory):
     net.save(path)
     accuracy, logits = evaluate(net, variant, x_test, y_test)
     logits_path = os.path.join(directory, f"{variant}_fresh_logits.npy")
+    # The fresh process imports the same normcore as this one, whatever its working directory.
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    out = subprocess.run([sys.executable, "-m", "normcore.demo.checkpoint", variant, path, str(seed), logits_path],
-                         check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "normcore.demo.checkpoint", variant, os.path.abspath(path),
+                          str(seed), os.path.abspath(logits_path)],
+                         capture_output=True, text=True, env=env, cwd=os.path.abspath(directory))
+    if out.returncode:
+        raise RuntimeError(f"the fresh evaluation process failed:\n{out.stderr}")
     fresh_accuracy = json.loads(out.stdout)["accuracy"]
     fresh_logits = np.load(logits_path)
     return {"variant": variant, "path": path, "accuracy": accuracy, "fresh_accuracy": fresh_accuracy,
