@@ -53,7 +53,11 @@ def _check_momentum(momentum):
 
 
 class Layer:
-    """Shared machinery: train/eval, gradients, state_dict and .npz save/load."""
+    """Base of every layer: train/eval, named parameters and gradients, state_dict and
+    ``.npz`` save/load. Attributes ``weight``/``bias`` (with ``grad_weight``/``grad_bias``)
+    and ``running_mean``/``running_var``/``num_batches_tracked`` are picked up by name;
+    sub-layers come from :meth:`_children`. User modules (a Linear layer, a Sequential
+    container) can subclass it to share the same protocol."""
 
     def __init__(self):
         self.training = True

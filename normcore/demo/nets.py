@@ -1,56 +1,30 @@
 """Small networks written by hand in NumPy, with normcore's layers for normalization.
 
-Every module has ``forward(x)``, ``backward(dy) -> dx`` (gradients accumulate with ``+=``
-until ``zero_grad``), ``named_parameters()``, ``train()`` / ``eval()`` and
-``state_dict()`` / ``load_state_dict()``, the same protocol as normcore's layers, so a
-:class:`Sequential` mixes both freely.
+Every module is a :class:`normcore.layers.Layer`: ``forward(x)``, ``backward(dy) -> dx``
+(gradients accumulate with ``+=`` until ``zero_grad``), ``named_parameters()``,
+``train()`` / ``eval()``, ``state_dict()`` / ``load_state_dict()`` and ``save`` / ``load``
+come from the same base as normcore's own layers, so a :class:`Sequential` mixes both.
 """
 from __future__ import annotations
 
 import numpy as np
 
 import normcore as nc
+from normcore.layers import Layer
 
 __all__ = ["Linear", "Conv2d", "MaxPool2d", "ReLU", "Flatten", "Sequential", "softmax_cross_entropy",
            "build", "VARIANTS"]
 
 
-class _Module:
-    training = True
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def named_parameters(self):
-        return []
-
-    def zero_grad(self):
-        for _, _, g in self.named_parameters():
-            g[...] = 0
-
-    def state_dict(self):
-        return {name: p.copy() for name, p, _ in self.named_parameters()}
-
-    def load_state_dict(self, state):
-        for name, p, _ in self.named_parameters():
-            p[...] = state[name]
-
-
-class Linear(_Module):
+class Linear(Layer):
     """y = x @ weight + bias, weight (n_in, n_out) with He initialisation."""
 
     def __init__(self, n_in, n_out, rng, dtype):
+        super().__init__()
         self.weight = (rng.standard_normal((n_in, n_out)) * np.sqrt(2.0 / n_in)).astype(dtype)
         self.bias = np.zeros(n_out, dtype)
         self.grad_weight = np.zeros_like(self.weight)
         self.grad_bias = np.zeros_like(self.bias)
-
-    def named_parameters(self):
-        return [("weight", self.weight, self.grad_weight), ("bias", self.bias, self.grad_bias)]
 
     def forward(self, x):
         self._x = x
@@ -62,7 +36,7 @@ class Linear(_Module):
         return dy @ self.weight.T
 
 
-class Conv2d(_Module):
+class Conv2d(Layer):
     """3x3 convolution, stride 1, padding 1, by im2col; NCHW in and out.
 
     ``standardize=True`` convolves with ``normcore.weight_standardize(weight)`` (seed 004)
@@ -70,15 +44,13 @@ class Conv2d(_Module):
     """
 
     def __init__(self, c_in, c_out, rng, dtype, standardize=False):
+        super().__init__()
         fan_in = c_in * 9
         self.weight = (rng.standard_normal((c_out, c_in, 3, 3)) * np.sqrt(2.0 / fan_in)).astype(dtype)
         self.bias = np.zeros(c_out, dtype)
         self.grad_weight = np.zeros_like(self.weight)
         self.grad_bias = np.zeros_like(self.bias)
         self.standardize = standardize
-
-    def named_parameters(self):
-        return [("weight", self.weight, self.grad_weight), ("bias", self.bias, self.grad_bias)]
 
     @staticmethod
     def _im2col(x):
@@ -116,7 +88,7 @@ class Conv2d(_Module):
         return dpad[:, :, 1:-1, 1:-1]
 
 
-class MaxPool2d(_Module):
+class MaxPool2d(Layer):
     """2x2 max pooling, stride 2 (even H and W)."""
 
     def forward(self, x):
@@ -133,7 +105,7 @@ class MaxPool2d(_Module):
         return blocks.reshape(n, c, h // 2, w // 2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
 
 
-class ReLU(_Module):
+class ReLU(Layer):
     def forward(self, x):
         self._mask = x > 0
         return x * self._mask
@@ -142,7 +114,7 @@ class ReLU(_Module):
         return dy * self._mask
 
 
-class Flatten(_Module):
+class Flatten(Layer):
     def forward(self, x):
         self._shape = x.shape
         return x.reshape(x.shape[0], -1)
@@ -151,17 +123,15 @@ class Flatten(_Module):
         return dy.reshape(self._shape)
 
 
-class Sequential(_Module):
+class Sequential(Layer):
     """Modules applied in order; parameters and state keyed ``"<index>.<name>"``."""
 
     def __init__(self, *modules):
+        super().__init__()
         self.modules = list(modules)
 
-    def train(self, mode=True):
-        self.training = bool(mode)
-        for m in self.modules:
-            m.train(mode)
-        return self
+    def _children(self):
+        return {str(i): m for i, m in enumerate(self.modules)}
 
     def forward(self, x):
         for m in self.modules:
@@ -172,30 +142,6 @@ class Sequential(_Module):
         for m in reversed(self.modules):
             dy = m.backward(dy)
         return dy
-
-    def named_parameters(self):
-        return [(f"{i}.{n}", p, g) for i, m in enumerate(self.modules) for n, p, g in m.named_parameters()]
-
-    def zero_grad(self):
-        for m in self.modules:
-            m.zero_grad()
-
-    def state_dict(self):
-        return {f"{i}.{k}": v for i, m in enumerate(self.modules) for k, v in m.state_dict().items()}
-
-    def load_state_dict(self, state):
-        for i, m in enumerate(self.modules):
-            prefix = f"{i}."
-            m.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-
-    def save(self, path):
-        """Parameters and normalization buffers (running statistics) to one ``.npz``."""
-        np.savez(path, **self.state_dict())
-
-    def load(self, path):
-        with np.load(path) as data:
-            self.load_state_dict({k: data[k] for k in data.files})
-        return self
 
 
 def softmax_cross_entropy(logits, labels):
