@@ -6,6 +6,7 @@ any mode a user registers) runs through the same compiled Cython/OpenMP kernels.
 from .spec import SpecError
 from .modes import Mode, get_mode, modes, register_mode
 from .functional import NormCache, backward, normalize
+from .kernels import get_num_threads, set_num_threads
 from .forms import (batch_norm, group_norm, instance_norm, layer_norm, rms_norm,
                     weight_standardize, weight_standardize_backward)
 

@@ -1,7 +1,8 @@
 """torch.nn.functional-style forms over :func:`normcore.normalize`, each returning (y, cache).
 
 Keyword names follow PyTorch so that its users know them at once; gradients come from
-:func:`normcore.backward` with the returned cache.
+:func:`normcore.backward` with the returned cache. Every form takes ``out=`` (see
+:func:`normcore.normalize`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _channel_mode(x, channel_axis):
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, channel_axis=1, unbiased=True):
+               training=False, momentum=0.1, eps=1e-5, *, channel_axis=1, unbiased=True, out=None):
     """Batch norm over every axis but the channel axis; returns ``(y, cache)``.
 
     ``input`` is (N, C, *) or, with ``channel_axis=-1``, (N, *, C). weight, bias and the
@@ -44,7 +45,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     mode = _channel_mode(input, channel_axis)
     return normalize(input, mode, weight=weight, bias=bias, running_mean=running_mean,
                      running_var=running_var, training=training, momentum=momentum, eps=eps,
-                     unbiased=unbiased)
+                     unbiased=unbiased, out=out)
 
 
 @lru_cache(maxsize=None)
@@ -65,7 +66,7 @@ def _normalized_shape(x, normalized_shape):
     return shape
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
     """Layer norm over the trailing ``normalized_shape`` axes; returns ``(y, cache)``.
 
     weight and bias have shape ``normalized_shape``.
@@ -75,10 +76,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     >>> y, cache = layer_norm(x, (8,))
     """
     shape = _normalized_shape(input, normalized_shape)
-    return normalize(input, _last_axes_mode(len(shape), True), weight=weight, bias=bias, eps=eps)
+    return normalize(input, _last_axes_mode(len(shape), True), weight=weight, bias=bias, eps=eps, out=out)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     """RMS norm, y = x / sqrt(mean(x^2) + eps) * weight, over the trailing axes.
 
     ``eps=None`` uses the machine epsilon of input's dtype (as PyTorch does).
@@ -89,10 +90,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     shape = _normalized_shape(input, normalized_shape)
     if eps is None:
         eps = float(np.finfo(input.dtype).eps)
-    return normalize(input, _last_axes_mode(len(shape), False), weight=weight, eps=eps)
+    return normalize(input, _last_axes_mode(len(shape), False), weight=weight, eps=eps, out=out)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
     """Group norm: (N, C, *) with channels split into ``num_groups`` groups; weight (C,).
 
     >>> import numpy as np
@@ -105,11 +106,11 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
     if input.shape[1] % num_groups:
         raise ValueError(f"num_groups ({num_groups}) does not divide the {input.shape[1]} channels of input")
-    return normalize(input, "group_norm", weight=weight, bias=bias, eps=eps, g=int(num_groups))
+    return normalize(input, "group_norm", weight=weight, bias=bias, eps=eps, out=out, g=int(num_groups))
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None):
     """Instance norm: statistics per (sample, channel) over the spatial axes of (N, C, *).
 
     Running statistics, when given, are per channel (the batch average of the instance
@@ -123,10 +124,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if input.ndim < 3:
         raise ValueError(f"input: expected at least 3 dimensions (N, C, L, ...), got shape {input.shape}")
     return normalize(input, "instance_norm", weight=weight, bias=bias, running_mean=running_mean,
-                     running_var=running_var, training=use_input_stats, momentum=momentum, eps=eps)
+                     running_var=running_var, training=use_input_stats, momentum=momentum, eps=eps,
+                     out=out)
 
 
-def weight_standardize(w, eps=1e-5):
+def weight_standardize(w, eps=1e-5, *, out=None):
     """Weight standardization: each output filter w[o] to zero mean, unit (biased) variance.
 
     ``w`` is (O, ...) e.g. a conv kernel (O, I, kH, kW); returns ``(w_hat, cache)``.
@@ -140,10 +142,10 @@ def weight_standardize(w, eps=1e-5):
     _check_array("w", w)
     if w.ndim < 2:
         raise ValueError(f"w: expected at least 2 dimensions (out, in, ...), got shape {w.shape}")
-    return normalize(w, "weight_standardize", eps=eps)
+    return normalize(w, "weight_standardize", eps=eps, out=out)
 
 
-def weight_standardize_backward(dw_hat, cache):
+def weight_standardize_backward(dw_hat, cache, *, out=None):
     """Gradient of :func:`weight_standardize` with respect to ``w``.
 
     >>> import numpy as np
@@ -151,4 +153,4 @@ def weight_standardize_backward(dw_hat, cache):
     >>> weight_standardize_backward(np.ones_like(w_hat), cache).shape
     (4, 6)
     """
-    return backward(dw_hat, cache)[0]
+    return backward(dw_hat, cache, out=out)[0]

@@ -98,6 +98,22 @@ def _check_scalar(name, value, lo, hi, lo_open):
     return v
 
 
+def _check_out(out, shape, dtype, inputs):
+    """``out=`` must be a writeable C-contiguous array of the result's shape and dtype that
+    shares no memory with the inputs (backward reads x after forward has written y)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy.ndarray, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: dtype {out.dtype} does not match the result's dtype {dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out: must be C-contiguous and writeable")
+    for name, a in inputs.items():
+        if np.may_share_memory(out, a):
+            raise ValueError(f"out: must not share memory with {name}")
+
+
 def _plan(mode: Mode, x: np.ndarray, sizes) -> Plan:
     try:
         return make_plan(mode, x.shape, sizes)
@@ -118,16 +134,6 @@ def _from_canonical(a3: np.ndarray, plan: Plan) -> np.ndarray:
         return a3.reshape(plan.shape)
     moved = a3.reshape([plan.elem_shape[i] for i in plan.perm])
     return np.ascontiguousarray(moved.transpose(np.argsort(plan.perm))).reshape(plan.shape)
-
-
-# Below this many elements a kernel runs on one thread: the work (tens of microseconds)
-# does not repay waking a team, and OpenMP workers busy-waiting after it would compete
-# with the caller's BLAS threads between calls (small-batch training interleaves both).
-_GRAIN = 1 << 18
-
-
-def _threads(size: int) -> int:
-    return 1 if size < _GRAIN else kernels.K.max_threads()
 
 
 def _moments(x3: np.ndarray, plan: Plan, threads: int):
@@ -162,7 +168,8 @@ def _per_running(values: np.ndarray, plan: Plan) -> np.ndarray:
 
 
 def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
-              training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False, **sizes):
+              training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False, out=None,
+              **sizes):
     """Normalize ``x`` with a registered mode; return ``(y, cache)`` for :func:`backward`.
 
     Parameters
@@ -184,12 +191,16 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     estimate : bool
         Estimated batch norm: in training, update the running statistics first, then
         normalize with them; no gradient flows through the statistics.
+    out : ndarray, optional
+        Where to write y (x's shape and dtype, C-contiguous, not overlapping x): reusing
+        one buffer avoids a fresh allocation per call, which costs page faults for large
+        outputs.
     **sizes : int
         Axis sizes, e.g. ``g=32`` for group norm.
 
     Returns
     -------
-    y : ndarray of x's shape and dtype, C-contiguous.
+    y : ndarray of x's shape and dtype, C-contiguous (``out`` when given).
     cache : NormCache
 
     Example
@@ -224,6 +235,8 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         raise ValueError("momentum: None (cumulative average) needs a batch count; "
                          "use a layer, or pass momentum=1/num_batches")
     momentum = _check_scalar("momentum", momentum, 0.0, 1.0, lo_open=False)
+    if out is not None:
+        _check_out(out, x.shape, dtype, {"x": x})
     if estimate and not (has_running and training):
         raise ValueError("estimate: needs running_mean and running_var and training=True")
     n = plan.count
@@ -235,7 +248,7 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
                          f"got x.shape {x.shape} ({_describe(m)})")
 
     x3 = _canonical(x, plan)
-    threads = _threads(x3.size)
+    threads = kernels.threads_for(x3.size)
     use_batch = training or not has_running
     new_running = None
     if use_batch and C:
@@ -261,7 +274,8 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     # Per-row coefficients on the (A, R, S) view; rows of one group share its statistics.
     mean_r, rstd_r = mean[plan.rg], rstd[plan.rg]
     x_rows = x3.reshape(plan.rows)
-    y_rows = np.empty(plan.rows, dtype)
+    direct = out is not None and plan.perm is None
+    y_rows = out.reshape(plan.rows) if direct else np.empty(plan.rows, dtype)
     w = None if weight is None else weight.astype(np.float64).reshape(-1)
     b = None if bias is None else bias.astype(np.float64).reshape(-1)
     if plan.param_inner and (w is not None or b is not None):
@@ -280,10 +294,19 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         running_var[...] = new_running[1]
     cache = NormCache(m, plan, x3, dtype, mean, rstd, w, weight is not None, bias is not None,
                       stats_grad=use_batch and not estimate)
-    return _from_canonical(y_rows, plan), cache
+    return _result(y_rows, plan, out), cache
 
 
-def backward(dy, cache):
+def _result(rows, plan: Plan, out):
+    """The (A, R, S) result in the input's layout, in ``out`` when given."""
+    if out is None:
+        return _from_canonical(rows, plan)
+    if plan.perm is not None:
+        out[...] = _from_canonical(rows, plan)
+    return out
+
+
+def backward(dy, cache, *, out=None):
     """Gradients of :func:`normalize`: return ``(dx, dweight, dbias)``.
 
     ``dweight`` / ``dbias`` are None when forward had no weight / bias. In training mode
@@ -291,6 +314,7 @@ def backward(dy, cache):
     and for estimated batch norm the statistics are constants.
 
     Shapes: ``dy`` has x's shape and dtype; ``dx`` too; dweight/dbias the parameter shape.
+    ``out`` (optional) receives dx, under the same rules as in :func:`normalize`.
 
     Example
     -------
@@ -309,14 +333,16 @@ def backward(dy, cache):
     if dy.shape != plan.shape:
         raise ValueError(f"dy: expected shape {plan.shape} (the forward input's), got {dy.shape}; "
                          "is the cache from another call?")
+    if out is not None:
+        _check_out(out, plan.shape, cache.dtype, {"dy": dy, "x": cache.x3})
     dy_rows = _canonical(dy, plan).reshape(plan.rows)
-    threads = _threads(dy_rows.size)
+    threads = kernels.threads_for(dy_rows.size)
     x_rows = cache.x3.reshape(plan.rows)
     mean_r, rstd_r = cache.mean[plan.rg], cache.rstd[plan.rg]
     R = plan.rows[1]
     n = plan.count
     center = cache.mode.center
-    dx_rows = np.empty(plan.rows, cache.dtype)
+    dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else np.empty(plan.rows, cache.dtype)
     affine = cache.has_weight or cache.has_bias
     P = math.prod(plan.param_shape) if affine else 0
     w = cache.weight
@@ -356,7 +382,7 @@ def backward(dy, cache):
                     k3 = -rstd_r * per_row_group_mean(gamma * t1)
         kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, threads)
 
-    dx = _from_canonical(dx_rows, plan)
+    dx = _result(dx_rows, plan, out)
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
     dbias = db.reshape(plan.param_shape).astype(cache.dtype) if cache.has_bias else None
     return dx, dweight, dbias

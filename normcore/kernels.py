@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["K", "VARIANT"]
+__all__ = ["K", "VARIANT", "set_num_threads", "get_num_threads", "threads_for"]
 
 
 def _cpu_has_avx2():
@@ -29,3 +29,44 @@ def _load():
 
 
 K, VARIANT = _load()
+
+
+# Below this many elements a kernel runs on one thread: the work (tens of microseconds)
+# does not repay waking a team, and OpenMP workers busy-waiting after it would compete
+# with the caller's BLAS threads between calls (small-batch training interleaves both).
+GRAIN = 1 << 18
+
+_requested = None  # set_num_threads; None: OpenMP's limit
+
+
+def set_num_threads(n):
+    """Run large inputs on at most ``n`` threads; ``None`` restores the default.
+
+    The default, and the cap on ``n``, is OpenMP's current limit: all cores unless
+    ``OMP_NUM_THREADS`` or ``threadpoolctl.threadpool_limits(..., user_api="openmp")``
+    lowers it. Inputs below 2**18 elements always run on one thread. Results do not depend
+    on the thread count.
+
+    >>> import normcore
+    >>> normcore.set_num_threads(1); normcore.get_num_threads()
+    1
+    >>> normcore.set_num_threads(None)
+    """
+    global _requested
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n: expected an int or None, got {type(n).__name__}")
+        if n < 1:
+            raise ValueError(f"n: expected at least 1 thread, got {n}")
+    _requested = n
+
+
+def get_num_threads():
+    """Threads a large input runs on now (see :func:`set_num_threads`)."""
+    limit = K.max_threads()
+    return limit if _requested is None else min(_requested, limit)
+
+
+def threads_for(size):
+    """Threads for a kernel call over ``size`` elements."""
+    return 1 if size < GRAIN else get_num_threads()

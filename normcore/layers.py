@@ -164,6 +164,10 @@ class _Norm(Layer):
     _mode = None            # mode name or Mode
     _ndims = None           # accepted input ranks (None: any the spec accepts)
     _estimate = False
+    #: True: forward and backward write into arrays the layer keeps and reuses while the
+    #: input shape and dtype repeat, so large outputs cost no allocation (and no page
+    #: faults) per call; each call then overwrites the arrays the previous call returned.
+    reuse_buffers = False
 
     def __init__(self, *, features, param_shape, eps, momentum, affine, bias, track_running_stats,
                  running_shape=None, dtype=np.float32, unbiased=True):
@@ -210,8 +214,9 @@ class _Norm(Layer):
         momentum = self.momentum
         if self.training and track and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
+        out = self._buffer("_y_buffer", x.shape, x.dtype, x) if self.reuse_buffers else None
         y, cache = normalize(
-            x, self._mode, weight=self.weight, bias=self.bias,
+            x, self._mode, weight=self.weight, bias=self.bias, out=out,
             running_mean=self.running_mean if track else None,
             running_var=self.running_var if track else None,
             training=self.training, momentum=0.0 if momentum is None else momentum,
@@ -226,12 +231,24 @@ class _Norm(Layer):
         """Return dx for the last forward; add dweight/dbias into grad_weight/grad_bias."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
-        dx, dw, db = backward(dy, self._cache)
+        out = None
+        if self.reuse_buffers and isinstance(dy, np.ndarray):
+            out = self._buffer("_dx_buffer", self._cache.shape, self._cache.dtype, dy, self._cache.x3)
+        dx, dw, db = backward(dy, self._cache, out=out)
         if dw is not None:
             self.grad_weight += dw
         if db is not None:
             self.grad_bias += db
         return dx
+
+    def _buffer(self, name, shape, dtype, *inputs):
+        """The kept array ``name`` if it still fits and overlaps no input, else a new one."""
+        buf = getattr(self, name, None)
+        if buf is None or buf.shape != shape or buf.dtype != dtype \
+                or any(np.may_share_memory(buf, a) for a in inputs):
+            buf = np.empty(shape, dtype)
+            setattr(self, name, buf)
+        return buf
 
     def __repr__(self):
         return f"{type(self).__name__}({self._features[1]}, eps={self.eps}, dtype={self.dtype})"
@@ -477,6 +494,15 @@ class BatchChannelNorm(Layer):
 
     def _children(self):
         return {"batch_norm": self.batch_norm, "channel_norm": self.channel_norm}
+
+    @property
+    def reuse_buffers(self):
+        """See :attr:`BatchNorm2d.reuse_buffers`; set on both sub-layers."""
+        return self.channel_norm.reuse_buffers
+
+    @reuse_buffers.setter
+    def reuse_buffers(self, value):
+        self.batch_norm.reuse_buffers = self.channel_norm.reuse_buffers = bool(value)
 
     def forward(self, x):
         """y = channel_norm(batch_norm(x))."""

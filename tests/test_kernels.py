@@ -164,3 +164,62 @@ def test_tile_and_chunk_boundaries_match_reference(mode, shape, sizes):
     np.testing.assert_allclose(y, ref.y, rtol=1e-10, atol=1e-10)
     for got, want in zip(nc.backward(dy, cache), reference_backward(dy, ref)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_out_arguments_are_written_and_checked():
+    x = RNG.standard_normal((6, 4, 5)).astype(np.float32)
+    dy = RNG.standard_normal(x.shape).astype(np.float32)
+    for mode, sizes in (("batch_norm", {}), ("layer_norm", {}), ("group_norm", {"g": 2}),
+                        (nc.Mode("a b c -> b", params="c"), {})):  # the last one is transposed
+        y_ref, cache = nc.normalize(x, mode, **sizes)
+        out = np.empty_like(x)
+        y, cache = nc.normalize(x, mode, out=out, **sizes)
+        assert y is out and np.array_equal(out, y_ref)
+        dx_ref = nc.backward(dy, cache)[0]
+        dout = np.full_like(x, np.nan)
+        dx = nc.backward(dy, cache, out=dout)[0]
+        assert dx is dout and np.array_equal(dx, dx_ref)
+    for bad, exc in ((np.empty((6, 4, 5), np.float64), TypeError), (np.empty((6, 4)), TypeError),
+                     (np.empty((6, 4, 4), np.float32), ValueError),
+                     (np.empty((5, 4, 6), np.float32).transpose(2, 1, 0), ValueError),
+                     (x, ValueError), ([0.0], TypeError)):
+        with pytest.raises(exc, match=r"^out\b"):
+            nc.normalize(x, "batch_norm", out=bad)
+    with pytest.raises(ValueError, match=r"^out: must not share memory with dy"):
+        nc.backward(dy, cache, out=dy)
+    y, _ = nc.layer_norm(x, (5,), out=np.empty_like(x))
+    assert y.shape == x.shape
+
+
+def test_layers_reuse_buffers_when_asked():
+    bn = nc.BatchNorm2d(3)
+    x = RNG.standard_normal((4, 3, 5, 5)).astype(np.float32)
+    dy = RNG.standard_normal(x.shape).astype(np.float32)
+    fresh = [bn(x), bn.backward(dy)]
+    assert not np.shares_memory(bn(x), fresh[0])
+    bn.reuse_buffers = True
+    y1 = bn(x)
+    dx1 = bn.backward(dy)
+    y2 = bn(x.copy())
+    dx2 = bn.backward(dy)
+    assert y1 is y2 and dx1 is dx2
+    assert np.allclose(y2, fresh[0], atol=1e-5) and np.allclose(dx2, fresh[1], atol=1e-5)
+    assert bn(np.ones((2, 3, 5, 5), np.float32)).shape == (2, 3, 5, 5)  # a new shape: a new buffer
+    chained = bn(bn(x))  # the input is the layer's own buffer: it gets another one
+    assert chained.shape == x.shape and np.isfinite(chained).all()
+    bcn = nc.BatchChannelNorm(4, 2)
+    bcn.reuse_buffers = True
+    assert bcn.batch_norm.reuse_buffers and bcn.channel_norm.reuse_buffers
+
+
+def test_set_num_threads():
+    try:
+        nc.set_num_threads(1)
+        assert nc.get_num_threads() == 1
+        with pytest.raises(ValueError, match=r"^n: expected at least 1"):
+            nc.set_num_threads(0)
+        with pytest.raises(TypeError, match=r"^n"):
+            nc.set_num_threads(1.5)
+    finally:
+        nc.set_num_threads(None)
+    assert nc.get_num_threads() == kernels.K.max_threads()
