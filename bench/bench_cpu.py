@@ -1,179 +1,232 @@
-"""CPU benchmark: normcore vs PyTorch CPU vs plain NumPy, side by side in one process.
+"""CPU benchmark: normcore vs PyTorch CPU vs plain NumPy, interleaved in one process.
 
-    pip install ".[bench]" torch   # torch is optional: its columns are skipped without it
-    python bench/bench_cpu.py --threads 2 [--quick] [--dtype float32]
+    pip install -e ".[bench]" && pip install torch==2.13.0   # torch is optional
+    python bench/bench_cpu.py --threads 1,2 [--dtype float32] [--quick] [--json out.json]
 
-Median milliseconds over repeats (hot cache, after a warm-up), for forward in training
-mode (batch statistics + running-stat update where the mode has them), backward (dx,
-dweight, dbias) and inference. Absolute times drift on shared machines; read the ratios.
+For every case and pass (forward in training mode with the running-statistics update,
+backward, inference) it reports the median milliseconds of normcore (allocating its
+output, and writing into a reused ``out=`` buffer), PyTorch and NumPy, timed round-robin so
+that machine drift hits all alike; the torch/normcore and NumPy/normcore ratios (against
+normcore's allocating figure, as torch and NumPy allocate too); and, for the ``out=``
+figure, the effective GB/s and the ratio to a bandwidth floor measured in the same run:
+bytes moved (forward 3x, backward 5x, inference 2x bytes(x)) at the bandwidth of a NumPy
+copy of x.
+Absolute times drift on shared machines; read the ratios.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 import normcore as nc
+from normcore.kernels import VARIANT
 
 try:
     import torch
     import torch.nn.functional as F
-except ImportError:  # torch is an optional comparison
+except ImportError:  # an optional comparison
     torch = None
 
-# (label, normcore layer factory, input shape, torch functional, numpy reduce axes)
+try:
+    from tqdm import tqdm
+except ImportError:
+    def tqdm(it, **_):
+        return it
+
+if "bench_head_norm" not in nc.modes():
+    # a user-registered mode: statistics per (batch, head) over time and features
+    nc.register_mode("bench_head_norm", "b t (h d) -> b h", params="(h d)", h=12)
+
+# (label, shape, normcore mode, sizes, torch kind, NumPy reduce axes on the (view) shape)
 CASES = [
-    ("BN2d NCHW", lambda: nc.BatchNorm2d(64), (32, 64, 56, 56), "batch_norm", (0, 2, 3)),
-    ("BN2d", lambda: nc.BatchNorm2d(256), (64, 256, 14, 14), "batch_norm", (0, 2, 3)),
-    ("BN1d", lambda: nc.BatchNorm1d(4096), (1024, 4096), "batch_norm", (0,)),
-    ("BN2d NHWC", lambda: nc.BatchNorm2d(64, channel_axis=-1), (32, 56, 56, 64), "batch_norm_cl", (0, 1, 2)),
-    ("LN", lambda: nc.LayerNorm(768), (8192, 768), "layer_norm", (1,)),
-    ("LN", lambda: nc.LayerNorm(4096), (2048, 4096), "layer_norm", (1,)),
-    ("GN G=32", lambda: nc.GroupNorm(32, 256), (32, 256, 28, 28), "group_norm", None),
-    ("IN", lambda: nc.InstanceNorm2d(64), (16, 64, 64, 64), "instance_norm", (2, 3)),
+    ("BN2d NCHW", (32, 64, 56, 56), "batch_norm", {}, "bn", (0, 2, 3)),
+    ("BN2d", (64, 256, 14, 14), "batch_norm", {}, "bn", (0, 2, 3)),
+    ("BN1d", (1024, 4096), "batch_norm", {}, "bn", (0,)),
+    ("BN2d NHWC", (32, 56, 56, 64), "batch_norm_channels_last", {}, "bn_cl", (0, 1, 2)),
+    ("LN", (8192, 768), "layer_norm", {}, "ln", (1,)),
+    ("LN", (2048, 4096), "layer_norm", {}, "ln", (1,)),
+    ("GN G=32", (32, 256, 28, 28), "group_norm", {"g": 32}, "gn", None),
+    ("IN", (16, 64, 64, 64), "instance_norm", {}, "in", (2, 3)),
+    ("user mode b t (h d) -> b h", (64, 128, 768), "bench_head_norm", {}, None, None),
 ]
+PASS_BYTES = {"fwd": 3, "bwd": 5, "infer": 2}  # multiples of bytes(x) a pass must move
 
 
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _normcore(x, mode, sizes):
+    m = nc.get_mode(mode)
+    plan = nc.plan.make_plan(m, x.shape, sizes)
+    w = np.ones(plan.param_shape, x.dtype)
+    b = np.zeros(plan.param_shape, x.dtype)
+    run = {}
+    if m.running_stats is not None:
+        run = {"running_mean": np.zeros(plan.running_shape, x.dtype),
+               "running_var": np.ones(plan.running_shape, x.dtype)}
+    y, cache = nc.normalize(x, mode, weight=w, bias=b, **run, **sizes)
+    dy = np.ones_like(y)
+    y_out, dx_out = np.empty_like(x), np.empty_like(x)
+    fns = {
+        "fwd": lambda: nc.normalize(x, mode, weight=w, bias=b, **run, **sizes),
+        "fwd out=": lambda: nc.normalize(x, mode, weight=w, bias=b, out=y_out, **run, **sizes),
+        "bwd": lambda: nc.backward(dy, cache),
+        "bwd out=": lambda: nc.backward(dy, cache, out=dx_out),
+    }
+    if run:
+        fns["infer"] = lambda: nc.normalize(x, mode, weight=w, bias=b, training=False, out=y_out, **run, **sizes)
+    return fns
 
 
-def numpy_pair(x, axes, kind):
-    """Plain NumPy forward/backward (what a user would write), per-channel params."""
-    if kind == "group_norm":
-        n, c = x.shape[:2]
-        view, axes = x.reshape(n, 32, -1), (2,)
-    else:
-        view = x
-    w = np.ones([1 if i in axes else s for i, s in enumerate(view.shape)], x.dtype)
-
-    def forward():
-        mean = view.mean(axis=axes, keepdims=True)
-        var = view.var(axis=axes, keepdims=True)
-        xhat = (view - mean) / np.sqrt(var + 1e-5)
-        return xhat, 1 / np.sqrt(var + 1e-5), xhat * w
-
-    xhat, rstd, _ = forward()
-    dy = np.ones_like(view)
-
-    def backward():
-        g = dy * w
-        return rstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
-
-    return forward, backward
-
-
-def torch_fns(x_np, kind, layer):
-    c = layer.weight.shape[0] if layer.weight is not None else x_np.shape[1]
-    if kind == "batch_norm_cl":
+def _torch(x_np, kind, channels):
+    if kind == "bn_cl":
         x = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2))).contiguous(
             memory_format=torch.channels_last)
     else:
         x = torch.from_numpy(x_np.copy())
     x.requires_grad_(True)
-    shape = layer.weight.shape if layer.weight is not None else (c,)
-    w = torch.ones(shape, requires_grad=True)
-    b = torch.zeros(shape, requires_grad=True)
-    rm, rv = torch.zeros(c), torch.ones(c)
-    if kind in ("batch_norm", "batch_norm_cl"):
-        def fwd(training=True):
+    c = x_np.shape[-1] if kind == "ln" else channels
+    w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+
+    def fwd(training=True):
+        if kind in ("bn", "bn_cl"):
             return F.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
-    elif kind == "layer_norm":
-        def fwd(training=True):
-            return F.layer_norm(x, tuple(shape), w, b, 1e-5)
-    elif kind == "group_norm":
-        def fwd(training=True):
+        if kind == "ln":
+            return F.layer_norm(x, (c,), w, b, 1e-5)
+        if kind == "gn":
             return F.group_norm(x, 32, w, b, 1e-5)
-    else:
-        def fwd(training=True):
-            return F.instance_norm(x, None, None, None, None, True, 0.1, 1e-5)
+        return F.instance_norm(x, None, None, w, b, True, 0.1, 1e-5)
+
     y = fwd()
     dy = torch.ones_like(y)
 
-    def forward_nograd():
-        with torch.no_grad():
-            fwd()
+    def no_grad(f):
+        def run():
+            with torch.no_grad():
+                f()
+        return run
 
-    def infer():
-        with torch.no_grad():
-            fwd(training=False)
-
-    def backward():
+    def bwd():
         x.grad = w.grad = b.grad = None
         y.backward(dy, retain_graph=True)
 
-    return forward_nograd, backward, (infer if kind.startswith("batch") else None)
+    fns = {"fwd": no_grad(fwd), "bwd": bwd}
+    if kind in ("bn", "bn_cl"):
+        fns["infer"] = no_grad(lambda: fwd(False))
+    return fns
+
+
+def _numpy(x, axes, kind):
+    """What a NumPy user writes: mean/var with keepdims, then the closed-form backward."""
+    view = x.reshape(x.shape[0], 32, -1) if kind == "gn" else x
+    axes = (2,) if kind == "gn" else axes
+    w = np.ones([1 if i in axes else s for i, s in enumerate(view.shape)], x.dtype)
+    mean = view.mean(axis=axes, keepdims=True)
+    rstd = 1 / np.sqrt(view.var(axis=axes, keepdims=True) + 1e-5)
+    xhat = (view - mean) * rstd
+    dy = np.ones_like(view)
+
+    def fwd():
+        m = view.mean(axis=axes, keepdims=True)
+        return (view - m) / np.sqrt(view.var(axis=axes, keepdims=True) + 1e-5) * w
+
+    def bwd():
+        g = dy * w
+        return rstd * (g - g.mean(axis=axes, keepdims=True) - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+
+    return {"fwd": fwd, "bwd": bwd}
+
+
+def interleaved_medians(fns, repeats):
+    """Median ms of each callable, timed round-robin after one warm-up call each."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(case, dtype, threads, repeats):
+    label, shape, mode, sizes, kind, axes = case
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    fns = {f"normcore {k}": f for k, f in _normcore(x, mode, sizes).items()}
+    if torch is not None and kind is not None:
+        channels = shape[-1] if kind in ("bn_cl", "ln") else shape[1]
+        fns.update({f"torch {k}": f for k, f in _torch(x, kind, channels).items()})
+    if kind is not None:
+        fns.update({f"numpy {k}": f for k, f in _numpy(x, axes, kind).items()})
+    dst = np.empty_like(x)
+    fns["copy"] = lambda: np.copyto(dst, x)
+    med = interleaved_medians(fns, repeats)
+    gbps_copy = 2 * x.nbytes / (med["copy"] * 1e-3) / 1e9
+    rows = []
+    for p in ("fwd", "bwd", "infer"):
+        ours = med.get(f"normcore {p}")
+        if ours is None:
+            continue
+        reuse = med.get(f"normcore {p} out=", ours)
+        floor = PASS_BYTES[p] * x.nbytes / (gbps_copy * 1e9) * 1e3
+        theirs, npy = med.get(f"torch {p}"), med.get(f"numpy {p}")
+        rows.append({
+            "case": label, "shape": list(shape), "dtype": np.dtype(dtype).name, "threads": threads,
+            "pass": p, "normcore_ms": ours, "normcore_out_ms": reuse, "torch_ms": theirs, "numpy_ms": npy,
+            "torch_over_normcore": theirs / ours if theirs else None,
+            "numpy_over_normcore": npy / ours if npy else None,
+            "normcore_GBps": PASS_BYTES[p] * x.nbytes / (reuse * 1e-3) / 1e9,
+            "floor_ms": floor, "normcore_over_floor": reuse / floor, "copy_GBps": gbps_copy,
+        })
+    return rows
+
+
+def markdown(rows):
+    def f(v, fmt):
+        return "—" if v is None else format(v, fmt)
+    out = ["| case | shape | threads | pass | normcore ms (alloc / out=) | torch ms | NumPy ms | torch/nc "
+           "| NumPy/nc | nc out= GB/s | floor ms | nc out= / floor |", "|---" * 12 + "|"]
+    for r in rows:
+        out.append(f"| {r['case']} | {tuple(r['shape'])} | {r['threads']} | {r['pass']} | "
+                   f"{r['normcore_ms']:.2f} / {r['normcore_out_ms']:.2f} | {f(r['torch_ms'], '.2f')} | "
+                   f"{f(r['numpy_ms'], '.1f')} | {f(r['torch_over_normcore'], '.2f')} | "
+                   f"{f(r['numpy_over_normcore'], '.1f')} | {r['normcore_GBps']:.1f} | {r['floor_ms']:.2f} | "
+                   f"{r['normcore_over_floor']:.2f} |")
+    return "\n".join(out)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="first three cases, 3 repeats")
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--quick", action="store_true", help="three cases, 3 repeats")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args()
     cases = CASES[:3] if args.quick else CASES
     repeats = 3 if args.quick else args.repeats
     dtype = np.dtype(args.dtype)
-    if torch is not None:
-        torch.set_num_threads(args.threads)
-        torch.set_default_dtype(torch.float64 if dtype == np.float64 else torch.float32)
-    from normcore.kernels import VARIANT
-    print(f"normcore {nc.__version__} ({VARIANT} kernels), numpy {np.__version__}, "
-          f"torch {torch.__version__ if torch else '-'}; "
-          f"{platform.machine()}, {args.threads} threads, {dtype.name}, median of {repeats}, ms")
-    print("| case | shape | nc fwd | torch fwd | np fwd | nc bwd | torch bwd | np bwd | nc infer | torch infer "
-          "| fwd torch/nc | bwd torch/nc | fwd np/nc |")
-    print("|---" * 13 + "|")
-    rng = np.random.default_rng(0)
-    with threadpool_limits(args.threads, user_api="openmp"), threadpool_limits(1, user_api="blas"):
-        for label, make, shape, kind, axes in cases:
-            x = rng.standard_normal(shape).astype(dtype)
-            layer = make() if dtype == np.float32 else _as64(make)
-            y = layer(x)
-            dy = np.ones_like(y)
-            ours = [median_ms(lambda: layer(x), repeats), median_ms(lambda: layer.backward(dy), repeats)]
-            layer.eval()
-            ours.append(median_ms(lambda: layer(x), repeats) if kind.startswith("batch") else float("nan"))
-            layer.train()
-            npf, npb = numpy_pair(x, axes, kind)
-            numpy_t = [median_ms(npf, max(3, repeats // 2)), median_ms(npb, max(3, repeats // 2))]
-            theirs = [float("nan")] * 3
-            if torch is not None:
-                tf, tb, ti = torch_fns(x, kind, layer)
-                theirs = [median_ms(tf, repeats), median_ms(tb, repeats),
-                          median_ms(ti, repeats) if ti else float("nan")]
-            print(f"| {label} | {shape} | {ours[0]:.2f} | {theirs[0]:.2f} | {numpy_t[0]:.1f} | {ours[1]:.2f} | "
-                  f"{theirs[1]:.2f} | {numpy_t[1]:.1f} | {ours[2]:.2f} | {theirs[2]:.2f} | "
-                  f"{theirs[0] / ours[0]:.2f} | {theirs[1] / ours[1]:.2f} | {numpy_t[0] / ours[0]:.1f} |", flush=True)
-
-
-def _as64(make):
-    layer = make()
-    state = layer.state_dict()
-    kwargs = {"dtype": np.float64}
-    # rebuild with the same constructor arguments in float64
-    cls = type(layer)
-    if isinstance(layer, nc.LayerNorm):
-        new = cls(layer.normalized_shape, **kwargs)
-    elif isinstance(layer, nc.GroupNorm):
-        new = cls(layer.num_groups, layer.num_channels, **kwargs)
-    elif hasattr(layer, "channel_axis"):
-        new = cls(layer.num_features, channel_axis=layer.channel_axis, **kwargs)
-    else:
-        new = cls(layer.num_features, **kwargs)
-    new.load_state_dict(state)
-    return new
+    header = (f"normcore {nc.__version__} ({VARIANT} kernels), numpy {np.__version__}, "
+              f"torch {torch.__version__ if torch else 'not installed'}; {platform.machine()}, "
+              f"{dtype.name}, median of {repeats} interleaved repeats, ms")
+    print(header)
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        if torch is not None:
+            torch.set_num_threads(threads)
+        with threadpool_limits(threads, user_api="openmp"), threadpool_limits(1, user_api="blas"):
+            for case in tqdm(cases, desc=f"{threads} thread(s)", leave=False):
+                rows += measure(case, dtype, threads, repeats)
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "openmp": [i for i in threadpool_info() if i["user_api"] == "openmp"],
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

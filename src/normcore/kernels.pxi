@@ -439,18 +439,24 @@ cdef inline double _dot_w_dev(const floating* dy, const double* w, const floatin
     return _lanes_total(acc)
 
 
-cdef inline void _inner_row_sums(const floating* dy, const floating* x, Py_ssize_t n,
-                                 double mu, double rs, const double* w,
-                                 double* dw, double* db, double* s1, double* s2) noexcept nogil:
-    # Loops with one accumulator each vectorize; the row stays in cache across them.
-    cdef Py_ssize_t i
-    cdef double xh
-    s1[0] = _dot_w(dy, w, n)
-    s2[0] = _dot_w_dev(dy, w, x, n, mu) * rs
-    for i in range(n):
-        xh = (x[i] - mu) * rs
-        dw[i] += dy[i] * xh
-        db[i] += dy[i]
+cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssize_t rows,
+                                  Py_ssize_t ld, Py_ssize_t tw, const double* mean,
+                                  const double* rstd, const Py_ssize_t* rp, Py_ssize_t c0,
+                                  double* dw, double* db) noexcept nogil:
+    # dweight / dbias partials of a block's column tile; rows add into their parameter
+    # slice, which stays in L1 across the rows (one slice for layer norm).
+    cdef Py_ssize_t i, c
+    cdef double mu, rs
+    cdef double* dwp
+    cdef double* dbp
+    for i in range(rows):
+        mu = mean[i]
+        rs = rstd[i]
+        dwp = dw + rp[i] + c0
+        dbp = db + rp[i] + c0
+        for c in range(tw):
+            dwp[c] += dy[i * ld + c] * ((x[i * ld + c] - mu) * rs)
+            dbp[c] += dy[i * ld + c]
 
 
 def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
@@ -463,16 +469,23 @@ def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
                double[::1] s1,                  # OUT (R,) sum of g = dy * w
                double[::1] s2,                  # OUT (R,) sum of g * xhat
                double[:, ::1] pdw,              # OUT (nblocks, P) zeroed: partial dweight
-               double[:, ::1] pdb,             # OUT (nblocks, P) zeroed: partial dbias
-               int threads):                 # OpenMP threads for this call
+               double[:, ::1] pdb,              # OUT (nblocks, P) zeroed: partial dbias
+               int threads):                    # OpenMP threads for this call
+    """Per-row sums for dx, and per-block dweight/dbias partials, in one pass over a block
+    of rows: the row sums first, then the block's column tiles while it is in cache."""
     cdef Py_ssize_t R = x.shape[1], S = x.shape[2], nb = pdw.shape[0]
-    cdef Py_ssize_t k, r, r0
+    cdef Py_ssize_t k, r, r0, rows, t
     with nogil:
         for k in prange(nb, schedule='static', num_threads=threads):
             r0 = k * rows_per_block
-            for r in range(r0, r0 + _block_rows(k, rows_per_block, R)):
-                _inner_row_sums(&dy[0, r, 0], &x[0, r, 0], S, mean[r], rstd[r], &w[rp[r]],
-                                &pdw[k, rp[r]], &pdb[k, rp[r]], &s1[r], &s2[r])
+            rows = _block_rows(k, rows_per_block, R)
+            for r in range(r0, r0 + rows):
+                s1[r] = _dot_w(&dy[0, r, 0], &w[rp[r]], S)
+                s2[r] = _dot_w_dev(&dy[0, r, 0], &w[rp[r]], &x[0, r, 0], S, mean[r]) * rstd[r]
+            for t in range((S + TILE - 1) // TILE):
+                _tile_param_sums(&dy[0, r0, t * TILE], &x[0, r0, t * TILE], rows, S,
+                                 _block_rows(t, TILE, S), &mean[r0], &rstd[r0], &rp[r0], t * TILE,
+                                 &pdw[k, 0], &pdb[k, 0])
 
 
 cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
