@@ -98,6 +98,9 @@ def _check_scalar(name, value, lo, hi, lo_open):
     return v
 
 
+_NO_INDEX = np.zeros(1, np.intp)  # a placeholder index array for kernels given no parameters
+
+
 def _check_out(out, shape, dtype, inputs):
     """``out=`` must be a writeable C-contiguous array of the result's shape and dtype that
     shares no memory with the inputs (backward reads x after forward has written y)."""
@@ -158,6 +161,34 @@ def _moments(x3: np.ndarray, plan: Plan, threads: int):
     m2 = np.empty(C)
     kernels.K.combine_moments(pmean, pm2, counts, mean, m2, threads)
     return mean, m2 / plan.count
+
+
+def _normalize_groups(x3, plan: Plan, center, eps, w, b, y_rows, threads):
+    """One-pass forward of an A == 1 layout; returns per-group (mean, var, rstd)."""
+    C = plan.layout[1]
+    mean, var, rstd = np.empty(C), np.empty(C), np.empty(C)
+    affine, P = 0, 1
+    if w is not None or b is not None:
+        affine, P = (2 if plan.param_inner else 1), math.prod(plan.param_shape)
+    kernels.K.normalize_groups(x3, plan.rows[1] // C, center, eps, affine, plan.rp if affine else _NO_INDEX,
+                               np.ones(P) if w is None else w, np.zeros(P) if b is None else b,
+                               mean, var, rstd, y_rows.reshape(plan.layout), threads)
+    return mean, var, rstd
+
+
+def _affine(x_rows, plan: Plan, mean, rstd, w, b, y_rows, threads):
+    """y from given per-group statistics, on the (A, R, S) view (rows share their group's)."""
+    mean_r, rstd_r = mean[plan.rg], rstd[plan.rg]
+    if plan.param_inner and (w is not None or b is not None):
+        P = math.prod(plan.param_shape)
+        kernels.K.affine_inner(x_rows, mean_r, rstd_r, plan.rp, np.ones(P) if w is None else w,
+                               np.zeros(P) if b is None else b, y_rows, threads)
+    else:
+        # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
+        # and shift = b per row: one subtract and one multiply-add per element, in double.
+        scale = rstd_r if w is None else rstd_r * w[plan.rp]
+        shift = np.zeros(len(mean_r)) if b is None else b[plan.rp]
+        kernels.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, threads)
 
 
 def _per_running(values: np.ndarray, plan: Plan) -> np.ndarray:
@@ -249,19 +280,26 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
 
     x3 = _canonical(x, plan)
     threads = kernels.threads_for(x3.size)
+    y_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else np.empty(plan.rows, dtype)
+    w = None if weight is None else weight.astype(np.float64).reshape(-1)
+    b = None if bias is None else bias.astype(np.float64).reshape(-1)
     use_batch = training or not has_running
-    new_running = None
-    if use_batch and C:
+    # With A == 1 every group is contiguous: statistics and output in one pass over x.
+    one_pass = use_batch and not estimate and plan.layout[0] == 1 and C > 0
+    if one_pass:
+        mean, var, rstd = _normalize_groups(x3, plan, m.center, eps, w, b, y_rows, threads)
+    elif use_batch and C:
         mean, var = _moments(x3, plan, threads)
         if not m.center:
             var = var + mean * mean  # mean of squares: no cancellation, all terms >= 0
             mean = np.zeros_like(mean)
-        if training and has_running:
-            bvar = var * (n / (n - 1)) if unbiased else var
-            new_running = (
-                (1 - momentum) * running_mean.astype(np.float64) + momentum * _per_running(mean, plan),
-                (1 - momentum) * running_var.astype(np.float64) + momentum * _per_running(bvar, plan),
-            )
+    new_running = None
+    if use_batch and C and training and has_running:
+        bvar = var * (n / (n - 1)) if unbiased else var
+        new_running = (
+            (1 - momentum) * running_mean.astype(np.float64) + momentum * _per_running(mean, plan),
+            (1 - momentum) * running_var.astype(np.float64) + momentum * _per_running(bvar, plan),
+        )
     if (not use_batch or estimate) and C:
         rm, rv = new_running if estimate else (running_mean, running_var)
         # Statistics must be the ones the output is rounded with: stored-dtype values.
@@ -269,25 +307,9 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         var = np.asarray(rv, dtype).astype(np.float64).reshape(-1)[plan.rc]
     if not C:
         mean = var = np.zeros(0)
-    rstd = 1.0 / np.sqrt(var + eps)
-
-    # Per-row coefficients on the (A, R, S) view; rows of one group share its statistics.
-    mean_r, rstd_r = mean[plan.rg], rstd[plan.rg]
-    x_rows = x3.reshape(plan.rows)
-    direct = out is not None and plan.perm is None
-    y_rows = out.reshape(plan.rows) if direct else np.empty(plan.rows, dtype)
-    w = None if weight is None else weight.astype(np.float64).reshape(-1)
-    b = None if bias is None else bias.astype(np.float64).reshape(-1)
-    if plan.param_inner and (w is not None or b is not None):
-        P = math.prod(plan.param_shape)
-        kernels.K.affine_inner(x_rows, mean_r, rstd_r, plan.rp, np.ones(P) if w is None else w,
-                               np.zeros(P) if b is None else b, y_rows, threads)
-    else:
-        # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
-        # and shift = b per row: one subtract and one multiply-add per element, in double.
-        scale = rstd_r if w is None else rstd_r * w[plan.rp]
-        shift = np.zeros(len(mean_r)) if b is None else b[plan.rp]
-        kernels.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, threads)
+    if not one_pass:
+        rstd = 1.0 / np.sqrt(var + eps)
+        _affine(x3.reshape(plan.rows), plan, mean, rstd, w, b, y_rows, threads)
 
     if new_running is not None:
         running_mean[...] = new_running[0]

@@ -21,8 +21,7 @@ __all__ = ["Plan", "make_plan"]
 
 # Rows per block of column reductions, and the most blocks of rows for parameter partials.
 _BLOCK_ROWS = 128
-_PARAM_BLOCKS = 64
-_L2_ELEMS = 65536
+_PARAM_BLOCKS = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,9 +206,8 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
         # log2(rows) bits), at least 16 blocks where A allows, for parallelism.
         rows_per_block = max(1, min(_BLOCK_ROWS, -(-A // 16)))
     else:
-        # blocks of inner rows: at most _PARAM_BLOCKS partial rows of parameters, and few
-        # enough rows that a block stays in L2 between its row and column passes
-        rows_per_block = max(1, min(-(-R // _PARAM_BLOCKS), _L2_ELEMS // max(S, 1)))
+        # blocks of rows for parameter partials: at most _PARAM_BLOCKS partial rows
+        rows_per_block = max(1, -(-R // _PARAM_BLOCKS))
     return Plan(tuple(shape), tuple(dims), perm, (A, C, B), (A, R, S), stat_shape, param_shape,
                 running_shape, A * B, rg, rp, param_inner, rc, per_running, rows_per_block)
 

@@ -32,6 +32,7 @@ evaluate in double, so a large common offset in x does not cost float32 digits.
 The kernels check nothing: normcore/functional.py validates shapes, dtypes and sizes.
 """
 from cython.parallel cimport prange, threadid
+from libc.math cimport sqrt
 
 ctypedef fused floating:
     float
@@ -40,6 +41,7 @@ ctypedef fused floating:
 cdef enum:
     LANES = 8    # independent accumulators per row sum
     TILE = 512   # columns per tile in column kernels: accumulators and coefficients stay in L1
+    CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
 
 # Elements per two-pass chunk: 32 KiB of float64, so the second pass hits L1/L2.
 cdef Py_ssize_t CHUNK = 4096
@@ -439,6 +441,50 @@ cdef inline double _dot_w_dev(const floating* dy, const double* w, const floatin
     return _lanes_total(acc)
 
 
+# ---------------------------------------------------------------------------------------
+# One-pass forward for A == 1: each group is contiguous, so its statistics and its
+# normalized rows come from one read of x while the group is in cache.
+# ---------------------------------------------------------------------------------------
+
+
+def normalize_groups(const floating[:, :, ::1] x,   # IN  (1, C, B): group c is x[0, c]
+                     Py_ssize_t rows_per_group,     # J: the group's B elements are J rows of S
+                     bint center,
+                     double eps,
+                     int affine,                    # 0 none, 1 one w/b per row, 2 w/b along S
+                     const Py_ssize_t[::1] rp,      # IN  (C * J,) parameter offset of each row
+                     const double[::1] w,           # IN  (P,)
+                     const double[::1] bias,        # IN  (P,)
+                     double[::1] mean,              # OUT (C,) mean used (0 when not centred)
+                     double[::1] var,               # OUT (C,) biased variance (mean square if not centred)
+                     double[::1] rstd,              # OUT (C,) 1 / sqrt(var + eps)
+                     floating[:, :, ::1] y,         # OUT (1, C, B)
+                     int threads):                  # OpenMP threads for this call
+    """Statistics of each group, then its rows normalized, as the separate kernels do."""
+    cdef Py_ssize_t C = x.shape[1], B = x.shape[2], J = rows_per_group, S = B // rows_per_group
+    cdef Py_ssize_t c, j, r
+    cdef double mu, m2, v, rs
+    with nogil:
+        for c in prange(C, schedule='static', num_threads=threads):
+            _row_moments(&x[0, c, 0], B, &mu, &m2)
+            v = m2 / B
+            if not center:
+                v = v + mu * mu
+                mu = 0.0
+            rs = 1.0 / sqrt(v + eps)
+            mean[c] = mu
+            var[c] = v
+            rstd[c] = rs
+            for j in range(J):
+                r = c * J + j
+                if affine == 2:
+                    _affine_inner_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs, &w[rp[r]], &bias[rp[r]])
+                elif affine == 1:
+                    _affine_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs * w[rp[r]], bias[rp[r]])
+                else:
+                    _affine_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs, 0.0)
+
+
 cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssize_t rows,
                                   Py_ssize_t ld, Py_ssize_t tw, const double* mean,
                                   const double* rstd, const Py_ssize_t* rp, Py_ssize_t c0,
@@ -474,18 +520,22 @@ def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
     """Per-row sums for dx, and per-block dweight/dbias partials, in one pass over a block
     of rows: the row sums first, then the block's column tiles while it is in cache."""
     cdef Py_ssize_t R = x.shape[1], S = x.shape[2], nb = pdw.shape[0]
-    cdef Py_ssize_t k, r, r0, rows, t
+    cdef Py_ssize_t k, r, rows, t, q, sub, in_block
+    # sub-blocks of rows small enough to stay in L2 between their two passes
+    cdef Py_ssize_t sub_rows = max(1, <Py_ssize_t>CACHED_ELEMS // max(S, 1))
     with nogil:
         for k in prange(nb, schedule='static', num_threads=threads):
-            r0 = k * rows_per_block
-            rows = _block_rows(k, rows_per_block, R)
-            for r in range(r0, r0 + rows):
-                s1[r] = _dot_w(&dy[0, r, 0], &w[rp[r]], S)
-                s2[r] = _dot_w_dev(&dy[0, r, 0], &w[rp[r]], &x[0, r, 0], S, mean[r]) * rstd[r]
-            for t in range((S + TILE - 1) // TILE):
-                _tile_param_sums(&dy[0, r0, t * TILE], &x[0, r0, t * TILE], rows, S,
-                                 _block_rows(t, TILE, S), &mean[r0], &rstd[r0], &rp[r0], t * TILE,
-                                 &pdw[k, 0], &pdb[k, 0])
+            in_block = _block_rows(k, rows_per_block, R)
+            for q in range((in_block + sub_rows - 1) // sub_rows):
+                sub = k * rows_per_block + q * sub_rows
+                rows = _block_rows(q, sub_rows, in_block)
+                for r in range(sub, sub + rows):
+                    s1[r] = _dot_w(&dy[0, r, 0], &w[rp[r]], S)
+                    s2[r] = _dot_w_dev(&dy[0, r, 0], &w[rp[r]], &x[0, r, 0], S, mean[r]) * rstd[r]
+                for t in range((S + TILE - 1) // TILE):
+                    _tile_param_sums(&dy[0, sub, t * TILE], &x[0, sub, t * TILE], rows, S,
+                                     _block_rows(t, TILE, S), &mean[sub], &rstd[sub], &rp[sub], t * TILE,
+                                     &pdw[k, 0], &pdb[k, 0])
 
 
 cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
