@@ -9,8 +9,8 @@ output, and writing into a reused ``out=`` buffer), PyTorch and NumPy, timed rou
 that machine drift hits all alike; the torch/normcore and NumPy/normcore ratios (against
 normcore's allocating figure, as torch and NumPy allocate too); and, for the ``out=``
 figure, the effective GB/s and the ratio to a bandwidth floor measured in the same run:
-bytes moved (forward 3x, backward 5x, inference 2x bytes(x)) at the bandwidth of a NumPy
-copy of x.
+bytes moved (forward 3x, backward 5x, inference 2x bytes(x)) at the bandwidth of the faster of a NumPy
+copy of x and a copy split over as many threads as the kernels use.
 Absolute times drift on shared machines; read the ratios.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import platform
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -141,6 +142,19 @@ def _numpy(x, axes, kind):
     return {"fwd": fwd, "bwd": bwd}
 
 
+def _parallel_copy(x, threads):
+    """A copy of x by ``threads`` Python threads (NumPy releases the GIL while copying):
+    the bandwidth the floor is measured at, with as many cores as the kernels use."""
+    src, dst = x.reshape(-1), np.empty(x.size, x.dtype)
+    bounds = np.linspace(0, x.size, threads + 1).astype(int)
+    pool = ThreadPoolExecutor(threads)
+
+    def part(i):
+        np.copyto(dst[bounds[i]:bounds[i + 1]], src[bounds[i]:bounds[i + 1]])
+
+    return lambda: list(pool.map(part, range(threads)))
+
+
 def interleaved_medians(fns, repeats):
     """Median ms of each callable, timed round-robin after one warm-up call each."""
     for f in fns.values():
@@ -165,8 +179,10 @@ def measure(case, dtype, threads, repeats):
         fns.update({f"numpy {k}": f for k, f in _numpy(x, axes, kind).items()})
     dst = np.empty_like(x)
     fns["copy"] = lambda: np.copyto(dst, x)
+    if threads > 1:
+        fns["copy threads"] = _parallel_copy(x, threads)
     med = interleaved_medians(fns, repeats)
-    gbps_copy = 2 * x.nbytes / (med["copy"] * 1e-3) / 1e9
+    gbps_copy = 2 * x.nbytes / (min(med["copy"], med.get("copy threads", np.inf)) * 1e-3) / 1e9
     rows = []
     for p in ("fwd", "bwd", "infer"):
         ours = med.get(f"normcore {p}")
