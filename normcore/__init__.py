@@ -15,3 +15,12 @@ from .layers import (BatchChannelNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, Ch
                      LayerNorm, RMSNorm)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "SpecError", "Mode", "register_mode", "modes", "get_mode", "normalize", "backward", "NormCache",
+    "set_num_threads", "get_num_threads",
+    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
+    "weight_standardize", "weight_standardize_backward",
+    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
+    "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm", "EstimatedBatchNorm", "BatchChannelNorm",
+]

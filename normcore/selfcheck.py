@@ -36,6 +36,11 @@ def _register_user_mode():
     return name, (8, 10, 64), {}, "user-registered: per (batch, head) over time and features"
 
 
+def _fresh(kw, extra):
+    """Call arguments with private copies of the running statistics (each call updates its own)."""
+    return dict(kw, **{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in extra.items()})
+
+
 def _relative_error(got, want):
     if got is None:
         return None
@@ -63,11 +68,8 @@ def run(seed: int = 0) -> list[dict]:
                          "running_var": rng.uniform(0.5, 2.0, plan.running_shape).astype(dtype)}
                 passes = [("train", stats), ("eval", dict(stats, training=False))]
             for label, extra in passes:
-                # each call updates its own copy of the running statistics
-                def fresh():
-                    return dict(kw, **{k: getattr(v, "copy", lambda v=v: v)() for k, v in extra.items()})
-                ref = reference_forward(x, mode, **fresh())
-                y, cache = nc.normalize(x, mode, **fresh())
+                ref = reference_forward(x, mode, **_fresh(kw, extra))
+                y, cache = nc.normalize(x, mode, **_fresh(kw, extra))
                 dx, dw, db = nc.backward(dy, cache)
                 rdx, rdw, rdb = reference_backward(dy, ref)
                 rows.append({"mode": mode, "what": what, "dtype": np.dtype(dtype).name, "pass": label,

@@ -34,7 +34,7 @@ def test_batchnorm_train_and_test_follow_the_assignment():
     np.testing.assert_allclose(bn_param["running_var"], rv, rtol=1e-12)
     dout = RNG.standard_normal(x.shape)
     for fn in (cs231n.batchnorm_backward, cs231n.batchnorm_backward_alt):
-        for got, want in zip(fn(dout, cache), textbook_bn_backward(dout, x, gamma)):
+        for got, want in zip(fn(dout, cache), textbook_bn_backward(dout, x, gamma), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     bn_param["mode"] = "test"
     out, _ = cs231n.batchnorm_forward(x, gamma, beta, bn_param)

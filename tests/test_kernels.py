@@ -33,7 +33,7 @@ def test_avx2_and_baseline_builds_agree_bitwise(monkeypatch):
             monkeypatch.setattr(kernels, "K", build)
             y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
             results.append((y, *nc.backward(dy, cache)))
-        for a, c in zip(*results):
+        for a, c in zip(*results, strict=True):
             assert np.array_equal(a, c), mode
 
 
@@ -66,7 +66,7 @@ def test_non_adjacent_kept_axes_are_transposed_and_still_correct():
     ref = reference_forward(x, mode, weight=w)
     got, want = nc.backward(dy, cache), reference_backward(dy, ref)
     assert got[2] is None and want[2] is None
-    for g, r in zip(got[:2], want[:2]):
+    for g, r in zip(got[:2], want[:2], strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-10)
 
 
@@ -85,7 +85,7 @@ def test_non_contiguous_and_negative_stride_inputs(view):
         y_c, cache_c = nc.normalize(np.ascontiguousarray(x), mode, weight=w)
         assert np.array_equal(y, y_c) and y.flags.c_contiguous
         dy = view(RNG.standard_normal(base.shape).astype(np.float32))
-        for a, b in zip(nc.backward(dy, cache), nc.backward(np.ascontiguousarray(dy), cache_c)):
+        for a, b in zip(nc.backward(dy, cache), nc.backward(np.ascontiguousarray(dy), cache_c), strict=True):
             assert np.array_equal(a, b)
 
 
@@ -120,7 +120,7 @@ def test_bitwise_identical_for_one_and_two_threads(mode, shape, sizes, params):
             y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
             results.append((y, *nc.backward(dy, cache)))
     for other in results[1:]:
-        for a, c in zip(results[0], other):
+        for a, c in zip(results[0], other, strict=True):
             assert np.array_equal(a, c)
 
 
@@ -162,7 +162,7 @@ def test_tile_and_chunk_boundaries_match_reference(mode, shape, sizes):
     y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
     ref = reference_forward(x, mode, weight=w, bias=b, **sizes)
     np.testing.assert_allclose(y, ref.y, rtol=1e-10, atol=1e-10)
-    for got, want in zip(nc.backward(dy, cache), reference_backward(dy, ref)):
+    for got, want in zip(nc.backward(dy, cache), reference_backward(dy, ref), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 

@@ -1,5 +1,4 @@
 """Property tests of every built-in mode and of random user-registered specs."""
-import numpy as np
 import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st

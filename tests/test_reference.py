@@ -1,8 +1,6 @@
 """The float64 reference against hand-written formulas, and normcore against PyTorch."""
 import numpy as np
-import pytest
 
-import normcore as nc
 from normcore.reference import reference_backward, reference_forward
 
 RNG = np.random.default_rng(3)
