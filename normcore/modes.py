@@ -115,12 +115,20 @@ def register_mode(name, spec, *, params=None, center=True, running_stats=False, 
 
 
 def modes() -> dict[str, Mode]:
-    """All registered modes by name (built-ins first, in registration order)."""
+    """All registered modes by name (built-ins first, in registration order).
+
+    >>> modes()["batch_norm"].spec
+    'n c ... -> c'
+    """
     return dict(_REGISTRY)
 
 
 def get_mode(mode) -> Mode:
-    """Return the :class:`Mode` for a registered name or a :class:`Mode` instance."""
+    """Return the :class:`Mode` for a registered name or a :class:`Mode` instance.
+
+    >>> get_mode("group_norm").params
+    '(g k)'
+    """
     if isinstance(mode, Mode):
         return mode
     if not isinstance(mode, str):

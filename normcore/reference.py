@@ -47,7 +47,13 @@ def _broadcast(a, axes_text, what, allowed, mode, names, dims):
 def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
                       training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False,
                       **sizes) -> ReferenceResult:
-    """float64 forward of ``mode`` (same keywords as :func:`normcore.normalize`)."""
+    """float64 forward of ``mode`` (same keywords as :func:`normcore.normalize`).
+
+    >>> x = np.arange(6.0).reshape(2, 3)
+    >>> reference_forward(x, "layer_norm", eps=0.0).y.round(4)
+    array([[-1.2247,  0.    ,  1.2247],
+           [-1.2247,  0.    ,  1.2247]])
+    """
     m = get_mode(mode)
     names, dims, kept, reduced = _axes(m, x.shape, sizes)
     xe = np.asarray(x, np.float64).reshape(dims)
@@ -89,7 +95,13 @@ def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, run
 
 
 def reference_backward(dy, result: ReferenceResult):
-    """float64 (dx, dweight, dbias) from the closed form; None where there is no parameter."""
+    """float64 (dx, dweight, dbias) from the closed form; None where there is no parameter.
+
+    >>> x = np.arange(6.0).reshape(2, 3)
+    >>> dx, dw, db = reference_backward(np.ones((2, 3)), reference_forward(x, "layer_norm", bias=np.zeros(3)))
+    >>> db, dw is None
+    (array([2., 2., 2.]), True)
+    """
     m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, _ = result.context
     d = np.asarray(dy, np.float64).reshape(dims)
     g = d * w

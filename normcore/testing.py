@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import HealthCheck, assume, currently_in_test_context, given, note, settings
 from hypothesis import strategies as st
 
 from .functional import backward, normalize
@@ -47,7 +47,10 @@ TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-10}
 
 
 def assert_close(actual, expected, dtype, what, scale=0.0):
-    """Assert max|actual - expected| <= TOLERANCE[dtype] * max(1, max|expected|, scale)."""
+    """Assert max|actual - expected| <= TOLERANCE[dtype] * max(1, max|expected|, scale).
+
+    >>> assert_close(np.float32([1.0, 2.0]), np.array([1.0, 2.0000001]), np.float32, "y")
+    """
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
@@ -55,7 +58,8 @@ def assert_close(actual, expected, dtype, what, scale=0.0):
         return
     scale = max(1.0, float(np.abs(expected).max()), scale)
     err = float(np.abs(actual - expected).max()) / scale
-    note(f"{what}: relative error {err:.3g} (tolerance {TOLERANCE[np.dtype(dtype)]:.1g})")
+    if currently_in_test_context():  # also usable from a plain (non-Hypothesis) test
+        note(f"{what}: relative error {err:.3g} (tolerance {TOLERANCE[np.dtype(dtype)]:.1g})")
     assert err <= TOLERANCE[np.dtype(dtype)], f"{what}: relative error {err:.3g} for {np.dtype(dtype)}"
 
 
