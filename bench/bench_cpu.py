@@ -90,8 +90,9 @@ def _torch(x_np, kind, channels):
         x = torch.from_numpy(x_np.copy())
     x.requires_grad_(True)
     c = x_np.shape[-1] if kind == "ln" else channels
-    w, b = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
-    rm, rv = torch.zeros(channels), torch.ones(channels)
+    dt = x.dtype
+    w, b = torch.ones(c, dtype=dt, requires_grad=True), torch.zeros(c, dtype=dt, requires_grad=True)
+    rm, rv = torch.zeros(channels, dtype=dt), torch.ones(channels, dtype=dt)
 
     def fwd(training=True):
         if kind in ("bn", "bn_cl"):
