@@ -24,10 +24,15 @@ merged in a fixed order, so results are bitwise identical for any number of thre
 
 Accumulation is always in double. Row sums use LANES independent accumulators, combined in
 a fixed order: the compiler vectorizes them without -ffast-math (IEEE semantics kept), and
-the order never depends on threads. Moments use two passes inside chunks of at most CHUNK
-elements (the second pass reads from cache) and Chan's parallel formula across chunks,
-rows and blocks: never E[x^2] - E[x]^2. The elementwise passes subtract the mean first and
-evaluate in double, so a large common offset in x does not cost float32 digits.
+the order never depends on threads. Never E[x^2] - E[x]^2: row moments use two passes
+inside chunks of at most CHUNK elements (the second pass reads from cache) merged by Chan's
+formula; column tiles use sums shifted by one of their own rows (exact, see
+_tile_col_moments); partial moments of rows and blocks merge by the two-pass formula over
+their means. The elementwise passes subtract the mean first and evaluate in double, so a
+large common offset in x does not cost float32 digits.
+
+When A == 1 every group is contiguous, and normalize_groups computes a group's statistics
+and writes its output in one visit, while the group is in cache.
 
 The kernels check nothing: normcore/functional.py validates shapes, dtypes and sizes.
 """
