@@ -223,3 +223,20 @@ def test_set_num_threads():
     finally:
         nc.set_num_threads(None)
     assert nc.get_num_threads() == kernels.K.max_threads()
+
+
+def test_kernels_release_the_gil_and_are_reentrant():
+    # normalize from several Python threads at once gives the same results as one by one
+    from concurrent.futures import ThreadPoolExecutor
+    xs = [RNG.standard_normal((64, 32, 40)).astype(np.float32) for _ in range(6)]
+    dy = RNG.standard_normal((64, 32, 40)).astype(np.float32)
+
+    def run(x):
+        y, cache = nc.normalize(x, "batch_norm")
+        return y, nc.backward(dy, cache)[0]
+
+    expected = [run(x) for x in xs]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(run, xs))
+    for (y, dx), (ye, dxe) in zip(got, expected, strict=True):
+        assert np.array_equal(y, ye) and np.array_equal(dx, dxe)
