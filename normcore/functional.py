@@ -142,6 +142,8 @@ def _from_canonical(a3: np.ndarray, plan: Plan) -> np.ndarray:
 def _moments(x3: np.ndarray, plan: Plan, threads: int):
     """Per-group (mean, biased variance) in float64, from one compiled pass over x."""
     A, C, B = plan.layout
+    if plan.scattered is not None:
+        return _scattered_moments(x3.reshape(plan.rows), plan, threads)
     if plan.columns:
         rpb = plan.rows_per_block
         nb = -(-A // rpb)
@@ -160,6 +162,24 @@ def _moments(x3: np.ndarray, plan: Plan, threads: int):
     mean = np.empty(C)
     m2 = np.empty(C)
     kernels.K.combine_moments(pmean, pm2, counts, mean, m2, threads)
+    return mean, m2 / plan.count
+
+
+def _scattered_moments(x_rows, plan: Plan, threads: int):
+    """Moments of groups whose rows lie apart: per-row partials, reordered to
+    (partials of a group, C), merged like row partials."""
+    _, R, S = plan.rows
+    C = plan.layout[1]
+    pmean, pm2 = np.empty((1, R)), np.empty((1, R))
+    kernels.K.moments_rows(x_rows, pmean, pm2, threads)
+    row_shape = plan.elem_shape[:len(plan.scattered)]
+
+    def by_group(p):
+        return np.ascontiguousarray(p.reshape(row_shape).transpose(plan.scattered)).reshape(-1, C)
+
+    pmean, pm2 = by_group(pmean), by_group(pm2)
+    mean, m2 = np.empty(C), np.empty(C)
+    kernels.K.combine_moments(pmean, pm2, np.full(pmean.shape[0], float(S)), mean, m2, threads)
     return mean, m2 / plan.count
 
 
@@ -285,7 +305,7 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     b = None if bias is None else bias.astype(np.float64).reshape(-1)
     use_batch = training or not has_running
     # With A == 1 every group is contiguous: statistics and output in one pass over x.
-    one_pass = use_batch and not estimate and plan.layout[0] == 1 and C > 0
+    one_pass = use_batch and not estimate and plan.layout[0] == 1 and plan.scattered is None and C > 0
     if one_pass:
         mean, var, rstd = _normalize_groups(x3, plan, m.center, eps, w, b, y_rows, threads)
     elif use_batch and C:

@@ -1,10 +1,11 @@
 """From (mode, input shape, sizes) to an immutable plan on the canonical (A, C, B) layout.
 
 Every mode lands on one layout: a C-contiguous (A, C, B) array whose statistics groups are
-indexed by ``c`` and reduced over ``a`` and ``b``. Adjacent axes of the same kind merge;
-when the kept axes are not adjacent (or parameters sit on the leading reduced axes) the
-input is transposed to (kept..., reduced...), i.e. A = 1. Plans are cached by
-(mode, shape, sizes).
+indexed by ``c`` and reduced over ``a`` and ``b``. Adjacent axes of the same kind merge.
+When the kept axes are not adjacent (or parameters sit on the leading reduced axes), the
+groups are normalized in place on rows of the trailing reduced axes if those rows are long
+enough ("scattered" plans); otherwise the input is transposed to (kept..., reduced...),
+i.e. A = 1. Plans are cached by (mode, shape, sizes).
 """
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ class Plan:
     rc: np.ndarray | None   # (C,) running-statistics entry of each group
     groups_per_running: int  # groups averaged into one running entry
     rows_per_block: int     # fixed block height of column / parameter reductions
+    # Kept axes not adjacent, read in place: rows are the trailing reduced run, a group's
+    # rows are scattered, and (A, C, B) is not a view of x. This orders the per-row
+    # partial moments (row axes) as (reduced..., kept...), i.e. (partials per group, C).
+    scattered: tuple | None = None
 
     @property
     def columns(self) -> bool:
@@ -125,6 +130,45 @@ def _offsets(axes, dims, strides):
     return out
 
 
+# Below this many elements per row, in-place rows of scattered groups cost more than one
+# transpose of x.
+_MIN_ROW = 32
+
+
+def _in_place_rows(tail, dims, is_param, param_strides):
+    """The trailing axes that can serve as rows when scattered groups are normalized in
+    place: either the run after the tail's last parameter axis (one parameter per row), or
+    the whole tail when its parameters cover it with unit stride (inner rows). Rows must
+    hold at least _MIN_ROW elements; () when neither works."""
+    tail = list(tail)
+    p_ax = [i for i in tail if is_param[i]]
+    plain = tail[tail.index(p_ax[-1]) + 1:] if p_ax else tail
+    if prod(dims[i] for i in plain) >= _MIN_ROW:
+        return tuple(plain)
+    big = [i for i in tail if dims[i] > 1]
+    inner = p_ax and p_ax == big and param_strides[p_ax[-1]] == 1 and all(
+        param_strides[p] == param_strides[q] * dims[q] for p, q in zip(p_ax, p_ax[1:]))
+    return tuple(tail) if inner and prod(dims[i] for i in tail) >= _MIN_ROW else ()
+
+
+def _row_major(flags, dims):
+    """Row-major strides over the axes where ``flags`` is true (0 elsewhere)."""
+    strides, stride = [0] * len(dims), 1
+    for i in reversed(range(len(dims))):
+        if flags[i]:
+            strides[i] = stride
+            stride *= dims[i]
+    return strides
+
+
+def _running_index(running_shape, run_strides, axes, kept, dims, C):
+    """(C,) running-statistics entry of each group, and groups per entry."""
+    if running_shape is None:
+        return None, 1
+    group_axes = [i for i in axes if kept[i]]
+    return _offsets(group_axes, dims, run_strides), (C // max(prod(running_shape), 1) if C else 1)
+
+
 @lru_cache(maxsize=4096)
 def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
     names, dims = _elementary(mode, shape, dict(sizes))
@@ -162,8 +206,25 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
     lead = prod(dims[:first])
     params_reduced = any(is_param[i] and not kept[i] for i in range(nd))
     lead_params = any(is_param[i] for i in range(first))
+    scattered = None
     if contiguous_run and not lead_params and not (params_reduced and lead > 1):
         a_axes, c_axes, b_axes = list(range(first)), list(range(first, last + 1)), list(range(last + 1, nd))
+    elif _in_place_rows(range(last + 1, nd), dims, is_param, param_strides):
+        # Kept axes interleaved with reduced ones (e.g. "b t (h d) -> b h"): rather than
+        # transposing x, normalize rows of trailing reduced axes where they lie.
+        s_axes = list(_in_place_rows(range(last + 1, nd), dims, is_param, param_strides))
+        row_axes = list(range(nd - len(s_axes)))
+        stat_strides = _row_major(kept, dims)
+        rg = _offsets(row_axes, dims, stat_strides)
+        rp = None if param_shape is None else _offsets(row_axes, dims, param_strides)
+        R, S = prod(dims[i] for i in row_axes), prod(dims[i] for i in s_axes)
+        C = prod(dims[i] for i in range(nd) if kept[i])
+        scattered = tuple([i for i in row_axes if not kept[i]] + [i for i in row_axes if kept[i]])
+        rc, per_running = _running_index(running_shape, run_strides, row_axes, kept, dims, C)
+        return Plan(tuple(shape), tuple(dims), None, (1, C, R * S // max(C, 1)), (1, R, S),
+                    tuple(dims[i] for i in range(nd) if kept[i]), param_shape, running_shape,
+                    R * S // max(C, 1), rg, rp, any(is_param[i] for i in s_axes), rc, per_running,
+                    max(1, -(-R // _PARAM_BLOCKS)), scattered)
     else:  # transpose to (kept, reduced): A = 1
         a_axes = []
         c_axes = [i for i in range(nd) if kept[i]]
@@ -195,10 +256,7 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
     rg = np.repeat(np.arange(C, dtype=np.intp), R // C if C else 0)
     rg.setflags(write=False)
     rp = None if param_shape is None else _offsets(row_axes, dims, param_strides)
-    rc, per_running = None, 1
-    if running_shape is not None:
-        rc = _offsets(c_axes, dims, run_strides)
-        per_running = C // max(prod(running_shape), 1) if C else 1
+    rc, per_running = _running_index(running_shape, run_strides, c_axes, [True] * nd, dims, C)
 
     stat_shape = tuple(dims[i] for i in range(nd) if kept[i])
     if A > 1 and B == 1:

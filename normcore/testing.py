@@ -77,18 +77,23 @@ def float_arrays(draw, shape, dtype):
 
 
 @st.composite
-def mode_cases(draw, mode, *, dtypes=(np.float32, np.float64), max_side=4, max_extra=2, **sizes):
+def mode_cases(draw, mode, *, dtypes=(np.float32, np.float64), max_side=4, max_extra=2, last_side=None,
+               **sizes):
     """Draw ``(shape, sizes, dtype)`` fitting ``mode``'s spec.
 
     Sizes given here are fixed; for a parenthesised group all but its last unknown
     elementary size are passed on, so the last one is inferred from the shape.
+    ``last_side`` lets the last input axis be long (half the draws in [last_side/2, last_side]).
     """
     m = get_mode(mode)
     fixed = dict(m.sizes)
     fixed.update(sizes)
     shape, call_sizes = [], dict(sizes)
-    side = st.integers(1, max_side)
-    for group in m.parsed.lhs:
+    for index, group in enumerate(m.parsed.lhs):
+        last = index == len(m.parsed.lhs) - 1
+        side = st.integers(1, max_side)
+        if last and last_side:
+            side = st.one_of(side, st.integers(max(1, last_side // 2), last_side))
         if group == (ELLIPSIS,):
             shape += draw(st.lists(side, min_size=0, max_size=max_extra))
         elif len(group) == 1:
@@ -125,7 +130,10 @@ def _running(data, m, plan, dtype):
 
 
 def _draw_call(data, m, sizes, *, dtypes=(np.float32, np.float64)):
-    shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=dtypes, **sizes), label="case")
+    sizes = dict(sizes)
+    last_side = sizes.pop("last_side", None)
+    shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=dtypes, last_side=last_side, **sizes),
+                                         label="case")
     plan = make_plan(m, shape, call_sizes)
     x = data.draw(float_arrays(shape, dtype), label="x")
     kw = dict(call_sizes)

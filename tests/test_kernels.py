@@ -240,3 +240,38 @@ def test_kernels_release_the_gil_and_are_reentrant():
         got = list(pool.map(run, xs))
     for (y, dx), (ye, dxe) in zip(got, expected, strict=True):
         assert np.array_equal(y, ye) and np.array_equal(dx, dxe)
+
+
+@pytest.mark.parametrize("spec, params, running, shape, sizes", [
+    ("b t (h d) -> b h", "(h d)", None, (3, 5, 2 * 40), {"h": 2}),      # parameters along the rows
+    ("b t (h d) -> b h", "h", None, (3, 5, 2 * 40), {"h": 2}),          # one parameter per row
+    ("n c h w -> n h", "c", "h", (4, 3, 2, 36), {}),                    # running statistics
+    ("a b c d -> a c", None, None, (2, 3, 4, 33), {}),
+])
+def test_non_adjacent_kept_axes_are_normalized_in_place(spec, params, running, shape, sizes):
+    mode = nc.Mode(spec, params=params, running_stats=running)
+    plan = make_plan(mode, shape, sizes)
+    assert plan.perm is None and plan.scattered is not None  # no transpose of x
+    x = 30 + RNG.standard_normal(shape)
+    dy = RNG.standard_normal(shape)
+    kw = dict(sizes)
+    if params:
+        kw["weight"] = RNG.standard_normal(plan.param_shape)
+        kw["bias"] = RNG.standard_normal(plan.param_shape)
+    if running:
+        kw["running_mean"] = RNG.standard_normal(plan.running_shape)
+        kw["running_var"] = RNG.uniform(0.5, 2, plan.running_shape)
+    for training in (True, False) if running else (True,):
+        call = {k: (v.copy() if k.startswith("running") else v) for k, v in kw.items()}
+        ref_call = {k: (v.copy() if k.startswith("running") else v) for k, v in kw.items()}
+        y, cache = nc.normalize(x, mode, training=training, **call)
+        ref = reference_forward(x, mode, training=training, **ref_call)
+        np.testing.assert_allclose(y, ref.y, rtol=1e-10, atol=1e-10)
+        if running and training:
+            np.testing.assert_allclose(call["running_mean"], ref.running_mean, rtol=1e-12)
+            np.testing.assert_allclose(call["running_var"], ref.running_var, rtol=1e-12)
+        got, want = nc.backward(dy, cache), reference_backward(dy, ref)
+        for g, r in zip(got, want, strict=True):
+            assert (g is None) == (r is None)
+            if g is not None:
+                np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
