@@ -129,9 +129,7 @@ def _running(data, m, plan, dtype):
             "running_var": rng.uniform(0.25, 4.0, plan.running_shape).astype(dtype)}
 
 
-def _draw_call(data, m, sizes, *, dtypes=(np.float32, np.float64)):
-    sizes = dict(sizes)
-    last_side = sizes.pop("last_side", None)
+def _draw_call(data, m, sizes, last_side, *, dtypes=(np.float32, np.float64)):
     shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=dtypes, last_side=last_side, **sizes),
                                          label="case")
     plan = make_plan(m, shape, call_sizes)
@@ -162,9 +160,9 @@ def _group_axes(m, shape, sizes):
     return dims, tuple(i for i, k in enumerate(kept) if not k)
 
 
-def prop_forward_matches_reference(m, data, sizes):
+def prop_forward_matches_reference(m, data, sizes, last_side=None):
     """Forward output and running-statistic updates equal the float64 reference."""
-    x, kw, _ = _draw_call(data, m, sizes)
+    x, kw, _ = _draw_call(data, m, sizes, last_side)
     ref = reference_forward(x, m, **_copy_running(kw))
     call = _copy_running(kw)
     y, _ = normalize(x, m, **call)
@@ -175,17 +173,18 @@ def prop_forward_matches_reference(m, data, sizes):
         assert_close(call["running_var"], ref.running_var, x.dtype, "running_var")
 
 
-def _draw_plain(data, m, sizes):
+def _draw_plain(data, m, sizes, last_side):
     """A float64 input with no parameters and no running statistics."""
-    shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=(np.float64,), **sizes), label="case")
+    shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=(np.float64,), last_side=last_side, **sizes),
+                                         label="case")
     if m.running_stats is not None:
         assume(make_plan(m, shape, call_sizes).count > 1)
     return data.draw(float_arrays(shape, dtype), label="x"), call_sizes, dtype
 
 
-def prop_normalized_moments(m, data, sizes):
+def prop_normalized_moments(m, data, sizes, last_side=None):
     """Without affine, each group of y has mean 0 (centred) and variance var/(var+eps)."""
-    x, call_sizes, dtype = _draw_plain(data, m, sizes)
+    x, call_sizes, dtype = _draw_plain(data, m, sizes, last_side)
     shape = x.shape
     eps = 1e-5
     y, _ = normalize(x, m, eps=eps, **call_sizes)
@@ -200,9 +199,9 @@ def prop_normalized_moments(m, data, sizes):
     assert_close(spread, (var / (var + eps)).reshape(spread.shape), dtype, "group variance of y")
 
 
-def prop_invariances(m, data, sizes):
+def prop_invariances(m, data, sizes, last_side=None):
     """y is unchanged by a per-group shift (centred) and by positive scaling of x."""
-    x, call_sizes, dtype = _draw_plain(data, m, sizes)
+    x, call_sizes, dtype = _draw_plain(data, m, sizes, last_side)
     shape = x.shape
     dims, reduced = _group_axes(m, shape, call_sizes)
     gshape = [1 if i in reduced else d for i, d in enumerate(dims)]
@@ -229,9 +228,9 @@ def prop_invariances(m, data, sizes):
         assert_close(yg[ok], y0[ok], dtype, "y after per-group scaling")
 
 
-def prop_backward_matches_reference(m, data, sizes):
+def prop_backward_matches_reference(m, data, sizes, last_side=None):
     """dx, dweight, dbias equal the float64 closed form (training, eval, estimated)."""
-    x, kw, call_sizes = _draw_call(data, m, sizes)
+    x, kw, call_sizes = _draw_call(data, m, sizes, last_side)
     dy = data.draw(float_arrays(x.shape, x.dtype), label="dy")
     ref = reference_forward(x, m, **_copy_running(kw))
     y, cache = normalize(x, m, **_copy_running(kw))
@@ -253,9 +252,9 @@ def prop_backward_matches_reference(m, data, sizes):
         assert float(np.abs(sums).max()) <= TOLERANCE[x.dtype] * scale, "dx does not sum to zero per group"
 
 
-def prop_central_difference(m, data, sizes):
+def prop_central_difference(m, data, sizes, last_side=None):
     """float64 backward equals a central difference of the compiled forward."""
-    x, kw, _ = _draw_call(data, m, sizes, dtypes=(np.float64,))
+    x, kw, _ = _draw_call(data, m, sizes, last_side, dtypes=(np.float64,))
     assume(x.size <= 48)
     assume(not kw.get("estimate"))  # estimated BN deliberately drops d(stats)/dx
     # Fresh N(0, 1) data: no ties (kinks) and no offset whose cancellation would swamp the
@@ -294,10 +293,11 @@ PROPERTIES = (prop_forward_matches_reference, prop_normalized_moments, prop_inva
               prop_backward_matches_reference, prop_central_difference)
 
 
-def check_mode(mode, *, max_examples=30, **sizes):
+def check_mode(mode, *, max_examples=30, last_side=None, **sizes):
     """Run every property in :data:`PROPERTIES` on ``mode`` (a name or a Mode).
 
-    ``sizes`` fixes axis sizes (e.g. ``g=2``); others are drawn. Raises the first
+    ``sizes`` fixes axis sizes (e.g. ``g=2``); others are drawn (1 to 4, the last input
+    axis up to ``last_side`` when given, to reach long-row code paths). Raises the first
     falsifying example, as a Hypothesis test does.
 
     >>> check_mode("layer_norm", max_examples=5)
@@ -309,7 +309,7 @@ def check_mode(mode, *, max_examples=30, **sizes):
                   suppress_health_check=list(HealthCheck))
         @given(st.data())
         def run(data):
-            prop(m, data, sizes)
+            prop(m, data, sizes, last_side)
         run.__name__ = f"{prop.__name__}[{m.name or m.spec}]"
         return run
 
