@@ -394,7 +394,24 @@ def backward(dy, cache, *, out=None):
         # rows -> their group's total / n -> back to rows (bincount adds in a fixed order)
         return (np.bincount(plan.rg, weights=values, minlength=plan.layout[1]) / n)[plan.rg]
 
-    if plan.param_inner and affine:
+    C = plan.layout[1]
+    if cache.stats_grad and plan.layout[0] == 1 and plan.scattered is None and C:
+        # every group is contiguous: its sums and its dx in one visit (dy, x read once)
+        kind = 0 if not affine else (2 if plan.param_inner else 1)
+        w_ = w if w is not None else np.ones(max(P, 1))
+        t1, t2 = np.empty(R), np.empty(R)
+        nb_shape = (-(-C // _groups_per_block(plan)), P) if kind == 2 else (1, 1)
+        pdw, pdb = np.zeros(nb_shape), np.zeros(nb_shape)
+        kernels.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, center, kind,
+                                  plan.rp if affine else _NO_INDEX, w_, cache.mean, cache.rstd,
+                                  _groups_per_block(plan), t1, t2, pdw, pdb, dx_rows.reshape(plan.layout),
+                                  threads)
+        if kind == 2:
+            dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
+        elif kind == 1:
+            dw = np.bincount(plan.rp, weights=rstd_r * t2, minlength=P)
+            db = np.bincount(plan.rp, weights=t1, minlength=P)
+    elif plan.param_inner and affine:
         w = np.ones(P) if w is None else w
         rpb = plan.rows_per_block
         nb = max(1, -(-R // rpb))
@@ -428,6 +445,11 @@ def backward(dy, cache, *, out=None):
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
     dbias = db.reshape(plan.param_shape).astype(cache.dtype) if cache.has_bias else None
     return dx, dweight, dbias
+
+
+def _groups_per_block(plan: Plan) -> int:
+    """Groups per block of the one-visit backward: at most 16 blocks of parameter partials."""
+    return max(1, -(-plan.layout[1] // 16))
 
 
 def _row_sums(dy_rows, x_rows, mean_r, plan: Plan, threads: int):

@@ -490,6 +490,67 @@ def normalize_groups(const floating[:, :, ::1] x,   # IN  (1, C, B): group c is 
                     _affine_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs, 0.0)
 
 
+cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                                 double mu, double rs, double* dw, double* db) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dw[i] += dy[i] * ((x[i] - mu) * rs)
+        db[i] += dy[i]
+
+
+def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is dy[0, c]
+                    const floating[:, :, ::1] x,    # IN  (1, C, B)
+                    Py_ssize_t rows_per_group,      # J: the group's B elements are J rows of S
+                    bint center,
+                    int affine,                     # 0 none, 1 one w per row, 2 w along S
+                    const Py_ssize_t[::1] rp,       # IN  (C * J,) parameter offset of each row
+                    const double[::1] w,            # IN  (P,)
+                    const double[::1] mean,         # IN  (C,)
+                    const double[::1] rstd,         # IN  (C,)
+                    Py_ssize_t groups_per_block,
+                    double[::1] t1,                 # OUT (C * J,) row sums of dy (affine 0, 1)
+                    double[::1] t2,                 # OUT (C * J,) row sums of dy * (x - mean)
+                    double[:, ::1] pdw,             # OUT (nblocks, P) zeroed (affine 2)
+                    double[:, ::1] pdb,             # OUT (nblocks, P) zeroed (affine 2)
+                    floating[:, :, ::1] dx,         # OUT (1, C, B)
+                    int threads):                   # OpenMP threads for this call
+    """Training-mode backward of an A == 1 layout in one visit per group: the group's sums,
+    then its dx while dy and x are still in cache (same formulas as dx_rows / dx_inner)."""
+    cdef Py_ssize_t C = x.shape[1], B = x.shape[2], J = rows_per_group, S = B // rows_per_group
+    cdef Py_ssize_t nb = (C + groups_per_block - 1) // groups_per_block
+    cdef Py_ssize_t k, c, j, r, o
+    cdef double mu, rs, a1, a2, m1, m2, g
+    with nogil:
+        for k in prange(nb, schedule='static', num_threads=threads):
+            for c in range(k * groups_per_block, k * groups_per_block + _block_rows(k, groups_per_block, C)):
+                mu = mean[c]
+                rs = rstd[c]
+                a1 = 0.0
+                a2 = 0.0
+                for j in range(J):
+                    r = c * J + j
+                    o = j * S
+                    if affine == 2:
+                        a1 = a1 + _dot_w(&dy[0, c, o], &w[rp[r]], S)
+                        a2 = a2 + _dot_w_dev(&dy[0, c, o], &w[rp[r]], &x[0, c, o], S, mu) * rs
+                        _row_param_sums(&dy[0, c, o], &x[0, c, o], S, mu, rs, &pdw[k, rp[r]], &pdb[k, rp[r]])
+                    else:
+                        _row_sums(&dy[0, c, o], &x[0, c, o], S, mu, &t1[r], &t2[r])
+                        g = w[rp[r]] if affine == 1 else 1.0
+                        a1 = a1 + g * t1[r]
+                        a2 = a2 + g * (rs * t2[r])
+                m1 = a1 / B if center else 0.0
+                m2 = a2 / B
+                for j in range(J):
+                    r = c * J + j
+                    o = j * S
+                    if affine == 2:
+                        _dx_inner_row(&dy[0, c, o], &x[0, c, o], &dx[0, c, o], S, mu, rs, &w[rp[r]], m1, m2)
+                    else:
+                        g = w[rp[r]] if affine == 1 else 1.0
+                        _dx_row(&dy[0, c, o], &x[0, c, o], &dx[0, c, o], S, mu, rs * g, -rs * rs * m2, -rs * m1)
+
+
 cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssize_t rows,
                                   Py_ssize_t ld, Py_ssize_t tw, const double* mean,
                                   const double* rstd, const Py_ssize_t* rp, Py_ssize_t c0,
