@@ -378,73 +378,97 @@ def backward(dy, cache, *, out=None):
     if out is not None:
         _check_out(out, plan.shape, cache.dtype, {"dy": dy, "x": cache.x3})
     dy_rows = _canonical(dy, plan).reshape(plan.rows)
-    threads = kernels.threads_for(dy_rows.size)
-    x_rows = cache.x3.reshape(plan.rows)
-    mean_r, rstd_r = cache.mean[plan.rg], cache.rstd[plan.rg]
-    R = plan.rows[1]
-    n = plan.count
-    center = cache.mode.center
     dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else np.empty(plan.rows, cache.dtype)
-    affine = cache.has_weight or cache.has_bias
-    P = math.prod(plan.param_shape) if affine else 0
-    w = cache.weight
-    dw = db = None
-
-    def per_row_group_mean(values):
-        # rows -> their group's total / n -> back to rows (bincount adds in a fixed order)
-        return (np.bincount(plan.rg, weights=values, minlength=plan.layout[1]) / n)[plan.rg]
-
-    C = plan.layout[1]
-    if cache.stats_grad and plan.layout[0] == 1 and plan.scattered is None and C:
-        # every group is contiguous: its sums and its dx in one visit (dy, x read once)
-        kind = 0 if not affine else (2 if plan.param_inner else 1)
-        w_ = w if w is not None else np.ones(max(P, 1))
-        t1, t2 = np.empty(R), np.empty(R)
-        nb_shape = (-(-C // _groups_per_block(plan)), P) if kind == 2 else (1, 1)
-        pdw, pdb = np.zeros(nb_shape), np.zeros(nb_shape)
-        kernels.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, center, kind,
-                                  plan.rp if affine else _NO_INDEX, w_, cache.mean, cache.rstd,
-                                  _groups_per_block(plan), t1, t2, pdw, pdb, dx_rows.reshape(plan.layout),
-                                  threads)
-        if kind == 2:
-            dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
-        elif kind == 1:
-            dw = np.bincount(plan.rp, weights=rstd_r * t2, minlength=P)
-            db = np.bincount(plan.rp, weights=t1, minlength=P)
-    elif plan.param_inner and affine:
-        w = np.ones(P) if w is None else w
-        rpb = plan.rows_per_block
-        nb = max(1, -(-R // rpb))
-        s1, s2 = np.empty(R), np.empty(R)
-        pdw, pdb = np.zeros((nb, P)), np.zeros((nb, P))
-        kernels.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, rpb, s1, s2, pdw, pdb, threads)
-        dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
-        c1 = per_row_group_mean(s1) if cache.stats_grad and center else np.zeros(R)
-        c2 = per_row_group_mean(s2) if cache.stats_grad else np.zeros(R)
-        kernels.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows, threads)
+    threads = kernels.threads_for(dy_rows.size)
+    if cache.stats_grad and plan.layout[0] == 1 and plan.scattered is None and plan.layout[1]:
+        dw, db = _backward_one_visit(dy_rows, cache, dx_rows, threads)
+    elif plan.param_inner and (cache.has_weight or cache.has_bias):
+        dw, db = _backward_inner(dy_rows, cache, dx_rows, threads)
     else:
-        gamma = np.ones(R) if w is None else w[plan.rp]
-        k1 = rstd_r * gamma
-        k2 = k3 = np.zeros(R)
-        if cache.stats_grad or affine:
-            t1, t2 = _row_sums(dy_rows, x_rows, mean_r, plan, threads)  # sum dy, sum dy * (x - mean)
-            dyxhat = rstd_r * t2
-            if affine:
-                dw = np.bincount(plan.rp, weights=dyxhat, minlength=P)
-                db = np.bincount(plan.rp, weights=t1, minlength=P)
-            if cache.stats_grad:
-                # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
-                # xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3.
-                m2 = per_row_group_mean(gamma * dyxhat)
-                k2 = -rstd_r * rstd_r * m2
-                if center:
-                    k3 = -rstd_r * per_row_group_mean(gamma * t1)
-        kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, threads)
+        dw, db = _backward_rows(dy_rows, cache, dx_rows, threads)
 
     dx = _result(dx_rows, plan, out)
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
     dbias = db.reshape(plan.param_shape).astype(cache.dtype) if cache.has_bias else None
     return dx, dweight, dbias
+
+
+def _group_mean_per_row(values, plan: Plan):
+    """Per-row values -> their group's total / n -> back to rows (bincount adds in order)."""
+    return (np.bincount(plan.rg, weights=values, minlength=plan.layout[1]) / plan.count)[plan.rg]
+
+
+def _row_param_grads(t1, t2, rstd_r, plan: Plan):
+    """dweight, dbias from per-row sums when each row has one parameter."""
+    P = math.prod(plan.param_shape)
+    return (np.bincount(plan.rp, weights=rstd_r * t2, minlength=P),
+            np.bincount(plan.rp, weights=t1, minlength=P))
+
+
+def _backward_one_visit(dy_rows, cache, dx_rows, threads):
+    """Training backward when every group is contiguous: its sums and its dx in one visit."""
+    plan = cache.plan
+    R, C = plan.rows[1], plan.layout[1]
+    affine = cache.has_weight or cache.has_bias
+    P = math.prod(plan.param_shape) if affine else 1
+    kind = 0 if not affine else (2 if plan.param_inner else 1)
+    t1, t2 = np.empty(R), np.empty(R)
+    partials = (-(-C // _groups_per_block(plan)), P) if kind == 2 else (1, 1)
+    pdw, pdb = np.zeros(partials), np.zeros(partials)
+    kernels.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, cache.mode.center, kind,
+                              plan.rp if affine else _NO_INDEX,
+                              cache.weight if cache.weight is not None else np.ones(P),
+                              cache.mean, cache.rstd, _groups_per_block(plan), t1, t2, pdw, pdb,
+                              dx_rows.reshape(plan.layout), threads)
+    if kind == 2:
+        return pdw.sum(axis=0), pdb.sum(axis=0)
+    if kind == 1:
+        return _row_param_grads(t1, t2, cache.rstd[plan.rg], plan)
+    return None, None
+
+
+def _backward_inner(dy_rows, cache, dx_rows, threads):
+    """Parameters along the rows (layer norm) outside the one-visit case."""
+    plan = cache.plan
+    R, P = plan.rows[1], math.prod(plan.param_shape)
+    x_rows = cache.x3.reshape(plan.rows)
+    mean_r, rstd_r = cache.mean[plan.rg], cache.rstd[plan.rg]
+    w = np.ones(P) if cache.weight is None else cache.weight
+    nb = max(1, -(-R // plan.rows_per_block))
+    s1, s2 = np.empty(R), np.empty(R)
+    pdw, pdb = np.zeros((nb, P)), np.zeros((nb, P))
+    kernels.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, plan.rows_per_block, s1, s2,
+                         pdw, pdb, threads)
+    c1 = _group_mean_per_row(s1, plan) if cache.stats_grad and cache.mode.center else np.zeros(R)
+    c2 = _group_mean_per_row(s2, plan) if cache.stats_grad else np.zeros(R)
+    kernels.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows, threads)
+    return pdw.sum(axis=0), pdb.sum(axis=0)
+
+
+def _backward_rows(dy_rows, cache, dx_rows, threads):
+    """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients."""
+    plan = cache.plan
+    R = plan.rows[1]
+    x_rows = cache.x3.reshape(plan.rows)
+    mean_r, rstd_r = cache.mean[plan.rg], cache.rstd[plan.rg]
+    affine = cache.has_weight or cache.has_bias
+    gamma = np.ones(R) if cache.weight is None else cache.weight[plan.rp]
+    k1 = rstd_r * gamma
+    k2 = k3 = np.zeros(R)
+    dw = db = None
+    if cache.stats_grad or affine:
+        t1, t2 = _row_sums(dy_rows, x_rows, mean_r, plan, threads)  # sum dy, sum dy * (x - mean)
+        if affine:
+            dw, db = _row_param_grads(t1, t2, rstd_r, plan)
+        if cache.stats_grad:
+            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
+            # xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3.
+            m2 = _group_mean_per_row(gamma * (rstd_r * t2), plan)
+            k2 = -rstd_r * rstd_r * m2
+            if cache.mode.center:
+                k3 = -rstd_r * _group_mean_per_row(gamma * t1, plan)
+    kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, threads)
+    return dw, db
 
 
 def _groups_per_block(plan: Plan) -> int:
