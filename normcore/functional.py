@@ -21,7 +21,7 @@ import numpy as np
 
 from . import kernels
 from .modes import Mode, get_mode
-from .plan import Plan, make_plan
+from .plan import PARAM_BLOCKS, Plan, make_plan
 
 __all__ = ["normalize", "backward", "NormCache"]
 
@@ -157,10 +157,14 @@ def _moments(x3: np.ndarray, plan: Plan, threads: int):
         pm2 = np.empty((A, C))
         kernels.K.moments_rows(x3, pmean, pm2, threads)
         counts = np.full(A, float(B))
+    return _merge_partials(pmean, pm2, counts, plan, threads)
+
+
+def _merge_partials(pmean, pm2, counts, plan: Plan, threads: int):
+    """(K, C) partial moments, ``counts[k]`` elements each -> per-group (mean, biased var)."""
     if pmean.shape[0] == 1:
         return pmean[0], pm2[0] / plan.count
-    mean = np.empty(C)
-    m2 = np.empty(C)
+    mean, m2 = np.empty(pmean.shape[1]), np.empty(pmean.shape[1])
     kernels.K.combine_moments(pmean, pm2, counts, mean, m2, threads)
     return mean, m2 / plan.count
 
@@ -178,9 +182,7 @@ def _scattered_moments(x_rows, plan: Plan, threads: int):
         return np.ascontiguousarray(p.reshape(row_shape).transpose(plan.scattered)).reshape(-1, C)
 
     pmean, pm2 = by_group(pmean), by_group(pm2)
-    mean, m2 = np.empty(C), np.empty(C)
-    kernels.K.combine_moments(pmean, pm2, np.full(pmean.shape[0], float(S)), mean, m2, threads)
-    return mean, m2 / plan.count
+    return _merge_partials(pmean, pm2, np.full(pmean.shape[0], float(S)), plan, threads)
 
 
 def _normalize_groups(x3, plan: Plan, center, eps, w, b, y_rows, threads):
@@ -472,8 +474,8 @@ def _backward_rows(dy_rows, cache, dx_rows, threads):
 
 
 def _groups_per_block(plan: Plan) -> int:
-    """Groups per block of the one-visit backward: at most 16 blocks of parameter partials."""
-    return max(1, -(-plan.layout[1] // 16))
+    """Groups per block of the one-visit backward: as many partial blocks as the plan's."""
+    return max(1, -(-plan.layout[1] // PARAM_BLOCKS))
 
 
 def _row_sums(dy_rows, x_rows, mean_r, plan: Plan, threads: int):

@@ -22,7 +22,7 @@ __all__ = ["Plan", "make_plan"]
 
 # Rows per block of column reductions, and the most blocks of rows for parameter partials.
 _BLOCK_ROWS = 128
-_PARAM_BLOCKS = 16
+PARAM_BLOCKS = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,7 +224,7 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
         return Plan(tuple(shape), tuple(dims), None, (1, C, R * S // max(C, 1)), (1, R, S),
                     tuple(dims[i] for i in range(nd) if kept[i]), param_shape, running_shape,
                     R * S // max(C, 1), rg, rp, any(is_param[i] for i in s_axes), rc, per_running,
-                    max(1, -(-R // _PARAM_BLOCKS)), scattered)
+                    max(1, -(-R // PARAM_BLOCKS)), scattered)
     else:  # transpose to (kept, reduced): A = 1
         a_axes = []
         c_axes = [i for i in range(nd) if kept[i]]
@@ -264,8 +264,8 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
         # log2(rows) bits), at least 16 blocks where A allows, for parallelism.
         rows_per_block = max(1, min(_BLOCK_ROWS, -(-A // 16)))
     else:
-        # blocks of rows for parameter partials: at most _PARAM_BLOCKS partial rows
-        rows_per_block = max(1, -(-R // _PARAM_BLOCKS))
+        # blocks of rows for parameter partials: at most PARAM_BLOCKS partial rows
+        rows_per_block = max(1, -(-R // PARAM_BLOCKS))
     return Plan(tuple(shape), tuple(dims), perm, (A, C, B), (A, R, S), stat_shape, param_shape,
                 running_shape, A * B, rg, rp, param_inner, rc, per_running, rows_per_block)
 

@@ -557,18 +557,9 @@ cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssiz
                                   double* dw, double* db) noexcept nogil:
     # dweight / dbias partials of a block's column tile; rows add into their parameter
     # slice, which stays in L1 across the rows (one slice for layer norm).
-    cdef Py_ssize_t i, c
-    cdef double mu, rs
-    cdef double* dwp
-    cdef double* dbp
+    cdef Py_ssize_t i
     for i in range(rows):
-        mu = mean[i]
-        rs = rstd[i]
-        dwp = dw + rp[i] + c0
-        dbp = db + rp[i] + c0
-        for c in range(tw):
-            dwp[c] += dy[i * ld + c] * ((x[i * ld + c] - mu) * rs)
-            dbp[c] += dy[i * ld + c]
+        _row_param_sums(dy + i * ld, x + i * ld, tw, mean[i], rstd[i], dw + rp[i] + c0, db + rp[i] + c0)
 
 
 def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
