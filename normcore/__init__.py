@@ -12,7 +12,9 @@ from .forms import (batch_norm, group_norm, instance_norm, layer_norm, rms_norm,
 
 from .layers import (BatchChannelNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelNorm,
                      EstimatedBatchNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
-                     LayerNorm, RMSNorm)
+                     LayerNorm, RMSNorm, SyncBatchNorm)
+from . import sync
+from .sync import SyncError
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,5 @@ __all__ = [
     "weight_standardize", "weight_standardize_backward",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm", "InstanceNorm1d",
     "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm", "EstimatedBatchNorm", "BatchChannelNorm",
+    "SyncBatchNorm", "SyncError",
 ]

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from . import kernels
+from . import kernels, sync
 from .modes import Mode, get_mode
 from .plan import PARAM_BLOCKS, Plan, make_plan
 
@@ -37,9 +37,10 @@ class NormCache:
     """
 
     __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "has_weight",
-                 "has_bias", "stats_grad")
+                 "has_bias", "stats_grad", "count", "comm")
 
-    def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_weight, has_bias, stats_grad):
+    def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_weight, has_bias, stats_grad,
+                 count=None, comm=None):
         self.mode = mode
         self.plan = plan
         self.x3 = x3                # (A, C, B) input in the canonical layout
@@ -50,6 +51,8 @@ class NormCache:
         self.has_weight = has_weight
         self.has_bias = has_bias
         self.stats_grad = stats_grad  # gradients flow through batch statistics
+        self.count = plan.count if count is None else count  # elements per group, all ranks
+        self.comm = comm            # communicator the statistics were synchronized over
 
     @property
     def shape(self):
@@ -213,6 +216,45 @@ def _affine(x_rows, plan: Plan, mean, rstd, w, b, y_rows, threads):
         kernels.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, threads)
 
 
+def _check_count(n, C, training, m: Mode, shape):
+    if n == 0 and C > 0:
+        raise ValueError(f"x: cannot compute statistics over zero elements ({_describe(m)}, x.shape {shape})")
+    if training and m.running_stats is not None and n == 1:
+        raise ValueError(f"x: expected more than 1 value per statistics group in training, "
+                         f"got x.shape {shape} ({_describe(m)})")
+
+
+def _check_batch_mode(m: Mode, x):
+    """Synchronizing needs statistics that reduce over x's first (batch) axis."""
+    first = m.parsed.lhs[0]
+    if any(a in m.parsed.kept for a in first) or (first == ("...",) and x.ndim < len(m.parsed.lhs)):
+        raise ValueError(f"comm: {_describe(m)} keeps x's first axis in its statistics, so there is "
+                         "no batch to synchronize; pass comm only to modes that reduce over it")
+
+
+def _synced_moments(link, x3, plan: Plan, m: Mode, dtype, training, threads):
+    """Per-group (mean, biased var, count) of the batch split across ``link``'s ranks: each
+    rank's (count, mean, centred sum of squares), merged in rank order in float64 by the
+    same exact two-pass merge as the partial moments of one process."""
+    C = plan.layout[1]
+    n = plan.count
+    if n and C:
+        mean, var = _moments(x3, plan, threads)
+        local = (n, mean, var * n)
+    else:
+        local = (0, np.zeros(C), np.zeros(C))
+    parts = link.gather((("mode", m.spec), ("statistics shape", plan.stat_shape),
+                         ("dtype", dtype.name), ("training", bool(training))), local)
+    counts = np.array([p[0] for p in parts], np.float64)
+    total = int(counts.sum())
+    if total == 0 or C == 0:
+        return np.zeros(C), np.zeros(C), total
+    mean, m2 = np.empty(C), np.empty(C)
+    kernels.K.combine_moments(np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts]),
+                              counts, mean, m2, threads)
+    return mean, m2 / total, total
+
+
 def _per_running(values: np.ndarray, plan: Plan) -> np.ndarray:
     """Average per-group values into running-statistic entries (identity for batch norm)."""
     size = math.prod(plan.running_shape)
@@ -222,7 +264,7 @@ def _per_running(values: np.ndarray, plan: Plan) -> np.ndarray:
 
 def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
               training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False, out=None,
-              **sizes):
+              comm=None, **sizes):
     """Normalize ``x`` with a registered mode; return ``(y, cache)`` for :func:`backward`.
 
     Parameters
@@ -248,6 +290,12 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         Where to write y (x's shape and dtype, C-contiguous, not overlapping x): reusing
         one buffer avoids a fresh allocation per call, which costs page faults for large
         outputs.
+    comm : mpi4py communicator, optional
+        Synchronize the batch statistics over the ranks of ``comm`` (data-parallel
+        training; the mode must reduce over x's first axis): each rank passes its slice of
+        the batch and gets the statistics of the whole batch; a rank may hold zero
+        samples. One collective per call that computes batch statistics, none in eval mode
+        with running statistics; see :mod:`normcore.sync` for the protocol and errors.
     **sizes : int
         Axis sizes, e.g. ``g=32`` for group norm.
 
@@ -263,8 +311,27 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     >>> y, cache = normcore.normalize(x, "batch_norm")
     >>> dx, dw, db = normcore.backward(np.ones_like(y), cache)
     """
+    args = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
+                training=training, momentum=momentum, eps=eps, unbiased=unbiased, estimate=estimate,
+                out=out, sizes=sizes)
+    if comm is None:
+        return _normalize(x, mode, link=None, **args)
+    sync.check_comm(comm)  # without a communicator there is no one to tell
+    link = sync.Exchange(comm, "forward")
+    try:
+        return _normalize(x, mode, link=link, **args)
+    except (ValueError, TypeError) as e:
+        if training or running_mean is None:  # this call exchanges batch statistics
+            link.fail(e)
+        raise
+
+
+def _normalize(x, mode, *, weight, bias, running_mean, running_var, training, momentum, eps,
+               unbiased, estimate, out, sizes, link):
     m = get_mode(mode)
     _check_array("x", x)
+    if link is not None:
+        _check_batch_mode(m, x)
     plan = _plan(m, x, sizes)
     dtype = x.dtype
     if m.params is None and (weight is not None or bias is not None):
@@ -294,22 +361,27 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         raise ValueError("estimate: needs running_mean and running_var and training=True")
     n = plan.count
     C = plan.layout[1]
-    if n == 0 and C > 0:
-        raise ValueError(f"x: cannot compute statistics over zero elements ({_describe(m)}, x.shape {x.shape})")
-    if training and m.running_stats is not None and n == 1:
-        raise ValueError(f"x: expected more than 1 value per statistics group in training, "
-                         f"got x.shape {x.shape} ({_describe(m)})")
+    use_batch = training or not has_running
+    link = link if use_batch else None  # eval with running statistics: nothing to exchange
+    if link is None:  # synchronized: the counts are checked once all ranks' are known
+        _check_count(n, C, training, m, x.shape)
 
     x3 = _canonical(x, plan)
     threads = kernels.threads_for(x3.size)
     y_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else np.empty(plan.rows, dtype)
     w = None if weight is None else weight.astype(np.float64).reshape(-1)
     b = None if bias is None else bias.astype(np.float64).reshape(-1)
-    use_batch = training or not has_running
     # With A == 1 every group is contiguous: statistics and output in one pass over x.
-    one_pass = use_batch and not estimate and plan.layout[0] == 1 and plan.scattered is None and C > 0
+    one_pass = (use_batch and not estimate and plan.layout[0] == 1 and plan.scattered is None and C > 0
+                and link is None)
     if one_pass:
         mean, var, rstd = _normalize_groups(x3, plan, m.center, eps, w, b, y_rows, threads)
+    elif use_batch and link is not None:
+        mean, var, n = _synced_moments(link, x3, plan, m, dtype, training, threads)
+        _check_count(n, C, training, m, f"{x.shape} on this rank, {n} elements per group on all ranks")
+        if not m.center:
+            var = var + mean * mean
+            mean = np.zeros_like(mean)
     elif use_batch and C:
         mean, var = _moments(x3, plan, threads)
         if not m.center:
@@ -337,7 +409,8 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         running_mean[...] = new_running[0]
         running_var[...] = new_running[1]
     cache = NormCache(m, plan, x3, dtype, mean, rstd, w, weight is not None, bias is not None,
-                      stats_grad=use_batch and not estimate)
+                      stats_grad=use_batch and not estimate, count=n,
+                      comm=None if link is None else link.comm)
     return _result(y_rows, plan, out), cache
 
 
@@ -360,6 +433,11 @@ def backward(dy, cache, *, out=None):
     Shapes: ``dy`` has x's shape and dtype; ``dx`` too; dweight/dbias the parameter shape.
     ``out`` (optional) receives dx, under the same rules as in :func:`normalize`.
 
+    After a forward synchronized with ``comm=``, backward makes one collective over the
+    same ranks: dx is this rank's slice of the whole batch's gradient, and dweight/dbias
+    are the sums over all ranks (identical on every rank: averaging them again across ranks,
+    as data-parallel wrappers do for other parameters, leaves them unchanged).
+
     Example
     -------
     >>> import numpy as np, normcore
@@ -372,6 +450,17 @@ def backward(dy, cache, *, out=None):
     """
     if not isinstance(cache, NormCache):
         raise TypeError(f"cache: expected the NormCache returned by normalize, got {type(cache).__name__}")
+    if cache.comm is None:
+        return _backward(dy, cache, out, None)
+    link = sync.Exchange(cache.comm, "backward")
+    try:
+        return _backward(dy, cache, out, link)
+    except (ValueError, TypeError) as e:
+        link.fail(e)
+        raise
+
+
+def _backward(dy, cache, out, link):
     _check_array("dy", dy, cache.dtype)
     plan = cache.plan
     if dy.shape != plan.shape:
@@ -382,12 +471,13 @@ def backward(dy, cache, *, out=None):
     dy_rows = _canonical(dy, plan).reshape(plan.rows)
     dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else np.empty(plan.rows, cache.dtype)
     threads = kernels.threads_for(dy_rows.size)
-    if cache.stats_grad and plan.layout[0] == 1 and plan.scattered is None and plan.layout[1]:
+    if cache.stats_grad and plan.layout[0] == 1 and plan.scattered is None and plan.layout[1] \
+            and link is None:
         dw, db = _backward_one_visit(dy_rows, cache, dx_rows, threads)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
-        dw, db = _backward_inner(dy_rows, cache, dx_rows, threads)
+        dw, db = _backward_inner(dy_rows, cache, dx_rows, threads, link)
     else:
-        dw, db = _backward_rows(dy_rows, cache, dx_rows, threads)
+        dw, db = _backward_rows(dy_rows, cache, dx_rows, threads, link)
 
     dx = _result(dx_rows, plan, out)
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
@@ -397,7 +487,11 @@ def backward(dy, cache, *, out=None):
 
 def _group_mean_per_row(values, plan: Plan):
     """Per-row values -> their group's total / n -> back to rows (bincount adds in order)."""
-    return (np.bincount(plan.rg, weights=values, minlength=plan.layout[1]) / plan.count)[plan.rg]
+    return (_group_totals(values, plan) / plan.count)[plan.rg]
+
+
+def _group_totals(values, plan: Plan):
+    return np.bincount(plan.rg, weights=values, minlength=plan.layout[1])
 
 
 def _row_param_grads(t1, t2, rstd_r, plan: Plan):
@@ -429,8 +523,9 @@ def _backward_one_visit(dy_rows, cache, dx_rows, threads):
     return None, None
 
 
-def _backward_inner(dy_rows, cache, dx_rows, threads):
-    """Parameters along the rows (layer norm) outside the one-visit case."""
+def _backward_inner(dy_rows, cache, dx_rows, threads, link=None):
+    """Parameters along the rows (layer norm) outside the one-visit case. With ``link``,
+    the group sums and parameter gradients are summed over its ranks."""
     plan = cache.plan
     R, P = plan.rows[1], math.prod(plan.param_shape)
     x_rows = cache.x3.reshape(plan.rows)
@@ -441,14 +536,18 @@ def _backward_inner(dy_rows, cache, dx_rows, threads):
     pdw, pdb = np.zeros((nb, P)), np.zeros((nb, P))
     kernels.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, plan.rows_per_block, s1, s2,
                          pdw, pdb, threads)
-    c1 = _group_mean_per_row(s1, plan) if cache.stats_grad and cache.mode.center else np.zeros(R)
-    c2 = _group_mean_per_row(s2, plan) if cache.stats_grad else np.zeros(R)
+    g1, g2, dw, db = _group_totals(s1, plan), _group_totals(s2, plan), pdw.sum(axis=0), pdb.sum(axis=0)
+    if link is not None:
+        g1, g2, dw, db = _sum_over_ranks(link, cache, (g1, g2, dw, db))
+    c1 = (g1 / cache.count)[plan.rg] if cache.stats_grad and cache.mode.center else np.zeros(R)
+    c2 = (g2 / cache.count)[plan.rg] if cache.stats_grad else np.zeros(R)
     kernels.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, plan.rp, w, c1, c2, dx_rows, threads)
-    return pdw.sum(axis=0), pdb.sum(axis=0)
+    return dw, db
 
 
-def _backward_rows(dy_rows, cache, dx_rows, threads):
-    """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients."""
+def _backward_rows(dy_rows, cache, dx_rows, threads, link=None):
+    """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients.
+    With ``link``, the group sums and parameter gradients are summed over its ranks."""
     plan = cache.plan
     R = plan.rows[1]
     x_rows = cache.x3.reshape(plan.rows)
@@ -458,19 +557,30 @@ def _backward_rows(dy_rows, cache, dx_rows, threads):
     k1 = rstd_r * gamma
     k2 = k3 = np.zeros(R)
     dw = db = None
-    if cache.stats_grad or affine:
+    if cache.stats_grad or affine or link is not None:
         t1, t2 = _row_sums(dy_rows, x_rows, mean_r, plan, threads)  # sum dy, sum dy * (x - mean)
         if affine:
             dw, db = _row_param_grads(t1, t2, rstd_r, plan)
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
+        # xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3.
+        g1, g2 = _group_totals(gamma * t1, plan), _group_totals(gamma * (rstd_r * t2), plan)
+        if link is not None:
+            g1, g2, dw, db = _sum_over_ranks(link, cache, (g1, g2, dw, db))
         if cache.stats_grad:
-            # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
-            # xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3.
-            m2 = _group_mean_per_row(gamma * (rstd_r * t2), plan)
-            k2 = -rstd_r * rstd_r * m2
+            k2 = -rstd_r * rstd_r * (g2 / cache.count)[plan.rg]
             if cache.mode.center:
-                k3 = -rstd_r * _group_mean_per_row(gamma * t1, plan)
+                k3 = -rstd_r * (g1 / cache.count)[plan.rg]
     kernels.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, threads)
     return dw, db
+
+
+def _sum_over_ranks(link, cache, arrays):
+    """Element-wise sums of ``arrays`` (None entries stay None) over the ranks, added in
+    rank order so that every rank holds the same bits."""
+    parts = link.gather((("mode", cache.mode.spec), ("statistics shape", cache.plan.stat_shape),
+                         ("dtype", cache.dtype.name), ("elements per group", cache.count)), arrays)
+    return tuple(None if a is None else np.sum([p[i] for p in parts], axis=0)
+                 for i, a in enumerate(arrays))
 
 
 def _groups_per_block(plan: Plan) -> int:

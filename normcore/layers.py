@@ -14,11 +14,12 @@ from __future__ import annotations
 import numpy as np
 
 from .forms import _last_axes_mode
+from . import sync
 from .functional import _check_array, backward, normalize
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm",
-           "EstimatedBatchNorm", "BatchChannelNorm"]
+           "EstimatedBatchNorm", "BatchChannelNorm", "SyncBatchNorm"]
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -190,6 +191,9 @@ class _Norm(Layer):
     def _sizes(self, x) -> dict:
         return {}
 
+    def _call_options(self) -> dict:
+        return {}
+
     def _check_input(self, x):
         _check_array("x", x)
         if x.dtype != self.dtype:
@@ -221,7 +225,7 @@ class _Norm(Layer):
             running_var=self.running_var if track else None,
             training=self.training, momentum=0.0 if momentum is None else momentum,
             eps=self._eps(x), unbiased=self.unbiased,
-            estimate=self._estimate and self.training, **self._sizes(x))
+            estimate=self._estimate and self.training, **self._call_options(), **self._sizes(x))
         if self.training and track:
             self.num_batches_tracked += 1
         self._cache = cache
@@ -317,6 +321,74 @@ class EstimatedBatchNorm(_BatchNorm):
         super().__init__(channels, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=True, dtype=dtype, unbiased=unbiased)
         self.channels = self.num_features
+
+
+class SyncBatchNorm(_BatchNorm):
+    """Batch norm whose statistics span the whole batch split across MPI ranks.
+
+    Each rank passes its slice of the batch, shape (N_rank, C, *) (or (N_rank, *, C) with
+    ``channel_axis=-1``; any rank >= 2, N_rank may differ between ranks and be 0); forward
+    and backward return what :class:`BatchNorm2d` returns for the concatenated batch, on
+    this rank's slice. Training forward and backward each make one collective call on
+    ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``, imported on first use);
+    eval mode makes none. Running statistics update identically on every rank, and
+    ``grad_weight``/``grad_bias`` receive the sums over all ranks. Every rank must call
+    forward and backward in the same order. Protocol and errors: :mod:`normcore.sync`.
+
+    Run under MPI, e.g. ``mpiexec -n 2 python examples/sync_batch_norm.py``. Without MPI a
+    communicator of one rank behaves like BatchNorm:
+
+    >>> import numpy as np
+    >>> from normcore.testing import run_ranks
+    >>> x = np.random.default_rng(0).standard_normal((6, 3, 4, 4)).astype(np.float32)
+    >>> def step(comm):
+    ...     bn = SyncBatchNorm(3, comm=comm)
+    ...     return bn(x[:2] if comm.Get_rank() == 0 else x[2:])  # uneven slices
+    >>> y0, y1 = run_ranks(2, step)
+    >>> bool(np.allclose(np.concatenate([y0, y1]), BatchNorm2d(3)(x), atol=1e-5))
+    True
+    """
+    _ndims = None
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 channel_axis=1, comm=None, *, dtype=np.float32, unbiased=True):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats, channel_axis=channel_axis,
+                         dtype=dtype, unbiased=unbiased)
+        if comm is not None:
+            sync.check_comm(comm)
+        self._comm = comm
+
+    @property
+    def comm(self):
+        """The communicator (``MPI.COMM_WORLD`` unless one was given)."""
+        if self._comm is None:
+            try:
+                from mpi4py import MPI
+            except ImportError:
+                raise ImportError("SyncBatchNorm with comm=None uses mpi4py's MPI.COMM_WORLD: "
+                                  "pip install mpi4py mpich (or pass a communicator)") from None
+            self._comm = MPI.COMM_WORLD
+        return self._comm
+
+    def _call_options(self):
+        return {"comm": self.comm}
+
+    def _check_input(self, x):
+        super()._check_input(x)
+        if x.ndim < 2:
+            raise ValueError(f"x: SyncBatchNorm expects input of rank >= 2, got shape {x.shape}")
+
+    def forward(self, x):
+        """Normalize this rank's slice with the whole batch's statistics (one collective)."""
+        comm = self.comm
+        try:
+            self._check_input(x)
+        except (ValueError, TypeError) as e:
+            if self.training or not self.track_running_stats:  # the peers are exchanging
+                sync.Exchange(comm, "forward").fail(e)
+            raise
+        return super().forward(x)
 
 
 class _InstanceNorm(_Norm):

@@ -29,6 +29,8 @@ dweight at an offset), the magnitude is that of the terms: see
 from __future__ import annotations
 
 import math
+import pickle
+import threading
 
 import numpy as np
 from hypothesis import HealthCheck, assume, currently_in_test_context, given, note, settings
@@ -344,3 +346,51 @@ def random_modes(draw):
     if center and kept_named and draw(st.booleans()):
         running = " ".join(a for a in kept_named if draw(st.booleans())) or kept_named[0]
     return Mode(spec, params=params, center=center, running_stats=running, name=f"random[{spec}]")
+
+
+class ThreadComm:
+    """An in-process stand-in for an mpi4py communicator, for testing ``comm=`` code
+    without MPI: :func:`run_ranks` runs one function per rank in threads, each given its
+    ``ThreadComm``. ``allgather`` copies payloads through pickle, as MPI does, and a rank
+    that never arrives breaks the barrier after ``timeout`` seconds instead of hanging.
+
+    >>> run_ranks(3, lambda comm: comm.allgather(comm.Get_rank()))
+    [[0, 1, 2], [0, 1, 2], [0, 1, 2]]
+    """
+
+    def __init__(self, rank, size, barrier, slots):
+        self._rank, self._size, self._barrier, self._slots = rank, size, barrier, slots
+
+    def Get_rank(self):
+        return self._rank
+
+    def Get_size(self):
+        return self._size
+
+    def allgather(self, obj):
+        self._slots[self._rank] = pickle.dumps(obj)
+        self._barrier.wait()
+        parts = [pickle.loads(b) for b in self._slots]
+        self._barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return parts
+
+
+def run_ranks(size, fn, timeout=30.0):
+    """Call ``fn(comm)`` on ``size`` threads with :class:`ThreadComm` communicators; return
+    the per-rank results, with an exception in place of the result of a rank that raised."""
+    barrier = threading.Barrier(size, timeout=timeout)
+    slots = [None] * size
+    results = [None] * size
+
+    def run(rank):
+        try:
+            results[rank] = fn(ThreadComm(rank, size, barrier, slots))
+        except Exception as e:  # handed back to the caller, per rank
+            results[rank] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
