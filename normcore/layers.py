@@ -15,6 +15,7 @@ import numpy as np
 
 from .forms import _last_axes_mode
 from . import sync
+from .backend import backend_of
 from .functional import _check_array, backward, normalize
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
@@ -22,13 +23,19 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm"
            "EstimatedBatchNorm", "BatchChannelNorm", "SyncBatchNorm"]
 
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_ARRAYS = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var")
 
 
 def _layer_dtype(dtype):
     dt = np.dtype(dtype)
-    if dt not in (np.float32, np.float64):
-        raise TypeError(f"dtype: expected float32 or float64, got {dt}")
+    if dt.name not in ("float32", "float64", "float16", "bfloat16"):
+        raise TypeError(f"dtype: expected float32 or float64 (float16 or bfloat16 on the GPU), got {dt}")
     return dt
+
+
+def _host_copy(a):
+    """A NumPy copy of a NumPy or CuPy array."""
+    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a, copy=True)
 
 
 def _positive_int(name, value):
@@ -79,6 +86,52 @@ class Layer:
     def __call__(self, x):
         return self.forward(x)
 
+    # -- device --------------------------------------------------------------------
+    def to(self, device):
+        """Move parameters, gradients and running statistics to ``"cuda"`` (the current
+        CuPy device) or ``"cpu"``; return self. A layer computes where its arrays live, and
+        its input must live there too.
+
+        >>> BatchNorm1d(3).to("cpu").device
+        'cpu'
+        """
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            from .gpu import cuda_backend
+            move = cuda_backend().xp.asarray
+        else:
+            move = _host_copy
+        for name in _ARRAYS:
+            value = getattr(self, name, None)
+            if value is not None:
+                setattr(self, name, move(value))
+        for attr in ("_y_buffer", "_dx_buffer"):
+            self.__dict__.pop(attr, None)
+        self._cache = None
+        for child in self._children().values():
+            child.to(device)
+        return self
+
+    def cuda(self):
+        """``self.to("cuda")``."""
+        return self.to("cuda")
+
+    def cpu(self):
+        """``self.to("cpu")``."""
+        return self.to("cpu")
+
+    @property
+    def device(self):
+        """``"cuda"`` when the layer's arrays are CuPy arrays, else ``"cpu"``."""
+        for name in _ARRAYS:
+            value = getattr(self, name, None)
+            if value is not None:
+                return "cpu" if isinstance(value, np.ndarray) else "cuda"
+        for child in self._children().values():
+            return child.device
+        return "cpu"
+
     def _children(self) -> dict:
         return {}
 
@@ -110,12 +163,13 @@ class Layer:
 
     # -- state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Copies of the parameters and buffers, keyed as in torch (``"weight"``, ...)."""
+        """NumPy copies of the parameters and buffers (GPU ones copied to the host), keyed
+        as in torch (``"weight"``, ...)."""
         out = {}
         for name in _STATE:
             value = getattr(self, name, None)
             if value is not None:
-                out[name] = np.array(value, copy=True)
+                out[name] = _host_copy(value)
         for prefix, child in self._children().items():
             out.update({f"{prefix}.{k}": v for k, v in child.state_dict().items()})
         return out
@@ -146,7 +200,12 @@ class Layer:
         elif key == "num_batches_tracked":
             self.num_batches_tracked = int(value)
         else:
-            getattr(self, key)[...] = value
+            target = getattr(self, key)
+            if isinstance(target, np.ndarray):
+                target[...] = value
+            else:  # a GPU array: copy the host value over
+                from .gpu import cuda_backend
+                target[...] = cuda_backend().xp.asarray(value, dtype=target.dtype)
 
     def save(self, path):
         """Write :meth:`state_dict` to an ``.npz`` file at ``path``."""
@@ -236,7 +295,7 @@ class _Norm(Layer):
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         out = None
-        if self.reuse_buffers and isinstance(dy, np.ndarray):
+        if self.reuse_buffers and hasattr(dy, "shape") and hasattr(dy, "dtype"):
             out = self._buffer("_dx_buffer", self._cache.shape, self._cache.dtype, dy, self._cache.x3)
         dx, dw, db = backward(dy, self._cache, out=out)
         if dw is not None:
@@ -247,10 +306,11 @@ class _Norm(Layer):
 
     def _buffer(self, name, shape, dtype, *inputs):
         """The kept array ``name`` if it still fits and overlaps no input, else a new one."""
+        xp = backend_of(inputs[0]).xp
         buf = getattr(self, name, None)
-        if buf is None or buf.shape != shape or buf.dtype != dtype \
-                or any(np.may_share_memory(buf, a) for a in inputs):
-            buf = np.empty(shape, dtype)
+        if buf is None or type(buf) is not type(inputs[0]) or buf.shape != shape or buf.dtype != dtype \
+                or any(xp.may_share_memory(buf, a) for a in inputs):
+            buf = xp.empty(shape, dtype)
             setattr(self, name, buf)
         return buf
 

@@ -108,11 +108,20 @@ def test_backward_with_cache_from_another_shape():
     (lambda: nc.BatchNorm2d(3, channel_axis=2), ValueError, "channel_axis"),
     (lambda: nc.LayerNorm(()), ValueError, "normalized_shape"),
     (lambda: nc.BatchNorm2d(3, dtype=np.int32), TypeError, "dtype"),
-    (lambda: nc.RMSNorm(4, dtype=np.float16), TypeError, "dtype"),
+    (lambda: nc.RMSNorm(4, dtype=np.complex64), TypeError, "dtype"),
 ])
 def test_constructor_errors(ctor, exc, arg):
     with pytest.raises(exc, match=rf"^{arg}\b"):
         ctor()
+
+
+def test_half_precision_runs_on_the_gpu_only():
+    # float16 layers exist for CuPy inputs; on the CPU the input is refused, naming the CPU
+    layer = nc.RMSNorm(4, dtype=np.float16)
+    with pytest.raises(TypeError, match=r"^x: expected float32 or float64 on the CPU, got dtype float16"):
+        layer(np.ones((2, 4), np.float16))
+    with pytest.raises(TypeError, match=r"^x: expected float32 or float64 on the CPU"):
+        nc.normalize(np.ones((2, 4), np.float16), "layer_norm")
 
 
 def running():

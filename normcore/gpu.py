@@ -1,0 +1,246 @@
+"""The CUDA backend: the CPU kernels' contracts implemented with CuPy RawModule kernels.
+
+``src/normcore/kernels.cu`` (installed as ``normcore/kernels.cu``) is compiled at first use
+by NVRTC through ``cupy.RawModule``: one module per (kernel family, storage dtype) from a
+memoized factory, its templates selected by ``name_expressions``. Families follow the
+plan's canonical layouts — ``rows`` ((A, R, S) with one block per row of S contiguous
+elements), ``cols`` ((A, C) with statistics along columns), ``inner`` (parameters along
+S, as in layer norm) and ``merge`` (partial moments) — never one kernel per mode.
+
+Storage dtypes: float32, float64 (statistics accumulated in float64), float16 and
+bfloat16 (``ml_dtypes.bfloat16`` arrays; accumulated in float32, as PyTorch does for mixed
+precision). Indices are 64-bit throughout.
+
+>>> available() in (True, False)
+True
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from .backend import Backend
+
+__all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source"]
+
+_CTYPES = {"float32": "float", "float64": "double", "float16": "nc_f16", "bfloat16": "nc_bf16"}
+_FAMILIES = {
+    "rows": ("nc_moments_rows", "nc_affine_rows", "nc_sums_rows", "nc_dx_rows"),
+    "cols": ("nc_moments_cols", "nc_sums_cols", "nc_affine_cols", "nc_dx_cols"),
+    "inner": ("nc_affine_inner", "nc_row_sums_inner", "nc_param_sums_inner", "nc_dx_inner"),
+}
+_COL_TILE, _COL_STRIPES = 32, 8  # kernels.cu's NC_COL_TILE, NC_COL_STRIPES
+_MAX_GRID_Y = 65535
+
+
+def kernel_source() -> Path:
+    """Path of kernels.cu: shipped in the package, or in the source tree of a checkout."""
+    here = Path(__file__).resolve().parent
+    for p in (here / "kernels.cu", here.parent / "src" / "normcore" / "kernels.cu"):
+        if p.is_file():
+            return p
+    raise FileNotFoundError("normcore/kernels.cu is missing from this installation")
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason():
+    """Why the GPU path cannot run here (a sentence), or None when it can."""
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed (pip install 'normcore[gpu]')"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy found no CUDA device"
+    except Exception as e:  # no driver, no device: CuPy raises its runtime error
+        return f"CuPy cannot reach a CUDA device ({type(e).__name__}: {e})"
+    return None
+
+
+def available() -> bool:
+    """True when CuPy is installed and sees a CUDA device."""
+    return unavailable_reason() is None
+
+
+@functools.lru_cache(maxsize=None)
+def _module(family: str, dtype_name: str):
+    """The compiled module of one kernel family for one storage dtype (memoized)."""
+    import cupy
+    names = [f"{k}<{_CTYPES[dtype_name]}>" for k in _FAMILIES[family]] if family != "merge" \
+        else ["nc_combine_moments"]
+    mod = cupy.RawModule(code=kernel_source().read_text(), options=("--std=c++17",),
+                         name_expressions=names)
+    return {n.split("<")[0]: mod.get_function(n) for n in names}
+
+
+def _fn(family, name, dtype):
+    return _module(family, np.dtype(dtype).name)[name]
+
+
+def _i(v):
+    return np.int64(v)
+
+
+def _row_block(S):
+    """Threads per block of a rows-family kernel: enough to cover S, at most 256."""
+    for t in (32, 64, 128):
+        if S <= 2 * t:
+            return t
+    return 256
+
+
+def _row_grid(rows):
+    return (int(max(1, min(rows, 1 << 20))),)
+
+
+def _col_grid(A, C, rpb):
+    nb = -(-A // rpb)
+    return (int(max(1, nb)), int(max(1, min(-(-C // _COL_TILE), _MAX_GRID_Y))))
+
+
+class _CudaKernels:
+    """Same names and arguments as normcore._kernels (``threads`` is ignored)."""
+
+    fused = False
+
+    @staticmethod
+    def moments_rows(x, pmean, pm2, threads):
+        A, C, B = x.shape
+        if A * C == 0:
+            return
+        _fn("rows", "nc_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
+                                                (x, _i(A * C), _i(B), pmean, pm2))
+
+    @staticmethod
+    def moments_cols(x, rpb, pmean, pm2, threads):
+        A, C = x.shape
+        if A * C == 0:
+            return
+        _fn("cols", "nc_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
+                                                (x, _i(A), _i(C), _i(rpb), pmean, pm2))
+
+    @staticmethod
+    def combine_moments(pmean, pm2, counts, mean, m2, threads):
+        K, C = pmean.shape
+        if C == 0:
+            return
+        _module("merge", "float64")["nc_combine_moments"]((int(min(-(-C // 256), 4096)),), (256,),
+                                                          (pmean, pm2, counts, _i(K), _i(C), mean, m2))
+
+    @staticmethod
+    def affine_rows(x, mean, scale, shift, rpb, y, threads):
+        A, R, S = x.shape
+        if x.size == 0:
+            return
+        if S == 1:
+            _fn("cols", "nc_affine_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
+                                                   (x, _i(A), _i(R), _i(rpb), mean, scale, shift, y))
+        else:
+            _fn("rows", "nc_affine_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
+                                                   (x, _i(A * R), _i(R), _i(S), mean, scale, shift, y))
+
+    @staticmethod
+    def sums_rows(dy, x, mean, p1, p2, threads):
+        A, R, S = x.shape
+        if A * R == 0:
+            return
+        _fn("rows", "nc_sums_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
+                                             (dy, x, _i(A * R), _i(R), _i(S), mean, p1, p2))
+
+    @staticmethod
+    def sums_cols(dy, x, mean, rpb, p1, p2, threads):
+        A, C = x.shape
+        if A * C == 0:
+            return
+        _fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
+                                             (dy, x, _i(A), _i(C), _i(rpb), mean, p1, p2))
+
+    @staticmethod
+    def dx_rows(dy, x, mean, k1, k2, k3, rpb, dx, threads):
+        A, R, S = x.shape
+        if x.size == 0:
+            return
+        if S == 1:
+            _fn("cols", "nc_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
+                                               (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
+        else:
+            _fn("rows", "nc_dx_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
+                                               (dy, x, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
+
+    @staticmethod
+    def affine_inner(x, mean, rstd, rp, w, b, y, threads):
+        _, R, S = x.shape
+        if x.size == 0:
+            return
+        _fn("inner", "nc_affine_inner", x.dtype)(_row_grid(R), (_row_block(S),),
+                                                 (x, _i(R), _i(S), mean, rstd, rp, w, b, y))
+
+    @staticmethod
+    def sums_inner(dy, x, mean, rstd, rp, w, rpb, s1, s2, pdw, pdb, threads):
+        _, R, S = x.shape
+        if x.size == 0:
+            return
+        _fn("inner", "nc_row_sums_inner", x.dtype)(_row_grid(R), (_row_block(S),),
+                                                   (dy, x, _i(R), _i(S), mean, rstd, rp, w, s1, s2))
+        nb, P = pdw.shape
+        grid = (int(nb), int(-(-S // 256)))
+        _fn("inner", "nc_param_sums_inner", x.dtype)(grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp,
+                                                                     _i(rpb), _i(P), pdw, pdb))
+
+    @staticmethod
+    def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
+        _, R, S = x.shape
+        if x.size == 0:
+            return
+        _fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
+                                             (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    fused = False
+    array_name = "cupy.ndarray"
+
+    def __init__(self):
+        import cupy
+        self.xp = cupy
+        self.K = _CudaKernels
+        self.array_type = cupy.ndarray
+        dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
+        try:
+            import ml_dtypes
+            dtypes.append(np.dtype(ml_dtypes.bfloat16))
+        except ImportError:
+            pass
+        self.dtypes = tuple(dtypes)
+        self._indices = weakref.WeakKeyDictionary()
+
+    def threads_for(self, size):
+        return 1
+
+    def index(self, plan, name):
+        """The plan's index array on the current device, copied once per plan and device."""
+        dev = self.xp.cuda.Device().id
+        per_plan = self._indices.setdefault(plan, {})
+        key = (name, dev)
+        if key not in per_plan:
+            per_plan[key] = self.xp.asarray(getattr(plan, name))
+        return per_plan[key]
+
+    def to_host(self, a):
+        return self.xp.asnumpy(a)
+
+    def from_host(self, a):
+        return self.xp.asarray(a)
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_backend() -> CudaBackend:
+    """The CUDA backend (CuPy imported here, on first use)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"normcore's GPU path cannot run: {reason}")
+    return CudaBackend()

@@ -1,0 +1,463 @@
+// normcore GPU kernels, compiled at first use by cupy.RawModule (NVRTC).
+//
+// The same contracts as the CPU kernels in kernels.pxi, so that one Python orchestration
+// (normcore/functional.py) drives both: every array is C-contiguous; statistics and
+// coefficients are float64; x, y, dy, dx are the storage type T. Two families per
+// operation, chosen by the plan's canonical layout:
+//   rows: (A, R, S) with S > 1 — one thread block walks one row of S contiguous elements
+//         (coalesced), so the row's coefficients are loaded once per row, not per element;
+//   cols: (A, C) with the statistics along columns (channels-last / per-activation batch
+//         norm) — 32 columns x 8 row stripes per block, coalesced along C, per-block
+//         partials over a fixed number of rows.
+// Reductions combine in a fixed order (fixed block partition, fixed shuffle/shared-memory
+// trees), so results are bitwise reproducible from run to run.
+//
+// Accumulation: double for float and double storage, float for float16 and bfloat16
+// (converted here by hand: NVRTC needs no header). Elementwise math uses the same type.
+// No headers are included, so the file compiles under NVRTC and nvcc alike.
+
+typedef long long i64;
+
+struct nc_bf16 { unsigned short bits; };
+struct nc_f16 { unsigned short bits; };
+
+template <typename T> struct nc_acc { typedef double type; };
+template <> struct nc_acc<nc_bf16> { typedef float type; };
+template <> struct nc_acc<nc_f16> { typedef float type; };
+
+__device__ __forceinline__ float nc_bf16_to_float(unsigned short b) {
+    return __uint_as_float(((unsigned int)b) << 16);
+}
+
+__device__ __forceinline__ unsigned short nc_float_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return (unsigned short)(u >> 16);
+}
+
+__device__ __forceinline__ float nc_f16_to_float(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ unsigned short nc_float_to_f16(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+template <typename T, typename A> __device__ __forceinline__ A nc_ld(const T* p, i64 i) {
+    return (A)p[i];
+}
+template <> __device__ __forceinline__ float nc_ld<nc_bf16, float>(const nc_bf16* p, i64 i) {
+    return nc_bf16_to_float(p[i].bits);
+}
+template <> __device__ __forceinline__ float nc_ld<nc_f16, float>(const nc_f16* p, i64 i) {
+    return nc_f16_to_float(p[i].bits);
+}
+
+template <typename T, typename A> __device__ __forceinline__ void nc_st(T* p, i64 i, A v) {
+    p[i] = (T)v;
+}
+template <> __device__ __forceinline__ void nc_st<nc_bf16, float>(nc_bf16* p, i64 i, float v) {
+    p[i].bits = nc_float_to_bf16(v);
+}
+template <> __device__ __forceinline__ void nc_st<nc_f16, float>(nc_f16* p, i64 i, float v) {
+    p[i].bits = nc_float_to_f16(v);
+}
+
+// ---------------------------------------------------------------------------------------
+// Block-level building blocks (blockDim.x a multiple of 32, at most 1024)
+// ---------------------------------------------------------------------------------------
+
+template <typename A> __device__ __forceinline__ A nc_warp_sum(A v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block in a fixed tree; the result is valid in thread 0.
+template <typename A> __device__ A nc_block_sum(A v, A* shared32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = nc_warp_sum(v);
+    if (lane == 0) shared32[warp] = v;
+    __syncthreads();
+    v = (threadIdx.x < nwarps) ? shared32[lane] : (A)0;
+    if (warp == 0) v = nc_warp_sum(v);
+    __syncthreads();  // shared32 may be reused by the caller
+    return v;
+}
+
+struct nc_moments { double n, mean, m2; };
+
+// Chan et al.'s merge of two (count, mean, centred sum of squares).
+__device__ __forceinline__ nc_moments nc_merge(nc_moments a, nc_moments b) {
+    if (b.n == 0.0) return a;
+    if (a.n == 0.0) return b;
+    const double n = a.n + b.n, d = b.mean - a.mean, f = b.n / n;
+    nc_moments r;
+    r.n = n;
+    r.mean = a.mean + d * f;
+    r.m2 = a.m2 + b.m2 + d * d * a.n * f;
+    return r;
+}
+
+__device__ __forceinline__ nc_moments nc_shuffle_down(nc_moments m, int o) {
+    nc_moments r;
+    r.n = __shfl_down_sync(0xffffffffu, m.n, o);
+    r.mean = __shfl_down_sync(0xffffffffu, m.mean, o);
+    r.m2 = __shfl_down_sync(0xffffffffu, m.m2, o);
+    return r;
+}
+
+// Merge the block's per-thread moments in a fixed tree; the result is valid in thread 0.
+__device__ nc_moments nc_block_moments(nc_moments m, nc_moments* shared32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) m = nc_merge(m, nc_shuffle_down(m, o));
+    if (lane == 0) shared32[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        nc_moments e; e.n = 0.0; e.mean = 0.0; e.m2 = 0.0;
+        m = (lane < nwarps) ? shared32[lane] : e;
+        for (int o = 16; o > 0; o >>= 1) m = nc_merge(m, nc_shuffle_down(m, o));
+    }
+    __syncthreads();
+    return m;
+}
+
+// ---------------------------------------------------------------------------------------
+// rows family: x is (rows, S), one block per row (grid-stride over rows)
+// ---------------------------------------------------------------------------------------
+
+// Per-row mean and centred sum of squares. Each thread sums its elements shifted by its
+// first one (exact to log2(S / blockDim) bits: the shift is a member of the data), then
+// the threads' moments merge with Chan's formula.
+template <typename T>
+__global__ void nc_moments_rows(const T* x, i64 rows, i64 S, double* pmean, double* pm2) {
+    typedef typename nc_acc<T>::type A;
+    __shared__ nc_moments shared[32];
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const T* p = x + row * S;
+        nc_moments m; m.n = 0.0; m.mean = 0.0; m.m2 = 0.0;
+        if (threadIdx.x < S) {
+            const A k = nc_ld<T, A>(p, threadIdx.x);
+            A s1 = 0, s2 = 0;
+            i64 n = 0;
+            for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
+                const A d = nc_ld<T, A>(p, i) - k;
+                s1 += d;
+                s2 += d * d;
+                ++n;
+            }
+            m.n = (double)n;
+            m.mean = (double)k + (double)s1 / (double)n;
+            m.m2 = fmax((double)s2 - (double)s1 * (double)s1 / (double)n, 0.0);
+        }
+        m = nc_block_moments(m, shared);
+        if (threadIdx.x == 0) {
+            pmean[row] = m.mean;
+            pm2[row] = m.m2;
+        }
+    }
+}
+
+// y = (x - mean[r]) * scale[r] + shift[r] for row (a, r) of an (A, R, S) array.
+template <typename T>
+__global__ void nc_affine_rows(const T* x, i64 rows, i64 R, i64 S, const double* mean,
+                               const double* scale, const double* shift, T* y) {
+    typedef typename nc_acc<T>::type A;
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const i64 r = row % R;
+        const A mu = (A)mean[r], s = (A)scale[r], t = (A)shift[r];
+        const i64 o = row * S;
+        for (i64 i = threadIdx.x; i < S; i += blockDim.x)
+            nc_st<T, A>(y, o + i, (nc_ld<T, A>(x, o + i) - mu) * s + t);
+    }
+}
+
+// Per row (a, r): p1 = sum dy, p2 = sum dy * (x - mean[r]).
+template <typename T>
+__global__ void nc_sums_rows(const T* dy, const T* x, i64 rows, i64 R, i64 S, const double* mean,
+                             double* p1, double* p2) {
+    typedef typename nc_acc<T>::type A;
+    __shared__ A shared[32];
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const A mu = (A)mean[row % R];
+        const i64 o = row * S;
+        A s1 = 0, s2 = 0;
+        for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
+            const A g = nc_ld<T, A>(dy, o + i);
+            s1 += g;
+            s2 += g * (nc_ld<T, A>(x, o + i) - mu);
+        }
+        s1 = nc_block_sum(s1, shared);
+        s2 = nc_block_sum(s2, shared);
+        if (threadIdx.x == 0) {
+            p1[row] = (double)s1;
+            p2[row] = (double)s2;
+        }
+    }
+}
+
+// dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r]
+template <typename T>
+__global__ void nc_dx_rows(const T* dy, const T* x, i64 rows, i64 R, i64 S, const double* mean,
+                           const double* k1, const double* k2, const double* k3, T* dx) {
+    typedef typename nc_acc<T>::type A;
+    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
+        const i64 r = row % R;
+        const A mu = (A)mean[r], a1 = (A)k1[r], a2 = (A)k2[r], a3 = (A)k3[r];
+        const i64 o = row * S;
+        for (i64 i = threadIdx.x; i < S; i += blockDim.x)
+            nc_st<T, A>(dx, o + i, nc_ld<T, A>(dy, o + i) * a1 + (nc_ld<T, A>(x, o + i) - mu) * a2 + a3);
+    }
+}
+
+// Parameters along S (layer norm): y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + b[rp[r] + s]
+template <typename T>
+__global__ void nc_affine_inner(const T* x, i64 R, i64 S, const double* mean, const double* rstd,
+                                const i64* rp, const double* w, const double* b, T* y) {
+    typedef typename nc_acc<T>::type A;
+    for (i64 r = blockIdx.x; r < R; r += gridDim.x) {
+        const A mu = (A)mean[r], rs = (A)rstd[r];
+        const double* wr = w + rp[r];
+        const double* br = b + rp[r];
+        const i64 o = r * S;
+        for (i64 i = threadIdx.x; i < S; i += blockDim.x)
+            nc_st<T, A>(y, o + i, (nc_ld<T, A>(x, o + i) - mu) * rs * (A)wr[i] + (A)br[i]);
+    }
+}
+
+// Per row: s1 = sum dy * w, s2 = sum dy * w * (x - mean) * rstd (parameters along S).
+template <typename T>
+__global__ void nc_row_sums_inner(const T* dy, const T* x, i64 R, i64 S, const double* mean,
+                                  const double* rstd, const i64* rp, const double* w,
+                                  double* s1out, double* s2out) {
+    typedef typename nc_acc<T>::type A;
+    __shared__ A shared[32];
+    for (i64 r = blockIdx.x; r < R; r += gridDim.x) {
+        const A mu = (A)mean[r];
+        const double* wr = w + rp[r];
+        const i64 o = r * S;
+        A s1 = 0, s2 = 0;
+        for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
+            const A g = nc_ld<T, A>(dy, o + i) * (A)wr[i];
+            s1 += g;
+            s2 += g * (nc_ld<T, A>(x, o + i) - mu);
+        }
+        s1 = nc_block_sum(s1, shared);
+        s2 = nc_block_sum(s2, shared);
+        if (threadIdx.x == 0) {
+            s1out[r] = (double)s1;
+            s2out[r] = (double)s2 * rstd[r];
+        }
+    }
+}
+
+// dweight / dbias partials of parameters along S: block (k, column tile) sums rows
+// [k * rpb, (k + 1) * rpb) into pdw[k, rp[r] + s]. Parameter slices are whole rows
+// (rp[r] is a multiple of S), so no two threads ever touch the same entry.
+template <typename T>
+__global__ void nc_param_sums_inner(const T* dy, const T* x, i64 R, i64 S, const double* mean,
+                                    const double* rstd, const i64* rp, i64 rpb, i64 P,
+                                    double* pdw, double* pdb) {
+    typedef typename nc_acc<T>::type A;
+    const i64 k = blockIdx.x;
+    const i64 s = (i64)blockIdx.y * blockDim.x + threadIdx.x;
+    if (s >= S) return;
+    const i64 r0 = k * rpb, r1 = min(R, r0 + rpb);
+    double* dw = pdw + k * P;
+    double* db = pdb + k * P;
+    i64 cur = -1;
+    A aw = 0, ab = 0;
+    for (i64 r = r0; r < r1; ++r) {
+        if (rp[r] != cur) {
+            if (cur >= 0) { dw[cur + s] += (double)aw; db[cur + s] += (double)ab; }
+            cur = rp[r];
+            aw = 0;
+            ab = 0;
+        }
+        const A g = nc_ld<T, A>(dy, r * S + s);
+        aw += g * ((nc_ld<T, A>(x, r * S + s) - (A)mean[r]) * (A)rstd[r]);
+        ab += g;
+    }
+    if (cur >= 0) { dw[cur + s] += (double)aw; db[cur + s] += (double)ab; }
+}
+
+// dx = rstd * (dy * w - c1[r] - (x - mean) * rstd * c2[r])  (parameters along S)
+template <typename T>
+__global__ void nc_dx_inner(const T* dy, const T* x, i64 R, i64 S, const double* mean,
+                            const double* rstd, const i64* rp, const double* w, const double* c1,
+                            const double* c2, T* dx) {
+    typedef typename nc_acc<T>::type A;
+    for (i64 r = blockIdx.x; r < R; r += gridDim.x) {
+        const A mu = (A)mean[r], rs = (A)rstd[r], m1 = (A)c1[r], m2 = (A)c2[r];
+        const double* wr = w + rp[r];
+        const i64 o = r * S;
+        for (i64 i = threadIdx.x; i < S; i += blockDim.x)
+            nc_st<T, A>(dx, o + i,
+                        rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - m1 - (nc_ld<T, A>(x, o + i) - mu) * rs * m2));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// cols family: x is (A, C); block (32, 8) covers 32 columns of rows [k * rpb, (k+1) * rpb)
+// with blockIdx.x = k and a grid-stride loop over column tiles in y
+// ---------------------------------------------------------------------------------------
+
+#define NC_COL_TILE 32
+#define NC_COL_STRIPES 8
+
+// Partial moments per (row block, column), shifted by the block's first row as on the CPU.
+template <typename T>
+__global__ void nc_moments_cols(const T* x, i64 Arows, i64 C, i64 rpb, double* pmean, double* pm2) {
+    typedef typename nc_acc<T>::type A;
+    __shared__ A sh1[NC_COL_STRIPES][NC_COL_TILE + 1];
+    __shared__ A sh2[NC_COL_STRIPES][NC_COL_TILE + 1];
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
+        const i64 c = tile * NC_COL_TILE + tx;
+        A s1 = 0, s2 = 0, shift = 0;
+        if (c < C) {
+            shift = nc_ld<T, A>(x, r0 * C + c);
+            for (i64 r = r0 + ty; r < r1; r += NC_COL_STRIPES) {
+                const A d = nc_ld<T, A>(x, r * C + c) - shift;
+                s1 += d;
+                s2 += d * d;
+            }
+        }
+        sh1[ty][tx] = s1;
+        sh2[ty][tx] = s2;
+        __syncthreads();
+        if (ty == 0 && c < C) {
+            double t1 = 0.0, t2 = 0.0;
+            for (int j = 0; j < NC_COL_STRIPES; ++j) { t1 += (double)sh1[j][tx]; t2 += (double)sh2[j][tx]; }
+            const double n = (double)(r1 - r0);
+            pmean[k * C + c] = (double)shift + t1 / n;
+            pm2[k * C + c] = fmax(t2 - t1 * t1 / n, 0.0);
+        }
+        __syncthreads();
+    }
+}
+
+// Partial sums per (row block, column): p1 = sum dy, p2 = sum dy * (x - mean[c]).
+template <typename T>
+__global__ void nc_sums_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, const double* mean,
+                             double* p1, double* p2) {
+    typedef typename nc_acc<T>::type A;
+    __shared__ A sh1[NC_COL_STRIPES][NC_COL_TILE + 1];
+    __shared__ A sh2[NC_COL_STRIPES][NC_COL_TILE + 1];
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
+        const i64 c = tile * NC_COL_TILE + tx;
+        A s1 = 0, s2 = 0;
+        if (c < C) {
+            const A mu = (A)mean[c];
+            for (i64 r = r0 + ty; r < r1; r += NC_COL_STRIPES) {
+                const A g = nc_ld<T, A>(dy, r * C + c);
+                s1 += g;
+                s2 += g * (nc_ld<T, A>(x, r * C + c) - mu);
+            }
+        }
+        sh1[ty][tx] = s1;
+        sh2[ty][tx] = s2;
+        __syncthreads();
+        if (ty == 0 && c < C) {
+            double t1 = 0.0, t2 = 0.0;
+            for (int j = 0; j < NC_COL_STRIPES; ++j) { t1 += (double)sh1[j][tx]; t2 += (double)sh2[j][tx]; }
+            p1[k * C + c] = t1;
+            p2[k * C + c] = t2;
+        }
+        __syncthreads();
+    }
+}
+
+// y = (x - mean[c]) * scale[c] + shift[c] on an (A, C) array; each thread keeps its
+// column's coefficients in registers while it walks rows.
+template <typename T>
+__global__ void nc_affine_cols(const T* x, i64 Arows, i64 C, i64 rpb, const double* mean,
+                               const double* scale, const double* shift, T* y) {
+    typedef typename nc_acc<T>::type A;
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
+        const i64 c = tile * NC_COL_TILE + threadIdx.x;
+        if (c >= C) continue;
+        const A mu = (A)mean[c], s = (A)scale[c], t = (A)shift[c];
+        for (i64 r = r0 + threadIdx.y; r < r1; r += NC_COL_STRIPES)
+            nc_st<T, A>(y, r * C + c, (nc_ld<T, A>(x, r * C + c) - mu) * s + t);
+    }
+}
+
+template <typename T>
+__global__ void nc_dx_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, const double* mean,
+                           const double* k1, const double* k2, const double* k3, T* dx) {
+    typedef typename nc_acc<T>::type A;
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
+        const i64 c = tile * NC_COL_TILE + threadIdx.x;
+        if (c >= C) continue;
+        const A mu = (A)mean[c], a1 = (A)k1[c], a2 = (A)k2[c], a3 = (A)k3[c];
+        for (i64 r = r0 + threadIdx.y; r < r1; r += NC_COL_STRIPES)
+            nc_st<T, A>(dx, r * C + c,
+                        nc_ld<T, A>(dy, r * C + c) * a1 + (nc_ld<T, A>(x, r * C + c) - mu) * a2 + a3);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Merge of K partial moments per column (two-pass over the partial means, fixed order)
+// ---------------------------------------------------------------------------------------
+
+__global__ void nc_combine_moments(const double* pmean, const double* pm2, const double* counts,
+                                   i64 K, i64 C, double* mean, double* m2) {
+    for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += (i64)gridDim.x * blockDim.x) {
+        double total = 0.0;
+        for (i64 k = 0; k < K; ++k) total += counts[k];
+        double s = 0.0;
+        for (i64 k = 0; k < K; ++k) s += counts[k] * pmean[k * C + c];
+        const double mu = s / total;
+        double q = 0.0;
+        for (i64 k = 0; k < K; ++k) {
+            const double d = pmean[k * C + c] - mu;
+            q += pm2[k * C + c] + counts[k] * d * d;
+        }
+        mean[c] = mu;
+        m2[c] = q;
+    }
+}
+
+#ifdef NORMCORE_INSTANTIATE
+// Compile every template for every storage type (used by the build check: nvcc -c).
+#define NC_INSTANTIATE(T)                                                                          \
+    template __global__ void nc_moments_rows<T>(const T*, i64, i64, double*, double*);             \
+    template __global__ void nc_affine_rows<T>(const T*, i64, i64, i64, const double*,             \
+                                               const double*, const double*, T*);                  \
+    template __global__ void nc_sums_rows<T>(const T*, const T*, i64, i64, i64, const double*,     \
+                                             double*, double*);                                    \
+    template __global__ void nc_dx_rows<T>(const T*, const T*, i64, i64, i64, const double*,       \
+                                           const double*, const double*, const double*, T*);       \
+    template __global__ void nc_affine_inner<T>(const T*, i64, i64, const double*, const double*,  \
+                                                const i64*, const double*, const double*, T*);     \
+    template __global__ void nc_row_sums_inner<T>(const T*, const T*, i64, i64, const double*,     \
+                                                  const double*, const i64*, const double*,        \
+                                                  double*, double*);                               \
+    template __global__ void nc_param_sums_inner<T>(const T*, const T*, i64, i64, const double*,   \
+                                                    const double*, const i64*, i64, i64, double*,  \
+                                                    double*);                                      \
+    template __global__ void nc_dx_inner<T>(const T*, const T*, i64, i64, const double*,           \
+                                            const double*, const i64*, const double*,              \
+                                            const double*, const double*, T*);                     \
+    template __global__ void nc_moments_cols<T>(const T*, i64, i64, i64, double*, double*);        \
+    template __global__ void nc_sums_cols<T>(const T*, const T*, i64, i64, i64, const double*,     \
+                                             double*, double*);                                    \
+    template __global__ void nc_affine_cols<T>(const T*, i64, i64, i64, const double*,             \
+                                               const double*, const double*, T*);                  \
+    template __global__ void nc_dx_cols<T>(const T*, const T*, i64, i64, i64, const double*,       \
+                                           const double*, const double*, const double*, T*);
+NC_INSTANTIATE(float)
+NC_INSTANTIATE(double)
+NC_INSTANTIATE(nc_bf16)
+NC_INSTANTIATE(nc_f16)
+#endif
