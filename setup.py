@@ -12,6 +12,10 @@ import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+# CUDA sources compiled at run time by CuPy (normcore.gpu): shipped inside the package.
+CUDA_SOURCES = ["src/normcore/kernels.cu"]
 
 
 def _openmp_flags(compiler):
@@ -62,6 +66,15 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+class BuildPy(build_py):
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "normcore")
+        self.mkpath(target)
+        for src in CUDA_SOURCES:
+            self.copy_file(src, os.path.join(target, os.path.basename(src)))
+
+
 extensions = [
     Extension(
         f"normcore.{name}",
@@ -83,5 +96,5 @@ setup(
             "initializedcheck": False,
         },
     ),
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

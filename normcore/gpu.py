@@ -76,8 +76,10 @@ def _module(family: str, dtype_name: str):
     return {n.split("<")[0]: mod.get_function(n) for n in names}
 
 
-def _fn(family, name, dtype):
-    return _module(family, np.dtype(dtype).name)[name]
+def _cupy_kernel(family, name, dtype_name):
+    """The compiled kernel ``name`` of ``family`` for storage dtype ``dtype_name``; called
+    as ``kernel(grid, block, args)``."""
+    return _module(family, dtype_name)[name]
 
 
 def _i(v):
@@ -101,101 +103,96 @@ def _col_grid(A, C, rpb):
     return (int(max(1, nb)), int(max(1, min(-(-C // _COL_TILE), _MAX_GRID_Y))))
 
 
-class _CudaKernels:
-    """Same names and arguments as normcore._kernels (``threads`` is ignored)."""
+class CudaKernels:
+    """Same names and arguments as normcore._kernels (``threads`` is ignored); launches
+    go through ``lookup(family, name, dtype_name) -> kernel(grid, block, args)``."""
 
-    fused = False
+    def __init__(self, lookup=_cupy_kernel):
+        self._lookup = lookup
 
-    @staticmethod
-    def moments_rows(x, pmean, pm2, threads):
+    def _fn(self, family, name, dtype):
+        return self._lookup(family, name, np.dtype(dtype).name)
+
+    def moments_rows(self, x, pmean, pm2, threads):
         A, C, B = x.shape
         if A * C == 0:
             return
-        _fn("rows", "nc_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
+        self._fn("rows", "nc_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
                                                 (x, _i(A * C), _i(B), pmean, pm2))
 
-    @staticmethod
-    def moments_cols(x, rpb, pmean, pm2, threads):
+    def moments_cols(self, x, rpb, pmean, pm2, threads):
         A, C = x.shape
         if A * C == 0:
             return
-        _fn("cols", "nc_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
+        self._fn("cols", "nc_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
                                                 (x, _i(A), _i(C), _i(rpb), pmean, pm2))
 
-    @staticmethod
-    def combine_moments(pmean, pm2, counts, mean, m2, threads):
+    def combine_moments(self, pmean, pm2, counts, mean, m2, threads):
         K, C = pmean.shape
         if C == 0:
             return
-        _module("merge", "float64")["nc_combine_moments"]((int(min(-(-C // 256), 4096)),), (256,),
+        self._fn("merge", "nc_combine_moments", np.float64)((int(min(-(-C // 256), 4096)),), (256,),
                                                           (pmean, pm2, counts, _i(K), _i(C), mean, m2))
 
-    @staticmethod
-    def affine_rows(x, mean, scale, shift, rpb, y, threads):
+    def affine_rows(self, x, mean, scale, shift, rpb, y, threads):
         A, R, S = x.shape
         if x.size == 0:
             return
         if S == 1:
-            _fn("cols", "nc_affine_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
+            self._fn("cols", "nc_affine_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
                                                    (x, _i(A), _i(R), _i(rpb), mean, scale, shift, y))
         else:
-            _fn("rows", "nc_affine_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
+            self._fn("rows", "nc_affine_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
                                                    (x, _i(A * R), _i(R), _i(S), mean, scale, shift, y))
 
-    @staticmethod
-    def sums_rows(dy, x, mean, p1, p2, threads):
+    def sums_rows(self, dy, x, mean, p1, p2, threads):
         A, R, S = x.shape
         if A * R == 0:
             return
-        _fn("rows", "nc_sums_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
+        self._fn("rows", "nc_sums_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
                                              (dy, x, _i(A * R), _i(R), _i(S), mean, p1, p2))
 
-    @staticmethod
-    def sums_cols(dy, x, mean, rpb, p1, p2, threads):
+    def sums_cols(self, dy, x, mean, rpb, p1, p2, threads):
         A, C = x.shape
         if A * C == 0:
             return
-        _fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
+        self._fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
                                              (dy, x, _i(A), _i(C), _i(rpb), mean, p1, p2))
 
-    @staticmethod
-    def dx_rows(dy, x, mean, k1, k2, k3, rpb, dx, threads):
+    def dx_rows(self, dy, x, mean, k1, k2, k3, rpb, dx, threads):
         A, R, S = x.shape
         if x.size == 0:
             return
         if S == 1:
-            _fn("cols", "nc_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
+            self._fn("cols", "nc_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
                                                (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
         else:
-            _fn("rows", "nc_dx_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
+            self._fn("rows", "nc_dx_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
                                                (dy, x, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
 
-    @staticmethod
-    def affine_inner(x, mean, rstd, rp, w, b, y, threads):
+    def affine_inner(self, x, mean, rstd, rp, w, b, y, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
-        _fn("inner", "nc_affine_inner", x.dtype)(_row_grid(R), (_row_block(S),),
+        self._fn("inner", "nc_affine_inner", x.dtype)(_row_grid(R), (_row_block(S),),
                                                  (x, _i(R), _i(S), mean, rstd, rp, w, b, y))
 
-    @staticmethod
-    def sums_inner(dy, x, mean, rstd, rp, w, rpb, s1, s2, pdw, pdb, threads):
+    def sums_inner(self, dy, x, mean, rstd, rp, w, rpb, s1, s2, pdw, pdb, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
-        _fn("inner", "nc_row_sums_inner", x.dtype)(_row_grid(R), (_row_block(S),),
+        self._fn("inner", "nc_row_sums_inner", x.dtype)(_row_grid(R), (_row_block(S),),
                                                    (dy, x, _i(R), _i(S), mean, rstd, rp, w, s1, s2))
         nb, P = pdw.shape
         grid = (int(nb), int(-(-S // 256)))
-        _fn("inner", "nc_param_sums_inner", x.dtype)(grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp,
+        self._fn("inner", "nc_param_sums_inner", x.dtype)(grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp,
                                                                      _i(rpb), _i(P), pdw, pdb))
 
-    @staticmethod
-    def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
+    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
-        _fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
+        self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
                                              (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
 
 
@@ -207,7 +204,7 @@ class CudaBackend(Backend):
     def __init__(self):
         import cupy
         self.xp = cupy
-        self.K = _CudaKernels
+        self.K = CudaKernels()
         self.array_type = cupy.ndarray
         dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
         try:

@@ -162,12 +162,36 @@ def _group_axes(m, shape, sizes):
     return dims, tuple(i for i, k in enumerate(kept) if not k)
 
 
+# The backend the properties run on: "cpu", or "cuda" (inputs copied to the GPU, results
+# copied back, so that every check compares NumPy arrays with the float64 reference).
+_BACKEND = ["cpu"]
+
+
+def _normalize(x, m, **kw):
+    if _BACKEND[0] == "cpu":
+        return normalize(x, m, **kw)
+    import cupy
+    dev = {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    y, cache = normalize(cupy.asarray(x), m, **dev)
+    for k in ("running_mean", "running_var"):
+        if k in kw:
+            kw[k][...] = cupy.asnumpy(dev[k])  # the in-place update, seen by the caller
+    return cupy.asnumpy(y), cache
+
+
+def _backward(dy, cache):
+    if _BACKEND[0] == "cpu":
+        return backward(dy, cache)
+    import cupy
+    return tuple(None if g is None else cupy.asnumpy(g) for g in backward(cupy.asarray(dy), cache))
+
+
 def prop_forward_matches_reference(m, data, sizes, last_side=None):
     """Forward output and running-statistic updates equal the float64 reference."""
     x, kw, _ = _draw_call(data, m, sizes, last_side)
     ref = reference_forward(x, m, **_copy_running(kw))
     call = _copy_running(kw)
-    y, _ = normalize(x, m, **call)
+    y, _ = _normalize(x, m, **call)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert_close(y, ref.y, x.dtype, "y")
     if ref.running_mean is not None:
@@ -189,7 +213,7 @@ def prop_normalized_moments(m, data, sizes, last_side=None):
     x, call_sizes, dtype = _draw_plain(data, m, sizes, last_side)
     shape = x.shape
     eps = 1e-5
-    y, _ = normalize(x, m, eps=eps, **call_sizes)
+    y, _ = _normalize(x, m, eps=eps, **call_sizes)
     dims, reduced = _group_axes(m, shape, call_sizes)
     xe, ye = x.reshape(dims), y.reshape(dims)
     if m.center:
@@ -209,21 +233,21 @@ def prop_invariances(m, data, sizes, last_side=None):
     gshape = [1 if i in reduced else d for i, d in enumerate(dims)]
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     eps = 1e-5
-    y, _ = normalize(x, m, eps=eps, **call_sizes)
+    y, _ = _normalize(x, m, eps=eps, **call_sizes)
     if m.center:
         shift = rng.integers(-50, 50, gshape).astype(np.float64)
-        ys, _ = normalize((x.reshape(dims) + shift).reshape(shape), m, eps=eps, **call_sizes)
+        ys, _ = _normalize((x.reshape(dims) + shift).reshape(shape), m, eps=eps, **call_sizes)
         assert_close(ys, y, dtype, "y after a per-group shift")
     # One scale for all groups keeps eps * s^2 a single number; powers of two are exact.
     s = 2.0 ** data.draw(st.integers(-4, 4), label="log2 scale")
-    yk, _ = normalize(x * s, m, eps=eps * s * s, **call_sizes)
+    yk, _ = _normalize(x * s, m, eps=eps * s * s, **call_sizes)
     assert_close(yk, y, dtype, "y after scaling x")
     if reduced:
         # per-group positive scales: exact invariance needs eps -> 0 relative to the variance
         scales = 2.0 ** rng.integers(-3, 4, gshape)
         tiny = 1e-300
-        y0, _ = normalize(x, m, eps=tiny, **call_sizes)
-        yg, _ = normalize((x.reshape(dims) * scales).reshape(shape), m, eps=tiny, **call_sizes)
+        y0, _ = _normalize(x, m, eps=tiny, **call_sizes)
+        yg, _ = _normalize((x.reshape(dims) * scales).reshape(shape), m, eps=tiny, **call_sizes)
         xe = x.reshape(dims)
         var = xe.var(axis=reduced, keepdims=True) if m.center else (xe ** 2).mean(axis=reduced, keepdims=True)
         ok = np.broadcast_to(var > 1e-6, dims).reshape(shape)
@@ -235,8 +259,8 @@ def prop_backward_matches_reference(m, data, sizes, last_side=None):
     x, kw, call_sizes = _draw_call(data, m, sizes, last_side)
     dy = data.draw(float_arrays(x.shape, x.dtype), label="dy")
     ref = reference_forward(x, m, **_copy_running(kw))
-    y, cache = normalize(x, m, **_copy_running(kw))
-    dx, dw, db = backward(dy, cache)
+    y, cache = _normalize(x, m, **_copy_running(kw))
+    dx, dw, db = _backward(dy, cache)
     rdx, rdw, rdb = reference_backward(dy, ref)
     terms = term_scales(dy, ref)
     assert dx.dtype == x.dtype and dx.shape == x.shape
@@ -268,10 +292,10 @@ def prop_central_difference(m, data, sizes, last_side=None):
         call = _copy_running(kw)
         call.update(over)
         xx = call.pop("x", x)
-        return float((normalize(xx, m, **call)[0] * dy).sum())
+        return float((_normalize(xx, m, **call)[0] * dy).sum())
 
-    y, cache = normalize(x, m, **_copy_running(kw))
-    dx, dw, db = backward(dy, cache)
+    y, cache = _normalize(x, m, **_copy_running(kw))
+    dx, dw, db = _backward(dy, cache)
     h = 1e-6
     # Rounding in the loss itself limits any central difference: ~eps * sum|y * dy| / h.
     roundoff = 16 * np.finfo(np.float64).eps * float(np.abs(y * dy).sum()) / h
@@ -295,16 +319,19 @@ PROPERTIES = (prop_forward_matches_reference, prop_normalized_moments, prop_inva
               prop_backward_matches_reference, prop_central_difference)
 
 
-def check_mode(mode, *, max_examples=30, last_side=None, **sizes):
+def check_mode(mode, *, max_examples=30, last_side=None, backend="cpu", **sizes):
     """Run every property in :data:`PROPERTIES` on ``mode`` (a name or a Mode).
 
     ``sizes`` fixes axis sizes (e.g. ``g=2``); others are drawn (1 to 4, the last input
-    axis up to ``last_side`` when given, to reach long-row code paths). Raises the first
-    falsifying example, as a Hypothesis test does.
+    axis up to ``last_side`` when given, to reach long-row code paths). ``backend="cuda"``
+    runs the same properties on CuPy arrays (the GPU path). Raises the first falsifying
+    example, as a Hypothesis test does.
 
     >>> check_mode("layer_norm", max_examples=5)
     """
     m = get_mode(mode)
+    if backend not in ("cpu", "cuda"):
+        raise ValueError(f"backend: expected 'cpu' or 'cuda', got {backend!r}")
 
     def runner(prop):
         @settings(max_examples=max_examples, deadline=None, database=None,
@@ -315,8 +342,12 @@ def check_mode(mode, *, max_examples=30, last_side=None, **sizes):
         run.__name__ = f"{prop.__name__}[{m.name or m.spec}]"
         return run
 
-    for prop in PROPERTIES:
-        runner(prop)()
+    _BACKEND[0] = backend
+    try:
+        for prop in PROPERTIES:
+            runner(prop)()
+    finally:
+        _BACKEND[0] = "cpu"
 
 
 _AXIS_NAMES = "abcdefgh"

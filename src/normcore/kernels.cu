@@ -14,7 +14,8 @@
 //
 // Accumulation: double for float and double storage, float for float16 and bfloat16
 // (converted here by hand: NVRTC needs no header). Elementwise math uses the same type.
-// No headers are included, so the file compiles under NVRTC and nvcc alike.
+// No headers are included, so the file compiles under NVRTC and nvcc alike (and, for the
+// test suite's host emulation, under g++ with tests/cuda_emu/emu.h).
 
 typedef long long i64;
 
@@ -36,6 +37,7 @@ __device__ __forceinline__ unsigned short nc_float_to_bf16(float f) {
     return (unsigned short)(u >> 16);
 }
 
+#ifdef __CUDACC__
 __device__ __forceinline__ float nc_f16_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -47,6 +49,20 @@ __device__ __forceinline__ unsigned short nc_float_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#else  // host emulation of the kernels in the test suite (GCC's _Float16)
+__device__ __forceinline__ float nc_f16_to_float(unsigned short h) {
+    _Float16 v;
+    __builtin_memcpy(&v, &h, 2);
+    return (float)v;
+}
+
+__device__ __forceinline__ unsigned short nc_float_to_f16(float f) {
+    _Float16 v = (_Float16)f;
+    unsigned short h;
+    __builtin_memcpy(&h, &v, 2);
+    return h;
+}
+#endif
 
 template <typename T, typename A> __device__ __forceinline__ A nc_ld(const T* p, i64 i) {
     return (A)p[i];
@@ -83,7 +99,7 @@ template <typename A> __device__ A nc_block_sum(A v, A* shared32) {
     v = nc_warp_sum(v);
     if (lane == 0) shared32[warp] = v;
     __syncthreads();
-    v = (threadIdx.x < nwarps) ? shared32[lane] : (A)0;
+    v = ((int)threadIdx.x < nwarps) ? shared32[lane] : (A)0;
     if (warp == 0) v = nc_warp_sum(v);
     __syncthreads();  // shared32 may be reused by the caller
     return v;

@@ -1,0 +1,208 @@
+"""The GPU path. Three kinds of test:
+
+* always: the CUDA sources are shipped and name every kernel the Python side launches;
+  importing normcore never imports CuPy; without CuPy the failure is a clear error;
+* where ``nvcc`` exists: every kernel template compiles for every storage dtype
+  (``nvcc -c``), so source errors surface without a GPU;
+* where CuPy sees a GPU: the CPU property suite on CuPy arrays for every mode and a
+  user-registered one, GPU against CPU results, device placement and mixing errors,
+  half precision, and SyncBatchNorm on CuPy arrays. Skipped elsewhere, with the reason.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import normcore as nc
+from normcore import gpu
+from normcore.reference import reference_backward, reference_forward
+
+GPU_REASON = gpu.unavailable_reason()
+needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU path not testable here: {GPU_REASON}")
+
+
+# -- everywhere ---------------------------------------------------------------------
+
+def test_cuda_source_defines_every_launched_kernel():
+    src = gpu.kernel_source().read_text()
+    for family, names in gpu._FAMILIES.items():
+        for name in names:
+            assert re.search(rf"__global__ void {name}\(", src), f"{family}: {name} missing"
+    assert "__global__ void nc_combine_moments(" in src
+    assert "#include" not in src  # NVRTC compiles it with no include path
+
+
+def test_importing_normcore_does_not_import_cupy():
+    code = "import sys, normcore; normcore.BatchNorm2d(3); assert 'cupy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is available here")
+def test_without_a_gpu_the_gpu_path_says_why():
+    assert not gpu.available()
+    with pytest.raises(RuntimeError, match="GPU path cannot run: "):
+        gpu.cuda_backend()
+    with pytest.raises(RuntimeError, match="GPU path cannot run: "):
+        nc.BatchNorm2d(3).to("cuda")
+    assert nc.BatchNorm2d(3).device == "cpu"
+    with pytest.raises(ValueError, match="^device"):
+        nc.BatchNorm2d(3).to("gpu")
+
+
+def test_cpu_inputs_reject_other_array_types():
+    with pytest.raises(TypeError, match=r"^x: expected a numpy.ndarray \(or a cupy.ndarray for the GPU\)"):
+        nc.normalize([[1.0, 2.0]], "layer_norm")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_sources_compile_with_nvcc(tmp_path, arch):
+    out = subprocess.run(["nvcc", "-c", "-std=c++17", f"-arch={arch}", "-DNORMCORE_INSTANTIATE",
+                          "-Werror", "all-warnings", "-o", str(tmp_path / "k.o"), str(gpu.kernel_source())],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+# -- on a GPU -----------------------------------------------------------------------
+
+MODES = [("batch_norm", {}), ("batch_norm_channels_last", {}), ("batch_norm_per_activation", {}),
+         ("layer_norm", {}), ("rms_norm", {}), ("instance_norm", {}), ("group_norm", {"g": 2}),
+         ("channel_norm", {"g": 2}), ("weight_standardize", {})]
+
+
+@needs_gpu
+@pytest.mark.parametrize("name, sizes", MODES, ids=[m for m, _ in MODES])
+def test_gpu_properties(name, sizes):
+    nc.testing.check_mode(name, max_examples=15, backend="cuda", **sizes)
+
+
+@needs_gpu
+def test_gpu_user_registered_mode():
+    if "gpu_head_norm" not in nc.modes():
+        nc.register_mode("gpu_head_norm", "b t (h d) -> b h", params="(h d)", h=2)
+    nc.testing.check_mode("gpu_head_norm", max_examples=15, backend="cuda")
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode, shape, sizes", [
+    ("batch_norm", (8, 16, 33, 17), {}), ("batch_norm_channels_last", (600, 70), {}),
+    ("layer_norm", (37, 1000), {}), ("group_norm", (4, 32, 9, 9), {"g": 8}), ("instance_norm", (3, 5, 300), {}),
+])
+def test_gpu_matches_cpu(mode, shape, sizes):
+    import cupy
+    rng = np.random.default_rng(3)
+    x = 5 + rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    p = nc.plan.make_plan(nc.get_mode(mode), shape, sizes).param_shape
+    w, b = rng.standard_normal(p).astype(np.float32), rng.standard_normal(p).astype(np.float32)
+    y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
+    grads = nc.backward(dy, cache)
+    gy, gcache = nc.normalize(cupy.asarray(x), mode, weight=cupy.asarray(w), bias=cupy.asarray(b), **sizes)
+    assert isinstance(gy, cupy.ndarray)
+    ggrads = nc.backward(cupy.asarray(dy), gcache)
+    np.testing.assert_allclose(cupy.asnumpy(gy), y, rtol=0, atol=2e-6 * max(1, np.abs(y).max()))
+    for g, c in zip(ggrads, grads, strict=True):
+        assert isinstance(g, cupy.ndarray)
+        np.testing.assert_allclose(cupy.asnumpy(g), c, rtol=0, atol=2e-5 * max(1, np.abs(c).max()))
+
+
+@needs_gpu
+def test_gpu_float32_at_offset_1e4():
+    import cupy
+    rng = np.random.default_rng(4)
+    x = (1e4 + rng.standard_normal((16, 8, 64))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.standard_normal(8).astype(np.float32)
+    y, cache = nc.normalize(cupy.asarray(x), "batch_norm", weight=cupy.asarray(w), bias=cupy.asarray(w))
+    dx, dw, db = nc.backward(cupy.asarray(dy), cache)
+    ref = reference_forward(x, "batch_norm", weight=w, bias=w)
+    for got, want in zip((y, dx, dw, db), (ref.y, *reference_backward(dy, ref)), strict=True):
+        got = cupy.asnumpy(got).astype(np.float64)
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-6
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16"])
+def test_gpu_half_precision_accumulates_in_float32(dtype_name):
+    import cupy
+    if dtype_name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(np.float16)
+    rng = np.random.default_rng(5)
+    x = (3 + rng.standard_normal((64, 512))).astype(dtype)
+    y, cache = nc.normalize(cupy.asarray(x), "layer_norm")
+    ref = reference_forward(x.astype(np.float64), "layer_norm")
+    unit = 2.0 ** -(8 if dtype_name == "bfloat16" else 11)  # one rounding of y
+    assert np.abs(cupy.asnumpy(y).astype(np.float64) - ref.y).max() <= 4 * unit * np.abs(ref.y).max()
+
+
+@needs_gpu
+def test_gpu_mixing_host_and_device_arrays_raises():
+    import cupy
+    x = cupy.ones((4, 3), np.float32)
+    with pytest.raises(TypeError, match=r"^weight: expected a cupy.ndarray like x"):
+        nc.normalize(x, "batch_norm", weight=np.ones(3, np.float32))
+    with pytest.raises(TypeError, match=r"^weight: expected a numpy.ndarray like x"):
+        nc.normalize(np.ones((4, 3), np.float32), "batch_norm", weight=cupy.ones(3, np.float32))
+    with pytest.raises(TypeError, match=r"^weight: expected a cupy.ndarray like x"):
+        nc.BatchNorm1d(3)(x)  # the layer's parameters are still on the host
+    _, cache = nc.normalize(x, "batch_norm")
+    with pytest.raises(TypeError, match=r"^dy: expected a cupy.ndarray like x"):
+        nc.backward(np.ones((4, 3), np.float32), cache)
+
+
+@needs_gpu
+def test_gpu_layers_train_on_the_device_and_save_to_the_host(tmp_path):
+    import cupy
+    x = np.random.default_rng(6).standard_normal((8, 3, 5, 5)).astype(np.float32)
+    cpu_bn, gpu_bn = nc.BatchNorm2d(3), nc.BatchNorm2d(3).cuda()
+    assert gpu_bn.device == "cuda" and isinstance(gpu_bn.running_mean, cupy.ndarray)
+    gpu_bn.reuse_buffers = True
+    for _ in range(2):
+        y, gy = cpu_bn(x), gpu_bn(cupy.asarray(x))
+        cpu_bn.backward(np.ones_like(y))
+        gpu_bn.backward(cupy.ones_like(gy))
+    np.testing.assert_allclose(cupy.asnumpy(gpu_bn.running_var), cpu_bn.running_var, rtol=1e-6)
+    np.testing.assert_allclose(cupy.asnumpy(gpu_bn.grad_weight), cpu_bn.grad_weight, rtol=1e-5, atol=1e-5)
+    gpu_bn.save(tmp_path / "bn.npz")
+    back = nc.BatchNorm2d(3).load(tmp_path / "bn.npz")
+    np.testing.assert_array_equal(back.running_mean, cupy.asnumpy(gpu_bn.running_mean))
+    assert gpu_bn.cpu().device == "cpu"
+
+
+@needs_gpu
+def test_gpu_sync_batch_norm_stages_statistics_through_the_host():
+    import cupy
+    from normcore.testing import run_ranks
+    x = np.random.default_rng(7).standard_normal((7, 4, 6)).astype(np.float32)
+
+    def rank(comm):
+        bn = nc.SyncBatchNorm(4, comm=comm).cuda()
+        part = x[:3] if comm.Get_rank() == 0 else x[3:]
+        return cupy.asnumpy(bn(cupy.asarray(part)))
+
+    out = run_ranks(2, rank)
+    for r in out:
+        if isinstance(r, Exception):
+            raise r
+    np.testing.assert_allclose(np.concatenate(out), nc.BatchNorm1d(4)(x), atol=2e-6)
+
+
+@needs_gpu
+def test_gpu_results_are_reproducible():
+    import cupy
+    x = cupy.asarray(np.random.default_rng(8).standard_normal((64, 32, 40)).astype(np.float32))
+    a, _ = nc.normalize(x, "batch_norm")
+    b, _ = nc.normalize(x, "batch_norm")
+    assert bool((a == b).all())
+
+
+@pytest.mark.skipif(os.environ.get("NORMCORE_REQUIRE_GPU") != "1", reason="set NORMCORE_REQUIRE_GPU=1 on GPU machines")
+def test_gpu_is_required_here():
+    assert GPU_REASON is None, GPU_REASON

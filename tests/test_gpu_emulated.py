@@ -1,0 +1,86 @@
+"""The CUDA kernels, run on the host by the emulator in tests/conftest.py (``emulated_gpu``):
+the CPU property suite through the GPU launch code for every mode, and shapes that cross
+the kernels' block, tile and stripe boundaries, against the CPU kernels."""
+import numpy as np
+import pytest
+
+import normcore as nc
+from normcore.reference import reference_forward
+from normcore.testing import check_mode
+
+MODES = [("batch_norm", {}), ("batch_norm_channels_last", {}), ("batch_norm_per_activation", {}),
+         ("layer_norm", {}), ("rms_norm", {}), ("instance_norm", {}), ("group_norm", {"g": 2}),
+         ("channel_norm", {"g": 2}), ("weight_standardize", {})]
+
+
+@pytest.mark.parametrize("name, sizes", MODES, ids=[m for m, _ in MODES])
+def test_emulated_gpu_properties(emulated_gpu, name, sizes):
+    check_mode(name, max_examples=8, **sizes)
+    assert emulated_gpu.launches > 0  # the CUDA kernels did the work
+
+
+def test_emulated_gpu_user_mode(emulated_gpu):
+    if "emu_head_norm" not in nc.modes():
+        nc.register_mode("emu_head_norm", "b t (h d) -> b h", params="(h d)", h=2)
+    check_mode("emu_head_norm", max_examples=8)
+
+
+BOUNDARY_CASES = [
+    ("batch_norm", (3, 2, 700), {}),                  # rows of 700: 256 threads, strided tail
+    ("batch_norm", (5, 3, 40), {}),                   # 32-thread blocks, partial warp of data
+    ("batch_norm_channels_last", (300, 70), {}),      # 3 column tiles (32), 3 row blocks, stripes
+    ("batch_norm_per_activation", (129, 33), {}),     # row block boundary at 128
+    ("layer_norm", (7, 300), {}),                     # parameters along S (inner family)
+    ("group_norm", (2, 6, 90), {"g": 3}),
+    ("instance_norm", (2, 3, 65), {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode, shape, sizes", BOUNDARY_CASES)
+def test_emulated_gpu_matches_cpu_across_boundaries(request, mode, shape, sizes, dtype):
+    rng = np.random.default_rng(9)
+    x = (3 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    plan = nc.plan.make_plan(nc.get_mode(mode), shape, sizes)
+    kw = {}
+    if plan.param_shape is not None:
+        kw = {"weight": rng.standard_normal(plan.param_shape).astype(dtype),
+              "bias": rng.standard_normal(plan.param_shape).astype(dtype)}
+    runs = {}
+    for where in ("cpu", "emulated"):
+        if where == "emulated":
+            request.getfixturevalue("emulated_gpu")  # from here on the CUDA kernels compute
+        run = {}
+        if plan.running_shape is not None:
+            run = {"running_mean": np.zeros(plan.running_shape, dtype), "running_var": np.ones(plan.running_shape, dtype)}
+        y, cache = nc.normalize(x, mode, **kw, **run, **sizes)
+        runs[where] = (y, *nc.backward(dy, cache), *run.values())
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, b in zip(runs["emulated"], runs["cpu"], strict=True):
+        if a is None:
+            assert b is None
+            continue
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
+
+
+def test_emulated_gpu_float16_layer_norm(emulated_gpu):
+    x = (2 + np.random.default_rng(10).standard_normal((8, 300))).astype(np.float16)
+    w = np.random.default_rng(11).standard_normal(300).astype(np.float16)
+    y, cache = nc.normalize(x, "layer_norm", weight=w, bias=w)
+    ref = reference_forward(x.astype(np.float64), "layer_norm", weight=w.astype(np.float64), bias=w.astype(np.float64))
+    assert y.dtype == np.float16
+    # float32 accumulation, one float16 rounding of y: a few units in the last place
+    assert np.abs(y.astype(np.float64) - ref.y).max() <= 4 * 2.0 ** -11 * np.abs(ref.y).max()
+    dx, dw, db = nc.backward(np.ones_like(x), cache)
+    assert dx.dtype == dw.dtype == np.float16
+
+
+def test_emulated_gpu_bfloat16(emulated_gpu):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    x = (2 + np.random.default_rng(12).standard_normal((6, 4, 50))).astype(bf16)
+    y, _ = nc.normalize(x, "batch_norm")
+    ref = reference_forward(x.astype(np.float64), "batch_norm")
+    assert y.dtype == bf16
+    assert np.abs(y.astype(np.float64) - ref.y).max() <= 4 * 2.0 ** -8 * np.abs(ref.y).max()
