@@ -48,7 +48,6 @@ def main():
     with threadpool_limits(args.threads, user_api="openmp"):
         for shape, axis in CASES:
             x = np.random.default_rng(rank).standard_normal(shape).astype(np.float32)
-            dy = np.ones_like(x)
             C = shape[axis]
             plain = nc.BatchNorm1d if len(shape) == 2 else nc.BatchNorm2d
             layers = {"bn": plain(C, channel_axis=axis), "sync": nc.SyncBatchNorm(C, channel_axis=axis)}

@@ -13,7 +13,7 @@ from .forms import (batch_norm, group_norm, instance_norm, layer_norm, rms_norm,
 from .layers import (BatchChannelNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, ChannelNorm,
                      EstimatedBatchNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d,
                      LayerNorm, RMSNorm, SyncBatchNorm)
-from . import sync
+from . import sync  # noqa: F401  (normcore.sync.traffic() without a second import)
 from .sync import SyncError
 
 __version__ = "0.1.0"

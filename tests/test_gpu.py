@@ -20,6 +20,7 @@ import pytest
 import normcore as nc
 from normcore import gpu
 from normcore.reference import reference_backward, reference_forward
+from normcore.testing import check_mode, run_ranks
 
 GPU_REASON = gpu.unavailable_reason()
 needs_gpu = pytest.mark.skipif(GPU_REASON is not None, reason=f"GPU path not testable here: {GPU_REASON}")
@@ -77,14 +78,14 @@ MODES = [("batch_norm", {}), ("batch_norm_channels_last", {}), ("batch_norm_per_
 @needs_gpu
 @pytest.mark.parametrize("name, sizes", MODES, ids=[m for m, _ in MODES])
 def test_gpu_properties(name, sizes):
-    nc.testing.check_mode(name, max_examples=15, backend="cuda", **sizes)
+    check_mode(name, max_examples=15, backend="cuda", **sizes)
 
 
 @needs_gpu
 def test_gpu_user_registered_mode():
     if "gpu_head_norm" not in nc.modes():
         nc.register_mode("gpu_head_norm", "b t (h d) -> b h", params="(h d)", h=2)
-    nc.testing.check_mode("gpu_head_norm", max_examples=15, backend="cuda")
+    check_mode("gpu_head_norm", max_examples=15, backend="cuda")
 
 
 @needs_gpu
@@ -179,7 +180,6 @@ def test_gpu_layers_train_on_the_device_and_save_to_the_host(tmp_path):
 @needs_gpu
 def test_gpu_sync_batch_norm_stages_statistics_through_the_host():
     import cupy
-    from normcore.testing import run_ranks
     x = np.random.default_rng(7).standard_normal((7, 4, 6)).astype(np.float32)
 
     def rank(comm):

@@ -22,6 +22,8 @@ typedef long long i64;
 struct nc_bf16 { unsigned short bits; };
 struct nc_f16 { unsigned short bits; };
 
+__device__ __forceinline__ i64 nc_min(i64 a, i64 b) { return a < b ? a : b; }
+
 template <typename T> struct nc_acc { typedef double type; };
 template <> struct nc_acc<nc_bf16> { typedef float type; };
 template <> struct nc_acc<nc_f16> { typedef float type; };
@@ -282,7 +284,7 @@ __global__ void nc_param_sums_inner(const T* dy, const T* x, i64 R, i64 S, const
     const i64 k = blockIdx.x;
     const i64 s = (i64)blockIdx.y * blockDim.x + threadIdx.x;
     if (s >= S) return;
-    const i64 r0 = k * rpb, r1 = min(R, r0 + rpb);
+    const i64 r0 = k * rpb, r1 = nc_min(R, r0 + rpb);
     double* dw = pdw + k * P;
     double* db = pdb + k * P;
     i64 cur = -1;
@@ -331,7 +333,7 @@ __global__ void nc_moments_cols(const T* x, i64 Arows, i64 C, i64 rpb, double* p
     typedef typename nc_acc<T>::type A;
     __shared__ A sh1[NC_COL_STRIPES][NC_COL_TILE + 1];
     __shared__ A sh2[NC_COL_STRIPES][NC_COL_TILE + 1];
-    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
     const int tx = threadIdx.x, ty = threadIdx.y;
     for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
         const i64 c = tile * NC_COL_TILE + tx;
@@ -365,7 +367,7 @@ __global__ void nc_sums_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb,
     typedef typename nc_acc<T>::type A;
     __shared__ A sh1[NC_COL_STRIPES][NC_COL_TILE + 1];
     __shared__ A sh2[NC_COL_STRIPES][NC_COL_TILE + 1];
-    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
     const int tx = threadIdx.x, ty = threadIdx.y;
     for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
         const i64 c = tile * NC_COL_TILE + tx;
@@ -397,7 +399,7 @@ template <typename T>
 __global__ void nc_affine_cols(const T* x, i64 Arows, i64 C, i64 rpb, const double* mean,
                                const double* scale, const double* shift, T* y) {
     typedef typename nc_acc<T>::type A;
-    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
     for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
         const i64 c = tile * NC_COL_TILE + threadIdx.x;
         if (c >= C) continue;
@@ -411,7 +413,7 @@ template <typename T>
 __global__ void nc_dx_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, const double* mean,
                            const double* k1, const double* k2, const double* k3, T* dx) {
     typedef typename nc_acc<T>::type A;
-    const i64 k = blockIdx.x, r0 = k * rpb, r1 = min(Arows, r0 + rpb);
+    const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
     for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
         const i64 c = tile * NC_COL_TILE + threadIdx.x;
         if (c >= C) continue;

@@ -51,5 +51,4 @@ template <typename T> inline T __shfl_down_sync(unsigned, T v, int offset) {
 
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline long long min(long long a, long long b) { return a < b ? a : b; }
 using std::fmax;
