@@ -24,7 +24,7 @@ import numpy as np
 
 from .backend import Backend
 
-__all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source"]
+__all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source", "storage_dtypes", "CudaKernels"]
 
 _CTYPES = {"float32": "float", "float64": "double", "float16": "nc_f16", "bfloat16": "nc_bf16"}
 _FAMILIES = {
@@ -80,6 +80,18 @@ def _cupy_kernel(family, name, dtype_name):
     """The compiled kernel ``name`` of ``family`` for storage dtype ``dtype_name``; called
     as ``kernel(grid, block, args)``."""
     return _module(family, dtype_name)[name]
+
+
+def storage_dtypes():
+    """The dtypes the CUDA kernels store: float32, float64, float16, and bfloat16 when
+    ml_dtypes (which gives NumPy and CuPy the bfloat16 dtype) is installed."""
+    dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
+    try:
+        import ml_dtypes
+        dtypes.append(np.dtype(ml_dtypes.bfloat16))
+    except ImportError:
+        pass
+    return tuple(dtypes)
 
 
 def _i(v):
@@ -206,13 +218,7 @@ class CudaBackend(Backend):
         self.xp = cupy
         self.K = CudaKernels()
         self.array_type = cupy.ndarray
-        dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
-        try:
-            import ml_dtypes
-            dtypes.append(np.dtype(ml_dtypes.bfloat16))
-        except ImportError:
-            pass
-        self.dtypes = tuple(dtypes)
+        self.dtypes = storage_dtypes()
         self._indices = weakref.WeakKeyDictionary()
 
     def threads_for(self, size):

@@ -32,13 +32,7 @@ class EmulatedCuda(Backend):
         self.K = gpu.CudaKernels(self._lookup)
         self._lib = lib
         self.launches = 0
-        dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
-        try:
-            import ml_dtypes
-            dtypes.append(np.dtype(ml_dtypes.bfloat16))
-        except ImportError:
-            pass
-        self.dtypes = tuple(dtypes)
+        self.dtypes = gpu.storage_dtypes()
 
     def threads_for(self, size):
         return 1
