@@ -35,6 +35,7 @@ class Backend:
         self.xp = np
         self.K = kernels.K
         self._indices = weakref.WeakKeyDictionary()
+        self._identities = weakref.WeakKeyDictionary()
 
     def threads_for(self, size):
         return kernels.threads_for(size)
@@ -42,6 +43,27 @@ class Backend:
     def index(self, plan, name):
         """The plan's index array ``name`` (rg, rp, rc) as an array of this backend."""
         return getattr(plan, name)
+
+    def constant(self, plan, name, make):
+        """An array that depends on the plan alone, built by ``make()`` on the host once
+        and kept (on this backend's device) for the plan's lifetime."""
+        per_plan = self._indices.setdefault(plan, {})
+        key = ("constant", name, self.device_key())
+        if key not in per_plan:
+            per_plan[key] = self.from_host(make())
+        return per_plan[key]
+
+    def device_key(self):
+        return None
+
+    def is_identity(self, plan, name, n):
+        """True when the plan's index ``name`` maps n entries onto themselves (a gather or
+        bincount through it would only copy): one group per row, one parameter per row."""
+        per_plan = self._identities.setdefault(plan, {})
+        if name not in per_plan:
+            idx = getattr(plan, name)
+            per_plan[name] = idx is not None and np.array_equal(idx, np.arange(len(idx)))
+        return per_plan[name] and len(getattr(plan, name)) == n
 
     def to_host(self, a):
         return a

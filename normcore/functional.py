@@ -39,6 +39,17 @@ class _Run:
     def ix(self, plan, name):
         return self.be.index(plan, name)
 
+    def take(self, a, plan, name):
+        """``a[plan.<name>]``: per-group (rg), per-parameter (rp) or per-running-entry (rc)
+        values spread to rows (groups); ``a`` itself when the index is the identity."""
+        return a if self.be.is_identity(plan, name, len(a)) else a[self.ix(plan, name)]
+
+    def totals(self, values, plan, name, n):
+        """Per-row values summed into n bins through plan.<name>, in row order."""
+        if self.be.is_identity(plan, name, n) and len(values) == n:
+            return values
+        return self.xp.bincount(self.ix(plan, name), weights=values, minlength=n)
+
 
 class NormCache:
     """What backward needs from one forward call: plan, canonical x, mean and 1/std.
@@ -181,22 +192,27 @@ def _moments(x3, plan: Plan, run: _Run):
         pmean = xp.empty((nb, C))
         pm2 = xp.empty((nb, C))
         run.K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2, run.threads)
-        counts = np.full(nb, float(rpb))
-        counts[-1] = A - rpb * (nb - 1)
+
+        def counts():
+            c = np.full(nb, float(rpb))
+            c[-1] = A - rpb * (nb - 1)
+            return c
     else:
         pmean = xp.empty((A, C))
         pm2 = xp.empty((A, C))
         run.K.moments_rows(x3, pmean, pm2, run.threads)
-        counts = np.full(A, float(B))
+
+        def counts():
+            return np.full(A, float(B))
     return _merge_partials(pmean, pm2, counts, plan, run)
 
 
 def _merge_partials(pmean, pm2, counts, plan: Plan, run: _Run):
-    """(K, C) partial moments, ``counts[k]`` elements each -> per-group (mean, biased var)."""
+    """(K, C) partial moments, ``counts()[k]`` elements each -> per-group (mean, biased var)."""
     if pmean.shape[0] == 1:
         return pmean[0], pm2[0] / plan.count
     mean, m2 = run.xp.empty(pmean.shape[1]), run.xp.empty(pmean.shape[1])
-    run.K.combine_moments(pmean, pm2, run.be.from_host(counts), mean, m2, run.threads)
+    run.K.combine_moments(pmean, pm2, run.be.constant(plan, "partial counts", counts), mean, m2, run.threads)
     return mean, m2 / plan.count
 
 
@@ -214,7 +230,7 @@ def _scattered_moments(x_rows, plan: Plan, run: _Run):
         return xp.ascontiguousarray(p.reshape(row_shape).transpose(plan.scattered)).reshape(-1, C)
 
     pmean, pm2 = by_group(pmean), by_group(pm2)
-    return _merge_partials(pmean, pm2, np.full(pmean.shape[0], float(S)), plan, run)
+    return _merge_partials(pmean, pm2, lambda: np.full(pmean.shape[0], float(S)), plan, run)
 
 
 def _normalize_groups(x3, plan: Plan, center, eps, w, b, y_rows, threads):
@@ -233,17 +249,16 @@ def _normalize_groups(x3, plan: Plan, center, eps, w, b, y_rows, threads):
 def _affine(x_rows, plan: Plan, mean, rstd, w, b, y_rows, run: _Run):
     """y from given per-group statistics, on the (A, R, S) view (rows share their group's)."""
     xp = run.xp
-    rg, rp = run.ix(plan, "rg"), run.ix(plan, "rp")
-    mean_r, rstd_r = mean[rg], rstd[rg]
+    mean_r, rstd_r = run.take(mean, plan, "rg"), run.take(rstd, plan, "rg")
     if plan.param_inner and (w is not None or b is not None):
         P = math.prod(plan.param_shape)
-        run.K.affine_inner(x_rows, mean_r, rstd_r, rp, xp.ones(P) if w is None else w,
+        run.K.affine_inner(x_rows, mean_r, rstd_r, run.ix(plan, "rp"), xp.ones(P) if w is None else w,
                            xp.zeros(P) if b is None else b, y_rows, run.threads)
     else:
         # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
         # and shift = b per row: one subtract and one multiply-add per element, in double.
-        scale = rstd_r if w is None else rstd_r * w[rp]
-        shift = xp.zeros(len(mean_r)) if b is None else b[rp]
+        scale = rstd_r if w is None else rstd_r * run.take(w, plan, "rp")
+        shift = xp.zeros(len(mean_r)) if b is None else run.take(b, plan, "rp")
         run.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, run.threads)
 
 
@@ -290,7 +305,9 @@ def _synced_moments(link, x3, plan: Plan, m: Mode, dtype, training, run: _Run):
 def _per_running(values, plan: Plan, run: _Run):
     """Average per-group values into running-statistic entries (identity for batch norm)."""
     size = math.prod(plan.running_shape)
-    out = run.xp.bincount(run.ix(plan, "rc"), weights=values, minlength=size) / plan.groups_per_running
+    out = run.totals(values, plan, "rc", size)
+    if plan.groups_per_running != 1:
+        out = out / plan.groups_per_running
     return out.reshape(plan.running_shape)
 
 
@@ -431,9 +448,8 @@ def _normalize(x, mode, *, weight, bias, running_mean, running_var, training, mo
     if (not use_batch or estimate) and C:
         rm, rv = new_running if estimate else (running_mean, running_var)
         # Statistics must be the ones the output is rounded with: stored-dtype values.
-        rc = run.ix(plan, "rc")
-        mean = xp.asarray(rm, dtype).astype(np.float64).reshape(-1)[rc]
-        var = xp.asarray(rv, dtype).astype(np.float64).reshape(-1)[rc]
+        mean = run.take(xp.asarray(rm, dtype).astype(np.float64).reshape(-1), plan, "rc")
+        var = run.take(xp.asarray(rv, dtype).astype(np.float64).reshape(-1), plan, "rc")
     if not C:
         mean = var = xp.zeros(0)
     if not one_pass:
@@ -524,15 +540,13 @@ def _backward(dy, cache, out, link):
 
 def _group_totals(values, plan: Plan, run: _Run):
     """Per-row values summed into their statistics group (bincount adds in row order)."""
-    return run.xp.bincount(run.ix(plan, "rg"), weights=values, minlength=plan.layout[1])
+    return run.totals(values, plan, "rg", plan.layout[1])
 
 
 def _row_param_grads(t1, t2, rstd_r, plan: Plan, run: _Run):
     """dweight, dbias from per-row sums when each row has one parameter."""
     P = math.prod(plan.param_shape)
-    rp = run.ix(plan, "rp")
-    return (run.xp.bincount(rp, weights=rstd_r * t2, minlength=P),
-            run.xp.bincount(rp, weights=t1, minlength=P))
+    return run.totals(rstd_r * t2, plan, "rp", P), run.totals(t1, plan, "rp", P)
 
 
 def _backward_one_visit(dy_rows, cache, dx_rows, run: _Run):
@@ -564,8 +578,8 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
     xp = run.xp
     R, P = plan.rows[1], math.prod(plan.param_shape)
     x_rows = cache.x3.reshape(plan.rows)
-    rg, rp = run.ix(plan, "rg"), run.ix(plan, "rp")
-    mean_r, rstd_r = cache.mean[rg], cache.rstd[rg]
+    rp = run.ix(plan, "rp")
+    mean_r, rstd_r = run.take(cache.mean, plan, "rg"), run.take(cache.rstd, plan, "rg")
     w = xp.ones(P) if cache.weight is None else cache.weight
     nb = max(1, -(-R // plan.rows_per_block))
     s1, s2 = xp.empty(R), xp.empty(R)
@@ -576,8 +590,8 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
     dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
     if link is not None:
         g1, g2, dw, db = _sum_over_ranks(link, cache, (g1, g2, dw, db), run)
-    c1 = (g1 / cache.count)[rg] if cache.stats_grad and cache.mode.center else xp.zeros(R)
-    c2 = (g2 / cache.count)[rg] if cache.stats_grad else xp.zeros(R)
+    c1 = run.take(g1 / cache.count, plan, "rg") if cache.stats_grad and cache.mode.center else xp.zeros(R)
+    c2 = run.take(g2 / cache.count, plan, "rg") if cache.stats_grad else xp.zeros(R)
     run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, c1, c2, dx_rows, run.threads)
     return dw, db
 
@@ -589,10 +603,9 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     xp = run.xp
     R = plan.rows[1]
     x_rows = cache.x3.reshape(plan.rows)
-    rg, rp = run.ix(plan, "rg"), run.ix(plan, "rp")
-    mean_r, rstd_r = cache.mean[rg], cache.rstd[rg]
+    mean_r, rstd_r = run.take(cache.mean, plan, "rg"), run.take(cache.rstd, plan, "rg")
     affine = cache.has_weight or cache.has_bias
-    gamma = xp.ones(R) if cache.weight is None else cache.weight[rp]
+    gamma = xp.ones(R) if cache.weight is None else run.take(cache.weight, plan, "rp")
     k1 = rstd_r * gamma
     k2 = k3 = xp.zeros(R)
     dw = db = None
@@ -606,9 +619,9 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
         if link is not None:
             g1, g2, dw, db = _sum_over_ranks(link, cache, (g1, g2, dw, db), run)
         if cache.stats_grad:
-            k2 = -rstd_r * rstd_r * (g2 / cache.count)[rg]
+            k2 = -rstd_r * rstd_r * run.take(g2 / cache.count, plan, "rg")
             if cache.mode.center:
-                k3 = -rstd_r * (g1 / cache.count)[rg]
+                k3 = -rstd_r * run.take(g1 / cache.count, plan, "rg")
     run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, run.threads)
     return dw, db
 

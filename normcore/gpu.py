@@ -220,18 +220,17 @@ class CudaBackend(Backend):
         self.array_type = cupy.ndarray
         self.dtypes = storage_dtypes()
         self._indices = weakref.WeakKeyDictionary()
+        self._identities = weakref.WeakKeyDictionary()
 
     def threads_for(self, size):
         return 1
 
     def index(self, plan, name):
         """The plan's index array on the current device, copied once per plan and device."""
-        dev = self.xp.cuda.Device().id
-        per_plan = self._indices.setdefault(plan, {})
-        key = (name, dev)
-        if key not in per_plan:
-            per_plan[key] = self.xp.asarray(getattr(plan, name))
-        return per_plan[key]
+        return self.constant(plan, name, lambda: getattr(plan, name))
+
+    def device_key(self):
+        return self.xp.cuda.Device().id
 
     def to_host(self, a):
         return self.xp.asnumpy(a)
