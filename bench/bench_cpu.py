@@ -6,7 +6,8 @@
 For every case and pass (forward in training mode with the running-statistics update,
 backward, inference) it reports the median milliseconds of normcore (allocating its
 output, and writing into a reused ``out=`` buffer), PyTorch and NumPy, timed round-robin so
-that machine drift hits all alike; the torch/normcore and NumPy/normcore ratios (against
+that machine drift hits all alike (with a 5 ms pause before each call, so that one
+library's idle OpenMP threads, still spinning, do not slow the next); the torch/normcore and NumPy/normcore ratios (against
 normcore's allocating figure, as torch and NumPy allocate too); and, for the ``out=``
 figure, the effective GB/s and the ratio to a bandwidth floor measured in the same run:
 bytes moved (forward 3x, backward 5x, inference 2x bytes(x)) at the bandwidth of the faster of a NumPy
@@ -156,13 +157,20 @@ def _parallel_copy(x, threads):
     return lambda: list(pool.map(part, range(threads)))
 
 
+# Pause before each timed call: OpenMP workers (ours, and PyTorch's own runtime) spin for a
+# while after a parallel region, and would steal the cores from whichever library runs next.
+PAUSE_S = 0.005
+
+
 def interleaved_medians(fns, repeats):
-    """Median ms of each callable, timed round-robin after one warm-up call each."""
+    """Median ms of each callable, timed round-robin after one warm-up call each, with a
+    short pause before every call so that no library's idle spinning threads slow the next."""
     for f in fns.values():
         f()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             f()
             times[k].append((time.perf_counter() - t0) * 1e3)
