@@ -79,7 +79,7 @@ extensions = [
     Extension(
         f"normcore.{name}",
         [f"src/normcore/{name}.pyx"],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "src/normcore"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     for name in ("_kernels", "_kernels_avx2")

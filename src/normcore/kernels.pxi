@@ -22,13 +22,14 @@ Reductions come in two memory patterns:
 Block boundaries depend only on the shape, never on the thread count, and partials are
 merged in a fixed order, so results are bitwise identical for any number of threads.
 
-Accumulation is always in double. Row sums use LANES independent accumulators, combined in
-a fixed order: the compiler vectorizes them without -ffast-math (IEEE semantics kept), and
-the order never depends on threads. Never E[x^2] - E[x]^2: row moments use two passes
-inside chunks of at most CHUNK elements (the second pass reads from cache) merged by Chan's
-formula; column tiles use sums shifted by one of their own rows (exact, see
-_tile_col_moments); partial moments of rows and blocks merge by the two-pass formula over
-their means. The elementwise passes subtract the mean first and evaluate in double, so a
+Accumulation is always in double. Row sums run in simd.h: 8 independent lanes of vector
+types (GCC's auto-vectorizer will not take a loop carrying two accumulators), combined in a
+fixed order, IEEE semantics kept (no -ffast-math), the order never depending on threads.
+Never E[x^2] - E[x]^2: row moments sum deviations from the chunk's first element in one
+pass over chunks of at most CHUNK elements, merged by Chan's formula; column tiles use
+sums shifted by one of their own rows (see _tile_col_moments); with the shift a member of
+the data, the subtraction loses at most log2(count + 1) bits of double. Partial moments of
+rows and blocks merge by the two-pass formula over their means. The elementwise passes subtract the mean first and evaluate in double, so a
 large common offset in x does not cost float32 digits.
 
 When A == 1 every group is contiguous, and normalize_groups computes a group's statistics
@@ -44,11 +45,10 @@ ctypedef fused floating:
     double
 
 cdef enum:
-    LANES = 8    # independent accumulators per row sum
     TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
 
-# Elements per two-pass chunk: 32 KiB of float64, so the second pass hits L1/L2.
+# Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
 cdef Py_ssize_t CHUNK = 4096
 
 
@@ -63,41 +63,6 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t k, Py_ssize_t rows_per_block,
     return rows_per_block if rows > rows_per_block else rows
 
 
-cdef inline double _lanes_total(double* acc) noexcept nogil:
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-
-
-cdef inline double _sum(const floating* p, Py_ssize_t n) noexcept nogil:
-    cdef double acc[LANES]
-    cdef Py_ssize_t i, i0, j, full = n - n % LANES
-    for j in range(LANES):
-        acc[j] = 0.0
-    for i0 in range(full // LANES):
-        i = i0 * LANES
-        for j in range(LANES):
-            acc[j] += p[i + j]
-    for i in range(full, n):
-        acc[i - full] += p[i]
-    return _lanes_total(acc)
-
-
-cdef inline double _sum_sq_dev(const floating* p, Py_ssize_t n, double mu) noexcept nogil:
-    cdef double acc[LANES]
-    cdef double d
-    cdef Py_ssize_t i, i0, j, full = n - n % LANES
-    for j in range(LANES):
-        acc[j] = 0.0
-    for i0 in range(full // LANES):
-        i = i0 * LANES
-        for j in range(LANES):
-            d = p[i + j] - mu
-            acc[j] += d * d
-    for i in range(full, n):
-        d = p[i] - mu
-        acc[i - full] += d * d
-    return _lanes_total(acc)
-
-
 cdef inline void _merge(double* n, double* mean, double* m2,
                         double nb, double meanb, double m2b) noexcept nogil:
     # Chan et al.: exact merge of two (count, mean, centered sum of squares) triples.
@@ -110,16 +75,31 @@ cdef inline void _merge(double* n, double* mean, double* m2,
     n[0] = tot
 
 
+cdef extern from "simd.h" nogil:
+    void nc_shifted_sums_f32(const float* p, Py_ssize_t n, double k, double* s1, double* s2)
+    void nc_shifted_sums_f64(const double* p, Py_ssize_t n, double k, double* s1, double* s2)
+    void nc_dy_sums_f32(const float* dy, const double* w, const float* x, Py_ssize_t n, double mu,
+                        double* s1, double* s2)
+    void nc_dy_sums_f64(const double* dy, const double* w, const double* x, Py_ssize_t n, double mu,
+                        double* s1, double* s2)
+
+
 cdef inline void _row_moments(const floating* p, Py_ssize_t n,
                               double* out_mean, double* out_m2) noexcept nogil:
+    # Per chunk, one pass of sums shifted by the chunk's first element (see simd.h for the
+    # error bound), then Chan merges across chunks.
     cdef Py_ssize_t start = 0, m
-    cdef double count = 0.0, mean = 0.0, m2 = 0.0, cmean
+    cdef double count = 0.0, mean = 0.0, m2 = 0.0, k, s1, s2
     while start < n:
         m = n - start
         if m > CHUNK:
             m = CHUNK
-        cmean = _sum(p + start, m) / m
-        _merge(&count, &mean, &m2, <double>m, cmean, _sum_sq_dev(p + start, m, cmean))
+        k = p[start]
+        if floating is float:
+            nc_shifted_sums_f32(p + start, m, k, &s1, &s2)
+        else:
+            nc_shifted_sums_f64(p + start, m, k, &s1, &s2)
+        _merge(&count, &mean, &m2, <double>m, k + s1 / m, max(s2 - s1 * s1 / m, 0.0))
         start = start + m
     out_mean[0] = mean
     out_m2[0] = m2
@@ -273,28 +253,18 @@ def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
                 _affine_row(&x[a, r, 0], &y[a, r, 0], S, mean[r], scale[r], shift[r])
 
 
-cdef inline double _dot_dev(const floating* dy, const floating* x, Py_ssize_t n,
-                            double mu) noexcept nogil:
-    # sum dy * (x - mu) in LANES fixed-order accumulators
-    cdef double acc[LANES]
-    cdef Py_ssize_t i, i0, j, full = n - n % LANES
-    for j in range(LANES):
-        acc[j] = 0.0
-    for i0 in range(full // LANES):
-        i = i0 * LANES
-        for j in range(LANES):
-            acc[j] += dy[i + j] * (x[i + j] - mu)
-    for i in range(full, n):
-        acc[i - full] += dy[i] * (x[i] - mu)
-    return _lanes_total(acc)
+cdef inline void _dy_sums(const floating* dy, const double* w, const floating* x, Py_ssize_t n,
+                          double mu, double* s1, double* s2) noexcept nogil:
+    # s1 = sum g, s2 = sum g * (x - mu) with g = dy * w (w NULL: g = dy), in one pass
+    if floating is float:
+        nc_dy_sums_f32(dy, w, x, n, mu, s1, s2)
+    else:
+        nc_dy_sums_f64(dy, w, x, n, mu, s1, s2)
 
 
 cdef inline void _row_sums(const floating* dy, const floating* x, Py_ssize_t n, double mu,
                            double* s1, double* s2) noexcept nogil:
-    # Two single-accumulator loops vectorize where one loop with two does not; the row
-    # is still in cache for the second.
-    s1[0] = _sum(dy, n)
-    s2[0] = _dot_dev(dy, x, n, mu)
+    _dy_sums(dy, NULL, x, n, mu, s1, s2)
 
 
 def sums_rows(const floating[:, :, ::1] dy,     # IN  (A, R, S)
@@ -415,37 +385,6 @@ def affine_inner(const floating[:, :, ::1] x,   # IN  (1, R, S)
             _affine_inner_row(&x[0, r, 0], &y[0, r, 0], S, mean[r], rstd[r], &w[rp[r]], &bias[rp[r]])
 
 
-cdef inline double _dot_w(const floating* dy, const double* w, Py_ssize_t n) noexcept nogil:
-    # sum dy * w in LANES fixed-order accumulators
-    cdef double acc[LANES]
-    cdef Py_ssize_t i, i0, j, full = n - n % LANES
-    for j in range(LANES):
-        acc[j] = 0.0
-    for i0 in range(full // LANES):
-        i = i0 * LANES
-        for j in range(LANES):
-            acc[j] += dy[i + j] * w[i + j]
-    for i in range(full, n):
-        acc[i - full] += dy[i] * w[i]
-    return _lanes_total(acc)
-
-
-cdef inline double _dot_w_dev(const floating* dy, const double* w, const floating* x,
-                              Py_ssize_t n, double mu) noexcept nogil:
-    # sum dy * w * (x - mu) in LANES fixed-order accumulators
-    cdef double acc[LANES]
-    cdef Py_ssize_t i, i0, j, full = n - n % LANES
-    for j in range(LANES):
-        acc[j] = 0.0
-    for i0 in range(full // LANES):
-        i = i0 * LANES
-        for j in range(LANES):
-            acc[j] += dy[i + j] * w[i + j] * (x[i + j] - mu)
-    for i in range(full, n):
-        acc[i - full] += dy[i] * w[i] * (x[i] - mu)
-    return _lanes_total(acc)
-
-
 # ---------------------------------------------------------------------------------------
 # One-pass forward for A == 1: each group is contiguous, so its statistics and its
 # normalized rows come from one read of x while the group is in cache.
@@ -519,7 +458,7 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
     cdef Py_ssize_t C = x.shape[1], B = x.shape[2], J = rows_per_group, S = B // rows_per_group
     cdef Py_ssize_t nb = (C + groups_per_block - 1) // groups_per_block
     cdef Py_ssize_t k, c, j, r, o
-    cdef double mu, rs, a1, a2, m1, m2, g
+    cdef double mu, rs, a1, a2, m1, m2, g, q1, q2
     with nogil:
         for k in prange(nb, schedule='static', num_threads=threads):
             for c in range(k * groups_per_block, k * groups_per_block + _block_rows(k, groups_per_block, C)):
@@ -531,8 +470,9 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
                     r = c * J + j
                     o = j * S
                     if affine == 2:
-                        a1 = a1 + _dot_w(&dy[0, c, o], &w[rp[r]], S)
-                        a2 = a2 + _dot_w_dev(&dy[0, c, o], &w[rp[r]], &x[0, c, o], S, mu) * rs
+                        _dy_sums(&dy[0, c, o], &w[rp[r]], &x[0, c, o], S, mu, &q1, &q2)
+                        a1 = a1 + q1
+                        a2 = a2 + q2 * rs
                         _row_param_sums(&dy[0, c, o], &x[0, c, o], S, mu, rs, &pdw[k, rp[r]], &pdb[k, rp[r]])
                     else:
                         _row_sums(&dy[0, c, o], &x[0, c, o], S, mu, &t1[r], &t2[r])
@@ -587,8 +527,8 @@ def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
                 sub = k * rows_per_block + q * sub_rows
                 rows = _block_rows(q, sub_rows, in_block)
                 for r in range(sub, sub + rows):
-                    s1[r] = _dot_w(&dy[0, r, 0], &w[rp[r]], S)
-                    s2[r] = _dot_w_dev(&dy[0, r, 0], &w[rp[r]], &x[0, r, 0], S, mean[r]) * rstd[r]
+                    _dy_sums(&dy[0, r, 0], &w[rp[r]], &x[0, r, 0], S, mean[r], &s1[r], &s2[r])
+                    s2[r] = s2[r] * rstd[r]
                 for t in range((S + TILE - 1) // TILE):
                     _tile_param_sums(&dy[0, sub, t * TILE], &x[0, sub, t * TILE], rows, S,
                                      _block_rows(t, TILE, S), &mean[sub], &rstd[sub], &rp[sub], t * TILE,
