@@ -45,6 +45,9 @@ ctypedef fused floating:
     double
 
 cdef enum:
+    # tiles at least this wide: their float64 coefficient vectors (3-4 x 8 bytes per
+    # column) no longer fit in L1 beside the streamed rows
+    WIDE_TILE = 1024
     TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
 
@@ -82,6 +85,16 @@ cdef extern from "simd.h" nogil:
                         double* s1, double* s2)
     void nc_dy_sums_f64(const double* dy, const double* w, const double* x, Py_ssize_t n, double mu,
                         double* s1, double* s2)
+    void nc_affine_tile_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
+                            const double* mean, const double* scale, const double* shift)
+    void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
+                            const double* mean, const double* scale, const double* shift)
+    void nc_dx_tile_f32(const float* dy, const float* x, float* dx, Py_ssize_t rows, Py_ssize_t ld,
+                        Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
+                        const double* k3)
+    void nc_dx_tile_f64(const double* dy, const double* x, double* dx, Py_ssize_t rows, Py_ssize_t ld,
+                        Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
+                        const double* k3)
 
 
 cdef inline void _row_moments(const floating* p, Py_ssize_t n,
@@ -217,8 +230,16 @@ cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
 cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t ld,
                               Py_ssize_t tw, const double* mean, const double* scale,
                               const double* shift) noexcept nogil:
-    # (rows, tw) tile of a column layout: the coefficients stay in L1 across rows.
+    # (rows, tw) tile of a column layout. Narrow tiles keep their coefficients in L1 and
+    # the compiler vectorizes along c; wide ones would reload them from L2 for every row,
+    # so there four rows share each coefficient load (simd.h).
     cdef Py_ssize_t a, c
+    if tw >= WIDE_TILE:
+        if floating is float:
+            nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift)
+        else:
+            nc_affine_tile_f64(x, y, rows, ld, tw, mean, scale, shift)
+        return
     for a in range(rows):
         for c in range(tw):
             y[a * ld + c] = <floating>((x[a * ld + c] - mean[c]) * scale[c] + shift[c])
@@ -323,7 +344,14 @@ cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py
 cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,
                           Py_ssize_t ld, Py_ssize_t tw, const double* mean, const double* k1,
                           const double* k2, const double* k3) noexcept nogil:
+    # as _affine_tile: rows share coefficient loads only where the tile is wide
     cdef Py_ssize_t a, c
+    if tw >= WIDE_TILE:
+        if floating is float:
+            nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
+        else:
+            nc_dx_tile_f64(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
+        return
     for a in range(rows):
         for c in range(tw):
             dx[a * ld + c] = <floating>(dy[a * ld + c] * k1[c] + (x[a * ld + c] - mean[c]) * k2[c] + k3[c])
@@ -410,6 +438,10 @@ def normalize_groups(const floating[:, :, ::1] x,   # IN  (1, C, B): group c is 
     cdef double mu, m2, v, rs
     with nogil:
         for c in prange(C, schedule='static', num_threads=threads):
+            # Cython makes a prange variable thread-private only if the body assigns it;
+            # a write through a pointer does not count, so assign first.
+            mu = 0.0
+            m2 = 0.0
             _row_moments(&x[0, c, 0], B, &mu, &m2)
             v = m2 / B
             if not center:
@@ -470,6 +502,8 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
                     r = c * J + j
                     o = j * S
                     if affine == 2:
+                        q1 = 0.0  # assigned, so private to the thread (see normalize_groups)
+                        q2 = 0.0
                         _dy_sums(&dy[0, c, o], &w[rp[r]], &x[0, c, o], S, mu, &q1, &q2)
                         a1 = a1 + q1
                         a2 = a2 + q2 * rs
