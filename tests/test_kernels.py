@@ -153,6 +153,7 @@ def test_float32_at_offset_1e4_is_accurate(name):
 @pytest.mark.parametrize("mode, shape, sizes", [
     ("batch_norm_channels_last", (40, 4100), {}),         # column tiles: 4096 + 4
     ("batch_norm_channels_last", (43, 1027), {}),         # wide tile, row and column tails
+    ("batch_norm_channels_last", (47, 2051), {}),         # wide reduction, row and column tails
     ("batch_norm", (3, 2, 9000), {}),                     # rows longer than one chunk (4096)
     ("layer_norm", (5, 4103), {}),                        # inner rows across lane tails and tiles
     ("group_norm", (2, 6, 1500), {"g": 3}),

@@ -48,6 +48,9 @@ cdef enum:
     # tiles at least this wide: their float64 coefficient vectors (3-4 x 8 bytes per
     # column) no longer fit in L1 beside the streamed rows
     WIDE_TILE = 1024
+    # the same for column reductions, whose two accumulator vectors stay in L1 up to here
+    # (measured: at 1024 columns the per-row form is faster, at 4096 the sweeps are)
+    WIDE_REDUCTION = 2048
     TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
 
@@ -89,6 +92,14 @@ cdef extern from "simd.h" nogil:
                             const double* mean, const double* scale, const double* shift)
     void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift)
+    void nc_col_shifted_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
+                                 double* s1, double* s2)
+    void nc_col_shifted_sums_f64(const double* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
+                                 double* s1, double* s2)
+    void nc_col_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t ld,
+                            Py_ssize_t tw, const double* mean, double* s1, double* s2)
+    void nc_col_dy_sums_f64(const double* dy, const double* x, Py_ssize_t rows, Py_ssize_t ld,
+                            Py_ssize_t tw, const double* mean, double* s1, double* s2)
     void nc_dx_tile_f32(const float* dy, const float* x, float* dx, Py_ssize_t rows, Py_ssize_t ld,
                         Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
                         const double* k3)
@@ -148,12 +159,18 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
     for c in range(tw):
         mean[c] = 0.0
         m2[c] = 0.0
-    for r in range(1, rows):
-        row = x + r * ld
-        for c in range(tw):
-            d = row[c] - x[c]
-            mean[c] += d
-            m2[c] += d * d
+    if tw >= WIDE_REDUCTION:  # simd.h: several rows per load and store of the accumulators
+        if floating is float:
+            nc_col_shifted_sums_f32(x, rows, ld, tw, mean, m2)
+        else:
+            nc_col_shifted_sums_f64(x, rows, ld, tw, mean, m2)
+    else:
+        for r in range(1, rows):
+            row = x + r * ld
+            for c in range(tw):
+                d = row[c] - x[c]
+                mean[c] += d
+                m2[c] += d * d
     for c in range(tw):
         s = mean[c]
         mean[c] = x[c] + s / rows
@@ -310,6 +327,12 @@ cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_
     for c in range(tw):
         s1[c] = 0.0
         s2[c] = 0.0
+    if tw >= WIDE_REDUCTION:  # simd.h: several rows per load and store of the accumulators
+        if floating is float:
+            nc_col_dy_sums_f32(dy, x, rows, ld, tw, mean, s1, s2)
+        else:
+            nc_col_dy_sums_f64(dy, x, rows, ld, tw, mean, s1, s2)
+        return
     for r in range(rows):
         for c in range(tw):
             s1[c] += dy[r * ld + c]

@@ -168,4 +168,83 @@ NC_AFFINE_TILE(nc_affine_tile_f64, double)
 NC_DX_TILE(nc_dx_tile_f32, float)
 NC_DX_TILE(nc_dx_tile_f64, double)
 
+/* Column accumulations on a (rows, tw) tile with row stride ld, several rows per load and
+ * store of the accumulators (wide tiles keep them in L2). Each column still adds its rows
+ * one by one, in row order: the same sums as one row at a time.
+ * NC_COL_SHIFTED_SUMS: s1[c] += d, s2[c] += d * d with d = x[r, c] - x[0, c], rows 1.. */
+#define NC_COL_SHIFTED_SUMS(NAME, T)                                                           \
+    static inline void NAME(const T* x, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,            \
+                            double* s1, double* s2) {                                          \
+        ptrdiff_t r = 1, c;                                                                    \
+        nc_v4d k, a, b, d;                                                                     \
+        for (; r + 4 <= rows; r += 4) {                                                        \
+            for (c = 0; c + 4 <= tw; c += 4) {                                                 \
+                NC_LOAD4_##T(k, x + c);                                                        \
+                NC_LOAD4_double(a, s1 + c);                                                    \
+                NC_LOAD4_double(b, s2 + c);                                                    \
+                for (int j = 0; j < 4; ++j) {                                                  \
+                    NC_LOAD4_##T(d, x + (r + j) * ld + c);                                     \
+                    d -= k;                                                                    \
+                    a += d;                                                                    \
+                    b += d * d;                                                                \
+                }                                                                              \
+                NC_STORE4_double(s1 + c, a);                                                   \
+                NC_STORE4_double(s2 + c, b);                                                   \
+            }                                                                                  \
+            for (; c < tw; ++c)                                                                \
+                for (int j = 0; j < 4; ++j) {                                                  \
+                    const double e = (double)x[(r + j) * ld + c] - (double)x[c];               \
+                    s1[c] += e;                                                                \
+                    s2[c] += e * e;                                                            \
+                }                                                                              \
+        }                                                                                      \
+        for (; r < rows; ++r)                                                                  \
+            for (c = 0; c < tw; ++c) {                                                         \
+                const double e = (double)x[r * ld + c] - (double)x[c];                         \
+                s1[c] += e;                                                                    \
+                s2[c] += e * e;                                                                \
+            }                                                                                  \
+    }
+
+/* NC_COL_DY_SUMS: s1[c] += dy[r, c], s2[c] += dy[r, c] * (x[r, c] - mean[c]), two rows per
+ * sweep (more would put too many power-of-two-strided streams in one L1 set). */
+#define NC_COL_DY_SUMS(NAME, T)                                                                \
+    static inline void NAME(const T* dy, const T* x, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,\
+                            const double* mean, double* s1, double* s2) {                      \
+        ptrdiff_t r = 0, c;                                                                    \
+        nc_v4d m, a, b, g, v;                                                                  \
+        for (; r + 2 <= rows; r += 2) {                                                        \
+            for (c = 0; c + 4 <= tw; c += 4) {                                                 \
+                NC_LOAD4_double(m, mean + c);                                                  \
+                NC_LOAD4_double(a, s1 + c);                                                    \
+                NC_LOAD4_double(b, s2 + c);                                                    \
+                for (int j = 0; j < 2; ++j) {                                                  \
+                    NC_LOAD4_##T(g, dy + (r + j) * ld + c);                                    \
+                    NC_LOAD4_##T(v, x + (r + j) * ld + c);                                     \
+                    a += g;                                                                    \
+                    b += g * (v - m);                                                          \
+                }                                                                              \
+                NC_STORE4_double(s1 + c, a);                                                   \
+                NC_STORE4_double(s2 + c, b);                                                   \
+            }                                                                                  \
+            for (; c < tw; ++c)                                                                \
+                for (int j = 0; j < 2; ++j) {                                                  \
+                    const ptrdiff_t o = (r + j) * ld + c;                                      \
+                    s1[c] += (double)dy[o];                                                    \
+                    s2[c] += (double)dy[o] * ((double)x[o] - mean[c]);                         \
+                }                                                                              \
+        }                                                                                      \
+        for (; r < rows; ++r)                                                                  \
+            for (c = 0; c < tw; ++c) {                                                         \
+                const ptrdiff_t o = r * ld + c;                                                \
+                s1[c] += (double)dy[o];                                                        \
+                s2[c] += (double)dy[o] * ((double)x[o] - mean[c]);                             \
+            }                                                                                  \
+    }
+
+NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_f32, float)
+NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_f64, double)
+NC_COL_DY_SUMS(nc_col_dy_sums_f32, float)
+NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
+
 #endif
