@@ -19,7 +19,21 @@ import numpy as np
 
 from . import kernels
 
-__all__ = ["Backend", "backend_of", "CPU"]
+__all__ = ["Backend", "backend_of", "CPU", "machine_eps"]
+
+
+def machine_eps(dtype) -> float:
+    """Machine epsilon of a float dtype, bfloat16 (ml_dtypes, which NumPy's finfo does not
+    know) included.
+
+    >>> machine_eps(np.float32) == float(np.finfo(np.float32).eps)
+    True
+    """
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        import ml_dtypes
+        return float(ml_dtypes.finfo(dtype).eps)
+    return float(np.finfo(dtype).eps)
 
 
 class Backend:

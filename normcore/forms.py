@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from .backend import machine_eps
 from .functional import _check_array, backward, normalize
 from .modes import Mode
 
@@ -89,7 +90,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     """
     shape = _normalized_shape(input, normalized_shape)
     if eps is None:
-        eps = float(np.finfo(input.dtype).eps)
+        eps = machine_eps(input.dtype)
     return normalize(input, _last_axes_mode(len(shape), False), weight=weight, eps=eps, out=out)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .forms import _last_axes_mode
 from . import sync
-from .backend import backend_of
+from .backend import backend_of, machine_eps
 from .functional import _check_array, backward, normalize
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
@@ -547,7 +547,7 @@ class RMSNorm(_LastAxesNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, False, dtype)
 
     def _eps(self, x):
-        return float(np.finfo(self.dtype).eps) if self.eps is None else self.eps
+        return machine_eps(self.dtype) if self.eps is None else self.eps
 
 
 class _GroupedNorm(_Norm):

@@ -84,3 +84,13 @@ def test_emulated_gpu_bfloat16(emulated_gpu):
     ref = reference_forward(x.astype(np.float64), "batch_norm")
     assert y.dtype == bf16
     assert np.abs(y.astype(np.float64) - ref.y).max() <= 4 * 2.0 ** -8 * np.abs(ref.y).max()
+
+
+def test_emulated_gpu_rms_norm_default_eps_in_bfloat16(emulated_gpu):
+    # eps=None takes the input dtype's machine epsilon, which NumPy's finfo cannot give
+    # for bfloat16
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.random.default_rng(13).standard_normal((4, 64)).astype(ml_dtypes.bfloat16)
+    y, cache = nc.rms_norm(x, 64)
+    layer = nc.RMSNorm(64, dtype=ml_dtypes.bfloat16)
+    assert layer(x).dtype == x.dtype == y.dtype
