@@ -206,3 +206,23 @@ def test_gpu_results_are_reproducible():
 @pytest.mark.skipif(os.environ.get("NORMCORE_REQUIRE_GPU") != "1", reason="set NORMCORE_REQUIRE_GPU=1 on GPU machines")
 def test_gpu_is_required_here():
     assert GPU_REASON is None, GPU_REASON
+
+
+def _fake_cupy_array():
+    """An object that looks like a cupy.ndarray to normcore's dispatch (type name and
+    module), for checking the host-side errors without CuPy."""
+    cls = type("ndarray", (), {"__module__": "cupy._core.core", "dtype": np.dtype(np.float32),
+                               "shape": (3,), "ndim": 1})
+    return cls()
+
+
+def test_a_device_array_beside_host_arrays_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"^weight: expected a numpy.ndarray like x \(x is on the CPU\), "
+                                        r"got cupy.ndarray; move it with cupy.asnumpy"):
+        nc.normalize(np.ones((4, 3), np.float32), "batch_norm", weight=_fake_cupy_array())
+
+
+@pytest.mark.skipif(GPU_REASON is None, reason="a GPU is available here")
+def test_a_device_input_without_a_gpu_says_why():
+    with pytest.raises(RuntimeError, match="GPU path cannot run: "):
+        nc.normalize(_fake_cupy_array(), "batch_norm")
