@@ -40,7 +40,8 @@ class Backend:
     """One place computations run. ``xp`` is its array module, ``K`` its kernels."""
 
     name = "cpu"
-    fused = True  # the one-pass forward / one-visit backward kernels exist
+    fused_forward = True   # K.normalize_groups: one-pass forward of contiguous groups
+    fused_backward = True  # K.backward_groups: one-visit training backward
     array_type = np.ndarray
     array_name = "numpy.ndarray"
     dtypes = (np.dtype(np.float32), np.dtype(np.float64))

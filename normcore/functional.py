@@ -233,16 +233,18 @@ def _scattered_moments(x_rows, plan: Plan, run: _Run):
     return _merge_partials(pmean, pm2, lambda: np.full(pmean.shape[0], float(S)), plan, run)
 
 
-def _normalize_groups(x3, plan: Plan, center, eps, w, b, y_rows, threads):
-    """One-pass forward of an A == 1 layout (CPU); returns per-group (mean, var, rstd)."""
+def _normalize_groups(x3, plan: Plan, center, eps, w, b, y_rows, run: _Run):
+    """One-pass forward of an A == 1 layout; returns per-group (mean, var, rstd)."""
     C = plan.layout[1]
-    mean, var, rstd = np.empty(C), np.empty(C), np.empty(C)
+    xp = run.xp
+    mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
     affine, P = 0, 1
     if w is not None or b is not None:
         affine, P = (2 if plan.param_inner else 1), math.prod(plan.param_shape)
-    CPU.K.normalize_groups(x3, plan.rows[1] // C, center, eps, affine, plan.rp if affine else _NO_INDEX,
-                           np.ones(P) if w is None else w, np.zeros(P) if b is None else b,
-                           mean, var, rstd, y_rows.reshape(plan.layout), threads)
+    rp = run.ix(plan, "rp") if affine else run.be.constant(plan, "no index", lambda: _NO_INDEX)
+    run.K.normalize_groups(x3, plan.rows[1] // C, center, eps, affine, rp,
+                           xp.ones(P) if w is None else w, xp.zeros(P) if b is None else b,
+                           mean, var, rstd, y_rows.reshape(plan.layout), run.threads)
     return mean, var, rstd
 
 
@@ -424,9 +426,9 @@ def _normalize(x, mode, *, weight, bias, running_mean, running_var, training, mo
     b = None if bias is None else bias.astype(np.float64).reshape(-1)
     # With A == 1 every group is contiguous: statistics and output in one pass over x.
     one_pass = (use_batch and not estimate and plan.layout[0] == 1 and plan.scattered is None and C > 0
-                and link is None and be.fused)
+                and link is None and be.fused_forward)
     if one_pass:
-        mean, var, rstd = _normalize_groups(x3, plan, m.center, eps, w, b, y_rows, run.threads)
+        mean, var, rstd = _normalize_groups(x3, plan, m.center, eps, w, b, y_rows, run)
     elif use_batch and link is not None:
         mean, var, n = _synced_moments(link, x3, plan, m, dtype, training, run)
         _check_count(n, C, training, m, f"{x.shape} on this rank, {n} elements per group on all ranks")
@@ -525,7 +527,7 @@ def _backward(dy, cache, out, link):
     dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, cache.dtype)
     run = _Run(be, dy_rows.size)
     if cache.stats_grad and plan.layout[0] == 1 and plan.scattered is None and plan.layout[1] \
-            and link is None and be.fused:
+            and link is None and be.fused_backward:
         dw, db = _backward_one_visit(dy_rows, cache, dx_rows, run)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
         dw, db = _backward_inner(dy_rows, cache, dx_rows, run, link)

@@ -5,7 +5,8 @@ by NVRTC through ``cupy.RawModule``: one module per (kernel family, storage dtyp
 memoized factory, its templates selected by ``name_expressions``. Families follow the
 plan's canonical layouts — ``rows`` ((A, R, S) with one block per row of S contiguous
 elements), ``cols`` ((A, C) with statistics along columns), ``inner`` (parameters along
-S, as in layer norm) and ``merge`` (partial moments) — never one kernel per mode.
+S, as in layer norm), ``groups`` (the one-pass forward when every group is contiguous)
+and ``merge`` (partial moments) — never one kernel per mode.
 
 Storage dtypes: float32, float64 (statistics accumulated in float64), float16 and
 bfloat16 (``ml_dtypes.bfloat16`` arrays; accumulated in float32, as PyTorch does for mixed
@@ -31,6 +32,7 @@ _FAMILIES = {
     "rows": ("nc_moments_rows", "nc_affine_rows", "nc_sums_rows", "nc_dx_rows"),
     "cols": ("nc_moments_cols", "nc_sums_cols", "nc_affine_cols", "nc_dx_cols"),
     "inner": ("nc_affine_inner", "nc_row_sums_inner", "nc_param_sums_inner", "nc_dx_inner"),
+    "groups": ("nc_normalize_groups",),
 }
 _COL_TILE, _COL_STRIPES = 32, 8  # kernels.cu's NC_COL_TILE, NC_COL_STRIPES
 _MAX_GRID_Y = 65535
@@ -200,6 +202,15 @@ class CudaKernels:
         self._fn("inner", "nc_param_sums_inner", x.dtype)(grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp,
                                                                      _i(rpb), _i(P), pdw, pdb))
 
+    def normalize_groups(self, x, J, center, eps, affine, rp, w, b, mean, var, rstd, y, threads):
+        _, C, B = x.shape
+        if x.size == 0:
+            return
+        eps_bits = np.float64(eps).view(np.int64)  # kernels take 64-bit integers and pointers
+        self._fn("groups", "nc_normalize_groups", x.dtype)(
+            _row_grid(C), (_row_block(B),),
+            (x, _i(C), _i(B), _i(J), _i(bool(center)), eps_bits, _i(affine), rp, w, b, mean, var, rstd, y))
+
     def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
         _, R, S = x.shape
         if x.size == 0:
@@ -210,7 +221,8 @@ class CudaKernels:
 
 class CudaBackend(Backend):
     name = "cuda"
-    fused = False
+    fused_forward = True
+    fused_backward = False  # its per-block parameter partials would need one block per group
     array_name = "cupy.ndarray"
 
     def __init__(self):

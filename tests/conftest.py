@@ -25,7 +25,8 @@ EMU = Path(__file__).parent / "cuda_emu"
 
 class EmulatedCuda(Backend):
     name = "cuda"
-    fused = False
+    fused_forward = gpu.CudaBackend.fused_forward
+    fused_backward = gpu.CudaBackend.fused_backward
 
     def __init__(self, lib):
         super().__init__()

@@ -12,6 +12,9 @@
 // Reductions combine in a fixed order (fixed block partition, fixed shuffle/shared-memory
 // trees), so results are bitwise reproducible from run to run.
 //
+// Every kernel parameter is a pointer or a 64-bit integer (a float64 scalar travels as its
+// bits, see nc_normalize_groups), so every launch passes one uniform kind of argument.
+//
 // Accumulation: double for float and double storage, float for float16 and bfloat16
 // (converted here by hand: NVRTC needs no header). Elementwise math uses the same type.
 // No headers are included, so the file compiles under NVRTC and nvcc alike (and, for the
@@ -425,6 +428,71 @@ __global__ void nc_dx_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, c
 }
 
 // ---------------------------------------------------------------------------------------
+// One-pass forward when every group is contiguous (A == 1): block c computes group c's
+// moments, then normalizes its J rows of S while they are in L1/L2 (CPU normalize_groups)
+// ---------------------------------------------------------------------------------------
+
+// affine: 0 none, 1 one w/b per row (w[rp[r]]), 2 w/b along S (w[rp[r] + s])
+template <typename T>
+__global__ void nc_normalize_groups(const T* x, i64 C, i64 B, i64 J, i64 center, i64 eps_bits, i64 affine,
+                                    const i64* rp, const double* w, const double* b, double* mean,
+                                    double* var, double* rstd, T* y) {
+    typedef typename nc_acc<T>::type A;
+    const double eps = __longlong_as_double(eps_bits);
+    __shared__ nc_moments shared[32];
+    __shared__ double stats[2];
+    const i64 S = B / J;
+    for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
+        const T* p = x + c * B;
+        nc_moments m; m.n = 0.0; m.mean = 0.0; m.m2 = 0.0;
+        if (threadIdx.x < B) {
+            const A k = nc_ld<T, A>(p, threadIdx.x);
+            A s1 = 0, s2 = 0;
+            i64 n = 0;
+            for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
+                const A d = nc_ld<T, A>(p, i) - k;
+                s1 += d;
+                s2 += d * d;
+                ++n;
+            }
+            m.n = (double)n;
+            m.mean = (double)k + (double)s1 / (double)n;
+            m.m2 = fmax((double)s2 - (double)s1 * (double)s1 / (double)n, 0.0);
+        }
+        m = nc_block_moments(m, shared);
+        if (threadIdx.x == 0) {
+            double mu = m.mean, v = m.m2 / (double)B;
+            if (!center) {
+                v = v + mu * mu;
+                mu = 0.0;
+            }
+            const double rs = 1.0 / sqrt(v + eps);
+            mean[c] = mu;
+            var[c] = v;
+            rstd[c] = rs;
+            stats[0] = mu;
+            stats[1] = rs;
+        }
+        __syncthreads();
+        const A mu = (A)stats[0], rs = (A)stats[1];
+        for (i64 j = 0; j < J; ++j) {
+            const i64 r = c * J + j, o = c * B + j * S;
+            if (affine == 2) {
+                const double* wr = w + rp[r];
+                const double* br = b + rp[r];
+                for (i64 i = threadIdx.x; i < S; i += blockDim.x)
+                    nc_st<T, A>(y, o + i, (nc_ld<T, A>(x, o + i) - mu) * rs * (A)wr[i] + (A)br[i]);
+            } else {
+                const A s = affine == 1 ? rs * (A)w[rp[r]] : rs, t = affine == 1 ? (A)b[rp[r]] : (A)0;
+                for (i64 i = threadIdx.x; i < S; i += blockDim.x)
+                    nc_st<T, A>(y, o + i, (nc_ld<T, A>(x, o + i) - mu) * s + t);
+            }
+        }
+        __syncthreads();  // stats[] is rewritten by the next group
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Merge of K partial moments per column (two-pass over the partial means, fixed order)
 // ---------------------------------------------------------------------------------------
 
@@ -473,7 +541,10 @@ __global__ void nc_combine_moments(const double* pmean, const double* pm2, const
     template __global__ void nc_affine_cols<T>(const T*, i64, i64, i64, const double*,             \
                                                const double*, const double*, T*);                  \
     template __global__ void nc_dx_cols<T>(const T*, const T*, i64, i64, i64, const double*,       \
-                                           const double*, const double*, const double*, T*);
+                                           const double*, const double*, const double*, T*);       \
+    template __global__ void nc_normalize_groups<T>(const T*, i64, i64, i64, i64, i64, i64,        \
+                                                    const i64*, const double*, const double*,      \
+                                                    double*, double*, double*, T*);
 NC_INSTANTIATE(float)
 NC_INSTANTIATE(double)
 NC_INSTANTIATE(nc_bf16)

@@ -51,4 +51,5 @@ template <typename T> inline T __shfl_down_sync(unsigned, T v, int offset) {
 
 inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline double __longlong_as_double(long long u) { double f; std::memcpy(&f, &u, 8); return f; }
 using std::fmax;

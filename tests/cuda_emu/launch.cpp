@@ -99,11 +99,15 @@ template <int N> struct Call;
 #define NC_ARGS_9 NC_ARGS_8, a[8]
 #define NC_ARGS_10 NC_ARGS_9, a[9]
 #define NC_ARGS_11 NC_ARGS_10, a[10]
+#define NC_ARGS_12 NC_ARGS_11, a[11]
+#define NC_ARGS_13 NC_ARGS_12, a[12]
+#define NC_ARGS_14 NC_ARGS_13, a[13]
 NC_CALL(7, U, U, U, U, U, U, U)
 NC_CALL(8, U, U, U, U, U, U, U, U)
 NC_CALL(9, U, U, U, U, U, U, U, U, U)
 NC_CALL(10, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(11, U, U, U, U, U, U, U, U, U, U, U)
+NC_CALL(14, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
 #define NC_ARGS_5 a[0], a[1], a[2], a[3], a[4]
 #define NC_ARGS_6 NC_ARGS_5, a[5]
 NC_CALL(5, U, U, U, U, U)
@@ -118,6 +122,7 @@ static void call_kernel() {
         case 9: Call<9>::run(); break;
         case 10: Call<10>::run(); break;
         case 11: Call<11>::run(); break;
+        case 14: Call<14>::run(); break;
     }
 }
 
@@ -129,7 +134,7 @@ static std::map<std::string, void*> table() {
     NC_ENTRY(nc_dx_rows, T, tag) NC_ENTRY(nc_affine_inner, T, tag) NC_ENTRY(nc_row_sums_inner, T, tag) \
     NC_ENTRY(nc_param_sums_inner, T, tag) NC_ENTRY(nc_dx_inner, T, tag)                             \
     NC_ENTRY(nc_moments_cols, T, tag) NC_ENTRY(nc_sums_cols, T, tag) NC_ENTRY(nc_affine_cols, T, tag) \
-    NC_ENTRY(nc_dx_cols, T, tag)
+    NC_ENTRY(nc_dx_cols, T, tag) NC_ENTRY(nc_normalize_groups, T, tag)
     NC_ENTRIES(float, "float")
     NC_ENTRIES(double, "double")
     NC_ENTRIES(nc_f16, "nc_f16")
@@ -142,7 +147,7 @@ extern "C" int nc_emu_launch(const char* name, unsigned gx, unsigned gy, unsigne
                              int nargs, const u64* args) {
     static const std::map<std::string, void*> kernels = table();
     auto it = kernels.find(name);
-    if (it == kernels.end() || nargs < 5 || nargs > 11) return 1;
+    if (it == kernels.end() || nargs < 5 || nargs > 14 || (nargs > 11 && nargs != 14)) return 1;
     g_kernel = it->second;
     g_args = args;
     g_nargs = nargs;
