@@ -40,6 +40,7 @@ class Backend:
     """One place computations run. ``xp`` is its array module, ``K`` its kernels."""
 
     name = "cpu"
+    place = "CPU"  # for messages: "x is on the CPU"
     fused_forward = True   # K.normalize_groups: one-pass forward of contiguous groups
     fused_backward = True  # K.backward_groups: one-visit training backward
     array_type = np.ndarray

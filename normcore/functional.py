@@ -111,11 +111,11 @@ def _check_array(name, a, dtype=None, be=None):
             raise TypeError(f"{name}: expected a numpy.ndarray (or a cupy.ndarray for the GPU), "
                             f"got {_type_name(a)}")
     elif not isinstance(a, be.array_type):
-        raise TypeError(f"{name}: expected a {be.array_name} like x (x is on the {be.name.upper()}), "
+        raise TypeError(f"{name}: expected a {be.array_name} like x (x is on the {be.place}), "
                         f"got {_type_name(a)}; move it with {'cupy.asarray' if be.name == 'cuda' else 'cupy.asnumpy'}")
     if a.dtype not in be.dtypes:
         names = " or ".join(d.name for d in be.dtypes)
-        raise TypeError(f"{name}: expected {names} on the {be.name.upper()}, got dtype {a.dtype}")
+        raise TypeError(f"{name}: expected {names} on the {be.place}, got dtype {a.dtype}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
 

@@ -221,6 +221,7 @@ class CudaKernels:
 
 class CudaBackend(Backend):
     name = "cuda"
+    place = "GPU"
     fused_forward = True
     fused_backward = False  # its per-block parameter partials would need one block per group
     array_name = "cupy.ndarray"

@@ -25,6 +25,7 @@ EMU = Path(__file__).parent / "cuda_emu"
 
 class EmulatedCuda(Backend):
     name = "cuda"
+    place = "GPU"
     fused_forward = gpu.CudaBackend.fused_forward
     fused_backward = gpu.CudaBackend.fused_backward
 
