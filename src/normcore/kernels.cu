@@ -151,31 +151,35 @@ __device__ nc_moments nc_block_moments(nc_moments m, nc_moments* shared32) {
 // rows family: x is (rows, S), one block per row (grid-stride over rows)
 // ---------------------------------------------------------------------------------------
 
-// Per-row mean and centred sum of squares. Each thread sums its elements shifted by its
-// first one (exact to log2(S / blockDim) bits: the shift is a member of the data), then
-// the threads' moments merge with Chan's formula.
+// Moments of n contiguous elements by the whole block (valid in thread 0). Each thread
+// sums its elements shifted by its first one (exact to log2(n / blockDim) bits: the shift
+// is a member of the data), then the threads' moments merge with Chan's formula.
+template <typename T>
+__device__ nc_moments nc_block_row_moments(const T* p, i64 n, nc_moments* shared32) {
+    typedef typename nc_acc<T>::type A;
+    nc_moments m; m.n = 0.0; m.mean = 0.0; m.m2 = 0.0;
+    if (threadIdx.x < n) {
+        const A k = nc_ld<T, A>(p, threadIdx.x);
+        A s1 = 0, s2 = 0;
+        i64 count = 0;
+        for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+            const A d = nc_ld<T, A>(p, i) - k;
+            s1 += d;
+            s2 += d * d;
+            ++count;
+        }
+        m.n = (double)count;
+        m.mean = (double)k + (double)s1 / (double)count;
+        m.m2 = fmax((double)s2 - (double)s1 * (double)s1 / (double)count, 0.0);
+    }
+    return nc_block_moments(m, shared32);
+}
+
 template <typename T>
 __global__ void nc_moments_rows(const T* x, i64 rows, i64 S, double* pmean, double* pm2) {
-    typedef typename nc_acc<T>::type A;
     __shared__ nc_moments shared[32];
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const T* p = x + row * S;
-        nc_moments m; m.n = 0.0; m.mean = 0.0; m.m2 = 0.0;
-        if (threadIdx.x < S) {
-            const A k = nc_ld<T, A>(p, threadIdx.x);
-            A s1 = 0, s2 = 0;
-            i64 n = 0;
-            for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
-                const A d = nc_ld<T, A>(p, i) - k;
-                s1 += d;
-                s2 += d * d;
-                ++n;
-            }
-            m.n = (double)n;
-            m.mean = (double)k + (double)s1 / (double)n;
-            m.m2 = fmax((double)s2 - (double)s1 * (double)s1 / (double)n, 0.0);
-        }
-        m = nc_block_moments(m, shared);
+        const nc_moments m = nc_block_row_moments(x + row * S, S, shared);
         if (threadIdx.x == 0) {
             pmean[row] = m.mean;
             pm2[row] = m.m2;
@@ -443,23 +447,7 @@ __global__ void nc_normalize_groups(const T* x, i64 C, i64 B, i64 J, i64 center,
     __shared__ double stats[2];
     const i64 S = B / J;
     for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
-        const T* p = x + c * B;
-        nc_moments m; m.n = 0.0; m.mean = 0.0; m.m2 = 0.0;
-        if (threadIdx.x < B) {
-            const A k = nc_ld<T, A>(p, threadIdx.x);
-            A s1 = 0, s2 = 0;
-            i64 n = 0;
-            for (i64 i = threadIdx.x; i < B; i += blockDim.x) {
-                const A d = nc_ld<T, A>(p, i) - k;
-                s1 += d;
-                s2 += d * d;
-                ++n;
-            }
-            m.n = (double)n;
-            m.mean = (double)k + (double)s1 / (double)n;
-            m.m2 = fmax((double)s2 - (double)s1 * (double)s1 / (double)n, 0.0);
-        }
-        m = nc_block_moments(m, shared);
+        const nc_moments m = nc_block_row_moments(x + c * B, B, shared);
         if (threadIdx.x == 0) {
             double mu = m.mean, v = m.m2 / (double)B;
             if (!center) {
