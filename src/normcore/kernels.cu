@@ -42,7 +42,7 @@ __device__ __forceinline__ unsigned short nc_float_to_bf16(float f) {
     return (unsigned short)(u >> 16);
 }
 
-#ifdef __CUDACC__
+#ifndef NORMCORE_HOST_EMULATION
 __device__ __forceinline__ float nc_f16_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));

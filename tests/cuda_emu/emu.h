@@ -4,6 +4,7 @@
 // __shared__ variables are function statics (one block lives at a time).
 // Compile kernels.cu with: g++ -std=c++20 -include emu.h -x c++ kernels.cu launch.cpp
 #pragma once
+#define NORMCORE_HOST_EMULATION 1  // kernels.cu: software float16 conversions, no PTX
 #include <ucontext.h>
 
 #include <cmath>
