@@ -3,7 +3,9 @@
 * always: the CUDA sources are shipped and name every kernel the Python side launches;
   importing normcore never imports CuPy; without CuPy the failure is a clear error;
 * where ``nvcc`` exists: every kernel template compiles for every storage dtype
-  (``nvcc -c``), so source errors surface without a GPU;
+  (``nvcc -c``), and where libnvrtc exists (the test extra installs it) the sources
+  compile through NVRTC with CuPy's name expressions, so source errors surface without a
+  GPU;
 * where CuPy sees a GPU: the CPU property suite on CuPy arrays for every mode and a
   user-registered one, GPU against CPU results, device placement and mixing errors,
   half precision, and SyncBatchNorm on CuPy arrays. Skipped elsewhere, with the reason.
@@ -66,6 +68,54 @@ def test_cuda_sources_compile_with_nvcc(tmp_path, arch):
                           "-Werror", "all-warnings", "-o", str(tmp_path / "k.o"), str(gpu.kernel_source())],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+
+
+def _find_nvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (test extra) or the system, else None."""
+    import ctypes.util
+    import glob
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(p for p in glob.glob(os.path.join(root, "**", "libnvrtc.so*"), recursive=True)
+                       if "builtins" not in p)
+        if found:
+            return found[0]
+    return ctypes.util.find_library("nvrtc")
+
+
+def test_cuda_sources_compile_with_nvrtc_as_cupy_does():
+    # CuPy compiles kernels.cu at run time with NVRTC (no host headers, templates picked
+    # by name expressions): do exactly that, without a GPU.
+    import ctypes
+    path = _find_nvrtc()
+    if path is None:
+        pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc)")
+    lib = ctypes.CDLL(path)
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+
+    def check(rc, what):
+        assert rc == 0, f"{what}: {lib.nvrtcGetErrorString(rc).decode()}"
+
+    prog = ctypes.c_void_p()
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), gpu.kernel_source().read_bytes(), b"kernels.cu",
+                                 0, None, None), "nvrtcCreateProgram")
+    names = [f"{k}<{t}>" for ks in gpu._FAMILIES.values() for k in ks for t in gpu._CTYPES.values()]
+    names.append("nc_combine_moments")
+    for n in names:
+        check(lib.nvrtcAddNameExpression(prog, n.encode()), n)
+    opts = (ctypes.c_char_p * 2)(b"--std=c++17", b"-arch=compute_90")
+    rc = lib.nvrtcCompileProgram(prog, 2, opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert rc == 0, log.value.decode()
+    lowered = ctypes.c_char_p()
+    for n in names:
+        check(lib.nvrtcGetLoweredName(prog, n.encode(), ctypes.byref(lowered)), n)
+        assert lowered.value
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 # -- on a GPU -----------------------------------------------------------------------
