@@ -13,8 +13,6 @@ CuPy is imported only when a CuPy array arrives, so importing normcore never nee
 """
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from . import kernels
@@ -50,8 +48,6 @@ class Backend:
     def __init__(self):
         self.xp = np
         self.K = kernels.K
-        self._indices = weakref.WeakKeyDictionary()
-        self._identities = weakref.WeakKeyDictionary()
 
     def threads_for(self, size):
         return kernels.threads_for(size)
@@ -61,25 +57,14 @@ class Backend:
         return getattr(plan, name)
 
     def constant(self, plan, name, make):
-        """An array that depends on the plan alone, built by ``make()`` on the host once
-        and kept (on this backend's device) for the plan's lifetime."""
-        per_plan = self._indices.setdefault(plan, {})
-        key = ("constant", name, self.device_key())
-        if key not in per_plan:
-            per_plan[key] = self.from_host(make())
-        return per_plan[key]
-
-    def device_key(self):
-        return None
+        """An array that depends on the plan alone, built on the host by ``make()``; in
+        host memory rebuilt per call, which costs less than looking it up."""
+        return make()
 
     def is_identity(self, plan, name, n):
         """True when the plan's index ``name`` maps n entries onto themselves (a gather or
         bincount through it would only copy): one group per row, one parameter per row."""
-        per_plan = self._identities.setdefault(plan, {})
-        if name not in per_plan:
-            idx = getattr(plan, name)
-            per_plan[name] = idx is not None and np.array_equal(idx, np.arange(len(idx)))
-        return per_plan[name] and len(getattr(plan, name)) == n
+        return name in plan.identities and len(getattr(plan, name)) == n
 
     def to_host(self, a):
         return a

@@ -232,8 +232,7 @@ class CudaBackend(Backend):
         self.K = CudaKernels()
         self.array_type = cupy.ndarray
         self.dtypes = storage_dtypes()
-        self._indices = weakref.WeakKeyDictionary()
-        self._identities = weakref.WeakKeyDictionary()
+        self._constants = weakref.WeakKeyDictionary()
 
     def threads_for(self, size):
         return 1
@@ -242,8 +241,14 @@ class CudaBackend(Backend):
         """The plan's index array on the current device, copied once per plan and device."""
         return self.constant(plan, name, lambda: getattr(plan, name))
 
-    def device_key(self):
-        return self.xp.cuda.Device().id
+    def constant(self, plan, name, make):
+        """``make()`` (a host array that depends on the plan alone) on the current device,
+        copied once per plan and device and kept for the plan's lifetime."""
+        per_plan = self._constants.setdefault(plan, {})
+        key = (name, self.xp.cuda.Device().id)
+        if key not in per_plan:
+            per_plan[key] = self.xp.asarray(make())
+        return per_plan[key]
 
     def to_host(self, a):
         return self.xp.asnumpy(a)

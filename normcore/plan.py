@@ -10,7 +10,7 @@ i.e. A = 1. Plans are cached by (mode, shape, sizes).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from math import prod
 
 import numpy as np
@@ -46,6 +46,14 @@ class Plan:
     # rows are scattered, and (A, C, B) is not a view of x. This orders the per-row
     # partial moments (row axes) as (reduced..., kept...), i.e. (partials per group, C).
     scattered: tuple | None = None
+
+    @cached_property
+    def identities(self) -> frozenset:
+        """Names of the index arrays (rg, rp, rc) that map entries onto themselves: one
+        group per row, one parameter per row, one running entry per group."""
+        return frozenset(n for n in ("rg", "rp", "rc")
+                         if getattr(self, n) is not None
+                         and np.array_equal(getattr(self, n), np.arange(len(getattr(self, n)))))
 
     @property
     def columns(self) -> bool:
