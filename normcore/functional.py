@@ -6,8 +6,8 @@ written, so bad input raises and leaves the caller's state exactly as it was. Th
 
 Numerics
 --------
-* Statistics accumulate in double (two-pass per chunk, Chan merges); the output is
-  normalized with the biased variance.
+* Statistics accumulate in double (one pass of sums shifted by a member of each chunk or
+  block, Chan merges); the output is normalized with the biased variance.
 * ``running_var`` receives the unbiased variance n/(n-1) by default (PyTorch, seed 000);
   ``unbiased=False`` stores the biased one (Flax, Keras, CS231n).
 * ``momentum`` follows PyTorch: running = (1 - m) * running + m * batch. Decay-style
@@ -104,7 +104,8 @@ def _type_name(a):
 
 def _check_array(name, a, dtype=None, be=None):
     """``a`` must be a float array of backend ``be`` (x's; by default the one ``a`` itself
-    selects: NumPy on the CPU, CuPy on the GPU) and, when given, of x's ``dtype``."""
+    selects: NumPy on the CPU, CuPy on the GPU) and, when given, of x's ``dtype``.
+    Returns the backend."""
     if be is None:
         be = backend_of(a)
         if not isinstance(a, be.array_type):
@@ -118,6 +119,7 @@ def _check_array(name, a, dtype=None, be=None):
         raise TypeError(f"{name}: expected {names} on the {be.place}, got dtype {a.dtype}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
+    return be
 
 
 def _check_param(name, a, shape, dtype, be=None):
@@ -380,8 +382,7 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
 def _normalize(x, mode, *, weight, bias, running_mean, running_var, training, momentum, eps,
                unbiased, estimate, out, sizes, link):
     m = get_mode(mode)
-    _check_array("x", x)
-    be = backend_of(x)
+    be = _check_array("x", x)
     if link is not None:
         _check_batch_mode(m, x)
     plan = _plan(m, x, sizes)
@@ -429,14 +430,12 @@ def _normalize(x, mode, *, weight, bias, running_mean, running_var, training, mo
                 and link is None and be.fused_forward)
     if one_pass:
         mean, var, rstd = _normalize_groups(x3, plan, m.center, eps, w, b, y_rows, run)
-    elif use_batch and link is not None:
-        mean, var, n = _synced_moments(link, x3, plan, m, dtype, training, run)
-        _check_count(n, C, training, m, f"{x.shape} on this rank, {n} elements per group on all ranks")
-        if not m.center:
-            var = var + mean * mean
-            mean = xp.zeros_like(mean)
-    elif use_batch and C:
-        mean, var = _moments(x3, plan, run)
+    elif use_batch and (C or link is not None):
+        if link is not None:
+            mean, var, n = _synced_moments(link, x3, plan, m, dtype, training, run)
+            _check_count(n, C, training, m, f"{x.shape} on this rank, {n} elements per group on all ranks")
+        else:
+            mean, var = _moments(x3, plan, run)
         if not m.center:
             var = var + mean * mean  # mean of squares: no cancellation, all terms >= 0
             mean = xp.zeros_like(mean)

@@ -132,14 +132,14 @@ class CudaKernels:
         if A * C == 0:
             return
         self._fn("rows", "nc_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
-                                                (x, _i(A * C), _i(B), pmean, pm2))
+                                                     (x, _i(A * C), _i(B), pmean, pm2))
 
     def moments_cols(self, x, rpb, pmean, pm2, threads):
         A, C = x.shape
         if A * C == 0:
             return
         self._fn("cols", "nc_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
-                                                (x, _i(A), _i(C), _i(rpb), pmean, pm2))
+                                                     (x, _i(A), _i(C), _i(rpb), pmean, pm2))
 
     def combine_moments(self, pmean, pm2, counts, mean, m2, threads):
         K, C = pmean.shape
@@ -154,24 +154,24 @@ class CudaKernels:
             return
         if S == 1:
             self._fn("cols", "nc_affine_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                                                   (x, _i(A), _i(R), _i(rpb), mean, scale, shift, y))
+                                                        (x, _i(A), _i(R), _i(rpb), mean, scale, shift, y))
         else:
             self._fn("rows", "nc_affine_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
-                                                   (x, _i(A * R), _i(R), _i(S), mean, scale, shift, y))
+                                                        (x, _i(A * R), _i(R), _i(S), mean, scale, shift, y))
 
     def sums_rows(self, dy, x, mean, p1, p2, threads):
         A, R, S = x.shape
         if A * R == 0:
             return
         self._fn("rows", "nc_sums_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
-                                             (dy, x, _i(A * R), _i(R), _i(S), mean, p1, p2))
+                                                  (dy, x, _i(A * R), _i(R), _i(S), mean, p1, p2))
 
     def sums_cols(self, dy, x, mean, rpb, p1, p2, threads):
         A, C = x.shape
         if A * C == 0:
             return
         self._fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
-                                             (dy, x, _i(A), _i(C), _i(rpb), mean, p1, p2))
+                                                  (dy, x, _i(A), _i(C), _i(rpb), mean, p1, p2))
 
     def dx_rows(self, dy, x, mean, k1, k2, k3, rpb, dx, threads):
         A, R, S = x.shape
@@ -179,28 +179,28 @@ class CudaKernels:
             return
         if S == 1:
             self._fn("cols", "nc_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                                               (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
+                                                    (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
         else:
             self._fn("rows", "nc_dx_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
-                                               (dy, x, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
+                                                    (dy, x, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
 
     def affine_inner(self, x, mean, rstd, rp, w, b, y, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
         self._fn("inner", "nc_affine_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                 (x, _i(R), _i(S), mean, rstd, rp, w, b, y))
+                                                      (x, _i(R), _i(S), mean, rstd, rp, w, b, y))
 
     def sums_inner(self, dy, x, mean, rstd, rp, w, rpb, s1, s2, pdw, pdb, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
         self._fn("inner", "nc_row_sums_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                   (dy, x, _i(R), _i(S), mean, rstd, rp, w, s1, s2))
+                                                        (dy, x, _i(R), _i(S), mean, rstd, rp, w, s1, s2))
         nb, P = pdw.shape
         grid = (int(nb), int(-(-S // 256)))
-        self._fn("inner", "nc_param_sums_inner", x.dtype)(grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp,
-                                                                     _i(rpb), _i(P), pdw, pdb))
+        self._fn("inner", "nc_param_sums_inner", x.dtype)(
+            grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp, _i(rpb), _i(P), pdw, pdb))
 
     def normalize_groups(self, x, J, center, eps, affine, rp, w, b, mean, var, rstd, y, threads):
         _, C, B = x.shape
@@ -216,7 +216,7 @@ class CudaKernels:
         if x.size == 0:
             return
         self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                             (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
+                                                  (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
 
 
 class CudaBackend(Backend):

@@ -435,20 +435,17 @@ class SyncBatchNorm(_BatchNorm):
         return {"comm": self.comm}
 
     def _check_input(self, x):
-        super()._check_input(x)
-        if x.ndim < 2:
-            raise ValueError(f"x: SyncBatchNorm expects input of rank >= 2, got shape {x.shape}")
-
-    def forward(self, x):
-        """Normalize this rank's slice with the whole batch's statistics (one collective)."""
+        # A rejected input still takes part in the exchange its peers are making, carrying
+        # the error, so that they raise instead of waiting.
         comm = self.comm
         try:
-            self._check_input(x)
+            super()._check_input(x)
+            if x.ndim < 2:
+                raise ValueError(f"x: SyncBatchNorm expects input of rank >= 2, got shape {x.shape}")
         except (ValueError, TypeError) as e:
             if self.training or not self.track_running_stats:  # the peers are exchanging
                 sync.Exchange(comm, "forward").fail(e)
             raise
-        return super().forward(x)
 
 
 class _InstanceNorm(_Norm):

@@ -201,6 +201,22 @@ __global__ void nc_affine_rows(const T* x, i64 rows, i64 R, i64 S, const double*
     }
 }
 
+// Block sums over one row of n elements (valid in thread 0): s1 = sum g and
+// s2 = sum g * (x - mu), with g = dy * w (w null: g = dy). The backward's two row sums.
+template <typename T, typename A>
+__device__ void nc_block_dy_sums(const T* dy, const double* w, const T* x, i64 n, A mu, A* shared32,
+                                 A& s1, A& s2) {
+    s1 = 0;
+    s2 = 0;
+    for (i64 i = threadIdx.x; i < n; i += blockDim.x) {
+        const A g = w ? nc_ld<T, A>(dy, i) * (A)w[i] : nc_ld<T, A>(dy, i);
+        s1 += g;
+        s2 += g * (nc_ld<T, A>(x, i) - mu);
+    }
+    s1 = nc_block_sum(s1, shared32);
+    s2 = nc_block_sum(s2, shared32);
+}
+
 // Per row (a, r): p1 = sum dy, p2 = sum dy * (x - mean[r]).
 template <typename T>
 __global__ void nc_sums_rows(const T* dy, const T* x, i64 rows, i64 R, i64 S, const double* mean,
@@ -208,16 +224,8 @@ __global__ void nc_sums_rows(const T* dy, const T* x, i64 rows, i64 R, i64 S, co
     typedef typename nc_acc<T>::type A;
     __shared__ A shared[32];
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const A mu = (A)mean[row % R];
-        const i64 o = row * S;
-        A s1 = 0, s2 = 0;
-        for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
-            const A g = nc_ld<T, A>(dy, o + i);
-            s1 += g;
-            s2 += g * (nc_ld<T, A>(x, o + i) - mu);
-        }
-        s1 = nc_block_sum(s1, shared);
-        s2 = nc_block_sum(s2, shared);
+        A s1, s2;
+        nc_block_dy_sums(dy + row * S, (const double*)0, x + row * S, S, (A)mean[row % R], shared, s1, s2);
         if (threadIdx.x == 0) {
             p1[row] = (double)s1;
             p2[row] = (double)s2;
@@ -262,17 +270,8 @@ __global__ void nc_row_sums_inner(const T* dy, const T* x, i64 R, i64 S, const d
     typedef typename nc_acc<T>::type A;
     __shared__ A shared[32];
     for (i64 r = blockIdx.x; r < R; r += gridDim.x) {
-        const A mu = (A)mean[r];
-        const double* wr = w + rp[r];
-        const i64 o = r * S;
-        A s1 = 0, s2 = 0;
-        for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
-            const A g = nc_ld<T, A>(dy, o + i) * (A)wr[i];
-            s1 += g;
-            s2 += g * (nc_ld<T, A>(x, o + i) - mu);
-        }
-        s1 = nc_block_sum(s1, shared);
-        s2 = nc_block_sum(s2, shared);
+        A s1, s2;
+        nc_block_dy_sums(dy + r * S, w + rp[r], x + r * S, S, (A)mean[r], shared, s1, s2);
         if (threadIdx.x == 0) {
             s1out[r] = (double)s1;
             s2out[r] = (double)s2 * rstd[r];
