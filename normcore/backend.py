@@ -1,10 +1,10 @@
 """Where an array's computation runs: the CPU (NumPy + the Cython/OpenMP kernels) or a
 CUDA GPU (CuPy + the RawModule kernels in normcore.gpu).
 
-Both backends implement the same kernel contracts (the functions of
-``normcore._kernels``), so :mod:`normcore.functional` holds one orchestration — plans,
-validation, statistics merges, running statistics, gradients' small per-group algebra —
-written against ``backend.xp`` (``numpy`` or ``cupy``) and ``backend.K``. The backend is
+Both backends implement one kernel contract, :class:`Kernels` below (the text a new
+backend implements), so :mod:`normcore.functional` holds one orchestration written against
+``backend.xp`` (``numpy`` or ``cupy``) and ``backend.K``; it never reaches into one
+backend's details. The backend is
 the input's: a ``cupy.ndarray`` runs on its GPU, a ``numpy.ndarray`` on the CPU, and every
 other array argument must live on the same side (mixing raises ``TypeError``; nothing is
 copied between host and device behind the caller's back).
@@ -13,11 +13,103 @@ CuPy is imported only when a CuPy array arrives, so importing normcore never nee
 """
 from __future__ import annotations
 
+import enum
+from typing import Protocol
+
 import numpy as np
 
 from . import kernels
 
-__all__ = ["Backend", "backend_of", "CPU", "machine_eps"]
+__all__ = ["Backend", "Kernels", "AffineKind", "backend_of", "backend_named", "CPU", "machine_eps"]
+
+# The affine kinds of normalize_groups / backward_groups, defined once in
+# src/normcore/contract.h and read here from the compiled kernels.
+AffineKind = enum.IntEnum("AffineKind", {k.upper(): v for k, v in kernels.K.AFFINE_KINDS.items()})
+AffineKind.__doc__ = """Where a row's weight and bias live: NONE (no parameters), ROW (one w/b
+per row, w[rp[r]]) or INNER (along the row, w[rp[r] + s])."""
+
+
+class Kernels(Protocol):
+    """The kernel contract: what ``Backend.K`` provides, on the backend's arrays.
+
+    Conventions: every array is C-contiguous; x, y, dy, dx (and w, b, running statistics
+    where typed T) have the storage dtype T of x; statistics, coefficients and partials
+    are float64; index arrays (rg, rp, rc) are intp. Layouts: (A, C, B) for statistics
+    (group c reduces over a and b), (A, R, S) for elementwise passes (row r has one
+    group rg[r] and either one parameter rp[r] or the slice w[rp[r]:rp[r] + S]).
+    ``threads`` is a hint (GPU backends ignore it). Kernels check nothing: the
+    orchestration has validated shapes and dtypes, and results are bitwise independent of
+    ``threads``. OUT arrays are fully written unless marked "zeroed" (the caller zeroes).
+    """
+
+    # -- statistics ------------------------------------------------------------------------
+    def moments_rows(self, x, pmean, pm2, threads):
+        """IN x (A, C, B) T; OUT pmean, pm2 (A, C): mean and centred sum of squares of each row."""
+
+    def moments_cols(self, x, rows_per_block, pmean, pm2, threads):
+        """IN x (A, C) T; OUT pmean, pm2 (ceil(A / rows_per_block), C): per row block."""
+
+    def combine_moments(self, pmean, pm2, counts, mean, m2, threads):
+        """IN pmean, pm2 (K, C), counts (K,); OUT mean, m2 (C,): exact merge in order."""
+
+    def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):
+        """IN pmean, pm2 (K, C), counts (K,); OUT mean, var, rstd (C,): partials merged,
+        var = m2 / count (plus mean^2, mean set to 0, when not ``center``), rstd = 1/sqrt(var + eps)."""
+
+    def running_statistics(self, running_mean, running_var, rc, eps, mean, var, rstd):
+        """IN running_mean, running_var (E,) T, rc (C,); OUT mean, var, rstd (C,)."""
+
+    def update_running(self, mean, var, rc, groups_per_running, momentum, unbias,
+                       running_mean, running_var, scratch):
+        """IN mean, var (C,), rc (C,); IN/OUT running_mean, running_var (E,) T; scratch (2E,):
+        running = (1 - momentum) running + momentum * (average of the entry's groups; var * unbias)."""
+
+    # -- forward elementwise -----------------------------------------------------------------
+    def row_coefficients(self, mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift):
+        """IN mean, rstd (C,), rg, rp (R,), w, b (P,) T; OUT mean_r, scale, shift (R,)."""
+
+    def affine_rows(self, x, mean, scale, shift, rows_per_block, y, threads):
+        """IN x (A, R, S) T, mean, scale, shift (R,); OUT y = (x - mean) * scale + shift."""
+
+    def affine_inner(self, x, mean, rstd, rp, w, b, y, threads):
+        """IN x (1, R, S) T, mean, rstd (R,), rp (R,), w, b (P,) float64;
+        OUT y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + b[rp[r] + s]."""
+
+    def normalize_groups(self, x, rows_per_group, center, eps, affine, rp, w, b, mean, var, rstd, y,
+                         threads):
+        """IN x (1, C, B) T, rp (C * J,), w, b (P,) float64, affine an AffineKind;
+        OUT mean, var, rstd (C,), y (1, C, B): statistics and output in one visit per group."""
+
+    # -- backward ----------------------------------------------------------------------------
+    def sums_rows(self, dy, x, mean, p1, p2, threads):
+        """IN dy, x (A, R, S) T, mean (R,); OUT p1, p2 (A, R): row sums of dy, dy * (x - mean)."""
+
+    def sums_cols(self, dy, x, mean, rows_per_block, p1, p2, threads):
+        """IN dy, x (A, C) T, mean (C,); OUT p1, p2 (ceil(A / rows_per_block), C)."""
+
+    def gradient_sums(self, p1, p2, rg, rp, w, has_w, rstd, g1, g2, dw, db):
+        """IN p1, p2 (K, R), rg, rp (R,), w (P,) T, rstd (C,); OUT g1, g2 (C,) group sums of
+        w dy and w dy xhat; dw, db (P,) zeroed, or empty to skip them."""
+
+    def dx_coefficients(self, g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3):
+        """IN g1, g2 (C,), rg, rp (R,), w (P,) T, rstd (C,); OUT k1, k2, k3 (R,) of dx_rows."""
+
+    def dx_rows(self, dy, x, mean, k1, k2, k3, rows_per_block, dx, threads):
+        """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,); OUT dx = dy k1 + (x - mean) k2 + k3."""
+
+    def sums_inner(self, dy, x, mean, rstd, rp, w, rows_per_block, s1, s2, pdw, pdb, threads):
+        """IN dy, x (1, R, S) T, mean, rstd, rp (R,), w (P,) float64; OUT s1, s2 (R,) sums of
+        g = dy w[rp + s] and g xhat; pdw, pdb (ceil(R / rows_per_block), P) zeroed partials."""
+
+    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
+        """IN dy, x (1, R, S) T, mean, rstd, rp, c1, c2 (R,), w (P,) float64;
+        OUT dx = rstd (dy w - c1 - xhat c2)."""
+
+    def backward_groups(self, dy, x, rows_per_group, center, affine, rp, w, mean, rstd,
+                        groups_per_block, t1, t2, pdw, pdb, dx, threads):
+        """IN dy, x (1, C, B) T, rp (C * J,), w (P,) float64, mean, rstd (C,); OUT t1, t2
+        (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P) zeroed partials (INNER),
+        dx (1, C, B): training backward in one visit per group (optional: ``fused_backward``)."""
 
 
 def machine_eps(dtype) -> float:
@@ -40,7 +132,7 @@ class Backend:
     name = "cpu"
     place = "CPU"  # for messages: "x is on the CPU"
     fused_forward = True   # K.normalize_groups: one-pass forward of contiguous groups
-    fused_backward = True  # K.backward_groups: one-visit training backward
+    fused_backward = True  # K.backward_groups: one-visit training backward (optional)
     array_type = np.ndarray
     array_name = "numpy.ndarray"
     dtypes = (np.dtype(np.float32), np.dtype(np.float64))
@@ -84,9 +176,19 @@ def _is_cupy_array(a):
     return t.__module__.split(".")[0] == "cupy" and t.__name__ == "ndarray"
 
 
+def backend_named(device):
+    """The backend of a device name: ``"cpu"`` or ``"cuda"`` (CuPy imported here)."""
+    if device == "cuda":
+        from .gpu import cuda_backend
+        return cuda_backend()
+    return CPU
+
+
 def backend_of(x):
     """The backend of array ``x`` (CPU for anything that is not a CuPy array; the caller's
     type checks then say what was expected)."""
+    if type(x) is np.ndarray:
+        return CPU
     if _is_cupy_array(x):
         from .gpu import cuda_backend
         return cuda_backend()

@@ -6,22 +6,20 @@ Keyword names follow PyTorch so that its users know them at once; gradients come
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import math
 
 import numpy as np
 
+from . import checks
 from .backend import machine_eps
-from .functional import _check_array, backward, normalize
-from .modes import Mode
+from .functional import backward, forward, viewed
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
            "weight_standardize", "weight_standardize_backward"]
 
 
 def _channel_mode(x, channel_axis):
-    _check_array("input", x)
-    if x.ndim < 2:
-        raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    checks.min_ndim("input", x, 2, "(N, C, ...)")
     if isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer)):
         raise TypeError(f"channel_axis: expected 1 or -1, got {channel_axis!r}")
     if channel_axis == 1 or (x.ndim == 2 and channel_axis == -1):
@@ -43,28 +41,42 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     >>> y, cache = batch_norm(x, rm, rv, training=True)
     """
+    be = checks.array("input", input)
     mode = _channel_mode(input, channel_axis)
-    return normalize(input, mode, weight=weight, bias=bias, running_mean=running_mean,
-                     running_var=running_var, training=training, momentum=momentum, eps=eps,
-                     unbiased=unbiased, out=out)
+    return forward(input, be, mode, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, training=training, momentum=momentum, eps=eps,
+                   unbiased=unbiased, out=out)
 
 
-@lru_cache(maxsize=None)
-def _last_axes_mode(k: int, center: bool) -> Mode:
-    names = " ".join(f"d{i}" for i in range(k))
-    label = "layer_norm" if center else "rms_norm"
-    return Mode(f"... {names} -> ...", params=names, center=center, name=f"{label}[{k}d]")
-
-
-def _normalized_shape(x, normalized_shape):
-    _check_array("input", x)
+def normalized_shape_tuple(normalized_shape) -> tuple:
+    """``normalized_shape`` (an int or a sequence of them) as a tuple of positive ints."""
     if isinstance(normalized_shape, (int, np.integer)):
-        normalized_shape = (int(normalized_shape),)
-    shape = tuple(int(s) for s in normalized_shape)
-    k = len(shape)
-    if k == 0 or x.ndim < k or x.shape[x.ndim - k:] != shape:
-        raise ValueError(f"normalized_shape: {shape} does not match the trailing axes of input shape {x.shape}")
+        normalized_shape = (normalized_shape,)
+    shape = tuple(checks.positive_int("normalized_shape", s) for s in normalized_shape)
+    if not shape:
+        raise ValueError("normalized_shape: expected at least one axis")
     return shape
+
+
+def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape"):
+    """Layer norm / RMS norm over the trailing axes ``shape`` of x: the mode ("... d ->
+    ...", one parameter axis) on x viewed as (..., prod(shape)), results presented under
+    the caller's shapes. x's array type is checked (``be``); a shape mismatch blames
+    ``blame`` (the form's normalized_shape, a layer's input)."""
+    k = len(shape)
+    checks.trailing_shape(blame, x, shape)
+    if k == 1:
+        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out)
+    checks.param("weight", weight, shape, x.dtype, be)
+    checks.param("bias", bias, shape, x.dtype, be)
+    if out is not None:
+        checks.out(out, x.shape, x.dtype, {"x": x}, be)
+    flat = x.shape[:x.ndim - k] + (math.prod(shape),)
+    y, cache = forward(x.reshape(flat), be, mode, eps=eps,
+                       weight=None if weight is None else weight.reshape(-1),
+                       bias=None if bias is None else bias.reshape(-1),
+                       out=None if out is None else out.reshape(flat))
+    return viewed(y, cache, x.shape, shape)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
@@ -76,8 +88,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     >>> x = np.ones((4, 10, 8), np.float32)
     >>> y, cache = layer_norm(x, (8,))
     """
-    shape = _normalized_shape(input, normalized_shape)
-    return normalize(input, _last_axes_mode(len(shape), True), weight=weight, bias=bias, eps=eps, out=out)
+    be = checks.array("input", input)
+    return last_axes(input, be, "layer_norm", normalized_shape_tuple(normalized_shape), weight, bias, eps, out)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
@@ -88,10 +100,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     >>> import numpy as np
     >>> y, cache = rms_norm(np.ones((2, 8), np.float32), 8)
     """
-    shape = _normalized_shape(input, normalized_shape)
-    if eps is None:
-        eps = machine_eps(input.dtype)
-    return normalize(input, _last_axes_mode(len(shape), False), weight=weight, eps=eps, out=out)
+    be = checks.array("input", input)
+    shape = normalized_shape_tuple(normalized_shape)
+    return last_axes(input, be, "rms_norm", shape, weight, None,
+                     machine_eps(input.dtype) if eps is None else eps, out)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
@@ -100,14 +112,12 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
     >>> import numpy as np
     >>> y, cache = group_norm(np.ones((2, 8, 3), np.float32) * np.arange(3), 4)
     """
-    _check_array("input", input)
-    if input.ndim < 2:
-        raise ValueError(f"input: expected at least 2 dimensions (N, C, ...), got shape {input.shape}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)) or num_groups < 1:
-        raise ValueError(f"num_groups: expected a positive int, got {num_groups!r}")
-    if input.shape[1] % num_groups:
-        raise ValueError(f"num_groups ({num_groups}) does not divide the {input.shape[1]} channels of input")
-    return normalize(input, "group_norm", weight=weight, bias=bias, eps=eps, out=out, g=int(num_groups))
+    be = checks.array("input", input)
+    checks.min_ndim("input", input, 2, "(N, C, ...)")
+    num_groups = checks.positive_int("num_groups", num_groups)
+    checks.divides("num_groups", num_groups, "input's channels", input.shape[1])
+    return forward(input, be, "group_norm", weight=weight, bias=bias, eps=eps, out=out,
+                   sizes={"g": num_groups})
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -121,12 +131,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     >>> x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
     >>> y, cache = instance_norm(x)
     """
-    _check_array("input", input)
-    if input.ndim < 3:
-        raise ValueError(f"input: expected at least 3 dimensions (N, C, L, ...), got shape {input.shape}")
-    return normalize(input, "instance_norm", weight=weight, bias=bias, running_mean=running_mean,
-                     running_var=running_var, training=use_input_stats, momentum=momentum, eps=eps,
-                     out=out)
+    be = checks.array("input", input)
+    checks.min_ndim("input", input, 3, "(N, C, L, ...)")
+    return forward(input, be, "instance_norm", weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, training=use_input_stats, momentum=momentum, eps=eps,
+                   out=out)
 
 
 def weight_standardize(w, eps=1e-5, *, out=None):
@@ -140,10 +149,9 @@ def weight_standardize(w, eps=1e-5, *, out=None):
     >>> bool(np.allclose(w_hat.reshape(4, -1).mean(1), 0))
     True
     """
-    _check_array("w", w)
-    if w.ndim < 2:
-        raise ValueError(f"w: expected at least 2 dimensions (out, in, ...), got shape {w.shape}")
-    return normalize(w, "weight_standardize", eps=eps, out=out)
+    be = checks.array("w", w)
+    checks.min_ndim("w", w, 2, "(out, in, ...)")
+    return forward(w, be, "weight_standardize", eps=eps, out=out)
 
 
 def weight_standardize_backward(dw_hat, cache, *, out=None):

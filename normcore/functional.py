@@ -1,35 +1,40 @@
-"""normalize / backward: thin validating wrappers around the compiled kernels.
+"""normalize / backward: one orchestration of the kernel contract, in phases.
 
-Every check happens here, before any kernel runs and before any running statistic is
-written, so bad input raises and leaves the caller's state exactly as it was. The kernels
-(src/normcore/_kernels.pyx) check nothing.
+Forward: check the call (:func:`_check_forward`, a frozen record of the checked
+arguments) → batch statistics (one pass, moments, or synchronized) → running-statistics
+update → the statistics the output uses (batch, running or estimated) → apply. Backward:
+check → gradient sums → (synchronized sums) → dx coefficients → dx. Every check happens in
+the first phase, before any kernel runs and before any running statistic is written, so bad
+input raises and leaves the caller's state exactly as it was. The kernels
+(:class:`normcore.backend.Kernels`, src/normcore/kernels.pxi on the CPU) check nothing.
 
 Numerics
 --------
-* Statistics accumulate in double (one pass of sums shifted by a member of each chunk or
-  block, Chan merges); the output is normalized with the biased variance.
-* ``running_var`` receives the unbiased variance n/(n-1) by default (PyTorch, seed 000);
-  ``unbiased=False`` stores the biased one (Flax, Keras, CS231n).
+* Statistics accumulate in double: one pass of sums shifted by a member of each chunk or
+  block, partials merged exactly (two-pass over their means, Chan); the output is
+  normalized with the biased variance.
+* ``running_var`` receives the unbiased variance n/(n-1) by default (PyTorch's
+  convention); ``unbiased=False`` stores the biased one (Flax, Keras, CS231n).
 * ``momentum`` follows PyTorch: running = (1 - m) * running + m * batch. Decay-style
   conventions map as momentum = 1 - decay (decay 0.99 -> momentum 0.01, CS231n's 0.9 -> 0.1).
 """
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import numpy as np
 
-from . import sync
-from .backend import CPU, backend_of
+from . import checks, sync
+from .backend import CPU, AffineKind
+from .checks import describe_mode
 from .modes import Mode, get_mode
-from .plan import PARAM_BLOCKS, Plan, make_plan
+from .plan import Plan, Strategy, make_plan
 
 __all__ = ["normalize", "backward", "NormCache"]
 
 
-
 class _Run:
-    """Where one call computes: the backend's array module and kernels, and the thread count."""
+    """Where one call computes: the backend, its array module and kernels, the thread count."""
 
     __slots__ = ("be", "xp", "K", "threads")
 
@@ -37,18 +42,16 @@ class _Run:
         self.be, self.xp, self.K, self.threads = be, be.xp, be.K, be.threads_for(size)
 
     def ix(self, plan, name):
+        """The plan's index array ``name`` (rg, rp, rc) on this backend."""
         return self.be.index(plan, name)
 
-    def take(self, a, plan, name):
-        """``a[plan.<name>]``: per-group (rg), per-parameter (rp) or per-running-entry (rc)
-        values spread to rows (groups); ``a`` itself when the index is the identity."""
-        return a if self.be.is_identity(plan, name, len(a)) else a[self.ix(plan, name)]
+    def params_ix(self, plan):
+        """rp, or (no parameters) any index of the right length: it is never read then."""
+        return self.be.index(plan, "rp" if plan.rp is not None else "rg")
 
-    def totals(self, values, plan, name, n):
-        """Per-row values summed into n bins through plan.<name>, in row order."""
-        if self.be.is_identity(plan, name, n) and len(values) == n:
-            return values
-        return self.xp.bincount(self.ix(plan, name), weights=values, minlength=n)
+    def dummy(self, plan, dtype):
+        """A one-element array standing in for an absent weight or bias (never read)."""
+        return self.be.constant(plan, ("dummy", dtype.name), lambda: np.zeros(1, dtype))
 
 
 class NormCache:
@@ -59,119 +62,69 @@ class NormCache:
     and backward changes the gradients.
     """
 
-    __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "has_weight",
-                 "has_bias", "stats_grad", "count", "comm", "backend")
+    __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "weight64", "has_weight",
+                 "has_bias", "stats_grad", "count", "comm", "backend", "view")
 
-    def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_weight, has_bias, stats_grad,
-                 count=None, comm=None, backend=CPU):
+    def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_bias, stats_grad, count,
+                 comm=None, backend=CPU):
         self.mode = mode
         self.plan = plan
         self.x3 = x3                # (A, C, B) input in the canonical layout
         self.dtype = dtype
         self.mean = mean            # (C,) float64 mean used to normalize (0 when not centred)
         self.rstd = rstd            # (C,) float64 1 / sqrt(var + eps)
-        self.weight = weight        # (P,) float64 weight, or None
-        self.has_weight = has_weight
+        self.weight = weight        # (P,) weight in x's dtype, or None
+        self.weight64 = None        # the same in float64, made when a kernel needs it
+        self.has_weight = weight is not None
         self.has_bias = has_bias
         self.stats_grad = stats_grad  # gradients flow through batch statistics
-        self.count = plan.count if count is None else count  # elements per group, all ranks
+        self.count = count          # elements per group, all ranks
         self.comm = comm            # communicator the statistics were synchronized over
         self.backend = backend      # where x3 and the statistics live
+        # (x shape, parameter shape) the caller sees when a form presented the mode's
+        # arrays under other shapes (layer norm over k axes: the mode over their product)
+        self.view = None
 
     @property
     def shape(self):
-        return self.plan.shape
+        """Shape of the forward input, and of dy and dx."""
+        return self.plan.shape if self.view is None else self.view[0]
 
     @property
     def saved_mean(self):
-        """Per-group mean used by forward, shaped like the statistics axes (float64)."""
+        """Per-group mean used by forward, shaped like the statistics axes (float64).
+
+        >>> import numpy as np, normcore
+        >>> _, cache = normcore.normalize(np.arange(6, dtype=np.float32).reshape(2, 3), "layer_norm")
+        >>> cache.saved_mean.tolist()
+        [1.0, 4.0]
+        """
         return self.mean.reshape(self.plan.stat_shape)
 
     @property
     def saved_rstd(self):
-        """Per-group inverse standard deviation used by forward (float64)."""
+        """Per-group inverse standard deviation used by forward (float64), shaped like
+        :attr:`saved_mean`."""
         return self.rstd.reshape(self.plan.stat_shape)
 
-
-def _describe(mode: Mode) -> str:
-    return f"mode {mode.name!r} (spec {mode.spec!r})" if mode.name else f"spec {mode.spec!r}"
-
-
-def _type_name(a):
-    t = type(a)
-    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__name__}"
+    def weight_f64(self):
+        if self.weight64 is None:
+            self.weight64 = self.weight.astype(np.float64).reshape(-1)
+        return self.weight64
 
 
-def _check_array(name, a, dtype=None, be=None):
-    """``a`` must be a float array of backend ``be`` (x's; by default the one ``a`` itself
-    selects: NumPy on the CPU, CuPy on the GPU) and, when given, of x's ``dtype``.
-    Returns the backend."""
-    if be is None:
-        be = backend_of(a)
-        if not isinstance(a, be.array_type):
-            raise TypeError(f"{name}: expected a numpy.ndarray (or a cupy.ndarray for the GPU), "
-                            f"got {_type_name(a)}")
-    elif not isinstance(a, be.array_type):
-        raise TypeError(f"{name}: expected a {be.array_name} like x (x is on the {be.place}), "
-                        f"got {_type_name(a)}; move it with {'cupy.asarray' if be.name == 'cuda' else 'cupy.asnumpy'}")
-    if a.dtype not in be.dtypes:
-        names = " or ".join(d.name for d in be.dtypes)
-        raise TypeError(f"{name}: expected {names} on the {be.place}, got dtype {a.dtype}")
-    if dtype is not None and a.dtype != dtype:
-        raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
-    return be
-
-
-def _check_param(name, a, shape, dtype, be=None):
-    if a is None:
-        return
-    _check_array(name, a, dtype, be)
-    if a.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
-
-
-def _check_scalar(name, value, lo, hi, lo_open):
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    v = float(value)
-    bad_lo = v <= lo if lo_open else v < lo
-    if not math.isfinite(v) or bad_lo or v > hi:
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        raise ValueError(f"{name}: expected a finite value in {interval}, got {value!r}")
-    return v
-
-
-_NO_INDEX = np.zeros(1, np.intp)  # a placeholder index array for kernels given no parameters
-
-
-def _check_out(out, shape, dtype, inputs, be=CPU):
-    """``out=`` must be a writeable C-contiguous array of the result's shape and dtype that
-    shares no memory with the inputs (backward reads x after forward has written y)."""
-    if not isinstance(out, be.array_type):
-        raise TypeError(f"out: expected a {be.array_name} like x, got {_type_name(out)}")
-    if out.dtype != dtype:
-        raise TypeError(f"out: dtype {out.dtype} does not match the result's dtype {dtype}")
-    if out.shape != shape:
-        raise ValueError(f"out: expected shape {shape}, got {out.shape}")
-    if not (out.flags.c_contiguous and getattr(out.flags, "writeable", True)):
-        raise ValueError("out: must be C-contiguous and writeable")
-    for name, a in inputs.items():
-        if be.xp.may_share_memory(out, a):
-            raise ValueError(f"out: must not share memory with {name}")
-
-
-def _plan(mode: Mode, x: np.ndarray, sizes) -> Plan:
+def _plan(mode: Mode, x, sizes) -> Plan:
     try:
         return make_plan(mode, x.shape, sizes)
     except ValueError as e:
-        raise ValueError(f"x: {e} ({_describe(mode)}, x.shape {x.shape})") from None
+        raise ValueError(f"x: {e} ({describe_mode(mode)}, x.shape {x.shape})") from None
 
 
 def _canonical(a, plan: Plan, xp=np):
     """``a`` as a C-contiguous (A, C, B) array; a view when no copy is needed."""
-    e = a.reshape(plan.elem_shape)
-    if plan.perm is not None:
-        e = e.transpose(plan.perm)
+    if plan.perm is None:
+        return xp.ascontiguousarray(a).reshape(plan.layout)
+    e = a.reshape(plan.elem_shape).transpose(plan.perm)
     return xp.ascontiguousarray(e).reshape(plan.layout)
 
 
@@ -182,17 +135,157 @@ def _from_canonical(a3, plan: Plan, xp=np):
     return xp.ascontiguousarray(moved.transpose(tuple(np.argsort(plan.perm)))).reshape(plan.shape)
 
 
+def _result(rows, plan: Plan, out, xp=np):
+    """The (A, R, S) result in the input's layout, in ``out`` when given."""
+    if out is None:
+        return _from_canonical(rows, plan, xp)
+    if plan.perm is not None:
+        out[...] = _from_canonical(rows, plan, xp)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+
+class _Forward(NamedTuple):
+    """The checked arguments of one normalize call and what they decide."""
+
+    mode: Mode
+    plan: Plan
+    be: object
+    dtype: np.dtype
+    weight: object          # (P,) view in x's dtype, or None
+    bias: object
+    running_mean: object    # the caller's arrays, or None
+    running_var: object
+    training: bool
+    momentum: float
+    eps: float
+    unbiased: bool
+    estimate: bool
+    out: object
+    link: object            # sync.Exchange when the batch statistics are synchronized
+    use_batch: bool         # batch statistics are computed (training, or no running ones)
+    update: bool            # the running statistics are written
+    one_pass: bool          # statistics and output in one visit per group
+
+
+def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, eps,
+                   unbiased, estimate, out, sizes, link) -> _Forward:
+    """Phase 1: every rule on the arguments (x's array type already checked: ``be``)."""
+    m = get_mode(mode)
+    if link is not None:
+        sync.check_batch_mode(m, x)
+    plan = _plan(m, x, sizes)
+    dtype = x.dtype
+    if m.params is None:
+        if weight is not None or bias is not None:
+            raise ValueError(f"weight/bias: {describe_mode(m)} has no affine parameters")
+    else:
+        checks.param("weight", weight, plan.param_shape, dtype, be)
+        checks.param("bias", bias, plan.param_shape, dtype, be)
+    has_running = running_mean is not None
+    if has_running != (running_var is not None):
+        raise ValueError("running_mean/running_var: give both or neither")
+    if has_running:
+        if m.running_stats is None:
+            raise ValueError(f"running_mean: {describe_mode(m)} keeps no running statistics")
+        checks.param("running_mean", running_mean, plan.running_shape, dtype, be)
+        checks.param("running_var", running_var, plan.running_shape, dtype, be)
+        if training:
+            for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+                if not getattr(a.flags, "writeable", True):
+                    raise ValueError(f"{name}: must be writeable to be updated in training")
+    eps = checks.eps(eps)
+    momentum = checks.momentum(momentum)
+    if out is not None:
+        checks.out(out, x.shape, dtype, {"x": x}, be)
+    if estimate and not (has_running and training):
+        raise ValueError("estimate: needs running_mean and running_var and training=True")
+    use_batch = bool(training) or not has_running
+    if not use_batch:
+        link = None  # eval with running statistics: nothing to exchange
+    if link is None:  # synchronized: the counts are checked once all ranks' are known
+        _check_count(plan.count, plan.layout[1], training, m, x.shape)
+    one_pass = (use_batch and not estimate and link is None and plan.strategy is Strategy.GROUPS
+                and be.fused_forward)
+    return _Forward(m, plan, be, dtype,
+                    None if weight is None else weight.reshape(-1),
+                    None if bias is None else bias.reshape(-1),
+                    running_mean, running_var, bool(training), momentum, eps, bool(unbiased),
+                    bool(estimate), out, link, use_batch,
+                    bool(training) and has_running and plan.layout[1] > 0, one_pass)
+
+
+def _check_count(n, C, training, m: Mode, shape):
+    if n == 0 and C > 0:
+        raise ValueError(f"x: cannot compute statistics over zero elements ({describe_mode(m)}, x.shape {shape})")
+    if training and m.running_stats is not None and n == 1:
+        raise ValueError(f"x: expected more than 1 value per statistics group in training, "
+                         f"got x.shape {shape} ({describe_mode(m)})")
+
+
+def _forward(call: _Forward, x):
+    """Phases 2-5 of a checked call; returns (y, cache)."""
+    plan, xp = call.plan, call.be.xp
+    x3 = _canonical(x, plan, xp)
+    run = _Run(call.be, x3.size)
+    out = call.out
+    y_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, call.dtype)
+    count = plan.count
+    mean = var = rstd = None
+    if call.use_batch:
+        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run)
+    if call.update:
+        _update_running(call, mean, var, count, run)
+    if not call.use_batch or call.estimate:
+        mean, var, rstd = _running_statistics(call, run)
+    if not call.one_pass:
+        _apply(call, x3.reshape(plan.rows), mean, rstd, y_rows, run)
+    cache = NormCache(call.mode, plan, x3, call.dtype, mean, rstd, call.weight, call.bias is not None,
+                      stats_grad=call.use_batch and not call.estimate, count=count,
+                      comm=None if call.link is None else call.link.comm, backend=call.be)
+    return _result(y_rows, plan, out, xp), cache
+
+
+def _batch_statistics(call: _Forward, x3, y_rows, run: _Run):
+    """Phase 2: per-group (mean, var, rstd) of the batch and the elements per group (all
+    ranks'). The one-pass kernel also writes the output."""
+    plan, xp = call.plan, run.xp
+    C = plan.layout[1]
+    mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
+    if call.one_pass:
+        _normalize_groups(call, x3, mean, var, rstd, y_rows, run)
+        return mean, var, rstd, plan.count
+    if call.link is not None:
+        pmean, pm2, counts, count = sync.synced_moments(
+            call.link, lambda: _moments(x3, plan, run), plan, call.mode, call.dtype, call.training, run.be)
+        _check_count(count, C, call.training, call.mode,
+                     f"{plan.shape} on this rank, {count} elements per group on all ranks")
+    elif C:
+        pmean, pm2, counts = _moments(x3, plan, run)
+        count = plan.count
+    else:
+        return mean, var, rstd, plan.count
+    if C:
+        run.K.finalize_moments(pmean, pm2, counts, float(max(count, 1)), call.mode.center, call.eps,
+                               mean, var, rstd)
+    return mean, var, rstd, count
+
+
 def _moments(x3, plan: Plan, run: _Run):
-    """Per-group (mean, biased variance) in float64, from one compiled pass over x."""
+    """Partial moments of the groups, ``(pmean, pm2, counts)``: (K, C) partial means and
+    centred sums of squares over counts[k] elements each, from one compiled pass over x."""
     A, C, B = plan.layout
     xp = run.xp
-    if plan.scattered is not None:
+    strategy = plan.strategy
+    if strategy is Strategy.SCATTERED:
         return _scattered_moments(x3.reshape(plan.rows), plan, run)
-    if plan.columns:
+    if strategy is Strategy.COLUMNS:
         rpb = plan.rows_per_block
         nb = -(-A // rpb)
-        pmean = xp.empty((nb, C))
-        pm2 = xp.empty((nb, C))
+        pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
         run.K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2, run.threads)
 
         def counts():
@@ -200,27 +293,16 @@ def _moments(x3, plan: Plan, run: _Run):
             c[-1] = A - rpb * (nb - 1)
             return c
     else:
-        pmean = xp.empty((A, C))
-        pm2 = xp.empty((A, C))
+        pmean, pm2 = xp.empty((A, C)), xp.empty((A, C))
         run.K.moments_rows(x3, pmean, pm2, run.threads)
 
         def counts():
             return np.full(A, float(B))
-    return _merge_partials(pmean, pm2, counts, plan, run)
-
-
-def _merge_partials(pmean, pm2, counts, plan: Plan, run: _Run):
-    """(K, C) partial moments, ``counts()[k]`` elements each -> per-group (mean, biased var)."""
-    if pmean.shape[0] == 1:
-        return pmean[0], pm2[0] / plan.count
-    mean, m2 = run.xp.empty(pmean.shape[1]), run.xp.empty(pmean.shape[1])
-    run.K.combine_moments(pmean, pm2, run.be.constant(plan, "partial counts", counts), mean, m2, run.threads)
-    return mean, m2 / plan.count
+    return pmean, pm2, run.be.constant(plan, "partial counts", counts)
 
 
 def _scattered_moments(x_rows, plan: Plan, run: _Run):
-    """Moments of groups whose rows lie apart: per-row partials, reordered to
-    (partials of a group, C), merged like row partials."""
+    """Groups whose rows lie apart: per-row partials, reordered to (partials of a group, C)."""
     _, R, S = plan.rows
     C = plan.layout[1]
     xp = run.xp
@@ -232,87 +314,95 @@ def _scattered_moments(x_rows, plan: Plan, run: _Run):
         return xp.ascontiguousarray(p.reshape(row_shape).transpose(plan.scattered)).reshape(-1, C)
 
     pmean, pm2 = by_group(pmean), by_group(pm2)
-    return _merge_partials(pmean, pm2, lambda: np.full(pmean.shape[0], float(S)), plan, run)
+    K = pmean.shape[0]
+    return pmean, pm2, run.be.constant(plan, "partial counts", lambda: np.full(K, float(S)))
 
 
-def _normalize_groups(x3, plan: Plan, center, eps, w, b, y_rows, run: _Run):
-    """One-pass forward of an A == 1 layout; returns per-group (mean, var, rstd)."""
+def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
+    """The one-pass forward of an A == 1 layout (statistics and y)."""
+    plan, xp = call.plan, run.xp
+    affine = AffineKind.NONE
+    w = b = run.dummy(plan, np.dtype(np.float64))
+    if call.weight is not None or call.bias is not None:
+        affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
+        P = plan.param_size
+        w = xp.ones(P) if call.weight is None else call.weight.astype(np.float64)
+        b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
+        rp = run.ix(plan, "rp")
+    else:
+        rp = run.be.constant(plan, "no index", lambda: np.zeros(1, np.intp))
+    run.K.normalize_groups(x3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
+                           rp, w, b, mean, var, rstd, y_rows.reshape(plan.layout), run.threads)
+
+
+def _update_running(call: _Forward, mean, var, count, run: _Run):
+    """Phase 3: running = (1 - momentum) * running + momentum * batch, in place."""
+    plan = call.plan
+    E = call.running_mean.size
+    unbias = count / (count - 1) if call.unbiased else 1.0
+    run.K.update_running(mean, var, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
+                         unbias, call.running_mean.reshape(-1), call.running_var.reshape(-1),
+                         run.xp.empty(2 * E))
+
+
+def _running_statistics(call: _Forward, run: _Run):
+    """Phase 4 without batch statistics (eval) or for estimated batch norm (after the
+    update): per-group statistics from the stored running ones."""
+    plan, xp = call.plan, run.xp
     C = plan.layout[1]
-    xp = run.xp
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
-    affine, P = 0, 1
-    if w is not None or b is not None:
-        affine, P = (2 if plan.param_inner else 1), math.prod(plan.param_shape)
-    rp = run.ix(plan, "rp") if affine else run.be.constant(plan, "no index", lambda: _NO_INDEX)
-    run.K.normalize_groups(x3, plan.rows[1] // C, center, eps, affine, rp,
-                           xp.ones(P) if w is None else w, xp.zeros(P) if b is None else b,
-                           mean, var, rstd, y_rows.reshape(plan.layout), run.threads)
+    if C:
+        run.K.running_statistics(call.running_mean.reshape(-1), call.running_var.reshape(-1),
+                                 run.ix(plan, "rc"), call.eps, mean, var, rstd)
     return mean, var, rstd
 
 
-def _affine(x_rows, plan: Plan, mean, rstd, w, b, y_rows, run: _Run):
-    """y from given per-group statistics, on the (A, R, S) view (rows share their group's)."""
-    xp = run.xp
-    mean_r, rstd_r = run.take(mean, plan, "rg"), run.take(rstd, plan, "rg")
+def _apply(call: _Forward, x_rows, mean, rstd, y_rows, run: _Run):
+    """Phase 5: y from the per-group statistics, on the (A, R, S) view."""
+    plan, xp = call.plan, run.xp
+    w, b = call.weight, call.bias
+    R = plan.rows[1]
+    rg = run.ix(plan, "rg")
     if plan.param_inner and (w is not None or b is not None):
-        P = math.prod(plan.param_shape)
-        run.K.affine_inner(x_rows, mean_r, rstd_r, run.ix(plan, "rp"), xp.ones(P) if w is None else w,
-                           xp.zeros(P) if b is None else b, y_rows, run.threads)
-    else:
-        # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
-        # and shift = b per row: one subtract and one multiply-add per element, in double.
-        scale = rstd_r if w is None else rstd_r * run.take(w, plan, "rp")
-        shift = xp.zeros(len(mean_r)) if b is None else run.take(b, plan, "rp")
-        run.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, run.threads)
+        P = plan.param_size
+        mean_r, rstd_r = _per_row(mean, plan, run), _per_row(rstd, plan, run)
+        run.K.affine_inner(x_rows, mean_r, rstd_r, run.ix(plan, "rp"),
+                           xp.ones(P) if w is None else w.astype(np.float64),
+                           xp.zeros(P) if b is None else b.astype(np.float64), y_rows, run.threads)
+        return
+    # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
+    # and shift = b per row: one subtract and one multiply-add per element, in double.
+    mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
+    dummy = run.dummy(plan, call.dtype)
+    run.K.row_coefficients(mean, rstd, rg, run.params_ix(plan), dummy if w is None else w,
+                           dummy if b is None else b, w is not None, b is not None, mean_r, scale, shift)
+    run.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, run.threads)
 
 
-def _check_count(n, C, training, m: Mode, shape):
-    if n == 0 and C > 0:
-        raise ValueError(f"x: cannot compute statistics over zero elements ({_describe(m)}, x.shape {shape})")
-    if training and m.running_stats is not None and n == 1:
-        raise ValueError(f"x: expected more than 1 value per statistics group in training, "
-                         f"got x.shape {shape} ({_describe(m)})")
+def _per_row(values, plan: Plan, run: _Run):
+    """Per-group values spread to rows (``values`` itself when each row is its group)."""
+    return values if run.be.is_identity(plan, "rg", len(values)) else values[run.ix(plan, "rg")]
 
 
-def _check_batch_mode(m: Mode, x):
-    """Synchronizing needs statistics that reduce over x's first (batch) axis."""
-    first = m.parsed.lhs[0]
-    if any(a in m.parsed.kept for a in first) or (first == ("...",) and x.ndim < len(m.parsed.lhs)):
-        raise ValueError(f"comm: {_describe(m)} keeps x's first axis in its statistics, so there is "
-                         "no batch to synchronize; pass comm only to modes that reduce over it")
-
-
-def _synced_moments(link, x3, plan: Plan, m: Mode, dtype, training, run: _Run):
-    """Per-group (mean, biased var, count) of the batch split across ``link``'s ranks: each
-    rank's (count, mean, centred sum of squares), merged in rank order in float64 by the
-    same exact two-pass merge as the partial moments of one process. The few numbers per
-    group travel through host memory (GPU arrays included)."""
-    C = plan.layout[1]
-    n = plan.count
-    if n and C:
-        mean, var = _moments(x3, plan, run)
-        local = (n, run.be.to_host(mean), run.be.to_host(var * n))
-    else:
-        local = (0, np.zeros(C), np.zeros(C))
-    parts = link.gather((("mode", m.spec), ("statistics shape", plan.stat_shape),
-                         ("dtype", dtype.name), ("training", bool(training))), local)
-    counts = np.array([p[0] for p in parts], np.float64)
-    total = int(counts.sum())
-    if total == 0 or C == 0:
-        return run.xp.zeros(C), run.xp.zeros(C), total
-    mean, m2 = np.empty(C), np.empty(C)
-    CPU.K.combine_moments(np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts]),
-                          counts, mean, m2, 1)
-    return run.be.from_host(mean), run.be.from_host(m2 / total), total
-
-
-def _per_running(values, plan: Plan, run: _Run):
-    """Average per-group values into running-statistic entries (identity for batch norm)."""
-    size = math.prod(plan.running_shape)
-    out = run.totals(values, plan, "rc", size)
-    if plan.groups_per_running != 1:
-        out = out / plan.groups_per_running
-    return out.reshape(plan.running_shape)
+def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_var=None, training=True,
+            momentum=0.1, eps=1e-5, unbiased=True, estimate=False, out=None, comm=None, sizes=None):
+    """:func:`normalize` for an ``x`` whose array type the caller has checked (``be`` is
+    its backend): the entry of the forms and layers, which check x once themselves."""
+    sizes = {} if sizes is None else sizes
+    if comm is None:
+        call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
+                              eps, unbiased, estimate, out, sizes, None)
+        return _forward(call, x)
+    sync.check_comm(comm)  # without a communicator there is no one to tell
+    link = sync.Exchange(comm, "forward")
+    try:
+        call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
+                              eps, unbiased, estimate, out, sizes, link)
+        return _forward(call, x)
+    except (ValueError, TypeError) as e:
+        if training or running_mean is None:  # this call exchanges batch statistics
+            link.fail(e)
+        raise
 
 
 def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
@@ -364,116 +454,21 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     >>> y, cache = normcore.normalize(x, "batch_norm")
     >>> dx, dw, db = normcore.backward(np.ones_like(y), cache)
     """
-    args = dict(weight=weight, bias=bias, running_mean=running_mean, running_var=running_var,
-                training=training, momentum=momentum, eps=eps, unbiased=unbiased, estimate=estimate,
-                out=out, sizes=sizes)
-    if comm is None:
-        return _normalize(x, mode, link=None, **args)
-    sync.check_comm(comm)  # without a communicator there is no one to tell
-    link = sync.Exchange(comm, "forward")
     try:
-        return _normalize(x, mode, link=link, **args)
-    except (ValueError, TypeError) as e:
-        if training or running_mean is None:  # this call exchanges batch statistics
-            link.fail(e)
+        be = checks.array("x", x)
+    except TypeError as e:
+        if comm is not None and (training or running_mean is None):
+            sync.check_comm(comm)
+            sync.Exchange(comm, "forward").fail(e)
         raise
+    return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, training=training, momentum=momentum, eps=eps,
+                   unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes)
 
 
-def _normalize(x, mode, *, weight, bias, running_mean, running_var, training, momentum, eps,
-               unbiased, estimate, out, sizes, link):
-    m = get_mode(mode)
-    be = _check_array("x", x)
-    if link is not None:
-        _check_batch_mode(m, x)
-    plan = _plan(m, x, sizes)
-    dtype = x.dtype
-    if m.params is None and (weight is not None or bias is not None):
-        raise ValueError(f"weight/bias: {_describe(m)} has no affine parameters")
-    if m.params is not None:
-        _check_param("weight", weight, plan.param_shape, dtype, be)
-        _check_param("bias", bias, plan.param_shape, dtype, be)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean/running_var: give both or neither")
-    has_running = running_mean is not None
-    if has_running:
-        if m.running_stats is None:
-            raise ValueError(f"running_mean: {_describe(m)} keeps no running statistics")
-        _check_param("running_mean", running_mean, plan.running_shape, dtype, be)
-        _check_param("running_var", running_var, plan.running_shape, dtype, be)
-        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-            if training and not getattr(a.flags, "writeable", True):
-                raise ValueError(f"{name}: must be writeable to be updated in training")
-    eps = _check_scalar("eps", eps, 0.0, math.inf, lo_open=True)
-    if momentum is None:
-        raise ValueError("momentum: None (cumulative average) needs a batch count; "
-                         "use a layer, or pass momentum=1/num_batches")
-    momentum = _check_scalar("momentum", momentum, 0.0, 1.0, lo_open=False)
-    if out is not None:
-        _check_out(out, x.shape, dtype, {"x": x}, be)
-    if estimate and not (has_running and training):
-        raise ValueError("estimate: needs running_mean and running_var and training=True")
-    n = plan.count
-    C = plan.layout[1]
-    use_batch = training or not has_running
-    link = link if use_batch else None  # eval with running statistics: nothing to exchange
-    if link is None:  # synchronized: the counts are checked once all ranks' are known
-        _check_count(n, C, training, m, x.shape)
-
-    xp = be.xp
-    x3 = _canonical(x, plan, xp)
-    run = _Run(be, x3.size)
-    y_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, dtype)
-    w = None if weight is None else weight.astype(np.float64).reshape(-1)
-    b = None if bias is None else bias.astype(np.float64).reshape(-1)
-    # With A == 1 every group is contiguous: statistics and output in one pass over x.
-    one_pass = (use_batch and not estimate and plan.layout[0] == 1 and plan.scattered is None and C > 0
-                and link is None and be.fused_forward)
-    if one_pass:
-        mean, var, rstd = _normalize_groups(x3, plan, m.center, eps, w, b, y_rows, run)
-    elif use_batch and (C or link is not None):
-        if link is not None:
-            mean, var, n = _synced_moments(link, x3, plan, m, dtype, training, run)
-            _check_count(n, C, training, m, f"{x.shape} on this rank, {n} elements per group on all ranks")
-        else:
-            mean, var = _moments(x3, plan, run)
-        if not m.center:
-            var = var + mean * mean  # mean of squares: no cancellation, all terms >= 0
-            mean = xp.zeros_like(mean)
-    new_running = None
-    if use_batch and C and training and has_running:
-        bvar = var * (n / (n - 1)) if unbiased else var
-        new_running = (
-            (1 - momentum) * running_mean.astype(np.float64) + momentum * _per_running(mean, plan, run),
-            (1 - momentum) * running_var.astype(np.float64) + momentum * _per_running(bvar, plan, run),
-        )
-    if (not use_batch or estimate) and C:
-        rm, rv = new_running if estimate else (running_mean, running_var)
-        # Statistics must be the ones the output is rounded with: stored-dtype values.
-        mean = run.take(xp.asarray(rm, dtype).astype(np.float64).reshape(-1), plan, "rc")
-        var = run.take(xp.asarray(rv, dtype).astype(np.float64).reshape(-1), plan, "rc")
-    if not C:
-        mean = var = xp.zeros(0)
-    if not one_pass:
-        rstd = 1.0 / xp.sqrt(var + eps)
-        _affine(x3.reshape(plan.rows), plan, mean, rstd, w, b, y_rows, run)
-
-    if new_running is not None:
-        running_mean[...] = new_running[0]
-        running_var[...] = new_running[1]
-    cache = NormCache(m, plan, x3, dtype, mean, rstd, w, weight is not None, bias is not None,
-                      stats_grad=use_batch and not estimate, count=n,
-                      comm=None if link is None else link.comm, backend=be)
-    return _result(y_rows, plan, out, xp), cache
-
-
-def _result(rows, plan: Plan, out, xp=np):
-    """The (A, R, S) result in the input's layout, in ``out`` when given."""
-    if out is None:
-        return _from_canonical(rows, plan, xp)
-    if plan.perm is not None:
-        out[...] = _from_canonical(rows, plan, xp)
-    return out
-
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
 
 def backward(dy, cache, *, out=None):
     """Gradients of :func:`normalize`: return ``(dx, dweight, dbias)``.
@@ -503,85 +498,107 @@ def backward(dy, cache, *, out=None):
     if not isinstance(cache, NormCache):
         raise TypeError(f"cache: expected the NormCache returned by normalize, got {type(cache).__name__}")
     if cache.comm is None:
+        _check_backward(dy, cache, out)
         return _backward(dy, cache, out, None)
     link = sync.Exchange(cache.comm, "backward")
     try:
+        _check_backward(dy, cache, out)
         return _backward(dy, cache, out, link)
     except (ValueError, TypeError) as e:
         link.fail(e)
         raise
 
 
-def _backward(dy, cache, out, link):
-    be = cache.backend
-    _check_array("dy", dy, cache.dtype, be)
-    plan = cache.plan
-    if dy.shape != plan.shape:
-        raise ValueError(f"dy: expected shape {plan.shape} (the forward input's), got {dy.shape}; "
+def _check_backward(dy, cache, out):
+    be, shape = cache.backend, cache.shape
+    checks.array("dy", dy, cache.dtype, be)
+    if dy.shape != shape:
+        raise ValueError(f"dy: expected shape {shape} (the forward input's), got {dy.shape}; "
                          "is the cache from another call?")
     if out is not None:
-        _check_out(out, plan.shape, cache.dtype, {"dy": dy, "x": cache.x3}, be)
+        checks.out(out, shape, cache.dtype, {"dy": dy, "x": cache.x3}, be)
+
+
+def _backward(dy, cache, out, link):
+    be, plan = cache.backend, cache.plan
     xp = be.xp
+    if cache.view is not None:
+        dx, dw, db = _backward(dy.reshape(plan.shape), _unviewed(cache),
+                               None if out is None else out.reshape(plan.shape), link)
+        pshape = cache.view[1]
+        return (dx.reshape(cache.view[0]), None if dw is None else dw.reshape(pshape),
+                None if db is None else db.reshape(pshape))
     dy_rows = _canonical(dy, plan, xp).reshape(plan.rows)
     dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, cache.dtype)
     run = _Run(be, dy_rows.size)
-    if cache.stats_grad and plan.layout[0] == 1 and plan.scattered is None and plan.layout[1] \
-            and link is None and be.fused_backward:
+    if cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
         dw, db = _backward_one_visit(dy_rows, cache, dx_rows, run)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
         dw, db = _backward_inner(dy_rows, cache, dx_rows, run, link)
     else:
         dw, db = _backward_rows(dy_rows, cache, dx_rows, run, link)
-
     dx = _result(dx_rows, plan, out, xp)
     dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
     dbias = db.reshape(plan.param_shape).astype(cache.dtype) if cache.has_bias else None
     return dx, dweight, dbias
 
 
-def _group_totals(values, plan: Plan, run: _Run):
-    """Per-row values summed into their statistics group (bincount adds in row order)."""
-    return run.totals(values, plan, "rg", plan.layout[1])
+def _unviewed(cache):
+    plain = NormCache(cache.mode, cache.plan, cache.x3, cache.dtype, cache.mean, cache.rstd, cache.weight,
+                      cache.has_bias, cache.stats_grad, cache.count, cache.comm, cache.backend)
+    plain.weight64 = cache.weight64
+    return plain
 
 
-def _row_param_grads(t1, t2, rstd_r, plan: Plan, run: _Run):
-    """dweight, dbias from per-row sums when each row has one parameter."""
-    P = math.prod(plan.param_shape)
-    return run.totals(rstd_r * t2, plan, "rp", P), run.totals(t1, plan, "rp", P)
+def viewed(y, cache, x_shape, param_shape):
+    """(y, cache) of a call made on reshaped arrays, presented under the caller's shapes:
+    y and dx get ``x_shape``, dweight and dbias ``param_shape``."""
+    cache.view = (tuple(x_shape), tuple(param_shape))
+    return y.reshape(x_shape), cache
+
+
+def _param_grads(cache, run: _Run):
+    """Zeroed (P,) dweight/dbias accumulators, or empty ones when forward had no parameters."""
+    P = cache.plan.param_size if (cache.has_weight or cache.has_bias) else 0
+    return run.xp.zeros(P), run.xp.zeros(P)
 
 
 def _backward_one_visit(dy_rows, cache, dx_rows, run: _Run):
-    """Training backward when every group is contiguous (CPU): its sums and its dx in one visit."""
-    plan = cache.plan
+    """Training backward when every group is contiguous: its sums and its dx in one visit."""
+    plan, xp = cache.plan, run.xp
     R, C = plan.rows[1], plan.layout[1]
-    affine = cache.has_weight or cache.has_bias
-    P = math.prod(plan.param_shape) if affine else 1
-    kind = 0 if not affine else (2 if plan.param_inner else 1)
-    t1, t2 = np.empty(R), np.empty(R)
-    partials = (-(-C // _groups_per_block(plan)), P) if kind == 2 else (1, 1)
-    pdw, pdb = np.zeros(partials), np.zeros(partials)
-    run.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, cache.mode.center, kind,
-                          plan.rp if affine else _NO_INDEX,
-                          cache.weight if cache.weight is not None else np.ones(P),
-                          cache.mean, cache.rstd, _groups_per_block(plan), t1, t2, pdw, pdb,
+    affine = AffineKind.NONE
+    if cache.has_weight or cache.has_bias:
+        affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
+    P = plan.param_size if affine else 1
+    t1, t2 = xp.empty(R), xp.empty(R)
+    partials = (plan.param_blocks, P) if affine is AffineKind.INNER else (1, 1)
+    pdw, pdb = xp.zeros(partials), xp.zeros(partials)
+    rp = run.ix(plan, "rp") if affine else run.be.constant(plan, "no index", lambda: np.zeros(1, np.intp))
+    run.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, cache.mode.center, int(affine), rp,
+                          cache.weight_f64() if cache.has_weight else xp.ones(P),
+                          cache.mean, cache.rstd, plan.groups_per_block, t1, t2, pdw, pdb,
                           dx_rows.reshape(plan.layout), run.threads)
-    if kind == 2:
+    if affine is AffineKind.INNER:
         return pdw.sum(axis=0), pdb.sum(axis=0)
-    if kind == 1:
-        return _row_param_grads(t1, t2, cache.rstd[plan.rg], plan, run)
+    if affine is AffineKind.ROW:
+        dw, db = _param_grads(cache, run)
+        w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
+        run.K.gradient_sums(t1.reshape(1, R), t2.reshape(1, R), run.ix(plan, "rg"), rp, w, cache.has_weight,
+                            cache.rstd, xp.empty(C), xp.empty(C), dw, db)
+        return dw, db
     return None, None
 
 
 def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
     """Parameters along the rows (layer norm) outside the one-visit case. With ``link``,
     the group sums and parameter gradients are summed over its ranks."""
-    plan = cache.plan
-    xp = run.xp
-    R, P = plan.rows[1], math.prod(plan.param_shape)
+    plan, xp = cache.plan, run.xp
+    R, P = plan.rows[1], plan.param_size
     x_rows = cache.x3.reshape(plan.rows)
     rp = run.ix(plan, "rp")
-    mean_r, rstd_r = run.take(cache.mean, plan, "rg"), run.take(cache.rstd, plan, "rg")
-    w = xp.ones(P) if cache.weight is None else cache.weight
+    mean_r, rstd_r = _per_row(cache.mean, plan, run), _per_row(cache.rstd, plan, run)
+    w = cache.weight_f64() if cache.has_weight else xp.ones(P)
     nb = max(1, -(-R // plan.rows_per_block))
     s1, s2 = xp.empty(R), xp.empty(R)
     pdw, pdb = xp.zeros((nb, P)), xp.zeros((nb, P))
@@ -590,69 +607,52 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
     g1, g2 = _group_totals(s1, plan, run), _group_totals(s2, plan, run)
     dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
     if link is not None:
-        g1, g2, dw, db = _sum_over_ranks(link, cache, (g1, g2, dw, db), run)
-    c1 = run.take(g1 / cache.count, plan, "rg") if cache.stats_grad and cache.mode.center else xp.zeros(R)
-    c2 = run.take(g2 / cache.count, plan, "rg") if cache.stats_grad else xp.zeros(R)
+        g1, g2, dw, db = sync.sum_over_ranks(link, cache, (g1, g2, dw, db), run.be)
+    c1 = _per_row(g1 / cache.count, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
+    c2 = _per_row(g2 / cache.count, plan, run) if cache.stats_grad else xp.zeros(R)
     run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, c1, c2, dx_rows, run.threads)
     return dw, db
+
+
+def _group_totals(values, plan: Plan, run: _Run):
+    """Per-row values summed into their statistics group (bincount adds in row order)."""
+    C = plan.layout[1]
+    if run.be.is_identity(plan, "rg", C) and len(values) == C:
+        return values
+    return run.xp.bincount(run.ix(plan, "rg"), weights=values, minlength=C)
 
 
 def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients.
     With ``link``, the group sums and parameter gradients are summed over its ranks."""
-    plan = cache.plan
-    xp = run.xp
-    R = plan.rows[1]
-    x_rows = cache.x3.reshape(plan.rows)
-    mean_r, rstd_r = run.take(cache.mean, plan, "rg"), run.take(cache.rstd, plan, "rg")
-    affine = cache.has_weight or cache.has_bias
-    gamma = xp.ones(R) if cache.weight is None else run.take(cache.weight, plan, "rp")
-    k1 = rstd_r * gamma
-    k2 = k3 = xp.zeros(R)
-    dw = db = None
-    if cache.stats_grad or affine or link is not None:
-        t1, t2 = _row_sums(dy_rows, x_rows, mean_r, plan, run)  # sum dy, sum dy * (x - mean)
-        if affine:
-            dw, db = _row_param_grads(t1, t2, rstd_r, plan, run)
-        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = gamma * dy,
-        # xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3.
-        g1, g2 = _group_totals(gamma * t1, plan, run), _group_totals(gamma * (rstd_r * t2), plan, run)
-        if link is not None:
-            g1, g2, dw, db = _sum_over_ranks(link, cache, (g1, g2, dw, db), run)
-        if cache.stats_grad:
-            k2 = -rstd_r * rstd_r * run.take(g2 / cache.count, plan, "rg")
-            if cache.mode.center:
-                k3 = -rstd_r * run.take(g1 / cache.count, plan, "rg")
-    run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, run.threads)
-    return dw, db
-
-
-def _sum_over_ranks(link, cache, arrays, run: _Run):
-    """Element-wise sums of ``arrays`` (None entries stay None) over the ranks, added in
-    rank order on the host so that every rank holds the same bits."""
-    local = tuple(None if a is None else run.be.to_host(a) for a in arrays)
-    parts = link.gather((("mode", cache.mode.spec), ("statistics shape", cache.plan.stat_shape),
-                         ("dtype", cache.dtype.name), ("elements per group", cache.count)), local)
-    return tuple(None if a is None else run.be.from_host(np.sum([p[i] for p in parts], axis=0))
-                 for i, a in enumerate(arrays))
-
-
-def _groups_per_block(plan: Plan) -> int:
-    """Groups per block of the one-visit backward: as many partial blocks as the plan's."""
-    return max(1, -(-plan.layout[1] // PARAM_BLOCKS))
-
-
-def _row_sums(dy_rows, x_rows, mean_r, plan: Plan, run: _Run):
-    """Per-row (sum dy, sum dy * (x - mean)) on the (A, R, S) view, summed over A."""
+    plan, xp = cache.plan, run.xp
     A, R, S = plan.rows
-    xp = run.xp
-    if plan.columns:
-        rpb = plan.rows_per_block
-        nb = -(-A // rpb)
-        p1, p2 = xp.empty((nb, R)), xp.empty((nb, R))
-        run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2, run.threads)
-    else:
-        p1, p2 = xp.empty((A, R)), xp.empty((A, R))
-        run.K.sums_rows(dy_rows, x_rows, mean_r, p1, p2, run.threads)
-    # The partial rows are summed in a fixed order: deterministic for any thread count.
-    return p1.sum(axis=0), p2.sum(axis=0)
+    C = plan.layout[1]
+    x_rows = cache.x3.reshape(plan.rows)
+    rg, rp = run.ix(plan, "rg"), run.params_ix(plan)
+    mean_r = _per_row(cache.mean, plan, run)
+    w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
+    affine = cache.has_weight or cache.has_bias
+    dw = db = None
+    g1 = g2 = cache.rstd  # unread when no gradient flows through the statistics
+    if cache.stats_grad or affine or link is not None:
+        if plan.strategy is Strategy.COLUMNS:
+            rpb = plan.rows_per_block
+            nb = -(-A // rpb)
+            p1, p2 = xp.empty((nb, R)), xp.empty((nb, R))
+            run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2, run.threads)
+        else:
+            p1, p2 = xp.empty((A, R)), xp.empty((A, R))
+            run.K.sums_rows(dy_rows, x_rows, mean_r, p1, p2, run.threads)
+        # partial rows, groups and parameters are summed in a fixed order: deterministic
+        # for any thread count
+        dw, db = _param_grads(cache, run)
+        g1, g2 = xp.empty(C), xp.empty(C)
+        run.K.gradient_sums(p1, p2, rg, rp, w, cache.has_weight, cache.rstd, g1, g2, dw, db)
+        if link is not None:
+            g1, g2, dw, db = sync.sum_over_ranks(link, cache, (g1, g2, dw, db), run.be)
+    k1, k2, k3 = xp.empty(R), xp.empty(R), xp.empty(R)
+    run.K.dx_coefficients(g1, g2, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
+                          cache.stats_grad, cache.mode.center, k1, k2, k3)
+    run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, run.threads)
+    return (dw, db) if affine else (None, None)

@@ -218,6 +218,75 @@ class CudaKernels:
         self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
                                                   (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
 
+    # -- per-group algebra: array operations on the device (small, O(C + R) each) --------
+    def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):
+        K, C = pmean.shape
+        if C == 0:
+            return
+        xp = _xp_of(pmean)
+        if K == 1:
+            mu, m2 = pmean[0], pm2[0]
+        else:
+            mu, m2 = xp.empty(C), xp.empty(C)
+            self.combine_moments(pmean, pm2, counts, mu, m2, 1)
+        v = m2 / count
+        if not center:
+            v = v + mu * mu
+            mu = xp.zeros(C)
+        mean[...] = mu
+        var[...] = v
+        rstd[...] = 1.0 / xp.sqrt(v + eps)
+
+    def running_statistics(self, running_mean, running_var, rc, eps, mean, var, rstd):
+        xp = _xp_of(mean)
+        mean[...] = running_mean.astype(np.float64)[rc]
+        var[...] = running_var.astype(np.float64)[rc]
+        rstd[...] = 1.0 / xp.sqrt(var + eps)
+
+    def update_running(self, mean, var, rc, groups_per_running, momentum, unbias, running_mean,
+                       running_var, scratch):
+        xp = _xp_of(mean)
+        E = running_mean.shape[0]
+        sm = xp.bincount(rc, weights=mean, minlength=E)
+        sv = xp.bincount(rc, weights=var * unbias, minlength=E)
+        if groups_per_running != 1.0:
+            sm, sv = sm / groups_per_running, sv / groups_per_running
+        keep = 1.0 - momentum
+        running_mean[...] = keep * running_mean.astype(np.float64) + momentum * sm
+        running_var[...] = keep * running_var.astype(np.float64) + momentum * sv
+
+    def row_coefficients(self, mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift):
+        mean_r[...] = mean[rg]
+        scale[...] = rstd[rg] * w.astype(np.float64)[rp] if has_w else rstd[rg]
+        shift[...] = b.astype(np.float64)[rp] if has_b else 0.0
+
+    def gradient_sums(self, p1, p2, rg, rp, w, has_w, rstd, g1, g2, dw, db):
+        xp = _xp_of(p1)
+        C, P = g1.shape[0], dw.shape[0]
+        t1, t2 = p1.sum(axis=0), p2.sum(axis=0)
+        rs = rstd[rg]
+        if P:
+            dw += xp.bincount(rp, weights=rs * t2, minlength=P)
+            db += xp.bincount(rp, weights=t1, minlength=P)
+        gamma = w.astype(np.float64)[rp] if has_w else 1.0
+        g1[...] = xp.bincount(rg, weights=gamma * t1, minlength=C)
+        g2[...] = xp.bincount(rg, weights=gamma * (rs * t2), minlength=C)
+
+    def dx_coefficients(self, g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3):
+        rs = rstd[rg]
+        k1[...] = rs * w.astype(np.float64)[rp] if has_w else rs
+        k2[...] = -rs * rs * (g2 / count)[rg] if stats_grad else 0.0
+        k3[...] = -rs * (g1 / count)[rg] if stats_grad and center else 0.0
+
+
+def _xp_of(a):
+    """The array module of ``a``: CuPy's on the GPU, NumPy's for the host emulation."""
+    if isinstance(a, np.ndarray):
+        return np
+    import cupy
+    return cupy
+
+
 
 class CudaBackend(Backend):
     name = "cuda"

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .forms import _last_axes_mode
-from . import sync
-from .backend import backend_of, machine_eps
-from .functional import _check_array, backward, normalize
+from . import checks, sync
+from .backend import backend_named, backend_of, machine_eps
+from .forms import last_axes, normalized_shape_tuple
+from .functional import backward, forward
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm",
@@ -36,28 +36,6 @@ def _layer_dtype(dtype):
 def _host_copy(a):
     """A NumPy copy of a NumPy or CuPy array."""
     return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a, copy=True)
-
-
-def _positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
-def _check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0 \
-            or not np.isfinite(eps):
-        raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
-    return float(eps)
-
-
-def _check_momentum(momentum):
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating)) \
-            or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum: expected a float in [0, 1] or None, got {momentum!r}")
-    return float(momentum)
 
 
 class Layer:
@@ -97,11 +75,7 @@ class Layer:
         """
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            from .gpu import cuda_backend
-            move = cuda_backend().xp.asarray
-        else:
-            move = _host_copy
+        move = backend_named(device).xp.asarray if device == "cuda" else _host_copy
         for name in _ARRAYS:
             value = getattr(self, name, None)
             if value is not None:
@@ -204,8 +178,7 @@ class Layer:
             if isinstance(target, np.ndarray):
                 target[...] = value
             else:  # a GPU array: copy the host value over
-                from .gpu import cuda_backend
-                target[...] = cuda_backend().xp.asarray(value, dtype=target.dtype)
+                target[...] = backend_of(target).xp.asarray(value, dtype=target.dtype)
 
     def save(self, path):
         """Write :meth:`state_dict` to an ``.npz`` file at ``path``."""
@@ -233,8 +206,8 @@ class _Norm(Layer):
                  running_shape=None, dtype=np.float32, unbiased=True):
         super().__init__()
         self.dtype = _layer_dtype(dtype)
-        self.eps = _check_eps(eps) if eps is not None else None
-        self.momentum = _check_momentum(momentum)
+        self.eps = checks.eps(eps) if eps is not None else None
+        self.momentum = checks.momentum(momentum, allow_none=True)
         self.unbiased = bool(unbiased)
         self.track_running_stats = bool(track_running_stats)
         self._features = features
@@ -254,7 +227,8 @@ class _Norm(Layer):
         return {}
 
     def _check_input(self, x):
-        _check_array("x", x)
+        """Every rule on x for this layer; returns x's backend."""
+        be = checks.array("x", x)
         if x.dtype != self.dtype:
             raise TypeError(f"x: dtype {x.dtype} does not match the layer's dtype {self.dtype}; "
                             f"cast x or build the layer with dtype=np.{x.dtype}")
@@ -266,26 +240,33 @@ class _Norm(Layer):
             if x.ndim <= max(axis, -axis - 1) or x.shape[axis] != count:
                 got = x.shape[axis] if x.ndim > max(axis, -axis - 1) else "none"
                 raise ValueError(f"x: expected {count} {what} on axis {axis}, got {got} (shape {x.shape})")
+        return be
 
     def _eps(self, x):
         return self.eps
 
     def forward(self, x):
         """Normalize ``x`` (same shape and dtype out) and keep the cache for backward."""
-        self._check_input(x)
+        return self._forward(x, self._check_input(x))
+
+    def _normalize(self, x, be, out, **kw):
+        return forward(x, be, self._mode, weight=self.weight, bias=self.bias, out=out, **kw)
+
+    def _forward(self, x, be):
+        """forward for an x that :meth:`_check_input` accepted (``be``: its backend)."""
         track = self.track_running_stats
+        training = self.training
         momentum = self.momentum
-        if self.training and track and momentum is None:
+        if training and track and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
         out = self._buffer("_y_buffer", x.shape, x.dtype, x) if self.reuse_buffers else None
-        y, cache = normalize(
-            x, self._mode, weight=self.weight, bias=self.bias, out=out,
-            running_mean=self.running_mean if track else None,
+        y, cache = self._normalize(
+            x, be, out, running_mean=self.running_mean if track else None,
             running_var=self.running_var if track else None,
-            training=self.training, momentum=0.0 if momentum is None else momentum,
+            training=training, momentum=0.0 if momentum is None else momentum,
             eps=self._eps(x), unbiased=self.unbiased,
-            estimate=self._estimate and self.training, **self._call_options(), **self._sizes(x))
-        if self.training and track:
+            estimate=self._estimate and training, sizes=self._sizes(x), **self._call_options())
+        if training and track:
             self.num_batches_tracked += 1
         self._cache = cache
         return y
@@ -321,7 +302,7 @@ class _Norm(Layer):
 class _BatchNorm(_Norm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  channel_axis=1, *, dtype=np.float32, unbiased=True):
-        num_features = _positive_int("num_features", num_features)
+        num_features = checks.positive_int("num_features", num_features)
         if channel_axis not in (1, -1) or isinstance(channel_axis, bool):
             raise ValueError(f"channel_axis: expected 1 (channels first) or -1 (channels last), got {channel_axis!r}")
         self.num_features = num_features
@@ -439,9 +420,10 @@ class SyncBatchNorm(_BatchNorm):
         # the error, so that they raise instead of waiting.
         comm = self.comm
         try:
-            super()._check_input(x)
+            be = super()._check_input(x)
             if x.ndim < 2:
                 raise ValueError(f"x: SyncBatchNorm expects input of rank >= 2, got shape {x.shape}")
+            return be
         except (ValueError, TypeError) as e:
             if self.training or not self.track_running_stats:  # the peers are exchanging
                 sync.Exchange(comm, "forward").fail(e)
@@ -453,7 +435,7 @@ class _InstanceNorm(_Norm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
                  *, dtype=np.float32, unbiased=True):
-        num_features = _positive_int("num_features", num_features)
+        num_features = checks.positive_int("num_features", num_features)
         self.num_features = num_features
         self.affine = bool(affine)
         super().__init__(features=(1, num_features, "channels (num_features)"),
@@ -489,31 +471,23 @@ class InstanceNorm3d(_InstanceNorm):
     _ndims = (5,)
 
 
-def _shape_tuple(normalized_shape):
-    if isinstance(normalized_shape, (int, np.integer)):
-        normalized_shape = (normalized_shape,)
-    shape = tuple(_positive_int("normalized_shape", s) for s in normalized_shape)
-    if not shape:
-        raise ValueError("normalized_shape: expected at least one axis")
-    return shape
-
-
 class _LastAxesNorm(_Norm):
-    _center = True
+    _mode = "layer_norm"
 
     def __init__(self, normalized_shape, eps, affine, bias, dtype):
-        self.normalized_shape = _shape_tuple(normalized_shape)
-        self._mode = _last_axes_mode(len(self.normalized_shape), self._center)
+        self.normalized_shape = normalized_shape_tuple(normalized_shape)
         super().__init__(features=(None, self.normalized_shape, ""), param_shape=self.normalized_shape,
                          eps=eps, momentum=0.1, affine=affine, bias=bias, track_running_stats=False,
                          dtype=dtype)
 
     def _check_input(self, x):
-        super()._check_input(x)
-        k = len(self.normalized_shape)
-        if x.ndim < k or x.shape[x.ndim - k:] != self.normalized_shape:
-            raise ValueError(f"x: trailing axes of shape {x.shape} do not match "
-                             f"normalized_shape {self.normalized_shape}")
+        be = super()._check_input(x)
+        checks.trailing_shape("x", x, self.normalized_shape)
+        return be
+
+    def _normalize(self, x, be, out, eps, **_):
+        # the mode's spec has one parameter axis: last_axes views x as (..., prod(shape))
+        return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x")
 
 
 class LayerNorm(_LastAxesNorm):
@@ -537,7 +511,7 @@ class RMSNorm(_LastAxesNorm):
     >>> import numpy as np
     >>> y = RMSNorm(8)(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
     """
-    _center = False
+    _mode = "rms_norm"
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
         self.elementwise_affine = bool(elementwise_affine)
@@ -551,10 +525,9 @@ class _GroupedNorm(_Norm):
     _ndims = None
 
     def __init__(self, groups, channels, eps, affine, param_shape, dtype, names=("num_groups", "num_channels")):
-        groups = _positive_int(names[0], groups)
-        channels = _positive_int(names[1], channels)
-        if channels % groups:
-            raise ValueError(f"{names[0]} ({groups}) does not divide {names[1]} ({channels})")
+        groups = checks.positive_int(names[0], groups)
+        channels = checks.positive_int(names[1], channels)
+        checks.divides(names[0], groups, names[1], channels)
         self._groups = groups
         self.affine = bool(affine)
         super().__init__(features=(1, channels, "channels"), param_shape=param_shape, eps=eps,
@@ -634,9 +607,9 @@ class BatchChannelNorm(Layer):
         self.batch_norm.reuse_buffers = self.channel_norm.reuse_buffers = bool(value)
 
     def forward(self, x):
-        """y = channel_norm(batch_norm(x))."""
-        self.channel_norm._check_input(x)
-        return self.channel_norm(self.batch_norm(x))
+        """y = channel_norm(batch_norm(x)); x is checked once, for both."""
+        be = self.channel_norm._check_input(x)
+        return self.channel_norm._forward(self.batch_norm._forward(x, be), be)
 
     def backward(self, dy):
         """dx through both sub-layers; their gradients accumulate in the sub-layers."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .checks import axis_size
 from .spec import ELLIPSIS, SpecError, parse_axes, parse_spec
 
 __all__ = ["Mode", "register_mode", "modes", "get_mode"]
@@ -25,7 +26,7 @@ class Mode:
     # Axes of the affine parameters, in the spec's left-hand order ("(g k)" merges into
     # one parameter axis); None: the mode takes no weight or bias.
     params: str | None = None
-    # False: x is centred by its mean; False gives RMS-style scaling by sqrt(mean(x^2)).
+    # True: x is centred by its mean; False: RMS-style scaling by sqrt(mean(x^2)), no centring.
     center: bool = True
     # Axes of the running statistics: None (none), or a subset of the statistics axes.
     # A subset shorter than the statistics axes averages the per-group statistics over
@@ -68,8 +69,7 @@ class Mode:
 def _check_size(axis, size, parsed):
     if axis not in parsed.names or axis == ELLIPSIS:
         raise ValueError(f"sizes: axis {axis!r} is not in spec {parsed.text!r}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"sizes: {axis}={size!r} must be a positive int")
+    axis_size(axis, size)
 
 
 _REGISTRY: dict[str, Mode] = {}

@@ -9,23 +9,34 @@ i.e. A = 1. Plans are cached by (mode, shape, sizes).
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from math import prod
 
 import numpy as np
 
+from . import checks
 from .modes import Mode
 from .spec import ELLIPSIS, parse_axes
 
-__all__ = ["Plan", "make_plan"]
+__all__ = ["Plan", "Strategy", "make_plan", "param_shapes"]
 
 # Rows per block of column reductions, and the most blocks of rows for parameter partials.
 _BLOCK_ROWS = 128
 PARAM_BLOCKS = 16
 
 
-@dataclass(frozen=True, eq=False)
+class Strategy(enum.Enum):
+    """How a plan's statistics are computed; resolved once, when the plan is made."""
+
+    GROUPS = "groups"        # A == 1: each group contiguous, statistics and output in one visit
+    COLUMNS = "columns"      # B == 1 < A: columns of an (A, C) matrix, reduced in row blocks
+    ROWS = "rows"            # contiguous rows of B reduced on their own, merged per group
+    SCATTERED = "scattered"  # a group's rows lie apart in x: per-row partials, regrouped
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Plan:
     shape: tuple            # input shape
     elem_shape: tuple       # input shape with parenthesised axes split (a reshape of x)
@@ -55,10 +66,35 @@ class Plan:
                          if getattr(self, n) is not None
                          and np.array_equal(getattr(self, n), np.arange(len(getattr(self, n)))))
 
+    @cached_property
+    def strategy(self) -> Strategy:
+        if self.scattered is not None:
+            return Strategy.SCATTERED
+        A, C, B = self.layout
+        if A == 1 and C > 0:
+            return Strategy.GROUPS
+        return Strategy.COLUMNS if B == 1 and A > 1 else Strategy.ROWS
+
     @property
     def columns(self) -> bool:
         """Reduce columns of an (A, C) matrix: B == 1 and more than one row."""
-        return self.layout[2] == 1 and self.layout[0] > 1
+        return self.strategy is Strategy.COLUMNS
+
+    @cached_property
+    def param_size(self) -> int:
+        """Elements of weight (and bias): P; 0 when the mode has none."""
+        return prod(self.param_shape) if self.param_shape is not None else 0
+
+    @cached_property
+    def param_blocks(self) -> int:
+        """Partial rows of the parameter gradients of the one-visit backward (affine
+        parameters along S): groups are cut into blocks of ceil(C / PARAM_BLOCKS)."""
+        return -(-self.layout[1] // self.groups_per_block)
+
+    @property
+    def groups_per_block(self) -> int:
+        """Groups per block of the one-visit backward: at most PARAM_BLOCKS blocks."""
+        return max(1, -(-self.layout[1] // PARAM_BLOCKS))
 
 
 def _elementary(mode: Mode, shape: tuple, sizes: dict):
@@ -229,10 +265,14 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
         C = prod(dims[i] for i in range(nd) if kept[i])
         scattered = tuple([i for i in row_axes if not kept[i]] + [i for i in row_axes if kept[i]])
         rc, per_running = _running_index(running_shape, run_strides, row_axes, kept, dims, C)
-        return Plan(tuple(shape), tuple(dims), None, (1, C, R * S // max(C, 1)), (1, R, S),
-                    tuple(dims[i] for i in range(nd) if kept[i]), param_shape, running_shape,
-                    R * S // max(C, 1), rg, rp, any(is_param[i] for i in s_axes), rc, per_running,
-                    max(1, -(-R // PARAM_BLOCKS)), scattered)
+        return Plan(shape=tuple(shape), elem_shape=tuple(dims), perm=None,
+                    layout=(1, C, R * S // max(C, 1)), rows=(1, R, S),
+                    stat_shape=tuple(dims[i] for i in range(nd) if kept[i]),
+                    param_shape=param_shape, running_shape=running_shape,
+                    count=R * S // max(C, 1), rg=rg, rp=rp,
+                    param_inner=any(is_param[i] for i in s_axes), rc=rc,
+                    groups_per_running=per_running, rows_per_block=max(1, -(-R // PARAM_BLOCKS)),
+                    scattered=scattered)
     else:  # transpose to (kept, reduced): A = 1
         a_axes = []
         c_axes = [i for i in range(nd) if kept[i]]
@@ -274,8 +314,10 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
     else:
         # blocks of rows for parameter partials: at most PARAM_BLOCKS partial rows
         rows_per_block = max(1, -(-R // PARAM_BLOCKS))
-    return Plan(tuple(shape), tuple(dims), perm, (A, C, B), (A, R, S), stat_shape, param_shape,
-                running_shape, A * B, rg, rp, param_inner, rc, per_running, rows_per_block)
+    return Plan(shape=tuple(shape), elem_shape=tuple(dims), perm=perm, layout=(A, C, B),
+                rows=(A, R, S), stat_shape=stat_shape, param_shape=param_shape,
+                running_shape=running_shape, count=A * B, rg=rg, rp=rp, param_inner=param_inner,
+                rc=rc, groups_per_running=per_running, rows_per_block=rows_per_block)
 
 
 def make_plan(mode: Mode, shape, sizes=None) -> Plan:
@@ -287,9 +329,29 @@ def make_plan(mode: Mode, shape, sizes=None) -> Plan:
     >>> make_plan(get_mode("batch_norm"), (8, 3, 4, 4)).layout
     (8, 3, 16)
     """
+    if not sizes and type(shape) is tuple:
+        return _make_plan(mode, shape, mode.sizes)  # mode.sizes is sorted already
     merged = dict(mode.sizes)
     for k, v in (sizes or {}).items():
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"sizes: {k}={v!r} must be a positive int")
-        merged[k] = int(v)
+        merged[k] = checks.axis_size(k, v)
     return _make_plan(mode, tuple(int(s) for s in shape), tuple(sorted(merged.items())))
+
+
+def param_shapes(mode, x_shape, **sizes) -> dict:
+    """Shapes of the arrays a mode takes beside x: ``{"weight": ..., "bias": ...,
+    "running_mean": ..., "running_var": ...}``, None where the mode has none.
+
+    >>> param_shapes("group_norm", (8, 6, 5), g=3)["weight"]
+    (6,)
+    >>> param_shapes("instance_norm", (8, 6, 5))["running_mean"]
+    (6,)
+    """
+    from .modes import get_mode
+    m = get_mode(mode)
+    try:
+        plan = make_plan(m, tuple(x_shape), sizes)
+    except ValueError as e:
+        raise ValueError(f"x_shape: {e} ({m.spec!r}, shape {tuple(x_shape)})") from None
+    return {"weight": plan.param_shape, "bias": plan.param_shape,
+            "running_mean": plan.running_shape, "running_var": plan.running_shape}
+

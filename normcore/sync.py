@@ -32,6 +32,10 @@ from __future__ import annotations
 import pickle
 import time
 
+import numpy as np
+
+from .checks import describe_mode
+
 __all__ = ["SyncError", "traffic", "reset_traffic"]
 
 
@@ -103,3 +107,52 @@ class Exchange:
                         for (name, mine), (_, theirs) in zip(signature, p[1]) if mine != theirs]
                 raise ValueError(f"comm: ranks disagree: {'; '.join(diff) or p[1]}")
         return [p[2] for p in parts]
+
+
+# ---------------------------------------------------------------------------------------
+# The exchanges of normcore.functional
+# ---------------------------------------------------------------------------------------
+
+def check_batch_mode(mode, x):
+    """Synchronizing needs statistics that reduce over x's first (batch) axis."""
+    first = mode.parsed.lhs[0]
+    if any(a in mode.parsed.kept for a in first) or (first == ("...",) and x.ndim < len(mode.parsed.lhs)):
+        raise ValueError(f"comm: {describe_mode(mode)} keeps x's first axis in its statistics, so there "
+                         "is no batch to synchronize; pass comm only to modes that reduce over it")
+
+
+def synced_moments(link, local_moments, plan, mode, dtype, training, be):
+    """Moments of the batch split across ``link``'s ranks, as ``(pmean, pm2, counts,
+    count)`` with one partial: each rank's (count, mean, centred sum of squares) per group,
+    merged in rank order in float64 by the same exact merge as the partials of one
+    process. ``local_moments()`` gives this rank's partials. The few numbers per group
+    travel through host memory (GPU arrays included)."""
+    from .backend import CPU
+    C = plan.layout[1]
+    n = plan.count
+    if n and C:
+        pmean, pm2, counts = local_moments()
+        mean, var, rstd = be.xp.empty(C), be.xp.empty(C), be.xp.empty(C)
+        be.K.finalize_moments(pmean, pm2, counts, float(n), True, 1.0, mean, var, rstd)
+        local = (n, be.to_host(mean), be.to_host(var * n))
+    else:
+        local = (0, np.zeros(C), np.zeros(C))
+    parts = link.gather((("mode", mode.spec), ("statistics shape", plan.stat_shape),
+                         ("dtype", dtype.name), ("training", bool(training))), local)
+    counts = np.array([p[0] for p in parts], np.float64)
+    total = int(counts.sum())
+    mean, m2 = np.zeros(C), np.zeros(C)
+    if total and C:
+        CPU.K.combine_moments(np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts]),
+                              counts, mean, m2, 1)
+    return (be.from_host(mean.reshape(1, C)), be.from_host(m2.reshape(1, C)),
+            be.from_host(np.array([float(total)])), total)
+
+
+def sum_over_ranks(link, cache, arrays, be):
+    """Element-wise sums of ``arrays`` over the ranks, added in rank order on the host so
+    that every rank holds the same bits."""
+    local = tuple(be.to_host(a) for a in arrays)
+    parts = link.gather((("mode", cache.mode.spec), ("statistics shape", cache.plan.stat_shape),
+                         ("dtype", cache.dtype.name), ("elements per group", cache.count)), local)
+    return tuple(be.from_host(np.sum([p[i] for p in parts], axis=0)) for i in range(len(arrays)))

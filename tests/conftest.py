@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import normcore.functional
+import normcore.checks
 import normcore.layers
 from normcore import gpu
 from normcore.backend import Backend
@@ -82,6 +82,6 @@ def emulated_gpu(emulated_cuda_lib, monkeypatch):
     """NumPy arrays computed by the CUDA kernels (host emulation); yields the backend."""
     be = EmulatedCuda(emulated_cuda_lib)
     pick = lambda a: be  # noqa: E731
-    monkeypatch.setattr(normcore.functional, "backend_of", pick)
+    monkeypatch.setattr(normcore.checks, "backend_of", pick)
     monkeypatch.setattr(normcore.layers, "backend_of", pick)
     yield be

@@ -182,7 +182,7 @@ def test_mode_errors():
 
 
 def test_functional_forms_errors():
-    with pytest.raises(ValueError, match=r"^num_groups \(3\) does not divide the 8 channels"):
+    with pytest.raises(ValueError, match=r"^num_groups \(3\) does not divide input's channels \(8\)"):
         nc.group_norm(x32(2, 8, 4), 3)
     with pytest.raises(ValueError, match=r"^x: axis \(g k\) of size 8 is not divisible by g=3"):
         nc.normalize(x32(2, 8, 4), "group_norm", g=3)

@@ -44,6 +44,15 @@ ctypedef fused floating:
     float
     double
 
+cdef extern from "contract.h":
+    cdef enum nc_affine_kind:
+        NC_AFFINE_NONE
+        NC_AFFINE_ROW
+        NC_AFFINE_INNER
+
+# The contract's affine kinds, read by normcore.contract (one definition: contract.h).
+AFFINE_KINDS = {"none": NC_AFFINE_NONE, "row": NC_AFFINE_ROW, "inner": NC_AFFINE_INNER}
+
 cdef enum:
     # tiles at least this wide: their float64 coefficient vectors (3-4 x 8 bytes per
     # column) no longer fit in L1 beside the streamed rows
@@ -140,7 +149,7 @@ def moments_rows(const floating[:, :, ::1] x,    # IN  (A, C, B)
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
     cdef Py_ssize_t r, a, c
     with nogil:
-        for r in prange(A * C, schedule='static', num_threads=threads):
+        for r in prange(A * C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = r // C
             c = r - a * C
             _row_moments(&x[a, c, 0], B, &pmean[a, c], &pm2[a, c])
@@ -185,7 +194,7 @@ def moments_cols(const floating[:, ::1] x,       # IN  (A, C)
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = pmean.shape[0]
     cdef Py_ssize_t k, c0, r0, t
     with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads):
+        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r0 = k * rows_per_block
             for t in range((C + TILE - 1) // TILE):
                 c0 = t * TILE
@@ -209,7 +218,7 @@ def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
         total = total + counts[k]
     with nogil:
         # column tiles in parallel; within a tile the partial rows are read contiguously
-        for t in prange((C + TILE - 1) // TILE, schedule='static', num_threads=threads):
+        for t in prange((C + TILE - 1) // TILE, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             _combine_tile(&pmean[0, t * TILE], &pm2[0, t * TILE], &counts[0], K, C,
                           _block_rows(t, TILE, C), total, &mean[t * TILE], &m2[t * TILE])
 
@@ -278,14 +287,14 @@ def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
     cdef Py_ssize_t i, a, r, t
     with nogil:
         if S == 1:
-            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads):
+            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads, use_threads_if=threads > 1):
                 a = i * rows_per_block
                 for t in range((R + TILE - 1) // TILE):
                     r = t * TILE
                     _affine_tile(&x[a, r, 0], &y[a, r, 0], _block_rows(i, rows_per_block, A), R,
                                  _block_rows(t, TILE, R), &mean[r], &scale[r], &shift[r])
         else:
-            for i in prange(A * R, schedule='static', num_threads=threads):
+            for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
                 a = i // R
                 r = i - a * R
                 _affine_row(&x[a, r, 0], &y[a, r, 0], S, mean[r], scale[r], shift[r])
@@ -314,7 +323,7 @@ def sums_rows(const floating[:, :, ::1] dy,     # IN  (A, R, S)
     cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t i, a, r, t
     with nogil:
-        for i in prange(A * R, schedule='static', num_threads=threads):
+        for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
             _row_sums(&dy[a, r, 0], &x[a, r, 0], S, mean[r], &p1[a, r], &p2[a, r])
@@ -349,7 +358,7 @@ def sums_cols(const floating[:, ::1] dy,        # IN  (A, C)
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = p1.shape[0]
     cdef Py_ssize_t k, r0, c0, t
     with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads):
+        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r0 = k * rows_per_block
             for t in range((C + TILE - 1) // TILE):
                 c0 = t * TILE
@@ -394,7 +403,7 @@ def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
     cdef Py_ssize_t i, a, r, t
     with nogil:
         if S == 1:
-            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads):
+            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads, use_threads_if=threads > 1):
                 a = i * rows_per_block
                 for t in range((R + TILE - 1) // TILE):
                     r = t * TILE
@@ -402,7 +411,7 @@ def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
                              _block_rows(i, rows_per_block, A), R, _block_rows(t, TILE, R),
                              &mean[r], &k1[r], &k2[r], &k3[r])
         else:
-            for i in prange(A * R, schedule='static', num_threads=threads):
+            for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
                 a = i // R
                 r = i - a * R
                 _dx_row(&dy[a, r, 0], &x[a, r, 0], &dx[a, r, 0], S, mean[r], k1[r], k2[r], k3[r])
@@ -432,7 +441,7 @@ def affine_inner(const floating[:, :, ::1] x,   # IN  (1, R, S)
     cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t r
     with nogil:
-        for r in prange(R, schedule='static', num_threads=threads):
+        for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             _affine_inner_row(&x[0, r, 0], &y[0, r, 0], S, mean[r], rstd[r], &w[rp[r]], &bias[rp[r]])
 
 
@@ -446,7 +455,7 @@ def normalize_groups(const floating[:, :, ::1] x,   # IN  (1, C, B): group c is 
                      Py_ssize_t rows_per_group,     # J: the group's B elements are J rows of S
                      bint center,
                      double eps,
-                     int affine,                    # 0 none, 1 one w/b per row, 2 w/b along S
+                     int affine,                    # nc_affine_kind (contract.h)
                      const Py_ssize_t[::1] rp,      # IN  (C * J,) parameter offset of each row
                      const double[::1] w,           # IN  (P,)
                      const double[::1] bias,        # IN  (P,)
@@ -460,7 +469,7 @@ def normalize_groups(const floating[:, :, ::1] x,   # IN  (1, C, B): group c is 
     cdef Py_ssize_t c, j, r
     cdef double mu, m2, v, rs
     with nogil:
-        for c in prange(C, schedule='static', num_threads=threads):
+        for c in prange(C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             # Cython makes a prange variable thread-private only if the body assigns it;
             # a write through a pointer does not count, so assign first.
             mu = 0.0
@@ -476,9 +485,9 @@ def normalize_groups(const floating[:, :, ::1] x,   # IN  (1, C, B): group c is 
             rstd[c] = rs
             for j in range(J):
                 r = c * J + j
-                if affine == 2:
+                if affine == NC_AFFINE_INNER:
                     _affine_inner_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs, &w[rp[r]], &bias[rp[r]])
-                elif affine == 1:
+                elif affine == NC_AFFINE_ROW:
                     _affine_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs * w[rp[r]], bias[rp[r]])
                 else:
                     _affine_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs, 0.0)
@@ -496,7 +505,7 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
                     const floating[:, :, ::1] x,    # IN  (1, C, B)
                     Py_ssize_t rows_per_group,      # J: the group's B elements are J rows of S
                     bint center,
-                    int affine,                     # 0 none, 1 one w per row, 2 w along S
+                    int affine,                     # nc_affine_kind (contract.h)
                     const Py_ssize_t[::1] rp,       # IN  (C * J,) parameter offset of each row
                     const double[::1] w,            # IN  (P,)
                     const double[::1] mean,         # IN  (C,)
@@ -515,7 +524,7 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
     cdef Py_ssize_t k, c, j, r, o
     cdef double mu, rs, a1, a2, m1, m2, g, q1, q2
     with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads):
+        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             for c in range(k * groups_per_block, k * groups_per_block + _block_rows(k, groups_per_block, C)):
                 mu = mean[c]
                 rs = rstd[c]
@@ -524,7 +533,7 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
                 for j in range(J):
                     r = c * J + j
                     o = j * S
-                    if affine == 2:
+                    if affine == NC_AFFINE_INNER:
                         q1 = 0.0  # assigned, so private to the thread (see normalize_groups)
                         q2 = 0.0
                         _dy_sums(&dy[0, c, o], &w[rp[r]], &x[0, c, o], S, mu, &q1, &q2)
@@ -533,7 +542,7 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
                         _row_param_sums(&dy[0, c, o], &x[0, c, o], S, mu, rs, &pdw[k, rp[r]], &pdb[k, rp[r]])
                     else:
                         _row_sums(&dy[0, c, o], &x[0, c, o], S, mu, &t1[r], &t2[r])
-                        g = w[rp[r]] if affine == 1 else 1.0
+                        g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
                         a1 = a1 + g * t1[r]
                         a2 = a2 + g * (rs * t2[r])
                 m1 = a1 / B if center else 0.0
@@ -541,10 +550,10 @@ def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is 
                 for j in range(J):
                     r = c * J + j
                     o = j * S
-                    if affine == 2:
+                    if affine == NC_AFFINE_INNER:
                         _dx_inner_row(&dy[0, c, o], &x[0, c, o], &dx[0, c, o], S, mu, rs, &w[rp[r]], m1, m2)
                     else:
-                        g = w[rp[r]] if affine == 1 else 1.0
+                        g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
                         _dx_row(&dy[0, c, o], &x[0, c, o], &dx[0, c, o], S, mu, rs * g, -rs * rs * m2, -rs * m1)
 
 
@@ -578,7 +587,7 @@ def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
     # sub-blocks of rows small enough to stay in L2 between their two passes
     cdef Py_ssize_t sub_rows = max(1, <Py_ssize_t>CACHED_ELEMS // max(S, 1))
     with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads):
+        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             in_block = _block_rows(k, rows_per_block, R)
             for q in range((in_block + sub_rows - 1) // sub_rows):
                 sub = k * rows_per_block + q * sub_rows
@@ -614,9 +623,191 @@ def dx_inner(const floating[:, :, ::1] dy,      # IN  (1, R, S)
     cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t r
     with nogil:
-        for r in prange(R, schedule='static', num_threads=threads):
+        for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             _dx_inner_row(&dy[0, r, 0], &x[0, r, 0], &dx[0, r, 0], S, mean[r], rstd[r],
                           &w[rp[r]], c1[r], c2[r])
+
+
+# ---------------------------------------------------------------------------------------
+# Per-group algebra between the passes over x: statistics finalized, running statistics
+# updated, per-row coefficients. O(C + R) work each, one call instead of a chain of small
+# array operations (which dominate small inputs); serial, in a fixed order.
+# ---------------------------------------------------------------------------------------
+
+def finalize_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
+                     const double[:, ::1] pm2,    # IN  (K, C) partial centred sums of squares
+                     const double[::1] counts,    # IN  (K,) elements behind each partial
+                     double count,                # elements per group (sum of counts)
+                     bint center,
+                     double eps,
+                     double[::1] mean,            # OUT (C,) mean used (0 when not centred)
+                     double[::1] var,             # OUT (C,) biased variance (mean square if not centred)
+                     double[::1] rstd):           # OUT (C,) 1 / sqrt(var + eps)
+    """Merge K partials per group (two-pass formula over the partial means, as
+    combine_moments; K == 1 passes through), divide by the count, apply the non-centred
+    transform (var + mean^2: the mean of squares without cancellation) and take rstd."""
+    cdef Py_ssize_t K = pmean.shape[0], C = pmean.shape[1]
+    cdef Py_ssize_t k, c
+    cdef double mu, m2, d, v, total = 0.0
+    for k in range(K):
+        total = total + counts[k]
+    with nogil:
+        for c in range(C):
+            if K == 1:
+                mu = pmean[0, c]
+                m2 = pm2[0, c]
+            else:
+                mu = 0.0
+                for k in range(K):
+                    mu += counts[k] * pmean[k, c]
+                mu = mu / total
+                m2 = 0.0
+                for k in range(K):
+                    d = pmean[k, c] - mu
+                    m2 += pm2[k, c] + counts[k] * d * d
+            v = m2 / count
+            if not center:
+                v = v + mu * mu
+                mu = 0.0
+            mean[c] = mu
+            var[c] = v
+            rstd[c] = 1.0 / sqrt(v + eps)
+
+
+def update_running(const double[::1] mean,        # IN  (C,) batch mean per group
+                   const double[::1] var,         # IN  (C,) batch biased variance per group
+                   const Py_ssize_t[::1] rc,      # IN  (C,) running entry of each group
+                   double groups_per_running,     # groups averaged into one entry
+                   double momentum,
+                   double unbias,                 # n / (n - 1), or 1 for the biased variance
+                   floating[::1] running_mean,    # IN/OUT (E,)
+                   floating[::1] running_var,     # IN/OUT (E,)
+                   double[::1] scratch):          # (2 E,) work space
+    """running = (1 - momentum) * running + momentum * batch, each entry's batch value the
+    average over its groups (summed in group order) and the variance unbiased by
+    ``unbias``; evaluated in double, stored once."""
+    cdef Py_ssize_t C = mean.shape[0], E = running_mean.shape[0]
+    cdef Py_ssize_t c, e
+    cdef double keep = 1.0 - momentum
+    cdef double* sm = &scratch[0]
+    cdef double* sv = &scratch[E]
+    with nogil:
+        for e in range(E):
+            sm[e] = 0.0
+            sv[e] = 0.0
+        for c in range(C):
+            sm[rc[c]] += mean[c]
+            sv[rc[c]] += var[c] * unbias
+        for e in range(E):
+            if groups_per_running != 1.0:
+                sm[e] = sm[e] / groups_per_running
+                sv[e] = sv[e] / groups_per_running
+            running_mean[e] = <floating>(keep * running_mean[e] + momentum * sm[e])
+            running_var[e] = <floating>(keep * running_var[e] + momentum * sv[e])
+
+
+def running_statistics(const floating[::1] running_mean,  # IN (E,)
+                       const floating[::1] running_var,   # IN (E,)
+                       const Py_ssize_t[::1] rc,          # IN (C,) running entry of each group
+                       double eps,
+                       double[::1] mean,                  # OUT (C,)
+                       double[::1] var,                   # OUT (C,)
+                       double[::1] rstd):                 # OUT (C,) 1 / sqrt(var + eps)
+    """Per-group statistics read from the running ones (the stored values, so the output
+    is normalized with exactly what the running statistics hold)."""
+    cdef Py_ssize_t C = mean.shape[0], c
+    cdef double v
+    with nogil:
+        for c in range(C):
+            mean[c] = running_mean[rc[c]]
+            v = running_var[rc[c]]
+            var[c] = v
+            rstd[c] = 1.0 / sqrt(v + eps)
+
+
+def row_coefficients(const double[::1] mean,      # IN  (C,)
+                     const double[::1] rstd,      # IN  (C,)
+                     const Py_ssize_t[::1] rg,    # IN  (R,) statistics group of each row
+                     const Py_ssize_t[::1] rp,    # IN  (R,) parameter of each row
+                     const floating[::1] w,       # IN  (P,) weight (ignored unless has_w)
+                     const floating[::1] b,       # IN  (P,) bias (ignored unless has_b)
+                     bint has_w,
+                     bint has_b,
+                     double[::1] mean_r,          # OUT (R,)
+                     double[::1] scale,           # OUT (R,) rstd * w
+                     double[::1] shift):          # OUT (R,) b
+    """Per-row coefficients of affine_rows: y = (x - mean_r) * scale + shift."""
+    cdef Py_ssize_t R = rg.shape[0], r
+    cdef double s
+    with nogil:
+        for r in range(R):
+            mean_r[r] = mean[rg[r]]
+            s = rstd[rg[r]]
+            if has_w:
+                s = s * <double>w[rp[r]]
+            scale[r] = s
+            shift[r] = <double>b[rp[r]] if has_b else 0.0
+
+
+def gradient_sums(const double[:, ::1] p1,        # IN  (K, R) partial row sums of dy
+                  const double[:, ::1] p2,        # IN  (K, R) partial row sums of dy * (x - mean)
+                  const Py_ssize_t[::1] rg,       # IN  (R,)
+                  const Py_ssize_t[::1] rp,       # IN  (R,)
+                  const floating[::1] w,          # IN  (P,) weight (ignored unless has_w)
+                  bint has_w,
+                  const double[::1] rstd,         # IN  (C,)
+                  double[::1] g1,                 # OUT (C,) group sums of g = w * dy
+                  double[::1] g2,                 # OUT (C,) group sums of g * xhat
+                  double[::1] dw,                 # OUT (P,) zeroed by the caller, or empty
+                  double[::1] db):                # OUT (P,) zeroed by the caller, or empty
+    """Row partials summed over K in order, then into groups and parameters in row order:
+    the sums behind dx (g1, g2) and dweight/dbias (when dw/db are not empty)."""
+    cdef Py_ssize_t K = p1.shape[0], R = p1.shape[1], C = g1.shape[0]
+    cdef Py_ssize_t k, r, c
+    cdef double t1, t2, gamma, rs
+    cdef bint params = dw.shape[0] > 0
+    with nogil:
+        for c in range(C):
+            g1[c] = 0.0
+            g2[c] = 0.0
+        for r in range(R):
+            t1 = 0.0  # K may be 0: a rank holding no samples
+            t2 = 0.0
+            for k in range(K):
+                t1 = t1 + p1[k, r]
+                t2 = t2 + p2[k, r]
+            rs = rstd[rg[r]]
+            if params:
+                dw[rp[r]] += rs * t2
+                db[rp[r]] += t1
+            gamma = <double>w[rp[r]] if has_w else 1.0
+            g1[rg[r]] += gamma * t1
+            g2[rg[r]] += gamma * (rs * t2)
+
+
+def dx_coefficients(const double[::1] g1,         # IN  (C,) group sums of g = w * dy
+                    const double[::1] g2,         # IN  (C,) group sums of g * xhat
+                    const Py_ssize_t[::1] rg,     # IN  (R,)
+                    const Py_ssize_t[::1] rp,     # IN  (R,)
+                    const floating[::1] w,        # IN  (P,) weight (ignored unless has_w)
+                    bint has_w,
+                    const double[::1] rstd,       # IN  (C,)
+                    double count,                 # elements per group (all ranks)
+                    bint stats_grad,              # gradients flow through the statistics
+                    bint center,
+                    double[::1] k1,               # OUT (R,)
+                    double[::1] k2,               # OUT (R,)
+                    double[::1] k3):              # OUT (R,)
+    """Coefficients of dx_rows: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with
+    g = w * dy and xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3."""
+    cdef Py_ssize_t R = rg.shape[0], r
+    cdef double rs
+    with nogil:
+        for r in range(R):
+            rs = rstd[rg[r]]
+            k1[r] = rs * (<double>w[rp[r]] if has_w else 1.0)
+            k2[r] = -rs * rs * (g2[rg[r]] / count) if stats_grad else 0.0
+            k3[r] = -rs * (g1[rg[r]] / count) if stats_grad and center else 0.0
 
 
 cdef extern from *:

@@ -1,0 +1,169 @@
+"""Every argument rule of normcore, once, with one message per rule.
+
+Each function checks one rule and raises ``TypeError`` (wrong kind of value) or
+``ValueError`` (right kind, wrong value) with a message that names the argument and quotes
+what was expected and what came. The public functions, the forms and the layers all call
+these; an input array is checked once per public call, at the entry it came through.
+Nothing here computes or writes anything.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .backend import CPU, backend_of
+
+__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "out", "flag",
+           "min_ndim", "describe_mode", "type_name"]
+
+
+def type_name(a) -> str:
+    t = type(a)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__name__}"
+
+
+def describe_mode(mode) -> str:
+    return f"mode {mode.name!r} (spec {mode.spec!r})" if mode.name else f"spec {mode.spec!r}"
+
+
+def array(name, a, dtype=None, be=None):
+    """``a`` must be a float array of backend ``be`` (by default the one ``a`` selects:
+    NumPy on the CPU, CuPy on the GPU) and, when given, of ``dtype``; returns the backend.
+
+    >>> array("x", np.zeros(3, np.float32)).name
+    'cpu'
+    """
+    if be is None:
+        be = backend_of(a)
+        if not isinstance(a, be.array_type):
+            raise TypeError(f"{name}: expected a numpy.ndarray (or a cupy.ndarray for the GPU), "
+                            f"got {type_name(a)}")
+    elif not isinstance(a, be.array_type):
+        move = "cupy.asarray" if be.name == "cuda" else "cupy.asnumpy"
+        raise TypeError(f"{name}: expected a {be.array_name} like x (x is on the {be.place}), "
+                        f"got {type_name(a)}; move it with {move}")
+    if isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: masked arrays are not supported (the mask would be ignored); "
+                        f"pass {name}.filled(...) or the unmasked values")
+    if a.dtype not in be.dtypes:
+        names = " or ".join(d.name for d in be.dtypes)
+        raise TypeError(f"{name}: expected {names} on the {be.place}, got dtype {a.dtype}")
+    if dtype is not None and a.dtype != dtype:
+        raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
+    return be
+
+
+def param(name, a, shape, dtype, be):
+    """An optional array argument (weight, bias, running statistic) of ``shape`` and
+    ``dtype`` on ``be``; None passes."""
+    if a is None:
+        return
+    array(name, a, dtype, be)
+    if a.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+
+
+def min_ndim(name, a, ndim, axes):
+    """``a`` has at least ``ndim`` dimensions, described by ``axes`` (e.g. "(N, C, ...)")."""
+    if a.ndim < ndim:
+        raise ValueError(f"{name}: expected at least {ndim} dimensions {axes}, got shape {a.shape}")
+
+
+def trailing_shape(name, x, shape):
+    """x's trailing axes are ``shape`` (layer norm's normalized_shape); ``name`` is the
+    argument blamed: the input ("x") or the shape ("normalized_shape")."""
+    k = len(shape)
+    if x.ndim < k or x.shape[x.ndim - k:] != shape:
+        if name == "normalized_shape":
+            raise ValueError(f"normalized_shape: {shape} does not match the trailing axes of input shape {x.shape}")
+        raise ValueError(f"{name}: trailing axes of shape {x.shape} do not match normalized_shape {shape}")
+
+
+def positive_int(name, value) -> int:
+    """An int >= 1 (bool excluded); returns it as a Python int.
+
+    >>> positive_int("num_features", 3)
+    3
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected a positive int, got {type_name(value)} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def axis_size(axis, value) -> int:
+    """A fixed axis size (``sizes`` of a mode or a call): a positive int.
+
+    >>> axis_size("g", 4)
+    4
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"sizes: {axis}={value!r} must be a positive int")
+    return int(value)
+
+
+def divides(name, value, other_name, other):
+    """``value`` divides ``other``: "num_groups (3) does not divide num_channels (8)"."""
+    if other % value:
+        raise ValueError(f"{name} ({value}) does not divide {other_name} ({other})")
+
+
+def _real(name, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type_name(value)} {value!r}")
+    return float(value)
+
+
+def eps(value) -> float:
+    """A finite float > 0.
+
+    >>> eps(1e-5)
+    1e-05
+    """
+    v = _real("eps", value)
+    if not (math.isfinite(v) and v > 0.0):
+        raise ValueError(f"eps: expected a finite float > 0, got {value!r}")
+    return v
+
+
+def momentum(value, allow_none=False):
+    """A float in [0, 1]; None too where ``allow_none`` (a layer's cumulative average).
+
+    >>> momentum(0.1)
+    0.1
+    """
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError("momentum: None (cumulative average) needs a batch count; "
+                         "use a layer, or pass momentum=1/num_batches")
+    v = _real("momentum", value)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"momentum: expected a float in [0, 1], got {value!r}")
+    return v
+
+
+def flag(name, value) -> bool:
+    """A bool (NumPy's included)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type_name(value)} {value!r}")
+    return bool(value)
+
+
+def out(a, shape, dtype, inputs, be=CPU):
+    """``out=`` must be a writeable C-contiguous array of the result's shape and dtype that
+    shares no memory with the inputs (backward reads x after forward has written y)."""
+    if not isinstance(a, be.array_type):
+        raise TypeError(f"out: expected a {be.array_name} like x, got {type_name(a)}")
+    if a.dtype != dtype:
+        raise TypeError(f"out: dtype {a.dtype} does not match the result's dtype {dtype}")
+    if a.shape != shape:
+        raise ValueError(f"out: expected shape {shape}, got {a.shape}")
+    if not (a.flags.c_contiguous and getattr(a.flags, "writeable", True)):
+        raise ValueError("out: must be C-contiguous and writeable")
+    for name, other in inputs.items():
+        if be.xp.may_share_memory(a, other):
+            raise ValueError(f"out: must not share memory with {name}")
