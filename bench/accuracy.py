@@ -108,7 +108,7 @@ def main():
         for offset in (float(o) for o in args.offsets.split(",")):
             x = (offset + rng.standard_normal(shape)).astype(np.float32)
             dy = rng.standard_normal(shape).astype(np.float32)
-            pshape = nc.plan.make_plan(nc.get_mode(mode), shape, sizes).param_shape
+            pshape = nc.param_shapes(mode, shape, **sizes)["weight"]
             w = rng.standard_normal(pshape).astype(np.float32)
             b = rng.standard_normal(pshape).astype(np.float32)
             exact = _math(x, dy, w, b, mode, sizes, np.float64)

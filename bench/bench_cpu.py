@@ -62,13 +62,13 @@ PASS_BYTES = {"fwd": 3, "bwd": 5, "infer": 2}  # multiples of bytes(x) a pass mu
 
 def _normcore(x, mode, sizes):
     m = nc.get_mode(mode)
-    plan = nc.plan.make_plan(m, x.shape, sizes)
-    w = np.ones(plan.param_shape, x.dtype)
-    b = np.zeros(plan.param_shape, x.dtype)
+    shapes = nc.param_shapes(m, x.shape, **sizes)
+    w = np.ones(shapes["weight"], x.dtype)
+    b = np.zeros(shapes["weight"], x.dtype)
     run = {}
     if m.running_stats is not None:
-        run = {"running_mean": np.zeros(plan.running_shape, x.dtype),
-               "running_var": np.ones(plan.running_shape, x.dtype)}
+        run = {"running_mean": np.zeros(shapes["running_mean"], x.dtype),
+               "running_var": np.ones(shapes["running_mean"], x.dtype)}
     y, cache = nc.normalize(x, mode, weight=w, bias=b, **run, **sizes)
     dy = np.ones_like(y)
     y_out, dx_out = np.empty_like(x), np.empty_like(x)

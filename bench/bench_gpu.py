@@ -45,15 +45,15 @@ def _normcore(x, mode, sizes):
     import cupy as cp
     import normcore as nc
     m = nc.get_mode(mode)
-    plan = nc.plan.make_plan(m, x.shape, sizes)
+    shapes = nc.param_shapes(m, x.shape, **sizes)
     kw = dict(sizes)
-    if plan.param_shape is not None:
-        kw.update(weight=cp.ones(plan.param_shape, x.dtype), bias=cp.zeros(plan.param_shape, x.dtype))
+    if shapes["weight"] is not None:
+        kw.update(weight=cp.ones(shapes["weight"], x.dtype), bias=cp.zeros(shapes["weight"], x.dtype))
         if mode == "rms_norm":
             kw.pop("bias")
     run = {}
     if m.running_stats is not None:
-        run = {"running_mean": cp.zeros(plan.running_shape, x.dtype), "running_var": cp.ones(plan.running_shape, x.dtype)}
+        run = {"running_mean": cp.zeros(shapes["running_mean"], x.dtype), "running_var": cp.ones(shapes["running_mean"], x.dtype)}
     y_out, dx_out = cp.empty_like(x), cp.empty_like(x)
     _, cache = nc.normalize(x, mode, **kw, **run)
     dy = cp.ones_like(x)

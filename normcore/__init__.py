@@ -7,6 +7,7 @@ from .spec import SpecError
 from .modes import Mode, get_mode, modes, register_mode
 from .functional import NormCache, backward, normalize
 from .kernels import get_num_threads, set_num_threads
+from .plan import param_shapes
 from .forms import (batch_norm, group_norm, instance_norm, layer_norm, rms_norm,
                     weight_standardize, weight_standardize_backward)
 
@@ -19,7 +20,7 @@ from .sync import SyncError
 __version__ = "0.1.0"
 
 __all__ = [
-    "SpecError", "Mode", "register_mode", "modes", "get_mode", "normalize", "backward", "NormCache",
+    "SpecError", "Mode", "register_mode", "modes", "get_mode", "normalize", "backward", "NormCache", "param_shapes",
     "set_num_threads", "get_num_threads",
     "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
     "weight_standardize", "weight_standardize_backward",

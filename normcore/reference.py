@@ -1,6 +1,6 @@
 """A float64 NumPy reference for every mode, written from the formulas.
 
-It shares only the spec parser with the library: axes are reduced with NumPy's
+It shares only the spec parser with the library (its own code splits the axes): axes are reduced with NumPy's
 ``mean(axis=...)`` on the elementary view of x, parameters broadcast by reshaping, and the
 gradients follow the closed form of the batch-norm derivation. No canonical layout, no
 merged axes, no compiled code: it is the oracle the property tests compare against.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .modes import get_mode
-from .plan import _elementary, _expand, _kept_flags
+from .spec import ELLIPSIS, parse_axes
 
 __all__ = ["ReferenceResult", "reference_forward", "reference_backward", "term_scales"]
 
@@ -28,18 +28,47 @@ class ReferenceResult:
     context: tuple                 # what reference_backward needs
 
 
+def _split(mode, shape, sizes):
+    """Elementary axis names and sizes of x: each input axis of the spec, parenthesised
+    groups split by the given sizes (one member may be left to infer), the ellipsis
+    expanded to "...0", "...1", ... (inputs are valid: the library has checked them)."""
+    lhs = mode.parsed.lhs
+    n_ell = len(shape) - (len(lhs) - 1) if (ELLIPSIS,) in lhs else 0
+    names, dims, dim = [], [], iter(shape)
+    for group in lhs:
+        if group == (ELLIPSIS,):
+            for i in range(n_ell):
+                names.append(f"{ELLIPSIS}{i}")
+                dims.append(next(dim))
+            continue
+        size = next(dim)
+        known = int(np.prod([sizes[n] for n in group if n in sizes]))
+        for n in group:
+            names.append(n)
+            dims.append(sizes[n] if n in sizes else size // known)
+    return names, dims
+
+
+def _members(axes_text, mode, what, allowed, names):
+    """The elementary names of an axis list (the ellipsis standing for its expansion)."""
+    out = []
+    for group in parse_axes(axes_text, mode.spec, what, allowed):
+        for n in group:
+            out += [m for m in names if m.startswith(ELLIPSIS)] if n == ELLIPSIS else [n]
+    return out
+
+
 def _axes(mode, shape, sizes):
-    merged = dict(mode.sizes)
-    merged.update(sizes)
-    names, dims = _elementary(mode, tuple(shape), merged)
-    kept = _kept_flags(mode, names)
+    names, dims = _split(mode, tuple(shape), {**dict(mode.sizes), **sizes})
+    kept_names = set(mode.parsed.kept)
+    kept = [n in kept_names or (n.startswith(ELLIPSIS) and ELLIPSIS in kept_names) for n in names]
     reduced = tuple(i for i, k in enumerate(kept) if not k)
     return names, dims, kept, reduced
 
 
 def _broadcast(a, axes_text, what, allowed, mode, names, dims):
     """Reshape a parameter / running array onto the elementary view (1 on other axes)."""
-    members, _ = _expand(axes_text, mode, what, allowed, names)
+    members = _members(axes_text, mode, what, allowed, names)
     shape = [dims[i] if n in members else 1 for i, n in enumerate(names)]
     return np.asarray(a, np.float64).reshape(shape)
 
@@ -113,9 +142,12 @@ def reference_backward(dy, result: ReferenceResult):
         dx = rstd * g
     dweight = dbias = None
     if has_w or has_b:
-        members, grouping = _expand(m.params, m, "params", m.parsed.names, names)
+        members = _members(m.params, m, "params", m.parsed.names, names)
         summed = tuple(i for i, nm in enumerate(names) if nm not in members)
-        pshape = tuple(int(np.prod([dims[names.index(a)] for a in grp])) for grp in grouping)
+        groups = parse_axes(m.params, m.spec, "params", m.parsed.names)
+        pshape = tuple(int(np.prod([dims[names.index(a)] for a in _members(" ".join(g), m, "params",
+                                                                          m.parsed.names, names)]))
+                       for g in groups)
         if has_w:
             dweight = (d * xhat).sum(axis=summed).reshape(pshape)
         if has_b:
@@ -136,7 +168,7 @@ def term_scales(dy, result: ReferenceResult) -> dict:
     d = np.abs(np.asarray(dy, np.float64).reshape(dims))
     out = {"dx": float((d * np.abs(w) * rstd).max()) if d.size else 0.0, "dweight": 0.0}
     if has_w and d.size:
-        members, _ = _expand(m.params, m, "params", m.parsed.names, names)
+        members = _members(m.params, m, "params", m.parsed.names, names)
         summed = tuple(i for i, nm in enumerate(names) if nm not in members)
         out["dweight"] = float((d * np.abs(xe) * rstd).sum(axis=summed).max())
     return out

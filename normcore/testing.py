@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 
 from .functional import backward, normalize
 from .modes import Mode, get_mode
-from .plan import _elementary, _kept_flags, make_plan
+from .plan import make_plan
+from .reference import _axes as reference_axes
 from .reference import reference_backward, reference_forward, term_scales
 from .spec import ELLIPSIS
 
@@ -157,9 +158,8 @@ def _copy_running(kw):
 
 
 def _group_axes(m, shape, sizes):
-    names, dims = _elementary(m, tuple(shape), {**dict(m.sizes), **sizes})
-    kept = _kept_flags(m, names)
-    return dims, tuple(i for i, k in enumerate(kept) if not k)
+    _, dims, _, reduced = reference_axes(m, shape, sizes)
+    return dims, reduced
 
 
 # The backend the properties run on: "cpu", or "cuda" (inputs copied to the GPU, results

@@ -148,7 +148,7 @@ def test_gpu_matches_cpu(mode, shape, sizes):
     rng = np.random.default_rng(3)
     x = 5 + rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
-    p = nc.plan.make_plan(nc.get_mode(mode), shape, sizes).param_shape
+    p = nc.param_shapes(mode, shape, **sizes)["weight"]
     w, b = rng.standard_normal(p).astype(np.float32), rng.standard_normal(p).astype(np.float32)
     y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
     grads = nc.backward(dy, cache)

@@ -42,18 +42,18 @@ def test_emulated_gpu_matches_cpu_across_boundaries(request, mode, shape, sizes,
     rng = np.random.default_rng(9)
     x = (3 + rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
-    plan = nc.plan.make_plan(nc.get_mode(mode), shape, sizes)
+    shapes = nc.param_shapes(mode, shape, **sizes)
     kw = {}
-    if plan.param_shape is not None:
-        kw = {"weight": rng.standard_normal(plan.param_shape).astype(dtype),
-              "bias": rng.standard_normal(plan.param_shape).astype(dtype)}
+    if shapes["weight"] is not None:
+        kw = {"weight": rng.standard_normal(shapes["weight"]).astype(dtype),
+              "bias": rng.standard_normal(shapes["weight"]).astype(dtype)}
     runs = {}
     for where in ("cpu", "emulated"):
         if where == "emulated":
             request.getfixturevalue("emulated_gpu")  # from here on the CUDA kernels compute
         run = {}
-        if plan.running_shape is not None:
-            run = {"running_mean": np.zeros(plan.running_shape, dtype), "running_var": np.ones(plan.running_shape, dtype)}
+        if shapes["running_mean"] is not None:
+            run = {"running_mean": np.zeros(shapes["running_mean"], dtype), "running_var": np.ones(shapes["running_mean"], dtype)}
         y, cache = nc.normalize(x, mode, **kw, **run, **sizes)
         runs[where] = (y, *nc.backward(dy, cache), *run.values())
     tol = 1e-5 if dtype == np.float32 else 1e-12
