@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import Backend
+from .backend import AffineKind, Backend
 
-__all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source", "storage_dtypes", "CudaKernels"]
+__all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source", "storage_dtypes",
+           "compile_options", "kernel_names", "CudaKernels"]
 
 _CTYPES = {"float32": "float", "float64": "double", "float16": "nc_f16", "bfloat16": "nc_bf16"}
 _FAMILIES = {
@@ -34,7 +35,26 @@ _FAMILIES = {
     "inner": ("nc_affine_inner", "nc_row_sums_inner", "nc_param_sums_inner", "nc_dx_inner"),
     "groups": ("nc_normalize_groups",),
 }
-_COL_TILE, _COL_STRIPES = 32, 8  # kernels.cu's NC_COL_TILE, NC_COL_STRIPES
+# Columns and row stripes per block of the cols family: defined here, passed to the compiler.
+_COL_TILE, _COL_STRIPES = 32, 8
+
+
+def compile_options() -> tuple:
+    """The -D options every compilation of kernels.cu takes (NVRTC here, nvcc and the host
+    emulator in the tests): tile constants and the contract's affine kinds.
+
+    >>> "-DNC_COL_TILE=32" in compile_options()
+    True
+    """
+    defines = {"NC_COL_TILE": _COL_TILE, "NC_COL_STRIPES": _COL_STRIPES}
+    defines.update({f"NC_AFFINE_{k.name}": int(k) for k in AffineKind})
+    return tuple(f"-D{k}={v}" for k, v in defines.items())
+
+
+def kernel_names() -> list:
+    """Every kernel of kernels.cu as CuPy names it: templates per storage type, and the
+    untemplated float64 merge."""
+    return [f"{k}<{t}>" for ks in _FAMILIES.values() for k in ks for t in _CTYPES.values()] + ["nc_combine_moments"]
 _MAX_GRID_Y = 65535
 
 
@@ -73,7 +93,7 @@ def _module(family: str, dtype_name: str):
     import cupy
     names = [f"{k}<{_CTYPES[dtype_name]}>" for k in _FAMILIES[family]] if family != "merge" \
         else ["nc_combine_moments"]
-    mod = cupy.RawModule(code=kernel_source().read_text(), options=("--std=c++17",),
+    mod = cupy.RawModule(code=kernel_source().read_text(), options=("--std=c++17",) + compile_options(),
                          name_expressions=names)
     return {n.split("<")[0]: mod.get_function(n) for n in names}
 

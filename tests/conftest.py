@@ -68,7 +68,7 @@ def emulated_cuda_lib(tmp_path_factory):
         pytest.skip("g++ not installed: the host emulation of the CUDA kernels needs it")
     out = tmp_path_factory.mktemp("cuda_emu") / "libncemu.so"
     src_dir = Path(gpu.kernel_source()).parent
-    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU}", f"-I{src_dir}",
+    subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{EMU}", f"-I{src_dir}", *gpu.compile_options(),
                     str(EMU / "emu_main.cpp"), "-o", str(out)], check=True, timeout=300)
     lib = ctypes.CDLL(str(out))
     lib.nc_emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,

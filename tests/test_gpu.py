@@ -11,6 +11,8 @@
   half precision, and SyncBatchNorm on CuPy arrays. Skipped elsewhere, with the reason.
 """
 import os
+from pathlib import Path
+
 import re
 import shutil
 import subprocess
@@ -64,7 +66,7 @@ def test_cpu_inputs_reject_other_array_types():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_sources_compile_with_nvcc(tmp_path, arch):
-    out = subprocess.run(["nvcc", "-c", "-std=c++17", f"-arch={arch}", "-DNORMCORE_INSTANTIATE",
+    out = subprocess.run(["nvcc", "-c", "-std=c++17", f"-arch={arch}", "-DNORMCORE_INSTANTIATE", *gpu.compile_options(),
                           "-Werror", "all-warnings", "-o", str(tmp_path / "k.o"), str(gpu.kernel_source())],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -100,12 +102,12 @@ def test_cuda_sources_compile_with_nvrtc_as_cupy_does():
     prog = ctypes.c_void_p()
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), gpu.kernel_source().read_bytes(), b"kernels.cu",
                                  0, None, None), "nvrtcCreateProgram")
-    names = [f"{k}<{t}>" for ks in gpu._FAMILIES.values() for k in ks for t in gpu._CTYPES.values()]
-    names.append("nc_combine_moments")
+    names = gpu.kernel_names()
     for n in names:
         check(lib.nvrtcAddNameExpression(prog, n.encode()), n)
-    opts = (ctypes.c_char_p * 2)(b"--std=c++17", b"-arch=compute_90")
-    rc = lib.nvrtcCompileProgram(prog, 2, opts)
+    flags = [b"--std=c++17", b"-arch=compute_90"] + [o.encode() for o in gpu.compile_options()]
+    opts = (ctypes.c_char_p * len(flags))(*flags)
+    rc = lib.nvrtcCompileProgram(prog, len(flags), opts)
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
@@ -276,3 +278,31 @@ def test_a_device_array_beside_host_arrays_is_refused_by_name():
 def test_a_device_input_without_a_gpu_says_why():
     with pytest.raises(RuntimeError, match="GPU path cannot run: "):
         nc.normalize(_fake_cupy_array(), "batch_norm")
+
+
+def _cuda_text(name):
+    return (gpu.kernel_source().parent / name).read_text() if name != "launch.cpp" else \
+        (Path(__file__).parent / "cuda_emu" / "launch.cpp").read_text()
+
+
+def test_kernel_name_lists_agree():
+    # The kernels are named in four places: the __global__ definitions and the nvcc
+    # instantiation list in kernels.cu, normcore.gpu's families, and the emulator's launch
+    # table. A kernel added to one and not the others fails here, not on a GPU.
+    src = _cuda_text("kernels.cu")
+    defined = set(re.findall(r"__global__ void (nc_\w+)\(", src))
+    instantiated = set(re.findall(r"template __global__ void (nc_\w+)<T>", src)) | {"nc_combine_moments"}
+    families = {k for ks in gpu._FAMILIES.values() for k in ks} | {"nc_combine_moments"}
+    emulated = set(re.findall(r"NC_ENTRY\((nc_\w+), T, tag\)", _cuda_text("launch.cpp"))) | \
+        set(re.findall(r't\["(nc_\w+)"\]', _cuda_text("launch.cpp")))
+    assert defined == instantiated == families == emulated, (defined, instantiated, families, emulated)
+
+
+def test_cuda_backend_implements_the_kernel_contract():
+    from normcore.backend import Kernels
+    declared = {n for n in vars(Kernels) if not n.startswith("_")}
+    assert declared <= {n for n in dir(nc.kernels.K) if not n.startswith("_")}
+    optional = set() if gpu.CudaBackend.fused_backward else {"backward_groups"}
+    assert declared - optional <= {n for n in dir(gpu.CudaKernels) if not n.startswith("_")}
+    src = _cuda_text("kernels.cu")
+    assert "#define NC_COL_TILE" not in src  # the tile constants come from gpu.compile_options()

@@ -330,8 +330,11 @@ __global__ void nc_dx_inner(const T* dy, const T* x, i64 R, i64 S, const double*
 // with blockIdx.x = k and a grid-stride loop over column tiles in y
 // ---------------------------------------------------------------------------------------
 
-#define NC_COL_TILE 32
-#define NC_COL_STRIPES 8
+// NC_COL_TILE (columns per block) and NC_COL_STRIPES (row stripes per block) come from
+// normcore.gpu as -D options (gpu.compile_options()), which sizes the launches with them.
+#if !defined(NC_COL_TILE) || !defined(NC_COL_STRIPES)
+#error "compile with normcore.gpu.compile_options(): NC_COL_TILE and NC_COL_STRIPES are set there"
+#endif
 
 // Partial moments per (row block, column), shifted by the block's first row as on the CPU.
 template <typename T>
@@ -435,7 +438,8 @@ __global__ void nc_dx_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, c
 // moments, then normalizes its J rows of S while they are in L1/L2 (CPU normalize_groups)
 // ---------------------------------------------------------------------------------------
 
-// affine: 0 none, 1 one w/b per row (w[rp[r]]), 2 w/b along S (w[rp[r] + s])
+// affine: NC_AFFINE_NONE, NC_AFFINE_ROW (one w/b per row, w[rp[r]]) or NC_AFFINE_INNER
+// (w/b along S, w[rp[r] + s]); the values come from contract.h through -D options
 template <typename T>
 __global__ void nc_normalize_groups(const T* x, i64 C, i64 B, i64 J, i64 center, i64 eps_bits, i64 affine,
                                     const i64* rp, const double* w, const double* b, double* mean,
@@ -464,13 +468,13 @@ __global__ void nc_normalize_groups(const T* x, i64 C, i64 B, i64 J, i64 center,
         const A mu = (A)stats[0], rs = (A)stats[1];
         for (i64 j = 0; j < J; ++j) {
             const i64 r = c * J + j, o = c * B + j * S;
-            if (affine == 2) {
+            if (affine == NC_AFFINE_INNER) {
                 const double* wr = w + rp[r];
                 const double* br = b + rp[r];
                 for (i64 i = threadIdx.x; i < S; i += blockDim.x)
                     nc_st<T, A>(y, o + i, (nc_ld<T, A>(x, o + i) - mu) * rs * (A)wr[i] + (A)br[i]);
             } else {
-                const A s = affine == 1 ? rs * (A)w[rp[r]] : rs, t = affine == 1 ? (A)b[rp[r]] : (A)0;
+                const A s = affine == NC_AFFINE_ROW ? rs * (A)w[rp[r]] : rs, t = affine == NC_AFFINE_ROW ? (A)b[rp[r]] : (A)0;
                 for (i64 i = threadIdx.x; i < S; i += blockDim.x)
                     nc_st<T, A>(y, o + i, (nc_ld<T, A>(x, o + i) - mu) * s + t);
             }
