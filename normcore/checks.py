@@ -44,7 +44,7 @@ def array(name, a, dtype=None, be=None):
         move = "cupy.asarray" if be.name == "cuda" else "cupy.asnumpy"
         raise TypeError(f"{name}: expected a {be.array_name} like x (x is on the {be.place}), "
                         f"got {type_name(a)}; move it with {move}")
-    if isinstance(a, np.ma.MaskedArray):
+    if type(a) is not be.array_type and isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name}: masked arrays are not supported (the mask would be ignored); "
                         f"pass {name}.filled(...) or the unmasked values")
     if a.dtype not in be.dtypes:
@@ -60,7 +60,8 @@ def param(name, a, shape, dtype, be):
     ``dtype`` on ``be``; None passes."""
     if a is None:
         return
-    array(name, a, dtype, be)
+    if not (type(a) is be.array_type and a.dtype == dtype):  # else: the full rule, and its message
+        array(name, a, dtype, be)
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
 
@@ -112,6 +113,8 @@ def divides(name, value, other_name, other):
 
 
 def _real(name, value) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a float, got {type_name(value)} {value!r}")
     return float(value)

@@ -51,7 +51,7 @@ class _Run:
 
     def dummy(self, plan, dtype):
         """A one-element array standing in for an absent weight or bias (never read)."""
-        return self.be.constant(plan, ("dummy", dtype.name), lambda: np.zeros(1, dtype))
+        return self.be.constant(plan, ("dummy", dtype), lambda: np.zeros(1, dtype))
 
 
 class NormCache:
@@ -174,23 +174,27 @@ class _Forward(NamedTuple):
 def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, eps,
                    unbiased, estimate, out, sizes, link) -> _Forward:
     """Phase 1: every rule on the arguments (x's array type already checked: ``be``)."""
-    m = get_mode(mode)
-    if link is not None:
-        sync.check_batch_mode(m, x)
-    plan = _plan(m, x, sizes)
+    training, estimate = bool(training), bool(estimate)
+    has_running = running_mean is not None
+    key = (mode, x.shape, x.dtype, tuple(sizes.items()), weight is None, bias is None, has_running,
+           running_var is None, training, estimate, link is None, be)
+    try:
+        fixed = _SIGNATURES.get(key)
+    except TypeError:  # an unhashable argument: the rules below name it
+        fixed = key = None
+    if fixed is None:
+        fixed = _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate,
+                                 sizes, link)
+        if key is not None:
+            if len(_SIGNATURES) >= _MAX_SIGNATURES:
+                _SIGNATURES.clear()
+            _SIGNATURES[key] = fixed
+    m, plan, use_batch, one_pass = fixed
     dtype = x.dtype
-    if m.params is None:
-        if weight is not None or bias is not None:
-            raise ValueError(f"weight/bias: {describe_mode(m)} has no affine parameters")
-    else:
+    if m.params is not None:
         checks.param("weight", weight, plan.param_shape, dtype, be)
         checks.param("bias", bias, plan.param_shape, dtype, be)
-    has_running = running_mean is not None
-    if has_running != (running_var is not None):
-        raise ValueError("running_mean/running_var: give both or neither")
     if has_running:
-        if m.running_stats is None:
-            raise ValueError(f"running_mean: {describe_mode(m)} keeps no running statistics")
         checks.param("running_mean", running_mean, plan.running_shape, dtype, be)
         checks.param("running_var", running_var, plan.running_shape, dtype, be)
         if training:
@@ -203,19 +207,43 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
         checks.out(out, x.shape, dtype, {"x": x}, be)
     if estimate and not (has_running and training):
         raise ValueError("estimate: needs running_mean and running_var and training=True")
-    use_batch = bool(training) or not has_running
     if not use_batch:
         link = None  # eval with running statistics: nothing to exchange
     if link is None:  # synchronized: the counts are checked once all ranks' are known
         _check_count(plan.count, plan.layout[1], training, m, x.shape)
-    one_pass = (use_batch and not estimate and link is None and plan.strategy is Strategy.GROUPS
-                and be.fused_forward)
     return _Forward(m, plan, be, dtype,
                     None if weight is None else weight.reshape(-1),
                     None if bias is None else bias.reshape(-1),
-                    running_mean, running_var, bool(training), momentum, eps, bool(unbiased),
-                    bool(estimate), out, link, use_batch,
-                    bool(training) and has_running and plan.layout[1] > 0, one_pass)
+                    running_mean, running_var, training, momentum, eps, bool(unbiased),
+                    estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
+                    one_pass)
+
+
+# What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
+# flags) decides, kept per signature: the rules it passed and the plan it chose.
+_SIGNATURES: dict = {}
+_MAX_SIGNATURES = 1024
+
+
+def _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate, sizes,
+                     link):
+    """The rules that depend on the call's signature alone; returns (mode, plan, use_batch,
+    one_pass)."""
+    m = get_mode(mode)
+    if link is not None:
+        sync.check_batch_mode(m, x)
+    plan = _plan(m, x, sizes)
+    if m.params is None and (weight is not None or bias is not None):
+        raise ValueError(f"weight/bias: {describe_mode(m)} has no affine parameters")
+    has_running = running_mean is not None
+    if has_running != (running_var is not None):
+        raise ValueError("running_mean/running_var: give both or neither")
+    if has_running and m.running_stats is None:
+        raise ValueError(f"running_mean: {describe_mode(m)} keeps no running statistics")
+    use_batch = training or not has_running
+    one_pass = (use_batch and not estimate and link is None
+                and plan.strategy is Strategy.GROUPS and be.fused_forward)
+    return m, plan, use_batch, one_pass
 
 
 def _check_count(n, C, training, m: Mode, shape):

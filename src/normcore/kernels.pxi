@@ -35,10 +35,14 @@ large common offset in x does not cost float32 digits.
 When A == 1 every group is contiguous, and normalize_groups computes a group's statistics
 and writes its output in one visit, while the group is in cache.
 
-The kernels check nothing: normcore/functional.py validates shapes, dtypes and sizes.
+The kernels check nothing beyond what costs nanoseconds (see Arguments): normcore/checks.py
+validates the caller's arguments, normcore/functional.py builds the kernels' arrays.
 """
+cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
+
+cnp.import_array()
 
 ctypedef fused floating:
     float
@@ -65,6 +69,48 @@ cdef enum:
 
 # Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
 cdef Py_ssize_t CHUNK = 4096
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments. The Python entries take the arrays themselves and read their data pointers:
+# a typed memoryview costs about a third of a microsecond per argument, which dominates
+# the small calls this library mostly serves. What is cheap to check is checked (an
+# ndarray of the contract's dtype, C-contiguous, writeable for OUT), so a wrong direct
+# call raises instead of reading the wrong memory; shapes are the caller's promise.
+# ---------------------------------------------------------------------------------------
+
+cdef inline Py_ssize_t* _shape(object a, int ndim) except NULL:
+    if not cnp.PyArray_Check(a) or cnp.PyArray_NDIM(<cnp.ndarray>a) != ndim:
+        raise TypeError(f"kernel argument: expected a {ndim}-D ndarray, got {type(a).__name__} "
+                        f"of shape {getattr(a, 'shape', None)}")
+    return <Py_ssize_t*>cnp.PyArray_DIMS(<cnp.ndarray>a)
+
+
+cdef inline void* _in(object a, int typenum) except? NULL:
+    if not cnp.PyArray_Check(a) or cnp.PyArray_TYPE(<cnp.ndarray>a) != typenum \
+            or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a):
+        raise TypeError(f"kernel argument: expected a C-contiguous ndarray of "
+                        f"{cnp.PyArray_DescrFromType(typenum)}, got {getattr(a, 'dtype', type(a).__name__)}")
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline void* _out(object a, int typenum) except? NULL:
+    cdef void* p = _in(a, typenum)
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+        raise TypeError("kernel argument: an OUT array must be writeable")
+    return p
+
+
+cdef inline int _storage(object a) except -1:
+    # the storage type T of x (float32 or float64) from the array that carries it
+    if cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT32:
+        return cnp.NPY_FLOAT32
+    return cnp.NPY_FLOAT64
+
+
+# shorthands for the contract's two fixed dtypes
+cdef int F64 = cnp.NPY_FLOAT64
+cdef int IDX = cnp.NPY_INTP
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,17 +188,24 @@ cdef inline void _row_moments(const floating* p, Py_ssize_t n,
 # Forward statistics on the (A, C, B) layout
 # ---------------------------------------------------------------------------------------
 
-def moments_rows(const floating[:, :, ::1] x,    # IN  (A, C, B)
-                 double[:, ::1] pmean,           # OUT (A, C) mean of each row
-                 double[:, ::1] pm2,            # OUT (A, C) centered sum of squares
-                 int threads):                 # OpenMP threads for this call
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef Py_ssize_t r, a, c
-    with nogil:
-        for r in prange(A * C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            a = r // C
-            c = r - a * C
-            _row_moments(&x[a, c, 0], B, &pmean[a, c], &pm2[a, c])
+def moments_rows(x, pmean, pm2, int threads):
+    """IN x (A, C, B) T; OUT pmean, pm2 (A, C) float64: mean and centred sum of squares of
+    each row."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef double* pm = <double*>_out(pmean, F64)
+    cdef double* p2 = <double*>_out(pm2, F64)
+    if T == cnp.NPY_FLOAT32:
+        _moments_rows(<const float*>_in(x, T), d[0] * d[1], d[2], pm, p2, threads)
+    else:
+        _moments_rows(<const double*>_in(x, T), d[0] * d[1], d[2], pm, p2, threads)
+
+
+cdef void _moments_rows(const floating* x, Py_ssize_t rows, Py_ssize_t B, double* pmean,
+                        double* pm2, int threads) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in prange(rows, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        _row_moments(x + r * B, B, pmean + r, pm2 + r)
 
 
 cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_t ld,
@@ -186,41 +239,53 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
         m2[c] = max(m2[c] - s * s / rows, 0.0)
 
 
-def moments_cols(const floating[:, ::1] x,       # IN  (A, C)
-                 Py_ssize_t rows_per_block,
-                 double[:, ::1] pmean,           # OUT (nblocks, C)
-                 double[:, ::1] pm2,            # OUT (nblocks, C)
-                 int threads):                 # OpenMP threads for this call
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = pmean.shape[0]
+def moments_cols(x, Py_ssize_t rows_per_block, pmean, pm2, int threads):
+    """IN x (A, C) T; OUT pmean, pm2 (ceil(A / rows_per_block), C) float64: moments of
+    each column over each block of rows."""
+    cdef Py_ssize_t* d = _shape(x, 2)
+    cdef Py_ssize_t nb = _shape(pmean, 2)[0]
+    cdef int T = _storage(x)
+    cdef double* pm = <double*>_out(pmean, F64)
+    cdef double* p2 = <double*>_out(pm2, F64)
+    if T == cnp.NPY_FLOAT32:
+        _moments_cols(<const float*>_in(x, T), d[0], d[1], rows_per_block, nb, pm, p2, threads)
+    else:
+        _moments_cols(<const double*>_in(x, T), d[0], d[1], rows_per_block, nb, pm, p2, threads)
+
+
+cdef void _moments_cols(const floating* x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t rpb, Py_ssize_t nb,
+                        double* pmean, double* pm2, int threads) noexcept nogil:
     cdef Py_ssize_t k, c0, r0, t
-    with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            r0 = k * rows_per_block
-            for t in range((C + TILE - 1) // TILE):
-                c0 = t * TILE
-                _tile_col_moments(&x[r0, c0], _block_rows(k, rows_per_block, A), C,
-                                  _block_rows(t, TILE, C), &pmean[k, c0], &pm2[k, c0])
+    for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        r0 = k * rpb
+        for t in range((C + TILE - 1) // TILE):
+            c0 = t * TILE
+            _tile_col_moments(x + r0 * C + c0, _block_rows(k, rpb, A), C, _block_rows(t, TILE, C),
+                              pmean + k * C + c0, pm2 + k * C + c0)
 
 
-def combine_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
-                    const double[:, ::1] pm2,    # IN  (K, C) partial centered sums of squares
-                    const double[::1] counts,    # IN  (K,)   elements behind each partial
-                    double[::1] mean,            # OUT (C,)
-                    double[::1] m2,             # OUT (C,)
-                    int threads):                 # OpenMP threads for this call
-    """Exact merge of K partials per column: the two-pass formula over the partial means,
+def combine_moments(pmean, pm2, counts, mean, m2, int threads):
+    """IN pmean, pm2 (K, C), counts (K,) float64; OUT mean, m2 (C,): exact merge of K
+    partials per column, the two-pass formula over the partial means,
     mean = sum(n_k mean_k) / N, m2 = sum(m2_k + n_k (mean_k - mean)^2), in a fixed order.
     (Chan's pairwise merge gives the same result but divides twice per partial.)"""
-    cdef Py_ssize_t K = pmean.shape[0], C = pmean.shape[1]
-    cdef Py_ssize_t k, t
+    cdef Py_ssize_t* d = _shape(pmean, 2)
+    cdef Py_ssize_t K = d[0], C = d[1], k
+    cdef const double* n = <const double*>_in(counts, F64)
     cdef double total = 0.0
     for k in range(K):
-        total = total + counts[k]
-    with nogil:
-        # column tiles in parallel; within a tile the partial rows are read contiguously
-        for t in prange((C + TILE - 1) // TILE, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            _combine_tile(&pmean[0, t * TILE], &pm2[0, t * TILE], &counts[0], K, C,
-                          _block_rows(t, TILE, C), total, &mean[t * TILE], &m2[t * TILE])
+        total = total + n[k]
+    _combine_moments(<const double*>_in(pmean, F64), <const double*>_in(pm2, F64), n, K, C, total,
+                     <double*>_out(mean, F64), <double*>_out(m2, F64), threads)
+
+
+cdef void _combine_moments(const double* pmean, const double* pm2, const double* counts, Py_ssize_t K,
+                           Py_ssize_t C, double total, double* mean, double* m2, int threads) noexcept nogil:
+    cdef Py_ssize_t t
+    # column tiles in parallel; within a tile the partial rows are read contiguously
+    for t in prange((C + TILE - 1) // TILE, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        _combine_tile(pmean + t * TILE, pm2 + t * TILE, counts, K, C, _block_rows(t, TILE, C), total,
+                      mean + t * TILE, m2 + t * TILE)
 
 
 cdef inline void _combine_tile(const double* pmean, const double* pm2, const double* counts,
@@ -271,33 +336,43 @@ cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, P
             y[a * ld + c] = <floating>((x[a * ld + c] - mean[c]) * scale[c] + shift[c])
 
 
-def affine_rows(const floating[:, :, ::1] x,    # IN  (A, R, S)
-                const double[::1] mean,         # IN  (R,)
-                const double[::1] scale,        # IN  (R,)
-                const double[::1] shift,        # IN  (R,)
-                Py_ssize_t rows_per_block,      # row blocks of the S == 1 (column) layout
-                floating[:, :, ::1] y,         # OUT (A, R, S)
-                int threads):                 # OpenMP threads for this call
-    """y = (x - mean[r]) * scale[r] + shift[r], evaluated in double.
+def affine_rows(x, mean, scale, shift, Py_ssize_t rows_per_block, y, int threads):
+    """IN x (A, R, S) T, mean, scale, shift (R,) float64; OUT y (A, R, S) T:
+    y = (x - mean[r]) * scale[r] + shift[r], evaluated in double; ``rows_per_block`` cuts
+    the rows of the S == 1 (column) layout.
 
     Subtracting the mean first (rather than folding it into shift) keeps the rounding at
     the size of y instead of |x| * scale, which matters when x sits at a large offset.
     """
-    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* sc = <const double*>_in(scale, F64)
+    cdef const double* sh = <const double*>_in(shift, F64)
+    if T == cnp.NPY_FLOAT32:
+        _affine_rows(<const float*>_in(x, T), d[0], d[1], d[2], mu, sc, sh, rows_per_block,
+                     <float*>_out(y, T), threads)
+    else:
+        _affine_rows(<const double*>_in(x, T), d[0], d[1], d[2], mu, sc, sh, rows_per_block,
+                     <double*>_out(y, T), threads)
+
+
+cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S, const double* mean,
+                       const double* scale, const double* shift, Py_ssize_t rpb, floating* y,
+                       int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t
-    with nogil:
-        if S == 1:
-            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-                a = i * rows_per_block
-                for t in range((R + TILE - 1) // TILE):
-                    r = t * TILE
-                    _affine_tile(&x[a, r, 0], &y[a, r, 0], _block_rows(i, rows_per_block, A), R,
-                                 _block_rows(t, TILE, R), &mean[r], &scale[r], &shift[r])
-        else:
-            for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-                a = i // R
-                r = i - a * R
-                _affine_row(&x[a, r, 0], &y[a, r, 0], S, mean[r], scale[r], shift[r])
+    if S == 1:
+        for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+            a = i * rpb
+            for t in range((R + TILE - 1) // TILE):
+                r = t * TILE
+                _affine_tile(x + a * R + r, y + a * R + r, _block_rows(i, rpb, A), R,
+                             _block_rows(t, TILE, R), mean + r, scale + r, shift + r)
+    else:
+        for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+            a = i // R
+            r = i - a * R
+            _affine_row(x + i * S, y + i * S, S, mean[r], scale[r], shift[r])
 
 
 cdef inline void _dy_sums(const floating* dy, const double* w, const floating* x, Py_ssize_t n,
@@ -314,19 +389,27 @@ cdef inline void _row_sums(const floating* dy, const floating* x, Py_ssize_t n, 
     _dy_sums(dy, NULL, x, n, mu, s1, s2)
 
 
-def sums_rows(const floating[:, :, ::1] dy,     # IN  (A, R, S)
-              const floating[:, :, ::1] x,      # IN  (A, R, S)
-              const double[::1] mean,           # IN  (R,)
-              double[:, ::1] p1,                # OUT (A, R) row sums of dy
-              double[:, ::1] p2,               # OUT (A, R) row sums of dy * (x - mean)
-              int threads):                 # OpenMP threads for this call
-    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
-    cdef Py_ssize_t i, a, r, t
-    with nogil:
-        for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            a = i // R
-            r = i - a * R
-            _row_sums(&dy[a, r, 0], &x[a, r, 0], S, mean[r], &p1[a, r], &p2[a, r])
+def sums_rows(dy, x, mean, p1, p2, int threads):
+    """IN dy, x (A, R, S) T, mean (R,) float64; OUT p1, p2 (A, R) float64: row sums of dy
+    and of dy * (x - mean)."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef double* q1 = <double*>_out(p1, F64)
+    cdef double* q2 = <double*>_out(p2, F64)
+    if T == cnp.NPY_FLOAT32:
+        _sums_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+    else:
+        _sums_rows(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+
+
+cdef void _sums_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S,
+                     const double* mean, double* p1, double* p2, int threads) noexcept nogil:
+    cdef Py_ssize_t i, a, r
+    for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        a = i // R
+        r = i - a * R
+        _row_sums(dy + i * S, x + i * S, S, mean[r], p1 + i, p2 + i)
 
 
 cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_t rows,
@@ -348,22 +431,32 @@ cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_
             s2[c] += dy[r * ld + c] * (x[r * ld + c] - mean[c])
 
 
-def sums_cols(const floating[:, ::1] dy,        # IN  (A, C)
-              const floating[:, ::1] x,         # IN  (A, C)
-              const double[::1] mean,           # IN  (C,)
-              Py_ssize_t rows_per_block,
-              double[:, ::1] p1,                # OUT (nblocks, C)
-              double[:, ::1] p2,               # OUT (nblocks, C)
-              int threads):                 # OpenMP threads for this call
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], nb = p1.shape[0]
+def sums_cols(dy, x, mean, Py_ssize_t rows_per_block, p1, p2, int threads):
+    """IN dy, x (A, C) T, mean (C,) float64; OUT p1, p2 (ceil(A / rows_per_block), C)
+    float64: per block of rows, column sums of dy and of dy * (x - mean)."""
+    cdef Py_ssize_t* d = _shape(x, 2)
+    cdef Py_ssize_t nb = _shape(p1, 2)[0]
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef double* q1 = <double*>_out(p1, F64)
+    cdef double* q2 = <double*>_out(p2, F64)
+    if T == cnp.NPY_FLOAT32:
+        _sums_cols(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], rows_per_block, nb,
+                   mu, q1, q2, threads)
+    else:
+        _sums_cols(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], rows_per_block, nb,
+                   mu, q1, q2, threads)
+
+
+cdef void _sums_cols(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t rpb,
+                     Py_ssize_t nb, const double* mean, double* p1, double* p2, int threads) noexcept nogil:
     cdef Py_ssize_t k, r0, c0, t
-    with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            r0 = k * rows_per_block
-            for t in range((C + TILE - 1) // TILE):
-                c0 = t * TILE
-                _tile_col_sums(&dy[r0, c0], &x[r0, c0], _block_rows(k, rows_per_block, A), C,
-                               _block_rows(t, TILE, C), &mean[c0], &p1[k, c0], &p2[k, c0])
+    for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        r0 = k * rpb
+        for t in range((C + TILE - 1) // TILE):
+            c0 = t * TILE
+            _tile_col_sums(dy + r0 * C + c0, x + r0 * C + c0, _block_rows(k, rpb, A), C,
+                           _block_rows(t, TILE, C), mean + c0, p1 + k * C + c0, p2 + k * C + c0)
 
 
 cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
@@ -389,32 +482,40 @@ cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, P
             dx[a * ld + c] = <floating>(dy[a * ld + c] * k1[c] + (x[a * ld + c] - mean[c]) * k2[c] + k3[c])
 
 
-def dx_rows(const floating[:, :, ::1] dy,       # IN  (A, R, S)
-            const floating[:, :, ::1] x,        # IN  (A, R, S)
-            const double[::1] mean,             # IN  (R,)
-            const double[::1] k1,               # IN  (R,)
-            const double[::1] k2,               # IN  (R,)
-            const double[::1] k3,               # IN  (R,)
-            Py_ssize_t rows_per_block,          # row blocks of the S == 1 (column) layout
-            floating[:, :, ::1] dx,            # OUT (A, R, S)
-            int threads):                 # OpenMP threads for this call
-    """dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r], evaluated in double."""
-    cdef Py_ssize_t A = x.shape[0], R = x.shape[1], S = x.shape[2]
-    cdef Py_ssize_t i, a, r, t
-    with nogil:
-        if S == 1:
-            for i in prange((A + rows_per_block - 1) // rows_per_block, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-                a = i * rows_per_block
-                for t in range((R + TILE - 1) // TILE):
-                    r = t * TILE
-                    _dx_tile(&dy[a, r, 0], &x[a, r, 0], &dx[a, r, 0],
-                             _block_rows(i, rows_per_block, A), R, _block_rows(t, TILE, R),
-                             &mean[r], &k1[r], &k2[r], &k3[r])
-        else:
-            for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-                a = i // R
-                r = i - a * R
-                _dx_row(&dy[a, r, 0], &x[a, r, 0], &dx[a, r, 0], S, mean[r], k1[r], k2[r], k3[r])
+def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx, int threads):
+    """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,) float64; OUT dx (A, R, S) T:
+    dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r], evaluated in double."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* c1 = <const double*>_in(k1, F64)
+    cdef const double* c2 = <const double*>_in(k2, F64)
+    cdef const double* c3 = <const double*>_in(k3, F64)
+    if T == cnp.NPY_FLOAT32:
+        _dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
+                 rows_per_block, <float*>_out(dx, T), threads)
+    else:
+        _dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
+                 rows_per_block, <double*>_out(dx, T), threads)
+
+
+cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S,
+                   const double* mean, const double* k1, const double* k2, const double* k3,
+                   Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
+    cdef Py_ssize_t i, a, r, t, o
+    if S == 1:
+        for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+            a = i * rpb
+            for t in range((R + TILE - 1) // TILE):
+                r = t * TILE
+                o = a * R + r
+                _dx_tile(dy + o, x + o, dx + o, _block_rows(i, rpb, A), R, _block_rows(t, TILE, R),
+                         mean + r, k1 + r, k2 + r, k3 + r)
+    else:
+        for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+            a = i // R
+            r = i - a * R
+            _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r])
 
 
 # ---------------------------------------------------------------------------------------
@@ -429,20 +530,29 @@ cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n,
         y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
 
 
-def affine_inner(const floating[:, :, ::1] x,   # IN  (1, R, S)
-                 const double[::1] mean,        # IN  (R,)
-                 const double[::1] rstd,        # IN  (R,)
-                 const Py_ssize_t[::1] rp,      # IN  (R,) offset of row r's parameters
-                 const double[::1] w,           # IN  (P,)
-                 const double[::1] bias,        # IN  (P,)
-                 floating[:, :, ::1] y,        # OUT (1, R, S)
-                 int threads):                 # OpenMP threads for this call
-    """y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + bias[rp[r] + s]."""
-    cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
+def affine_inner(x, mean, rstd, rp, w, bias, y, int threads):
+    """IN x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp offset of row r's
+    parameters, w, bias (P,) float64; OUT y (1, R, S) T:
+    y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + bias[rp[r] + s]."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef const double* pb = <const double*>_in(bias, F64)
+    if T == cnp.NPY_FLOAT32:
+        _affine_inner(<const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, <float*>_out(y, T), threads)
+    else:
+        _affine_inner(<const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, <double*>_out(y, T), threads)
+
+
+cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean, const double* rstd,
+                        const Py_ssize_t* rp, const double* w, const double* b, floating* y,
+                        int threads) noexcept nogil:
     cdef Py_ssize_t r
-    with nogil:
-        for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            _affine_inner_row(&x[0, r, 0], &y[0, r, 0], S, mean[r], rstd[r], &w[rp[r]], &bias[rp[r]])
+    for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        _affine_inner_row(x + r * S, y + r * S, S, mean[r], rstd[r], w + rp[r], b + rp[r])
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,46 +561,58 @@ def affine_inner(const floating[:, :, ::1] x,   # IN  (1, R, S)
 # ---------------------------------------------------------------------------------------
 
 
-def normalize_groups(const floating[:, :, ::1] x,   # IN  (1, C, B): group c is x[0, c]
-                     Py_ssize_t rows_per_group,     # J: the group's B elements are J rows of S
-                     bint center,
-                     double eps,
-                     int affine,                    # nc_affine_kind (contract.h)
-                     const Py_ssize_t[::1] rp,      # IN  (C * J,) parameter offset of each row
-                     const double[::1] w,           # IN  (P,)
-                     const double[::1] bias,        # IN  (P,)
-                     double[::1] mean,              # OUT (C,) mean used (0 when not centred)
-                     double[::1] var,               # OUT (C,) biased variance (mean square if not centred)
-                     double[::1] rstd,              # OUT (C,) 1 / sqrt(var + eps)
-                     floating[:, :, ::1] y,         # OUT (1, C, B)
-                     int threads):                  # OpenMP threads for this call
-    """Statistics of each group, then its rows normalized, as the separate kernels do."""
-    cdef Py_ssize_t C = x.shape[1], B = x.shape[2], J = rows_per_group, S = B // rows_per_group
-    cdef Py_ssize_t c, j, r
+def normalize_groups(x, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, w, bias,
+                     mean, var, rstd, y, int threads):
+    """IN x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp (C * J,)
+    intp parameter offset of each row, w, bias (P,) float64, affine an nc_affine_kind
+    (contract.h); OUT mean (C,) (0 when not centred), var (C,) (mean square when not
+    centred), rstd (C,) float64 and y (1, C, B) T: statistics of each group, then its
+    rows normalized, as the separate kernels do, while the group is in cache."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef const double* pb = <const double*>_in(bias, F64)
+    cdef double* mu = <double*>_out(mean, F64)
+    cdef double* v = <double*>_out(var, F64)
+    cdef double* rs = <double*>_out(rstd, F64)
+    if T == cnp.NPY_FLOAT32:
+        _normalize_groups(<const float*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw, pb,
+                          mu, v, rs, <float*>_out(y, T), threads)
+    else:
+        _normalize_groups(<const double*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw, pb,
+                          mu, v, rs, <double*>_out(y, T), threads)
+
+
+cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ssize_t J, bint center,
+                            double eps, int affine, const Py_ssize_t* rp, const double* w, const double* bias,
+                            double* mean, double* var, double* rstd, floating* y, int threads) noexcept nogil:
+    cdef Py_ssize_t S = B // J
+    cdef Py_ssize_t c, j, r, o
     cdef double mu, m2, v, rs
-    with nogil:
-        for c in prange(C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            # Cython makes a prange variable thread-private only if the body assigns it;
-            # a write through a pointer does not count, so assign first.
+    for c in prange(C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        # Cython makes a prange variable thread-private only if the body assigns it;
+        # a write through a pointer does not count, so assign first.
+        mu = 0.0
+        m2 = 0.0
+        _row_moments(x + c * B, B, &mu, &m2)
+        v = m2 / B
+        if not center:
+            v = v + mu * mu
             mu = 0.0
-            m2 = 0.0
-            _row_moments(&x[0, c, 0], B, &mu, &m2)
-            v = m2 / B
-            if not center:
-                v = v + mu * mu
-                mu = 0.0
-            rs = 1.0 / sqrt(v + eps)
-            mean[c] = mu
-            var[c] = v
-            rstd[c] = rs
-            for j in range(J):
-                r = c * J + j
-                if affine == NC_AFFINE_INNER:
-                    _affine_inner_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs, &w[rp[r]], &bias[rp[r]])
-                elif affine == NC_AFFINE_ROW:
-                    _affine_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs * w[rp[r]], bias[rp[r]])
-                else:
-                    _affine_row(&x[0, c, j * S], &y[0, c, j * S], S, mu, rs, 0.0)
+        rs = 1.0 / sqrt(v + eps)
+        mean[c] = mu
+        var[c] = v
+        rstd[c] = rs
+        for j in range(J):
+            r = c * J + j
+            o = c * B + j * S
+            if affine == NC_AFFINE_INNER:
+                _affine_inner_row(x + o, y + o, S, mu, rs, w + rp[r], bias + rp[r])
+            elif affine == NC_AFFINE_ROW:
+                _affine_row(x + o, y + o, S, mu, rs * w[rp[r]], bias[rp[r]])
+            else:
+                _affine_row(x + o, y + o, S, mu, rs, 0.0)
 
 
 cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize_t n,
@@ -501,60 +623,72 @@ cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize
         db[i] += dy[i]
 
 
-def backward_groups(const floating[:, :, ::1] dy,   # IN  (1, C, B): group c is dy[0, c]
-                    const floating[:, :, ::1] x,    # IN  (1, C, B)
-                    Py_ssize_t rows_per_group,      # J: the group's B elements are J rows of S
-                    bint center,
-                    int affine,                     # nc_affine_kind (contract.h)
-                    const Py_ssize_t[::1] rp,       # IN  (C * J,) parameter offset of each row
-                    const double[::1] w,            # IN  (P,)
-                    const double[::1] mean,         # IN  (C,)
-                    const double[::1] rstd,         # IN  (C,)
-                    Py_ssize_t groups_per_block,
-                    double[::1] t1,                 # OUT (C * J,) row sums of dy (affine 0, 1)
-                    double[::1] t2,                 # OUT (C * J,) row sums of dy * (x - mean)
-                    double[:, ::1] pdw,             # OUT (nblocks, P) zeroed (affine 2)
-                    double[:, ::1] pdb,             # OUT (nblocks, P) zeroed (affine 2)
-                    floating[:, :, ::1] dx,         # OUT (1, C, B)
-                    int threads):                   # OpenMP threads for this call
-    """Training-mode backward of an A == 1 layout in one visit per group: the group's sums,
-    then its dx while dy and x are still in cache (same formulas as dx_rows / dx_inner)."""
-    cdef Py_ssize_t C = x.shape[1], B = x.shape[2], J = rows_per_group, S = B // rows_per_group
-    cdef Py_ssize_t nb = (C + groups_per_block - 1) // groups_per_block
+def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean, rstd,
+                    Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dx, int threads):
+    """IN dy, x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp
+    (C * J,) intp, w (P,) float64, mean, rstd (C,) float64, affine an nc_affine_kind;
+    OUT t1, t2 (C * J,) float64 row sums of dy and dy * (x - mean) (affine NONE, ROW),
+    pdw, pdb (ceil(C / groups_per_block), P) float64 zeroed partials (INNER), dx
+    (1, C, B) T. Training-mode backward in one visit per group: the group's sums, then its
+    dx while dy and x are still in cache (same formulas as dx_rows / dx_inner)."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef Py_ssize_t P = _shape(pdw, 2)[1]
+    cdef int T = _storage(x)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef double* q1 = <double*>_out(t1, F64)
+    cdef double* q2 = <double*>_out(t2, F64)
+    cdef double* dw = <double*>_out(pdw, F64)
+    cdef double* db = <double*>_out(pdb, F64)
+    if T == cnp.NPY_FLOAT32:
+        _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group, center,
+                         affine, p, pw, mu, rs, groups_per_block, q1, q2, P, dw, db, <float*>_out(dx, T), threads)
+    else:
+        _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group, center,
+                         affine, p, pw, mu, rs, groups_per_block, q1, q2, P, dw, db, <double*>_out(dx, T), threads)
+
+
+cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ssize_t J,
+                           bint center, int affine, const Py_ssize_t* rp, const double* w, const double* mean,
+                           const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
+                           double* pdw, double* pdb, floating* dx, int threads) noexcept nogil:
+    cdef Py_ssize_t S = B // J
+    cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, j, r, o
     cdef double mu, rs, a1, a2, m1, m2, g, q1, q2
-    with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            for c in range(k * groups_per_block, k * groups_per_block + _block_rows(k, groups_per_block, C)):
-                mu = mean[c]
-                rs = rstd[c]
-                a1 = 0.0
-                a2 = 0.0
-                for j in range(J):
-                    r = c * J + j
-                    o = j * S
-                    if affine == NC_AFFINE_INNER:
-                        q1 = 0.0  # assigned, so private to the thread (see normalize_groups)
-                        q2 = 0.0
-                        _dy_sums(&dy[0, c, o], &w[rp[r]], &x[0, c, o], S, mu, &q1, &q2)
-                        a1 = a1 + q1
-                        a2 = a2 + q2 * rs
-                        _row_param_sums(&dy[0, c, o], &x[0, c, o], S, mu, rs, &pdw[k, rp[r]], &pdb[k, rp[r]])
-                    else:
-                        _row_sums(&dy[0, c, o], &x[0, c, o], S, mu, &t1[r], &t2[r])
-                        g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
-                        a1 = a1 + g * t1[r]
-                        a2 = a2 + g * (rs * t2[r])
-                m1 = a1 / B if center else 0.0
-                m2 = a2 / B
-                for j in range(J):
-                    r = c * J + j
-                    o = j * S
-                    if affine == NC_AFFINE_INNER:
-                        _dx_inner_row(&dy[0, c, o], &x[0, c, o], &dx[0, c, o], S, mu, rs, &w[rp[r]], m1, m2)
-                    else:
-                        g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
-                        _dx_row(&dy[0, c, o], &x[0, c, o], &dx[0, c, o], S, mu, rs * g, -rs * rs * m2, -rs * m1)
+    for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        for c in range(k * gpb, k * gpb + _block_rows(k, gpb, C)):
+            mu = mean[c]
+            rs = rstd[c]
+            a1 = 0.0
+            a2 = 0.0
+            for j in range(J):
+                r = c * J + j
+                o = c * B + j * S
+                if affine == NC_AFFINE_INNER:
+                    q1 = 0.0  # assigned, so private to the thread (see _normalize_groups)
+                    q2 = 0.0
+                    _dy_sums(dy + o, w + rp[r], x + o, S, mu, &q1, &q2)
+                    a1 = a1 + q1
+                    a2 = a2 + q2 * rs
+                    _row_param_sums(dy + o, x + o, S, mu, rs, pdw + k * P + rp[r], pdb + k * P + rp[r])
+                else:
+                    _row_sums(dy + o, x + o, S, mu, t1 + r, t2 + r)
+                    g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
+                    a1 = a1 + g * t1[r]
+                    a2 = a2 + g * (rs * t2[r])
+            m1 = a1 / B if center else 0.0
+            m2 = a2 / B
+            for j in range(J):
+                r = c * J + j
+                o = c * B + j * S
+                if affine == NC_AFFINE_INNER:
+                    _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r], m1, m2)
+                else:
+                    g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
+                    _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1)
 
 
 cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssize_t rows,
@@ -568,37 +702,49 @@ cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssiz
         _row_param_sums(dy + i * ld, x + i * ld, tw, mean[i], rstd[i], dw + rp[i] + c0, db + rp[i] + c0)
 
 
-def sums_inner(const floating[:, :, ::1] dy,    # IN  (1, R, S)
-               const floating[:, :, ::1] x,     # IN  (1, R, S)
-               const double[::1] mean,          # IN  (R,)
-               const double[::1] rstd,          # IN  (R,)
-               const Py_ssize_t[::1] rp,        # IN  (R,)
-               const double[::1] w,             # IN  (P,)
-               Py_ssize_t rows_per_block,
-               double[::1] s1,                  # OUT (R,) sum of g = dy * w
-               double[::1] s2,                  # OUT (R,) sum of g * xhat
-               double[:, ::1] pdw,              # OUT (nblocks, P) zeroed: partial dweight
-               double[:, ::1] pdb,              # OUT (nblocks, P) zeroed: partial dbias
-               int threads):                    # OpenMP threads for this call
-    """Per-row sums for dx, and per-block dweight/dbias partials, in one pass over a block
-    of rows: the row sums first, then the block's column tiles while it is in cache."""
-    cdef Py_ssize_t R = x.shape[1], S = x.shape[2], nb = pdw.shape[0]
+def sums_inner(dy, x, mean, rstd, rp, w, Py_ssize_t rows_per_block, s1, s2, pdw, pdb, int threads):
+    """IN dy, x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp, w (P,) float64;
+    OUT s1, s2 (R,) float64 sums of g = dy * w and of g * xhat; pdw, pdb
+    (ceil(R / rows_per_block), P) float64 zeroed partial dweight/dbias. One pass over a
+    block of rows: the row sums first, then the block's column tiles while it is in cache."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef Py_ssize_t* pd = _shape(pdw, 2)
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef double* q1 = <double*>_out(s1, F64)
+    cdef double* q2 = <double*>_out(s2, F64)
+    cdef double* dw = <double*>_out(pdw, F64)
+    cdef double* db = <double*>_out(pdb, F64)
+    if T == cnp.NPY_FLOAT32:
+        _sums_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw,
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+    else:
+        _sums_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw,
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+
+
+cdef void _sums_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean,
+                      const double* rstd, const Py_ssize_t* rp, const double* w, Py_ssize_t rpb,
+                      double* s1, double* s2, Py_ssize_t nb, Py_ssize_t P, double* pdw, double* pdb,
+                      int threads) noexcept nogil:
     cdef Py_ssize_t k, r, rows, t, q, sub, in_block
     # sub-blocks of rows small enough to stay in L2 between their two passes
     cdef Py_ssize_t sub_rows = max(1, <Py_ssize_t>CACHED_ELEMS // max(S, 1))
-    with nogil:
-        for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            in_block = _block_rows(k, rows_per_block, R)
-            for q in range((in_block + sub_rows - 1) // sub_rows):
-                sub = k * rows_per_block + q * sub_rows
-                rows = _block_rows(q, sub_rows, in_block)
-                for r in range(sub, sub + rows):
-                    _dy_sums(&dy[0, r, 0], &w[rp[r]], &x[0, r, 0], S, mean[r], &s1[r], &s2[r])
-                    s2[r] = s2[r] * rstd[r]
-                for t in range((S + TILE - 1) // TILE):
-                    _tile_param_sums(&dy[0, sub, t * TILE], &x[0, sub, t * TILE], rows, S,
-                                     _block_rows(t, TILE, S), &mean[sub], &rstd[sub], &rp[sub], t * TILE,
-                                     &pdw[k, 0], &pdb[k, 0])
+    for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        in_block = _block_rows(k, rpb, R)
+        for q in range((in_block + sub_rows - 1) // sub_rows):
+            sub = k * rpb + q * sub_rows
+            rows = _block_rows(q, sub_rows, in_block)
+            for r in range(sub, sub + rows):
+                _dy_sums(dy + r * S, w + rp[r], x + r * S, S, mean[r], s1 + r, s2 + r)
+                s2[r] = s2[r] * rstd[r]
+            for t in range((S + TILE - 1) // TILE):
+                _tile_param_sums(dy + sub * S + t * TILE, x + sub * S + t * TILE, rows, S,
+                                 _block_rows(t, TILE, S), mean + sub, rstd + sub, rp + sub, t * TILE,
+                                 pdw + k * P, pdb + k * P)
 
 
 cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
@@ -609,23 +755,32 @@ cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* 
         dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
 
 
-def dx_inner(const floating[:, :, ::1] dy,      # IN  (1, R, S)
-             const floating[:, :, ::1] x,       # IN  (1, R, S)
-             const double[::1] mean,            # IN  (R,)
-             const double[::1] rstd,            # IN  (R,)
-             const Py_ssize_t[::1] rp,          # IN  (R,)
-             const double[::1] w,               # IN  (P,)
-             const double[::1] c1,              # IN  (R,) group mean of g (0 when not centred)
-             const double[::1] c2,              # IN  (R,) group mean of g * xhat (0 in eval)
-             floating[:, :, ::1] dx,           # OUT (1, R, S)
-             int threads):                 # OpenMP threads for this call
-    """dx = rstd[r] * (dy * w[rp[r] + s] - c1[r] - xhat * c2[r])."""
-    cdef Py_ssize_t R = x.shape[1], S = x.shape[2]
+def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, int threads):
+    """IN dy, x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp, w (P,) float64,
+    c1 (R,) group mean of g (0 when not centred), c2 (R,) group mean of g * xhat (0 in
+    eval); OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] - c1[r] - xhat * c2[r])."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef const double* q1 = <const double*>_in(c1, F64)
+    cdef const double* q2 = <const double*>_in(c2, F64)
+    if T == cnp.NPY_FLOAT32:
+        _dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, q1, q2,
+                  <float*>_out(dx, T), threads)
+    else:
+        _dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, q1, q2,
+                  <double*>_out(dx, T), threads)
+
+
+cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean,
+                    const double* rstd, const Py_ssize_t* rp, const double* w, const double* c1,
+                    const double* c2, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t r
-    with nogil:
-        for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-            _dx_inner_row(&dy[0, r, 0], &x[0, r, 0], &dx[0, r, 0], S, mean[r], rstd[r],
-                          &w[rp[r]], c1[r], c2[r])
+    for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        _dx_inner_row(dy + r * S, x + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r], c1[r], c2[r])
 
 
 # ---------------------------------------------------------------------------------------
@@ -634,180 +789,236 @@ def dx_inner(const floating[:, :, ::1] dy,      # IN  (1, R, S)
 # array operations (which dominate small inputs); serial, in a fixed order.
 # ---------------------------------------------------------------------------------------
 
-def finalize_moments(const double[:, ::1] pmean,  # IN  (K, C) partial means
-                     const double[:, ::1] pm2,    # IN  (K, C) partial centred sums of squares
-                     const double[::1] counts,    # IN  (K,) elements behind each partial
-                     double count,                # elements per group (sum of counts)
-                     bint center,
-                     double eps,
-                     double[::1] mean,            # OUT (C,) mean used (0 when not centred)
-                     double[::1] var,             # OUT (C,) biased variance (mean square if not centred)
-                     double[::1] rstd):           # OUT (C,) 1 / sqrt(var + eps)
-    """Merge K partials per group (two-pass formula over the partial means, as
-    combine_moments; K == 1 passes through), divide by the count, apply the non-centred
-    transform (var + mean^2: the mean of squares without cancellation) and take rstd."""
-    cdef Py_ssize_t K = pmean.shape[0], C = pmean.shape[1]
+def finalize_moments(pmean, pm2, counts, double count, bint center, double eps, mean, var, rstd):
+    """IN pmean, pm2 (K, C) partial means and centred sums of squares, counts (K,)
+    elements behind each, count = their sum (all float64); OUT mean (C,) (0 when not
+    centred), var (C,) biased variance (mean square when not centred), rstd (C,)
+    1 / sqrt(var + eps). Partials merge as in combine_moments (K == 1 passes through),
+    then the count divides, the non-centred transform applies (var + mean^2: the mean of
+    squares without cancellation) and rstd is taken."""
+    cdef Py_ssize_t* d = _shape(pmean, 2)
+    _finalize_moments(<const double*>_in(pmean, F64), <const double*>_in(pm2, F64),
+                      <const double*>_in(counts, F64), d[0], d[1], count, center, eps,
+                      <double*>_out(mean, F64), <double*>_out(var, F64), <double*>_out(rstd, F64))
+
+
+cdef void _finalize_moments(const double* pmean, const double* pm2, const double* counts, Py_ssize_t K,
+                            Py_ssize_t C, double count, bint center, double eps, double* mean, double* var,
+                            double* rstd) noexcept nogil:
     cdef Py_ssize_t k, c
-    cdef double mu, m2, d, v, total = 0.0
+    cdef double mu, m2, dev, v, total = 0.0
     for k in range(K):
         total = total + counts[k]
-    with nogil:
-        for c in range(C):
-            if K == 1:
-                mu = pmean[0, c]
-                m2 = pm2[0, c]
-            else:
-                mu = 0.0
-                for k in range(K):
-                    mu += counts[k] * pmean[k, c]
-                mu = mu / total
-                m2 = 0.0
-                for k in range(K):
-                    d = pmean[k, c] - mu
-                    m2 += pm2[k, c] + counts[k] * d * d
-            v = m2 / count
-            if not center:
-                v = v + mu * mu
-                mu = 0.0
-            mean[c] = mu
-            var[c] = v
-            rstd[c] = 1.0 / sqrt(v + eps)
+    for c in range(C):
+        if K == 1:
+            mu = pmean[c]
+            m2 = pm2[c]
+        else:
+            mu = 0.0
+            for k in range(K):
+                mu += counts[k] * pmean[k * C + c]
+            mu = mu / total
+            m2 = 0.0
+            for k in range(K):
+                dev = pmean[k * C + c] - mu
+                m2 += pm2[k * C + c] + counts[k] * dev * dev
+        v = m2 / count
+        if not center:
+            v = v + mu * mu
+            mu = 0.0
+        mean[c] = mu
+        var[c] = v
+        rstd[c] = 1.0 / sqrt(v + eps)
 
 
-def update_running(const double[::1] mean,        # IN  (C,) batch mean per group
-                   const double[::1] var,         # IN  (C,) batch biased variance per group
-                   const Py_ssize_t[::1] rc,      # IN  (C,) running entry of each group
-                   double groups_per_running,     # groups averaged into one entry
-                   double momentum,
-                   double unbias,                 # n / (n - 1), or 1 for the biased variance
-                   floating[::1] running_mean,    # IN/OUT (E,)
-                   floating[::1] running_var,     # IN/OUT (E,)
-                   double[::1] scratch):          # (2 E,) work space
-    """running = (1 - momentum) * running + momentum * batch, each entry's batch value the
-    average over its groups (summed in group order) and the variance unbiased by
-    ``unbias``; evaluated in double, stored once."""
-    cdef Py_ssize_t C = mean.shape[0], E = running_mean.shape[0]
+def update_running(mean, var, rc, double groups_per_running, double momentum, double unbias,
+                   running_mean, running_var, scratch):
+    """IN mean, var (C,) float64 batch statistics per group, rc (C,) intp running entry of
+    each group; IN/OUT running_mean, running_var (E,) T; scratch (2E,) float64:
+    running = (1 - momentum) * running + momentum * batch, each entry's batch value the
+    average over its groups (summed in group order), the variance times ``unbias``
+    (n / (n - 1), or 1 for the biased one); evaluated in double, stored once."""
+    cdef Py_ssize_t C = _shape(mean, 1)[0], E = _shape(running_mean, 1)[0]
+    cdef int T = _storage(running_mean)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* v = <const double*>_in(var, F64)
+    cdef const Py_ssize_t* c = <const Py_ssize_t*>_in(rc, IDX)
+    cdef double* work = <double*>_out(scratch, F64)
+    if T == cnp.NPY_FLOAT32:
+        _update_running(mu, v, c, C, groups_per_running, momentum, unbias, <float*>_out(running_mean, T),
+                        <float*>_out(running_var, T), E, work)
+    else:
+        _update_running(mu, v, c, C, groups_per_running, momentum, unbias, <double*>_out(running_mean, T),
+                        <double*>_out(running_var, T), E, work)
+
+
+cdef void _update_running(const double* mean, const double* var, const Py_ssize_t* rc, Py_ssize_t C,
+                          double groups_per_running, double momentum, double unbias, floating* running_mean,
+                          floating* running_var, Py_ssize_t E, double* scratch) noexcept nogil:
     cdef Py_ssize_t c, e
     cdef double keep = 1.0 - momentum
-    cdef double* sm = &scratch[0]
-    cdef double* sv = &scratch[E]
-    with nogil:
-        for e in range(E):
-            sm[e] = 0.0
-            sv[e] = 0.0
-        for c in range(C):
-            sm[rc[c]] += mean[c]
-            sv[rc[c]] += var[c] * unbias
-        for e in range(E):
-            if groups_per_running != 1.0:
-                sm[e] = sm[e] / groups_per_running
-                sv[e] = sv[e] / groups_per_running
-            running_mean[e] = <floating>(keep * running_mean[e] + momentum * sm[e])
-            running_var[e] = <floating>(keep * running_var[e] + momentum * sv[e])
+    cdef double* sm = scratch
+    cdef double* sv = scratch + E
+    for e in range(E):
+        sm[e] = 0.0
+        sv[e] = 0.0
+    for c in range(C):
+        sm[rc[c]] += mean[c]
+        sv[rc[c]] += var[c] * unbias
+    for e in range(E):
+        if groups_per_running != 1.0:
+            sm[e] = sm[e] / groups_per_running
+            sv[e] = sv[e] / groups_per_running
+        running_mean[e] = <floating>(keep * running_mean[e] + momentum * sm[e])
+        running_var[e] = <floating>(keep * running_var[e] + momentum * sv[e])
 
 
-def running_statistics(const floating[::1] running_mean,  # IN (E,)
-                       const floating[::1] running_var,   # IN (E,)
-                       const Py_ssize_t[::1] rc,          # IN (C,) running entry of each group
-                       double eps,
-                       double[::1] mean,                  # OUT (C,)
-                       double[::1] var,                   # OUT (C,)
-                       double[::1] rstd):                 # OUT (C,) 1 / sqrt(var + eps)
-    """Per-group statistics read from the running ones (the stored values, so the output
-    is normalized with exactly what the running statistics hold)."""
-    cdef Py_ssize_t C = mean.shape[0], c
+def running_statistics(running_mean, running_var, rc, double eps, mean, var, rstd):
+    """IN running_mean, running_var (E,) T, rc (C,) intp running entry of each group;
+    OUT mean, var, rstd (C,) float64: per-group statistics read from the running ones (the
+    stored values, so the output is normalized with exactly what they hold)."""
+    cdef Py_ssize_t C = _shape(mean, 1)[0]
+    cdef int T = _storage(running_mean)
+    cdef const Py_ssize_t* c = <const Py_ssize_t*>_in(rc, IDX)
+    cdef double* mu = <double*>_out(mean, F64)
+    cdef double* v = <double*>_out(var, F64)
+    cdef double* rs = <double*>_out(rstd, F64)
+    if T == cnp.NPY_FLOAT32:
+        _running_statistics(<const float*>_in(running_mean, T), <const float*>_in(running_var, T), c, C, eps,
+                            mu, v, rs)
+    else:
+        _running_statistics(<const double*>_in(running_mean, T), <const double*>_in(running_var, T), c, C, eps,
+                            mu, v, rs)
+
+
+cdef void _running_statistics(const floating* running_mean, const floating* running_var, const Py_ssize_t* rc,
+                              Py_ssize_t C, double eps, double* mean, double* var, double* rstd) noexcept nogil:
+    cdef Py_ssize_t c
     cdef double v
-    with nogil:
-        for c in range(C):
-            mean[c] = running_mean[rc[c]]
-            v = running_var[rc[c]]
-            var[c] = v
-            rstd[c] = 1.0 / sqrt(v + eps)
+    for c in range(C):
+        mean[c] = running_mean[rc[c]]
+        v = running_var[rc[c]]
+        var[c] = v
+        rstd[c] = 1.0 / sqrt(v + eps)
 
 
-def row_coefficients(const double[::1] mean,      # IN  (C,)
-                     const double[::1] rstd,      # IN  (C,)
-                     const Py_ssize_t[::1] rg,    # IN  (R,) statistics group of each row
-                     const Py_ssize_t[::1] rp,    # IN  (R,) parameter of each row
-                     const floating[::1] w,       # IN  (P,) weight (ignored unless has_w)
-                     const floating[::1] b,       # IN  (P,) bias (ignored unless has_b)
-                     bint has_w,
-                     bint has_b,
-                     double[::1] mean_r,          # OUT (R,)
-                     double[::1] scale,           # OUT (R,) rstd * w
-                     double[::1] shift):          # OUT (R,) b
-    """Per-row coefficients of affine_rows: y = (x - mean_r) * scale + shift."""
-    cdef Py_ssize_t R = rg.shape[0], r
+def row_coefficients(mean, rstd, rg, rp, w, b, bint has_w, bint has_b, mean_r, scale, shift):
+    """IN mean, rstd (C,) float64, rg (R,) intp statistics group of each row, rp (R,) intp
+    parameter of each row, w, b (P,) T (read only where has_w / has_b); OUT mean_r,
+    scale, shift (R,) float64, the coefficients of affine_rows:
+    y = (x - mean_r) * scale + shift with scale = rstd * w and shift = b."""
+    cdef Py_ssize_t R = _shape(rg, 1)[0]
+    cdef int T = _storage(w)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef double* m = <double*>_out(mean_r, F64)
+    cdef double* sc = <double*>_out(scale, F64)
+    cdef double* sh = <double*>_out(shift, F64)
+    if T == cnp.NPY_FLOAT32:
+        _row_coefficients(mu, rs, g, p, <const float*>_in(w, T), <const float*>_in(b, T), has_w, has_b, R,
+                          m, sc, sh)
+    else:
+        _row_coefficients(mu, rs, g, p, <const double*>_in(w, T), <const double*>_in(b, T), has_w, has_b, R,
+                          m, sc, sh)
+
+
+cdef void _row_coefficients(const double* mean, const double* rstd, const Py_ssize_t* rg, const Py_ssize_t* rp,
+                            const floating* w, const floating* b, bint has_w, bint has_b, Py_ssize_t R,
+                            double* mean_r, double* scale, double* shift) noexcept nogil:
+    cdef Py_ssize_t r
     cdef double s
-    with nogil:
-        for r in range(R):
-            mean_r[r] = mean[rg[r]]
-            s = rstd[rg[r]]
-            if has_w:
-                s = s * <double>w[rp[r]]
-            scale[r] = s
-            shift[r] = <double>b[rp[r]] if has_b else 0.0
+    for r in range(R):
+        mean_r[r] = mean[rg[r]]
+        s = rstd[rg[r]]
+        if has_w:
+            s = s * <double>w[rp[r]]
+        scale[r] = s
+        shift[r] = <double>b[rp[r]] if has_b else 0.0
 
 
-def gradient_sums(const double[:, ::1] p1,        # IN  (K, R) partial row sums of dy
-                  const double[:, ::1] p2,        # IN  (K, R) partial row sums of dy * (x - mean)
-                  const Py_ssize_t[::1] rg,       # IN  (R,)
-                  const Py_ssize_t[::1] rp,       # IN  (R,)
-                  const floating[::1] w,          # IN  (P,) weight (ignored unless has_w)
-                  bint has_w,
-                  const double[::1] rstd,         # IN  (C,)
-                  double[::1] g1,                 # OUT (C,) group sums of g = w * dy
-                  double[::1] g2,                 # OUT (C,) group sums of g * xhat
-                  double[::1] dw,                 # OUT (P,) zeroed by the caller, or empty
-                  double[::1] db):                # OUT (P,) zeroed by the caller, or empty
-    """Row partials summed over K in order, then into groups and parameters in row order:
-    the sums behind dx (g1, g2) and dweight/dbias (when dw/db are not empty)."""
-    cdef Py_ssize_t K = p1.shape[0], R = p1.shape[1], C = g1.shape[0]
+def gradient_sums(p1, p2, rg, rp, w, bint has_w, rstd, g1, g2, dw, db):
+    """IN p1, p2 (K, R) float64 partial row sums of dy and dy * (x - mean), rg, rp (R,)
+    intp, w (P,) T (read only where has_w), rstd (C,) float64; OUT g1, g2 (C,) float64
+    group sums of g = w * dy and g * xhat; dw, db (P,) float64 zeroed by the caller, or
+    empty to skip them. Partials are summed over K in order, then into groups and
+    parameters in row order."""
+    cdef Py_ssize_t* d = _shape(p1, 2)
+    cdef Py_ssize_t C = _shape(g1, 1)[0], P = _shape(dw, 1)[0]
+    cdef int T = _storage(w)
+    cdef const double* q1 = <const double*>_in(p1, F64)
+    cdef const double* q2 = <const double*>_in(p2, F64)
+    cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef double* o1 = <double*>_out(g1, F64)
+    cdef double* o2 = <double*>_out(g2, F64)
+    cdef double* ow = <double*>_out(dw, F64)
+    cdef double* ob = <double*>_out(db, F64)
+    if T == cnp.NPY_FLOAT32:
+        _gradient_sums(q1, q2, d[0], d[1], g, p, <const float*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
+    else:
+        _gradient_sums(q1, q2, d[0], d[1], g, p, <const double*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
+
+
+cdef void _gradient_sums(const double* p1, const double* p2, Py_ssize_t K, Py_ssize_t R, const Py_ssize_t* rg,
+                         const Py_ssize_t* rp, const floating* w, bint has_w, const double* rstd, Py_ssize_t C,
+                         double* g1, double* g2, Py_ssize_t P, double* dw, double* db) noexcept nogil:
     cdef Py_ssize_t k, r, c
     cdef double t1, t2, gamma, rs
-    cdef bint params = dw.shape[0] > 0
-    with nogil:
-        for c in range(C):
-            g1[c] = 0.0
-            g2[c] = 0.0
-        for r in range(R):
-            t1 = 0.0  # K may be 0: a rank holding no samples
-            t2 = 0.0
-            for k in range(K):
-                t1 = t1 + p1[k, r]
-                t2 = t2 + p2[k, r]
-            rs = rstd[rg[r]]
-            if params:
-                dw[rp[r]] += rs * t2
-                db[rp[r]] += t1
-            gamma = <double>w[rp[r]] if has_w else 1.0
-            g1[rg[r]] += gamma * t1
-            g2[rg[r]] += gamma * (rs * t2)
+    for c in range(C):
+        g1[c] = 0.0
+        g2[c] = 0.0
+    for r in range(R):
+        t1 = 0.0  # K may be 0: a rank holding no samples
+        t2 = 0.0
+        for k in range(K):
+            t1 = t1 + p1[k * R + r]
+            t2 = t2 + p2[k * R + r]
+        rs = rstd[rg[r]]
+        if P > 0:
+            dw[rp[r]] += rs * t2
+            db[rp[r]] += t1
+        gamma = <double>w[rp[r]] if has_w else 1.0
+        g1[rg[r]] += gamma * t1
+        g2[rg[r]] += gamma * (rs * t2)
 
 
-def dx_coefficients(const double[::1] g1,         # IN  (C,) group sums of g = w * dy
-                    const double[::1] g2,         # IN  (C,) group sums of g * xhat
-                    const Py_ssize_t[::1] rg,     # IN  (R,)
-                    const Py_ssize_t[::1] rp,     # IN  (R,)
-                    const floating[::1] w,        # IN  (P,) weight (ignored unless has_w)
-                    bint has_w,
-                    const double[::1] rstd,       # IN  (C,)
-                    double count,                 # elements per group (all ranks)
-                    bint stats_grad,              # gradients flow through the statistics
-                    bint center,
-                    double[::1] k1,               # OUT (R,)
-                    double[::1] k2,               # OUT (R,)
-                    double[::1] k3):              # OUT (R,)
-    """Coefficients of dx_rows: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with
-    g = w * dy and xhat = (x - mean) * rstd, regrouped as dy * k1 + (x - mean) * k2 + k3."""
-    cdef Py_ssize_t R = rg.shape[0], r
+def dx_coefficients(g1, g2, rg, rp, w, bint has_w, rstd, double count, bint stats_grad, bint center,
+                    k1, k2, k3):
+    """IN g1, g2 (C,) float64 group sums of g = w * dy and g * xhat, rg, rp (R,) intp,
+    w (P,) T (read only where has_w), rstd (C,) float64, count elements per group (all
+    ranks), stats_grad (gradients flow through the statistics), center; OUT k1, k2, k3
+    (R,) float64, the coefficients of dx_rows:
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with xhat = (x - mean) * rstd,
+    regrouped as dy * k1 + (x - mean) * k2 + k3."""
+    cdef Py_ssize_t R = _shape(rg, 1)[0]
+    cdef int T = _storage(w)
+    cdef const double* q1 = <const double*>_in(g1, F64)
+    cdef const double* q2 = <const double*>_in(g2, F64)
+    cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef double* o1 = <double*>_out(k1, F64)
+    cdef double* o2 = <double*>_out(k2, F64)
+    cdef double* o3 = <double*>_out(k3, F64)
+    if T == cnp.NPY_FLOAT32:
+        _dx_coefficients(q1, q2, g, p, <const float*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+    else:
+        _dx_coefficients(q1, q2, g, p, <const double*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+
+
+cdef void _dx_coefficients(const double* g1, const double* g2, const Py_ssize_t* rg, const Py_ssize_t* rp,
+                           const floating* w, bint has_w, const double* rstd, Py_ssize_t R, double count,
+                           bint stats_grad, bint center, double* k1, double* k2, double* k3) noexcept nogil:
+    cdef Py_ssize_t r
     cdef double rs
-    with nogil:
-        for r in range(R):
-            rs = rstd[rg[r]]
-            k1[r] = rs * (<double>w[rp[r]] if has_w else 1.0)
-            k2[r] = -rs * rs * (g2[rg[r]] / count) if stats_grad else 0.0
-            k3[r] = -rs * (g1[rg[r]] / count) if stats_grad and center else 0.0
+    for r in range(R):
+        rs = rstd[rg[r]]
+        k1[r] = rs * (<double>w[rp[r]] if has_w else 1.0)
+        k2[r] = -rs * rs * (g2[rg[r]] / count) if stats_grad else 0.0
+        k3[r] = -rs * (g1[rg[r]] / count) if stats_grad and center else 0.0
 
 
 cdef extern from *:
