@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]" && pip install torch==2.13.0   # torch is optional
     python bench/bench_cpu.py --threads 1,2 [--dtype float32] [--quick] [--json out.json]
+    python bench/bench_cpu.py --small [--json out.json]      # small calls, per-call overhead
 
 For every case and pass (forward in training mode with the running-statistics update,
 backward, inference) it reports the median milliseconds of normcore (allocating its
@@ -13,6 +14,13 @@ figure, the effective GB/s and the ratio to a bandwidth floor measured in the sa
 bytes moved (forward 3x, backward 5x, inference 2x bytes(x)) at the bandwidth of the faster of a NumPy
 copy of x and a copy split over as many threads as the kernels use.
 Absolute times drift on shared machines; read the ratios.
+
+``--small`` times what dominates small inputs, the fixed work of a call: a layer's training
+forward + backward and its eval forward, float32, one thread, on the shapes of a small
+network (a batch of 64 through 128-1024 features), for the normcore layer, the
+hand-written NumPy a NumPy user would write (batch statistics, running-statistics update,
+closed-form backward) and torch.nn's module with autograd; interleaved, the minimum over
+repeats of the mean of many calls.
 """
 from __future__ import annotations
 
@@ -225,6 +233,98 @@ def markdown(rows):
     return "\n".join(out)
 
 
+SMALL_CASES = [(64, 128), (64, 512), (256, 1024), (64, 16, 8, 8), (64, 32, 4, 4)]
+
+
+def _numpy_batch_norm(x, momentum=0.1, eps=1e-5):
+    """A NumPy user's batch norm layer: (train forward + backward, eval forward)."""
+    C = x.shape[1]
+    axes = (0,) if x.ndim == 2 else (0,) + tuple(range(2, x.ndim))
+    shape = (1, C) + (1,) * (x.ndim - 2)
+    gamma, beta = np.ones(shape, x.dtype), np.zeros(shape, x.dtype)
+    rm, rv = np.zeros(shape, x.dtype), np.ones(shape, x.dtype)
+    n = x.size // C
+    dy = np.ones_like(x)
+
+    def train():
+        mu = x.mean(axis=axes, keepdims=True)
+        var = x.var(axis=axes, keepdims=True)
+        rstd = 1.0 / np.sqrt(var + eps)
+        xhat = (x - mu) * rstd
+        rm[...] = (1 - momentum) * rm + momentum * mu
+        rv[...] = (1 - momentum) * rv + momentum * var * (n / (n - 1))
+        y = gamma * xhat + beta
+        dbeta = dy.sum(axis=axes)
+        dgamma = (dy * xhat).sum(axis=axes)
+        g = dy * gamma
+        dx = rstd / n * (n * g - g.sum(axis=axes, keepdims=True)
+                         - xhat * (g * xhat).sum(axis=axes, keepdims=True))
+        return y, dx, dgamma, dbeta
+
+    def infer():
+        return (x - rm) / np.sqrt(rv + eps) * gamma + beta
+
+    return train, infer
+
+
+def _small_fns(shape):
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    layer_type = nc.BatchNorm1d if len(shape) == 2 else nc.BatchNorm2d
+    layer, frozen = layer_type(shape[1]), layer_type(shape[1]).eval()
+    dy = np.ones_like(x)
+    fns = {"normcore train": lambda: layer.backward(layer(x)), "normcore eval": lambda: frozen(x)}
+    fns["numpy train"], fns["numpy eval"] = _numpy_batch_norm(x)
+    if torch is not None:
+        t_type = torch.nn.BatchNorm1d if len(shape) == 2 else torch.nn.BatchNorm2d
+        module, t_frozen = t_type(shape[1]), t_type(shape[1]).eval()
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        dyt = torch.from_numpy(dy)
+
+        def t_train():
+            module(xt).backward(dyt)
+
+        def t_eval():
+            with torch.no_grad():
+                t_frozen(xt)
+        fns["torch train"], fns["torch eval"] = t_train, t_eval
+    return fns
+
+
+def measure_small(repeats=5, calls=2000):
+    """Rows of microseconds per call for SMALL_CASES (see the module docstring)."""
+    rows = []
+    for shape in SMALL_CASES:
+        fns = _small_fns(shape)
+        best = {k: np.inf for k in fns}
+        for f in fns.values():
+            f()
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    f()
+                best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
+        rows.append({"shape": list(shape), "case": "BatchNorm1d" if len(shape) == 2 else "BatchNorm2d",
+                     **{k.replace(" ", "_") + "_us": v for k, v in best.items()}})
+    return rows
+
+
+def markdown_small(rows):
+    def f(r, k, fmt=".1f"):
+        v = r.get(k)
+        return "—" if v is None else format(v, fmt)
+    out = ["| case | shape | train µs: normcore / NumPy / torch | nc ÷ NumPy | nc ÷ torch "
+           "| eval µs: normcore / NumPy / torch | eval nc ÷ NumPy |", "|---" * 7 + "|"]
+    for r in rows:
+        t = r.get("torch_train_us")
+        out.append(f"| {r['case']} | {tuple(r['shape'])} | {f(r, 'normcore_train_us')} / {f(r, 'numpy_train_us')} / "
+                   f"{f(r, 'torch_train_us')} | {r['normcore_train_us'] / r['numpy_train_us']:.2f} | "
+                   f"{'—' if t is None else format(r['normcore_train_us'] / t, '.2f')} | "
+                   f"{f(r, 'normcore_eval_us')} / {f(r, 'numpy_eval_us')} / {f(r, 'torch_eval_us')} | "
+                   f"{r['normcore_eval_us'] / r['numpy_eval_us']:.2f} |")
+    return "\n".join(out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", default="2", help="comma-separated thread counts, e.g. 1,2")
@@ -232,7 +332,22 @@ def main():
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--quick", action="store_true", help="three cases, 3 repeats")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--small", action="store_true", help="small calls: layer train and eval, 1 thread")
     args = p.parse_args()
+    if args.small:
+        header = (f"normcore {nc.__version__} ({VARIANT} kernels), numpy {np.__version__}, "
+                  f"torch {torch.__version__ if torch else 'not installed'}; {platform.machine()}, float32, "
+                  f"1 thread, interleaved, min over 5 repeats of the mean of 2000 calls, µs per call")
+        if torch is not None:
+            torch.set_num_threads(1)
+        with threadpool_limits(1):
+            rows = measure_small()
+        print(header)
+        print(markdown_small(rows))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"header": header, "rows": rows}, f, indent=1)
+        return
     cases = CASES[:3] if args.quick else CASES
     repeats = 3 if args.quick else args.repeats
     dtype = np.dtype(args.dtype)

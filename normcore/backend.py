@@ -14,6 +14,7 @@ CuPy is imported only when a CuPy array arrives, so importing normcore never nee
 from __future__ import annotations
 
 import enum
+import weakref
 from typing import Protocol
 
 import numpy as np
@@ -140,6 +141,7 @@ class Backend:
     def __init__(self):
         self.xp = np
         self.K = kernels.K
+        self._constants = weakref.WeakKeyDictionary()
 
     def threads_for(self, size):
         return kernels.threads_for(size)
@@ -149,9 +151,20 @@ class Backend:
         return getattr(plan, name)
 
     def constant(self, plan, name, make):
-        """An array that depends on the plan alone, built on the host by ``make()``; in
-        host memory rebuilt per call, which costs less than looking it up."""
-        return make()
+        """An array that depends on the plan alone, built on the host by ``make()`` once
+        per plan (kept for the plan's lifetime) and placed on this backend."""
+        per_plan = self._constants.get(plan)
+        if per_plan is None:
+            per_plan = self._constants[plan] = {}
+        key = (name, self.device_id())
+        value = per_plan.get(key)
+        if value is None:
+            value = per_plan[key] = self.from_host(make())
+        return value
+
+    def device_id(self):
+        """Which device of this backend is current (constants are kept per device)."""
+        return 0
 
     def is_identity(self, plan, name, n):
         """True when the plan's index ``name`` maps n entries onto themselves (a gather or

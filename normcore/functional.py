@@ -201,15 +201,17 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
             for name, a in (("running_mean", running_mean), ("running_var", running_var)):
                 if not getattr(a.flags, "writeable", True):
                     raise ValueError(f"{name}: must be writeable to be updated in training")
-    eps = checks.eps(eps)
-    momentum = checks.momentum(momentum)
+    if not (type(eps) is float and 0.0 < eps < _INF):  # else: the rule and its message
+        eps = checks.eps(eps)
+    if not (type(momentum) is float and 0.0 <= momentum <= 1.0):
+        momentum = checks.momentum(momentum)
     if out is not None:
         checks.out(out, x.shape, dtype, {"x": x}, be)
     if estimate and not (has_running and training):
         raise ValueError("estimate: needs running_mean and running_var and training=True")
     if not use_batch:
         link = None  # eval with running statistics: nothing to exchange
-    if link is None:  # synchronized: the counts are checked once all ranks' are known
+    if link is None and plan.count <= 1:  # synchronized: checked once all ranks' counts are known
         _check_count(plan.count, plan.layout[1], training, m, x.shape)
     return _Forward(m, plan, be, dtype,
                     None if weight is None else weight.reshape(-1),
@@ -223,6 +225,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
 # flags) decides, kept per signature: the rules it passed and the plan it chose.
 _SIGNATURES: dict = {}
 _MAX_SIGNATURES = 1024
+_INF = float("inf")
 
 
 def _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate, sizes,
@@ -311,22 +314,13 @@ def _moments(x3, plan: Plan, run: _Run):
     if strategy is Strategy.SCATTERED:
         return _scattered_moments(x3.reshape(plan.rows), plan, run)
     if strategy is Strategy.COLUMNS:
-        rpb = plan.rows_per_block
-        nb = -(-A // rpb)
+        nb = len(plan.partial_counts)
         pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
-        run.K.moments_cols(x3.reshape(A, C), rpb, pmean, pm2, run.threads)
-
-        def counts():
-            c = np.full(nb, float(rpb))
-            c[-1] = A - rpb * (nb - 1)
-            return c
+        run.K.moments_cols(x3.reshape(A, C), plan.rows_per_block, pmean, pm2, run.threads)
     else:
         pmean, pm2 = xp.empty((A, C)), xp.empty((A, C))
         run.K.moments_rows(x3, pmean, pm2, run.threads)
-
-        def counts():
-            return np.full(A, float(B))
-    return pmean, pm2, run.be.constant(plan, "partial counts", counts)
+    return pmean, pm2, run.be.constant(plan, "partial counts", lambda: plan.partial_counts)
 
 
 def _scattered_moments(x_rows, plan: Plan, run: _Run):
@@ -341,9 +335,7 @@ def _scattered_moments(x_rows, plan: Plan, run: _Run):
     def by_group(p):
         return xp.ascontiguousarray(p.reshape(row_shape).transpose(plan.scattered)).reshape(-1, C)
 
-    pmean, pm2 = by_group(pmean), by_group(pm2)
-    K = pmean.shape[0]
-    return pmean, pm2, run.be.constant(plan, "partial counts", lambda: np.full(K, float(S)))
+    return by_group(pmean), by_group(pm2), run.be.constant(plan, "partial counts", lambda: plan.partial_counts)
 
 
 def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):

@@ -330,14 +330,8 @@ class CudaBackend(Backend):
         """The plan's index array on the current device, copied once per plan and device."""
         return self.constant(plan, name, lambda: getattr(plan, name))
 
-    def constant(self, plan, name, make):
-        """``make()`` (a host array that depends on the plan alone) on the current device,
-        copied once per plan and device and kept for the plan's lifetime."""
-        per_plan = self._constants.setdefault(plan, {})
-        key = (name, self.xp.cuda.Device().id)
-        if key not in per_plan:
-            per_plan[key] = self.xp.asarray(make())
-        return per_plan[key]
+    def device_id(self):
+        return self.xp.cuda.Device().id
 
     def to_host(self, a):
         return self.xp.asnumpy(a)

@@ -81,6 +81,22 @@ class Plan:
         return self.strategy is Strategy.COLUMNS
 
     @cached_property
+    def partial_counts(self) -> np.ndarray:
+        """Elements behind each partial of the plan's moments kernel: row blocks of the
+        column strategy, rows of the rows strategy, a group's rows when scattered."""
+        A, C, B = self.layout
+        if self.strategy is Strategy.COLUMNS:
+            nb = -(-A // self.rows_per_block)
+            counts = np.full(nb, float(self.rows_per_block))
+            counts[-1] = A - self.rows_per_block * (nb - 1)
+        elif self.strategy is Strategy.SCATTERED:
+            counts = np.full(self.rows[1] // max(C, 1), float(self.rows[2]))
+        else:
+            counts = np.full(A, float(B))
+        counts.setflags(write=False)
+        return counts
+
+    @cached_property
     def param_size(self) -> int:
         """Elements of weight (and bias): P; 0 when the mode has none."""
         return prod(self.param_shape) if self.param_shape is not None else 0

@@ -41,6 +41,7 @@ validates the caller's arguments, normcore/functional.py builds the kernels' arr
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
+from libc.stdlib cimport abort, free, malloc
 
 cnp.import_array()
 
@@ -805,28 +806,35 @@ def finalize_moments(pmean, pm2, counts, double count, bint center, double eps, 
 cdef void _finalize_moments(const double* pmean, const double* pm2, const double* counts, Py_ssize_t K,
                             Py_ssize_t C, double count, bint center, double eps, double* mean, double* var,
                             double* rstd) noexcept nogil:
+    # Partials are read row by row (k outer): K rows C apart, walked down a column, would
+    # map to a few cache sets when C * 8 is a multiple of 4096. mean and var accumulate.
     cdef Py_ssize_t k, c
-    cdef double mu, m2, dev, v, total = 0.0
+    cdef double dev, v, mu, total = 0.0
     for k in range(K):
         total = total + counts[k]
+    if K == 1:
+        for c in range(C):
+            mean[c] = pmean[c]
+            var[c] = pm2[c]
+    else:
+        for c in range(C):
+            mean[c] = 0.0
+            var[c] = 0.0
+        for k in range(K):
+            for c in range(C):
+                mean[c] += counts[k] * pmean[k * C + c]
+        for c in range(C):
+            mean[c] = mean[c] / total
+        for k in range(K):
+            for c in range(C):
+                dev = pmean[k * C + c] - mean[c]
+                var[c] += pm2[k * C + c] + counts[k] * dev * dev
     for c in range(C):
-        if K == 1:
-            mu = pmean[c]
-            m2 = pm2[c]
-        else:
-            mu = 0.0
-            for k in range(K):
-                mu += counts[k] * pmean[k * C + c]
-            mu = mu / total
-            m2 = 0.0
-            for k in range(K):
-                dev = pmean[k * C + c] - mu
-                m2 += pm2[k * C + c] + counts[k] * dev * dev
-        v = m2 / count
+        mu = mean[c]
+        v = var[c] / count
         if not center:
             v = v + mu * mu
-            mu = 0.0
-        mean[c] = mu
+            mean[c] = 0.0
         var[c] = v
         rstd[c] = 1.0 / sqrt(v + eps)
 
@@ -965,17 +973,24 @@ def gradient_sums(p1, p2, rg, rp, w, bint has_w, rstd, g1, g2, dw, db):
 cdef void _gradient_sums(const double* p1, const double* p2, Py_ssize_t K, Py_ssize_t R, const Py_ssize_t* rg,
                          const Py_ssize_t* rp, const floating* w, bint has_w, const double* rstd, Py_ssize_t C,
                          double* g1, double* g2, Py_ssize_t P, double* dw, double* db) noexcept nogil:
+    # The partial rows are summed row by row (k outer) into per-row totals, then scattered.
     cdef Py_ssize_t k, r, c
     cdef double t1, t2, gamma, rs
+    cdef double* tot = <double*>malloc(2 * max(R, 1) * sizeof(double))
+    if tot == NULL:
+        abort()
+    for r in range(2 * R):
+        tot[r] = 0.0  # K may be 0: a rank holding no samples
+    for k in range(K):
+        for r in range(R):
+            tot[r] += p1[k * R + r]
+            tot[R + r] += p2[k * R + r]
     for c in range(C):
         g1[c] = 0.0
         g2[c] = 0.0
     for r in range(R):
-        t1 = 0.0  # K may be 0: a rank holding no samples
-        t2 = 0.0
-        for k in range(K):
-            t1 = t1 + p1[k * R + r]
-            t2 = t2 + p2[k * R + r]
+        t1 = tot[r]
+        t2 = tot[R + r]
         rs = rstd[rg[r]]
         if P > 0:
             dw[rp[r]] += rs * t2
@@ -983,6 +998,7 @@ cdef void _gradient_sums(const double* p1, const double* p2, Py_ssize_t K, Py_ss
         gamma = <double>w[rp[r]] if has_w else 1.0
         g1[rg[r]] += gamma * t1
         g2[rg[r]] += gamma * (rs * t2)
+    free(tot)
 
 
 def dx_coefficients(g1, g2, rg, rp, w, bint has_w, rstd, double count, bint stats_grad, bint center,
