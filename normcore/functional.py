@@ -38,8 +38,18 @@ class _Run:
 
     __slots__ = ("be", "xp", "K", "threads")
 
-    def __init__(self, be, size):
-        self.be, self.xp, self.K, self.threads = be, be.xp, be.K, be.threads_for(size)
+    def __init__(self, be, threads):
+        self.be, self.xp, self.K, self.threads = be, be.xp, be.K, threads
+
+    @staticmethod
+    def of(be, size):
+        threads = be.threads_for(size)
+        if threads == 1:  # small inputs: one shared record per backend
+            run = _SERIAL.get(be)
+            if run is None or run.K is not be.K:
+                run = _SERIAL[be] = _Run(be, 1)
+            return run
+        return _Run(be, threads)
 
     def ix(self, plan, name):
         """The plan's index array ``name`` (rg, rp, rc) on this backend."""
@@ -52,6 +62,9 @@ class _Run:
     def dummy(self, plan, dtype):
         """A one-element array standing in for an absent weight or bias (never read)."""
         return self.be.constant(plan, ("dummy", dtype), lambda: np.zeros(1, dtype))
+
+
+_SERIAL: dict = {}
 
 
 class NormCache:
@@ -123,6 +136,8 @@ def _plan(mode: Mode, x, sizes) -> Plan:
 def _canonical(a, plan: Plan, xp=np):
     """``a`` as a C-contiguous (A, C, B) array; a view when no copy is needed."""
     if plan.perm is None:
+        if a.flags.c_contiguous:
+            return a.reshape(plan.layout)
         return xp.ascontiguousarray(a).reshape(plan.layout)
     e = a.reshape(plan.elem_shape).transpose(plan.perm)
     return xp.ascontiguousarray(e).reshape(plan.layout)
@@ -138,7 +153,7 @@ def _from_canonical(a3, plan: Plan, xp=np):
 def _result(rows, plan: Plan, out, xp=np):
     """The (A, R, S) result in the input's layout, in ``out`` when given."""
     if out is None:
-        return _from_canonical(rows, plan, xp)
+        return rows.reshape(plan.shape) if plan.perm is None else _from_canonical(rows, plan, xp)
     if plan.perm is not None:
         out[...] = _from_canonical(rows, plan, xp)
     return out
@@ -261,7 +276,7 @@ def _forward(call: _Forward, x):
     """Phases 2-5 of a checked call; returns (y, cache)."""
     plan, xp = call.plan, call.be.xp
     x3 = _canonical(x, plan, xp)
-    run = _Run(call.be, x3.size)
+    run = _Run.of(call.be, x3.size)
     out = call.out
     y_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, call.dtype)
     count = plan.count
@@ -393,9 +408,13 @@ def _apply(call: _Forward, x_rows, mean, rstd, y_rows, run: _Run):
     # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
     # and shift = b per row: one subtract and one multiply-add per element, in double.
     mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
-    dummy = run.dummy(plan, call.dtype)
-    run.K.row_coefficients(mean, rstd, rg, run.params_ix(plan), dummy if w is None else w,
-                           dummy if b is None else b, w is not None, b is not None, mean_r, scale, shift)
+    if w is None or b is None:
+        dummy = run.dummy(plan, call.dtype)
+        w_, b_ = (dummy if w is None else w), (dummy if b is None else b)
+    else:
+        w_, b_ = w, b
+    run.K.row_coefficients(mean, rstd, rg, run.params_ix(plan), w_, b_, w is not None, b is not None,
+                           mean_r, scale, shift)
     run.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, run.threads)
 
 
@@ -550,7 +569,7 @@ def _backward(dy, cache, out, link):
                 None if db is None else db.reshape(pshape))
     dy_rows = _canonical(dy, plan, xp).reshape(plan.rows)
     dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, cache.dtype)
-    run = _Run(be, dy_rows.size)
+    run = _Run.of(be, dy_rows.size)
     if cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
         dw, db = _backward_one_visit(dy_rows, cache, dx_rows, run)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):

@@ -22,6 +22,7 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm"
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm",
            "EstimatedBatchNorm", "BatchChannelNorm", "SyncBatchNorm"]
 
+_NO_SIZES = {}  # read only
 _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 _ARRAYS = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var")
 
@@ -221,10 +222,7 @@ class _Norm(Layer):
         self.num_batches_tracked = 0 if self.track_running_stats else None
 
     def _sizes(self, x) -> dict:
-        return {}
-
-    def _call_options(self) -> dict:
-        return {}
+        return _NO_SIZES
 
     def _check_input(self, x):
         """Every rule on x for this layer; returns x's backend."""
@@ -249,8 +247,16 @@ class _Norm(Layer):
         """Normalize ``x`` (same shape and dtype out) and keep the cache for backward."""
         return self._forward(x, self._check_input(x))
 
-    def _normalize(self, x, be, out, **kw):
-        return forward(x, be, self._mode, weight=self.weight, bias=self.bias, out=out, **kw)
+    def _normalize(self, x, be, out, training, momentum, eps):
+        track = self.track_running_stats
+        return forward(x, be, self._mode, weight=self.weight, bias=self.bias, out=out,
+                       running_mean=self.running_mean if track else None,
+                       running_var=self.running_var if track else None, training=training,
+                       momentum=momentum, eps=eps, unbiased=self.unbiased,
+                       estimate=self._estimate and training, sizes=self._sizes(x), comm=self._comm_or_none())
+
+    def _comm_or_none(self):
+        return None
 
     def _forward(self, x, be):
         """forward for an x that :meth:`_check_input` accepted (``be``: its backend)."""
@@ -260,12 +266,7 @@ class _Norm(Layer):
         if training and track and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
         out = self._buffer("_y_buffer", x.shape, x.dtype, x) if self.reuse_buffers else None
-        y, cache = self._normalize(
-            x, be, out, running_mean=self.running_mean if track else None,
-            running_var=self.running_var if track else None,
-            training=training, momentum=0.0 if momentum is None else momentum,
-            eps=self._eps(x), unbiased=self.unbiased,
-            estimate=self._estimate and training, sizes=self._sizes(x), **self._call_options())
+        y, cache = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x))
         if training and track:
             self.num_batches_tracked += 1
         self._cache = cache
@@ -412,8 +413,8 @@ class SyncBatchNorm(_BatchNorm):
             self._comm = MPI.COMM_WORLD
         return self._comm
 
-    def _call_options(self):
-        return {"comm": self.comm}
+    def _comm_or_none(self):
+        return self.comm
 
     def _check_input(self, x):
         # A rejected input still takes part in the exchange its peers are making, carrying
@@ -485,7 +486,7 @@ class _LastAxesNorm(_Norm):
         checks.trailing_shape("x", x, self.normalized_shape)
         return be
 
-    def _normalize(self, x, be, out, eps, **_):
+    def _normalize(self, x, be, out, training, momentum, eps):
         # the mode's spec has one parameter axis: last_axes views x as (..., prod(shape))
         return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x")
 
