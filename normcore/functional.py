@@ -26,6 +26,7 @@ import numpy as np
 
 from . import checks, sync
 from .backend import CPU, AffineKind
+from .kernels import GRAIN
 from .checks import describe_mode
 from .modes import Mode, get_mode
 from .plan import Plan, Strategy, make_plan
@@ -43,13 +44,15 @@ class _Run:
 
     @staticmethod
     def of(be, size):
-        threads = be.threads_for(size)
-        if threads == 1:  # small inputs: one shared record per backend
+        if size < GRAIN:  # small inputs run on one thread: one shared record per backend
             run = _SERIAL.get(be)
-            if run is None or run.K is not be.K:
-                run = _SERIAL[be] = _Run(be, 1)
-            return run
-        return _Run(be, threads)
+            if run is not None and run.K is be.K:
+                return run
+        threads = be.threads_for(size)
+        if threads != 1:
+            return _Run(be, threads)
+        run = _SERIAL[be] = _Run(be, 1)
+        return run
 
     def ix(self, plan, name):
         """The plan's index array ``name`` (rg, rp, rc) on this backend."""
@@ -205,13 +208,14 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                 _SIGNATURES.clear()
             _SIGNATURES[key] = fixed
     m, plan, use_batch, one_pass = fixed
-    dtype = x.dtype
-    if m.params is not None:
-        checks.param("weight", weight, plan.param_shape, dtype, be)
-        checks.param("bias", bias, plan.param_shape, dtype, be)
+    dtype, kind = x.dtype, be.array_type
+    # each argument: the common case inline, else the rule (which names what is wrong)
+    for name, a, shape in (("weight", weight, plan.param_shape), ("bias", bias, plan.param_shape),
+                           ("running_mean", running_mean, plan.running_shape),
+                           ("running_var", running_var, plan.running_shape)):
+        if a is not None and not (type(a) is kind and a.dtype == dtype and a.shape == shape):
+            checks.param(name, a, shape, dtype, be)
     if has_running:
-        checks.param("running_mean", running_mean, plan.running_shape, dtype, be)
-        checks.param("running_var", running_var, plan.running_shape, dtype, be)
         if training:
             for name, a in (("running_mean", running_mean), ("running_var", running_var)):
                 if not getattr(a.flags, "writeable", True):
