@@ -1,4 +1,4 @@
-"""The CS231n assignment's normalization API (seed 003), running on normcore's kernels.
+"""The CS231n assignment's normalization API, running on normcore's kernels.
 
 Conventions are the assignment's, not PyTorch's:
 

@@ -76,7 +76,7 @@ def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shap
                        weight=None if weight is None else weight.reshape(-1),
                        bias=None if bias is None else bias.reshape(-1),
                        out=None if out is None else out.reshape(flat))
-    return viewed(y, cache, x.shape, shape)
+    return viewed(y, cache, x.shape, shape, out)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):

@@ -569,7 +569,7 @@ def _backward(dy, cache, out, link):
         dx, dw, db = _backward(dy.reshape(plan.shape), _unviewed(cache),
                                None if out is None else out.reshape(plan.shape), link)
         pshape = cache.view[1]
-        return (dx.reshape(cache.view[0]), None if dw is None else dw.reshape(pshape),
+        return (dx.reshape(cache.view[0]) if out is None else out, None if dw is None else dw.reshape(pshape),
                 None if db is None else db.reshape(pshape))
     dy_rows = _canonical(dy, plan, xp).reshape(plan.rows)
     dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, cache.dtype)
@@ -593,11 +593,12 @@ def _unviewed(cache):
     return plain
 
 
-def viewed(y, cache, x_shape, param_shape):
+def viewed(y, cache, x_shape, param_shape, out=None):
     """(y, cache) of a call made on reshaped arrays, presented under the caller's shapes:
-    y and dx get ``x_shape``, dweight and dbias ``param_shape``."""
+    y and dx get ``x_shape``, dweight and dbias ``param_shape``; ``out`` (the caller's,
+    given) is returned as y."""
     cache.view = (tuple(x_shape), tuple(param_shape))
-    return y.reshape(x_shape), cache
+    return (y.reshape(x_shape) if out is None else out), cache
 
 
 def _param_grads(cache, run: _Run):

@@ -349,7 +349,7 @@ class BatchNorm3d(_BatchNorm):
 
 
 class EstimatedBatchNorm(_BatchNorm):
-    """Estimated batch norm (seed 004): training updates the running statistics from the
+    """Estimated batch norm (as in Batch-Channel Normalization): training updates the running statistics from the
     batch, then normalizes with the updated running statistics; no gradient flows through
     the statistics. Input (N, C, *).
 
@@ -554,7 +554,7 @@ class GroupNorm(_GroupedNorm):
 
 
 class ChannelNorm(_GroupedNorm):
-    """Channel norm (seed 004): group norm with one weight/bias per group, shape (groups,).
+    """Channel norm (from Batch-Channel Normalization): group norm with one weight/bias per group, shape (groups,).
 
     >>> import numpy as np
     >>> cn = ChannelNorm(4, 2)
@@ -572,7 +572,7 @@ class _AnyRankBatchNorm(_BatchNorm):
 
 
 class BatchChannelNorm(Layer):
-    """Batch-channel norm (seed 004): (estimated) batch norm, then channel norm, on (N, C, *).
+    """Batch-channel normalization: (estimated) batch norm, then channel norm, on (N, C, *).
 
     Sub-layers are ``batch_norm`` and ``channel_norm``; their parameters appear in
     :meth:`state_dict` as ``"batch_norm.weight"``, ``"channel_norm.weight"``, ...

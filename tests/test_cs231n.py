@@ -1,4 +1,4 @@
-"""normcore.cs231n against the assignment's formulas (seed 003)."""
+"""normcore.cs231n against the CS231n assignment's formulas."""
 import numpy as np
 import pytest
 

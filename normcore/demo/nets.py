@@ -39,7 +39,7 @@ class Linear(Layer):
 class Conv2d(Layer):
     """3x3 convolution, stride 1, padding 1, by im2col; NCHW in and out.
 
-    ``standardize=True`` convolves with ``normcore.weight_standardize(weight)`` (seed 004)
+    ``standardize=True`` convolves with ``normcore.weight_standardize(weight)`` (weight standardization)
     and back-propagates through it.
     """
 

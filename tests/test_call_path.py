@@ -1,0 +1,189 @@
+"""The call path's seams: one rule one message at every entry, x checked once per public
+call, the kernel contract's per-group algebra on both backends, param_shapes, the
+signature cache, and multi-axis layer norm through the one-axis mode."""
+import numpy as np
+import pytest
+
+import normcore as nc
+from normcore import checks, functional, gpu
+from normcore.kernels import K
+from normcore.reference import reference_backward, reference_forward
+
+RNG = np.random.default_rng(5)
+
+
+def x32(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def message(call):
+    with pytest.raises((ValueError, TypeError)) as info:
+        call()
+    return type(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_eps_rule_reads_the_same_everywhere(value):
+    seen = {message(lambda: nc.BatchNorm2d(3, eps=value)),
+            message(lambda: nc.LayerNorm(4, eps=value)),
+            message(lambda: nc.normalize(x32(4, 3), "batch_norm", eps=value)),
+            message(lambda: nc.layer_norm(x32(2, 4), 4, eps=value)),
+            message(lambda: nc.group_norm(x32(2, 4, 3), 2, eps=value))}
+    assert seen == {(ValueError, f"eps: expected a finite float > 0, got {value!r}")}
+
+
+@pytest.mark.parametrize("value", [1.5, -0.1])
+def test_momentum_rule_reads_the_same_everywhere(value):
+    seen = {message(lambda: nc.BatchNorm1d(3, momentum=value)),
+            message(lambda: nc.normalize(x32(4, 3), "batch_norm", momentum=value,
+                                         running_mean=np.zeros(3, np.float32),
+                                         running_var=np.ones(3, np.float32)))}
+    assert seen == {(ValueError, f"momentum: expected a float in [0, 1], got {value!r}")}
+
+
+def test_positive_int_and_divisibility_rules():
+    assert message(lambda: nc.GroupNorm(0, 4)) == (ValueError, "num_groups: expected a positive int, got 0")
+    assert message(lambda: nc.group_norm(x32(2, 4, 3), 0)) == (ValueError, "num_groups: expected a positive int, got 0")
+    assert message(lambda: nc.BatchNorm1d(2.5))[0] is TypeError
+    assert message(lambda: nc.GroupNorm(3, 8)) == (ValueError, "num_groups (3) does not divide num_channels (8)")
+    assert message(lambda: nc.group_norm(x32(2, 8, 3), 3)) == (
+        ValueError, "num_groups (3) does not divide input's channels (8)")
+
+
+def test_masked_arrays_are_refused_naming_the_argument():
+    x = np.ma.masked_array(x32(4, 3), mask=np.zeros((4, 3), bool))
+    with pytest.raises(TypeError, match=r"^x: masked arrays are not supported"):
+        nc.normalize(x, "batch_norm")
+    with pytest.raises(TypeError, match=r"^x: masked arrays"):
+        nc.BatchNorm1d(3)(x)
+    with pytest.raises(TypeError, match=r"^weight: masked arrays"):
+        nc.normalize(x32(4, 3), "batch_norm", weight=np.ma.masked_array(np.ones(3, np.float32)))
+
+
+@pytest.mark.parametrize("entry", [
+    lambda x: nc.BatchNorm2d(4)(x),
+    lambda x: nc.BatchChannelNorm(4, 2)(x),
+    lambda x: nc.GroupNorm(2, 4)(x),
+    lambda x: nc.LayerNorm((4, 3))(x.reshape(2, 4, 3)),
+    lambda x: nc.normalize(x, "batch_norm", weight=np.ones(4, np.float32)),
+    lambda x: nc.group_norm(x, 2),
+    lambda x: nc.layer_norm(x.reshape(2, 4, 3), (4, 3)),
+], ids=["BatchNorm2d", "BatchChannelNorm", "GroupNorm", "LayerNorm", "normalize", "group_norm", "layer_norm"])
+def test_x_is_checked_once_per_public_call(monkeypatch, entry):
+    names = []
+    real = checks.array
+
+    def counting(name, a, *args, **kw):
+        names.append(name)
+        return real(name, a, *args, **kw)
+
+    monkeypatch.setattr(checks, "array", counting)
+    entry(x32(2, 4, 3, 1))
+    assert sum(n in ("x", "input") for n in names) == 1, names
+
+
+def test_param_shapes_agree_with_what_normalize_accepts():
+    for mode, shape, sizes in [("batch_norm", (8, 3, 5), {}), ("group_norm", (2, 6, 4), {"g": 3}),
+                               ("channel_norm", (2, 6, 4), {"g": 3}), ("instance_norm", (2, 3, 7), {}),
+                               ("layer_norm", (4, 9), {}), ("weight_standardize", (4, 3, 3), {})]:
+        shapes = nc.param_shapes(mode, shape, **sizes)
+        x = x32(*shape)
+        kw = {k: np.ones(v, np.float32) for k, v in shapes.items() if v is not None}
+        nc.normalize(x, mode, **kw, **sizes)  # accepted as given
+    with pytest.raises(ValueError, match=r"^x_shape: axis \(g k\) of size 6 is not divisible by g=4"):
+        nc.param_shapes("group_norm", (2, 6, 4), g=4)
+
+
+def test_saved_statistics_are_the_reference_ones():
+    x = (1 + x32(6, 4, 5)).astype(np.float64)
+    for mode, sizes in [("batch_norm", {}), ("group_norm", {"g": 2}), ("layer_norm", {})]:
+        _, cache = nc.normalize(x, mode, eps=1e-3, **sizes)
+        ref = reference_forward(x, mode, eps=1e-3, **sizes)
+        shape = cache.saved_mean.shape
+        np.testing.assert_allclose(cache.saved_mean, ref.mean.reshape(shape), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(cache.saved_rstd, (1 / np.sqrt(ref.var + 1e-3)).reshape(shape), rtol=1e-12)
+
+
+def test_multi_axis_layer_norm_through_the_one_axis_mode():
+    x = RNG.standard_normal((3, 5, 4, 6))
+    w, b = RNG.standard_normal((4, 6)), RNG.standard_normal((4, 6))
+    y, cache = nc.layer_norm(x, (4, 6), weight=w, bias=b)
+    assert cache.shape == x.shape and cache.plan.shape == (3, 5, 24)
+    ref = reference_forward(x.reshape(3, 5, 24), "layer_norm", weight=w.reshape(-1), bias=b.reshape(-1))
+    np.testing.assert_allclose(y, ref.y.reshape(x.shape), atol=1e-12)
+    dy = RNG.standard_normal(x.shape)
+    dx, dw, db = nc.backward(dy, cache)
+    rdx, rdw, rdb = reference_backward(dy.reshape(3, 5, 24), ref)
+    assert dx.shape == x.shape and dw.shape == db.shape == (4, 6)
+    np.testing.assert_allclose(dx, rdx.reshape(x.shape), atol=1e-10)
+    np.testing.assert_allclose(dw, rdw.reshape(4, 6), atol=1e-10)
+    np.testing.assert_allclose(db, rdb.reshape(4, 6), atol=1e-10)
+    out = np.empty_like(x)
+    assert nc.backward(dy, cache, out=out)[0] is out
+    np.testing.assert_array_equal(out, dx)
+    y_out = np.empty_like(x)
+    assert nc.layer_norm(x, (4, 6), weight=w, bias=b, out=y_out)[0] is y_out
+    np.testing.assert_array_equal(y_out, y)
+    with pytest.raises(ValueError, match=r"^dy: expected shape \(3, 5, 4, 6\)"):
+        nc.backward(dy.reshape(3, 5, 24), cache)
+
+
+def test_signature_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(functional, "_MAX_SIGNATURES", 8)
+    functional._SIGNATURES.clear()
+    for n in range(2, 40):
+        nc.normalize(x32(n, 3), "batch_norm")
+    assert 0 < len(functional._SIGNATURES) <= 8
+
+
+def test_kernels_refuse_arrays_outside_their_contract():
+    x = np.ones((2, 3, 1), np.float32)
+    m = np.zeros(3)
+    with pytest.raises(TypeError, match="kernel argument"):
+        K.affine_rows(x, m.astype(np.float32), m, m, 1, np.empty_like(x), 1)
+    with pytest.raises(TypeError, match="kernel argument"):
+        K.affine_rows(x, m, m, m, 1, np.empty((2, 6, 1), np.float32)[:, ::2], 1)
+    read_only = np.empty_like(x)
+    read_only.setflags(write=False)
+    with pytest.raises(TypeError, match="writeable"):
+        K.affine_rows(x, m, m, m, 1, read_only, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_group_algebra_agrees_between_backends(dtype):
+    # The CPU kernels and the CUDA backend's device-array version of the same contract,
+    # both on NumPy arrays here.
+    cuda = gpu.CudaKernels(lambda *a: (lambda grid, block, args: None))
+    C, R, K_, E, P = 6, 12, 4, 3, 5
+    pmean, pm2 = RNG.standard_normal((K_, C)), RNG.uniform(0.5, 2, (K_, C))
+    counts = np.array([3.0, 3.0, 3.0, 2.0])
+    rg, rp, rc = np.repeat(np.arange(C), 2), RNG.integers(0, P, R), np.arange(C) % E
+    w, b = RNG.standard_normal(P).astype(dtype), RNG.standard_normal(P).astype(dtype)
+    outs = {}
+    for name, k in (("cpu", K), ("cuda", cuda)):
+        res = []
+        for center in (True, False):
+            mean, var, rstd = np.empty(C), np.empty(C), np.empty(C)
+            k.finalize_moments(pmean[:1], pm2[:1], counts[:1], 3.0, center, 1e-3, mean, var, rstd)
+            res += [mean, var, rstd]
+        rm, rv = np.zeros(E, dtype), np.ones(E, dtype)
+        k.update_running(mean, var, rc, 2.0, 0.25, 1.5, rm, rv, np.empty(2 * E))
+        stats = [np.empty(C) for _ in range(3)]
+        k.running_statistics(rm, rv, rc, 1e-3, *stats)
+        coeffs = [np.empty(R) for _ in range(3)]
+        k.row_coefficients(mean, rstd, rg, rp, w, b, True, True, *coeffs)
+        g1, g2, dw, db = np.empty(C), np.empty(C), np.zeros(P), np.zeros(P)
+        k.gradient_sums(RNG.standard_normal((K_, R)) * 0 + pmean[:, :1], pm2[:, :1] + np.zeros((K_, R)),
+                        rg, rp, w, True, rstd, g1, g2, dw, db)
+        ks = [np.empty(R) for _ in range(3)]
+        k.dx_coefficients(g1, g2, rg, rp, w, True, rstd, 7.0, True, True, *ks)
+        outs[name] = res + [rm, rv] + stats + coeffs + [g1, g2, dw, db] + ks
+    for a, b_ in zip(outs["cpu"], outs["cuda"], strict=True):
+        np.testing.assert_allclose(a, b_, rtol=1e-13, atol=1e-13)
+    # finalize with K > 1 partials goes through combine_moments on the GPU; compare the CPU
+    # finalize with the CPU merge it must equal
+    mean, var, rstd, mu, m2 = (np.empty(C) for _ in range(5))
+    K.finalize_moments(pmean, pm2, counts, counts.sum(), True, 0.0, mean, var, rstd)
+    K.combine_moments(pmean, pm2, counts, mu, m2, 1)
+    np.testing.assert_array_equal(mean, mu)
+    np.testing.assert_array_equal(var, m2 / counts.sum())
