@@ -615,20 +615,20 @@ def _backward_one_visit(dy_rows, cache, dx_rows, run: _Run):
     if cache.has_weight or cache.has_bias:
         affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
     P = plan.param_size if affine else 1
-    t1, t2 = xp.empty(R), xp.empty(R)
+    row_dy, row_dyx = xp.empty(R), xp.empty(R)
     partials = (plan.param_blocks, P) if affine is AffineKind.INNER else (1, 1)
     pdw, pdb = xp.zeros(partials), xp.zeros(partials)
     rp = run.ix(plan, "rp") if affine else run.be.constant(plan, "no index", lambda: np.zeros(1, np.intp))
     run.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, cache.mode.center, int(affine), rp,
                           cache.weight_f64() if cache.has_weight else xp.ones(P),
-                          cache.mean, cache.rstd, plan.groups_per_block, t1, t2, pdw, pdb,
+                          cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
                           dx_rows.reshape(plan.layout), run.threads)
     if affine is AffineKind.INNER:
         return pdw.sum(axis=0), pdb.sum(axis=0)
     if affine is AffineKind.ROW:
         dw, db = _param_grads(cache, run)
         w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
-        run.K.gradient_sums(t1.reshape(1, R), t2.reshape(1, R), run.ix(plan, "rg"), rp, w, cache.has_weight,
+        run.K.gradient_sums(row_dy.reshape(1, R), row_dyx.reshape(1, R), run.ix(plan, "rg"), rp, w, cache.has_weight,
                             cache.rstd, xp.empty(C), xp.empty(C), dw, db)
         return dw, db
     return None, None
@@ -636,7 +636,10 @@ def _backward_one_visit(dy_rows, cache, dx_rows, run: _Run):
 
 def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
     """Parameters along the rows (layer norm) outside the one-visit case. With ``link``,
-    the group sums and parameter gradients are summed over its ranks."""
+    the group sums and parameter gradients are summed over its ranks.
+
+    Sums: row_g / row_gx per row, group_g / group_gx per group, of g = w * dy and g * xhat;
+    mean_g / mean_gx their group means, per row."""
     plan, xp = cache.plan, run.xp
     R, P = plan.rows[1], plan.param_size
     x_rows = cache.x3.reshape(plan.rows)
@@ -644,17 +647,17 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
     mean_r, rstd_r = _per_row(cache.mean, plan, run), _per_row(cache.rstd, plan, run)
     w = cache.weight_f64() if cache.has_weight else xp.ones(P)
     nb = max(1, -(-R // plan.rows_per_block))
-    s1, s2 = xp.empty(R), xp.empty(R)
+    row_g, row_gx = xp.empty(R), xp.empty(R)
     pdw, pdb = xp.zeros((nb, P)), xp.zeros((nb, P))
-    run.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, plan.rows_per_block, s1, s2,
+    run.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, plan.rows_per_block, row_g, row_gx,
                      pdw, pdb, run.threads)
-    g1, g2 = _group_totals(s1, plan, run), _group_totals(s2, plan, run)
+    group_g, group_gx = _group_totals(row_g, plan, run), _group_totals(row_gx, plan, run)
     dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
     if link is not None:
-        g1, g2, dw, db = sync.sum_over_ranks(link, cache, (g1, g2, dw, db), run.be)
-    c1 = _per_row(g1 / cache.count, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
-    c2 = _per_row(g2 / cache.count, plan, run) if cache.stats_grad else xp.zeros(R)
-    run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, c1, c2, dx_rows, run.threads)
+        group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
+    mean_g = _per_row(group_g / cache.count, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
+    mean_gx = _per_row(group_gx / cache.count, plan, run) if cache.stats_grad else xp.zeros(R)
+    run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx, dx_rows, run.threads)
     return dw, db
 
 
@@ -668,7 +671,10 @@ def _group_totals(values, plan: Plan, run: _Run):
 
 def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients.
-    With ``link``, the group sums and parameter gradients are summed over its ranks."""
+    With ``link``, the group sums and parameter gradients are summed over its ranks.
+
+    Sums: part_dy / part_dyx are partial row sums of dy and dy * (x - mean); group_g /
+    group_gx the group sums of g = w * dy and g * xhat."""
     plan, xp = cache.plan, run.xp
     A, R, S = plan.rows
     C = plan.layout[1]
@@ -678,25 +684,25 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
     affine = cache.has_weight or cache.has_bias
     dw = db = None
-    g1 = g2 = cache.rstd  # unread when no gradient flows through the statistics
+    group_g = group_gx = cache.rstd  # unread when no gradient flows through the statistics
     if cache.stats_grad or affine or link is not None:
         if plan.strategy is Strategy.COLUMNS:
             rpb = plan.rows_per_block
             nb = -(-A // rpb)
-            p1, p2 = xp.empty((nb, R)), xp.empty((nb, R))
-            run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, p1, p2, run.threads)
+            part_dy, part_dyx = xp.empty((nb, R)), xp.empty((nb, R))
+            run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, part_dy, part_dyx, run.threads)
         else:
-            p1, p2 = xp.empty((A, R)), xp.empty((A, R))
-            run.K.sums_rows(dy_rows, x_rows, mean_r, p1, p2, run.threads)
+            part_dy, part_dyx = xp.empty((A, R)), xp.empty((A, R))
+            run.K.sums_rows(dy_rows, x_rows, mean_r, part_dy, part_dyx, run.threads)
         # partial rows, groups and parameters are summed in a fixed order: deterministic
         # for any thread count
         dw, db = _param_grads(cache, run)
-        g1, g2 = xp.empty(C), xp.empty(C)
-        run.K.gradient_sums(p1, p2, rg, rp, w, cache.has_weight, cache.rstd, g1, g2, dw, db)
+        group_g, group_gx = xp.empty(C), xp.empty(C)
+        run.K.gradient_sums(part_dy, part_dyx, rg, rp, w, cache.has_weight, cache.rstd, group_g, group_gx, dw, db)
         if link is not None:
-            g1, g2, dw, db = sync.sum_over_ranks(link, cache, (g1, g2, dw, db), run.be)
+            group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
     k1, k2, k3 = xp.empty(R), xp.empty(R), xp.empty(R)
-    run.K.dx_coefficients(g1, g2, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
+    run.K.dx_coefficients(group_g, group_gx, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
                           cache.stats_grad, cache.mode.center, k1, k2, k3)
     run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, run.threads)
     return (dw, db) if affine else (None, None)
