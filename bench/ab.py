@@ -1,0 +1,95 @@
+"""Before/after: this checkout's normcore against another build of it, interleaved in one
+process (separate runs drift 10-40 % on a shared machine; calls alternating do not).
+
+    git worktree add /tmp/before <commit> && (cd /tmp/before && python setup.py build_ext --inplace)
+    python bench/ab.py /tmp/before --threads 1,2
+
+The other checkout's package is copied under another name (its imports are relative), so
+both load side by side. For each large case and pass it prints the median milliseconds of
+the other build and of this one, and their ratio (above 1: this checkout is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import normcore
+
+CASES = [("BN2d NCHW", (32, 64, 56, 56), "batch_norm", {}), ("BN2d", (64, 256, 14, 14), "batch_norm", {}),
+         ("BN1d", (1024, 4096), "batch_norm", {}), ("BN2d NHWC", (32, 56, 56, 64), "batch_norm_channels_last", {}),
+         ("LN", (8192, 768), "layer_norm", {}), ("LN", (2048, 4096), "layer_norm", {}),
+         ("GN G=32", (32, 256, 28, 28), "group_norm", {"g": 32}), ("IN", (16, 64, 64, 64), "instance_norm", {})]
+
+
+def load_other(checkout: str):
+    """The package of another built checkout, imported as ``normcore_other``."""
+    src = Path(checkout) / "normcore"
+    if not any(src.glob("_kernels*.so")) and not any(src.glob("_kernels*.pyd")):
+        raise SystemExit(f"{src}: no compiled kernels; run 'python setup.py build_ext --inplace' there")
+    root = Path(tempfile.mkdtemp())
+    shutil.copytree(src, root / "normcore_other")
+    sys.path.insert(0, str(root))
+    return importlib.import_module("normcore_other")
+
+
+def _calls(nc, x, mode, sizes):
+    m = nc.get_mode(mode)
+    plan = nc.plan.make_plan(m, x.shape, sizes)  # both builds have it
+    w, b = np.ones(plan.param_shape, x.dtype), np.zeros(plan.param_shape, x.dtype)
+    run = {}
+    if m.running_stats is not None:
+        run = {"running_mean": np.zeros(plan.running_shape, x.dtype),
+               "running_var": np.ones(plan.running_shape, x.dtype)}
+    y, cache = nc.normalize(x, mode, weight=w, bias=b, **run, **sizes)
+    dy = np.ones_like(y)
+    calls = {"fwd": lambda: nc.normalize(x, mode, weight=w, bias=b, **run, **sizes),
+             "bwd": lambda: nc.backward(dy, cache)}
+    if run:
+        calls["infer"] = lambda: nc.normalize(x, mode, weight=w, bias=b, training=False, **run, **sizes)
+    return calls
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("other", help="a built checkout of normcore to compare against")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--repeats", type=int, default=11)
+    args = p.parse_args()
+    other = load_other(args.other)
+    print(f"other: {other.__file__}; this: {normcore.__file__}; float32, median of {args.repeats} "
+          "interleaved calls (5 ms pause before each), ms")
+    print("| case | shape | threads | pass | other ms | this ms | other ÷ this |\n|---|---|---|---|---|---|---|")
+    for threads in (int(t) for t in args.threads.split(",")):
+        with threadpool_limits(threads, user_api="openmp"):
+            for label, shape, mode, sizes in CASES:
+                x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+                fns = {(who, k): f for who, nc in (("other", other), ("this", normcore))
+                       for k, f in _calls(nc, x, mode, sizes).items()}
+                for f in fns.values():
+                    f()
+                times = {k: [] for k in fns}
+                for _ in range(args.repeats):
+                    for k, f in fns.items():
+                        time.sleep(0.005)
+                        t0 = time.perf_counter()
+                        f()
+                        times[k].append((time.perf_counter() - t0) * 1e3)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                for step in ("fwd", "bwd", "infer"):
+                    if ("this", step) in med:
+                        a, b = med[("other", step)], med[("this", step)]
+                        print(f"| {label} | {shape} | {threads} | {step} | {a:.2f} | {b:.2f} | {a / b:.2f} |",
+                              flush=True)
+
+
+if __name__ == "__main__":
+    main()
