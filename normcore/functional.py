@@ -554,7 +554,8 @@ def backward(dy, cache, *, out=None):
 
 def _check_backward(dy, cache, out):
     be, shape = cache.backend, cache.shape
-    checks.array("dy", dy, cache.dtype, be)
+    if not (type(dy) is be.array_type and dy.dtype == cache.dtype):  # else: the rule, and its message
+        checks.array("dy", dy, cache.dtype, be)
     if dy.shape != shape:
         raise ValueError(f"dy: expected shape {shape} (the forward input's), got {dy.shape}; "
                          "is the cache from another call?")
@@ -581,8 +582,12 @@ def _backward(dy, cache, out, link):
     else:
         dw, db = _backward_rows(dy_rows, cache, dx_rows, run, link)
     dx = _result(dx_rows, plan, out, xp)
-    dweight = dw.reshape(plan.param_shape).astype(cache.dtype) if cache.has_weight else None
-    dbias = db.reshape(plan.param_shape).astype(cache.dtype) if cache.has_bias else None
+    pshape = plan.param_shape
+    dweight = dbias = None
+    if cache.has_weight:
+        dweight = (dw if len(pshape) == 1 else dw.reshape(pshape)).astype(cache.dtype)
+    if cache.has_bias:
+        dbias = (db if len(pshape) == 1 else db.reshape(pshape)).astype(cache.dtype)
     return dx, dweight, dbias
 
 
