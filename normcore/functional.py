@@ -175,7 +175,7 @@ class _Forward(NamedTuple):
     dtype: np.dtype
     weight: object          # (P,) view in x's dtype, or None
     bias: object
-    running_mean: object    # the caller's arrays, or None
+    running_mean: object    # the caller's arrays (written in place), or None
     running_var: object
     training: bool
     momentum: float
@@ -233,8 +233,8 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     if link is None and plan.count <= 1:  # synchronized: checked once all ranks' counts are known
         _check_count(plan.count, plan.layout[1], training, m, x.shape)
     return _Forward(m, plan, be, dtype,
-                    None if weight is None else weight.reshape(-1),
-                    None if bias is None else bias.reshape(-1),
+                    None if weight is None else _flat(weight, be),
+                    None if bias is None else _flat(bias, be),
                     running_mean, running_var, training, momentum, eps, bool(unbiased),
                     estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
                     one_pass)
@@ -266,6 +266,13 @@ def _check_signature(x, be, mode, weight, bias, running_mean, running_var, train
     one_pass = (use_batch and not estimate and link is None
                 and plan.strategy is Strategy.GROUPS and be.fused_forward)
     return m, plan, use_batch, one_pass
+
+
+def _flat(a, be):
+    """A parameter as the kernels read it: 1-D and C-contiguous (a view when it is)."""
+    if a.ndim == 1 and a.flags.c_contiguous:
+        return a
+    return be.xp.ascontiguousarray(a).reshape(-1)
 
 
 def _check_count(n, C, training, m: Mode, shape):
@@ -375,13 +382,16 @@ def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
 
 
 def _update_running(call: _Forward, mean, var, count, run: _Run):
-    """Phase 3: running = (1 - momentum) * running + momentum * batch, in place."""
+    """Phase 3: running = (1 - momentum) * running + momentum * batch, in place (through
+    contiguous copies when the caller's arrays are strided)."""
     plan = call.plan
-    E = call.running_mean.size
+    rm, rv = _flat(call.running_mean, run.be), _flat(call.running_var, run.be)
     unbias = count / (count - 1) if call.unbiased else 1.0
     run.K.update_running(mean, var, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
-                         unbias, call.running_mean.reshape(-1), call.running_var.reshape(-1),
-                         run.xp.empty(2 * E))
+                         unbias, rm, rv, run.xp.empty(2 * rm.size))
+    for target, value in ((call.running_mean, rm), (call.running_var, rv)):
+        if not target.flags.c_contiguous:  # _flat copied it
+            target[...] = value.reshape(target.shape)
 
 
 def _running_statistics(call: _Forward, run: _Run):
@@ -391,7 +401,7 @@ def _running_statistics(call: _Forward, run: _Run):
     C = plan.layout[1]
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
     if C:
-        run.K.running_statistics(call.running_mean.reshape(-1), call.running_var.reshape(-1),
+        run.K.running_statistics(_flat(call.running_mean, run.be), _flat(call.running_var, run.be),
                                  run.ix(plan, "rc"), call.eps, mean, var, rstd)
     return mean, var, rstd
 

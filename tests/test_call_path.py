@@ -189,3 +189,39 @@ def test_per_group_algebra_agrees_between_backends(dtype):
     K.combine_moments(pmean, pm2, counts, mu, m2, 1)
     np.testing.assert_array_equal(mean, mu)
     np.testing.assert_array_equal(var, m2 / counts.sum())
+
+
+@pytest.mark.parametrize("mode, shape, sizes", [("batch_norm", (6, 4, 5), {}), ("group_norm", (3, 4, 5), {"g": 2}),
+                                                ("instance_norm", (3, 4, 5), {}), ("layer_norm", (6, 4), {})])
+def test_strided_parameters_and_running_statistics(mode, shape, sizes):
+    # weight, bias and running statistics that are strided views: read as given, and the
+    # running statistics updated in place, exactly as contiguous ones
+    x = x32(*shape)
+    shapes = nc.param_shapes(mode, shape, **sizes)
+    P = shapes["weight"]
+    w, b = x32(*P), x32(*P)
+    ws, bs = np.repeat(w, 2)[::2].reshape(P), np.repeat(b, 2)[::2].reshape(P)
+    assert not ws.flags.c_contiguous
+    run, run_s = {}, {}
+    if shapes["running_mean"] is not None:
+        E = shapes["running_mean"]
+        run = {"running_mean": np.zeros(E, np.float32), "running_var": np.ones(E, np.float32)}
+        for k, v in run.items():  # every other element of a buffer twice as long
+            store = np.full(2 * v.size, np.nan, np.float32)
+            store[::2] = v.reshape(-1)
+            run_s[k] = store[::2].reshape(E)
+            assert not run_s[k].flags.c_contiguous
+    y, cache = nc.normalize(x, mode, weight=w, bias=b, **run, **sizes)
+    ys, cache_s = nc.normalize(x, mode, weight=ws, bias=bs, **run_s, **sizes)
+    np.testing.assert_array_equal(y, ys)
+    for k in run:
+        np.testing.assert_array_equal(run[k], run_s[k])
+    if run:
+        assert not np.array_equal(run["running_var"], np.ones_like(run["running_var"]))  # updated
+    if run:
+        ye, _ = nc.normalize(x, mode, weight=ws, bias=bs, training=False, **run_s, **sizes)
+        ye2, _ = nc.normalize(x, mode, weight=w, bias=b, training=False, **run, **sizes)
+        np.testing.assert_array_equal(ye, ye2)
+    dy = x32(*shape)
+    for a, b_ in zip(nc.backward(dy, cache), nc.backward(dy, cache_s)):
+        np.testing.assert_array_equal(a, b_)
