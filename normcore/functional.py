@@ -139,9 +139,9 @@ def _plan(mode: Mode, x, sizes) -> Plan:
 def _canonical(a, plan: Plan, xp=np):
     """``a`` as a C-contiguous (A, C, B) array; a view when no copy is needed."""
     if plan.perm is None:
-        if a.flags.c_contiguous:
+        if type(a) is xp.ndarray and a.flags.c_contiguous:
             return a.reshape(plan.layout)
-        return xp.ascontiguousarray(a).reshape(plan.layout)
+        return xp.ascontiguousarray(a).reshape(plan.layout)  # subclasses (np.matrix) become arrays
     e = a.reshape(plan.elem_shape).transpose(plan.perm)
     return xp.ascontiguousarray(e).reshape(plan.layout)
 

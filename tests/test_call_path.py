@@ -225,3 +225,14 @@ def test_strided_parameters_and_running_statistics(mode, shape, sizes):
     dy = x32(*shape)
     for a, b_ in zip(nc.backward(dy, cache), nc.backward(dy, cache_s)):
         np.testing.assert_array_equal(a, b_)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself warns
+def test_ndarray_subclasses_are_read_as_arrays():
+    x = x32(6, 3)
+    y, cache = nc.normalize(x, "batch_norm")
+    ym, cache_m = nc.normalize(np.matrix(x), "batch_norm")
+    assert type(ym) is np.ndarray
+    np.testing.assert_array_equal(y, ym)
+    dy = x32(6, 3)
+    np.testing.assert_array_equal(nc.backward(dy, cache)[0], nc.backward(np.matrix(dy), cache_m)[0])
