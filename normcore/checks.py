@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import CPU, backend_of
 
-__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "out", "flag",
+__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "out",
            "min_ndim", "describe_mode", "type_name"]
 
 
@@ -35,6 +35,8 @@ def array(name, a, dtype=None, be=None):
     >>> array("x", np.zeros(3, np.float32)).name
     'cpu'
     """
+    if dtype is not None and be is not None and type(a) is be.array_type and a.dtype == dtype:
+        return be  # the common case: x's backend and dtype given, and matched
     if be is None:
         be = backend_of(a)
         if not isinstance(a, be.array_type):
@@ -58,10 +60,9 @@ def array(name, a, dtype=None, be=None):
 def param(name, a, shape, dtype, be):
     """An optional array argument (weight, bias, running statistic) of ``shape`` and
     ``dtype`` on ``be``; None passes."""
-    if a is None:
-        return
-    if not (type(a) is be.array_type and a.dtype == dtype):  # else: the full rule, and its message
-        array(name, a, dtype, be)
+    if a is None or (type(a) is be.array_type and a.dtype == dtype and a.shape == shape):
+        return  # absent, or the common case
+    array(name, a, dtype, be)
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
 
@@ -147,13 +148,6 @@ def momentum(value, allow_none=False):
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"momentum: expected a float in [0, 1], got {value!r}")
     return v
-
-
-def flag(name, value) -> bool:
-    """A bool (NumPy's included)."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected True or False, got {type_name(value)} {value!r}")
-    return bool(value)
 
 
 def out(a, shape, dtype, inputs, be=CPU):

@@ -125,7 +125,7 @@ class NormCache:
 
     def weight_f64(self):
         if self.weight64 is None:
-            self.weight64 = self.weight.astype(np.float64).reshape(-1)
+            self.weight64 = self.weight.astype(np.float64)
         return self.weight64
 
 
@@ -208,22 +208,18 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                 _SIGNATURES.clear()
             _SIGNATURES[key] = fixed
     m, plan, use_batch, one_pass = fixed
-    dtype, kind = x.dtype, be.array_type
-    # each argument: the common case inline, else the rule (which names what is wrong)
+    dtype = x.dtype
     for name, a, shape in (("weight", weight, plan.param_shape), ("bias", bias, plan.param_shape),
                            ("running_mean", running_mean, plan.running_shape),
                            ("running_var", running_var, plan.running_shape)):
-        if a is not None and not (type(a) is kind and a.dtype == dtype and a.shape == shape):
-            checks.param(name, a, shape, dtype, be)
+        checks.param(name, a, shape, dtype, be)
     if has_running:
         if training:
             for name, a in (("running_mean", running_mean), ("running_var", running_var)):
                 if not getattr(a.flags, "writeable", True):
                     raise ValueError(f"{name}: must be writeable to be updated in training")
-    if not (type(eps) is float and 0.0 < eps < _INF):  # else: the rule and its message
-        eps = checks.eps(eps)
-    if not (type(momentum) is float and 0.0 <= momentum <= 1.0):
-        momentum = checks.momentum(momentum)
+    eps = checks.eps(eps)
+    momentum = checks.momentum(momentum)
     if out is not None:
         checks.out(out, x.shape, dtype, {"x": x}, be)
     if estimate and not (has_running and training):
@@ -244,7 +240,6 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
 # flags) decides, kept per signature: the rules it passed and the plan it chose.
 _SIGNATURES: dict = {}
 _MAX_SIGNATURES = 1024
-_INF = float("inf")
 
 
 def _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate, sizes,
@@ -374,9 +369,7 @@ def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
         P = plan.param_size
         w = xp.ones(P) if call.weight is None else call.weight.astype(np.float64)
         b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
-        rp = run.ix(plan, "rp")
-    else:
-        rp = run.be.constant(plan, "no index", lambda: np.zeros(1, np.intp))
+    rp = run.params_ix(plan)
     run.K.normalize_groups(x3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
                            rp, w, b, mean, var, rstd, y_rows.reshape(plan.layout), run.threads)
 
@@ -564,8 +557,7 @@ def backward(dy, cache, *, out=None):
 
 def _check_backward(dy, cache, out):
     be, shape = cache.backend, cache.shape
-    if not (type(dy) is be.array_type and dy.dtype == cache.dtype):  # else: the rule, and its message
-        checks.array("dy", dy, cache.dtype, be)
+    checks.array("dy", dy, cache.dtype, be)
     if dy.shape != shape:
         raise ValueError(f"dy: expected shape {shape} (the forward input's), got {dy.shape}; "
                          "is the cache from another call?")
@@ -576,12 +568,9 @@ def _check_backward(dy, cache, out):
 def _backward(dy, cache, out, link):
     be, plan = cache.backend, cache.plan
     xp = be.xp
-    if cache.view is not None:
-        dx, dw, db = _backward(dy.reshape(plan.shape), _unviewed(cache),
-                               None if out is None else out.reshape(plan.shape), link)
-        pshape = cache.view[1]
-        return (dx.reshape(cache.view[0]) if out is None else out, None if dw is None else dw.reshape(pshape),
-                None if db is None else db.reshape(pshape))
+    view = cache.view
+    if view is not None:  # a form's call on reshaped arrays: the mode's shapes inside
+        dy = dy.reshape(plan.shape)
     dy_rows = _canonical(dy, plan, xp).reshape(plan.rows)
     dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, cache.dtype)
     run = _Run.of(be, dy_rows.size)
@@ -591,21 +580,16 @@ def _backward(dy, cache, out, link):
         dw, db = _backward_inner(dy_rows, cache, dx_rows, run, link)
     else:
         dw, db = _backward_rows(dy_rows, cache, dx_rows, run, link)
-    dx = _result(dx_rows, plan, out, xp)
-    pshape = plan.param_shape
+    dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
+    if view is not None:
+        dx = dx.reshape(view[0]) if out is None else out
+    pshape = plan.param_shape if view is None else view[1]
     dweight = dbias = None
     if cache.has_weight:
         dweight = (dw if len(pshape) == 1 else dw.reshape(pshape)).astype(cache.dtype)
     if cache.has_bias:
         dbias = (db if len(pshape) == 1 else db.reshape(pshape)).astype(cache.dtype)
     return dx, dweight, dbias
-
-
-def _unviewed(cache):
-    plain = NormCache(cache.mode, cache.plan, cache.x3, cache.dtype, cache.mean, cache.rstd, cache.weight,
-                      cache.has_bias, cache.stats_grad, cache.count, cache.comm, cache.backend)
-    plain.weight64 = cache.weight64
-    return plain
 
 
 def viewed(y, cache, x_shape, param_shape, out=None):
@@ -633,7 +617,7 @@ def _backward_one_visit(dy_rows, cache, dx_rows, run: _Run):
     row_dy, row_dyx = xp.empty(R), xp.empty(R)
     partials = (plan.param_blocks, P) if affine is AffineKind.INNER else (1, 1)
     pdw, pdb = xp.zeros(partials), xp.zeros(partials)
-    rp = run.ix(plan, "rp") if affine else run.be.constant(plan, "no index", lambda: np.zeros(1, np.intp))
+    rp = run.params_ix(plan)
     run.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, cache.mode.center, int(affine), rp,
                           cache.weight_f64() if cache.has_weight else xp.ones(P),
                           cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
@@ -702,10 +686,10 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     group_g = group_gx = cache.rstd  # unread when no gradient flows through the statistics
     if cache.stats_grad or affine or link is not None:
         if plan.strategy is Strategy.COLUMNS:
-            rpb = plan.rows_per_block
-            nb = -(-A // rpb)
+            nb = len(plan.partial_counts)
             part_dy, part_dyx = xp.empty((nb, R)), xp.empty((nb, R))
-            run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, rpb, part_dy, part_dyx, run.threads)
+            run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, plan.rows_per_block, part_dy,
+                            part_dyx, run.threads)
         else:
             part_dy, part_dyx = xp.empty((A, R)), xp.empty((A, R))
             run.K.sums_rows(dy_rows, x_rows, mean_r, part_dy, part_dyx, run.threads)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import checks, sync
-from .backend import CPU, backend_named, backend_of, machine_eps
+from .backend import backend_named, backend_of, machine_eps
 from .forms import last_axes, normalized_shape_tuple
 from .functional import backward, forward
 
@@ -226,10 +226,7 @@ class _Norm(Layer):
 
     def _check_input(self, x):
         """Every rule on x for this layer; returns x's backend."""
-        if type(x) is np.ndarray and x.dtype == self.dtype and self.dtype in CPU.dtypes:
-            be = CPU  # the common case; else the rule, and its message
-        else:
-            be = checks.array("x", x)
+        be = checks.array("x", x)
         if x.dtype != self.dtype:
             raise TypeError(f"x: dtype {x.dtype} does not match the layer's dtype {self.dtype}; "
                             f"cast x or build the layer with dtype=np.{x.dtype}")

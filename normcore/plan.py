@@ -77,11 +77,6 @@ class Plan:
             return Strategy.GROUPS
         return Strategy.COLUMNS if B == 1 and A > 1 else Strategy.ROWS
 
-    @property
-    def columns(self) -> bool:
-        """Reduce columns of an (A, C) matrix: B == 1 and more than one row."""
-        return self.strategy is Strategy.COLUMNS
-
     @cached_property
     def partial_counts(self) -> np.ndarray:
         """Elements behind each partial of the plan's moments kernel: row blocks of the
