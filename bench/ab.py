@@ -3,6 +3,7 @@ process (separate runs drift 10-40 % on a shared machine; calls alternating do n
 
     git worktree add /tmp/before <commit> && (cd /tmp/before && python setup.py build_ext --inplace)
     python bench/ab.py /tmp/before --threads 1,2
+    python bench/ab.py /tmp/before --small      # the small calls of bench_cpu.py --small
 
 The other checkout's package is copied under another name (its imports are relative), so
 both load side by side. For each large case and pass it prints the median milliseconds of
@@ -58,13 +59,49 @@ def _calls(nc, x, mode, sizes):
     return calls
 
 
+SMALL_CASES = [(64, 128), (64, 512), (256, 1024), (64, 16, 8, 8), (64, 32, 4, 4)]
+
+
+def small(other, repeats=7, calls=1000):
+    """Layer training step (forward + backward) and eval forward of both builds, float32,
+    1 thread, alternating: the minimum over ``repeats`` of the mean of ``calls`` calls, µs."""
+    print(f"other: {other.__file__}; this: {normcore.__file__}; float32, 1 thread, min over {repeats} "
+          f"alternating repeats of the mean of {calls} calls, µs")
+    print("| layer | shape | pass | other µs | this µs | other ÷ this |\n|---|---|---|---|---|---|")
+    for shape in SMALL_CASES:
+        name = "BatchNorm1d" if len(shape) == 2 else "BatchNorm2d"
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        fns = {}
+        for who, nc in (("other", other), ("this", normcore)):
+            layer, frozen = getattr(nc, name)(shape[1]), getattr(nc, name)(shape[1]).eval()
+            fns[(who, "train")] = lambda layer=layer: layer.backward(layer(x))
+            fns[(who, "eval")] = lambda frozen=frozen: frozen(x)
+        best = {k: np.inf for k in fns}
+        for f in fns.values():
+            f()
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    f()
+                best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
+        for step in ("train", "eval"):
+            a, b = best[("other", step)], best[("this", step)]
+            print(f"| {name} | {shape} | {step} | {a:.1f} | {b:.1f} | {a / b:.2f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("other", help="a built checkout of normcore to compare against")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int, default=11)
+    p.add_argument("--small", action="store_true", help="small layer calls, 1 thread")
     args = p.parse_args()
     other = load_other(args.other)
+    if args.small:
+        with threadpool_limits(1):
+            small(other)
+        return
     print(f"other: {other.__file__}; this: {normcore.__file__}; float32, median of {args.repeats} "
           "interleaved calls (5 ms pause before each), ms")
     print("| case | shape | threads | pass | other ms | this ms | other ÷ this |\n|---|---|---|---|---|---|---|")

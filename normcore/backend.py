@@ -81,6 +81,18 @@ class Kernels(Protocol):
         """IN x (1, C, B) T, rp (C * J,), w, b (P,) float64, affine an AffineKind;
         OUT mean, var, rstd (C,), y (1, C, B): statistics and output in one visit per group."""
 
+    def normalize_cols(self, x, rows_per_block, center, eps, rg, rp, w, b, has_w, has_b, mean, var, rstd, y,
+                       threads):
+        """IN x (A, C) T, rg, rp (C,), w, b (P,) T; OUT mean, var, rstd (C,), y (A, C): the
+        column strategy's forward, moments_cols → finalize_moments → row_coefficients →
+        affine_rows in one call (bitwise the same as the four)."""
+
+    def normalize_running(self, x, running_mean, running_var, rc, eps, rg, rp, w, b, has_w, has_b,
+                          rows_per_block, mean, var, rstd, y, threads):
+        """IN x (A, R, S) T, running_mean, running_var (E,) T, rc (C,), rg, rp (R,), w, b (P,) T;
+        OUT mean, var, rstd (C,), y (A, R, S): running_statistics → row_coefficients →
+        affine_rows in one call (eval mode, estimated batch norm)."""
+
     # -- backward ----------------------------------------------------------------------------
     def sums_rows(self, dy, x, mean, p1, p2, threads):
         """IN dy, x (A, R, S) T, mean (R,); OUT p1, p2 (A, R): row sums of dy, dy * (x - mean)."""
@@ -111,6 +123,12 @@ class Kernels(Protocol):
         """IN dy, x (1, C, B) T, rp (C * J,), w (P,) float64, mean, rstd (C,); OUT t1, t2
         (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P) zeroed partials (INNER),
         dx (1, C, B): training backward in one visit per group (optional: ``fused_backward``)."""
+
+    def backward_cols(self, dy, x, mean, rstd, rows_per_block, rg, rp, w, has_w, count, stats_grad, center,
+                      dw, db, dx, threads):
+        """IN dy, x (A, C) T, mean, rstd (C,), rg, rp (C,), w (P,) T; OUT dw, db (P,) (empty:
+        skipped), dx (A, C): the column strategy's backward, sums_cols → gradient_sums →
+        dx_coefficients → dx_rows in one call."""
 
 
 def machine_eps(dtype) -> float:

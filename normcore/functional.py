@@ -186,7 +186,7 @@ class _Forward(NamedTuple):
     link: object            # sync.Exchange when the batch statistics are synchronized
     use_batch: bool         # batch statistics are computed (training, or no running ones)
     update: bool            # the running statistics are written
-    one_pass: bool          # statistics and output in one visit per group
+    one_pass: bool          # statistics and output from one kernel call (groups, columns)
 
 
 def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -258,8 +258,9 @@ def _check_signature(x, be, mode, weight, bias, running_mean, running_var, train
     if has_running and m.running_stats is None:
         raise ValueError(f"running_mean: {describe_mode(m)} keeps no running statistics")
     use_batch = training or not has_running
-    one_pass = (use_batch and not estimate and link is None
-                and plan.strategy is Strategy.GROUPS and be.fused_forward)
+    one_pass = (use_batch and not estimate and link is None and be.fused_forward
+                and (plan.strategy is Strategy.GROUPS
+                     or (plan.strategy is Strategy.COLUMNS and not plan.param_inner)))
     return m, plan, use_batch, one_pass
 
 
@@ -292,8 +293,8 @@ def _forward(call: _Forward, x):
     if call.update:
         _update_running(call, mean, var, count, run)
     if not call.use_batch or call.estimate:
-        mean, var, rstd = _running_statistics(call, run)
-    if not call.one_pass:
+        mean, var, rstd = _apply_running(call, x3.reshape(plan.rows), y_rows, run)
+    elif not call.one_pass:
         _apply(call, x3.reshape(plan.rows), mean, rstd, y_rows, run)
     cache = NormCache(call.mode, plan, x3, call.dtype, mean, rstd, call.weight, call.bias is not None,
                       stats_grad=call.use_batch and not call.estimate, count=count,
@@ -308,7 +309,10 @@ def _batch_statistics(call: _Forward, x3, y_rows, run: _Run):
     C = plan.layout[1]
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
     if call.one_pass:
-        _normalize_groups(call, x3, mean, var, rstd, y_rows, run)
+        if plan.strategy is Strategy.GROUPS:
+            _normalize_groups(call, x3, mean, var, rstd, y_rows, run)
+        else:
+            _normalize_columns(call, x3, mean, var, rstd, y_rows, run)
         return mean, var, rstd, plan.count
     if call.link is not None:
         pmean, pm2, counts, count = sync.synced_moments(
@@ -374,6 +378,26 @@ def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
                            rp, w, b, mean, var, rstd, y_rows.reshape(plan.layout), run.threads)
 
 
+def _normalize_columns(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
+    """The column strategy's forward from one kernel call: moments, their finalization,
+    the per-column coefficients and y."""
+    plan = call.plan
+    A, C, _ = plan.layout
+    w, b = _params_or_dummies(call, run)
+    run.K.normalize_cols(x3.reshape(A, C), plan.rows_per_block, call.mode.center, call.eps, run.ix(plan, "rg"),
+                         run.params_ix(plan), w, b, call.weight is not None, call.bias is not None, mean, var,
+                         rstd, y_rows.reshape(A, C), run.threads)
+
+
+def _params_or_dummies(call: _Forward, run: _Run):
+    """(weight, bias) as the row kernels read them: absent ones replaced by a placeholder."""
+    w, b = call.weight, call.bias
+    if w is None or b is None:
+        dummy = run.dummy(call.plan, call.dtype)
+        return (dummy if w is None else w), (dummy if b is None else b)
+    return w, b
+
+
 def _update_running(call: _Forward, mean, var, count, run: _Run):
     """Phase 3: running = (1 - momentum) * running + momentum * batch, in place (through
     contiguous copies when the caller's arrays are strided)."""
@@ -387,15 +411,22 @@ def _update_running(call: _Forward, mean, var, count, run: _Run):
             target[...] = value.reshape(target.shape)
 
 
-def _running_statistics(call: _Forward, run: _Run):
-    """Phase 4 without batch statistics (eval) or for estimated batch norm (after the
-    update): per-group statistics from the stored running ones."""
+def _apply_running(call: _Forward, x_rows, y_rows, run: _Run):
+    """Phases 4 and 5 without batch statistics (eval) or for estimated batch norm (after
+    the update): per-group statistics from the stored running ones, and y from them."""
     plan, xp = call.plan, run.xp
     C = plan.layout[1]
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
-    if C:
-        run.K.running_statistics(_flat(call.running_mean, run.be), _flat(call.running_var, run.be),
-                                 run.ix(plan, "rc"), call.eps, mean, var, rstd)
+    rm, rv = _flat(call.running_mean, run.be), _flat(call.running_var, run.be)
+    if plan.param_inner and (call.weight is not None or call.bias is not None):
+        if C:
+            run.K.running_statistics(rm, rv, run.ix(plan, "rc"), call.eps, mean, var, rstd)
+        _apply(call, x_rows, mean, rstd, y_rows, run)
+    else:  # one scale and shift per row: one kernel call
+        w, b = _params_or_dummies(call, run)
+        run.K.normalize_running(x_rows, rm, rv, run.ix(plan, "rc"), call.eps, run.ix(plan, "rg"),
+                                run.params_ix(plan), w, b, call.weight is not None, call.bias is not None,
+                                plan.rows_per_block, mean, var, rstd, y_rows, run.threads)
     return mean, var, rstd
 
 
@@ -415,11 +446,7 @@ def _apply(call: _Forward, x_rows, mean, rstd, y_rows, run: _Run):
     # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
     # and shift = b per row: one subtract and one multiply-add per element, in double.
     mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
-    if w is None or b is None:
-        dummy = run.dummy(plan, call.dtype)
-        w_, b_ = (dummy if w is None else w), (dummy if b is None else b)
-    else:
-        w_, b_ = w, b
+    w_, b_ = _params_or_dummies(call, run)
     run.K.row_coefficients(mean, rstd, rg, run.params_ix(plan), w_, b_, w is not None, b is not None,
                            mean_r, scale, shift)
     run.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, run.threads)
@@ -578,6 +605,8 @@ def _backward(dy, cache, out, link):
         dw, db = _backward_one_visit(dy_rows, cache, dx_rows, run)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
         dw, db = _backward_inner(dy_rows, cache, dx_rows, run, link)
+    elif plan.strategy is Strategy.COLUMNS and link is None:
+        dw, db = _backward_columns(dy_rows, cache, dx_rows, run)
     else:
         dw, db = _backward_rows(dy_rows, cache, dx_rows, run, link)
     dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
@@ -666,6 +695,21 @@ def _group_totals(values, plan: Plan, run: _Run):
     if run.be.is_identity(plan, "rg", C) and len(values) == C:
         return values
     return run.xp.bincount(run.ix(plan, "rg"), weights=values, minlength=C)
+
+
+def _backward_columns(dy_rows, cache, dx_rows, run: _Run):
+    """The column strategy's backward from one kernel call: the column sums, the group
+    and parameter sums, the dx coefficients and dx (what _backward_rows does in four)."""
+    plan = cache.plan
+    A, C, _ = plan.layout
+    affine = cache.has_weight or cache.has_bias
+    P = plan.param_size if affine else 0
+    dw, db = run.xp.empty(P), run.xp.empty(P)
+    w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
+    run.K.backward_cols(dy_rows.reshape(A, C), cache.x3.reshape(A, C), cache.mean, cache.rstd, plan.rows_per_block,
+                        run.ix(plan, "rg"), run.params_ix(plan), w, cache.has_weight, float(max(cache.count, 1)),
+                        cache.stats_grad, cache.mode.center, dw, db, dx_rows.reshape(A, C), run.threads)
+    return (dw, db) if affine else (None, None)
 
 
 def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):

@@ -299,6 +299,53 @@ class CudaKernels:
         k3[...] = -rs * (g1 / count)[rg] if stats_grad and center else 0.0
 
 
+    # -- composed calls: the same sequences as the CPU's composed kernels ----------------
+    def normalize_cols(self, x, rpb, center, eps, rg, rp, w, b, has_w, has_b, mean, var, rstd, y, threads):
+        A, C = x.shape
+        if C == 0:
+            return
+        xp = _xp_of(x)
+        nb = -(-A // rpb)
+        counts = np.full(nb, float(rpb))
+        counts[-1] = A - rpb * (nb - 1)
+        pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
+        self.moments_cols(x, rpb, pmean, pm2, threads)
+        self.finalize_moments(pmean, pm2, xp.asarray(counts), float(max(A, 1)), center, eps, mean, var, rstd)
+        mean_r, scale, shift = xp.empty(C), xp.empty(C), xp.empty(C)
+        self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
+        self.affine_rows(x.reshape(A, C, 1), mean_r, scale, shift, rpb, y.reshape(A, C, 1), threads)
+
+    def normalize_running(self, x, running_mean, running_var, rc, eps, rg, rp, w, b, has_w, has_b, rpb,
+                          mean, var, rstd, y, threads):
+        if mean.shape[0] == 0:
+            return
+        xp = _xp_of(x)
+        R = x.shape[1]
+        self.running_statistics(running_mean, running_var, rc, eps, mean, var, rstd)
+        mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
+        self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
+        self.affine_rows(x, mean_r, scale, shift, rpb, y, threads)
+
+    def backward_cols(self, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, stats_grad, center, dw, db, dx,
+                      threads):
+        A, C = x.shape
+        dw[...] = 0.0
+        db[...] = 0.0
+        if C == 0:
+            return
+        xp = _xp_of(x)
+        group_g = group_gx = rstd  # unread when no sums are taken
+        if stats_grad or dw.shape[0] > 0:
+            nb = -(-A // rpb)
+            p1, p2 = xp.empty((nb, C)), xp.empty((nb, C))
+            self.sums_cols(dy, x, mean, rpb, p1, p2, threads)
+            group_g, group_gx = xp.empty(C), xp.empty(C)
+            self.gradient_sums(p1, p2, rg, rp, w, has_w, rstd, group_g, group_gx, dw, db)
+        k1, k2, k3 = xp.empty(C), xp.empty(C), xp.empty(C)
+        self.dx_coefficients(group_g, group_gx, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3)
+        self.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, k1, k2, k3, rpb, dx.reshape(A, C, 1), threads)
+
+
 def _xp_of(a):
     """The array module of ``a``: CuPy's on the GPU, NumPy's for the host emulation."""
     if isinstance(a, np.ndarray):

@@ -236,3 +236,83 @@ def test_ndarray_subclasses_are_read_as_arrays():
     np.testing.assert_array_equal(y, ym)
     dy = x32(6, 3)
     np.testing.assert_array_equal(nc.backward(dy, cache)[0], nc.backward(np.matrix(dy), cache_m)[0])
+
+
+def _separate_cols_forward(k, x, rpb, center, eps, rg, rp, w, b, has_w, has_b):
+    A, C = x.shape
+    nb = -(-A // rpb)
+    counts = np.full(nb, float(rpb))
+    counts[-1] = A - rpb * (nb - 1)
+    pmean, pm2 = np.empty((nb, C)), np.empty((nb, C))
+    k.moments_cols(x, rpb, pmean, pm2, 1)
+    mean, var, rstd = np.empty(C), np.empty(C), np.empty(C)
+    k.finalize_moments(pmean, pm2, counts, float(A), center, eps, mean, var, rstd)
+    mean_r, scale, shift = np.empty(C), np.empty(C), np.empty(C)
+    k.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
+    y = np.empty_like(x)
+    k.affine_rows(x.reshape(A, C, 1), mean_r, scale, shift, rpb, y.reshape(A, C, 1), 1)
+    return mean, var, rstd, y
+
+
+def _separate_cols_backward(k, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, stats_grad, center, P):
+    A, C = x.shape
+    nb = -(-A // rpb)
+    p1, p2 = np.empty((nb, C)), np.empty((nb, C))
+    k.sums_cols(dy, x, mean, rpb, p1, p2, 1)
+    g1, g2, dw, db = np.empty(C), np.empty(C), np.zeros(P), np.zeros(P)
+    k.gradient_sums(p1, p2, rg, rp, w, has_w, rstd, g1, g2, dw, db)
+    ks = [np.empty(C) for _ in range(3)]
+    k.dx_coefficients(g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, *ks)
+    dx = np.empty_like(x)
+    k.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, *ks, rpb, dx.reshape(A, C, 1), 1)
+    return dw, db, dx
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("A, C, rpb", [(7, 5, 3), (64, 9, 64), (130, 3, 64)])
+def test_composed_kernels_equal_their_parts(dtype, A, C, rpb):
+    # normalize_cols / backward_cols / normalize_running run the separate kernels' building
+    # blocks in one call: bitwise the same results, on the CPU and in the CUDA backend's
+    # composition (on NumPy arrays here, through the CPU kernels it composes)
+    class Composed(gpu.CudaKernels):
+        def __getattribute__(self, name):
+            own = ("normalize_cols", "normalize_running", "backward_cols")
+            return object.__getattribute__(self, name) if name in own else getattr(K, name)
+
+    x = (RNG.standard_normal((A, C)) * 3 + 100).astype(dtype)
+    dy = RNG.standard_normal((A, C)).astype(dtype)
+    P = C // 2 + 1
+    rg, rp = np.arange(C), np.arange(C) // 2
+    w, b = RNG.standard_normal(P).astype(dtype), RNG.standard_normal(P).astype(dtype)
+    for kernels in (K, Composed()):
+        for center, has_w, has_b in ((True, True, True), (False, True, False), (True, False, False)):
+            want = _separate_cols_forward(K, x, rpb, center, 1e-3, rg, rp, w, b, has_w, has_b)
+            got = [np.empty(C), np.empty(C), np.empty(C), np.empty_like(x)]
+            kernels.normalize_cols(x, rpb, center, 1e-3, rg, rp, w, b, has_w, has_b, *got, 1)
+            for a, e in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a, e)
+            mean, _, rstd, _ = want
+            for stats_grad in (True, False):
+                n_p = P if (has_w or has_b) else 0
+                want_b = _separate_cols_backward(K, dy, x, mean, rstd, rpb, rg, rp, w, has_w, float(A), stats_grad,
+                                                 center, n_p)
+                got_b = [np.full(n_p, np.nan), np.full(n_p, np.nan), np.empty_like(x)]
+                kernels.backward_cols(dy, x, mean, rstd, rpb, rg, rp, w, has_w, float(A), stats_grad, center, *got_b,
+                                      1)
+                for a, e in zip(got_b, want_b, strict=True):
+                    np.testing.assert_array_equal(a, e)
+            # eval: running statistics (two groups per running entry), rows of S elements
+            E, S = (C + 1) // 2, 4
+            rm, rv = RNG.standard_normal(E).astype(dtype), RNG.uniform(0.5, 2, E).astype(dtype)
+            rc = np.arange(C) // 2
+            x3 = np.repeat(x[:, :, None], S, axis=2) + np.arange(S, dtype=dtype)
+            stats = [np.empty(C) for _ in range(3)]
+            K.running_statistics(rm, rv, rc, 1e-3, *stats)
+            coeffs = [np.empty(C) for _ in range(3)]
+            K.row_coefficients(stats[0], stats[2], rg, rp, w, b, has_w, has_b, *coeffs)
+            want_y = np.empty_like(x3)
+            K.affine_rows(x3, *coeffs, rpb, want_y, 1)
+            got = [np.empty(C), np.empty(C), np.empty(C), np.empty_like(x3)]
+            kernels.normalize_running(x3, rm, rv, rc, 1e-3, rg, rp, w, b, has_w, has_b, rpb, *got, 1)
+            for a, e in zip(got, stats + [want_y], strict=True):
+                np.testing.assert_array_equal(a, e)

@@ -1037,6 +1037,166 @@ cdef void _dx_coefficients(const double* g1, const double* g2, const Py_ssize_t*
         k3[r] = -rs * (g1[rg[r]] / count) if stats_grad and center else 0.0
 
 
+# ---------------------------------------------------------------------------------------
+# Composed calls: a sequence of the kernels above in one entry, on scratch of its own. A
+# small call's fixed cost is per kernel entry and per scratch array (about a microsecond
+# each), not per element; these run the same building blocks in the same order as the
+# separate entries, so their results are bitwise the same.
+# ---------------------------------------------------------------------------------------
+
+cdef inline double* _scratch(Py_ssize_t n) except NULL:
+    cdef double* p = <double*>malloc(max(n, 1) * sizeof(double))
+    if p == NULL:
+        raise MemoryError()
+    return p
+
+
+def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp, w, b, bint has_w,
+                   bint has_b, mean, var, rstd, y, int threads):
+    """IN x (A, C) T (A > 1: the column strategy, group c is column c), rg, rp (C,) intp,
+    w, b (P,) T (read only where has_w / has_b); OUT mean, var, rstd (C,) float64 as
+    finalize_moments gives them, y (A, C) T: moments_cols, finalize_moments,
+    row_coefficients and affine_rows in one call."""
+    cdef Py_ssize_t* d = _shape(x, 2)
+    cdef Py_ssize_t A = d[0], C = d[1], k
+    cdef Py_ssize_t nb = (A + rows_per_block - 1) // rows_per_block
+    cdef int T = _storage(x)
+    cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef double* mu = <double*>_out(mean, F64)
+    cdef double* v = <double*>_out(var, F64)
+    cdef double* rs = <double*>_out(rstd, F64)
+    cdef const void* px = _in(x, T)
+    cdef void* py = _out(y, T)
+    cdef const void* pw = _in(w, T)
+    cdef const void* pb = _in(b, T)
+    if C == 0:
+        return
+    # partial means and sums of squares (nb, C), block counts (nb,), scale and shift (C,)
+    cdef double* work = _scratch(2 * nb * C + nb + 2 * C)
+    cdef double* pmean = work
+    cdef double* pm2 = work + nb * C
+    cdef double* counts = work + 2 * nb * C
+    cdef double* scale = counts + nb
+    cdef double* shift = scale + C
+    for k in range(nb):
+        counts[k] = <double>_block_rows(k, rows_per_block, A)
+    with nogil:
+        if T == cnp.NPY_FLOAT32:
+            _moments_cols(<const float*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
+            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, <const float*>pw, <const float*>pb, has_w, has_b, C, pmean, scale,
+                              shift)
+            _affine_rows(<const float*>px, A, C, 1, pmean, scale, shift, rows_per_block, <float*>py, threads)
+        else:
+            _moments_cols(<const double*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
+            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, <const double*>pw, <const double*>pb, has_w, has_b, C, pmean, scale,
+                              shift)
+            _affine_rows(<const double*>px, A, C, 1, pmean, scale, shift, rows_per_block, <double*>py, threads)
+    free(work)
+
+
+def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b, bint has_w, bint has_b,
+                      Py_ssize_t rows_per_block, mean, var, rstd, y, int threads):
+    """IN x (A, R, S) T, running_mean, running_var (E,) T, rc (C,) intp, rg, rp (R,) intp,
+    w, b (P,) T (read only where has_w / has_b); OUT mean, var, rstd (C,) float64 as
+    running_statistics gives them, y (A, R, S) T: running_statistics, row_coefficients and
+    affine_rows in one call (the output of eval mode and of estimated batch norm)."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef Py_ssize_t A = d[0], R = d[1], S = d[2]
+    cdef Py_ssize_t C = _shape(mean, 1)[0]
+    cdef int T = _storage(x)
+    cdef const Py_ssize_t* c = <const Py_ssize_t*>_in(rc, IDX)
+    cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef double* mu = <double*>_out(mean, F64)
+    cdef double* v = <double*>_out(var, F64)
+    cdef double* rs = <double*>_out(rstd, F64)
+    cdef const void* px = _in(x, T)
+    cdef void* py = _out(y, T)
+    cdef const void* prm = _in(running_mean, T)
+    cdef const void* prv = _in(running_var, T)
+    cdef const void* pw = _in(w, T)
+    cdef const void* pb = _in(b, T)
+    if C == 0:
+        return
+    cdef double* work = _scratch(3 * R)  # mean, scale and shift per row
+    with nogil:
+        if T == cnp.NPY_FLOAT32:
+            _running_statistics(<const float*>prm, <const float*>prv, c, C, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, <const float*>pw, <const float*>pb, has_w, has_b, R, work, work + R,
+                              work + 2 * R)
+            _affine_rows(<const float*>px, A, R, S, work, work + R, work + 2 * R, rows_per_block, <float*>py,
+                         threads)
+        else:
+            _running_statistics(<const double*>prm, <const double*>prv, c, C, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, <const double*>pw, <const double*>pb, has_w, has_b, R, work, work + R,
+                              work + 2 * R)
+            _affine_rows(<const double*>px, A, R, S, work, work + R, work + 2 * R, rows_per_block, <double*>py,
+                         threads)
+    free(work)
+
+
+def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint has_w, double count,
+                  bint stats_grad, bint center, dw, db, dx, int threads):
+    """IN dy, x (A, C) T (the column strategy), mean, rstd (C,) float64, rg, rp (C,) intp,
+    w (P,) T (read only where has_w), count elements per group, stats_grad, center; OUT
+    dw, db (P,) float64 (empty to skip them), dx (A, C) T: sums_cols, gradient_sums,
+    dx_coefficients and dx_rows in one call."""
+    cdef Py_ssize_t* d = _shape(x, 2)
+    cdef Py_ssize_t A = d[0], C = d[1], P = _shape(dw, 1)[0], k
+    cdef Py_ssize_t nb = (A + rows_per_block - 1) // rows_per_block
+    cdef int T = _storage(x)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef double* ow = <double*>_out(dw, F64)
+    cdef double* ob = <double*>_out(db, F64)
+    cdef const void* pdy = _in(dy, T)
+    cdef const void* px = _in(x, T)
+    cdef const void* pw = _in(w, T)
+    cdef void* pdx = _out(dx, T)
+    for k in range(P):
+        ow[k] = 0.0
+        ob[k] = 0.0
+    if C == 0:
+        return
+    # partial sums (nb, C) twice, group sums (C,) twice, dx coefficients (C,) three times
+    cdef double* work = _scratch(2 * nb * C + 5 * C)
+    cdef double* part_dy = work
+    cdef double* part_dyx = work + nb * C
+    cdef double* group_g = work + 2 * nb * C
+    cdef double* group_gx = group_g + C
+    cdef double* k1 = group_gx + C
+    cdef double* k2 = k1 + C
+    cdef double* k3 = k2 + C
+    cdef bint sums = stats_grad or P > 0
+    with nogil:
+        if T == cnp.NPY_FLOAT32:
+            if sums:
+                _sums_cols(<const float*>pdy, <const float*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
+                           threads)
+                _gradient_sums(part_dy, part_dyx, nb, C, g, p, <const float*>pw, has_w, rs, C, group_g, group_gx,
+                               P, ow, ob)
+            _dx_coefficients(group_g, group_gx, g, p, <const float*>pw, has_w, rs, C, count, stats_grad, center,
+                             k1, k2, k3)
+            _dx_rows(<const float*>pdy, <const float*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <float*>pdx,
+                     threads)
+        else:
+            if sums:
+                _sums_cols(<const double*>pdy, <const double*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
+                           threads)
+                _gradient_sums(part_dy, part_dyx, nb, C, g, p, <const double*>pw, has_w, rs, C, group_g,
+                               group_gx, P, ow, ob)
+            _dx_coefficients(group_g, group_gx, g, p, <const double*>pw, has_w, rs, C, count, stats_grad, center,
+                             k1, k2, k3)
+            _dx_rows(<const double*>pdy, <const double*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <double*>pdx,
+                     threads)
+    free(work)
+
+
 cdef extern from *:
     """
     #ifdef _OPENMP
