@@ -41,6 +41,8 @@ class Kernels(Protocol):
     ``threads`` is a hint (GPU backends ignore it). Kernels check nothing: the
     orchestration has validated shapes and dtypes, and results are bitwise independent of
     ``threads``. OUT arrays are fully written unless marked "zeroed" (the caller zeroes).
+    The elementwise outputs (y, dx) are written through their data alone, their shape
+    unread: any C-contiguous array of the right size will do (the caller's, unreshaped).
     """
 
     # -- statistics ------------------------------------------------------------------------

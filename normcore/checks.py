@@ -37,6 +37,8 @@ def array(name, a, dtype=None, be=None):
     """
     if dtype is not None and be is not None and type(a) is be.array_type and a.dtype == dtype:
         return be  # the common case: x's backend and dtype given, and matched
+    if be is None and type(a) is np.ndarray and a.dtype in _CPU_DTYPES:
+        return CPU  # the common case: a float32 or float64 NumPy array
     if be is None:
         be = backend_of(a)
         if not isinstance(a, be.array_type):
@@ -55,6 +57,9 @@ def array(name, a, dtype=None, be=None):
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
     return be
+
+
+_CPU_DTYPES = frozenset(CPU.dtypes)
 
 
 def param(name, a, shape, dtype, be):
@@ -127,6 +132,8 @@ def eps(value) -> float:
     >>> eps(1e-5)
     1e-05
     """
+    if type(value) is float and 0.0 < value < math.inf:
+        return value  # the common case
     v = _real("eps", value)
     if not (math.isfinite(v) and v > 0.0):
         raise ValueError(f"eps: expected a finite float > 0, got {value!r}")
@@ -139,6 +146,8 @@ def momentum(value, allow_none=False):
     >>> momentum(0.1)
     0.1
     """
+    if type(value) is float and 0.0 <= value <= 1.0:
+        return value  # the common case
     if value is None:
         if allow_none:
             return None

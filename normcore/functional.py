@@ -85,7 +85,7 @@ class NormCache:
                  comm=None, backend=CPU):
         self.mode = mode
         self.plan = plan
-        self.x3 = x3                # (A, C, B) input in the canonical layout
+        self.x3 = x3                # the input in the canonical layout, plan.kernel_shape
         self.dtype = dtype
         self.mean = mean            # (C,) float64 mean used to normalize (0 when not centred)
         self.rstd = rstd            # (C,) float64 1 / sqrt(var + eps)
@@ -136,14 +136,29 @@ def _plan(mode: Mode, x, sizes) -> Plan:
         raise ValueError(f"x: {e} ({describe_mode(mode)}, x.shape {x.shape})") from None
 
 
+def _shaped(a, shape):
+    """``a`` viewed as ``shape``: itself when it has that shape already (each reshape makes
+    a view object, which small calls notice)."""
+    return a if a.shape == shape else a.reshape(shape)
+
+
 def _canonical(a, plan: Plan, xp=np):
-    """``a`` as a C-contiguous (A, C, B) array; a view when no copy is needed."""
+    """``a`` as a C-contiguous array of ``plan.kernel_shape``; a view when no copy is needed."""
     if plan.perm is None:
         if type(a) is xp.ndarray and a.flags.c_contiguous:
-            return a.reshape(plan.layout)
-        return xp.ascontiguousarray(a).reshape(plan.layout)  # subclasses (np.matrix) become arrays
+            return _shaped(a, plan.kernel_shape)
+        return xp.ascontiguousarray(a).reshape(plan.kernel_shape)  # subclasses (np.matrix) become arrays
     e = a.reshape(plan.elem_shape).transpose(plan.perm)
-    return xp.ascontiguousarray(e).reshape(plan.layout)
+    return xp.ascontiguousarray(e).reshape(plan.kernel_shape)
+
+
+def _output(out, plan: Plan, dtype, xp=np):
+    """Where the kernels write y or dx: ``out``, or a new array of x's shape, when no
+    transpose follows (the elementwise kernels read their output's data, not its shape);
+    else a new (A, R, S) array."""
+    if plan.perm is None:
+        return xp.empty(plan.shape, dtype) if out is None else out
+    return xp.empty(plan.rows, dtype)
 
 
 def _from_canonical(a3, plan: Plan, xp=np):
@@ -154,11 +169,13 @@ def _from_canonical(a3, plan: Plan, xp=np):
 
 
 def _result(rows, plan: Plan, out, xp=np):
-    """The (A, R, S) result in the input's layout, in ``out`` when given."""
+    """The result the kernels wrote into :func:`_output`'s array, in the input's layout
+    (in ``out`` when given)."""
+    if plan.perm is None:
+        return rows
     if out is None:
-        return rows.reshape(plan.shape) if plan.perm is None else _from_canonical(rows, plan, xp)
-    if plan.perm is not None:
-        out[...] = _from_canonical(rows, plan, xp)
+        return _from_canonical(rows, plan, xp)
+    out[...] = _from_canonical(rows, plan, xp)
     return out
 
 
@@ -285,7 +302,7 @@ def _forward(call: _Forward, x):
     x3 = _canonical(x, plan, xp)
     run = _Run.of(call.be, x3.size)
     out = call.out
-    y_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, call.dtype)
+    y_rows = _output(out, plan, call.dtype, xp)
     count = plan.count
     mean = var = rstd = None
     if call.use_batch:
@@ -293,9 +310,9 @@ def _forward(call: _Forward, x):
     if call.update:
         _update_running(call, mean, var, count, run)
     if not call.use_batch or call.estimate:
-        mean, var, rstd = _apply_running(call, x3.reshape(plan.rows), y_rows, run)
+        mean, var, rstd = _apply_running(call, x3, y_rows, run)
     elif not call.one_pass:
-        _apply(call, x3.reshape(plan.rows), mean, rstd, y_rows, run)
+        _apply(call, _shaped(x3, plan.rows), mean, rstd, y_rows, run)
     cache = NormCache(call.mode, plan, x3, call.dtype, mean, rstd, call.weight, call.bias is not None,
                       stats_grad=call.use_batch and not call.estimate, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be)
@@ -337,11 +354,11 @@ def _moments(x3, plan: Plan, run: _Run):
     xp = run.xp
     strategy = plan.strategy
     if strategy is Strategy.SCATTERED:
-        return _scattered_moments(x3.reshape(plan.rows), plan, run)
+        return _scattered_moments(_shaped(x3, plan.rows), plan, run)
     if strategy is Strategy.COLUMNS:
         nb = len(plan.partial_counts)
         pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
-        run.K.moments_cols(x3.reshape(A, C), plan.rows_per_block, pmean, pm2, run.threads)
+        run.K.moments_cols(x3, plan.rows_per_block, pmean, pm2, run.threads)
     else:
         pmean, pm2 = xp.empty((A, C)), xp.empty((A, C))
         run.K.moments_rows(x3, pmean, pm2, run.threads)
@@ -375,18 +392,17 @@ def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
         b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
     rp = run.params_ix(plan)
     run.K.normalize_groups(x3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
-                           rp, w, b, mean, var, rstd, y_rows.reshape(plan.layout), run.threads)
+                           rp, w, b, mean, var, rstd, y_rows, run.threads)
 
 
 def _normalize_columns(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
     """The column strategy's forward from one kernel call: moments, their finalization,
     the per-column coefficients and y."""
     plan = call.plan
-    A, C, _ = plan.layout
     w, b = _params_or_dummies(call, run)
-    run.K.normalize_cols(x3.reshape(A, C), plan.rows_per_block, call.mode.center, call.eps, run.ix(plan, "rg"),
+    run.K.normalize_cols(x3, plan.rows_per_block, call.mode.center, call.eps, run.ix(plan, "rg"),
                          run.params_ix(plan), w, b, call.weight is not None, call.bias is not None, mean, var,
-                         rstd, y_rows.reshape(A, C), run.threads)
+                         rstd, y_rows, run.threads)
 
 
 def _params_or_dummies(call: _Forward, run: _Run):
@@ -411,7 +427,7 @@ def _update_running(call: _Forward, mean, var, count, run: _Run):
             target[...] = value.reshape(target.shape)
 
 
-def _apply_running(call: _Forward, x_rows, y_rows, run: _Run):
+def _apply_running(call: _Forward, x3, y_rows, run: _Run):
     """Phases 4 and 5 without batch statistics (eval) or for estimated batch norm (after
     the update): per-group statistics from the stored running ones, and y from them."""
     plan, xp = call.plan, run.xp
@@ -421,10 +437,10 @@ def _apply_running(call: _Forward, x_rows, y_rows, run: _Run):
     if plan.param_inner and (call.weight is not None or call.bias is not None):
         if C:
             run.K.running_statistics(rm, rv, run.ix(plan, "rc"), call.eps, mean, var, rstd)
-        _apply(call, x_rows, mean, rstd, y_rows, run)
+        _apply(call, _shaped(x3, plan.rows), mean, rstd, y_rows, run)
     else:  # one scale and shift per row: one kernel call
         w, b = _params_or_dummies(call, run)
-        run.K.normalize_running(x_rows, rm, rv, run.ix(plan, "rc"), call.eps, run.ix(plan, "rg"),
+        run.K.normalize_running(x3 if x3.ndim == 2 else _shaped(x3, plan.rows), rm, rv, run.ix(plan, "rc"), call.eps, run.ix(plan, "rg"),
                                 run.params_ix(plan), w, b, call.weight is not None, call.bias is not None,
                                 plan.rows_per_block, mean, var, rstd, y_rows, run.threads)
     return mean, var, rstd
@@ -598,17 +614,17 @@ def _backward(dy, cache, out, link):
     view = cache.view
     if view is not None:  # a form's call on reshaped arrays: the mode's shapes inside
         dy = dy.reshape(plan.shape)
-    dy_rows = _canonical(dy, plan, xp).reshape(plan.rows)
-    dx_rows = out.reshape(plan.rows) if out is not None and plan.perm is None else xp.empty(plan.rows, cache.dtype)
-    run = _Run.of(be, dy_rows.size)
+    dy3 = _canonical(dy, plan, xp)
+    dx_rows = _output(None if out is None else _shaped(out, plan.shape), plan, cache.dtype, xp)
+    run = _Run.of(be, dy3.size)
     if cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
-        dw, db = _backward_one_visit(dy_rows, cache, dx_rows, run)
+        dw, db = _backward_one_visit(dy3, cache, dx_rows, run)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
-        dw, db = _backward_inner(dy_rows, cache, dx_rows, run, link)
+        dw, db = _backward_inner(_shaped(dy3, plan.rows), cache, dx_rows, run, link)
     elif plan.strategy is Strategy.COLUMNS and link is None:
-        dw, db = _backward_columns(dy_rows, cache, dx_rows, run)
+        dw, db = _backward_columns(dy3, cache, dx_rows, run)
     else:
-        dw, db = _backward_rows(dy_rows, cache, dx_rows, run, link)
+        dw, db = _backward_rows(_shaped(dy3, plan.rows), cache, dx_rows, run, link)
     dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
     if view is not None:
         dx = dx.reshape(view[0]) if out is None else out
@@ -635,7 +651,7 @@ def _param_grads(cache, run: _Run):
     return run.xp.zeros(P), run.xp.zeros(P)
 
 
-def _backward_one_visit(dy_rows, cache, dx_rows, run: _Run):
+def _backward_one_visit(dy3, cache, dx_rows, run: _Run):
     """Training backward when every group is contiguous: its sums and its dx in one visit."""
     plan, xp = cache.plan, run.xp
     R, C = plan.rows[1], plan.layout[1]
@@ -647,10 +663,10 @@ def _backward_one_visit(dy_rows, cache, dx_rows, run: _Run):
     partials = (plan.param_blocks, P) if affine is AffineKind.INNER else (1, 1)
     pdw, pdb = xp.zeros(partials), xp.zeros(partials)
     rp = run.params_ix(plan)
-    run.K.backward_groups(dy_rows.reshape(plan.layout), cache.x3, R // C, cache.mode.center, int(affine), rp,
+    run.K.backward_groups(dy3, cache.x3, R // C, cache.mode.center, int(affine), rp,
                           cache.weight_f64() if cache.has_weight else xp.ones(P),
                           cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
-                          dx_rows.reshape(plan.layout), run.threads)
+                          dx_rows, run.threads)
     if affine is AffineKind.INNER:
         return pdw.sum(axis=0), pdb.sum(axis=0)
     if affine is AffineKind.ROW:
@@ -670,7 +686,7 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
     mean_g / mean_gx their group means, per row."""
     plan, xp = cache.plan, run.xp
     R, P = plan.rows[1], plan.param_size
-    x_rows = cache.x3.reshape(plan.rows)
+    x_rows = _shaped(cache.x3, plan.rows)
     rp = run.ix(plan, "rp")
     mean_r, rstd_r = _per_row(cache.mean, plan, run), _per_row(cache.rstd, plan, run)
     w = cache.weight_f64() if cache.has_weight else xp.ones(P)
@@ -697,18 +713,17 @@ def _group_totals(values, plan: Plan, run: _Run):
     return run.xp.bincount(run.ix(plan, "rg"), weights=values, minlength=C)
 
 
-def _backward_columns(dy_rows, cache, dx_rows, run: _Run):
+def _backward_columns(dy3, cache, dx_rows, run: _Run):
     """The column strategy's backward from one kernel call: the column sums, the group
     and parameter sums, the dx coefficients and dx (what _backward_rows does in four)."""
     plan = cache.plan
-    A, C, _ = plan.layout
     affine = cache.has_weight or cache.has_bias
     P = plan.param_size if affine else 0
     dw, db = run.xp.empty(P), run.xp.empty(P)
     w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
-    run.K.backward_cols(dy_rows.reshape(A, C), cache.x3.reshape(A, C), cache.mean, cache.rstd, plan.rows_per_block,
+    run.K.backward_cols(dy3, cache.x3, cache.mean, cache.rstd, plan.rows_per_block,
                         run.ix(plan, "rg"), run.params_ix(plan), w, cache.has_weight, float(max(cache.count, 1)),
-                        cache.stats_grad, cache.mode.center, dw, db, dx_rows.reshape(A, C), run.threads)
+                        cache.stats_grad, cache.mode.center, dw, db, dx_rows, run.threads)
     return (dw, db) if affine else (None, None)
 
 
@@ -721,7 +736,7 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     plan, xp = cache.plan, run.xp
     A, R, S = plan.rows
     C = plan.layout[1]
-    x_rows = cache.x3.reshape(plan.rows)
+    x_rows = _shaped(cache.x3, plan.rows)
     rg, rp = run.ix(plan, "rg"), run.params_ix(plan)
     mean_r = _per_row(cache.mean, plan, run)
     w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)

@@ -320,11 +320,13 @@ class CudaKernels:
         if mean.shape[0] == 0:
             return
         xp = _xp_of(x)
+        if x.ndim == 2:
+            x = x.reshape(x.shape + (1,))
         R = x.shape[1]
         self.running_statistics(running_mean, running_var, rc, eps, mean, var, rstd)
         mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
         self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
-        self.affine_rows(x, mean_r, scale, shift, rpb, y, threads)
+        self.affine_rows(x, mean_r, scale, shift, rpb, y.reshape(x.shape), threads)
 
     def backward_cols(self, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, stats_grad, center, dw, db, dx,
                       threads):

@@ -78,6 +78,12 @@ class Plan:
         return Strategy.COLUMNS if B == 1 and A > 1 else Strategy.ROWS
 
     @cached_property
+    def kernel_shape(self) -> tuple:
+        """The shape the plan's kernels read x in: (A, C) for the column strategy, else
+        (A, C, B)."""
+        return self.layout[:2] if self.strategy is Strategy.COLUMNS else self.layout
+
+    @cached_property
     def partial_counts(self) -> np.ndarray:
         """Elements behind each partial of the plan's moments kernel: row blocks of the
         column strategy, rows of the rows strategy, a group's rows when scattered."""

@@ -1099,12 +1099,14 @@ def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp
 
 def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b, bint has_w, bint has_b,
                       Py_ssize_t rows_per_block, mean, var, rstd, y, int threads):
-    """IN x (A, R, S) T, running_mean, running_var (E,) T, rc (C,) intp, rg, rp (R,) intp,
-    w, b (P,) T (read only where has_w / has_b); OUT mean, var, rstd (C,) float64 as
-    running_statistics gives them, y (A, R, S) T: running_statistics, row_coefficients and
-    affine_rows in one call (the output of eval mode and of estimated batch norm)."""
-    cdef Py_ssize_t* d = _shape(x, 3)
-    cdef Py_ssize_t A = d[0], R = d[1], S = d[2]
+    """IN x (A, R, S) T, or (A, R) for S == 1 (the column strategy's x as it is read),
+    running_mean, running_var (E,) T, rc (C,) intp, rg, rp (R,) intp, w, b (P,) T (read
+    only where has_w / has_b); OUT mean, var, rstd (C,) float64 as running_statistics gives
+    them, y (A, R, S) T: running_statistics, row_coefficients and affine_rows in one call
+    (the output of eval mode and of estimated batch norm)."""
+    cdef Py_ssize_t* d = _shape(x, 2 if cnp.PyArray_Check(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) == 2 else 3)
+    cdef Py_ssize_t A = d[0], R = d[1]
+    cdef Py_ssize_t S = d[2] if cnp.PyArray_NDIM(<cnp.ndarray>x) == 3 else 1
     cdef Py_ssize_t C = _shape(mean, 1)[0]
     cdef int T = _storage(x)
     cdef const Py_ssize_t* c = <const Py_ssize_t*>_in(rc, IDX)
