@@ -37,10 +37,10 @@ def array(name, a, dtype=None, be=None):
     """
     if dtype is not None and be is not None and type(a) is be.array_type and a.dtype == dtype:
         return be  # the common case: x's backend and dtype given, and matched
-    if be is None and type(a) is np.ndarray and a.dtype in _CPU_DTYPES:
-        return CPU  # the common case: a float32 or float64 NumPy array
     if be is None:
         be = backend_of(a)
+        if type(a) is be.array_type and a.dtype in be.dtypes:
+            return be  # the common case: an array of the backend's own type and dtypes
         if not isinstance(a, be.array_type):
             raise TypeError(f"{name}: expected a numpy.ndarray (or a cupy.ndarray for the GPU), "
                             f"got {type_name(a)}")
@@ -57,9 +57,6 @@ def array(name, a, dtype=None, be=None):
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
     return be
-
-
-_CPU_DTYPES = frozenset(CPU.dtypes)
 
 
 def param(name, a, shape, dtype, be):
