@@ -250,9 +250,15 @@ class CudaKernels:
             mu, m2 = xp.empty(C), xp.empty(C)
             self.combine_moments(pmean, pm2, counts, mu, m2, 1)
         v = m2 / count
+        # no representable variance (overflow): NaN, as the CPU kernels
+        bad = ~(xp.isfinite(mu) & xp.isfinite(v))
+        if not center:
+            bad |= ~xp.isfinite(v + mu * mu)
+        v = xp.where(bad, np.nan, v)
+        mu = xp.where(bad, np.nan, mu)
         if not center:
             v = v + mu * mu
-            mu = xp.zeros(C)
+            mu = xp.where(bad, np.nan, 0.0)
         mean[...] = mu
         var[...] = v
         rstd[...] = 1.0 / xp.sqrt(v + eps)

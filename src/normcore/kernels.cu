@@ -110,6 +110,10 @@ template <typename A> __device__ A nc_block_sum(A v, A* shared32) {
     return v;
 }
 
+// Rounding can leave a centred sum of squares slightly negative: clamp it to 0, but keep a
+// NaN (an overflowed sum, inf - inf) a NaN, which fmax would turn into 0.
+__device__ __forceinline__ double nc_clamp0(double v) { return v < 0.0 ? 0.0 : v; }
+
 struct nc_moments { double n, mean, m2; };
 
 // Chan et al.'s merge of two (count, mean, centred sum of squares).
@@ -170,7 +174,7 @@ __device__ nc_moments nc_block_row_moments(const T* p, i64 n, nc_moments* shared
         }
         m.n = (double)count;
         m.mean = (double)k + (double)s1 / (double)count;
-        m.m2 = fmax((double)s2 - (double)s1 * (double)s1 / (double)count, 0.0);
+        m.m2 = nc_clamp0((double)s2 - (double)s1 * ((double)s1 / (double)count));
     }
     return nc_block_moments(m, shared32);
 }
@@ -363,7 +367,7 @@ __global__ void nc_moments_cols(const T* x, i64 Arows, i64 C, i64 rpb, double* p
             for (int j = 0; j < NC_COL_STRIPES; ++j) { t1 += (double)sh1[j][tx]; t2 += (double)sh2[j][tx]; }
             const double n = (double)(r1 - r0);
             pmean[k * C + c] = (double)shift + t1 / n;
-            pm2[k * C + c] = fmax(t2 - t1 * t1 / n, 0.0);
+            pm2[k * C + c] = nc_clamp0(t2 - t1 * (t1 / n));
         }
         __syncthreads();
     }
@@ -453,6 +457,11 @@ __global__ void nc_normalize_groups(const T* x, i64 C, i64 B, i64 J, i64 center,
         const nc_moments m = nc_block_row_moments(x + c * B, B, shared);
         if (threadIdx.x == 0) {
             double mu = m.mean, v = m.m2 / (double)B;
+            // no representable variance (overflow): NaN, as the CPU kernels
+            // (x - x == 0 exactly when x is finite; no headers for isfinite or NAN under NVRTC)
+            const double mm = v + mu * mu;
+            if (!(mu - mu == 0.0 && v - v == 0.0 && (center || mm - mm == 0.0)))
+                mu = v = __longlong_as_double(0x7ff8000000000000LL);
             if (!center) {
                 v = v + mu * mu;
                 mu = 0.0;

@@ -40,7 +40,7 @@ validates the caller's arguments, normcore/functional.py builds the kernels' arr
 """
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
-from libc.math cimport sqrt
+from libc.math cimport NAN, isfinite, sqrt
 from libc.stdlib cimport abort, free, malloc
 
 cnp.import_array()
@@ -125,6 +125,21 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t k, Py_ssize_t rows_per_block,
     return rows_per_block if rows > rows_per_block else rows
 
 
+cdef inline double _clamp0(double v) noexcept nogil:
+    # rounding can leave a centred sum of squares slightly negative; an overflowed one
+    # (inf - inf) is NaN and stays NaN (max(v, 0.0) would make it 0)
+    return 0.0 if v < 0.0 else v
+
+
+cdef inline double _representable(double mean, double var, bint center) noexcept nogil:
+    # A group whose statistics overflow double (|x| near the float64 maximum) has no
+    # representable variance: NaN, never a clamped or infinite one that would give a
+    # finite wrong output (var = inf makes rstd 0 and y the bias).
+    if not (isfinite(mean) and isfinite(var)) or (not center and not isfinite(var + mean * mean)):
+        return NAN
+    return var
+
+
 cdef inline void _merge(double* n, double* mean, double* m2,
                         double nb, double meanb, double m2b) noexcept nogil:
     # Chan et al.: exact merge of two (count, mean, centered sum of squares) triples.
@@ -179,7 +194,7 @@ cdef inline void _row_moments(const floating* p, Py_ssize_t n,
             nc_shifted_sums_f32(p + start, m, k, &s1, &s2)
         else:
             nc_shifted_sums_f64(p + start, m, k, &s1, &s2)
-        _merge(&count, &mean, &m2, <double>m, k + s1 / m, max(s2 - s1 * s1 / m, 0.0))
+        _merge(&count, &mean, &m2, <double>m, k + s1 / m, _clamp0(s2 - s1 * (s1 / m)))
         start = start + m
     out_mean[0] = mean
     out_m2[0] = m2
@@ -231,13 +246,13 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
         for r in range(1, rows):
             row = x + r * ld
             for c in range(tw):
-                d = row[c] - x[c]
+                d = <double>row[c] - <double>x[c]  # widened first: float32 x - x can overflow
                 mean[c] += d
                 m2[c] += d * d
     for c in range(tw):
         s = mean[c]
         mean[c] = x[c] + s / rows
-        m2[c] = max(m2[c] - s * s / rows, 0.0)
+        m2[c] = _clamp0(m2[c] - s * (s / rows))
 
 
 def moments_cols(x, Py_ssize_t rows_per_block, pmean, pm2, int threads):
@@ -597,7 +612,8 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
         mu = 0.0
         m2 = 0.0
         _row_moments(x + c * B, B, &mu, &m2)
-        v = m2 / B
+        v = _representable(mu, m2 / B, center)
+        mu = v - v + mu  # NaN with v
         if not center:
             v = v + mu * mu
             mu = 0.0
@@ -831,10 +847,12 @@ cdef void _finalize_moments(const double* pmean, const double* pm2, const double
                 var[c] += pm2[k * C + c] + counts[k] * dev * dev
     for c in range(C):
         mu = mean[c]
-        v = var[c] / count
+        v = _representable(mu, var[c] / count, center)
         if not center:
             v = v + mu * mu
             mean[c] = 0.0
+        else:
+            mean[c] = v - v + mu  # NaN with v
         var[c] = v
         rstd[c] = 1.0 / sqrt(v + eps)
 
