@@ -200,6 +200,11 @@ class Backend:
     def __repr__(self):
         return f"<normcore backend {self.name}>"
 
+    def __reduce__(self):
+        # a backend holds its array module: pickles and copies (of a layer, of the cache it
+        # keeps for backward) name the backend instead, and get the process's own
+        return backend_named, (self.name,)
+
 
 CPU = Backend()
 

@@ -105,7 +105,10 @@ def axis_size(axis, value) -> int:
     4
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"sizes: {axis}={value!r} must be a positive int")
+        if isinstance(value, (numbers.Number, str)):
+            raise ValueError(f"sizes: {axis}={value!r} must be a positive int")
+        # an array or other object: its type, not a dump of its values
+        raise ValueError(f"sizes: {axis} must be a positive int, got {type_name(value)}")
     return int(value)
 
 

@@ -133,6 +133,8 @@ def _plan(mode: Mode, x, sizes) -> Plan:
     try:
         return make_plan(mode, x.shape, sizes)
     except ValueError as e:
+        if str(e).startswith("sizes:"):  # the call's sizes, not x, are wrong
+            raise
         raise ValueError(f"x: {e} ({describe_mode(mode)}, x.shape {x.shape})") from None
 
 

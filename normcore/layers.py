@@ -11,6 +11,9 @@ input, or build the layer with the input's dtype. Nothing is cast silently.
 """
 from __future__ import annotations
 
+import os
+import zipfile
+
 import numpy as np
 
 from . import checks, sync
@@ -28,10 +31,21 @@ _ARRAYS = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "runnin
 
 
 def _layer_dtype(dtype):
-    dt = np.dtype(dtype)
-    if dt.name not in ("float32", "float64", "float16", "bfloat16"):
-        raise TypeError(f"dtype: expected float32 or float64 (float16 or bfloat16 on the GPU), got {dt}")
+    expected = "float32 or float64 (float16 or bfloat16 on the GPU), in native byte order"
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype: expected {expected}, got {dtype!r}") from None
+    if dt.name not in ("float32", "float64", "float16", "bfloat16") or not dt.isnative:
+        # a byte-swapped dtype would be refused by every forward: refuse it here
+        raise TypeError(f"dtype: expected {expected}, got {dt.str if not dt.isnative else dt}")
     return dt
+
+
+def _npz_path(path):
+    """``path`` as :meth:`Layer.save` writes it: with ``.npz`` appended when missing."""
+    p = os.fspath(path)
+    return p if p.endswith(".npz") else p + ".npz"
 
 
 def _host_copy(a):
@@ -159,14 +173,22 @@ class Layer:
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"state: missing keys {missing}, unexpected keys {unexpected}")
+        # every entry is checked before any is written: a load applies all of them or none
+        values = {}
         for key, value in state.items():
-            value = np.asarray(value)
+            value = _host_copy(value) if not isinstance(value, np.ndarray) and hasattr(value, "get") \
+                else np.asarray(value)
             if value.shape != own[key].shape:
                 raise ValueError(f"state[{key!r}]: expected shape {own[key].shape}, got {value.shape}")
             if value.dtype.kind not in "fiu":
                 raise TypeError(f"state[{key!r}]: expected a numeric array, got dtype {value.dtype}")
-        for key, value in state.items():
-            self._assign(key, np.asarray(value))
+            if key.rpartition(".")[2] == "num_batches_tracked":
+                n = value.item()
+                if not (np.isfinite(n) and n >= 0 and n == int(n)):
+                    raise ValueError(f"state[{key!r}]: expected a count >= 0, got {n!r}")
+            values[key] = value
+        for key, value in values.items():
+            self._assign(key, value)
 
     def _assign(self, key, value):
         head, _, rest = key.partition(".")
@@ -182,13 +204,27 @@ class Layer:
                 target[...] = backend_of(target).xp.asarray(value, dtype=target.dtype)
 
     def save(self, path):
-        """Write :meth:`state_dict` to an ``.npz`` file at ``path``."""
+        """Write :meth:`state_dict` to an ``.npz`` file at ``path`` (``.npz`` appended when
+        missing, as NumPy does); return the path written."""
+        path = _npz_path(path)
         np.savez(path, **self.state_dict())
+        return path
 
     def load(self, path):
-        """Load parameters and buffers saved by :meth:`save`; return self."""
-        with np.load(path) as data:
-            self.load_state_dict({k: data[k] for k in data.files})
+        """Load parameters and buffers saved by :meth:`save` (the same ``path``, with or
+        without ``.npz``); return self. A file that is not such an archive is a
+        ValueError naming it; nothing is written unless every entry loads."""
+        path = _npz_path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise ValueError("not an .npz archive")
+                state = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            raise ValueError(f"path: {path!r} is not a normcore checkpoint (.npz): {e}") from None
+        self.load_state_dict(state)
         return self
 
 
@@ -198,6 +234,7 @@ class _Norm(Layer):
     _mode = None            # mode name or Mode
     _ndims = None           # accepted input ranks (None: any the spec accepts)
     _estimate = False
+    _eps_may_be_none = False  # eps=None has a meaning (RMSNorm: the dtype's machine epsilon)
     #: True: forward and backward write into arrays the layer keeps and reuses while the
     #: input shape and dtype repeat, so large outputs cost no allocation (and no page
     #: faults) per call; each call then overwrites the arrays the previous call returned.
@@ -207,7 +244,7 @@ class _Norm(Layer):
                  running_shape=None, dtype=np.float32, unbiased=True):
         super().__init__()
         self.dtype = _layer_dtype(dtype)
-        self.eps = checks.eps(eps) if eps is not None else None
+        self.eps = checks.eps(eps) if eps is not None or not self._eps_may_be_none else None
         self.momentum = checks.momentum(momentum, allow_none=True)
         self.unbiased = bool(unbiased)
         self.track_running_stats = bool(track_running_stats)
@@ -513,6 +550,7 @@ class RMSNorm(_LastAxesNorm):
     >>> y = RMSNorm(8)(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
     """
     _mode = "rms_norm"
+    _eps_may_be_none = True
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
         self.elementwise_affine = bool(elementwise_affine)
@@ -610,7 +648,17 @@ class BatchChannelNorm(Layer):
     def forward(self, x):
         """y = channel_norm(batch_norm(x)); x is checked once, for both."""
         be = self.channel_norm._check_input(x)
-        return self.channel_norm._forward(self.batch_norm._forward(x, be), be)
+        bn = self.batch_norm
+        saved = None
+        if bn.training and bn.track_running_stats:  # the first step writes state: keep it
+            saved = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked, bn._cache)
+        try:
+            return self.channel_norm._forward(bn._forward(x, be), be)
+        except BaseException:
+            if saved is not None:  # one forward is atomic: undo the first step's update
+                bn.running_mean[...], bn.running_var[...] = saved[0], saved[1]
+                bn.num_batches_tracked, bn._cache = saved[2], saved[3]
+            raise
 
     def backward(self, dy):
         """dx through both sub-layers; their gradients accumulate in the sub-layers."""

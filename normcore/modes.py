@@ -32,17 +32,27 @@ class Mode:
     # A subset shorter than the statistics axes averages the per-group statistics over
     # the other kept axes (instance norm keeps running stats per channel, not per sample).
     running_stats: str | None = None
-    # Axis sizes fixed by the mode (e.g. groups); more can be given per call.
+    # Axis sizes fixed by the mode (e.g. groups); others can be given per call, a fixed one
+    # only with its fixed value.
     sizes: tuple[tuple[str, int], ...] = ()
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
         parsed = parse_spec(self.spec)
         names = tuple(n for n in parsed.names)
+        if all(n in parsed.kept for n in names):
+            raise SpecError(f"spec {self.spec!r}: reduces no axis (every input axis is kept), so every "
+                            "output would be 0; name the statistics axes on the right of '->'")
         if self.params is not None:
             if not isinstance(self.params, str):
                 raise TypeError(f"params: expected a str of axis names or None, got {type(self.params).__name__}")
-            parse_axes(self.params, self.spec, "params", names)
+            groups = parse_axes(self.params, self.spec, "params", names)
+            batch = parsed.lhs[0]  # kept, the leading axis is the batch (one statistic per sample)
+            if batch != (ELLIPSIS,) and any(n in parsed.kept for n in batch) \
+                    and any(n in batch for g in groups for n in g):
+                raise SpecError(f"spec {self.spec!r}: params {self.params!r} include the leading axis "
+                                f"{' '.join(batch)!r}, kept as the batch (statistics per sample), whose size "
+                                "changes from call to call; parameters live on the other axes")
         if self.running_stats is not None:
             if not isinstance(self.running_stats, str):
                 raise TypeError("running_stats: expected True, False or a str of statistics axes")
@@ -92,7 +102,8 @@ def register_mode(name, spec, *, params=None, center=True, running_stats=False, 
     running_stats : bool or str
         True keeps running statistics on all statistics axes, a str on a subset of them.
     **sizes : int
-        Fixed axis sizes, e.g. ``g=32``.
+        Fixed axis sizes, e.g. ``g=32``. A call may give the axis sizes left open; giving a
+        fixed one a different value is a ValueError (a call cannot re-size a mode).
 
     Example
     -------

@@ -356,8 +356,18 @@ def make_plan(mode: Mode, shape, sizes=None) -> Plan:
     if not sizes and type(shape) is tuple:
         return _make_plan(mode, shape, mode.sizes)  # mode.sizes is sorted already
     merged = dict(mode.sizes)
+    names = mode.parsed.names
     for k, v in (sizes or {}).items():
-        merged[k] = checks.axis_size(k, v)
+        if k not in names or k == ELLIPSIS:
+            # the keywords a call takes beyond its own are axis sizes: any other name is a
+            # misspelt or unsupported argument, reported as Python reports one
+            raise TypeError(f"unexpected keyword argument {k!r} ({checks.describe_mode(mode)} has no axis "
+                            f"{k!r}; the extra keywords are axis sizes: {', '.join(n for n in names if n != ELLIPSIS)})")
+        size = checks.axis_size(k, v)
+        if k in merged and merged[k] != size:
+            raise ValueError(f"sizes: {k}={size} conflicts with {k}={merged[k]} fixed by "
+                             f"{checks.describe_mode(mode)}")
+        merged[k] = size
     return _make_plan(mode, tuple(int(s) for s in shape), tuple(sorted(merged.items())))
 
 
@@ -375,6 +385,8 @@ def param_shapes(mode, x_shape, **sizes) -> dict:
     try:
         plan = make_plan(m, tuple(x_shape), sizes)
     except ValueError as e:
+        if str(e).startswith("sizes:"):  # the sizes, not the shape, are wrong
+            raise
         raise ValueError(f"x_shape: {e} ({m.spec!r}, shape {tuple(x_shape)})") from None
     return {"weight": plan.param_shape, "bias": plan.param_shape,
             "running_mean": plan.running_shape, "running_var": plan.running_shape}

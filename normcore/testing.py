@@ -367,9 +367,13 @@ def random_modes(draw):
         tokens.insert(draw(st.integers(0, len(tokens))), [ELLIPSIS])
     flat = [a for t in tokens for a in t]
     kept = [a for a in flat if draw(st.booleans())]
+    if len(kept) == len(flat):  # a mode reduces at least one axis
+        kept.pop(draw(st.integers(0, len(kept) - 1)))
     lhs = " ".join(t[0] if len(t) == 1 else "(" + " ".join(t) + ")" for t in tokens)
     spec = f"{lhs} -> {' '.join(kept)}"
-    param_axes = [a for a in flat if a != ELLIPSIS and draw(st.booleans())]
+    # parameters never on a kept leading (batch) axis
+    batch = tokens[0] if any(a in kept for a in tokens[0]) else []
+    param_axes = [a for a in flat if a != ELLIPSIS and a not in batch and draw(st.booleans())]
     params = " ".join(param_axes) if param_axes else None
     center = draw(st.booleans())
     kept_named = [a for a in kept if a != ELLIPSIS]

@@ -145,7 +145,7 @@ FUNCTIONAL_CASES = [
     (dict(momentum=float("inf")), ValueError, "momentum"),
     (dict(estimate=True, training=False), ValueError, "estimate"),
     (dict(c=5), ValueError, "x"),
-    (dict(q=5), ValueError, "x"),
+    (dict(q=5), TypeError, "unexpected keyword argument"),
 ]
 
 

@@ -83,3 +83,165 @@ def test_extreme_magnitudes_on_the_emulated_gpu(emulated_gpu, mode, shape, sizes
     test_float64_at_large_magnitude_keeps_its_variance(mode, shape, sizes)
     test_unrepresentable_statistics_give_nan_not_a_finite_answer(mode, shape, sizes)
     assert emulated_gpu.launches > 0
+
+
+# -- pickling and copies (every layer, at any time) -----------------------------------------
+
+LAYERS = [(lambda: nc.BatchNorm1d(3), (6, 3)), (lambda: nc.BatchNorm2d(3, channel_axis=-1), (2, 4, 4, 3)),
+          (lambda: nc.LayerNorm((3, 5)), (4, 3, 5)), (lambda: nc.GroupNorm(2, 4), (2, 4, 5)),
+          (lambda: nc.InstanceNorm2d(3, track_running_stats=True), (2, 3, 4, 4)), (lambda: nc.RMSNorm(5), (3, 5)),
+          (lambda: nc.ChannelNorm(4, 2), (2, 4, 3)), (lambda: nc.EstimatedBatchNorm(3), (6, 3, 2)),
+          (lambda: nc.BatchChannelNorm(4, 2), (6, 4, 3)), (lambda: nc.SyncBatchNorm(3), (6, 3))]
+
+
+@pytest.mark.parametrize("make, shape", LAYERS)
+@pytest.mark.parametrize("duplicate", [lambda l: pickle.loads(pickle.dumps(l)), copy.deepcopy],
+                         ids=["pickle", "deepcopy"])
+def test_layers_pickle_and_copy_at_any_time(make, shape, duplicate):
+    x = RNG.standard_normal(shape).astype(np.float32)
+    dy = RNG.standard_normal(shape).astype(np.float32)
+    layer = make()
+    duplicate(layer)  # fresh
+    layer(x)
+    twin = duplicate(layer)  # holding a forward's cache
+    np.testing.assert_array_equal(twin.backward(dy), layer.backward(dy))
+    twin = duplicate(layer)  # after backward
+    for a, b in ((twin(x), layer(x)), (twin.backward(dy), layer.backward(dy))):
+        np.testing.assert_array_equal(a, b)
+    for (name, p, g), (_, p2, g2) in zip(layer.named_parameters(), twin.named_parameters(), strict=True):
+        np.testing.assert_array_equal(p, p2, err_msg=name)
+        np.testing.assert_array_equal(g, g2, err_msg=name)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, twin.state_dict()[k], err_msg=k)
+
+
+def test_normalize_cache_pickles():
+    x = RNG.standard_normal((4, 6)).astype(np.float32)
+    y, cache = nc.normalize(x, "layer_norm", weight=np.ones(6, np.float32))
+    dy = np.ones_like(y)
+    got, want = nc.backward(dy, pickle.loads(pickle.dumps(cache))), nc.backward(dy, cache)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- files and state ------------------------------------------------------------------------
+
+def test_save_and_load_take_the_same_names(tmp_path):
+    layer = nc.BatchNorm1d(3)
+    layer(RNG.standard_normal((5, 3)).astype(np.float32))
+    for name in ("ckpt", "ckpt.npz"):
+        written = layer.save(tmp_path / name)
+        assert written.endswith("ckpt.npz")
+        back = nc.BatchNorm1d(3).load(tmp_path / name)
+        for k, v in layer.state_dict().items():
+            np.testing.assert_array_equal(back.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"\x93NUMPY not an archive"])
+def test_a_bad_checkpoint_names_its_path(tmp_path, content):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(content)
+    layer = nc.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="bad.npz"):
+        layer.load(path)
+    np.testing.assert_array_equal(layer.weight, np.ones(3))
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nc.BatchNorm1d(3), (6, 3)),
+                                         (lambda: nc.BatchChannelNorm(4, 2), (6, 4, 3))])
+@pytest.mark.parametrize("count", [np.nan, np.inf, -1, 2.5])
+def test_a_failed_load_writes_nothing(make, shape, count):
+    layer = make()
+    layer(RNG.standard_normal(shape).astype(np.float32))
+    before = layer.state_dict()
+    state = {k: np.asarray(v) + 1 if k.rpartition(".")[2] != "num_batches_tracked" else np.asarray(count)
+             for k, v in before.items()}
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        layer.load_state_dict(state)
+    for k, v in before.items():
+        np.testing.assert_array_equal(layer.state_dict()[k], v, err_msg=k)
+
+
+def test_batch_channel_norm_forward_is_atomic(monkeypatch):
+    layer = nc.BatchChannelNorm(4, 2, estimate=False)
+    x = RNG.standard_normal((6, 4, 3)).astype(np.float32)
+    layer(x)
+    before = layer.state_dict()
+
+    def fail(*args):
+        raise MemoryError("the second step failed")
+    monkeypatch.setattr(layer.channel_norm, "_forward", fail)
+    with pytest.raises(MemoryError):
+        layer(x)
+    for k, v in before.items():
+        np.testing.assert_array_equal(layer.state_dict()[k], v, err_msg=k)
+
+
+# -- construction-time rules ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [">f4", "<f8" if np.little_endian is False else ">f8", "nope", "int32", object])
+@pytest.mark.parametrize("make", [lambda d: nc.BatchNorm2d(3, dtype=d), lambda d: nc.LayerNorm(4, dtype=d),
+                                  lambda d: nc.GroupNorm(2, 4, dtype=d), lambda d: nc.BatchChannelNorm(4, 2, dtype=d)])
+def test_layers_refuse_dtypes_they_cannot_run(make, dtype):
+    with pytest.raises(TypeError, match="^dtype: expected"):
+        make(dtype)
+
+
+@pytest.mark.parametrize("make", [lambda: nc.BatchNorm1d(3, eps=None), lambda: nc.LayerNorm(4, eps=None),
+                                  lambda: nc.GroupNorm(2, 4, eps=None), lambda: nc.InstanceNorm1d(3, eps=None),
+                                  lambda: nc.BatchChannelNorm(4, 2, eps=None)])
+def test_eps_none_is_refused_at_construction(make):
+    with pytest.raises(TypeError, match="^eps"):
+        make()
+
+
+def test_rms_norm_eps_none_is_the_machine_epsilon():
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    want, _ = nc.normalize(x, "rms_norm", eps=float(np.finfo(np.float32).eps))
+    np.testing.assert_array_equal(nc.RMSNorm(4, eps=None)(x), want)
+
+
+# -- keywords and sizes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [lambda **k: nc.normalize(RNG.standard_normal((4, 3)), "batch_norm", **k),
+                                  lambda **k: nc.normalize(RNG.standard_normal((2, 4, 3)), "group_norm", g=2, **k),
+                                  lambda **k: nc.param_shapes("layer_norm", (4, 3), **k)])
+@pytest.mark.parametrize("kw", [{"trainig": False}, {"mask": np.ones((4, 3))}, {"zz": 3}])
+def test_an_unknown_keyword_is_a_type_error_naming_it(call, kw):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(kw))}'") as info:
+        call(**kw)
+    assert "array(" not in str(info.value)
+
+
+def test_a_size_that_is_not_an_int_is_not_dumped():
+    with pytest.raises(ValueError, match="^sizes: g must be a positive int, got numpy.ndarray$"):
+        nc.normalize(RNG.standard_normal((2, 4, 3)), "group_norm", g=np.ones(1000))
+
+
+def test_a_call_cannot_resize_a_registered_mode():
+    if "fixed_heads" not in nc.modes():
+        nc.register_mode("fixed_heads", "b t (h d) -> b h", params="(h d)", h=2)
+    x = RNG.standard_normal((2, 3, 8))
+    y, _ = nc.normalize(x, "fixed_heads", h=2)  # the fixed value itself is fine
+    with pytest.raises(ValueError, match="^sizes: h=4 conflicts with h=2"):
+        nc.normalize(x, "fixed_heads", h=4)
+    with pytest.raises(ValueError, match="^sizes: h=4 conflicts"):
+        nc.param_shapes("fixed_heads", x.shape, h=4)
+
+
+@pytest.mark.parametrize("spec", ["n c -> n c", "n ... -> n ...", "(a b) c -> a b c", "n (g k) -> n g k"])
+def test_a_spec_that_reduces_nothing_is_refused(spec):
+    with pytest.raises(nc.SpecError, match="reduces no axis"):
+        nc.Mode(spec)
+
+
+@pytest.mark.parametrize("spec, params", [("n c -> n", "n"), ("n c h -> n", "n c"), ("(n m) c -> n m", "m"),
+                                          ("n c ... -> n c", "n")])
+def test_parameters_on_the_kept_batch_axis_are_refused(spec, params):
+    with pytest.raises(nc.SpecError, match="leading axis"):
+        nc.Mode(spec, params=params)
+
+
+def test_parameters_on_a_reduced_leading_axis_are_fine():
+    y, _ = nc.normalize(RNG.standard_normal(5), nc.Mode("a -> ", params="a"), weight=np.ones(5))
+    assert y.shape == (5,)
