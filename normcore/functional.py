@@ -20,6 +20,7 @@ Numerics
 """
 from __future__ import annotations
 
+from math import prod
 from typing import NamedTuple
 
 import numpy as np
@@ -245,7 +246,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
         raise ValueError("estimate: needs running_mean and running_var and training=True")
     if not use_batch:
         link = None  # eval with running statistics: nothing to exchange
-    if link is None and plan.count <= 1:  # synchronized: checked once all ranks' counts are known
+    if link is None and plan.count <= 1 and x.size:  # synchronized: checked once all ranks' counts are known
         _check_count(plan.count, plan.layout[1], training, m, x.shape)
     return _Forward(m, plan, be, dtype,
                     None if weight is None else _flat(weight, be),
@@ -301,6 +302,8 @@ def _check_count(n, C, training, m: Mode, shape):
 def _forward(call: _Forward, x):
     """Phases 2-5 of a checked call; returns (y, cache)."""
     plan, xp = call.plan, call.be.xp
+    if x.size == 0 and call.link is None:
+        return _empty_forward(call, x)
     x3 = _canonical(x, plan, xp)
     run = _Run.of(call.be, x3.size)
     out = call.out
@@ -319,6 +322,19 @@ def _forward(call: _Forward, x):
                       stats_grad=call.use_batch and not call.estimate, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be)
     return _result(y_rows, plan, out, xp), cache
+
+
+def _empty_forward(call: _Forward, x):
+    """An input without elements (as PyTorch): an empty output, the running statistics
+    untouched, statistics that do not exist (NaN; a zero-stride view where the groups are
+    many), and a cache whose backward gives an empty dx and zero parameter gradients."""
+    plan, xp = call.plan, call.be.xp
+    y = xp.empty(x.shape, call.dtype) if call.out is None else call.out
+    C = prod(plan.stat_shape)  # (the layout's C of an empty axis can read 1)
+    nan = xp.full(C, np.nan) if C <= 65536 else xp.broadcast_to(xp.asarray(np.nan), (C,))
+    cache = NormCache(call.mode, plan, _canonical(x, plan, xp), call.dtype, nan, nan, call.weight,
+                      call.bias is not None, stats_grad=False, count=0, backend=call.be)
+    return y, cache
 
 
 def _batch_statistics(call: _Forward, x3, y_rows, run: _Run):
@@ -619,7 +635,9 @@ def _backward(dy, cache, out, link):
     dy3 = _canonical(dy, plan, xp)
     dx_rows = _output(None if out is None else _shaped(out, plan.shape), plan, cache.dtype, xp)
     run = _Run.of(be, dy3.size)
-    if cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
+    if dy3.size == 0 and link is None:  # nothing flows: zero parameter gradients
+        dw = db = xp.zeros(plan.param_size if (cache.has_weight or cache.has_bias) else 0)
+    elif cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
         dw, db = _backward_one_visit(dy3, cache, dx_rows, run)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
         dw, db = _backward_inner(_shaped(dy3, plan.rows), cache, dx_rows, run, link)

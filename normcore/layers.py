@@ -304,8 +304,8 @@ class _Norm(Layer):
             momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
         out = self._buffer("_y_buffer", x.shape, x.dtype, x) if self.reuse_buffers else None
         y, cache = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x))
-        if training and track:
-            self.num_batches_tracked += 1
+        if training and track and (x.size or self._comm_or_none() is not None):
+            self.num_batches_tracked += 1  # an empty batch (on its own) is not one
         self._cache = cache
         return y
 

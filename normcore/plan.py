@@ -10,8 +10,8 @@ i.e. A = 1. Plans are cached by (mode, shape, sizes).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from dataclasses import dataclass, fields
+from functools import cached_property, lru_cache, partial
 from math import prod
 
 import numpy as np
@@ -49,16 +49,46 @@ class Plan:
     param_shape: tuple | None    # shape of weight and bias; None when the mode has none
     running_shape: tuple | None  # shape of running statistics; None when the mode has none
     count: int              # elements per statistics group, A * B
-    rg: np.ndarray          # (R,) statistics group of each row
-    rp: np.ndarray | None   # (R,) parameter offset of each row (of its first element if inner)
+    # () -> (rg, rp, rc): the index arrays below, built on first use (an input without
+    # elements never needs them, and its axis sizes may describe billions of groups)
+    indices: object
     param_inner: bool       # parameters run contiguously along S: w[rp[r] + s]
-    rc: np.ndarray | None   # (C,) running-statistics entry of each group
     groups_per_running: int  # groups averaged into one running entry
     rows_per_block: int     # fixed block height of column / parameter reductions
     # Kept axes not adjacent, read in place: rows are the trailing reduced run, a group's
     # rows are scattered, and (A, C, B) is not a view of x. This orders the per-row
     # partial moments (row axes) as (reduced..., kept...), i.e. (partials per group, C).
     scattered: tuple | None = None
+
+    def __reduce__(self):
+        # the index recipe is a closure: a pickle (of a cache, of a layer) carries the arrays
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["indices"] = partial(_given, self._index_arrays)
+        return _plan_from, (state,)
+
+    @cached_property
+    def _index_arrays(self) -> tuple:
+        arrays = self.indices()
+        for a in arrays:
+            if a is not None:
+                a.setflags(write=False)
+        return arrays
+
+    @property
+    def rg(self) -> np.ndarray:
+        """(R,) statistics group of each row."""
+        return self._index_arrays[0]
+
+    @property
+    def rp(self) -> np.ndarray | None:
+        """(R,) parameter offset of each row (of its first element if inner); None without
+        parameters."""
+        return self._index_arrays[1]
+
+    @property
+    def rc(self) -> np.ndarray | None:
+        """(C,) running-statistics entry of each group; None without running statistics."""
+        return self._index_arrays[2]
 
     @cached_property
     def identities(self) -> frozenset:
@@ -114,6 +144,14 @@ class Plan:
     def groups_per_block(self) -> int:
         """Groups per block of the one-visit backward: at most PARAM_BLOCKS blocks."""
         return max(1, -(-self.layout[1] // PARAM_BLOCKS))
+
+
+def _given(arrays):
+    return arrays
+
+
+def _plan_from(state):
+    return Plan(**state)
 
 
 def _elementary(mode: Mode, shape: tuple, sizes: dict):
@@ -224,12 +262,15 @@ def _row_major(flags, dims):
     return strides
 
 
-def _running_index(running_shape, run_strides, axes, kept, dims, C):
-    """(C,) running-statistics entry of each group, and groups per entry."""
+def _running_index(running_shape, run_strides, axes, kept, dims):
+    """(C,) running-statistics entry of each group."""
     if running_shape is None:
-        return None, 1
-    group_axes = [i for i in axes if kept[i]]
-    return _offsets(group_axes, dims, run_strides), (C // max(prod(running_shape), 1) if C else 1)
+        return None
+    return _offsets([i for i in axes if kept[i]], dims, run_strides)
+
+
+def _groups_per_running(running_shape, C):
+    return C // max(prod(running_shape), 1) if running_shape is not None and C else 1
 
 
 @lru_cache(maxsize=4096)
@@ -278,18 +319,21 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
         s_axes = list(_in_place_rows(range(last + 1, nd), dims, is_param, param_strides))
         row_axes = list(range(nd - len(s_axes)))
         stat_strides = _row_major(kept, dims)
-        rg = _offsets(row_axes, dims, stat_strides)
-        rp = None if param_shape is None else _offsets(row_axes, dims, param_strides)
+
+        def indices():
+            return (_offsets(row_axes, dims, stat_strides),
+                    None if param_shape is None else _offsets(row_axes, dims, param_strides),
+                    _running_index(running_shape, run_strides, row_axes, kept, dims))
         R, S = prod(dims[i] for i in row_axes), prod(dims[i] for i in s_axes)
         C = prod(dims[i] for i in range(nd) if kept[i])
         scattered = tuple([i for i in row_axes if not kept[i]] + [i for i in row_axes if kept[i]])
-        rc, per_running = _running_index(running_shape, run_strides, row_axes, kept, dims, C)
+        per_running = _groups_per_running(running_shape, C)
         return Plan(shape=tuple(shape), elem_shape=tuple(dims), perm=None,
                     layout=(1, C, R * S // max(C, 1)), rows=(1, R, S),
                     stat_shape=tuple(dims[i] for i in range(nd) if kept[i]),
                     param_shape=param_shape, running_shape=running_shape,
-                    count=R * S // max(C, 1), rg=rg, rp=rp,
-                    param_inner=any(is_param[i] for i in s_axes), rc=rc,
+                    count=R * S // max(C, 1), indices=indices,
+                    param_inner=any(is_param[i] for i in s_axes),
                     groups_per_running=per_running, rows_per_block=max(1, -(-R // PARAM_BLOCKS)),
                     scattered=scattered)
     else:  # transpose to (kept, reduced): A = 1
@@ -320,10 +364,11 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
     row_axes, s_axes = c_axes + b_axes[:split], b_axes[split:]
     R, S = prod(dims[i] for i in row_axes), prod(dims[i] for i in s_axes)
 
-    rg = np.repeat(np.arange(C, dtype=np.intp), R // C if C else 0)
-    rg.setflags(write=False)
-    rp = None if param_shape is None else _offsets(row_axes, dims, param_strides)
-    rc, per_running = _running_index(running_shape, run_strides, c_axes, [True] * nd, dims, C)
+    def indices():
+        return (np.repeat(np.arange(C, dtype=np.intp), R // C if C else 0),
+                None if param_shape is None else _offsets(row_axes, dims, param_strides),
+                _running_index(running_shape, run_strides, c_axes, [True] * nd, dims))
+    per_running = _groups_per_running(running_shape, C)
 
     stat_shape = tuple(dims[i] for i in range(nd) if kept[i])
     if A > 1 and B == 1:
@@ -340,8 +385,8 @@ def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
         rows_per_block = max(1, -(-R // PARAM_BLOCKS))
     return Plan(shape=tuple(shape), elem_shape=tuple(dims), perm=perm, layout=(A, C, B),
                 rows=(A, R, S), stat_shape=stat_shape, param_shape=param_shape,
-                running_shape=running_shape, count=A * B, rg=rg, rp=rp, param_inner=param_inner,
-                rc=rc, groups_per_running=per_running, rows_per_block=rows_per_block)
+                running_shape=running_shape, count=A * B, indices=indices, param_inner=param_inner,
+                groups_per_running=per_running, rows_per_block=rows_per_block)
 
 
 def make_plan(mode: Mode, shape, sizes=None) -> Plan:

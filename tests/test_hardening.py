@@ -245,3 +245,50 @@ def test_parameters_on_the_kept_batch_axis_are_refused(spec, params):
 def test_parameters_on_a_reduced_leading_axis_are_fine():
     y, _ = nc.normalize(RNG.standard_normal(5), nc.Mode("a -> ", params="a"), weight=np.ones(5))
     assert y.shape == (5,)
+
+
+# -- inputs without elements ----------------------------------------------------------------
+
+EMPTY = [("batch_norm", (4, 0, 5), {}), ("batch_norm", (0, 3), {}), ("batch_norm", (0, 3, 4), {}),
+         ("batch_norm_channels_last", (4, 5, 0), {}), ("batch_norm_channels_last", (0, 5, 3), {}),
+         ("batch_norm_per_activation", (0, 4), {}), ("weight_standardize", (0, 3), {}),
+         ("group_norm", (0, 4, 3), {"g": 2}), ("group_norm", (2, 0, 3), {"g": 2}), ("instance_norm", (0, 3, 4), {}),
+         ("layer_norm", (0, 4), {}), ("layer_norm", (3, 0), {}), ("rms_norm", (2, 0), {})]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode, shape, sizes", EMPTY)
+def test_empty_in_empty_out(mode, shape, sizes, dtype):
+    ps = nc.param_shapes(mode, shape, **sizes)
+    kw = {}
+    if ps["weight"] is not None:
+        kw["weight"], kw["bias"] = np.ones(ps["weight"], dtype), np.zeros(ps["weight"], dtype)
+    if ps["running_mean"] is not None:
+        kw["running_mean"], kw["running_var"] = np.zeros(ps["running_mean"], dtype), np.ones(ps["running_mean"], dtype)
+    x = np.empty(shape, dtype)
+    for training in (True, False):
+        y, cache = nc.normalize(x, mode, training=training, **kw, **sizes)
+        assert y.shape == shape and y.dtype == dtype
+        dx, dw, db = nc.backward(np.empty(shape, dtype), cache)
+        assert dx.shape == shape
+        for g in (dw, db):
+            if "weight" in kw:
+                assert g.shape == kw["weight"].shape and not g.any()
+        if "running_mean" in kw:
+            assert not kw["running_mean"].any() and (kw["running_var"] == 1).all()
+
+
+def test_empty_input_with_huge_group_counts_allocates_nothing():
+    # every group count divides an empty axis: the plan must not build per-group indices
+    y, cache = nc.group_norm(np.zeros((2, 0, 3), np.float32), 2 ** 40)
+    assert y.shape == (2, 0, 3)
+    dx, dw, db = nc.backward(y, cache)
+    assert dx.shape == (2, 0, 3)
+
+
+def test_empty_batch_leaves_a_layer_untouched():
+    layer = nc.BatchNorm2d(3)
+    y = layer(np.empty((0, 3, 4, 4), np.float32))
+    assert y.shape == (0, 3, 4, 4) and layer.num_batches_tracked == 0
+    assert layer.backward(y).shape == y.shape and not layer.grad_weight.any()
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))

@@ -96,11 +96,11 @@ def test_zero_size_inputs():
     assert y.shape == (0, 8) and y.dtype == np.float32
     dx, dw, db = nc.backward(np.empty((0, 8), np.float32), cache)
     assert dx.shape == (0, 8) and not dw.any() and not db.any()
-    # empty groups: statistics over nothing are refused, running stats untouched
+    # empty groups (a batch of 0 samples), as PyTorch: an empty result, running stats untouched
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
-    with pytest.raises(ValueError, match=r"^x: cannot compute statistics over zero elements"):
-        nc.batch_norm(np.empty((0, 3, 4), np.float32), rm, rv, training=True)
-    assert not rm.any() and (rv == 1).all()
+    y, cache = nc.batch_norm(np.empty((0, 3, 4), np.float32), rm, rv, training=True)
+    assert y.shape == (0, 3, 4) and not rm.any() and (rv == 1).all()
+    assert np.isnan(cache.saved_mean).all() and cache.saved_mean.shape == (3,)
 
 
 @pytest.mark.parametrize("mode, shape, sizes, params", [
