@@ -218,7 +218,7 @@ class CudaKernels:
         self._fn("inner", "nc_row_sums_inner", x.dtype)(_row_grid(R), (_row_block(S),),
                                                         (dy, x, _i(R), _i(S), mean, rstd, rp, w, s1, s2))
         nb, P = pdw.shape
-        grid = (int(nb), int(-(-S // 256)))
+        grid = (int(nb), int(max(1, min(-(-S // 256), _MAX_GRID_Y))))  # the kernel strides over the rest
         self._fn("inner", "nc_param_sums_inner", x.dtype)(
             grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp, _i(rpb), _i(P), pdw, pdb))
 

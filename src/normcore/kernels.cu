@@ -292,25 +292,26 @@ __global__ void nc_param_sums_inner(const T* dy, const T* x, i64 R, i64 S, const
                                     double* pdw, double* pdb) {
     typedef typename nc_acc<T>::type A;
     const i64 k = blockIdx.x;
-    const i64 s = (i64)blockIdx.y * blockDim.x + threadIdx.x;
-    if (s >= S) return;
     const i64 r0 = k * rpb, r1 = nc_min(R, r0 + rpb);
     double* dw = pdw + k * P;
     double* db = pdb + k * P;
-    i64 cur = -1;
-    A aw = 0, ab = 0;
-    for (i64 r = r0; r < r1; ++r) {
-        if (rp[r] != cur) {
-            if (cur >= 0) { dw[cur + s] += (double)aw; db[cur + s] += (double)ab; }
-            cur = rp[r];
-            aw = 0;
-            ab = 0;
+    // grid-stride over s: the grid's y extent is capped at the device limit (65535)
+    for (i64 s = (i64)blockIdx.y * blockDim.x + threadIdx.x; s < S; s += (i64)gridDim.y * blockDim.x) {
+        i64 cur = -1;
+        A aw = 0, ab = 0;
+        for (i64 r = r0; r < r1; ++r) {
+            if (rp[r] != cur) {
+                if (cur >= 0) { dw[cur + s] += (double)aw; db[cur + s] += (double)ab; }
+                cur = rp[r];
+                aw = 0;
+                ab = 0;
+            }
+            const A g = nc_ld<T, A>(dy, r * S + s);
+            aw += g * ((nc_ld<T, A>(x, r * S + s) - (A)mean[r]) * (A)rstd[r]);
+            ab += g;
         }
-        const A g = nc_ld<T, A>(dy, r * S + s);
-        aw += g * ((nc_ld<T, A>(x, r * S + s) - (A)mean[r]) * (A)rstd[r]);
-        ab += g;
+        if (cur >= 0) { dw[cur + s] += (double)aw; db[cur + s] += (double)ab; }
     }
-    if (cur >= 0) { dw[cur + s] += (double)aw; db[cur + s] += (double)ab; }
 }
 
 // dx = rstd * (dy * w - c1[r] - (x - mean) * rstd * c2[r])  (parameters along S)
