@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import CPU, backend_of
 
-__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "out",
+__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "out", "disjoint",
            "min_ndim", "describe_mode", "type_name"]
 
 
@@ -173,3 +173,20 @@ def out(a, shape, dtype, inputs, be=CPU):
     for name, other in inputs.items():
         if be.xp.may_share_memory(a, other):
             raise ValueError(f"out: must not share memory with {name}")
+
+
+def disjoint(written, read, be=CPU):
+    """No array a call writes shares memory with another array it writes or reads:
+    ``written`` and ``read`` map argument names to arrays (None entries skipped), e.g.
+    "out: must not share memory with running_var". Two distinct arrays that own their
+    memory cannot overlap, so the common case costs no memory test."""
+    others = [(n, a) for n, a in written.items() if a is not None] + \
+        [(n, a) for n, a in read.items() if a is not None]
+    for i, (name, a) in enumerate(others[:len([1 for v in written.values() if v is not None])]):
+        for other, b in others[i + 1:]:
+            if a is b:
+                raise ValueError(f"{name}: must not be the same array as {other} (it is written)")
+            if a.base is None and b.base is None:
+                continue
+            if be.xp.may_share_memory(a, b):
+                raise ValueError(f"{name}: must not share memory with {other} (it is written)")

@@ -242,6 +242,16 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     momentum = checks.momentum(momentum)
     if out is not None:
         checks.out(out, x.shape, dtype, {"x": x}, be)
+    if out is not None or (has_running and training):
+        # every array the call writes is apart from every other it touches: y written over
+        # weight or a running statistic, or a running statistic over x, would be read back
+        # changed (backward reads x)
+        writes_running = has_running and training
+        checks.disjoint({"out": out, "running_mean": running_mean if writes_running else None,
+                         "running_var": running_var if writes_running else None},
+                        {"x": x, "weight": weight, "bias": bias,
+                         "running_mean": None if writes_running else running_mean,
+                         "running_var": None if writes_running else running_var}, be)
     if estimate and not (has_running and training):
         raise ValueError("estimate: needs running_mean and running_var and training=True")
     if not use_batch:
@@ -624,6 +634,7 @@ def _check_backward(dy, cache, out):
                          "is the cache from another call?")
     if out is not None:
         checks.out(out, shape, cache.dtype, {"dy": dy, "x": cache.x3}, be)
+        checks.disjoint({"out": out}, {"weight": cache.weight}, be)
 
 
 def _backward(dy, cache, out, link):

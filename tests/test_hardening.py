@@ -340,3 +340,62 @@ def test_capped_grids_still_cover_every_element(emulated_gpu, monkeypatch):
 def normcore_checks():
     from normcore import checks
     return checks
+
+
+# -- arrays a call writes never overlap what it reads --------------------------------------
+
+def _overlap_cases():
+    x = RNG.standard_normal((8, 3)).astype(np.float32)
+    rm, rv, w = np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(3, np.float32)
+    buf = np.zeros(30, np.float32)
+    out = np.empty(24, np.float32)
+    return [
+        ("same running arrays", x, dict(running_mean=rm, running_var=rm), "running_mean"),
+        ("overlapping running arrays", x, dict(running_mean=buf[:3], running_var=buf[2:5]), "running_mean"),
+        ("running mean a view of x", x, dict(running_mean=x[0], running_var=rv), "running_mean"),
+        ("running var a view of x", x, dict(running_mean=rm, running_var=x.reshape(-1)[3:6]), "running_var"),
+        ("running mean is the weight", x, dict(running_mean=w, running_var=rv, weight=w), "running_mean"),
+        ("out over the weight", x, dict(weight=out[:3], out=out.reshape(8, 3)), "out"),
+        ("out over the running var", x, dict(running_mean=rm, running_var=out[:3], out=out.reshape(8, 3)), "out"),
+    ]
+
+
+@pytest.mark.parametrize("label, x, kw, blamed", _overlap_cases(), ids=[c[0] for c in _overlap_cases()])
+@pytest.mark.parametrize("mode", ["batch_norm", "batch_norm_channels_last"])
+def test_overlapping_written_arrays_are_refused_before_anything_is_written(label, x, kw, blamed, mode):
+    before = {k: v.copy() for k, v in kw.items()}
+    x_before = x.copy()
+    with pytest.raises(ValueError, match=f"^{blamed}: must not"):
+        nc.normalize(x, mode, **kw)
+    np.testing.assert_array_equal(x, x_before)
+    for k, v in before.items():
+        if k != "out":
+            np.testing.assert_array_equal(kw[k], v, err_msg=k)
+
+
+def test_overlap_rules_hold_at_the_form_and_layer_entries():
+    x = RNG.standard_normal((8, 3)).astype(np.float32)
+    rm = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="^running_mean: must not be the same array as running_var"):
+        nc.batch_norm(x, rm, rm, training=True)
+    layer = nc.BatchNorm1d(3)
+    layer.running_var = layer.running_mean
+    with pytest.raises(ValueError, match="^running_mean: must not"):
+        layer(x)
+    assert layer.num_batches_tracked == 0
+    w = np.ones((3, 4), np.float32)
+    out = np.empty(8 * 12, np.float32)
+    with pytest.raises(ValueError, match="^out: must not"):
+        nc.layer_norm(RNG.standard_normal((8, 3, 4)).astype(np.float32), (3, 4), weight=out[:12].reshape(3, 4),
+                      out=out.reshape(8, 3, 4))
+    # eval reads the running statistics only: the same array twice is fine there
+    y, _ = nc.normalize(x, "batch_norm", running_mean=rm, running_var=np.ones(3, np.float32) + rm * 0, training=False)
+    assert y.shape == x.shape
+
+
+def test_backward_out_must_not_overlap_the_weight():
+    x = RNG.standard_normal((8, 3)).astype(np.float32)
+    buf = np.ones(24, np.float32)
+    y, cache = nc.normalize(x, "batch_norm", weight=buf[:3])
+    with pytest.raises(ValueError, match="^out: must not share memory with weight"):
+        nc.backward(np.ones_like(y), cache, out=buf.reshape(8, 3))
