@@ -38,6 +38,21 @@ GRAIN = 1 << 18
 
 _requested = None  # set_num_threads; None: OpenMP's limit
 
+# GNU OpenMP is not fork-safe: a child forked after the parent ran a parallel region waits
+# forever for the parent's worker threads, which the child does not have. A forked child
+# therefore runs every kernel on one thread (results are the same for any thread count);
+# processes started with "spawn" or "forkserver" keep the default.
+_forked = False
+
+
+def _after_fork_in_child():
+    global _forked
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def set_num_threads(n):
     """Run large inputs on at most ``n`` threads; ``None`` restores the default.
@@ -45,7 +60,8 @@ def set_num_threads(n):
     The default, and the cap on ``n``, is OpenMP's current limit: all cores unless
     ``OMP_NUM_THREADS`` or ``threadpoolctl.threadpool_limits(..., user_api="openmp")``
     lowers it. Inputs below 2**18 elements always run on one thread. Results do not depend
-    on the thread count.
+    on the thread count. A child process forked (``fork()``, multiprocessing's "fork"
+    context) runs on one thread: GNU OpenMP's threads do not survive a fork.
 
     >>> import normcore
     >>> normcore.set_num_threads(1); normcore.get_num_threads()
@@ -63,6 +79,8 @@ def set_num_threads(n):
 
 def get_num_threads():
     """Threads a large input runs on now (see :func:`set_num_threads`)."""
+    if _forked:
+        return 1
     limit = K.max_threads()
     return limit if _requested is None else min(_requested, limit)
 
