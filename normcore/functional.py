@@ -20,6 +20,7 @@ Numerics
 """
 from __future__ import annotations
 
+import weakref
 from math import prod
 from typing import NamedTuple
 
@@ -220,14 +221,16 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
         fixed = _SIGNATURES.get(key)
     except TypeError:  # an unhashable argument: the rules below name it
         fixed = key = None
-    if fixed is None:
-        fixed = _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate,
-                                 sizes, link)
+    plan = None if fixed is None else fixed[1]()  # held weakly: the plan cache decides its life
+    if plan is None:
+        m, plan, use_batch, one_pass = _check_signature(x, be, mode, weight, bias, running_mean, running_var,
+                                                        training, estimate, sizes, link)
         if key is not None:
             if len(_SIGNATURES) >= _MAX_SIGNATURES:
                 _SIGNATURES.clear()
-            _SIGNATURES[key] = fixed
-    m, plan, use_batch, one_pass = fixed
+            _SIGNATURES[key] = (m, weakref.ref(plan), use_batch, one_pass)
+    else:
+        m, _, use_batch, one_pass = fixed
     dtype = x.dtype
     for name, a, shape in (("weight", weight, plan.param_shape), ("bias", bias, plan.param_shape),
                            ("running_mean", running_mean, plan.running_shape),

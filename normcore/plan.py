@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, fields
-from functools import cached_property, lru_cache, partial
+from collections import OrderedDict
+from functools import cached_property, partial
 from math import prod
 
 import numpy as np
@@ -73,6 +74,12 @@ class Plan:
             if a is not None:
                 a.setflags(write=False)
         return arrays
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes held by the index arrays once built (0 before)."""
+        arrays = self.__dict__.get("_index_arrays", ())
+        return sum(a.nbytes for a in arrays if a is not None)
 
     @property
     def rg(self) -> np.ndarray:
@@ -273,7 +280,33 @@ def _groups_per_running(running_shape, C):
     return C // max(prod(running_shape), 1) if running_shape is not None and C else 1
 
 
-@lru_cache(maxsize=4096)
+# Plans are cached by (mode, shape, sizes), least recently used first out, bounded by
+# count and by the bytes of their index arrays (one integer per row: a layer norm over
+# many sequence lengths would otherwise keep gigabytes alive).
+PLAN_CACHE_ENTRIES = 4096
+PLAN_CACHE_BYTES = 64 << 20
+_PLANS: OrderedDict = OrderedDict()  # key -> (plan, its index bytes when cached)
+_plan_bytes = 0
+
+
+def _cached_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
+    global _plan_bytes
+    key = (mode, shape, sizes)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit[0]
+    plan = _make_plan(mode, shape, sizes)
+    if prod(shape):  # an input with elements needs the arrays: build them now, counted
+        plan._index_arrays
+    size = plan.index_bytes
+    _PLANS[key] = (plan, size)
+    _plan_bytes += size
+    while len(_PLANS) > 1 and (len(_PLANS) > PLAN_CACHE_ENTRIES or _plan_bytes > PLAN_CACHE_BYTES):
+        _plan_bytes -= _PLANS.popitem(last=False)[1][1]  # the plan just made stays
+    return plan
+
+
 def _make_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
     names, dims = _elementary(mode, shape, dict(sizes))
     kept = _kept_flags(mode, names)
@@ -399,7 +432,7 @@ def make_plan(mode: Mode, shape, sizes=None) -> Plan:
     (8, 3, 16)
     """
     if not sizes and type(shape) is tuple:
-        return _make_plan(mode, shape, mode.sizes)  # mode.sizes is sorted already
+        return _cached_plan(mode, shape, mode.sizes)  # mode.sizes is sorted already
     merged = dict(mode.sizes)
     names = mode.parsed.names
     for k, v in (sizes or {}).items():
@@ -413,7 +446,7 @@ def make_plan(mode: Mode, shape, sizes=None) -> Plan:
             raise ValueError(f"sizes: {k}={size} conflicts with {k}={merged[k]} fixed by "
                              f"{checks.describe_mode(mode)}")
         merged[k] = size
-    return _make_plan(mode, tuple(int(s) for s in shape), tuple(sorted(merged.items())))
+    return _cached_plan(mode, tuple(int(s) for s in shape), tuple(sorted(merged.items())))
 
 
 def param_shapes(mode, x_shape, **sizes) -> dict:

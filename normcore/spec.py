@@ -6,7 +6,7 @@ named ones, e.g. ``"n (g k) ... -> n g"``. The right-hand side names the axes th
 statistics are kept on; every other input axis is reduced. Parameter and running-statistic
 axes are written the same way (see :func:`parse_axes`).
 
-Parsing is pure and cached: a spec string is parsed once per process.
+Parsing is pure and cached: the 4096 most recent spec strings are kept parsed.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _groups(text: str, spec: str, *, allow_parens: bool) -> tuple[tuple[str, ...
     return tuple(groups)
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=4096)
 def parse_spec(spec: str) -> ParsedSpec:
     """Parse ``"lhs -> rhs"`` into a :class:`ParsedSpec`.
 
@@ -123,7 +123,7 @@ def _ordered_subset(names, allowed, spec, what, missing):
         raise SpecError(f"spec {spec!r}: {what} axes {' '.join(names)!r} must keep their left-hand order")
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=4096)
 def parse_axes(text: str, spec: str, what: str, allowed: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
     """Parse an axis list such as ``"c"``, ``"(g k)"`` or ``"d0 d1"`` against a spec.
 

@@ -429,3 +429,23 @@ def test_a_forked_child_computes_instead_of_hanging():
     child.join(10)
     assert threads == 1 and child.exitcode == 0
     assert y_child == y.tobytes() and dx_child == dx.tobytes()  # bitwise: any thread count
+
+
+# -- bounded caches ---------------------------------------------------------------------------
+
+def test_plan_cache_is_bounded_by_bytes_and_frees_what_it_drops(monkeypatch):
+    import gc
+    import weakref
+    from normcore import plan as plan_module
+    from normcore.spec import parse_axes, parse_spec
+    monkeypatch.setattr(plan_module, "PLAN_CACHE_BYTES", 1 << 20)
+    first = weakref.ref(nc.normalize(np.ones((5000, 7)), "layer_norm")[1].plan)
+    for rows in range(5001, 5101):  # 100 distinct lengths, ~40 KB of row indices each
+        x = np.ones((rows, 7), np.float32)
+        nc.normalize(x, "layer_norm")
+        nc.normalize(x, "batch_norm", weight=np.ones(7, np.float32))
+    cached = sum(size for _, size in plan_module._PLANS.values())
+    assert cached <= (1 << 20) + 200_000
+    gc.collect()
+    assert first() is None  # evicted and not kept alive by any other cache
+    assert parse_spec.cache_info().maxsize == parse_axes.cache_info().maxsize == 4096
