@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import checks
 from .functional import backward, normalize
 from .forms import group_norm, layer_norm
 
@@ -24,12 +25,19 @@ __all__ = ["batchnorm_forward", "batchnorm_backward", "batchnorm_backward_alt",
            "spatial_batchnorm_backward", "spatial_groupnorm_forward", "spatial_groupnorm_backward"]
 
 
-def _batchnorm(x, gamma, beta, bn_param, mode_name):
+def _batchnorm(x, gamma, beta, bn_param, mode_name, ndim, axes):
     mode = bn_param["mode"]
     if mode not in ("train", "test"):
         raise ValueError(f'Invalid forward batchnorm mode "{mode}"')
     eps = bn_param.get("eps", 1e-5)
     momentum = bn_param.get("momentum", 0.9)
+    checks.array("x", x)
+    if x.ndim != ndim:
+        raise ValueError(f"x: expected {ndim} dimensions {axes}, got shape {x.shape}")
+    try:  # the assignment's decay; normcore's momentum is 1 - decay, so rule on the decay
+        checks.momentum(momentum)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"bn_param['momentum']: {str(e).partition(': ')[2]} (the running average's decay)") from None
     channels = x.shape[1]
     running_mean = np.array(bn_param.get("running_mean", np.zeros(channels, dtype=x.dtype)), dtype=x.dtype)
     running_var = np.array(bn_param.get("running_var", np.zeros(channels, dtype=x.dtype)), dtype=x.dtype)
@@ -50,7 +58,7 @@ def batchnorm_forward(x, gamma, beta, bn_param):
     >>> sorted(bn_param)
     ['mode', 'running_mean', 'running_var']
     """
-    return _batchnorm(x, gamma, beta, bn_param, "batch_norm")
+    return _batchnorm(x, gamma, beta, bn_param, "batch_norm", 2, "(N, D)")
 
 
 def batchnorm_backward(dout, cache):
@@ -82,7 +90,7 @@ def spatial_batchnorm_forward(x, gamma, beta, bn_param):
     >>> out, cache = spatial_batchnorm_forward(np.ones((2, 3, 4, 4)), np.ones(3), np.zeros(3),
     ...                                        {"mode": "train"})
     """
-    return _batchnorm(x, gamma, beta, bn_param, "batch_norm")
+    return _batchnorm(x, gamma, beta, bn_param, "batch_norm", 4, "(N, C, H, W)")
 
 
 def spatial_batchnorm_backward(dout, cache):

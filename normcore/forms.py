@@ -50,8 +50,11 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
 
 def normalized_shape_tuple(normalized_shape) -> tuple:
     """``normalized_shape`` (an int or a sequence of them) as a tuple of positive ints."""
-    if isinstance(normalized_shape, (int, np.integer)):
+    if isinstance(normalized_shape, (int, np.integer)) and not isinstance(normalized_shape, bool):
         normalized_shape = (normalized_shape,)
+    elif isinstance(normalized_shape, (str, bytes)) or not hasattr(normalized_shape, "__iter__"):
+        raise TypeError(f"normalized_shape: expected an int or a sequence of ints, got "
+                        f"{type(normalized_shape).__name__} {normalized_shape!r}")
     shape = tuple(checks.positive_int("normalized_shape", s) for s in normalized_shape)
     if not shape:
         raise ValueError("normalized_shape: expected at least one axis")

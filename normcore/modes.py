@@ -38,6 +38,16 @@ class Mode:
     name: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
+        if not isinstance(self.spec, str):
+            raise TypeError(f"spec: expected a str such as 'n c ... -> c', got {type(self.spec).__name__} "
+                            f"{self.spec!r}")
+        sizes = self.sizes
+        if isinstance(sizes, dict):  # as a caller writes them; kept as sorted pairs (hashable)
+            sizes = tuple(sorted(sizes.items()))
+        elif not (isinstance(sizes, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in sizes)):
+            raise TypeError(f"sizes: expected a dict of axis sizes such as {{'g': 32}}, got "
+                            f"{type(sizes).__name__} {sizes!r}")
+        object.__setattr__(self, "sizes", sizes)
         parsed = parse_spec(self.spec)
         names = tuple(n for n in parsed.names)
         if all(n in parsed.kept for n in names):

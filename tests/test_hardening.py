@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
+from normcore import cs231n
 from normcore.reference import reference_forward
 
 RNG = np.random.default_rng(12)
@@ -449,3 +450,42 @@ def test_plan_cache_is_bounded_by_bytes_and_frees_what_it_drops(monkeypatch):
     gc.collect()
     assert first() is None  # evicted and not kept alive by any other cache
     assert parse_spec.cache_info().maxsize == parse_axes.cache_info().maxsize == 4096
+
+
+# -- messages that name the argument --------------------------------------------------------
+
+X45 = np.ones((4, 5), np.float32)
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: nc.LayerNorm(None), TypeError, "^normalized_shape: expected an int or a sequence"),
+    (lambda: nc.LayerNorm(3.5), TypeError, "^normalized_shape: expected an int or a sequence"),
+    (lambda: nc.RMSNorm("ab"), TypeError, "^normalized_shape: expected an int or a sequence"),
+    (lambda: nc.layer_norm(X45, "ab"), TypeError, "^normalized_shape"),
+    (lambda: nc.layer_norm(X45, None), TypeError, "^normalized_shape"),
+    (lambda: nc.layer_norm(X45, 5.0), TypeError, "^normalized_shape"),
+    (lambda: nc.layer_norm(X45, (5.7,)), TypeError, "^normalized_shape: expected a positive int, got float 5.7"),
+    (lambda: nc.Mode(["n", "c"]), TypeError, "^spec: expected a str"),
+    (lambda: nc.Mode("n c -> c", sizes=3), TypeError, "^sizes: expected a dict"),
+    (lambda: nc.Mode("n c -> c", sizes=[("c", 2, 3)]), TypeError, "^sizes: expected a dict"),
+    (lambda: nc.Mode("n c -> c", sizes={"z": 2}), ValueError, "^sizes: axis 'z'"),
+    (lambda: nc.BatchNorm2d(3, dtype="nope"), TypeError, "^dtype: expected"),
+    (lambda: cs231n.batchnorm_forward([[1.0, 2.0], [3.0, 4.0]], np.ones(2), np.zeros(2), {"mode": "train"}),
+     TypeError, "^x: expected a numpy.ndarray"),
+    (lambda: cs231n.batchnorm_forward(np.ones(3), np.ones(3), np.zeros(3), {"mode": "train"}),
+     ValueError, "^x: expected 2 dimensions"),
+    (lambda: cs231n.spatial_batchnorm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), {"mode": "train"}),
+     ValueError, "^x: expected"),
+    (lambda: cs231n.batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3), {"mode": "train", "momentum": 1.5}),
+     ValueError, r"^bn_param\['momentum'\]: expected a float in \[0, 1\], got 1.5"),
+])
+def test_messages_name_the_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_mode_sizes_as_a_dict_are_kept_as_pairs():
+    m = nc.Mode("n (g k) -> n g", sizes={"g": 2})
+    assert m.sizes == (("g", 2),) and hash(m) == hash(nc.Mode("n (g k) -> n g", sizes=(("g", 2),)))
+    y, _ = nc.normalize(np.ones((3, 4)), m)
+    assert y.shape == (3, 4)
