@@ -364,7 +364,9 @@ def _batch_statistics(call: _Forward, x3, y_rows, run: _Run):
         return mean, var, rstd, plan.count
     if call.link is not None:
         pmean, pm2, counts, count = sync.synced_moments(
-            call.link, lambda: _moments(x3, plan, run), plan, call.mode, call.dtype, call.training, run.be)
+            call.link, lambda: _moments(x3, plan, run), plan, call.mode, call.dtype, call.training, run.be,
+            settings=(("eps", call.eps), ("momentum", call.momentum if call.update else None),
+                      ("unbiased", call.unbiased if call.update else None)))
         _check_count(count, C, call.training, call.mode,
                      f"{plan.shape} on this rank, {count} elements per group on all ranks")
     elif C:
@@ -519,7 +521,7 @@ def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_v
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
                               eps, unbiased, estimate, out, sizes, link)
         return _forward(call, x)
-    except (ValueError, TypeError) as e:
+    except BaseException as e:  # any failure (MemoryError too) reaches the peers, once
         if training or running_mean is None:  # this call exchanges batch statistics
             link.fail(e)
         raise
@@ -624,7 +626,7 @@ def backward(dy, cache, *, out=None):
     try:
         _check_backward(dy, cache, out)
         return _backward(dy, cache, out, link)
-    except (ValueError, TypeError) as e:
+    except BaseException as e:  # any failure (MemoryError too) reaches the peers, once
         link.fail(e)
         raise
 

@@ -462,10 +462,19 @@ class SyncBatchNorm(_BatchNorm):
             if x.ndim < 2:
                 raise ValueError(f"x: SyncBatchNorm expects input of rank >= 2, got shape {x.shape}")
             return be
-        except (ValueError, TypeError) as e:
+        except BaseException as e:
             if self.training or not self.track_running_stats:  # the peers are exchanging
                 sync.Exchange(comm, "forward").fail(e)
             raise
+
+    def backward(self, dy):
+        """As :meth:`BatchNorm2d.backward`; a backward before any forward still takes part
+        in the peers' exchange, carrying its error."""
+        if self._cache is None:
+            e = RuntimeError("SyncBatchNorm.backward called before forward")
+            sync.Exchange(self.comm, "backward").fail(e)
+            raise e
+        return super().backward(dy)
 
 
 class _InstanceNorm(_Norm):

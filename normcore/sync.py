@@ -16,9 +16,11 @@ Protocol
 * Input errors do not deadlock: every check runs before the exchange, and a rank whose
   check fails still takes part in the collective, carrying its error instead of data.
   Its peers then raise :class:`SyncError` naming the rank and its message, and the rank
-  itself raises its own ``ValueError``/``TypeError``. Ranks that disagree on the group
-  structure, the dtype or the mode raise ``ValueError`` on every rank, after the one
-  exchange. Nothing (running statistics included) is written when any rank fails.
+  itself raises its own error. Any failure before or inside the exchange is carried this
+  way (a ``MemoryError``, a ``RuntimeError`` such as a backward before any forward), not
+  only input errors. Ranks that disagree on the group structure, the dtype, the mode,
+  ``eps``, or (when running statistics are updated) ``momentum`` and ``unbiased`` raise
+  ``ValueError`` on every rank, after the one exchange. Nothing (running statistics included) is written when any rank fails.
 * What cannot be detected: ranks that make *different collective calls* (one in training
   mode with ``comm``, another in eval mode or without ``comm``) wait for each other forever,
   as in any MPI program. Call the layers in the same order on every rank.
@@ -87,7 +89,7 @@ class Exchange:
         counters[2] += time.perf_counter() - t0
         return parts
 
-    def fail(self, exc: Exception) -> None:
+    def fail(self, exc: BaseException) -> None:
         """Take part in the collective carrying ``exc`` (once, and only if not done)."""
         if not self.done:
             self._allgather(("error", type(exc).__name__, str(exc)))
@@ -121,7 +123,7 @@ def check_batch_mode(mode, x):
                          "is no batch to synchronize; pass comm only to modes that reduce over it")
 
 
-def synced_moments(link, local_moments, plan, mode, dtype, training, be):
+def synced_moments(link, local_moments, plan, mode, dtype, training, be, settings=()):
     """Moments of the batch split across ``link``'s ranks, as ``(pmean, pm2, counts,
     count)`` with one partial: each rank's (count, mean, centred sum of squares) per group,
     merged in rank order in float64 by the same exact merge as the partials of one
@@ -138,7 +140,7 @@ def synced_moments(link, local_moments, plan, mode, dtype, training, be):
     else:
         local = (0, np.zeros(C), np.zeros(C))
     parts = link.gather((("mode", mode.spec), ("statistics shape", plan.stat_shape),
-                         ("dtype", dtype.name), ("training", bool(training))), local)
+                         ("dtype", dtype.name), ("training", bool(training))) + tuple(settings), local)
     counts = np.array([p[0] for p in parts], np.float64)
     total = int(counts.sum())
     mean, m2 = np.zeros(C), np.zeros(C)

@@ -232,3 +232,58 @@ def test_missing_rank_breaks_the_barrier_instead_of_hanging():
 
     out = run_ranks(2, rank, timeout=0.5)
     assert isinstance(out[0], threading.BrokenBarrierError)
+
+
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_any_failure_on_one_rank_reaches_every_rank(where, monkeypatch):
+    # not only input errors: a MemoryError in a kernel is carried through the exchange too
+    from normcore import functional
+    real = functional._moments if where == "forward" else functional._backward_rows
+    state = {}
+
+    def rank(comm):
+        state[threading.get_ident()] = comm.Get_rank()
+        bn = nc.SyncBatchNorm(3, comm=comm, dtype=np.float64)
+        y = bn(RNG.standard_normal((4, 3)))
+        bn.backward(np.ones_like(y))
+
+    def by_rank(*args, **kwargs):
+        if state.get(threading.get_ident()) == 1:
+            raise MemoryError("out of memory on this rank")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "_moments" if where == "forward" else "_backward_rows", by_rank)
+    out = run_ranks(2, rank, timeout=10)
+    assert isinstance(out[1], MemoryError)
+    assert isinstance(out[0], nc.SyncError) and "MemoryError" in str(out[0]) and "rank 1 of 2" in str(out[0])
+
+
+def test_backward_before_forward_on_one_rank_reaches_every_rank():
+    def rank(comm):
+        bn = nc.SyncBatchNorm(3, comm=comm, dtype=np.float64)
+        if comm.Get_rank() == 0:
+            y = bn(RNG.standard_normal((4, 3)))  # rank 1 skipped forward: a bug, not a hang
+        else:
+            y = np.ones((4, 3))
+            bn._cache = None
+            return bn.backward(y)
+        return bn.backward(np.ones_like(y))
+
+    out = run_ranks(2, rank, timeout=10)
+    assert isinstance(out[1], RuntimeError) and "before forward" in str(out[1])
+    assert isinstance(out[0], nc.SyncError) and "RuntimeError" in str(out[0])
+
+
+@pytest.mark.parametrize("setting, values", [("eps", (1e-5, 1e-3)), ("momentum", (0.1, 0.2)),
+                                             ("unbiased", (True, False))])
+def test_ranks_that_disagree_on_settings_raise_on_every_rank(setting, values):
+    def rank(comm):
+        bn = nc.SyncBatchNorm(3, comm=comm, dtype=np.float64, **{setting: values[comm.Get_rank()]})
+        try:
+            bn(RNG.standard_normal((4, 3)))
+        finally:
+            assert np.array_equal(bn.running_var, np.ones(3)) and bn.num_batches_tracked == 0
+
+    out = run_ranks(2, rank, timeout=10)
+    for e in out:
+        assert isinstance(e, ValueError) and "ranks disagree" in str(e) and setting in str(e)
