@@ -489,3 +489,11 @@ def test_mode_sizes_as_a_dict_are_kept_as_pairs():
     assert m.sizes == (("g", 2),) and hash(m) == hash(nc.Mode("n (g k) -> n g", sizes=(("g", 2),)))
     y, _ = nc.normalize(np.ones((3, 4)), m)
     assert y.shape == (3, 4)
+
+
+def test_out_may_be_an_ndarray_subclass():
+    x = RNG.standard_normal((4, 5)).astype(np.float32)
+    out = np.matrix(np.zeros((4, 5), np.float32))
+    y, cache = nc.normalize(x, "layer_norm", out=out)
+    assert y is out
+    np.testing.assert_array_equal(np.asarray(y), nc.normalize(x, "layer_norm")[0])
