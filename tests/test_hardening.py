@@ -491,6 +491,7 @@ def test_mode_sizes_as_a_dict_are_kept_as_pairs():
     assert y.shape == (3, 4)
 
 
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself
 def test_out_may_be_an_ndarray_subclass():
     x = RNG.standard_normal((4, 5)).astype(np.float32)
     out = np.matrix(np.zeros((4, 5), np.float32))
