@@ -24,6 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import normcore
+from bench_cpu import SMALL_CASES, min_mean_us  # this script's folder is on sys.path
 
 CASES = [("BN2d NCHW", (32, 64, 56, 56), "batch_norm", {}), ("BN2d", (64, 256, 14, 14), "batch_norm", {}),
          ("BN1d", (1024, 4096), "batch_norm", {}), ("BN2d NHWC", (32, 56, 56, 64), "batch_norm_channels_last", {}),
@@ -59,9 +60,6 @@ def _calls(nc, x, mode, sizes):
     return calls
 
 
-SMALL_CASES = [(64, 128), (64, 512), (256, 1024), (64, 16, 8, 8), (64, 32, 4, 4)]
-
-
 def small(other, repeats=7, calls=1000):
     """Layer training step (forward + backward) and eval forward of both builds, float32,
     1 thread, alternating: the minimum over ``repeats`` of the mean of ``calls`` calls, µs."""
@@ -76,15 +74,7 @@ def small(other, repeats=7, calls=1000):
             layer, frozen = getattr(nc, name)(shape[1]), getattr(nc, name)(shape[1]).eval()
             fns[(who, "train")] = lambda layer=layer: layer.backward(layer(x))
             fns[(who, "eval")] = lambda frozen=frozen: frozen(x)
-        best = {k: np.inf for k in fns}
-        for f in fns.values():
-            f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    f()
-                best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
+        best = min_mean_us(fns, repeats, calls)
         for step in ("train", "eval"):
             a, b = best[("other", step)], best[("this", step)]
             print(f"| {name} | {shape} | {step} | {a:.1f} | {b:.1f} | {a / b:.2f} |", flush=True)

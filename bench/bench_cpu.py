@@ -290,20 +290,26 @@ def _small_fns(shape):
     return fns
 
 
+def min_mean_us(fns, repeats, calls):
+    """``{key: µs}``: each function's mean over ``calls`` calls, the minimum over
+    ``repeats`` rounds that run the functions in turn (after one warm-up call each)."""
+    best = {k: np.inf for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
 def measure_small(repeats=5, calls=2000):
     """Rows of microseconds per call for SMALL_CASES (see the module docstring)."""
     rows = []
     for shape in SMALL_CASES:
-        fns = _small_fns(shape)
-        best = {k: np.inf for k in fns}
-        for f in fns.values():
-            f()
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    f()
-                best[k] = min(best[k], (time.perf_counter() - t0) / calls * 1e6)
+        best = min_mean_us(_small_fns(shape), repeats, calls)
         rows.append({"shape": list(shape), "case": "BatchNorm1d" if len(shape) == 2 else "BatchNorm2d",
                      **{k.replace(" ", "_") + "_us": v for k, v in best.items()}})
     return rows

@@ -161,7 +161,8 @@ def momentum(value, allow_none=False):
 
 def out(a, shape, dtype, inputs, be=CPU):
     """``out=`` must be a writeable C-contiguous array of the result's shape and dtype that
-    shares no memory with the inputs (backward reads x after forward has written y)."""
+    shares no memory with ``inputs`` (backward reads x after forward has written y); a call
+    that also writes other arrays checks all its overlaps with :func:`disjoint` instead."""
     if not isinstance(a, be.array_type):
         raise TypeError(f"out: expected a {be.array_name} like x, got {type_name(a)}")
     if a.dtype != dtype:
@@ -180,10 +181,10 @@ def disjoint(written, read, be=CPU):
     ``written`` and ``read`` map argument names to arrays (None entries skipped), e.g.
     "out: must not share memory with running_var". Two distinct arrays that own their
     memory cannot overlap, so the common case costs no memory test."""
-    others = [(n, a) for n, a in written.items() if a is not None] + \
-        [(n, a) for n, a in read.items() if a is not None]
-    for i, (name, a) in enumerate(others[:len([1 for v in written.values() if v is not None])]):
-        for other, b in others[i + 1:]:
+    writes = [(n, a) for n, a in written.items() if a is not None]
+    reads = [(n, a) for n, a in read.items() if a is not None]
+    for i, (name, a) in enumerate(writes):
+        for other, b in writes[i + 1:] + reads:
             if a is b:
                 raise ValueError(f"{name}: must not be the same array as {other} (it is written)")
             if a.base is None and b.base is None:

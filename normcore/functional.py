@@ -244,7 +244,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     eps = checks.eps(eps)
     momentum = checks.momentum(momentum)
     if out is not None:
-        checks.out(out, x.shape, dtype, {"x": x}, be)
+        checks.out(out, x.shape, dtype, {}, be)  # its overlaps: disjoint, below
     if out is not None or (has_running and training):
         # every array the call writes is apart from every other it touches: y written over
         # weight or a running statistic, or a running statistic over x, would be read back
@@ -473,7 +473,8 @@ def _apply_running(call: _Forward, x3, y_rows, run: _Run):
         _apply(call, _shaped(x3, plan.rows), mean, rstd, y_rows, run)
     else:  # one scale and shift per row: one kernel call
         w, b = _params_or_dummies(call, run)
-        run.K.normalize_running(x3 if x3.ndim == 2 else _shaped(x3, plan.rows), rm, rv, run.ix(plan, "rc"), call.eps, run.ix(plan, "rg"),
+        x_rows = x3 if x3.ndim == 2 else _shaped(x3, plan.rows)  # the kernel takes columns as (A, C)
+        run.K.normalize_running(x_rows, rm, rv, run.ix(plan, "rc"), call.eps, run.ix(plan, "rg"),
                                 run.params_ix(plan), w, b, call.weight is not None, call.bias is not None,
                                 plan.rows_per_block, mean, var, rstd, y_rows, run.threads)
     return mean, var, rstd
@@ -681,6 +682,11 @@ def viewed(y, cache, x_shape, param_shape, out=None):
     return (y.reshape(x_shape) if out is None else out), cache
 
 
+def _weight_or_dummy(cache, run: _Run):
+    """The forward's weight as the row kernels read it, a placeholder when there was none."""
+    return cache.weight if cache.has_weight else run.dummy(cache.plan, cache.dtype)
+
+
 def _param_grads(cache, run: _Run):
     """Zeroed (P,) dweight/dbias accumulators, or empty ones when forward had no parameters."""
     P = cache.plan.param_size if (cache.has_weight or cache.has_bias) else 0
@@ -707,7 +713,7 @@ def _backward_one_visit(dy3, cache, dx_rows, run: _Run):
         return pdw.sum(axis=0), pdb.sum(axis=0)
     if affine is AffineKind.ROW:
         dw, db = _param_grads(cache, run)
-        w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
+        w = _weight_or_dummy(cache, run)
         run.K.gradient_sums(row_dy.reshape(1, R), row_dyx.reshape(1, R), run.ix(plan, "rg"), rp, w, cache.has_weight,
                             cache.rstd, xp.empty(C), xp.empty(C), dw, db)
         return dw, db
@@ -756,7 +762,7 @@ def _backward_columns(dy3, cache, dx_rows, run: _Run):
     affine = cache.has_weight or cache.has_bias
     P = plan.param_size if affine else 0
     dw, db = run.xp.empty(P), run.xp.empty(P)
-    w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
+    w = _weight_or_dummy(cache, run)
     run.K.backward_cols(dy3, cache.x3, cache.mean, cache.rstd, plan.rows_per_block,
                         run.ix(plan, "rg"), run.params_ix(plan), w, cache.has_weight, float(max(cache.count, 1)),
                         cache.stats_grad, cache.mode.center, dw, db, dx_rows, run.threads)
@@ -775,7 +781,7 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     x_rows = _shaped(cache.x3, plan.rows)
     rg, rp = run.ix(plan, "rg"), run.params_ix(plan)
     mean_r = _per_row(cache.mean, plan, run)
-    w = cache.weight if cache.has_weight else run.dummy(plan, cache.dtype)
+    w = _weight_or_dummy(cache, run)
     affine = cache.has_weight or cache.has_bias
     dw = db = None
     group_g = group_gx = cache.rstd  # unread when no gradient flows through the statistics

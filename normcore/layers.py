@@ -49,8 +49,8 @@ def _npz_path(path):
 
 
 def _host_copy(a):
-    """A NumPy copy of a NumPy or CuPy array."""
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.array(a, copy=True)
+    """A NumPy copy of a NumPy or CuPy array (or of anything NumPy reads as one)."""
+    return a.get() if backend_of(a).name == "cuda" else np.array(a, copy=True)
 
 
 class Layer:
@@ -176,8 +176,7 @@ class Layer:
         # every entry is checked before any is written: a load applies all of them or none
         values = {}
         for key, value in state.items():
-            value = _host_copy(value) if not isinstance(value, np.ndarray) and hasattr(value, "get") \
-                else np.asarray(value)
+            value = _host_copy(value)  # a copy: what is checked is what is written
             if value.shape != own[key].shape:
                 raise ValueError(f"state[{key!r}]: expected shape {own[key].shape}, got {value.shape}")
             if value.dtype.kind not in "fiu":

@@ -171,10 +171,7 @@ def _elementary(mode: Mode, shape: tuple, sizes: dict):
             raise ValueError(f"expected at least {fixed} dimensions, got {ndim}")
     elif ndim != fixed:
         raise ValueError(f"expected {fixed} dimensions, got {ndim}")
-    for axis in sizes:
-        if axis not in parsed.names or axis == ELLIPSIS:
-            raise ValueError(f"sizes: axis {axis!r} is not in the spec")
-    names, dims = [], []
+    names, dims = [], []  # (sizes' names: checked by make_plan, and by Mode for fixed ones)
     it = iter(shape)
     for group in parsed.lhs:
         if group == (ELLIPSIS,):
