@@ -24,8 +24,26 @@ def _load():
             return _kernels_avx2, "avx2"
         except ImportError:  # built on a platform without the AVX2 variant
             pass
-    from . import _kernels
+    try:
+        from . import _kernels
+    except ImportError:
+        raise ImportError(_not_built_message()) from None
     return _kernels, "baseline"
+
+
+def _not_built_message():
+    """What to do when the compiled kernels are missing beside this package's sources."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    msg = f"normcore's compiled kernels (_kernels*.so) are not built in {here}, so this copy of normcore cannot run."
+    if os.path.isfile(os.path.join(os.path.dirname(here), "src", "normcore", "kernels.pxi")):
+        # the usual case: Python found the source checkout first (it searches the current
+        # directory before site-packages), not the normcore that pip installed
+        msg += (" This is a source checkout: build the kernels in place with "
+                "'pip install -e .' from its root, or run Python from another directory to "
+                "use the installed normcore.")
+    else:
+        msg += " Reinstall normcore ('pip install --force-reinstall normcore') to rebuild them."
+    return msg
 
 
 K, VARIANT = _load()

@@ -11,6 +11,7 @@ input, or build the layer with the input's dtype. Nothing is cast silently.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import zipfile
 
@@ -20,6 +21,7 @@ from . import checks, sync
 from .backend import backend_named, backend_of, machine_eps
 from .forms import last_axes, normalized_shape_tuple
 from .functional import backward, forward
+from .layer_docs import document
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm",
@@ -42,6 +44,21 @@ def _layer_dtype(dtype):
     return dt
 
 
+class _Shown(str):
+    """A string a repr shows without quotes (a dtype's name, a communicator's type)."""
+
+    def __repr__(self):
+        return str(self)
+
+
+def _same(a, b):
+    """``a`` is the default ``b`` (1 for 1.0 is not: the repr shows what was given)."""
+    try:
+        return a is b or (type(a) is type(b) and bool(a == b))
+    except (TypeError, ValueError):  # an array-like argument
+        return False
+
+
 def _npz_path(path):
     """``path`` as :meth:`Layer.save` writes it: with ``.npz`` appended when missing."""
     p = os.fspath(path)
@@ -60,9 +77,53 @@ class Layer:
     sub-layers come from :meth:`_children`. User modules (a Linear layer, a Sequential
     container) can subclass it to share the same protocol."""
 
+    #: constructor arguments the repr shows even at their defaults (those torch's repr shows);
+    #: the required ones and any given a non-default value are always shown
+    _repr_always = ()
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        # the arguments as given, for the repr (unpickling calls __new__ with none)
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            self._init_args = {}
+        else:
+            # a communicator is shown by its type, and not kept alive by the repr
+            self._init_args = {k: _Shown(type(v).__name__) if k == "comm" and v is not None else v
+                               for k, v in list(bound.arguments.items())[1:]}
+        return self
+
     def __init__(self):
         self.training = True
         self._cache = None
+
+    def __repr__(self):
+        """The class and its constructor arguments: the required ones, those given a
+        non-default value, and those torch's repr always shows (``eps``, ``momentum``, ...).
+
+        >>> BatchNorm1d(64, momentum=0.01, dtype=np.float64)
+        BatchNorm1d(64, eps=1e-05, momentum=0.01, affine=True, track_running_stats=True, dtype=float64)
+        """
+        given = getattr(self, "_init_args", {})
+        parts = []
+        for name, param in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            required = param.default is param.empty
+            value = given.get(name, None if required else param.default)
+            if name in ("normalized_shape", "eps") and name in self.__dict__:
+                value = self.__dict__[name]  # as checked: (8,) for 8
+            if name == "dtype":
+                value = _Shown(np.dtype(value).name)
+                changed = np.dtype(given.get(name, param.default)) != np.dtype(param.default)
+            else:
+                changed = name in given and not _same(given[name], param.default)
+            if required and param.kind != param.KEYWORD_ONLY:
+                parts.append(repr(value))
+            elif required or changed or name in self._repr_always:
+                parts.append(f"{name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     # -- modes ---------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -332,11 +393,18 @@ class _Norm(Layer):
             setattr(self, name, buf)
         return buf
 
-    def __repr__(self):
-        return f"{type(self).__name__}({self._features[1]}, eps={self.eps}, dtype={self.dtype})"
+
+
+_BN_PARAMS = ["num_features", "eps", "momentum", "affine", "track_running_stats", "channel_axis", "dtype",
+              "unbiased"]
+_BN_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var",
+             "num_batches_tracked", "training", "reuse_buffers"]
+_PARAM_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "training", "reuse_buffers"]
 
 
 class _BatchNorm(_Norm):
+    _repr_always = ("eps", "momentum", "affine", "track_running_stats")
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  channel_axis=1, *, dtype=np.float32, unbiased=True):
         num_features = checks.positive_int("num_features", num_features)
@@ -355,43 +423,107 @@ class _BatchNorm(_Norm):
         return "batch_norm" if self.channel_axis == 1 else "batch_norm_channels_last"
 
 
+@document(params=_BN_PARAMS, attributes=_BN_ATTRS)
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) input; channel_axis=-1 takes (N, L, C).
+    """Batch norm over (N, C) or (N, C, L) input: statistics per channel.
 
+    Input (N, C) or (N, C, L), or (N, L, C) with ``channel_axis=-1``; output of the same shape.
+    Statistics per channel over N (and L). Parameters and running statistics: shape (C,).
+
+    In training (``bn.train()``, the default) the output uses each channel's batch mean and
+    biased batch variance, and ``running_mean`` / ``running_var`` are updated (see
+    ``momentum`` and ``unbiased``); training needs more than one value per channel. In eval
+    (``bn.eval()``) the output uses the running statistics.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> bn = BatchNorm1d(4)
-    >>> y = bn(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
-    >>> dx = bn.backward(np.ones_like(y))
+    >>> import normcore as nc
+    >>> bn = nc.BatchNorm1d(4)
+    >>> x = np.random.default_rng(0).standard_normal((8, 4, 3)).astype(np.float32)
+    >>> y = bn(x)                          # batch statistics; running statistics updated
+    >>> dx = bn.backward(np.ones_like(y))  # dL/dx; bn.grad_weight, bn.grad_bias accumulate
+    >>> dx.shape == x.shape, bn.grad_bias.tolist(), bn.num_batches_tracked
+    (True, [24.0, 24.0, 24.0, 24.0], 1)
+    >>> y_eval = bn.eval()(x)              # running statistics
     """
     _ndims = (2, 3)
 
 
+@document(params=_BN_PARAMS, attributes=_BN_ATTRS)
 class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) input (or (N, H, W, C) with channel_axis=-1).
+    """Batch norm over (N, C, H, W) input: statistics per channel (spatial batch norm).
 
+    Input (N, C, H, W), or (N, H, W, C) with ``channel_axis=-1``; output of the same shape.
+    Statistics per channel over N, H and W. Parameters and running statistics: shape (C,).
+
+    In training (``bn.train()``, the default) the output uses each channel's batch mean and
+    biased batch variance, and ``running_mean`` / ``running_var`` are updated (see
+    ``momentum`` and ``unbiased``); training needs more than one value per channel. In eval
+    (``bn.eval()``) the output uses the running statistics.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> y = BatchNorm2d(3)(np.ones((2, 3, 4, 4), np.float32))
+    >>> import normcore as nc
+    >>> bn = nc.BatchNorm2d(4)
+    >>> x = np.random.default_rng(0).standard_normal((2, 4, 3, 3)).astype(np.float32)
+    >>> y = bn(x)                          # batch statistics; running statistics updated
+    >>> dx = bn.backward(np.ones_like(y))  # dL/dx; bn.grad_weight, bn.grad_bias accumulate
+    >>> dx.shape == x.shape, bn.grad_bias.tolist(), bn.num_batches_tracked
+    (True, [18.0, 18.0, 18.0, 18.0], 1)
+    >>> y_eval = bn.eval()(x)              # running statistics
     """
     _ndims = (4,)
 
 
+@document(params=_BN_PARAMS, attributes=_BN_ATTRS)
 class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) input (or (N, D, H, W, C) with channel_axis=-1).
+    """Batch norm over (N, C, D, H, W) input: statistics per channel.
 
+    Input (N, C, D, H, W), or (N, D, H, W, C) with ``channel_axis=-1``; output of the same
+    shape. Statistics per channel over N, D, H, W. Parameters and running statistics: (C,).
+
+    In training (``bn.train()``, the default) the output uses each channel's batch mean and
+    biased batch variance, and ``running_mean`` / ``running_var`` are updated (see
+    ``momentum`` and ``unbiased``); training needs more than one value per channel. In eval
+    (``bn.eval()``) the output uses the running statistics.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> y = BatchNorm3d(3)(np.ones((2, 3, 2, 2, 2), np.float32))
+    >>> import normcore as nc
+    >>> bn = nc.BatchNorm3d(4)
+    >>> x = np.random.default_rng(0).standard_normal((2, 4, 2, 2, 2)).astype(np.float32)
+    >>> y = bn(x)                          # batch statistics; running statistics updated
+    >>> dx = bn.backward(np.ones_like(y))  # dL/dx; bn.grad_weight, bn.grad_bias accumulate
+    >>> dx.shape == x.shape, bn.grad_bias.tolist(), bn.num_batches_tracked
+    (True, [16.0, 16.0, 16.0, 16.0], 1)
+    >>> y_eval = bn.eval()(x)              # running statistics
     """
     _ndims = (5,)
 
 
+@document(params=["channels", "eps", "momentum", "affine", "dtype", "unbiased"], attributes=_BN_ATTRS)
 class EstimatedBatchNorm(_BatchNorm):
-    """Estimated batch norm (as in Batch-Channel Normalization): training updates the running statistics from the
-    batch, then normalizes with the updated running statistics; no gradient flows through
-    the statistics. Input (N, C, *).
+    """Estimated batch norm (from Batch-Channel Normalization): normalize with running statistics.
 
+    Input (N, C, *); output of the same shape; parameters and running statistics (C,).
+    Training first updates the running statistics from the batch (as batch norm does), then
+    normalizes with the updated running statistics, so no gradient flows through the
+    statistics: dx is ``dy * weight / sqrt(running_var + eps)``. Eval normalizes with the
+    running statistics as they are.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> ebn = EstimatedBatchNorm(3)
-    >>> y = ebn(np.random.default_rng(0).standard_normal((8, 3, 5)).astype(np.float32))
+    >>> import normcore as nc
+    >>> ebn = nc.EstimatedBatchNorm(3)
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 5)).astype(np.float32)
+    >>> y = ebn(x)                          # running statistics updated, then used
+    >>> dx = ebn.backward(np.ones_like(y))
+    >>> bool(np.allclose(dx, 1 / np.sqrt(ebn.running_var + ebn.eps)[:, None]))
+    True
     """
     _estimate = True
 
@@ -401,6 +533,7 @@ class EstimatedBatchNorm(_BatchNorm):
         self.channels = self.num_features
 
 
+@document(params=_BN_PARAMS[:6] + ["comm", "dtype", "unbiased"], attributes=_BN_ATTRS)
 class SyncBatchNorm(_BatchNorm):
     """Batch norm whose statistics span the whole batch split across MPI ranks.
 
@@ -408,22 +541,25 @@ class SyncBatchNorm(_BatchNorm):
     ``channel_axis=-1``; any rank >= 2, N_rank may differ between ranks and be 0); forward
     and backward return what :class:`BatchNorm2d` returns for the concatenated batch, on
     this rank's slice. Training forward and backward each make one collective call on
-    ``comm`` (an mpi4py communicator; default ``MPI.COMM_WORLD``, imported on first use);
-    eval mode makes none. Running statistics update identically on every rank, and
-    ``grad_weight``/``grad_bias`` receive the sums over all ranks. Every rank must call
+    ``comm``; eval mode makes none. Running statistics update identically on every rank, and
+    ``grad_weight`` / ``grad_bias`` receive the sums over all ranks. Every rank must call
     forward and backward in the same order. Protocol and errors: :mod:`normcore.sync`.
+    Run under MPI, e.g. ``mpiexec -n 2 python examples/sync_batch_norm.py``.
 
-    Run under MPI, e.g. ``mpiexec -n 2 python examples/sync_batch_norm.py``. Without MPI a
-    communicator of one rank behaves like BatchNorm:
+    Examples
+    --------
+    Without MPI, :func:`normcore.testing.run_ranks` runs ranks on threads:
 
     >>> import numpy as np
+    >>> import normcore as nc
     >>> from normcore.testing import run_ranks
     >>> x = np.random.default_rng(0).standard_normal((6, 3, 4, 4)).astype(np.float32)
     >>> def step(comm):
-    ...     bn = SyncBatchNorm(3, comm=comm)
-    ...     return bn(x[:2] if comm.Get_rank() == 0 else x[2:])  # uneven slices
-    >>> y0, y1 = run_ranks(2, step)
-    >>> bool(np.allclose(np.concatenate([y0, y1]), BatchNorm2d(3)(x), atol=1e-5))
+    ...     bn = nc.SyncBatchNorm(3, comm=comm)
+    ...     y = bn(x[:2] if comm.Get_rank() == 0 else x[2:])  # uneven slices
+    ...     return y, bn.backward(np.ones_like(y))
+    >>> (y0, dx0), (y1, dx1) = run_ranks(2, step)
+    >>> bool(np.allclose(np.concatenate([y0, y1]), nc.BatchNorm2d(3)(x), atol=1e-5))
     True
     """
     _ndims = None
@@ -478,6 +614,7 @@ class SyncBatchNorm(_BatchNorm):
 
 class _InstanceNorm(_Norm):
     _mode = "instance_norm"
+    _repr_always = ("eps", "momentum", "affine", "track_running_stats")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
                  *, dtype=np.float32, unbiased=True):
@@ -490,35 +627,81 @@ class _InstanceNorm(_Norm):
                          unbiased=unbiased)
 
 
+@document(params=["num_features_in=num_features", "eps", "momentum", "affine_off=affine", "track_running_stats_off=track_running_stats", "dtype", "unbiased"], attributes=_BN_ATTRS)
 class InstanceNorm1d(_InstanceNorm):
-    """Instance norm over (N, C, L): statistics per sample and channel.
+    """Instance norm over (N, C, L) input: statistics per sample and channel.
 
+    Input (N, C, L); output of the same shape. Each (sample, channel) is normalized over its
+    L positions. With ``affine=True``, weight and bias (C,). With
+    ``track_running_stats=True``, training updates per-channel running statistics (the
+    batch average of the per-instance ones, as in PyTorch) and eval uses them; otherwise
+    eval also uses the instance statistics.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> y = InstanceNorm1d(3)(np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32))
+    >>> import normcore as nc
+    >>> inorm = nc.InstanceNorm1d(3, affine=True)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    >>> y = inorm(x)
+    >>> dx = inorm.backward(np.ones_like(y))   # inorm.grad_weight, inorm.grad_bias accumulate
+    >>> bool(abs(y.mean(axis=2)).max() < 1e-5), inorm.grad_bias.tolist()
+    (True, [16.0, 16.0, 16.0])
     """
     _ndims = (3,)
 
 
+@document(params=["num_features_in=num_features", "eps", "momentum", "affine_off=affine", "track_running_stats_off=track_running_stats", "dtype", "unbiased"], attributes=_BN_ATTRS)
 class InstanceNorm2d(_InstanceNorm):
-    """Instance norm over (N, C, H, W).
+    """Instance norm over (N, C, H, W) input: statistics per sample and channel.
 
+    Input (N, C, H, W); output of the same shape. Each (sample, channel) is normalized over its
+    H x W positions. With ``affine=True``, weight and bias (C,). With
+    ``track_running_stats=True``, training updates per-channel running statistics (the
+    batch average of the per-instance ones, as in PyTorch) and eval uses them; otherwise
+    eval also uses the instance statistics.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> y = InstanceNorm2d(3)(np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32))
+    >>> import normcore as nc
+    >>> inorm = nc.InstanceNorm2d(3, affine=True)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4, 4)).astype(np.float32)
+    >>> y = inorm(x)
+    >>> dx = inorm.backward(np.ones_like(y))   # inorm.grad_weight, inorm.grad_bias accumulate
+    >>> bool(abs(y.mean(axis=(2, 3))).max() < 1e-5), inorm.grad_bias.tolist()
+    (True, [32.0, 32.0, 32.0])
     """
     _ndims = (4,)
 
 
+@document(params=["num_features_in=num_features", "eps", "momentum", "affine_off=affine", "track_running_stats_off=track_running_stats", "dtype", "unbiased"], attributes=_BN_ATTRS)
 class InstanceNorm3d(_InstanceNorm):
-    """Instance norm over (N, C, D, H, W).
+    """Instance norm over (N, C, D, H, W) input: statistics per sample and channel.
 
+    Input (N, C, D, H, W); output of the same shape. Each (sample, channel) is normalized over its
+    D x H x W positions. With ``affine=True``, weight and bias (C,). With
+    ``track_running_stats=True``, training updates per-channel running statistics (the
+    batch average of the per-instance ones, as in PyTorch) and eval uses them; otherwise
+    eval also uses the instance statistics.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> y = InstanceNorm3d(3)(np.random.default_rng(0).standard_normal((2, 3, 2, 4, 4)).astype(np.float32))
+    >>> import normcore as nc
+    >>> inorm = nc.InstanceNorm3d(3, affine=True)
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 2, 2, 2)).astype(np.float32)
+    >>> y = inorm(x)
+    >>> dx = inorm.backward(np.ones_like(y))   # inorm.grad_weight, inorm.grad_bias accumulate
+    >>> bool(abs(y.mean(axis=(2, 3, 4))).max() < 1e-5), inorm.grad_bias.tolist()
+    (True, [16.0, 16.0, 16.0])
     """
     _ndims = (5,)
 
 
 class _LastAxesNorm(_Norm):
     _mode = "layer_norm"
+    _repr_always = ("eps", "elementwise_affine")
 
     def __init__(self, normalized_shape, eps, affine, bias, dtype):
         self.normalized_shape = normalized_shape_tuple(normalized_shape)
@@ -536,12 +719,25 @@ class _LastAxesNorm(_Norm):
         return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x")
 
 
+@document(params=["normalized_shape", "eps", "elementwise_affine", "ln_bias=bias", "dtype"], attributes=_PARAM_ATTRS, param_shape="normalized_shape")
 class LayerNorm(_LastAxesNorm):
-    """Layer norm over the trailing ``normalized_shape`` axes; weight/bias of that shape.
+    """Layer norm over the trailing ``normalized_shape`` axes.
 
+    Input (*, *normalized_shape); output of the same shape. Every position of the leading
+    axes is normalized over the trailing axes with its own mean and biased variance, in
+    training and eval alike (there are no running statistics); weight and bias have shape
+    ``normalized_shape``.
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> ln = LayerNorm(8)
-    >>> y = ln(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    >>> import normcore as nc
+    >>> ln = nc.LayerNorm(8)
+    >>> x = np.random.default_rng(0).standard_normal((4, 5, 8)).astype(np.float32)
+    >>> y = ln(x)
+    >>> dx = ln.backward(np.ones_like(y))   # ln.grad_weight, ln.grad_bias accumulate
+    >>> bool(abs(y.mean(axis=-1)).max() < 1e-5), ln.grad_bias.tolist() == [20.0] * 8
+    (True, True)
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32):
@@ -549,13 +745,23 @@ class LayerNorm(_LastAxesNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, dtype)
 
 
+@document(params=["normalized_shape", "eps_rms=eps", "elementwise_affine", "dtype"], attributes=["weight", "grad_weight", "training", "reuse_buffers"], param_shape="normalized_shape")
 class RMSNorm(_LastAxesNorm):
-    """RMS norm, y = x / sqrt(mean(x^2) + eps) * weight, over the trailing axes.
+    """RMS norm over the trailing axes: ``y = x / sqrt(mean(x**2) + eps) * weight``.
 
-    ``eps=None`` uses the machine epsilon of the layer's dtype (as torch does).
+    Input (*, *normalized_shape); output of the same shape. No centring and no bias; each
+    position of the leading axes uses its own mean square, in training and eval alike.
 
+    Examples
+    --------
     >>> import numpy as np
-    >>> y = RMSNorm(8)(np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32))
+    >>> import normcore as nc
+    >>> rms = nc.RMSNorm(8)
+    >>> x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    >>> y = rms(x)
+    >>> dx = rms.backward(np.ones_like(y))   # rms.grad_weight accumulates
+    >>> bool(abs((y ** 2).mean(axis=-1) - 1).max() < 1e-4), rms.bias is None
+    (True, True)
     """
     _mode = "rms_norm"
     _eps_may_be_none = True
@@ -570,6 +776,7 @@ class RMSNorm(_LastAxesNorm):
 
 class _GroupedNorm(_Norm):
     _ndims = None
+    _repr_always = ("eps", "affine")
 
     def __init__(self, groups, channels, eps, affine, param_shape, dtype, names=("num_groups", "num_channels")):
         groups = checks.positive_int(names[0], groups)
@@ -585,12 +792,24 @@ class _GroupedNorm(_Norm):
         return {"g": self._groups}
 
 
+@document(params=["num_groups", "num_channels", "eps", "affine", "dtype"], attributes=_PARAM_ATTRS)
 class GroupNorm(_GroupedNorm):
-    """Group norm over (N, C, *): channels split into ``num_groups``; weight/bias (C,).
+    """Group norm over (N, C, *) input: channels split into ``num_groups`` groups.
 
+    Input (N, C, *); output of the same shape. Each sample's group of C / G adjacent
+    channels is normalized over its channels and positions, in training and eval alike;
+    weight and bias are per channel, (C,).
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> gn = GroupNorm(2, 4)
-    >>> y = gn(np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32))
+    >>> import normcore as nc
+    >>> gn = nc.GroupNorm(2, 4)
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    >>> y = gn(x)
+    >>> dx = gn.backward(np.ones_like(y))   # gn.grad_weight, gn.grad_bias accumulate
+    >>> bool(abs(y.reshape(3, 2, 10).mean(axis=-1)).max() < 1e-5), gn.grad_bias.tolist()
+    (True, [15.0, 15.0, 15.0, 15.0])
     """
     _mode = "group_norm"
 
@@ -599,12 +818,23 @@ class GroupNorm(_GroupedNorm):
         super().__init__(num_groups, num_channels, eps, affine, (num_channels,), dtype)
 
 
+@document(params=["channels", "groups", "eps", "affine_group=affine", "dtype"], attributes=_PARAM_ATTRS, param_shape="(G,)")
 class ChannelNorm(_GroupedNorm):
-    """Channel norm (from Batch-Channel Normalization): group norm with one weight/bias per group, shape (groups,).
+    """Channel norm (from Batch-Channel Normalization): group norm with one weight and bias per group.
 
+    Input (N, C, *); output of the same shape. Normalized as :class:`GroupNorm` is; the
+    affine transform has one scale and shift per group, shape (G,).
+
+    Examples
+    --------
     >>> import numpy as np
-    >>> cn = ChannelNorm(4, 2)
-    >>> y = cn(np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32))
+    >>> import normcore as nc
+    >>> cn = nc.ChannelNorm(4, 2)
+    >>> x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(np.float32)
+    >>> y = cn(x)
+    >>> dx = cn.backward(np.ones_like(y))
+    >>> cn.weight.shape, cn.grad_bias.tolist()
+    ((2,), [30.0, 30.0])
     """
     _mode = "channel_norm"
 
@@ -617,17 +847,27 @@ class _AnyRankBatchNorm(_BatchNorm):
     _ndims = None
 
 
+@document(params=["channels", "groups", "eps", "momentum", "estimate", "dtype", "unbiased"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
 class BatchChannelNorm(Layer):
     """Batch-channel normalization: (estimated) batch norm, then channel norm, on (N, C, *).
 
-    Sub-layers are ``batch_norm`` and ``channel_norm``; their parameters appear in
-    :meth:`state_dict` as ``"batch_norm.weight"``, ``"channel_norm.weight"``, ...
+    Input (N, C, *); output of the same shape. ``y = channel_norm(batch_norm(x))``; the
+    parameters, gradients and running statistics live in the two sub-layers, and
+    :meth:`state_dict` names them ``"batch_norm.weight"``, ``"channel_norm.weight"``, ...
 
+    Examples
+    --------
     >>> import numpy as np
-    >>> bcn = BatchChannelNorm(4, 2)
-    >>> y = bcn(np.random.default_rng(0).standard_normal((8, 4, 3)).astype(np.float32))
+    >>> import normcore as nc
+    >>> bcn = nc.BatchChannelNorm(4, 2)
+    >>> x = np.random.default_rng(0).standard_normal((8, 4, 3)).astype(np.float32)
+    >>> y = bcn(x)
     >>> dx = bcn.backward(np.ones_like(y))
+    >>> sorted(bcn.state_dict())[:3]
+    ['batch_norm.bias', 'batch_norm.num_batches_tracked', 'batch_norm.running_mean']
     """
+
+    _repr_always = ("eps", "momentum", "estimate")
 
     def __init__(self, channels, groups, eps=1e-5, momentum=0.1, estimate=True, *, dtype=np.float32,
                  unbiased=True):

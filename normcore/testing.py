@@ -1,4 +1,10 @@
-"""Hypothesis strategies and property checks for any normalization mode.
+"""Property checks for any normalization mode, and an in-process communicator.
+
+Hypothesis is imported only by the property checks (:func:`check_mode`, the strategies
+:func:`mode_cases`, :func:`float_arrays`, :func:`random_modes` and :data:`PROPERTIES`),
+on their first use; without it they raise ``ModuleNotFoundError`` saying
+``pip install "normcore[testing]"``. :data:`TOLERANCE`, :func:`assert_close`,
+:class:`ThreadComm` and :func:`run_ranks` need only NumPy.
 
 A user who registers a mode proves it in their own suite with one call::
 
@@ -26,25 +32,47 @@ most a few thousand elements). Where a result is a difference of larger terms (d
 dweight at an offset), the magnitude is that of the terms: see
 :func:`normcore.reference.term_scales`.
 """
+
 from __future__ import annotations
 
-import math
+import importlib
 import pickle
+import sys
 import threading
 
 import numpy as np
-from hypothesis import HealthCheck, assume, currently_in_test_context, given, note, settings
-from hypothesis import strategies as st
 
-from .functional import backward, normalize
-from .modes import Mode, get_mode
-from .plan import make_plan
-from .reference import _axes as reference_axes
-from .reference import reference_backward, reference_forward, term_scales
-from .spec import ELLIPSIS
+__all__ = ["TOLERANCE", "assert_close", "ThreadComm", "run_ranks",
+           "mode_cases", "float_arrays", "random_modes", "check_mode", "PROPERTIES"]
 
-__all__ = ["TOLERANCE", "mode_cases", "float_arrays", "random_modes", "assert_close",
-           "check_mode", "PROPERTIES"]
+# Names served by normcore._properties, which imports Hypothesis.
+_LAZY = frozenset(["mode_cases", "float_arrays", "random_modes", "check_mode", "PROPERTIES",
+                   "prop_forward_matches_reference", "prop_normalized_moments", "prop_invariances",
+                   "prop_backward_matches_reference", "prop_central_difference"])
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        props = importlib.import_module("normcore._properties")
+    except ModuleNotFoundError as e:
+        if e.name != "hypothesis":
+            raise
+        raise ModuleNotFoundError(
+            f"normcore.testing.{name} needs Hypothesis, which is not installed: "
+            f'pip install "normcore[testing]" (or pip install hypothesis)', name="hypothesis") from None
+    return getattr(props, name)
+
+
+def __dir__():
+    return sorted(set(globals()) | _LAZY)
+
+
+def _in_hypothesis_test():
+    hypothesis = sys.modules.get("hypothesis")  # not imported: certainly not in one of its tests
+    return hypothesis is not None and hypothesis.currently_in_test_context()
+
 
 TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-10}
 
@@ -61,326 +89,10 @@ def assert_close(actual, expected, dtype, what, scale=0.0):
         return
     scale = max(1.0, float(np.abs(expected).max()), scale)
     err = float(np.abs(actual - expected).max()) / scale
-    if currently_in_test_context():  # also usable from a plain (non-Hypothesis) test
+    if _in_hypothesis_test():  # also usable from a plain (non-Hypothesis) test
+        from hypothesis import note
         note(f"{what}: relative error {err:.3g} (tolerance {TOLERANCE[np.dtype(dtype)]:.1g})")
     assert err <= TOLERANCE[np.dtype(dtype)], f"{what}: relative error {err:.3g} for {np.dtype(dtype)}"
-
-
-@st.composite
-def float_arrays(draw, shape, dtype):
-    """Finite arrays of ``shape``: Gaussian with an offset and scale, or small integers."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    if draw(st.booleans()):
-        offset = draw(st.sampled_from([0.0, 1.0, -3.0, 100.0, 1e3]))
-        scale = draw(st.sampled_from([1.0, 0.01, 10.0]))
-        a = offset + scale * rng.standard_normal(shape)
-    else:
-        a = rng.integers(-3, 4, shape).astype(np.float64)
-    return a.astype(dtype)
-
-
-@st.composite
-def mode_cases(draw, mode, *, dtypes=(np.float32, np.float64), max_side=4, max_extra=2, last_side=None,
-               **sizes):
-    """Draw ``(shape, sizes, dtype)`` fitting ``mode``'s spec.
-
-    Sizes given here are fixed; for a parenthesised group all but its last unknown
-    elementary size are passed on, so the last one is inferred from the shape.
-    ``last_side`` lets the last input axis be long (half the draws in [last_side/2, last_side]).
-    """
-    m = get_mode(mode)
-    fixed = dict(m.sizes)
-    fixed.update(sizes)
-    shape, call_sizes = [], dict(sizes)
-    for index, group in enumerate(m.parsed.lhs):
-        last = index == len(m.parsed.lhs) - 1
-        side = st.integers(1, max_side)
-        if last and last_side:
-            side = st.one_of(side, st.integers(max(1, last_side // 2), last_side))
-        if group == (ELLIPSIS,):
-            shape += draw(st.lists(side, min_size=0, max_size=max_extra))
-        elif len(group) == 1:
-            shape.append(fixed[group[0]] if group[0] in fixed else draw(side))
-        else:
-            dims = [fixed[n] if n in fixed else draw(side) for n in group]
-            unknown = [n for n in group if n not in fixed]
-            inferred = unknown[-1] if unknown else None
-            for n, d in zip(group, dims):
-                if n not in fixed and n != inferred:
-                    call_sizes[n] = d
-            shape.append(math.prod(dims))
-    dtype = np.dtype(draw(st.sampled_from(dtypes)))
-    return tuple(shape), call_sizes, dtype
-
-
-def _params(data, m, plan, dtype):
-    if m.params is None:
-        return {}
-    kw = {}
-    if data.draw(st.booleans(), label="weight"):
-        kw["weight"] = data.draw(float_arrays(plan.param_shape, np.float64), label="w").astype(dtype)
-    if data.draw(st.booleans(), label="bias"):
-        kw["bias"] = data.draw(float_arrays(plan.param_shape, np.float64), label="b").astype(dtype)
-    return kw
-
-
-def _running(data, m, plan, dtype):
-    if m.running_stats is None or not data.draw(st.booleans(), label="running"):
-        return {}
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="running seed"))
-    return {"running_mean": rng.standard_normal(plan.running_shape).astype(dtype),
-            "running_var": rng.uniform(0.25, 4.0, plan.running_shape).astype(dtype)}
-
-
-def _draw_call(data, m, sizes, last_side, *, dtypes=(np.float32, np.float64)):
-    shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=dtypes, last_side=last_side, **sizes),
-                                         label="case")
-    plan = make_plan(m, shape, call_sizes)
-    x = data.draw(float_arrays(shape, dtype), label="x")
-    kw = dict(call_sizes)
-    kw.update(_params(data, m, plan, dtype))
-    kw.update(_running(data, m, plan, dtype))
-    kw["eps"] = data.draw(st.sampled_from([1e-5, 1e-3, 0.1]), label="eps")
-    training = data.draw(st.booleans(), label="training") if "running_mean" in kw else True
-    kw["training"] = training
-    if training and "running_mean" in kw:
-        kw["momentum"] = data.draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]), label="momentum")
-        kw["unbiased"] = data.draw(st.booleans(), label="unbiased")
-        kw["estimate"] = data.draw(st.booleans(), label="estimate")
-    if training and m.running_stats is not None:
-        assume(plan.count > 1)
-    note(f"mode={m!r} shape={shape} dtype={dtype} kw={ {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)} }")
-    return x, kw, call_sizes
-
-
-def _copy_running(kw):
-    return {k: (v.copy() if k.startswith("running") else v) for k, v in kw.items()}
-
-
-def _group_axes(m, shape, sizes):
-    _, dims, _, reduced = reference_axes(m, shape, sizes)
-    return dims, reduced
-
-
-# The backend the properties run on: "cpu", or "cuda" (inputs copied to the GPU, results
-# copied back, so that every check compares NumPy arrays with the float64 reference).
-_BACKEND = ["cpu"]
-
-
-def _normalize(x, m, **kw):
-    if _BACKEND[0] == "cpu":
-        return normalize(x, m, **kw)
-    import cupy
-    dev = {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
-    y, cache = normalize(cupy.asarray(x), m, **dev)
-    for k in ("running_mean", "running_var"):
-        if k in kw:
-            kw[k][...] = cupy.asnumpy(dev[k])  # the in-place update, seen by the caller
-    return cupy.asnumpy(y), cache
-
-
-def _backward(dy, cache):
-    if _BACKEND[0] == "cpu":
-        return backward(dy, cache)
-    import cupy
-    return tuple(None if g is None else cupy.asnumpy(g) for g in backward(cupy.asarray(dy), cache))
-
-
-def prop_forward_matches_reference(m, data, sizes, last_side=None):
-    """Forward output and running-statistic updates equal the float64 reference."""
-    x, kw, _ = _draw_call(data, m, sizes, last_side)
-    ref = reference_forward(x, m, **_copy_running(kw))
-    call = _copy_running(kw)
-    y, _ = _normalize(x, m, **call)
-    assert y.dtype == x.dtype and y.shape == x.shape
-    assert_close(y, ref.y, x.dtype, "y")
-    if ref.running_mean is not None:
-        assert_close(call["running_mean"], ref.running_mean, x.dtype, "running_mean")
-        assert_close(call["running_var"], ref.running_var, x.dtype, "running_var")
-
-
-def _draw_plain(data, m, sizes, last_side):
-    """A float64 input with no parameters and no running statistics."""
-    shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=(np.float64,), last_side=last_side, **sizes),
-                                         label="case")
-    if m.running_stats is not None:
-        assume(make_plan(m, shape, call_sizes).count > 1)
-    return data.draw(float_arrays(shape, dtype), label="x"), call_sizes, dtype
-
-
-def prop_normalized_moments(m, data, sizes, last_side=None):
-    """Without affine, each group of y has mean 0 (centred) and variance var/(var+eps)."""
-    x, call_sizes, dtype = _draw_plain(data, m, sizes, last_side)
-    shape = x.shape
-    eps = 1e-5
-    y, _ = _normalize(x, m, eps=eps, **call_sizes)
-    dims, reduced = _group_axes(m, shape, call_sizes)
-    xe, ye = x.reshape(dims), y.reshape(dims)
-    if m.center:
-        var = xe.var(axis=reduced, keepdims=True)
-        assert_close(ye.mean(axis=reduced), np.zeros(ye.mean(axis=reduced).shape), dtype, "group mean of y")
-    else:
-        var = (xe ** 2).mean(axis=reduced, keepdims=True)
-    spread = (ye ** 2).mean(axis=reduced) - (ye.mean(axis=reduced) ** 2 if m.center else 0)
-    assert_close(spread, (var / (var + eps)).reshape(spread.shape), dtype, "group variance of y")
-
-
-def prop_invariances(m, data, sizes, last_side=None):
-    """y is unchanged by a per-group shift (centred) and by positive scaling of x."""
-    x, call_sizes, dtype = _draw_plain(data, m, sizes, last_side)
-    shape = x.shape
-    dims, reduced = _group_axes(m, shape, call_sizes)
-    gshape = [1 if i in reduced else d for i, d in enumerate(dims)]
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-    eps = 1e-5
-    y, _ = _normalize(x, m, eps=eps, **call_sizes)
-    if m.center:
-        shift = rng.integers(-50, 50, gshape).astype(np.float64)
-        ys, _ = _normalize((x.reshape(dims) + shift).reshape(shape), m, eps=eps, **call_sizes)
-        assert_close(ys, y, dtype, "y after a per-group shift")
-    # One scale for all groups keeps eps * s^2 a single number; powers of two are exact.
-    s = 2.0 ** data.draw(st.integers(-4, 4), label="log2 scale")
-    yk, _ = _normalize(x * s, m, eps=eps * s * s, **call_sizes)
-    assert_close(yk, y, dtype, "y after scaling x")
-    if reduced:
-        # per-group positive scales: exact invariance needs eps -> 0 relative to the variance
-        scales = 2.0 ** rng.integers(-3, 4, gshape)
-        tiny = 1e-300
-        y0, _ = _normalize(x, m, eps=tiny, **call_sizes)
-        yg, _ = _normalize((x.reshape(dims) * scales).reshape(shape), m, eps=tiny, **call_sizes)
-        xe = x.reshape(dims)
-        var = xe.var(axis=reduced, keepdims=True) if m.center else (xe ** 2).mean(axis=reduced, keepdims=True)
-        ok = np.broadcast_to(var > 1e-6, dims).reshape(shape)
-        assert_close(yg[ok], y0[ok], dtype, "y after per-group scaling")
-
-
-def prop_backward_matches_reference(m, data, sizes, last_side=None):
-    """dx, dweight, dbias equal the float64 closed form (training, eval, estimated)."""
-    x, kw, call_sizes = _draw_call(data, m, sizes, last_side)
-    dy = data.draw(float_arrays(x.shape, x.dtype), label="dy")
-    ref = reference_forward(x, m, **_copy_running(kw))
-    y, cache = _normalize(x, m, **_copy_running(kw))
-    dx, dw, db = _backward(dy, cache)
-    rdx, rdw, rdb = reference_backward(dy, ref)
-    terms = term_scales(dy, ref)
-    assert dx.dtype == x.dtype and dx.shape == x.shape
-    assert_close(dx, rdx, x.dtype, "dx", scale=terms["dx"])
-    assert (dw is None) == ("weight" not in kw) and (db is None) == ("bias" not in kw)
-    if dw is not None:
-        assert dw.dtype == x.dtype
-        assert_close(dw, rdw, x.dtype, "dweight", scale=terms["dweight"])
-    if db is not None:
-        assert_close(db, rdb, x.dtype, "dbias")
-    if m.center and ref.stats_grad:
-        dims, reduced = _group_axes(m, x.shape, call_sizes)
-        sums = dx.astype(np.float64).reshape(dims).sum(axis=reduced)
-        scale = max(1.0, terms["dx"]) * math.prod(dims[i] for i in reduced)
-        assert float(np.abs(sums).max()) <= TOLERANCE[x.dtype] * scale, "dx does not sum to zero per group"
-
-
-def prop_central_difference(m, data, sizes, last_side=None):
-    """float64 backward equals a central difference of the compiled forward."""
-    x, kw, _ = _draw_call(data, m, sizes, last_side, dtypes=(np.float64,))
-    assume(x.size <= 48)
-    assume(not kw.get("estimate"))  # estimated BN deliberately drops d(stats)/dx
-    # Fresh N(0, 1) data: no ties (kinks) and no offset whose cancellation would swamp the
-    # difference quotient; offsets are covered by the comparisons with the reference.
-    x = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed")).standard_normal(x.shape)
-    dy = np.random.default_rng(1).standard_normal(x.shape)
-
-    def loss(**over):
-        call = _copy_running(kw)
-        call.update(over)
-        xx = call.pop("x", x)
-        return float((_normalize(xx, m, **call)[0] * dy).sum())
-
-    y, cache = _normalize(x, m, **_copy_running(kw))
-    dx, dw, db = _backward(dy, cache)
-    h = 1e-6
-    # Rounding in the loss itself limits any central difference: ~eps * sum|y * dy| / h.
-    roundoff = 16 * np.finfo(np.float64).eps * float(np.abs(y * dy).sum()) / h
-    for name, grad in (("x", dx), ("weight", dw), ("bias", db)):
-        if grad is None:
-            continue
-        base = x if name == "x" else kw[name]
-        num = np.empty(base.shape)
-        for i in np.ndindex(base.shape):
-            plus, minus = base.copy(), base.copy()
-            plus[i] += h
-            minus[i] -= h
-            num[i] = (loss(**{name: plus}) - loss(**{name: minus})) / (2 * h)
-        scale = max(1.0, float(np.abs(num).max()))
-        err = float(np.abs(num - grad).max())
-        note(f"d{name}: central-difference error {err:.3g} (scale {scale:.3g}, roundoff {roundoff:.3g})")
-        assert err <= 1e-6 * scale + roundoff, f"d{name} disagrees with the central difference ({err:.3g})"
-
-
-PROPERTIES = (prop_forward_matches_reference, prop_normalized_moments, prop_invariances,
-              prop_backward_matches_reference, prop_central_difference)
-
-
-def check_mode(mode, *, max_examples=30, last_side=None, backend="cpu", **sizes):
-    """Run every property in :data:`PROPERTIES` on ``mode`` (a name or a Mode).
-
-    ``sizes`` fixes axis sizes (e.g. ``g=2``); others are drawn (1 to 4, the last input
-    axis up to ``last_side`` when given, to reach long-row code paths). ``backend="cuda"``
-    runs the same properties on CuPy arrays (the GPU path). Raises the first falsifying
-    example, as a Hypothesis test does.
-
-    >>> check_mode("layer_norm", max_examples=5)
-    """
-    m = get_mode(mode)
-    if backend not in ("cpu", "cuda"):
-        raise ValueError(f"backend: expected 'cpu' or 'cuda', got {backend!r}")
-
-    def runner(prop):
-        @settings(max_examples=max_examples, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(st.data())
-        def run(data):
-            prop(m, data, sizes, last_side)
-        run.__name__ = f"{prop.__name__}[{m.name or m.spec}]"
-        return run
-
-    _BACKEND[0] = backend
-    try:
-        for prop in PROPERTIES:
-            runner(prop)()
-    finally:
-        _BACKEND[0] = "cpu"
-
-
-_AXIS_NAMES = "abcdefgh"
-
-
-@st.composite
-def random_modes(draw):
-    """Random valid user modes: 1-4 named axes, maybe a parenthesised pair and '...',
-    a random kept subset, random parameter axes, centring and running statistics."""
-    n = draw(st.integers(1, 4))
-    names = list(_AXIS_NAMES[:n])
-    tokens = [[a] for a in names]
-    if n >= 2 and draw(st.booleans()):
-        i = draw(st.integers(0, len(tokens) - 2))
-        tokens[i:i + 2] = [tokens[i] + tokens[i + 1]]
-    if draw(st.booleans()):
-        tokens.insert(draw(st.integers(0, len(tokens))), [ELLIPSIS])
-    flat = [a for t in tokens for a in t]
-    kept = [a for a in flat if draw(st.booleans())]
-    if len(kept) == len(flat):  # a mode reduces at least one axis
-        kept.pop(draw(st.integers(0, len(kept) - 1)))
-    lhs = " ".join(t[0] if len(t) == 1 else "(" + " ".join(t) + ")" for t in tokens)
-    spec = f"{lhs} -> {' '.join(kept)}"
-    # parameters never on a kept leading (batch) axis
-    batch = tokens[0] if any(a in kept for a in tokens[0]) else []
-    param_axes = [a for a in flat if a != ELLIPSIS and a not in batch and draw(st.booleans())]
-    params = " ".join(param_axes) if param_axes else None
-    center = draw(st.booleans())
-    kept_named = [a for a in kept if a != ELLIPSIS]
-    running = None
-    if center and kept_named and draw(st.booleans()):
-        running = " ".join(a for a in kept_named if draw(st.booleans())) or kept_named[0]
-    return Mode(spec, params=params, center=center, running_stats=running, name=f"random[{spec}]")
 
 
 class ThreadComm:
