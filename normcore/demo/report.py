@@ -42,7 +42,7 @@ def write_json(path, results, extra):
 
 
 def plot(path, results, base_lr):
-    """Training loss (log scale) and test accuracy per epoch; diverged runs end in a red x."""
+    """Training loss (log scale) and test accuracy per epoch; diverged runs end in a black x."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -60,8 +60,8 @@ def plot(path, results, base_lr):
         ax_acc.plot(epochs, r.test_accuracy, style, color=colors[r.variant], label=label)
         if r.diverged:
             last = finite[-1] if finite else (r.diverged_epoch, 1.0)
-            ax_loss.plot([last[0]], [last[1]], "x", color="red", markersize=11, markeredgewidth=2.5)
-            ax_acc.plot([r.diverged_epoch], [r.test_accuracy[-1]], "x", color="red", markersize=11,
+            ax_loss.plot([last[0]], [last[1]], "x", color="black", markersize=11, markeredgewidth=2.5)
+            ax_acc.plot([r.diverged_epoch], [r.test_accuracy[-1]], "x", color="black", markersize=11,
                         markeredgewidth=2.5)
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("epoch")
@@ -78,9 +78,15 @@ def plot(path, results, base_lr):
     ax_acc.set_title("Test accuracy on held-out digits")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     handles, labels = ax_acc.get_legend_handles_labels()
+    title = f"solid: lr {base_lr:g}, dashed: 100x"
+    if any(r.diverged for r in results):  # the marker is explained only where it is drawn
+        title += ";\nblack x: diverged"
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=8,
-               title=f"solid: lr {base_lr:g}, dashed: 100x;\nred x: diverged", title_fontsize=8)
+               title=title, title_fontsize=8)
     fig.suptitle("normcore demo: networks trained in NumPy on scikit-learn's digits")
     fig.tight_layout(rect=(0, 0, 0.86, 0.95))
     fig.savefig(path, dpi=110)
