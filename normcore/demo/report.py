@@ -42,52 +42,59 @@ def write_json(path, results, extra):
 
 
 def plot(path, results, base_lr):
-    """Training loss (log scale) and test accuracy per epoch; diverged runs end in a black x."""
+    """One panel per network (small multiples): test accuracy per epoch at the base rate and
+    at 100 times it, each curve labelled at its end, a black x where a run diverged; the
+    training loss of both runs below it on a log scale."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    variants = list(dict.fromkeys(r.variant for r in results))
-    colors = {v: plt.get_cmap("tab10")(i) for i, v in enumerate(variants)}
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(14, 5.5))
-    for r in results:
-        style = "-" if r.lr == base_lr else "--"
-        label = f"{r.variant}, lr {r.lr:g}" + (" (diverged)" if r.diverged else "")
-        epochs = list(range(1, len(r.loss) + 1))
-        finite = [(e, v) for e, v in zip(epochs, r.loss) if math.isfinite(v) and v > 0]
-        if finite:
-            ax_loss.plot(*zip(*finite), style, color=colors[r.variant], label=label)
-        ax_acc.plot(epochs, r.test_accuracy, style, color=colors[r.variant], label=label)
-        if r.diverged:
-            last = finite[-1] if finite else (r.diverged_epoch, 1.0)
-            ax_loss.plot([last[0]], [last[1]], "x", color="black", markersize=11, markeredgewidth=2.5)
-            ax_acc.plot([r.diverged_epoch], [r.test_accuracy[-1]], "x", color="black", markersize=11,
-                        markeredgewidth=2.5)
-    ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss (cross-entropy, log scale)")
-    ax_loss.set_title("Training loss")
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy")
-    ax_acc.set_ylim(0, 1)
-    from .train import TARGET_ACCURACY
-    ax_acc.axhline(TARGET_ACCURACY, color="gray", linestyle=":", linewidth=1)
-    ax_acc.axhline(CHANCE, color="gray", linestyle=":", linewidth=1)
-    ax_acc.text(1, TARGET_ACCURACY + 0.01, f"{TARGET_ACCURACY:.0%} target", color="gray", fontsize=8)
-    ax_acc.text(1, CHANCE + 0.01, "chance", color="gray", fontsize=8)
-    ax_acc.set_title("Test accuracy on held-out digits")
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
     from matplotlib.ticker import MaxNLocator
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
-    handles, labels = ax_acc.get_legend_handles_labels()
-    title = f"solid: lr {base_lr:g}, dashed: 100x"
-    if any(r.diverged for r in results):  # the marker is explained only where it is drawn
-        title += ";\nblack x: diverged"
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.86, 0.5), fontsize=8,
-               title=title, title_fontsize=8)
-    fig.suptitle("normcore demo: networks trained in NumPy on scikit-learn's digits")
-    fig.tight_layout(rect=(0, 0, 0.86, 0.95))
-    fig.savefig(path, dpi=110)
+
+    from .train import TARGET_ACCURACY
+    variants = list(dict.fromkeys(r.variant for r in results))
+    cols = min(4, len(variants))
+    rows = -(-len(variants) // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(3.6 * cols, 5.0 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.6] * rows})
+    colors = {"base": "tab:blue", "high": "tab:orange"}
+    diverged_any = False
+    for i, variant in enumerate(variants):
+        ax_acc, ax_loss = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        for r in (r for r in results if r.variant == variant):
+            key = "base" if r.lr == base_lr else "high"
+            epochs = list(range(1, len(r.test_accuracy) + 1))
+            ax_acc.plot(epochs, r.test_accuracy, color=colors[key], linewidth=1.8)
+            ax_acc.annotate(f"lr {r.lr:g}: {r.final_accuracy:.2f}", (epochs[-1], r.test_accuracy[-1]),
+                            xytext=(-4, -12 if key == "base" else 5), textcoords="offset points",
+                            ha="right", fontsize=8, color=colors[key])
+            finite = [(e, v) for e, v in zip(epochs, r.loss) if math.isfinite(v) and v > 0]
+            if finite:
+                ax_loss.plot(*zip(*finite), color=colors[key], linewidth=1.4)
+            if r.diverged:
+                diverged_any = True
+                ax_acc.plot([r.diverged_epoch], [r.test_accuracy[-1]], "x", color="black", markersize=10,
+                            markeredgewidth=2.5)
+        ax_acc.set_title(variant, fontsize=11)
+        ax_acc.set_ylim(0, 1.02)
+        ax_acc.axhline(TARGET_ACCURACY, color="gray", linestyle=":", linewidth=1)
+        ax_acc.axhline(CHANCE, color="gray", linestyle=":", linewidth=1)
+        ax_loss.set_yscale("log")
+        ax_loss.set_xlabel("epoch")
+        if i % cols == 0:
+            ax_acc.set_ylabel(f"test accuracy\n(dotted: {TARGET_ACCURACY:.0%}, chance)")
+            ax_loss.set_ylabel("training loss")
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    for j in range(len(variants), rows * cols):  # unused panels
+        axes[2 * (j // cols), j % cols].axis("off")
+        axes[2 * (j // cols) + 1, j % cols].axis("off")
+    handles = [plt.Line2D([], [], color=colors["base"], label=f"lr {base_lr:g} (base)"),
+               plt.Line2D([], [], color=colors["high"], label=f"lr {100 * base_lr:g} (100x)")]
+    if diverged_any:  # the marker is explained only where it is drawn
+        handles.append(plt.Line2D([], [], color="black", marker="x", linestyle="", label="diverged"))
+    fig.legend(handles=handles, loc="upper right", fontsize=9, ncol=len(handles))
+    fig.suptitle("normcore demo: networks trained in NumPy on scikit-learn's digits", x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
