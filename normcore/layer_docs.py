@@ -14,11 +14,8 @@ __all__ = ["document"]
 
 PARAMETERS = {
     "num_features": ("int", "C, the number of channels of the input (its axis ``channel_axis``)."),
-    "num_features_in": ("int", "C, the number of channels of the input (axis 1)."),
     "channels": ("int", "C, the number of channels of the input (axis 1)."),
-    "num_channels": ("int", "C, the number of channels of the input (axis 1)."),
     "num_groups": ("int", "G, the number of groups the channels are split into; must divide C."),
-    "groups": ("int", "G, the number of groups the channels are split into; must divide C."),
     "normalized_shape": ("int or tuple of int",
                          "The trailing axes normalized together (e.g. ``768`` or ``(28, 28)``); "
                          "the input's shape must end with it."),
@@ -74,6 +71,15 @@ ATTRIBUTES = {
     "channel_norm": ("ChannelNorm", "The second step; state keys ``channel_norm.*``."),
 }
 
+# Paragraphs several layers share, named by ``document(notes=...)``.
+NOTES = {
+    "batch_statistics": (
+        "In training (``layer.train()``, the default) the output uses each channel's batch mean "
+        "and biased batch variance, and ``running_mean`` / ``running_var`` are updated (see "
+        "``momentum`` and ``unbiased``); training needs more than one value per channel. In eval "
+        "(``layer.eval()``) the output uses the running statistics."),
+}
+
 COMMON_NOTES = (
     "``layer(x)`` is ``layer.forward(x)``: it returns y (x's shape and dtype) and keeps what "
     "``layer.backward(dy)`` needs; backward returns dx and adds the parameter gradients into "
@@ -94,13 +100,18 @@ def _entries(names, table, fmt):
     return "\n".join(lines)
 
 
-def document(*, params, attributes, param_shape="(C,)", running_shape="(C,)"):
+def _paragraph(text):
+    return textwrap.fill(text, 88, break_on_hyphens=False, break_long_words=False)
+
+
+def document(*, params, attributes, notes=(), param_shape="(C,)", running_shape="(C,)"):
     """Class decorator: insert Parameters and Attributes sections, from the shared texts,
     before the Examples section of the class docstring (which holds the summary, what is
     particular to the layer, and a forward + backward example).
 
     ``params`` / ``attributes`` name entries of :data:`PARAMETERS` / :data:`ATTRIBUTES`;
-    ``"key=shown"`` shows an entry under another name. The ``__init__`` gets a docstring
+    ``"key=shown"`` shows an entry under another name; ``notes`` name paragraphs of
+    :data:`NOTES`, placed after the class's own text. The ``__init__`` gets a docstring
     pointing to the class's, instead of Python's generic one.
     """
     fmt = {"p": param_shape, "r": running_shape}
@@ -110,8 +121,8 @@ def document(*, params, attributes, param_shape="(C,)", running_shape="(C,)"):
         head, marker, example = doc.partition("\nExamples\n--------\n")
         if not marker:
             raise ValueError(f"{cls.__name__}: the docstring needs an Examples section")
-        common = textwrap.fill(COMMON_NOTES, 88, break_on_hyphens=False, break_long_words=False)
-        cls.__doc__ = (f"{head.rstrip()}\n\n{common}\n\n"
+        shared = "\n\n".join(_paragraph(text) for text in [NOTES[n] for n in notes] + [COMMON_NOTES])
+        cls.__doc__ = (f"{head.rstrip()}\n\n{shared}\n\n"
                        f"Parameters\n----------\n{_entries(params, PARAMETERS, fmt)}\n\n"
                        f"Attributes\n----------\n{_entries(attributes, ATTRIBUTES, fmt)}\n\n"
                        f"Examples\n--------\n{example.strip()}\n")

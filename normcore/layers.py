@@ -423,17 +423,12 @@ class _BatchNorm(_Norm):
         return "batch_norm" if self.channel_axis == 1 else "batch_norm_channels_last"
 
 
-@document(params=_BN_PARAMS, attributes=_BN_ATTRS)
+@document(params=_BN_PARAMS, attributes=_BN_ATTRS, notes=["batch_statistics"])
 class BatchNorm1d(_BatchNorm):
     """Batch norm over (N, C) or (N, C, L) input: statistics per channel.
 
     Input (N, C) or (N, C, L), or (N, L, C) with ``channel_axis=-1``; output of the same shape.
     Statistics per channel over N (and L). Parameters and running statistics: shape (C,).
-
-    In training (``bn.train()``, the default) the output uses each channel's batch mean and
-    biased batch variance, and ``running_mean`` / ``running_var`` are updated (see
-    ``momentum`` and ``unbiased``); training needs more than one value per channel. In eval
-    (``bn.eval()``) the output uses the running statistics.
 
     Examples
     --------
@@ -450,17 +445,12 @@ class BatchNorm1d(_BatchNorm):
     _ndims = (2, 3)
 
 
-@document(params=_BN_PARAMS, attributes=_BN_ATTRS)
+@document(params=_BN_PARAMS, attributes=_BN_ATTRS, notes=["batch_statistics"])
 class BatchNorm2d(_BatchNorm):
     """Batch norm over (N, C, H, W) input: statistics per channel (spatial batch norm).
 
     Input (N, C, H, W), or (N, H, W, C) with ``channel_axis=-1``; output of the same shape.
     Statistics per channel over N, H and W. Parameters and running statistics: shape (C,).
-
-    In training (``bn.train()``, the default) the output uses each channel's batch mean and
-    biased batch variance, and ``running_mean`` / ``running_var`` are updated (see
-    ``momentum`` and ``unbiased``); training needs more than one value per channel. In eval
-    (``bn.eval()``) the output uses the running statistics.
 
     Examples
     --------
@@ -477,17 +467,12 @@ class BatchNorm2d(_BatchNorm):
     _ndims = (4,)
 
 
-@document(params=_BN_PARAMS, attributes=_BN_ATTRS)
+@document(params=_BN_PARAMS, attributes=_BN_ATTRS, notes=["batch_statistics"])
 class BatchNorm3d(_BatchNorm):
     """Batch norm over (N, C, D, H, W) input: statistics per channel.
 
     Input (N, C, D, H, W), or (N, D, H, W, C) with ``channel_axis=-1``; output of the same
     shape. Statistics per channel over N, D, H, W. Parameters and running statistics: (C,).
-
-    In training (``bn.train()``, the default) the output uses each channel's batch mean and
-    biased batch variance, and ``running_mean`` / ``running_var`` are updated (see
-    ``momentum`` and ``unbiased``); training needs more than one value per channel. In eval
-    (``bn.eval()``) the output uses the running statistics.
 
     Examples
     --------
@@ -612,6 +597,10 @@ class SyncBatchNorm(_BatchNorm):
         return super().backward(dy)
 
 
+_IN_PARAMS = ["channels=num_features", "eps", "momentum", "affine_off=affine",
+              "track_running_stats_off=track_running_stats", "dtype", "unbiased"]
+
+
 class _InstanceNorm(_Norm):
     _mode = "instance_norm"
     _repr_always = ("eps", "momentum", "affine", "track_running_stats")
@@ -627,7 +616,7 @@ class _InstanceNorm(_Norm):
                          unbiased=unbiased)
 
 
-@document(params=["num_features_in=num_features", "eps", "momentum", "affine_off=affine", "track_running_stats_off=track_running_stats", "dtype", "unbiased"], attributes=_BN_ATTRS)
+@document(params=_IN_PARAMS, attributes=_BN_ATTRS)
 class InstanceNorm1d(_InstanceNorm):
     """Instance norm over (N, C, L) input: statistics per sample and channel.
 
@@ -651,7 +640,7 @@ class InstanceNorm1d(_InstanceNorm):
     _ndims = (3,)
 
 
-@document(params=["num_features_in=num_features", "eps", "momentum", "affine_off=affine", "track_running_stats_off=track_running_stats", "dtype", "unbiased"], attributes=_BN_ATTRS)
+@document(params=_IN_PARAMS, attributes=_BN_ATTRS)
 class InstanceNorm2d(_InstanceNorm):
     """Instance norm over (N, C, H, W) input: statistics per sample and channel.
 
@@ -675,7 +664,7 @@ class InstanceNorm2d(_InstanceNorm):
     _ndims = (4,)
 
 
-@document(params=["num_features_in=num_features", "eps", "momentum", "affine_off=affine", "track_running_stats_off=track_running_stats", "dtype", "unbiased"], attributes=_BN_ATTRS)
+@document(params=_IN_PARAMS, attributes=_BN_ATTRS)
 class InstanceNorm3d(_InstanceNorm):
     """Instance norm over (N, C, D, H, W) input: statistics per sample and channel.
 
@@ -792,7 +781,7 @@ class _GroupedNorm(_Norm):
         return {"g": self._groups}
 
 
-@document(params=["num_groups", "num_channels", "eps", "affine", "dtype"], attributes=_PARAM_ATTRS)
+@document(params=["num_groups", "channels=num_channels", "eps", "affine", "dtype"], attributes=_PARAM_ATTRS)
 class GroupNorm(_GroupedNorm):
     """Group norm over (N, C, *) input: channels split into ``num_groups`` groups.
 
@@ -818,7 +807,7 @@ class GroupNorm(_GroupedNorm):
         super().__init__(num_groups, num_channels, eps, affine, (num_channels,), dtype)
 
 
-@document(params=["channels", "groups", "eps", "affine_group=affine", "dtype"], attributes=_PARAM_ATTRS, param_shape="(G,)")
+@document(params=["channels", "num_groups=groups", "eps", "affine_group=affine", "dtype"], attributes=_PARAM_ATTRS, param_shape="(G,)")
 class ChannelNorm(_GroupedNorm):
     """Channel norm (from Batch-Channel Normalization): group norm with one weight and bias per group.
 
@@ -847,7 +836,7 @@ class _AnyRankBatchNorm(_BatchNorm):
     _ndims = None
 
 
-@document(params=["channels", "groups", "eps", "momentum", "estimate", "dtype", "unbiased"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
+@document(params=["channels", "num_groups=groups", "eps", "momentum", "estimate", "dtype", "unbiased"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
 class BatchChannelNorm(Layer):
     """Batch-channel normalization: (estimated) batch norm, then channel norm, on (N, C, *).
 
