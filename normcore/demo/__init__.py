@@ -3,8 +3,9 @@
 ``python -m normcore.demo`` trains MLPs (no normalization, BatchNorm1d, LayerNorm,
 BatchChannelNorm) and CNNs (no normalization, BatchNorm2d, BatchNorm2d with weight
 standardization) on scikit-learn's handwritten digits, each at a base learning rate and
-at 100 times it; prints a table (final test accuracy, epochs to 90 %, divergence, time);
-saves a trained CNN, reloads it in a fresh process and checks that its evaluation is
+at 100 times it, once per seed (three by default); prints a table (final test accuracy,
+epochs to 90 %, divergence, time: mean and range over the seeds) and a verdict worded from
+those measurements; saves a trained CNN, reloads it in a fresh process and checks that its evaluation is
 bit-identical; and writes a PNG of the learning curves and a JSON of the results.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from .data import load_digits_split
 from .nets import VARIANTS, build
-from .report import plot, table, write_json
+from .report import plot, table, verdict, write_json
 from .train import evaluate, train
 
 __all__ = ["main", "run_experiments", "checkpoint_round_trip"]
@@ -35,21 +36,29 @@ def _progress(total, desc, enabled):
     return tqdm(total=total, desc=desc, leave=False, ncols=100)
 
 
-def run_experiments(variants, base_lr, epochs, seed, data, progress=True, optimizer="sgd"):
-    """Each variant at ``base_lr`` and ``100 * base_lr``; return the RunResults and nets."""
+def run_experiments(variants, base_lr, epochs, seeds, progress=True, optimizer="sgd"):
+    """Each variant at ``base_lr`` and ``100 * base_lr``, once per seed in ``seeds``.
+
+    A seed fixes the train/test split, the initialisation and the order of the batches.
+    Returns the RunResults (seed by seed) and the nets of the first seed, keyed by
+    ``(variant, lr)``.
+    """
     results, nets = [], {}
-    for variant in variants:
-        for lr in (base_lr, 100 * base_lr):
-            bar = _progress(epochs, f"{variant:10s} lr {lr:g}", progress)
-            result, net = train(variant, lr, data, epochs=epochs, seed=seed, optimizer=optimizer,
-                                progress=bar)
-            if bar is not None:
-                bar.close()
-            results.append(result)
-            nets[(variant, lr)] = net
-            status = f"diverged at epoch {result.diverged_epoch}" if result.diverged \
-                else f"test accuracy {result.final_accuracy:.3f}"
-            print(f"{variant:10s} lr {lr:<6g} {status} ({result.seconds:.1f} s)", flush=True)
+    for seed in seeds:
+        data = load_digits_split(seed)
+        for variant in variants:
+            for lr in (base_lr, 100 * base_lr):
+                bar = _progress(epochs, f"{variant:10s} lr {lr:g} seed {seed}", progress)
+                result, net = train(variant, lr, data, epochs=epochs, seed=seed, optimizer=optimizer,
+                                    progress=bar)
+                if bar is not None:
+                    bar.close()
+                results.append(result)
+                if seed == seeds[0]:
+                    nets[(variant, lr)] = net
+                status = f"diverged at epoch {result.diverged_epoch}" if result.diverged \
+                    else f"test accuracy {result.final_accuracy:.3f}"
+                print(f"seed {seed}  {variant:10s} lr {lr:<6g} {status} ({result.seconds:.1f} s)", flush=True)
     return results, nets
 
 
@@ -113,7 +122,10 @@ def main(argv=None):
                     "normcore's normalization layers, at a base and a 100x learning rate.")
     parser.add_argument("--quick", action="store_true", help="fewer epochs (under a minute on 2 cores)")
     parser.add_argument("--epochs", type=_at_least_one, default=None, help="epochs per run (default 30, --quick 8)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation and batches")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="first seed (each seed fixes the split, initialisation and batches)")
+    parser.add_argument("--seeds", type=_at_least_one, default=None,
+                        help="number of seeds, from --seed upward (default 3, --quick 1)")
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
                         help="SGD with momentum 0.9 (default) or Adam")
     parser.add_argument("--lr", type=_positive_rate, default=None,
@@ -124,6 +136,8 @@ def main(argv=None):
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     epochs = args.epochs if args.epochs is not None else (8 if args.quick else 30)
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds = list(range(args.seed, args.seed + n_seeds))
     if args.lr is None:
         args.lr = 0.01 if args.optimizer == "sgd" else 0.001
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -136,24 +150,27 @@ def main(argv=None):
                        f"{'is' if len(missing) == 1 else 'are'} not installed: pip install \"normcore[demo]\"\n")
     os.makedirs(args.out, exist_ok=True)
 
-    data = load_digits_split(args.seed)
+    train_n, test_n = (len(part) for part in load_digits_split(args.seed)[::2])
     optimizer = "SGD with momentum 0.9" if args.optimizer == "sgd" else "Adam"
-    print(f"digits: {len(data[0])} training and {len(data[2])} test images; {epochs} epochs per run, "
-          f"{optimizer}, batch 64, seed {args.seed}")
-    results, nets = run_experiments(variants, args.lr, epochs, args.seed, data, progress=not args.no_progress,
+    which = f"seed {seeds[0]}" if n_seeds == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    print(f"digits: {train_n} training and {test_n} test images; {epochs} epochs per run, "
+          f"{optimizer}, batch 64, {which}")
+    results, nets = run_experiments(variants, args.lr, epochs, seeds, progress=not args.no_progress,
                                     optimizer=args.optimizer)
     print()
     print(table(results, args.lr))
+    print()
+    print(verdict(results, args.lr))
 
-    extra = {"epochs": epochs, "seed": args.seed, "base_lr": args.lr, "optimizer": args.optimizer}
+    extra = {"epochs": epochs, "seeds": seeds, "base_lr": args.lr, "optimizer": args.optimizer}
     # the checkpoint is most telling for a net with running statistics: prefer one
     tracked = [v for v in variants if any(k.endswith("running_mean") for k in nets[(v, args.lr)].state_dict())]
     ckpt_variant = "cnn+bn" if "cnn+bn" in tracked else (tracked or variants)[0]
-    check = checkpoint_round_trip(nets[(ckpt_variant, args.lr)], ckpt_variant, args.seed, args.out)
+    check = checkpoint_round_trip(nets[(ckpt_variant, args.lr)], ckpt_variant, seeds[0], args.out)
     extra["checkpoint"] = check
     how = ("trained with batch statistics, saved" if tracked else "saved")
     evaluated = "evaluated with its running statistics" if tracked else "evaluated"
-    print(f"\ncheckpoint: {ckpt_variant} {how} to {check['path']}, reloaded in a fresh process and "
+    print(f"\ncheckpoint: {ckpt_variant} (seed {seeds[0]}) {how} to {check['path']}, reloaded in a fresh process and "
           f"{evaluated}: test accuracy {check['accuracy']:.4f} here, {check['fresh_accuracy']:.4f} there; "
           f"logits bit-identical: {'yes' if check['logits_identical'] else 'NO'}")
 

@@ -22,6 +22,7 @@ class RunResult:
     variant: str
     lr: float
     epochs: int
+    seed: int = 0
     loss: list = field(default_factory=list)          # mean training loss per epoch
     test_accuracy: list = field(default_factory=list)  # test accuracy after each epoch
     diverged_epoch: int | None = None                 # 1-based epoch where it diverged
@@ -75,7 +76,7 @@ def train(variant, lr, data, *, epochs, seed=0, batch_size=64, optimizer="sgd", 
     params = net.named_parameters()
     opt = SGD(params, lr) if optimizer == "sgd" else Adam(params, lr)
     rng = np.random.default_rng(seed + 1)
-    result = RunResult(variant, lr, epochs)
+    result = RunResult(variant, lr, epochs, seed)
     start = time.perf_counter()
     with np.errstate(all="ignore"):  # overflow on the way to divergence is what we measure
         for epoch in range(1, epochs + 1):
