@@ -48,21 +48,28 @@ def _accepts(compiler, flags):
     return True
 
 
-# The AVX2 build of the same kernels; normcore.kernels chooses it at import on CPUs that
-# have AVX2 and FMA. No contraction into FMA, so both builds round identically.
+# The AVX2 and AVX-512 builds of the same kernels; normcore.kernels chooses the widest the
+# CPU has at import. No implicit contraction into FMA: the kernels say where they fuse.
 AVX2_FLAGS = ["-mavx2", "-mfma", "-ffp-contract=off"]
+# GCC keeps 256-bit vectors on AVX-512 targets unless told to prefer 512
+AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=512"]
+VARIANT_FLAGS = {"_kernels": [], "_kernels_avx2": AVX2_FLAGS, "_kernels_avx512": AVX512_FLAGS}
 
 
 class BuildExt(build_ext):
     def build_extensions(self):
         cflags, lflags = _openmp_flags(self.compiler)
-        avx2 = platform.machine().lower() in ("x86_64", "amd64") and _accepts(self.compiler, AVX2_FLAGS)
-        if not avx2:
-            print("normcore: no AVX2 build on this platform; using the baseline kernels only")
-            self.extensions = [e for e in self.extensions if not e.name.endswith("_avx2")]
+        x86 = platform.machine().lower() in ("x86_64", "amd64")
+        kept = []
         for ext in self.extensions:
-            ext.extra_compile_args += cflags + ["-O3"] + (AVX2_FLAGS if ext.name.endswith("_avx2") else [])
+            flags = VARIANT_FLAGS[ext.name.rsplit(".", 1)[-1]]
+            if flags and not (x86 and _accepts(self.compiler, flags)):
+                print(f"normcore: the compiler or platform does not take {' '.join(flags)}; no {ext.name} build")
+                continue
+            ext.extra_compile_args += cflags + ["-O3"] + flags
             ext.extra_link_args += lflags
+            kept.append(ext)
+        self.extensions = kept
         super().build_extensions()
 
 
@@ -82,7 +89,7 @@ extensions = [
         include_dirs=[np.get_include(), "src/normcore"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    for name in ("_kernels", "_kernels_avx2")
+    for name in VARIANT_FLAGS
 ]
 
 setup(

@@ -1,34 +1,65 @@
-"""Which build of the compiled kernels runs: the AVX2 one where the CPU has AVX2 and FMA,
-else the baseline one. Both come from the same source (src/normcore/kernels.pxi) and give
-bitwise identical results; ``NORMCORE_KERNELS=baseline`` forces the baseline build.
+"""Which build of the compiled kernels runs: the widest the CPU has of AVX-512 (F, BW, VL),
+AVX2 with FMA, and the baseline. All come from the same source (src/normcore/kernels.pxi);
+within a build results do not depend on the thread count, and across builds they differ
+at most in the last bits, within the float32 accuracy contract (README, Numerics).
+``NORMCORE_KERNELS=baseline``, ``avx2`` or ``avx512`` forces one (an error when the CPU or
+the installation lacks it); ``auto`` (the default) chooses.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
-__all__ = ["K", "VARIANT", "set_num_threads", "get_num_threads", "threads_for"]
+__all__ = ["K", "VARIANT", "VARIANTS", "available_variants", "set_num_threads", "get_num_threads",
+           "threads_for"]
+
+# widest first: (name, module, the CPU features it needs, as NumPy names them)
+VARIANTS = (("avx512", "_kernels_avx512", ("AVX512F", "AVX512BW", "AVX512VL", "AVX2", "FMA3")),
+            ("avx2", "_kernels_avx2", ("AVX2", "FMA3")),
+            ("baseline", "_kernels", ()))
 
 
-def _cpu_has_avx2():
+def _cpu_features():
     try:
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:  # NumPy < 2
         from numpy.core._multiarray_umath import __cpu_features__ as features
-    return bool(features.get("AVX2") and features.get("FMA3"))
+    return features
+
+
+def _import(module):
+    try:
+        return importlib.import_module(f"{__package__}.{module}")
+    except ImportError:  # not built on this platform
+        return None
+
+
+def available_variants():
+    """The builds this CPU can run and this installation has, widest first.
+
+    >>> from normcore.kernels import available_variants
+    >>> available_variants()[-1]
+    'baseline'
+    """
+    features = _cpu_features()
+    return [name for name, module, needs in VARIANTS
+            if all(features.get(f) for f in needs) and _import(module) is not None]
 
 
 def _load():
-    if os.environ.get("NORMCORE_KERNELS", "auto") != "baseline" and _cpu_has_avx2():
-        try:
-            from . import _kernels_avx2
-            return _kernels_avx2, "avx2"
-        except ImportError:  # built on a platform without the AVX2 variant
-            pass
-    try:
-        from . import _kernels
-    except ImportError:
-        raise ImportError(_not_built_message()) from None
-    return _kernels, "baseline"
+    wanted = os.environ.get("NORMCORE_KERNELS", "auto")
+    names = [name for name, _, _ in VARIANTS]
+    if wanted not in names + ["auto"]:
+        raise ImportError(f"NORMCORE_KERNELS: expected one of auto, {', '.join(names)}, got {wanted!r}")
+    if _import("_kernels") is None:
+        raise ImportError(_not_built_message())
+    usable = available_variants()
+    if wanted == "auto":
+        wanted = usable[0]
+    elif wanted not in usable:
+        raise ImportError(f"NORMCORE_KERNELS={wanted}: this CPU or installation cannot run that build "
+                          f"(available: {', '.join(usable)})")
+    return _import(dict((n, m) for n, m, _ in VARIANTS)[wanted]), wanted
 
 
 def _not_built_message():

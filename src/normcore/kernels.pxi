@@ -109,6 +109,14 @@ cdef inline int _storage(object a) except -1:
     return cnp.NPY_FLOAT64
 
 
+cdef inline float* _params_f32(object a) except NULL:
+    # float32 copy of a float64 parameter vector for the float32 passes; the caller frees it
+    cdef float* out = nc_to_f32(<const double*>_in(a, cnp.NPY_FLOAT64), _shape(a, 1)[0])
+    if out == NULL:
+        raise MemoryError("normcore: no memory for a float32 copy of the parameters")
+    return out
+
+
 # shorthands for the contract's two fixed dtypes
 cdef int F64 = cnp.NPY_FLOAT64
 cdef int IDX = cnp.NPY_INTP
@@ -161,6 +169,14 @@ cdef extern from "simd.h" nogil:
                         double* s1, double* s2)
     void nc_affine_tile_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift)
+    void nc_affine_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double s, double t)
+    void nc_affine_inner_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double rs,
+                                 const float* w, const float* b)
+    void nc_dx_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
+                       double k1, double k2, double k3)
+    void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
+                             double rs, const float* w, double m1, double m2)
+    float* nc_to_f32(const double* p, Py_ssize_t n)
     void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift)
     void nc_col_shifted_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
@@ -330,6 +346,9 @@ cdef inline void _combine_tile(const double* pmean, const double* pm2, const dou
 cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
                              double mu, double s, double t) noexcept nogil:
     cdef Py_ssize_t i
+    if floating is float:  # float32 arithmetic within the contract (simd.h)
+        nc_affine_row_f32(x, y, n, mu, s, t)
+        return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * s + t)
 
@@ -341,11 +360,11 @@ cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, P
     # the compiler vectorizes along c; wide ones would reload them from L2 for every row,
     # so there four rows share each coefficient load (simd.h).
     cdef Py_ssize_t a, c
+    if floating is float:  # float32 coefficients and arithmetic (simd.h)
+        nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift)
+        return
     if tw >= WIDE_TILE:
-        if floating is float:
-            nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift)
-        else:
-            nc_affine_tile_f64(x, y, rows, ld, tw, mean, scale, shift)
+        nc_affine_tile_f64(x, y, rows, ld, tw, mean, scale, shift)
         return
     for a in range(rows):
         for c in range(tw):
@@ -478,6 +497,9 @@ cdef void _sums_cols(const floating* dy, const floating* x, Py_ssize_t A, Py_ssi
 cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                          double mu, double k1, double k2, double k3) noexcept nogil:
     cdef Py_ssize_t i
+    if floating is float:
+        nc_dx_row_f32(dy, x, dx, n, mu, k1, k2, k3)
+        return
     for i in range(n):
         dx[i] = <floating>(dy[i] * k1 + (x[i] - mu) * k2 + k3)
 
@@ -487,11 +509,11 @@ cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, P
                           const double* k2, const double* k3) noexcept nogil:
     # as _affine_tile: rows share coefficient loads only where the tile is wide
     cdef Py_ssize_t a, c
+    if floating is float:
+        nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
+        return
     if tw >= WIDE_TILE:
-        if floating is float:
-            nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
-        else:
-            nc_dx_tile_f64(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
+        nc_dx_tile_f64(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
         return
     for a in range(rows):
         for c in range(tw):
@@ -540,8 +562,13 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
 # ---------------------------------------------------------------------------------------
 
 cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n, double mu,
-                                   double rs, const double* w, const double* b) noexcept nogil:
+                                   double rs, const double* w, const double* b, const float* wf,
+                                   const float* bf) noexcept nogil:
+    # wf, bf: float32 copies of w, b for the float32 pass (see _params_f32)
     cdef Py_ssize_t i
+    if floating is float:
+        nc_affine_inner_row_f32(x, y, n, mu, rs, wf, bf)
+        return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
 
@@ -557,18 +584,29 @@ def affine_inner(x, mean, rstd, rp, w, bias, y, int threads):
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* pb = <const double*>_in(bias, F64)
+    cdef float* wf
+    cdef float* bf
     if T == cnp.NPY_FLOAT32:
-        _affine_inner(<const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, <float*>_out(y, T), threads)
+        wf = _params_f32(w)
+        try:
+            bf = _params_f32(bias)
+            _affine_inner(<const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <float*>_out(y, T),
+                          threads)
+            free(bf)
+        finally:
+            free(wf)
     else:
-        _affine_inner(<const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, <double*>_out(y, T), threads)
+        _affine_inner(<const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, NULL, NULL, <double*>_out(y, T),
+                      threads)
 
 
 cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean, const double* rstd,
-                        const Py_ssize_t* rp, const double* w, const double* b, floating* y,
-                        int threads) noexcept nogil:
+                        const Py_ssize_t* rp, const double* w, const double* b, const float* wf,
+                        const float* bf, floating* y, int threads) noexcept nogil:
     cdef Py_ssize_t r
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-        _affine_inner_row(x + r * S, y + r * S, S, mean[r], rstd[r], w + rp[r], b + rp[r])
+        _affine_inner_row(x + r * S, y + r * S, S, mean[r], rstd[r], w + rp[r], b + rp[r],
+                          wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL)
 
 
 # ---------------------------------------------------------------------------------------
@@ -592,17 +630,27 @@ def normalize_groups(x, Py_ssize_t rows_per_group, bint center, double eps, int 
     cdef double* mu = <double*>_out(mean, F64)
     cdef double* v = <double*>_out(var, F64)
     cdef double* rs = <double*>_out(rstd, F64)
+    cdef float* wf = NULL
+    cdef float* bf = NULL
     if T == cnp.NPY_FLOAT32:
-        _normalize_groups(<const float*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw, pb,
-                          mu, v, rs, <float*>_out(y, T), threads)
+        try:
+            if affine == NC_AFFINE_INNER:
+                wf = _params_f32(w)
+                bf = _params_f32(bias)
+            _normalize_groups(<const float*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw,
+                              pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads)
+        finally:
+            free(wf)
+            free(bf)
     else:
         _normalize_groups(<const double*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw, pb,
-                          mu, v, rs, <double*>_out(y, T), threads)
+                          NULL, NULL, mu, v, rs, <double*>_out(y, T), threads)
 
 
 cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ssize_t J, bint center,
                             double eps, int affine, const Py_ssize_t* rp, const double* w, const double* bias,
-                            double* mean, double* var, double* rstd, floating* y, int threads) noexcept nogil:
+                            const float* wf, const float* bf, double* mean, double* var, double* rstd,
+                            floating* y, int threads) noexcept nogil:
     cdef Py_ssize_t S = B // J
     cdef Py_ssize_t c, j, r, o
     cdef double mu, m2, v, rs
@@ -625,7 +673,8 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
             r = c * J + j
             o = c * B + j * S
             if affine == NC_AFFINE_INNER:
-                _affine_inner_row(x + o, y + o, S, mu, rs, w + rp[r], bias + rp[r])
+                _affine_inner_row(x + o, y + o, S, mu, rs, w + rp[r], bias + rp[r],
+                                  wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL)
             elif affine == NC_AFFINE_ROW:
                 _affine_row(x + o, y + o, S, mu, rs * w[rp[r]], bias[rp[r]])
             else:
@@ -659,16 +708,25 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
     cdef double* q2 = <double*>_out(t2, F64)
     cdef double* dw = <double*>_out(pdw, F64)
     cdef double* db = <double*>_out(pdb, F64)
+    cdef float* wf = NULL
     if T == cnp.NPY_FLOAT32:
-        _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, mu, rs, groups_per_block, q1, q2, P, dw, db, <float*>_out(dx, T), threads)
+        try:
+            if affine == NC_AFFINE_INNER:
+                wf = _params_f32(w)
+            _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group,
+                             center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
+                             <float*>_out(dx, T), threads)
+        finally:
+            free(wf)
     else:
         _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, mu, rs, groups_per_block, q1, q2, P, dw, db, <double*>_out(dx, T), threads)
+                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, <double*>_out(dx, T),
+                         threads)
 
 
 cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ssize_t J,
-                           bint center, int affine, const Py_ssize_t* rp, const double* w, const double* mean,
+                           bint center, int affine, const Py_ssize_t* rp, const double* w, const float* wf,
+                           const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t S = B // J
@@ -702,7 +760,8 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                 r = c * J + j
                 o = c * B + j * S
                 if affine == NC_AFFINE_INNER:
-                    _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r], m1, m2)
+                    _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
+                                  wf + rp[r] if wf != NULL else NULL, m1, m2)
                 else:
                     g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
                     _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1)
@@ -765,9 +824,12 @@ cdef void _sums_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ss
 
 
 cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                               double mu, double rs, const double* w,
+                               double mu, double rs, const double* w, const float* wf,
                                double m1, double m2) noexcept nogil:
     cdef Py_ssize_t i
+    if floating is float:
+        nc_dx_inner_row_f32(dy, x, dx, n, mu, rs, wf, m1, m2)
+        return
     for i in range(n):
         dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
 
@@ -784,20 +846,26 @@ def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, int threads):
     cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* q1 = <const double*>_in(c1, F64)
     cdef const double* q2 = <const double*>_in(c2, F64)
+    cdef float* wf
     if T == cnp.NPY_FLOAT32:
-        _dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, q1, q2,
-                  <float*>_out(dx, T), threads)
+        wf = _params_f32(w)
+        try:
+            _dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
+                      <float*>_out(dx, T), threads)
+        finally:
+            free(wf)
     else:
-        _dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, q1, q2,
+        _dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, NULL, q1, q2,
                   <double*>_out(dx, T), threads)
 
 
 cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean,
-                    const double* rstd, const Py_ssize_t* rp, const double* w, const double* c1,
-                    const double* c2, floating* dx, int threads) noexcept nogil:
+                    const double* rstd, const Py_ssize_t* rp, const double* w, const float* wf,
+                    const double* c1, const double* c2, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t r
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-        _dx_inner_row(dy + r * S, x + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r], c1[r], c2[r])
+        _dx_inner_row(dy + r * S, x + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r],
+                      wf + rp[r] if wf != NULL else NULL, c1[r], c2[r])
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,52 +1,122 @@
 /* Vector-typed inner loops the Cython kernels call where GCC's auto-vectorizer gives up
- * (a loop carrying two accumulators). GCC/Clang vector extensions: elementwise IEEE
- * operations, lowered to SSE2 in the baseline build and to AVX in the AVX2 build, with the
- * same results (no contraction into FMA: the AVX2 build uses -ffp-contract=off). */
+ * (a loop carrying two accumulators) or where the arithmetic is float32. GCC/Clang vector
+ * extensions, lowered to SSE2 in the baseline build, to AVX2 and to AVX-512 in theirs.
+ * No build contracts a multiply and an add on its own (-ffp-contract=off): where a kernel
+ * fuses, it says so (NC_VFMA), and only builds with FMA fuse; so a build's results never
+ * depend on the compiler's choices, and builds differ only where their vector width or
+ * FMA does (within the float32 accuracy contract, README "Numerics"). */
 #ifndef NORMCORE_SIMD_H
 #define NORMCORE_SIMD_H
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
-typedef double nc_v4d __attribute__((vector_size(32)));
-typedef float nc_v4f __attribute__((vector_size(16)));
+/* Reductions accumulate in double, NC_DL lanes per vector, two vectors per step. */
+#if defined(__AVX512F__)
+#define NC_DL 8
+#else
+#define NC_DL 4
+#endif
+typedef double nc_v4d __attribute__((vector_size(NC_DL * 8)));
+typedef float nc_v4f __attribute__((vector_size(NC_DL * 4)));
 
-/* The 8 lanes of a and b added in a fixed order. (Macros, not functions: no vector ever
- * crosses a call, so the baseline build's ABI is never involved.) */
-#define NC_TOTAL(a, b) (((a[0] + a[1]) + (a[2] + a[3])) + ((b[0] + b[1]) + (b[2] + b[3])))
+/* The 2 * NC_DL lanes of a and b added in a fixed order. (Macros, not functions: no vector
+ * ever crosses a call, so the baseline build's ABI is never involved.) */
+#if NC_DL == 8
+#define NC_LANES(a) ((((a)[0] + (a)[1]) + ((a)[2] + (a)[3])) + (((a)[4] + (a)[5]) + ((a)[6] + (a)[7])))
+#else
+#define NC_LANES(a) (((a)[0] + (a)[1]) + ((a)[2] + (a)[3]))
+#endif
+#define NC_TOTAL(a, b) (NC_LANES(a) + NC_LANES(b))
 
-/* dst = 4 elements at p, converted to double */
+/* float32 elementwise passes: NC_FL float lanes, fused multiply-adds where the build has FMA. */
+#if defined(__AVX512F__)
+#define NC_FL 16
+#define NC_VFMA(a, b, c) ((nc_vf)_mm512_fmadd_ps((__m512)(a), (__m512)(b), (__m512)(c)))
+#elif defined(__FMA__)
+#define NC_FL 8
+#define NC_VFMA(a, b, c) ((nc_vf)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c)))
+#else
+#define NC_FL 4
+#define NC_VFMA(a, b, c) ((a) * (b) + (c))
+#endif
+#if defined(__FMA__)
+#define NC_FMAF(a, b, c) __builtin_fmaf((a), (b), (c))
+#else
+#define NC_FMAF(a, b, c) ((a) * (b) + (c))
+#endif
+typedef float nc_vf __attribute__((vector_size(NC_FL * 4)));
+#define NC_LOADF(v, p) memcpy(&(v), (p), sizeof(nc_vf))
+#define NC_STOREF(p, v) memcpy((p), &(v), sizeof(nc_vf))
+
+/* dst = NC_DL elements at p, converted to double (one conversion instruction where the
+ * build has one: GCC splits __builtin_convertvector into halves). */
+#if defined(__AVX512F__)
+#define NC_LOAD4_float(dst, p) dst = (nc_v4d)_mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define NC_VFMAD(a, b, c) ((nc_v4d)_mm512_fmadd_pd((__m512d)(a), (__m512d)(b), (__m512d)(c)))
+#elif defined(__FMA__)
+#define NC_LOAD4_float(dst, p) dst = (nc_v4d)_mm256_cvtps_pd(_mm_loadu_ps(p))
+#define NC_VFMAD(a, b, c) ((nc_v4d)_mm256_fmadd_pd((__m256d)(a), (__m256d)(b), (__m256d)(c)))
+#else
 #define NC_LOAD4_float(dst, p)                   \
     do {                                         \
         nc_v4f v_;                               \
         memcpy(&v_, (p), sizeof v_);             \
         dst = __builtin_convertvector(v_, nc_v4d); \
     } while (0)
+#define NC_VFMAD(a, b, c) ((a) * (b) + (c))
+#endif
 #define NC_LOAD4_double(dst, p) memcpy(&dst, (p), sizeof dst)
 
-/* Sums of d = p[i] - k and d * d over n elements, 8 lanes then the tail in order. With k a
- * member of the data, sum d^2 <= (n + 1) * m2, so m2 = sum d^2 - (sum d)^2 / n loses at most
- * log2(n + 1) bits of double. */
+/* Accumulator vectors per sum in the row reductions: enough independent chains to hide the
+ * add latency, as many as the build's registers hold. */
+#if defined(__AVX2__) || defined(__AVX512F__)
+#define NC_ACC 4
+#else
+#define NC_ACC 2
+#endif
+
+/* The NC_ACC accumulators of a sum added in a fixed order, then their lanes. */
+#if NC_ACC == 4
+#define NC_ACC_TOTAL(a) NC_TOTAL((a)[0] + (a)[1], (a)[2] + (a)[3])
+#else
+#define NC_ACC_TOTAL(a) NC_TOTAL((a)[0], (a)[1])
+#endif
+
+/* Sums of d = p[i] - k and d * d over n elements: NC_ACC * NC_DL lanes, then whole vectors
+ * into the first accumulator, then the tail in order. With k a member of the data,
+ * sum d^2 <= (n + 1) * m2, so m2 = sum d^2 - (sum d)^2 / n loses at most log2(n + 1) bits
+ * of double. */
 #define NC_SHIFTED_SUMS(NAME, T)                                                          \
     static inline void NAME(const T* p, ptrdiff_t n, double k, double* s1, double* s2) {   \
-        const nc_v4d kk = {k, k, k, k};                                                    \
-        nc_v4d a1 = {0, 0, 0, 0}, b1 = a1, a2 = a1, b2 = a1, d0, d1;                       \
+        const nc_v4d kk = (nc_v4d){0} + k;                                                 \
+        nc_v4d a1[NC_ACC], a2[NC_ACC], d;                                                  \
         ptrdiff_t i = 0;                                                                   \
-        for (; i + 8 <= n; i += 8) {                                                       \
-            NC_LOAD4_##T(d0, p + i);                                                       \
-            NC_LOAD4_##T(d1, p + i + 4);                                                   \
-            d0 -= kk;                                                                      \
-            d1 -= kk;                                                                      \
-            a1 += d0;                                                                      \
-            b1 += d1;                                                                      \
-            a2 += d0 * d0;                                                                 \
-            b2 += d1 * d1;                                                                 \
+        for (int j = 0; j < NC_ACC; ++j)                                                   \
+            a1[j] = a2[j] = (nc_v4d){0};                                                   \
+        for (; i + NC_ACC * NC_DL <= n; i += NC_ACC * NC_DL) {                             \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j) {                     \
+                NC_LOAD4_##T(d, p + i + j * NC_DL);                                        \
+                d -= kk;                                                                   \
+                a1[j] += d;                                                                \
+                a2[j] = NC_VFMAD(d, d, a2[j]);                                             \
+            }                                                                              \
         }                                                                                  \
-        double t1 = NC_TOTAL(a1, b1), t2 = NC_TOTAL(a2, b2);                               \
+        for (; i + NC_DL <= n; i += NC_DL) {                                               \
+            NC_LOAD4_##T(d, p + i);                                                        \
+            d -= kk;                                                                       \
+            a1[0] += d;                                                                    \
+            a2[0] = NC_VFMAD(d, d, a2[0]);                                                 \
+        }                                                                                  \
+        double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                               \
         for (; i < n; ++i) {                                                               \
-            const double d = (double)p[i] - k;                                             \
-            t1 += d;                                                                       \
-            t2 += d * d;                                                                   \
+            const double e = (double)p[i] - k;                                             \
+            t1 += e;                                                                       \
+            t2 += e * e;                                                                   \
         }                                                                                  \
         *s1 = t1;                                                                          \
         *s2 = t2;                                                                          \
@@ -56,34 +126,42 @@ NC_SHIFTED_SUMS(nc_shifted_sums_f32, float)
 NC_SHIFTED_SUMS(nc_shifted_sums_f64, double)
 
 /* s1 = sum dy[i] * w[i], s2 = sum dy[i] * w[i] * (x[i] - mu): the backward's two row sums
- * in one pass; w = NULL means w = 1. 8 lanes, then the tail in order. */
+ * in one pass; w = NULL means w = 1. Lanes and order as NC_SHIFTED_SUMS. */
 #define NC_DY_SUMS(NAME, T)                                                                  \
     static inline void NAME(const T* dy, const double* w, const T* x, ptrdiff_t n, double mu, \
                             double* s1, double* s2) {                                         \
-        const nc_v4d mm = {mu, mu, mu, mu};                                                   \
-        nc_v4d a1 = {0, 0, 0, 0}, b1 = a1, a2 = a1, b2 = a1, g0, g1, x0, x1, w0, w1;          \
+        const nc_v4d mm = (nc_v4d){0} + mu;                                                   \
+        nc_v4d a1[NC_ACC], a2[NC_ACC], g, v, ww;                                              \
         ptrdiff_t i = 0;                                                                      \
-        for (; i + 8 <= n; i += 8) {                                                          \
-            NC_LOAD4_##T(g0, dy + i);                                                         \
-            NC_LOAD4_##T(g1, dy + i + 4);                                                     \
-            if (w) {                                                                          \
-                NC_LOAD4_double(w0, w + i);                                                   \
-                NC_LOAD4_double(w1, w + i + 4);                                               \
-                g0 *= w0;                                                                     \
-                g1 *= w1;                                                                     \
+        for (int j = 0; j < NC_ACC; ++j)                                                      \
+            a1[j] = a2[j] = (nc_v4d){0};                                                      \
+        for (; i + NC_ACC * NC_DL <= n; i += NC_ACC * NC_DL) {                                \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j) {                        \
+                NC_LOAD4_##T(g, dy + i + j * NC_DL);                                          \
+                if (w) {                                                                      \
+                    NC_LOAD4_double(ww, w + i + j * NC_DL);                                   \
+                    g *= ww;                                                                  \
+                }                                                                             \
+                NC_LOAD4_##T(v, x + i + j * NC_DL);                                           \
+                a1[j] += g;                                                                   \
+                a2[j] = NC_VFMAD(g, v - mm, a2[j]);                                           \
             }                                                                                 \
-            NC_LOAD4_##T(x0, x + i);                                                          \
-            NC_LOAD4_##T(x1, x + i + 4);                                                      \
-            a1 += g0;                                                                         \
-            b1 += g1;                                                                         \
-            a2 += g0 * (x0 - mm);                                                             \
-            b2 += g1 * (x1 - mm);                                                             \
         }                                                                                     \
-        double t1 = NC_TOTAL(a1, b1), t2 = NC_TOTAL(a2, b2);                                  \
+        for (; i + NC_DL <= n; i += NC_DL) {                                                  \
+            NC_LOAD4_##T(g, dy + i);                                                          \
+            if (w) {                                                                          \
+                NC_LOAD4_double(ww, w + i);                                                   \
+                g *= ww;                                                                      \
+            }                                                                                 \
+            NC_LOAD4_##T(v, x + i);                                                           \
+            a1[0] += g;                                                                       \
+            a2[0] = NC_VFMAD(g, v - mm, a2[0]);                                               \
+        }                                                                                     \
+        double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                  \
         for (; i < n; ++i) {                                                                  \
-            const double g = w ? (double)dy[i] * w[i] : (double)dy[i];                        \
-            t1 += g;                                                                          \
-            t2 += g * ((double)x[i] - mu);                                                    \
+            const double e = w ? (double)dy[i] * w[i] : (double)dy[i];                        \
+            t1 += e;                                                                          \
+            t2 += e * ((double)x[i] - mu);                                                    \
         }                                                                                     \
         *s1 = t1;                                                                             \
         *s2 = t2;                                                                             \
@@ -108,7 +186,7 @@ NC_DY_SUMS(nc_dy_sums_f64, double)
         ptrdiff_t a = 0, c;                                                                    \
         nc_v4d m, s, t, v;                                                                     \
         for (; a + 4 <= rows; a += 4) {                                                        \
-            for (c = 0; c + 4 <= tw; c += 4) {                                                 \
+            for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                                 \
                 NC_LOAD4_double(m, mean + c);                                                  \
                 NC_LOAD4_double(s, scale + c);                                                 \
                 NC_LOAD4_double(t, shift + c);                                                 \
@@ -127,7 +205,6 @@ NC_DY_SUMS(nc_dy_sums_f64, double)
                 y[a * ld + c] = (T)(((double)x[a * ld + c] - mean[c]) * scale[c] + shift[c]);  \
     }
 
-NC_AFFINE_TILE(nc_affine_tile_f32, float)
 NC_AFFINE_TILE(nc_affine_tile_f64, double)
 
 /* dx = dy * k1[c] + (x - mean[c]) * k2[c] + k3[c] on a (rows, tw) tile, two rows per
@@ -140,7 +217,7 @@ NC_AFFINE_TILE(nc_affine_tile_f64, double)
         ptrdiff_t a = 0, c;                                                                     \
         nc_v4d m, a1, a2, a3, g, v;                                                             \
         for (; a + 2 <= rows; a += 2) {                                                         \
-            for (c = 0; c + 4 <= tw; c += 4) {                                                  \
+            for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                                  \
                 NC_LOAD4_double(m, mean + c);                                                   \
                 NC_LOAD4_double(a1, k1 + c);                                                    \
                 NC_LOAD4_double(a2, k2 + c);                                                    \
@@ -165,7 +242,6 @@ NC_AFFINE_TILE(nc_affine_tile_f64, double)
             }                                                                                   \
     }
 
-NC_DX_TILE(nc_dx_tile_f32, float)
 NC_DX_TILE(nc_dx_tile_f64, double)
 
 /* Column accumulations on a (rows, tw) tile with row stride ld, several rows per load and
@@ -178,7 +254,7 @@ NC_DX_TILE(nc_dx_tile_f64, double)
         ptrdiff_t r = 1, c;                                                                    \
         nc_v4d k, a, b, d;                                                                     \
         for (; r + 4 <= rows; r += 4) {                                                        \
-            for (c = 0; c + 4 <= tw; c += 4) {                                                 \
+            for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                                 \
                 NC_LOAD4_##T(k, x + c);                                                        \
                 NC_LOAD4_double(a, s1 + c);                                                    \
                 NC_LOAD4_double(b, s2 + c);                                                    \
@@ -214,7 +290,7 @@ NC_DX_TILE(nc_dx_tile_f64, double)
         ptrdiff_t r = 0, c;                                                                    \
         nc_v4d m, a, b, g, v;                                                                  \
         for (; r + 2 <= rows; r += 2) {                                                        \
-            for (c = 0; c + 4 <= tw; c += 4) {                                                 \
+            for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                                 \
                 NC_LOAD4_double(m, mean + c);                                                  \
                 NC_LOAD4_double(a, s1 + c);                                                    \
                 NC_LOAD4_double(b, s2 + c);                                                    \
@@ -246,5 +322,237 @@ NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_f32, float)
 NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_f64, double)
 NC_COL_DY_SUMS(nc_col_dy_sums_f32, float)
 NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
+
+
+#if defined(__FMA__)
+
+/* ---- float32 elementwise passes --------------------------------------------------------
+ * The contract (README "Numerics"): y, dx within 3x the floor error, the floor being
+ * float64 arithmetic with the mean rounded to float32, then rounded to float32. Each pass
+ * subtracts the float32-rounded mean m first -- exact by Sterbenz's lemma whenever x lies
+ * within a factor two of m, the large-offset case where it matters -- and folds the
+ * rounding of the mean, mu - m, into a shift computed in double, so the mean's rounding
+ * costs nothing. The scale that multiplies the largest term travels as two floats, hi + lo
+ * (hi = the scale rounded, lo = the rest rounded): a lone float32 scale would put a
+ * relative error of up to 2^-24 on a whole row or column, as much as the final rounding
+ * itself. What is left is that final rounding, the subtraction's where x is not near m
+ * (offset 0, where d is as large as x), and the small terms' roundings. */
+
+#define NC_SPLAT(v) ((nc_vf){0} + (float)(v))
+#define NC_SPLIT(v, hi, lo)                 \
+    do {                                    \
+        hi = (float)(v);                    \
+        lo = (float)((v) - (double)(hi));   \
+    } while (0)
+
+/* y = (x - mu) * s + t on one row */
+static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
+                                     double t) {
+    float sh, sl;
+    NC_SPLIT(s, sh, sl);
+    const float m = (float)mu, tf = (float)(t - (mu - (double)m) * s);
+    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(sh), vl = NC_SPLAT(sl), vt = NC_SPLAT(tf);
+    nc_vf v;
+    ptrdiff_t i = 0;
+    for (; i + NC_FL <= n; i += NC_FL) {
+        NC_LOADF(v, x + i);
+        v -= vm;
+        v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));
+        NC_STOREF(y + i, v);
+    }
+    for (; i < n; ++i) {
+        const float d = x[i] - m;
+        y[i] = NC_FMAF(d, sh, NC_FMAF(d, sl, tf));
+    }
+}
+
+/* y = (x - mu) * rs * w[i] + b[i] on one row, w and b float32. xhat is rounded once before
+ * the multiply-add with w and b, so the other roundings must stay small: near a zero mean
+ * (|mu * rs| <= 1/2: offsets below half a standard deviation), where x - m is inexact,
+ * xhat = x * rs - mu * rs is taken from x itself, the product exact inside the FMAs and the
+ * shift small; elsewhere from x - m. */
+static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
+                                           double rs, const float* w, const float* b) {
+    float rh, rl;
+    NC_SPLIT(rs, rh, rl);
+    const int fold = mu * rs <= 0.5 && mu * rs >= -0.5;
+    const float m = fold ? 0.0f : (float)mu;
+    const float c = (float)(-(mu - (double)m) * rs);
+    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), vc = NC_SPLAT(c);
+    nc_vf v, vw, vb;
+    ptrdiff_t i = 0;
+    for (; i + NC_FL <= n; i += NC_FL) {
+        NC_LOADF(v, x + i);
+        NC_LOADF(vw, w + i);
+        NC_LOADF(vb, b + i);
+        v -= vm;
+        v = NC_VFMA(NC_VFMA(v, vh, NC_VFMA(v, vl, vc)), vw, vb);
+        NC_STOREF(y + i, v);
+    }
+    for (; i < n; ++i) {
+        const float d = x[i] - m;
+        y[i] = NC_FMAF(NC_FMAF(d, rh, NC_FMAF(d, rl, c)), w[i], b[i]);
+    }
+}
+
+/* dx = dy * k1 + (x - mu) * k2 + k3 on one row */
+static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
+                                 double k1, double k2, double k3) {
+    float h, l;
+    NC_SPLIT(k1, h, l);
+    const float m = (float)mu, a2 = (float)k2, a3 = (float)(k3 - (mu - (double)m) * k2);
+    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(h), vl = NC_SPLAT(l), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
+    nc_vf g, v;
+    ptrdiff_t i = 0;
+    for (; i + NC_FL <= n; i += NC_FL) {
+        NC_LOADF(g, dy + i);
+        NC_LOADF(v, x + i);
+        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));
+        NC_STOREF(dx + i, v);
+    }
+    for (; i < n; ++i)
+        dx[i] = NC_FMAF(dy[i], h, NC_FMAF(dy[i], l, NC_FMAF(x[i] - m, a2, a3)));
+}
+
+/* dx = rs * (dy * w[i] - m1 - (x - mu) * rs * m2) on one row, w float32. g = dy * w is
+ * the large term: with FMA its rounding error is recovered exactly (fma(dy, w, -g)) and
+ * multiplied in, so g * rs is as if unrounded. */
+static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
+                                       double mu, double rs, const float* w, double m1, double m2) {
+    const double k2 = -rs * rs * m2;
+    float rh, rl;
+    NC_SPLIT(rs, rh, rl);
+    const float m = (float)mu, a2 = (float)k2, a3 = (float)(-rs * m1 - (mu - (double)m) * k2);
+    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
+    nc_vf g, e, v, vw;
+    ptrdiff_t i = 0;
+    for (; i + NC_FL <= n; i += NC_FL) {
+        NC_LOADF(g, dy + i);
+        NC_LOADF(v, x + i);
+        NC_LOADF(vw, w + i);
+        e = g;
+        g *= vw;
+        e = NC_VFMA(e, vw, -g);  /* 0 without FMA */
+        v = NC_VFMA(v - vm, v2, v3);
+        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(e, vh, v)));
+        NC_STOREF(dx + i, v);
+    }
+    for (; i < n; ++i) {
+        const float g1 = dy[i] * w[i], e1 = NC_FMAF(dy[i], w[i], -g1);
+        dx[i] = NC_FMAF(g1, rh, NC_FMAF(g1, rl, NC_FMAF(e1, rh, NC_FMAF(x[i] - m, a2, a3))));
+    }
+}
+
+/* Tiles of a column layout, (rows, tw) with row stride ld, tw <= NC_TILE_MAX: the per-column
+ * float32 coefficients are made once per tile, on the stack, then every row streams. */
+#define NC_TILE_MAX 4096
+
+/* y = (x - mean[c]) * scale[c] + shift[c] */
+static inline void nc_affine_tile_f32(const float* x, float* y, ptrdiff_t rows, ptrdiff_t ld,
+                                      ptrdiff_t tw, const double* mean, const double* scale,
+                                      const double* shift) {
+    float m[NC_TILE_MAX], sh[NC_TILE_MAX], sl[NC_TILE_MAX], t[NC_TILE_MAX];
+    ptrdiff_t a, c;
+    nc_vf v, vm, vh, vl, vt;
+    for (c = 0; c < tw; ++c) {
+        m[c] = (float)mean[c];
+        NC_SPLIT(scale[c], sh[c], sl[c]);
+        t[c] = (float)(shift[c] - (mean[c] - (double)m[c]) * scale[c]);
+    }
+    for (a = 0; a < rows; ++a) {
+        const float* xa = x + a * ld;
+        float* ya = y + a * ld;
+        for (c = 0; c + NC_FL <= tw; c += NC_FL) {
+            NC_LOADF(v, xa + c);
+            NC_LOADF(vm, m + c);
+            NC_LOADF(vh, sh + c);
+            NC_LOADF(vl, sl + c);
+            NC_LOADF(vt, t + c);
+            v -= vm;
+            v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));
+            NC_STOREF(ya + c, v);
+        }
+        for (; c < tw; ++c) {
+            const float d = xa[c] - m[c];
+            ya[c] = NC_FMAF(d, sh[c], NC_FMAF(d, sl[c], t[c]));
+        }
+    }
+}
+
+/* dx = dy * k1[c] + (x - mean[c]) * k2[c] + k3[c] */
+static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, ptrdiff_t rows,
+                                  ptrdiff_t ld, ptrdiff_t tw, const double* mean, const double* k1,
+                                  const double* k2, const double* k3) {
+    float m[NC_TILE_MAX], h[NC_TILE_MAX], l[NC_TILE_MAX], a2[NC_TILE_MAX], a3[NC_TILE_MAX];
+    ptrdiff_t a, c;
+    nc_vf g, v, vm, vh, vl, v2, v3;
+    for (c = 0; c < tw; ++c) {
+        m[c] = (float)mean[c];
+        NC_SPLIT(k1[c], h[c], l[c]);
+        a2[c] = (float)k2[c];
+        a3[c] = (float)(k3[c] - (mean[c] - (double)m[c]) * k2[c]);
+    }
+    for (a = 0; a < rows; ++a) {
+        const ptrdiff_t o = a * ld;
+        for (c = 0; c + NC_FL <= tw; c += NC_FL) {
+            NC_LOADF(g, dy + o + c);
+            NC_LOADF(v, x + o + c);
+            NC_LOADF(vm, m + c);
+            NC_LOADF(vh, h + c);
+            NC_LOADF(vl, l + c);
+            NC_LOADF(v2, a2 + c);
+            NC_LOADF(v3, a3 + c);
+            v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));
+            NC_STOREF(dx + o + c, v);
+        }
+        for (; c < tw; ++c)
+            dx[o + c] = NC_FMAF(dy[o + c], h[c], NC_FMAF(dy[o + c], l[c], NC_FMAF(x[o + c] - m[c], a2[c], a3[c])));
+    }
+}
+
+#else /* no FMA: float32 arithmetic would round once more per step than the contract allows
+       * room for, so the baseline build evaluates these passes in double, as before */
+
+static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
+                                     double t) {
+    for (ptrdiff_t i = 0; i < n; ++i)
+        y[i] = (float)(((double)x[i] - mu) * s + t);
+}
+
+static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
+                                           double rs, const float* w, const float* b) {
+    for (ptrdiff_t i = 0; i < n; ++i)
+        y[i] = (float)(((double)x[i] - mu) * rs * (double)w[i] + (double)b[i]);
+}
+
+static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
+                                 double k1, double k2, double k3) {
+    for (ptrdiff_t i = 0; i < n; ++i)
+        dx[i] = (float)((double)dy[i] * k1 + ((double)x[i] - mu) * k2 + k3);
+}
+
+static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
+                                       double mu, double rs, const float* w, double m1, double m2) {
+    for (ptrdiff_t i = 0; i < n; ++i)
+        dx[i] = (float)(rs * ((double)dy[i] * (double)w[i] - m1 - ((double)x[i] - mu) * rs * m2));
+}
+
+#define nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift) \
+    nc_affine_tile_f32d(x, y, rows, ld, tw, mean, scale, shift)
+#define nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3) \
+    nc_dx_tile_f32d(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
+NC_AFFINE_TILE(nc_affine_tile_f32d, float)
+NC_DX_TILE(nc_dx_tile_f32d, float)
+
+#endif /* __FMA__ */
+
+/* float32 copy of n doubles (parameters for the float32 passes); NULL when malloc fails */
+static inline float* nc_to_f32(const double* p, ptrdiff_t n) {
+    float* out = (float*)malloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+    if (out)
+        for (ptrdiff_t i = 0; i < n; ++i)
+            out[i] = (float)p[i];
+    return out;
+}
 
 #endif
