@@ -67,6 +67,11 @@ cdef enum:
     WIDE_REDUCTION = 2048
     TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
+    # groups up to this size have the next one prefetched during their elementwise pass
+    PREFETCH_BYTES = 32768
+    # float32 outputs at least this large are written with streaming stores (simd.h): past
+    # the caches a reader would find them in, a normal store's read-for-ownership is waste
+    STREAM_BYTES = 16777216
 
 # Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
 cdef Py_ssize_t CHUNK = 4096
@@ -133,6 +138,13 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t k, Py_ssize_t rows_per_block,
     return rows_per_block if rows > rows_per_block else rows
 
 
+cdef inline bint _streams(Py_ssize_t n, Py_ssize_t itemsize) noexcept nogil:
+    # Whether an output of n elements is written with streaming stores. The kernel that
+    # streams fences once after its loop; its worker threads' stores are ordered by the
+    # barrier that ends the parallel region (a locked instruction, which drains them).
+    return n * itemsize >= STREAM_BYTES
+
+
 cdef inline double _clamp0(double v) noexcept nogil:
     # rounding can leave a centred sum of squares slightly negative; an overflowed one
     # (inf - inf) is NaN and stays NaN (max(v, 0.0) would make it 0)
@@ -168,15 +180,17 @@ cdef extern from "simd.h" nogil:
     void nc_dy_sums_f64(const double* dy, const double* w, const double* x, Py_ssize_t n, double mu,
                         double* s1, double* s2)
     void nc_affine_tile_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
-                            const double* mean, const double* scale, const double* shift)
-    void nc_affine_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double s, double t)
+                            const double* mean, const double* scale, const double* shift, int nt)
+    void nc_affine_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double s, double t, int nt)
     void nc_affine_inner_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double rs,
-                                 const float* w, const float* b)
+                                 const float* w, const float* b, int nt)
     void nc_dx_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
-                       double k1, double k2, double k3)
+                       double k1, double k2, double k3, int nt)
     void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
-                             double rs, const float* w, double m1, double m2)
+                             double rs, const float* w, double m1, double m2, int nt)
+    void nc_sfence()
     float* nc_to_f32(const double* p, Py_ssize_t n)
+    void nc_prefetch(const void* p, Py_ssize_t n)
     void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift)
     void nc_col_shifted_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
@@ -189,7 +203,7 @@ cdef extern from "simd.h" nogil:
                             Py_ssize_t tw, const double* mean, double* s1, double* s2)
     void nc_dx_tile_f32(const float* dy, const float* x, float* dx, Py_ssize_t rows, Py_ssize_t ld,
                         Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
-                        const double* k3)
+                        const double* k3, int nt)
     void nc_dx_tile_f64(const double* dy, const double* x, double* dx, Py_ssize_t rows, Py_ssize_t ld,
                         Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
                         const double* k3)
@@ -344,10 +358,11 @@ cdef inline void _combine_tile(const double* pmean, const double* pm2, const dou
 # ---------------------------------------------------------------------------------------
 
 cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
-                             double mu, double s, double t) noexcept nogil:
+                             double mu, double s, double t, bint nt) noexcept nogil:
+    # nt: streaming stores (see _streams)
     cdef Py_ssize_t i
     if floating is float:  # float32 arithmetic within the contract (simd.h)
-        nc_affine_row_f32(x, y, n, mu, s, t)
+        nc_affine_row_f32(x, y, n, mu, s, t, nt)
         return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * s + t)
@@ -355,13 +370,13 @@ cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
 
 cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, Py_ssize_t ld,
                               Py_ssize_t tw, const double* mean, const double* scale,
-                              const double* shift) noexcept nogil:
+                              const double* shift, bint nt) noexcept nogil:
     # (rows, tw) tile of a column layout. Narrow tiles keep their coefficients in L1 and
     # the compiler vectorizes along c; wide ones would reload them from L2 for every row,
     # so there four rows share each coefficient load (simd.h).
     cdef Py_ssize_t a, c
     if floating is float:  # float32 coefficients and arithmetic (simd.h)
-        nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift)
+        nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift, nt)
         return
     if tw >= WIDE_TILE:
         nc_affine_tile_f64(x, y, rows, ld, tw, mean, scale, shift)
@@ -396,18 +411,21 @@ cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t
                        const double* scale, const double* shift, Py_ssize_t rpb, floating* y,
                        int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t
+    cdef bint nt = _streams(A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
             for t in range((R + TILE - 1) // TILE):
                 r = t * TILE
                 _affine_tile(x + a * R + r, y + a * R + r, _block_rows(i, rpb, A), R,
-                             _block_rows(t, TILE, R), mean + r, scale + r, shift + r)
+                             _block_rows(t, TILE, R), mean + r, scale + r, shift + r, nt)
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
-            _affine_row(x + i * S, y + i * S, S, mean[r], scale[r], shift[r])
+            _affine_row(x + i * S, y + i * S, S, mean[r], scale[r], shift[r], nt)
+    if nt:
+        nc_sfence()
 
 
 cdef inline void _dy_sums(const floating* dy, const double* w, const floating* x, Py_ssize_t n,
@@ -495,10 +513,10 @@ cdef void _sums_cols(const floating* dy, const floating* x, Py_ssize_t A, Py_ssi
 
 
 cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                         double mu, double k1, double k2, double k3) noexcept nogil:
+                         double mu, double k1, double k2, double k3, bint nt) noexcept nogil:
     cdef Py_ssize_t i
     if floating is float:
-        nc_dx_row_f32(dy, x, dx, n, mu, k1, k2, k3)
+        nc_dx_row_f32(dy, x, dx, n, mu, k1, k2, k3, nt)
         return
     for i in range(n):
         dx[i] = <floating>(dy[i] * k1 + (x[i] - mu) * k2 + k3)
@@ -506,11 +524,11 @@ cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py
 
 cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,
                           Py_ssize_t ld, Py_ssize_t tw, const double* mean, const double* k1,
-                          const double* k2, const double* k3) noexcept nogil:
+                          const double* k2, const double* k3, bint nt) noexcept nogil:
     # as _affine_tile: rows share coefficient loads only where the tile is wide
     cdef Py_ssize_t a, c
     if floating is float:
-        nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
+        nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3, nt)
         return
     if tw >= WIDE_TILE:
         nc_dx_tile_f64(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
@@ -541,6 +559,7 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
                    const double* mean, const double* k1, const double* k2, const double* k3,
                    Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t, o
+    cdef bint nt = _streams(A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
@@ -548,12 +567,14 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
                 r = t * TILE
                 o = a * R + r
                 _dx_tile(dy + o, x + o, dx + o, _block_rows(i, rpb, A), R, _block_rows(t, TILE, R),
-                         mean + r, k1 + r, k2 + r, k3 + r)
+                         mean + r, k1 + r, k2 + r, k3 + r, nt)
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
-            _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r])
+            _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt)
+    if nt:
+        nc_sfence()
 
 
 # ---------------------------------------------------------------------------------------
@@ -563,11 +584,11 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
 
 cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n, double mu,
                                    double rs, const double* w, const double* b, const float* wf,
-                                   const float* bf) noexcept nogil:
+                                   const float* bf, bint nt) noexcept nogil:
     # wf, bf: float32 copies of w, b for the float32 pass (see _params_f32)
     cdef Py_ssize_t i
     if floating is float:
-        nc_affine_inner_row_f32(x, y, n, mu, rs, wf, bf)
+        nc_affine_inner_row_f32(x, y, n, mu, rs, wf, bf, nt)
         return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
@@ -604,9 +625,12 @@ cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const dou
                         const Py_ssize_t* rp, const double* w, const double* b, const float* wf,
                         const float* bf, floating* y, int threads) noexcept nogil:
     cdef Py_ssize_t r
+    cdef bint nt = _streams(R * S, sizeof(floating))
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         _affine_inner_row(x + r * S, y + r * S, S, mean[r], rstd[r], w + rp[r], b + rp[r],
-                          wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL)
+                          wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL, nt)
+    if nt:
+        nc_sfence()
 
 
 # ---------------------------------------------------------------------------------------
@@ -652,6 +676,7 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
                             const float* wf, const float* bf, double* mean, double* var, double* rstd,
                             floating* y, int threads) noexcept nogil:
     cdef Py_ssize_t S = B // J
+    cdef bint nt = _streams(C * B, sizeof(floating))
     cdef Py_ssize_t c, j, r, o
     cdef double mu, m2, v, rs
     for c in prange(C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
@@ -669,16 +694,20 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
         mean[c] = mu
         var[c] = v
         rstd[c] = rs
+        if c + 1 < C and B * sizeof(floating) <= PREFETCH_BYTES:
+            nc_prefetch(x + (c + 1) * B, B * sizeof(floating))
         for j in range(J):
             r = c * J + j
             o = c * B + j * S
             if affine == NC_AFFINE_INNER:
                 _affine_inner_row(x + o, y + o, S, mu, rs, w + rp[r], bias + rp[r],
-                                  wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL)
+                                  wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL, nt)
             elif affine == NC_AFFINE_ROW:
-                _affine_row(x + o, y + o, S, mu, rs * w[rp[r]], bias[rp[r]])
+                _affine_row(x + o, y + o, S, mu, rs * w[rp[r]], bias[rp[r]], nt)
             else:
-                _affine_row(x + o, y + o, S, mu, rs, 0.0)
+                _affine_row(x + o, y + o, S, mu, rs, 0.0, nt)
+    if nt:
+        nc_sfence()
 
 
 cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize_t n,
@@ -730,6 +759,7 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t S = B // J
+    cdef bint nt = _streams(C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, j, r, o
     cdef double mu, rs, a1, a2, m1, m2, g, q1, q2
@@ -756,15 +786,20 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                     a2 = a2 + g * (rs * t2[r])
             m1 = a1 / B if center else 0.0
             m2 = a2 / B
+            if c + 1 < C and B * sizeof(floating) <= PREFETCH_BYTES:
+                nc_prefetch(x + (c + 1) * B, B * sizeof(floating))
+                nc_prefetch(dy + (c + 1) * B, B * sizeof(floating))
             for j in range(J):
                 r = c * J + j
                 o = c * B + j * S
                 if affine == NC_AFFINE_INNER:
                     _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
-                                  wf + rp[r] if wf != NULL else NULL, m1, m2)
+                                  wf + rp[r] if wf != NULL else NULL, m1, m2, nt)
                 else:
                     g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
-                    _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1)
+                    _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt)
+    if nt:
+        nc_sfence()
 
 
 cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssize_t rows,
@@ -825,10 +860,10 @@ cdef void _sums_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ss
 
 cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                                double mu, double rs, const double* w, const float* wf,
-                               double m1, double m2) noexcept nogil:
+                               double m1, double m2, bint nt) noexcept nogil:
     cdef Py_ssize_t i
     if floating is float:
-        nc_dx_inner_row_f32(dy, x, dx, n, mu, rs, wf, m1, m2)
+        nc_dx_inner_row_f32(dy, x, dx, n, mu, rs, wf, m1, m2, nt)
         return
     for i in range(n):
         dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
@@ -863,9 +898,12 @@ cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssiz
                     const double* rstd, const Py_ssize_t* rp, const double* w, const float* wf,
                     const double* c1, const double* c2, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t r
+    cdef bint nt = _streams(R * S, sizeof(floating))
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         _dx_inner_row(dy + r * S, x + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r],
-                      wf + rp[r] if wf != NULL else NULL, c1[r], c2[r])
+                      wf + rp[r] if wf != NULL else NULL, c1[r], c2[r], nt)
+    if nt:
+        nc_sfence()
 
 
 # ---------------------------------------------------------------------------------------

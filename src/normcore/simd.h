@@ -324,8 +324,6 @@ NC_COL_DY_SUMS(nc_col_dy_sums_f32, float)
 NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
 
 
-#if defined(__FMA__)
-
 /* ---- float32 elementwise passes --------------------------------------------------------
  * The contract (README "Numerics"): y, dx within 3x the floor error, the floor being
  * float64 arithmetic with the mean rounded to float32, then rounded to float32. Each pass
@@ -336,7 +334,15 @@ NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
  * (hi = the scale rounded, lo = the rest rounded): a lone float32 scale would put a
  * relative error of up to 2^-24 on a whole row or column, as much as the final rounding
  * itself. What is left is that final rounding, the subtraction's where x is not near m
- * (offset 0, where d is as large as x), and the small terms' roundings. */
+ * (offset 0, where d is as large as x), and the small terms' roundings.
+ *
+ * Every pass takes nt: store the output with non-temporal (streaming) stores. An output
+ * too large to stay in cache for its reader is written straight to memory instead of
+ * being read in first (the read-for-ownership of a normal store), which saves a third of
+ * a memory-bound pass's traffic; the kernels choose it by output size (STREAM_BYTES in
+ * kernels.pxi) and fence after. The values stored are the same either way. */
+
+#if defined(__FMA__)
 
 #define NC_SPLAT(v) ((nc_vf){0} + (float)(v))
 #define NC_SPLIT(v, hi, lo)                 \
@@ -345,25 +351,55 @@ NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
         lo = (float)((v) - (double)(hi));   \
     } while (0)
 
+#if NC_FL == 16
+#define NC_STREAMF(p, v) _mm512_stream_ps((p), (__m512)(v))
+#else
+#define NC_STREAMF(p, v) _mm256_stream_ps((p), (__m256)(v))
+#endif
+
+/* out[i] = SCALAR(i) for i in [0, n), NC_FL lanes at a time through VECTOR(i, v) (which
+ * sets v); with nt, the head up to a vector-aligned out + i is done by SCALAR and the
+ * vectors are streamed. */
+#define NC_PASS(out, n, nt, VECTOR, SCALAR)                                         \
+    do {                                                                            \
+        ptrdiff_t i_ = 0;                                                           \
+        nc_vf v_;                                                                   \
+        if (nt) {                                                                   \
+            for (; i_ < (n) && ((size_t)((out) + i_) & (sizeof(nc_vf) - 1)); ++i_) \
+                (out)[i_] = SCALAR(i_);                                             \
+            for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                \
+                VECTOR(i_, v_);                                                     \
+                NC_STREAMF((out) + i_, v_);                                         \
+            }                                                                       \
+        } else {                                                                    \
+            for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                \
+                VECTOR(i_, v_);                                                     \
+                NC_STOREF((out) + i_, v_);                                          \
+            }                                                                       \
+        }                                                                           \
+        for (; i_ < (n); ++i_)                                                      \
+            (out)[i_] = SCALAR(i_);                                                 \
+    } while (0)
+
+static inline void nc_sfence(void) { _mm_sfence(); }
+
 /* y = (x - mu) * s + t on one row */
 static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t) {
+                                     double t, int nt) {
     float sh, sl;
     NC_SPLIT(s, sh, sl);
     const float m = (float)mu, tf = (float)(t - (mu - (double)m) * s);
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(sh), vl = NC_SPLAT(sl), vt = NC_SPLAT(tf);
-    nc_vf v;
-    ptrdiff_t i = 0;
-    for (; i + NC_FL <= n; i += NC_FL) {
-        NC_LOADF(v, x + i);
-        v -= vm;
-        v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));
-        NC_STOREF(y + i, v);
-    }
-    for (; i < n; ++i) {
-        const float d = x[i] - m;
-        y[i] = NC_FMAF(d, sh, NC_FMAF(d, sl, tf));
-    }
+#define V(i, v)                                  \
+    do {                                         \
+        NC_LOADF(v, x + (i));                    \
+        v -= vm;                                 \
+        v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));  \
+    } while (0)
+#define S(i) NC_FMAF(x[i] - m, sh, NC_FMAF(x[i] - m, sl, tf))
+    NC_PASS(y, n, nt, V, S);
+#undef V
+#undef S
 }
 
 /* y = (x - mu) * rs * w[i] + b[i] on one row, w and b float32. xhat is rounded once before
@@ -372,75 +408,81 @@ static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, doub
  * xhat = x * rs - mu * rs is taken from x itself, the product exact inside the FMAs and the
  * shift small; elsewhere from x - m. */
 static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
-                                           double rs, const float* w, const float* b) {
+                                           double rs, const float* w, const float* b, int nt) {
     float rh, rl;
     NC_SPLIT(rs, rh, rl);
     const int fold = mu * rs <= 0.5 && mu * rs >= -0.5;
     const float m = fold ? 0.0f : (float)mu;
     const float c = (float)(-(mu - (double)m) * rs);
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), vc = NC_SPLAT(c);
-    nc_vf v, vw, vb;
-    ptrdiff_t i = 0;
-    for (; i + NC_FL <= n; i += NC_FL) {
-        NC_LOADF(v, x + i);
-        NC_LOADF(vw, w + i);
-        NC_LOADF(vb, b + i);
-        v -= vm;
-        v = NC_VFMA(NC_VFMA(v, vh, NC_VFMA(v, vl, vc)), vw, vb);
-        NC_STOREF(y + i, v);
-    }
-    for (; i < n; ++i) {
-        const float d = x[i] - m;
-        y[i] = NC_FMAF(NC_FMAF(d, rh, NC_FMAF(d, rl, c)), w[i], b[i]);
-    }
+    nc_vf vw, vb;
+#define V(i, v)                                                   \
+    do {                                                          \
+        NC_LOADF(v, x + (i));                                     \
+        NC_LOADF(vw, w + (i));                                    \
+        NC_LOADF(vb, b + (i));                                    \
+        v -= vm;                                                  \
+        v = NC_VFMA(NC_VFMA(v, vh, NC_VFMA(v, vl, vc)), vw, vb);  \
+    } while (0)
+#define S(i) NC_FMAF(NC_FMAF(x[i] - m, rh, NC_FMAF(x[i] - m, rl, c)), w[i], b[i])
+    NC_PASS(y, n, nt, V, S);
+#undef V
+#undef S
 }
 
 /* dx = dy * k1 + (x - mu) * k2 + k3 on one row */
 static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3) {
+                                 double k1, double k2, double k3, int nt) {
     float h, l;
     NC_SPLIT(k1, h, l);
     const float m = (float)mu, a2 = (float)k2, a3 = (float)(k3 - (mu - (double)m) * k2);
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(h), vl = NC_SPLAT(l), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
-    nc_vf g, v;
-    ptrdiff_t i = 0;
-    for (; i + NC_FL <= n; i += NC_FL) {
-        NC_LOADF(g, dy + i);
-        NC_LOADF(v, x + i);
-        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));
-        NC_STOREF(dx + i, v);
-    }
-    for (; i < n; ++i)
-        dx[i] = NC_FMAF(dy[i], h, NC_FMAF(dy[i], l, NC_FMAF(x[i] - m, a2, a3)));
+    nc_vf g;
+#define V(i, v)                                                        \
+    do {                                                               \
+        NC_LOADF(g, dy + (i));                                         \
+        NC_LOADF(v, x + (i));                                          \
+        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));   \
+    } while (0)
+#define S(i) NC_FMAF(dy[i], h, NC_FMAF(dy[i], l, NC_FMAF(x[i] - m, a2, a3)))
+    NC_PASS(dx, n, nt, V, S);
+#undef V
+#undef S
 }
 
 /* dx = rs * (dy * w[i] - m1 - (x - mu) * rs * m2) on one row, w float32. g = dy * w is
- * the large term: with FMA its rounding error is recovered exactly (fma(dy, w, -g)) and
- * multiplied in, so g * rs is as if unrounded. */
+ * the large term: its rounding error is recovered exactly (fma(dy, w, -g)) and multiplied
+ * in, so g * rs is as if unrounded. */
+static inline float nc_dx_inner_1(float dy, float w, float x, float m, float rh, float rl, float a2,
+                                  float a3) {
+    const float g = dy * w, e = NC_FMAF(dy, w, -g);
+    return NC_FMAF(g, rh, NC_FMAF(g, rl, NC_FMAF(e, rh, NC_FMAF(x - m, a2, a3))));
+}
+
 static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
-                                       double mu, double rs, const float* w, double m1, double m2) {
+                                       double mu, double rs, const float* w, double m1, double m2,
+                                       int nt) {
     const double k2 = -rs * rs * m2;
     float rh, rl;
     NC_SPLIT(rs, rh, rl);
     const float m = (float)mu, a2 = (float)k2, a3 = (float)(-rs * m1 - (mu - (double)m) * k2);
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
-    nc_vf g, e, v, vw;
-    ptrdiff_t i = 0;
-    for (; i + NC_FL <= n; i += NC_FL) {
-        NC_LOADF(g, dy + i);
-        NC_LOADF(v, x + i);
-        NC_LOADF(vw, w + i);
-        e = g;
-        g *= vw;
-        e = NC_VFMA(e, vw, -g);  /* 0 without FMA */
-        v = NC_VFMA(v - vm, v2, v3);
-        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(e, vh, v)));
-        NC_STOREF(dx + i, v);
-    }
-    for (; i < n; ++i) {
-        const float g1 = dy[i] * w[i], e1 = NC_FMAF(dy[i], w[i], -g1);
-        dx[i] = NC_FMAF(g1, rh, NC_FMAF(g1, rl, NC_FMAF(e1, rh, NC_FMAF(x[i] - m, a2, a3))));
-    }
+    nc_vf g, e, vw;
+#define V(i, v)                                                         \
+    do {                                                                \
+        NC_LOADF(g, dy + (i));                                          \
+        NC_LOADF(v, x + (i));                                           \
+        NC_LOADF(vw, w + (i));                                          \
+        e = g;                                                          \
+        g *= vw;                                                        \
+        e = NC_VFMA(e, vw, -g);                                         \
+        v = NC_VFMA(v - vm, v2, v3);                                    \
+        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(e, vh, v)));          \
+    } while (0)
+#define S(i) nc_dx_inner_1(dy[i], w[i], x[i], m, rh, rl, a2, a3)
+    NC_PASS(dx, n, nt, V, S);
+#undef V
+#undef S
 }
 
 /* Tiles of a column layout, (rows, tw) with row stride ld, tw <= NC_TILE_MAX: the per-column
@@ -450,99 +492,109 @@ static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* d
 /* y = (x - mean[c]) * scale[c] + shift[c] */
 static inline void nc_affine_tile_f32(const float* x, float* y, ptrdiff_t rows, ptrdiff_t ld,
                                       ptrdiff_t tw, const double* mean, const double* scale,
-                                      const double* shift) {
+                                      const double* shift, int nt) {
     float m[NC_TILE_MAX], sh[NC_TILE_MAX], sl[NC_TILE_MAX], t[NC_TILE_MAX];
-    ptrdiff_t a, c;
-    nc_vf v, vm, vh, vl, vt;
-    for (c = 0; c < tw; ++c) {
+    nc_vf vm, vh, vl, vt;
+    for (ptrdiff_t c = 0; c < tw; ++c) {
         m[c] = (float)mean[c];
         NC_SPLIT(scale[c], sh[c], sl[c]);
         t[c] = (float)(shift[c] - (mean[c] - (double)m[c]) * scale[c]);
     }
-    for (a = 0; a < rows; ++a) {
+    for (ptrdiff_t a = 0; a < rows; ++a) {
         const float* xa = x + a * ld;
         float* ya = y + a * ld;
-        for (c = 0; c + NC_FL <= tw; c += NC_FL) {
-            NC_LOADF(v, xa + c);
-            NC_LOADF(vm, m + c);
-            NC_LOADF(vh, sh + c);
-            NC_LOADF(vl, sl + c);
-            NC_LOADF(vt, t + c);
-            v -= vm;
-            v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));
-            NC_STOREF(ya + c, v);
-        }
-        for (; c < tw; ++c) {
-            const float d = xa[c] - m[c];
-            ya[c] = NC_FMAF(d, sh[c], NC_FMAF(d, sl[c], t[c]));
-        }
+#define V(c, v)                                  \
+    do {                                         \
+        NC_LOADF(v, xa + (c));                   \
+        NC_LOADF(vm, m + (c));                   \
+        NC_LOADF(vh, sh + (c));                  \
+        NC_LOADF(vl, sl + (c));                  \
+        NC_LOADF(vt, t + (c));                   \
+        v -= vm;                                 \
+        v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));  \
+    } while (0)
+#define S(c) NC_FMAF(xa[c] - m[c], sh[c], NC_FMAF(xa[c] - m[c], sl[c], t[c]))
+        NC_PASS(ya, tw, nt, V, S);
+#undef V
+#undef S
     }
 }
 
 /* dx = dy * k1[c] + (x - mean[c]) * k2[c] + k3[c] */
 static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, ptrdiff_t rows,
                                   ptrdiff_t ld, ptrdiff_t tw, const double* mean, const double* k1,
-                                  const double* k2, const double* k3) {
+                                  const double* k2, const double* k3, int nt) {
     float m[NC_TILE_MAX], h[NC_TILE_MAX], l[NC_TILE_MAX], a2[NC_TILE_MAX], a3[NC_TILE_MAX];
-    ptrdiff_t a, c;
-    nc_vf g, v, vm, vh, vl, v2, v3;
-    for (c = 0; c < tw; ++c) {
+    nc_vf g, vm, vh, vl, v2, v3;
+    for (ptrdiff_t c = 0; c < tw; ++c) {
         m[c] = (float)mean[c];
         NC_SPLIT(k1[c], h[c], l[c]);
         a2[c] = (float)k2[c];
         a3[c] = (float)(k3[c] - (mean[c] - (double)m[c]) * k2[c]);
     }
-    for (a = 0; a < rows; ++a) {
-        const ptrdiff_t o = a * ld;
-        for (c = 0; c + NC_FL <= tw; c += NC_FL) {
-            NC_LOADF(g, dy + o + c);
-            NC_LOADF(v, x + o + c);
-            NC_LOADF(vm, m + c);
-            NC_LOADF(vh, h + c);
-            NC_LOADF(vl, l + c);
-            NC_LOADF(v2, a2 + c);
-            NC_LOADF(v3, a3 + c);
-            v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));
-            NC_STOREF(dx + o + c, v);
-        }
-        for (; c < tw; ++c)
-            dx[o + c] = NC_FMAF(dy[o + c], h[c], NC_FMAF(dy[o + c], l[c], NC_FMAF(x[o + c] - m[c], a2[c], a3[c])));
+    for (ptrdiff_t a = 0; a < rows; ++a) {
+        const float* ga = dy + a * ld;
+        const float* xa = x + a * ld;
+        float* da = dx + a * ld;
+#define V(c, v)                                                        \
+    do {                                                               \
+        NC_LOADF(g, ga + (c));                                         \
+        NC_LOADF(v, xa + (c));                                         \
+        NC_LOADF(vm, m + (c));                                         \
+        NC_LOADF(vh, h + (c));                                         \
+        NC_LOADF(vl, l + (c));                                         \
+        NC_LOADF(v2, a2 + (c));                                        \
+        NC_LOADF(v3, a3 + (c));                                        \
+        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));   \
+    } while (0)
+#define S(c) NC_FMAF(ga[c], h[c], NC_FMAF(ga[c], l[c], NC_FMAF(xa[c] - m[c], a2[c], a3[c])))
+        NC_PASS(da, tw, nt, V, S);
+#undef V
+#undef S
     }
 }
 
 #else /* no FMA: float32 arithmetic would round once more per step than the contract allows
-       * room for, so the baseline build evaluates these passes in double, as before */
+       * room for, so the baseline build evaluates these passes in double, as before, and
+       * stores normally */
+
+static inline void nc_sfence(void) {}
 
 static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t) {
+                                     double t, int nt) {
+    (void)nt;
     for (ptrdiff_t i = 0; i < n; ++i)
         y[i] = (float)(((double)x[i] - mu) * s + t);
 }
 
 static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
-                                           double rs, const float* w, const float* b) {
+                                           double rs, const float* w, const float* b, int nt) {
+    (void)nt;
     for (ptrdiff_t i = 0; i < n; ++i)
         y[i] = (float)(((double)x[i] - mu) * rs * (double)w[i] + (double)b[i]);
 }
 
 static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3) {
+                                 double k1, double k2, double k3, int nt) {
+    (void)nt;
     for (ptrdiff_t i = 0; i < n; ++i)
         dx[i] = (float)((double)dy[i] * k1 + ((double)x[i] - mu) * k2 + k3);
 }
 
 static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
-                                       double mu, double rs, const float* w, double m1, double m2) {
+                                       double mu, double rs, const float* w, double m1, double m2,
+                                       int nt) {
+    (void)nt;
     for (ptrdiff_t i = 0; i < n; ++i)
         dx[i] = (float)(rs * ((double)dy[i] * (double)w[i] - m1 - ((double)x[i] - mu) * rs * m2));
 }
 
-#define nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift) \
-    nc_affine_tile_f32d(x, y, rows, ld, tw, mean, scale, shift)
-#define nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3) \
-    nc_dx_tile_f32d(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
 NC_AFFINE_TILE(nc_affine_tile_f32d, float)
 NC_DX_TILE(nc_dx_tile_f32d, float)
+#define nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift, nt) \
+    nc_affine_tile_f32d(x, y, rows, ld, tw, mean, scale, shift)
+#define nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3, nt) \
+    nc_dx_tile_f32d(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
 
 #endif /* __FMA__ */
 
@@ -553,6 +605,14 @@ static inline float* nc_to_f32(const double* p, ptrdiff_t n) {
         for (ptrdiff_t i = 0; i < n; ++i)
             out[i] = (float)p[i];
     return out;
+}
+
+/* Ask for n bytes at p in cache, one request per 64-byte line, without waiting: issued for
+ * the next group before this one's elementwise pass, so that its load overlaps the pass. */
+static inline void nc_prefetch(const void* p, ptrdiff_t n) {
+    const char* c = (const char*)p;
+    for (ptrdiff_t i = 0; i < n; i += 64)
+        __builtin_prefetch(c + i, 0, 3);
 }
 
 #endif
