@@ -486,26 +486,90 @@ static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* d
 }
 
 /* Tiles of a column layout, (rows, tw) with row stride ld, tw <= NC_TILE_MAX: the per-column
- * float32 coefficients are made once per tile, on the stack, then every row streams. */
+ * float32 coefficients are made once per tile, on the stack, then every row streams. A tile
+ * that spans whole rows (ld == tw) is one contiguous run of rows * tw elements, walked as
+ * such: narrow rows (channels-last with a few dozen channels) would otherwise spend most of
+ * their time in lane tails and alignment heads. Along the run the column of a vector's first
+ * lane wraps around; the coefficient arrays repeat their first NC_FL columns past tw, so the
+ * lanes of any vector starting at a column < tw read contiguous coefficients. */
 #define NC_TILE_MAX 4096
+#define NC_TILE_COEF (NC_TILE_MAX + NC_FL)
+
+/* Fill the repeated tail of a coefficient array of tw columns. */
+static inline void nc_repeat_cols(float* a, ptrdiff_t tw) {
+    for (ptrdiff_t c = tw; c < tw + NC_FL; ++c)
+        a[c] = a[(c - tw) % tw];
+}
+
+/* Walk (rows, tw) at ld: the contiguous form when ld == tw, else row by row. For each vector
+ * of NC_FL elements at out + o whose first column is c, VECTOR(o, c, v); for single
+ * elements SCALAR(o, c). */
+#define NC_TILE_PASS(out, rows, ld, tw, nt, VECTOR, SCALAR)                                 \
+    do {                                                                                    \
+        if ((ld) == (tw) && (rows) > 1) {                                                   \
+            const ptrdiff_t n_ = (rows) * (tw);                                             \
+            ptrdiff_t o_ = 0, c_ = 0;                                                       \
+            nc_vf v_;                                                                       \
+            if (nt)                                                                         \
+                for (; o_ < n_ && ((size_t)((out) + o_) & (sizeof(nc_vf) - 1)); ++o_) {   \
+                    (out)[o_] = SCALAR(o_, c_);                                             \
+                    if (++c_ == (tw))                                                       \
+                        c_ = 0;                                                             \
+                }                                                                           \
+            for (; o_ + NC_FL <= n_; o_ += NC_FL) {                                         \
+                VECTOR(o_, c_, v_);                                                         \
+                if (nt)                                                                     \
+                    NC_STREAMF((out) + o_, v_);                                             \
+                else                                                                        \
+                    NC_STOREF((out) + o_, v_);                                              \
+                c_ += NC_FL;                                                                \
+                while (c_ >= (tw))                                                          \
+                    c_ -= (tw);                                                             \
+            }                                                                               \
+            for (; o_ < n_; ++o_) {                                                         \
+                (out)[o_] = SCALAR(o_, c_);                                                 \
+                if (++c_ == (tw))                                                           \
+                    c_ = 0;                                                                 \
+            }                                                                               \
+        } else {                                                                            \
+            for (ptrdiff_t a_ = 0; a_ < (rows); ++a_) {                                     \
+                const ptrdiff_t base_ = a_ * (ld);                                          \
+                ptrdiff_t c_ = 0;                                                           \
+                nc_vf v_;                                                                   \
+                if (nt)                                                                     \
+                    for (; c_ < (tw) && ((size_t)((out) + base_ + c_) & (sizeof(nc_vf) - 1)); ++c_) \
+                        (out)[base_ + c_] = SCALAR(base_ + c_, c_);                         \
+                for (; c_ + NC_FL <= (tw); c_ += NC_FL) {                                   \
+                    VECTOR(base_ + c_, c_, v_);                                             \
+                    if (nt)                                                                 \
+                        NC_STREAMF((out) + base_ + c_, v_);                                 \
+                    else                                                                    \
+                        NC_STOREF((out) + base_ + c_, v_);                                  \
+                }                                                                           \
+                for (; c_ < (tw); ++c_)                                                     \
+                    (out)[base_ + c_] = SCALAR(base_ + c_, c_);                             \
+            }                                                                               \
+        }                                                                                   \
+    } while (0)
 
 /* y = (x - mean[c]) * scale[c] + shift[c] */
 static inline void nc_affine_tile_f32(const float* x, float* y, ptrdiff_t rows, ptrdiff_t ld,
                                       ptrdiff_t tw, const double* mean, const double* scale,
                                       const double* shift, int nt) {
-    float m[NC_TILE_MAX], sh[NC_TILE_MAX], sl[NC_TILE_MAX], t[NC_TILE_MAX];
+    float m[NC_TILE_COEF], sh[NC_TILE_COEF], sl[NC_TILE_COEF], t[NC_TILE_COEF];
     nc_vf vm, vh, vl, vt;
     for (ptrdiff_t c = 0; c < tw; ++c) {
         m[c] = (float)mean[c];
         NC_SPLIT(scale[c], sh[c], sl[c]);
         t[c] = (float)(shift[c] - (mean[c] - (double)m[c]) * scale[c]);
     }
-    for (ptrdiff_t a = 0; a < rows; ++a) {
-        const float* xa = x + a * ld;
-        float* ya = y + a * ld;
-#define V(c, v)                                  \
+    nc_repeat_cols(m, tw);
+    nc_repeat_cols(sh, tw);
+    nc_repeat_cols(sl, tw);
+    nc_repeat_cols(t, tw);
+#define V(o, c, v)                               \
     do {                                         \
-        NC_LOADF(v, xa + (c));                   \
+        NC_LOADF(v, x + (o));                    \
         NC_LOADF(vm, m + (c));                   \
         NC_LOADF(vh, sh + (c));                  \
         NC_LOADF(vl, sl + (c));                  \
@@ -513,18 +577,17 @@ static inline void nc_affine_tile_f32(const float* x, float* y, ptrdiff_t rows, 
         v -= vm;                                 \
         v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));  \
     } while (0)
-#define S(c) NC_FMAF(xa[c] - m[c], sh[c], NC_FMAF(xa[c] - m[c], sl[c], t[c]))
-        NC_PASS(ya, tw, nt, V, S);
+#define S(o, c) NC_FMAF(x[o] - m[c], sh[c], NC_FMAF(x[o] - m[c], sl[c], t[c]))
+    NC_TILE_PASS(y, rows, ld, tw, nt, V, S);
 #undef V
 #undef S
-    }
 }
 
 /* dx = dy * k1[c] + (x - mean[c]) * k2[c] + k3[c] */
 static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, ptrdiff_t rows,
                                   ptrdiff_t ld, ptrdiff_t tw, const double* mean, const double* k1,
                                   const double* k2, const double* k3, int nt) {
-    float m[NC_TILE_MAX], h[NC_TILE_MAX], l[NC_TILE_MAX], a2[NC_TILE_MAX], a3[NC_TILE_MAX];
+    float m[NC_TILE_COEF], h[NC_TILE_COEF], l[NC_TILE_COEF], a2[NC_TILE_COEF], a3[NC_TILE_COEF];
     nc_vf g, vm, vh, vl, v2, v3;
     for (ptrdiff_t c = 0; c < tw; ++c) {
         m[c] = (float)mean[c];
@@ -532,14 +595,15 @@ static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, pt
         a2[c] = (float)k2[c];
         a3[c] = (float)(k3[c] - (mean[c] - (double)m[c]) * k2[c]);
     }
-    for (ptrdiff_t a = 0; a < rows; ++a) {
-        const float* ga = dy + a * ld;
-        const float* xa = x + a * ld;
-        float* da = dx + a * ld;
-#define V(c, v)                                                        \
+    nc_repeat_cols(m, tw);
+    nc_repeat_cols(h, tw);
+    nc_repeat_cols(l, tw);
+    nc_repeat_cols(a2, tw);
+    nc_repeat_cols(a3, tw);
+#define V(o, c, v)                                                     \
     do {                                                               \
-        NC_LOADF(g, ga + (c));                                         \
-        NC_LOADF(v, xa + (c));                                         \
+        NC_LOADF(g, dy + (o));                                         \
+        NC_LOADF(v, x + (o));                                          \
         NC_LOADF(vm, m + (c));                                         \
         NC_LOADF(vh, h + (c));                                         \
         NC_LOADF(vl, l + (c));                                         \
@@ -547,11 +611,10 @@ static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, pt
         NC_LOADF(v3, a3 + (c));                                        \
         v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));   \
     } while (0)
-#define S(c) NC_FMAF(ga[c], h[c], NC_FMAF(ga[c], l[c], NC_FMAF(xa[c] - m[c], a2[c], a3[c])))
-        NC_PASS(da, tw, nt, V, S);
+#define S(o, c) NC_FMAF(dy[o], h[c], NC_FMAF(dy[o], l[c], NC_FMAF(x[o] - m[c], a2[c], a3[c])))
+    NC_TILE_PASS(dx, rows, ld, tw, nt, V, S);
 #undef V
 #undef S
-    }
 }
 
 #else /* no FMA: float32 arithmetic would round once more per step than the contract allows
