@@ -67,11 +67,10 @@ cdef enum:
     WIDE_REDUCTION = 2048
     TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
-    # groups up to this size have the next one prefetched during their elementwise pass
-    PREFETCH_BYTES = 32768
     # float32 outputs at least this large are written with streaming stores (simd.h): past
     # the caches a reader would find them in, a normal store's read-for-ownership is waste
     STREAM_BYTES = 16777216
+    PF_AHEAD = 2
 
 # Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
 cdef Py_ssize_t CHUNK = 4096
@@ -179,18 +178,29 @@ cdef extern from "simd.h" nogil:
                         double* s1, double* s2)
     void nc_dy_sums_f64(const double* dy, const double* w, const double* x, Py_ssize_t n, double mu,
                         double* s1, double* s2)
+    void nc_inner_row_sums_f32(const float* dy, const double* w, const float* x, Py_ssize_t n, double mu,
+                               double rs, double* s1, double* s2, double* dw, double* db)
+    void nc_inner_row_sums_f64(const double* dy, const double* w, const double* x, Py_ssize_t n, double mu,
+                               double rs, double* s1, double* s2, double* dw, double* db)
+    void nc_inner_rows2_sums_f32(const float* dy0, const float* dy1, const double* w, const float* x0,
+                                 const float* x1, Py_ssize_t n, double mu0, double mu1, double rs0, double rs1,
+                                 double* s1, double* s2, double* u1, double* u2, double* dw, double* db)
+    void nc_inner_rows2_sums_f64(const double* dy0, const double* dy1, const double* w, const double* x0,
+                                 const double* x1, Py_ssize_t n, double mu0, double mu1, double rs0, double rs1,
+                                 double* s1, double* s2, double* u1, double* u2, double* dw, double* db)
     void nc_affine_tile_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift, int nt)
-    void nc_affine_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double s, double t, int nt)
+    void nc_affine_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double s, double t, int nt,
+                           const float* pf1)
     void nc_affine_inner_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double rs,
-                                 const float* w, const float* b, int nt)
+                                 const float* w, const float* b, int nt, const float* pf1)
     void nc_dx_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
-                       double k1, double k2, double k3, int nt)
+                       double k1, double k2, double k3, int nt, const float* pf1, const float* pf2)
     void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
-                             double rs, const float* w, double m1, double m2, int nt)
+                             double rs, const float* w, double m1, double m2, int nt, const float* pf1,
+                             const float* pf2)
     void nc_sfence()
     float* nc_to_f32(const double* p, Py_ssize_t n)
-    void nc_prefetch(const void* p, Py_ssize_t n)
     void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift)
     void nc_col_shifted_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
@@ -358,11 +368,12 @@ cdef inline void _combine_tile(const double* pmean, const double* pm2, const dou
 # ---------------------------------------------------------------------------------------
 
 cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
-                             double mu, double s, double t, bint nt) noexcept nogil:
-    # nt: streaming stores (see _streams)
+                             double mu, double s, double t, bint nt, const floating* pf) noexcept nogil:
+    # nt: streaming stores (see _streams); pf: the next group's input, prefetched alongside
+    # (or NULL)
     cdef Py_ssize_t i
     if floating is float:  # float32 arithmetic within the contract (simd.h)
-        nc_affine_row_f32(x, y, n, mu, s, t, nt)
+        nc_affine_row_f32(x, y, n, mu, s, t, nt, pf)
         return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * s + t)
@@ -423,7 +434,7 @@ cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
-            _affine_row(x + i * S, y + i * S, S, mean[r], scale[r], shift[r], nt)
+            _affine_row(x + i * S, y + i * S, S, mean[r], scale[r], shift[r], nt, NULL)
     if nt:
         nc_sfence()
 
@@ -513,10 +524,11 @@ cdef void _sums_cols(const floating* dy, const floating* x, Py_ssize_t A, Py_ssi
 
 
 cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                         double mu, double k1, double k2, double k3, bint nt) noexcept nogil:
+                         double mu, double k1, double k2, double k3, bint nt, const floating* pf1,
+                         const floating* pf2) noexcept nogil:
     cdef Py_ssize_t i
     if floating is float:
-        nc_dx_row_f32(dy, x, dx, n, mu, k1, k2, k3, nt)
+        nc_dx_row_f32(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2)
         return
     for i in range(n):
         dx[i] = <floating>(dy[i] * k1 + (x[i] - mu) * k2 + k3)
@@ -572,7 +584,7 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
-            _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt)
+            _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt, NULL, NULL)
     if nt:
         nc_sfence()
 
@@ -584,11 +596,11 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
 
 cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n, double mu,
                                    double rs, const double* w, const double* b, const float* wf,
-                                   const float* bf, bint nt) noexcept nogil:
+                                   const float* bf, bint nt, const floating* pf) noexcept nogil:
     # wf, bf: float32 copies of w, b for the float32 pass (see _params_f32)
     cdef Py_ssize_t i
     if floating is float:
-        nc_affine_inner_row_f32(x, y, n, mu, rs, wf, bf, nt)
+        nc_affine_inner_row_f32(x, y, n, mu, rs, wf, bf, nt, pf)
         return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
@@ -628,7 +640,7 @@ cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const dou
     cdef bint nt = _streams(R * S, sizeof(floating))
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         _affine_inner_row(x + r * S, y + r * S, S, mean[r], rstd[r], w + rp[r], b + rp[r],
-                          wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL, nt)
+                          wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL, nt, NULL)
     if nt:
         nc_sfence()
 
@@ -679,6 +691,7 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
     cdef bint nt = _streams(C * B, sizeof(floating))
     cdef Py_ssize_t c, j, r, o
     cdef double mu, m2, v, rs
+    cdef const floating* pf
     for c in prange(C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         # Cython makes a prange variable thread-private only if the body assigns it;
         # a write through a pointer does not count, so assign first.
@@ -694,18 +707,18 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
         mean[c] = mu
         var[c] = v
         rstd[c] = rs
-        if c + 1 < C and B * sizeof(floating) <= PREFETCH_BYTES:
-            nc_prefetch(x + (c + 1) * B, B * sizeof(floating))
         for j in range(J):
             r = c * J + j
             o = c * B + j * S
+            pf = x + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # a later group, while this one is in L1
             if affine == NC_AFFINE_INNER:
                 _affine_inner_row(x + o, y + o, S, mu, rs, w + rp[r], bias + rp[r],
-                                  wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL, nt)
+                                  wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL,
+                                  nt, pf)
             elif affine == NC_AFFINE_ROW:
-                _affine_row(x + o, y + o, S, mu, rs * w[rp[r]], bias[rp[r]], nt)
+                _affine_row(x + o, y + o, S, mu, rs * w[rp[r]], bias[rp[r]], nt, pf)
             else:
-                _affine_row(x + o, y + o, S, mu, rs, 0.0, nt)
+                _affine_row(x + o, y + o, S, mu, rs, 0.0, nt, pf)
     if nt:
         nc_sfence()
 
@@ -753,51 +766,97 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
                          threads)
 
 
+cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t c, Py_ssize_t C,
+                           Py_ssize_t B, Py_ssize_t J, int affine, const Py_ssize_t* rp, const double* w,
+                           const float* wf, double mu, double rs, double m1, double m2, bint nt) noexcept nogil:
+    # dx of group c from its mean, rstd and the two gradient means m1, m2
+    cdef Py_ssize_t S = B // J
+    cdef Py_ssize_t j, r, o
+    cdef double g
+    cdef const floating* pf
+    cdef const floating* pg
+    for j in range(J):
+        r = c * J + j
+        o = c * B + j * S
+        pf = x + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # as in _normalize_groups
+        pg = dy + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL
+        if affine == NC_AFFINE_INNER:
+            _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
+                          wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg)
+        else:
+            g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
+            _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf, pg)
+
+
+cdef inline void _group_sums(const floating* dy, const floating* x, Py_ssize_t c, Py_ssize_t B, Py_ssize_t J,
+                             int affine, const Py_ssize_t* rp, const double* w, double mu, double rs,
+                             double* t1, double* t2, double* dw, double* db, double* a0,
+                             double* a1) noexcept nogil:
+    # a0, a1 = sums of g and of g * xhat over group c (g = dy * w); its rows' sums in
+    # t1, t2 (affine NONE, ROW) or its dweight / dbias partials added to dw, db (INNER)
+    cdef Py_ssize_t S = B // J
+    cdef Py_ssize_t j, r, o
+    cdef double g, q1, q2
+    a0[0] = 0.0
+    a1[0] = 0.0
+    for j in range(J):
+        r = c * J + j
+        o = c * B + j * S
+        if affine == NC_AFFINE_INNER:
+            # the row sums and its dweight / dbias partials in one pass
+            if floating is float:
+                nc_inner_row_sums_f32(dy + o, w + rp[r], x + o, S, mu, rs, &q1, &q2, dw + rp[r], db + rp[r])
+            else:
+                nc_inner_row_sums_f64(dy + o, w + rp[r], x + o, S, mu, rs, &q1, &q2, dw + rp[r], db + rp[r])
+            a0[0] = a0[0] + q1
+            a1[0] = a1[0] + q2 * rs
+        else:
+            _row_sums(dy + o, x + o, S, mu, t1 + r, t2 + r)
+            g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
+            a0[0] = a0[0] + g * t1[r]
+            a1[0] = a1[0] + g * (rs * t2[r])
+
+
 cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ssize_t J,
                            bint center, int affine, const Py_ssize_t* rp, const double* w, const float* wf,
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, floating* dx, int threads) noexcept nogil:
-    cdef Py_ssize_t S = B // J
     cdef bint nt = _streams(C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
-    cdef Py_ssize_t k, c, j, r, o
-    cdef double mu, rs, a1, a2, m1, m2, g, q1, q2
+    cdef Py_ssize_t k, c, end
+    cdef double q0, q1, q2, q3
+    # two consecutive one-row groups with the same parameters (layer norm) share a pass,
+    # which loads and stores their dweight / dbias partials once: the same sums
+    cdef bint pairs = J == 1 and affine == NC_AFFINE_INNER
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-        for c in range(k * gpb, k * gpb + _block_rows(k, gpb, C)):
-            mu = mean[c]
-            rs = rstd[c]
-            a1 = 0.0
-            a2 = 0.0
-            for j in range(J):
-                r = c * J + j
-                o = c * B + j * S
-                if affine == NC_AFFINE_INNER:
-                    q1 = 0.0  # assigned, so private to the thread (see _normalize_groups)
-                    q2 = 0.0
-                    _dy_sums(dy + o, w + rp[r], x + o, S, mu, &q1, &q2)
-                    a1 = a1 + q1
-                    a2 = a2 + q2 * rs
-                    _row_param_sums(dy + o, x + o, S, mu, rs, pdw + k * P + rp[r], pdb + k * P + rp[r])
+        c = k * gpb
+        end = c + _block_rows(k, gpb, C)
+        while c < end:
+            q0 = 0.0  # assigned, so private to the thread (see _normalize_groups)
+            q1 = 0.0
+            q2 = 0.0
+            q3 = 0.0
+            if pairs and c + 1 < end and rp[c] == rp[c + 1]:
+                if floating is float:
+                    nc_inner_rows2_sums_f32(dy + c * B, dy + (c + 1) * B, w + rp[c], x + c * B, x + (c + 1) * B,
+                                            B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
+                                            pdw + k * P + rp[c], pdb + k * P + rp[c])
                 else:
-                    _row_sums(dy + o, x + o, S, mu, t1 + r, t2 + r)
-                    g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
-                    a1 = a1 + g * t1[r]
-                    a2 = a2 + g * (rs * t2[r])
-            m1 = a1 / B if center else 0.0
-            m2 = a2 / B
-            if c + 1 < C and B * sizeof(floating) <= PREFETCH_BYTES:
-                nc_prefetch(x + (c + 1) * B, B * sizeof(floating))
-                nc_prefetch(dy + (c + 1) * B, B * sizeof(floating))
-            for j in range(J):
-                r = c * J + j
-                o = c * B + j * S
-                if affine == NC_AFFINE_INNER:
-                    _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
-                                  wf + rp[r] if wf != NULL else NULL, m1, m2, nt)
-                else:
-                    g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
-                    _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt)
+                    nc_inner_rows2_sums_f64(dy + c * B, dy + (c + 1) * B, w + rp[c], x + c * B, x + (c + 1) * B,
+                                            B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
+                                            pdw + k * P + rp[c], pdb + k * P + rp[c])
+                _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
+                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt)
+                _group_dx(dy, x, dx, c + 1, C, B, J, affine, rp, w, wf, mean[c + 1], rstd[c + 1],
+                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt)
+                c = c + 2
+            else:
+                _group_sums(dy, x, c, B, J, affine, rp, w, mean[c], rstd[c], t1, t2, pdw + k * P, pdb + k * P,
+                            &q0, &q1)
+                _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
+                          q0 / B if center else 0.0, q1 / B, nt)
+                c = c + 1
     if nt:
         nc_sfence()
 
@@ -860,10 +919,11 @@ cdef void _sums_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ss
 
 cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                                double mu, double rs, const double* w, const float* wf,
-                               double m1, double m2, bint nt) noexcept nogil:
+                               double m1, double m2, bint nt, const floating* pf1,
+                               const floating* pf2) noexcept nogil:
     cdef Py_ssize_t i
     if floating is float:
-        nc_dx_inner_row_f32(dy, x, dx, n, mu, rs, wf, m1, m2, nt)
+        nc_dx_inner_row_f32(dy, x, dx, n, mu, rs, wf, m1, m2, nt, pf1, pf2)
         return
     for i in range(n):
         dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
@@ -901,7 +961,7 @@ cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssiz
     cdef bint nt = _streams(R * S, sizeof(floating))
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         _dx_inner_row(dy + r * S, x + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r],
-                      wf + rp[r] if wf != NULL else NULL, c1[r], c2[r], nt)
+                      wf + rp[r] if wf != NULL else NULL, c1[r], c2[r], nt, NULL, NULL)
     if nt:
         nc_sfence()
 

@@ -71,6 +71,7 @@ typedef float nc_vf __attribute__((vector_size(NC_FL * 4)));
 #define NC_VFMAD(a, b, c) ((a) * (b) + (c))
 #endif
 #define NC_LOAD4_double(dst, p) memcpy(&dst, (p), sizeof dst)
+#define NC_STORE4_double(p, v) memcpy((p), &(v), sizeof(v))
 
 /* Accumulator vectors per sum in the row reductions: enough independent chains to hide the
  * add latency, as many as the build's registers hold. */
@@ -170,6 +171,122 @@ NC_SHIFTED_SUMS(nc_shifted_sums_f64, double)
 NC_DY_SUMS(nc_dy_sums_f32, float)
 NC_DY_SUMS(nc_dy_sums_f64, double)
 
+/* The training backward's row work for parameters along the row (layer norm), in one pass:
+ * s1, s2 exactly as NC_DY_SUMS with w (same lanes, same order), and the row's parameter
+ * gradients added in, dw[i] += dy[i] * ((x[i] - mu) * rs), db[i] += dy[i], as
+ * _row_param_sums adds them: dy and x are read and converted once for both. */
+#define NC_INNER_STEP(T, o, J)                                                               \
+    do {                                                                                     \
+        nc_v4d sg_, sv_, sw_, sc_;                                                               \
+        NC_LOAD4_##T(sg_, dy + (o));                                                          \
+        NC_LOAD4_##T(sv_, x + (o));                                                           \
+        sv_ -= mm;                                                                            \
+        NC_LOAD4_double(sc_, dw + (o));                                                       \
+        sc_ += sg_ * (sv_ * rr);                                                                \
+        NC_STORE4_double(dw + (o), sc_);                                                      \
+        NC_LOAD4_double(sc_, db + (o));                                                       \
+        sc_ += sg_;                                                                            \
+        NC_STORE4_double(db + (o), sc_);                                                      \
+        NC_LOAD4_double(sw_, w + (o));                                                        \
+        sg_ *= sw_;                                                                            \
+        a1[J] += sg_;                                                                         \
+        a2[J] = NC_VFMAD(sg_, sv_, a2[J]);                                                     \
+    } while (0)
+#define NC_INNER_ROW_SUMS(NAME, T)                                                           \
+    static inline void NAME(const T* dy, const double* w, const T* x, ptrdiff_t n, double mu, \
+                            double rs, double* s1, double* s2, double* dw, double* db) {      \
+        const nc_v4d mm = (nc_v4d){0} + mu, rr = (nc_v4d){0} + rs;                            \
+        nc_v4d a1[NC_ACC], a2[NC_ACC];                                                        \
+        ptrdiff_t i = 0;                                                                      \
+        for (int j = 0; j < NC_ACC; ++j)                                                      \
+            a1[j] = a2[j] = (nc_v4d){0};                                                      \
+        for (; i + NC_ACC * NC_DL <= n; i += NC_ACC * NC_DL) {                                \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j)                          \
+                NC_INNER_STEP(T, i + j * NC_DL, j);                                           \
+        }                                                                                     \
+        for (; i + NC_DL <= n; i += NC_DL)                                                    \
+            NC_INNER_STEP(T, i, 0);                                                           \
+        double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                  \
+        for (; i < n; ++i) {                                                                  \
+            const double e = (double)dy[i], d = (double)x[i] - mu, g = e * w[i];              \
+            dw[i] += e * (d * rs);                                                            \
+            db[i] += e;                                                                       \
+            t1 += g;                                                                          \
+            t2 += g * d;                                                                      \
+        }                                                                                     \
+        *s1 = t1;                                                                             \
+        *s2 = t2;                                                                             \
+    }
+
+NC_INNER_ROW_SUMS(nc_inner_row_sums_f32, float)
+NC_INNER_ROW_SUMS(nc_inner_row_sums_f64, double)
+
+/* Two rows that share their parameters (consecutive layer-norm rows) in one pass: each row's
+ * s1, s2 as NC_INNER_ROW_SUMS gives them, and dw, db loaded and stored once for both, the
+ * first row's terms added before the second's (so the same sums as two single-row passes). */
+#define NC_INNER2_STEP(T, o, J)                                                              \
+    do {                                                                                     \
+        nc_v4d sg_, sv_, sw_, sd_, sb_;                                                      \
+        NC_LOAD4_double(sd_, dw + (o));                                                      \
+        NC_LOAD4_double(sb_, db + (o));                                                      \
+        NC_LOAD4_double(sw_, w + (o));                                                       \
+        NC_LOAD4_##T(sg_, dy0 + (o));                                                        \
+        NC_LOAD4_##T(sv_, x0 + (o));                                                         \
+        sv_ -= mm0;                                                                          \
+        sd_ += sg_ * (sv_ * rr0);                                                            \
+        sb_ += sg_;                                                                          \
+        sg_ *= sw_;                                                                          \
+        a1[J] += sg_;                                                                        \
+        a2[J] = NC_VFMAD(sg_, sv_, a2[J]);                                                   \
+        NC_LOAD4_##T(sg_, dy1 + (o));                                                        \
+        NC_LOAD4_##T(sv_, x1 + (o));                                                         \
+        sv_ -= mm1;                                                                          \
+        sd_ += sg_ * (sv_ * rr1);                                                            \
+        sb_ += sg_;                                                                          \
+        sg_ *= sw_;                                                                          \
+        b1[J] += sg_;                                                                        \
+        b2[J] = NC_VFMAD(sg_, sv_, b2[J]);                                                   \
+        NC_STORE4_double(dw + (o), sd_);                                                     \
+        NC_STORE4_double(db + (o), sb_);                                                     \
+    } while (0)
+#define NC_INNER_ROWS2_SUMS(NAME, T)                                                         \
+    static inline void NAME(const T* dy0, const T* dy1, const double* w, const T* x0,        \
+                            const T* x1, ptrdiff_t n, double mu0, double mu1, double rs0,    \
+                            double rs1, double* s1, double* s2, double* o1, double* o2,      \
+                            double* dw, double* db) {                                        \
+        const nc_v4d mm0 = (nc_v4d){0} + mu0, rr0 = (nc_v4d){0} + rs0;                       \
+        const nc_v4d mm1 = (nc_v4d){0} + mu1, rr1 = (nc_v4d){0} + rs1;                       \
+        nc_v4d a1[NC_ACC], a2[NC_ACC], b1[NC_ACC], b2[NC_ACC];                                \
+        ptrdiff_t i = 0;                                                                      \
+        for (int j = 0; j < NC_ACC; ++j)                                                      \
+            a1[j] = a2[j] = b1[j] = b2[j] = (nc_v4d){0};                                      \
+        for (; i + NC_ACC * NC_DL <= n; i += NC_ACC * NC_DL) {                                \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j)                          \
+                NC_INNER2_STEP(T, i + j * NC_DL, j);                                          \
+        }                                                                                     \
+        for (; i + NC_DL <= n; i += NC_DL)                                                    \
+            NC_INNER2_STEP(T, i, 0);                                                          \
+        double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                  \
+        double u1 = NC_ACC_TOTAL(b1), u2 = NC_ACC_TOTAL(b2);                                  \
+        for (; i < n; ++i) {                                                                  \
+            const double e = (double)dy0[i], d = (double)x0[i] - mu0, g = e * w[i];           \
+            const double f = (double)dy1[i], h = (double)x1[i] - mu1, q = f * w[i];           \
+            dw[i] = (dw[i] + e * (d * rs0)) + f * (h * rs1);                                  \
+            db[i] = (db[i] + e) + f;                                                          \
+            t1 += g;                                                                          \
+            t2 += g * d;                                                                      \
+            u1 += q;                                                                          \
+            u2 += q * h;                                                                      \
+        }                                                                                     \
+        *s1 = t1;                                                                             \
+        *s2 = t2;                                                                             \
+        *o1 = u1;                                                                             \
+        *o2 = u2;                                                                             \
+    }
+
+NC_INNER_ROWS2_SUMS(nc_inner_rows2_sums_f32, float)
+NC_INNER_ROWS2_SUMS(nc_inner_rows2_sums_f64, double)
+
 /* y = (x - mean[c]) * scale[c] + shift[c] on a (rows, tw) tile with row stride ld: four
  * rows per sweep share each coefficient load (wide tiles keep their coefficients in L2,
  * not L1). Same per-element operations as the scalar form. */
@@ -178,7 +295,6 @@ NC_DY_SUMS(nc_dy_sums_f64, double)
         nc_v4f s_ = __builtin_convertvector(v, nc_v4f); \
         memcpy((p), &s_, sizeof s_);                   \
     } while (0)
-#define NC_STORE4_double(p, v) memcpy((p), &(v), sizeof(v))
 
 #define NC_AFFINE_TILE(NAME, T)                                                                \
     static inline void NAME(const T* x, T* y, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,       \
@@ -359,23 +475,29 @@ NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
 
 /* out[i] = SCALAR(i) for i in [0, n), NC_FL lanes at a time through VECTOR(i, v) (which
  * sets v); with nt, the head up to a vector-aligned out + i is done by SCALAR and the
- * vectors are streamed. */
-#define NC_PASS(out, n, nt, VECTOR, SCALAR)                                         \
+ * vectors are streamed. pf1, pf2 (or NULL): inputs the next pass will read, asked for in
+ * step with this one, a line per vector (the caller's next group: while this pass reads
+ * from L1 no demand stream keeps the hardware prefetcher going). */
+#ifndef NC_PF_HINT
+#define NC_PF_HINT 2
+#endif
+#define NC_PASS(out, n, nt, pf1, pf2, VECTOR, SCALAR)                               \
     do {                                                                            \
         ptrdiff_t i_ = 0;                                                           \
         nc_vf v_;                                                                   \
-        if (nt) {                                                                   \
+        if (nt)                                                                     \
             for (; i_ < (n) && ((size_t)((out) + i_) & (sizeof(nc_vf) - 1)); ++i_) \
                 (out)[i_] = SCALAR(i_);                                             \
-            for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                \
-                VECTOR(i_, v_);                                                     \
+        for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                    \
+            if (pf1)                                                                \
+                __builtin_prefetch((pf1) + i_, 0, NC_PF_HINT);                               \
+            if (pf2)                                                                \
+                __builtin_prefetch((pf2) + i_, 0, NC_PF_HINT);                               \
+            VECTOR(i_, v_);                                                         \
+            if (nt)                                                                 \
                 NC_STREAMF((out) + i_, v_);                                         \
-            }                                                                       \
-        } else {                                                                    \
-            for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                \
-                VECTOR(i_, v_);                                                     \
+            else                                                                    \
                 NC_STOREF((out) + i_, v_);                                          \
-            }                                                                       \
         }                                                                           \
         for (; i_ < (n); ++i_)                                                      \
             (out)[i_] = SCALAR(i_);                                                 \
@@ -385,7 +507,7 @@ static inline void nc_sfence(void) { _mm_sfence(); }
 
 /* y = (x - mu) * s + t on one row */
 static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t, int nt) {
+                                     double t, int nt, const float* pf1) {
     float sh, sl;
     NC_SPLIT(s, sh, sl);
     const float m = (float)mu, tf = (float)(t - (mu - (double)m) * s);
@@ -397,7 +519,7 @@ static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, doub
         v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));  \
     } while (0)
 #define S(i) NC_FMAF(x[i] - m, sh, NC_FMAF(x[i] - m, sl, tf))
-    NC_PASS(y, n, nt, V, S);
+    NC_PASS(y, n, nt, pf1, (const float*)NULL, V, S);
 #undef V
 #undef S
 }
@@ -408,7 +530,8 @@ static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, doub
  * xhat = x * rs - mu * rs is taken from x itself, the product exact inside the FMAs and the
  * shift small; elsewhere from x - m. */
 static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
-                                           double rs, const float* w, const float* b, int nt) {
+                                           double rs, const float* w, const float* b, int nt,
+                                           const float* pf1) {
     float rh, rl;
     NC_SPLIT(rs, rh, rl);
     const int fold = mu * rs <= 0.5 && mu * rs >= -0.5;
@@ -425,14 +548,15 @@ static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n
         v = NC_VFMA(NC_VFMA(v, vh, NC_VFMA(v, vl, vc)), vw, vb);  \
     } while (0)
 #define S(i) NC_FMAF(NC_FMAF(x[i] - m, rh, NC_FMAF(x[i] - m, rl, c)), w[i], b[i])
-    NC_PASS(y, n, nt, V, S);
+    NC_PASS(y, n, nt, pf1, (const float*)NULL, V, S);
 #undef V
 #undef S
 }
 
 /* dx = dy * k1 + (x - mu) * k2 + k3 on one row */
 static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3, int nt) {
+                                 double k1, double k2, double k3, int nt, const float* pf1,
+                                 const float* pf2) {
     float h, l;
     NC_SPLIT(k1, h, l);
     const float m = (float)mu, a2 = (float)k2, a3 = (float)(k3 - (mu - (double)m) * k2);
@@ -445,7 +569,7 @@ static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptr
         v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));   \
     } while (0)
 #define S(i) NC_FMAF(dy[i], h, NC_FMAF(dy[i], l, NC_FMAF(x[i] - m, a2, a3)))
-    NC_PASS(dx, n, nt, V, S);
+    NC_PASS(dx, n, nt, pf1, pf2, V, S);
 #undef V
 #undef S
 }
@@ -461,7 +585,7 @@ static inline float nc_dx_inner_1(float dy, float w, float x, float m, float rh,
 
 static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
                                        double mu, double rs, const float* w, double m1, double m2,
-                                       int nt) {
+                                       int nt, const float* pf1, const float* pf2) {
     const double k2 = -rs * rs * m2;
     float rh, rl;
     NC_SPLIT(rs, rh, rl);
@@ -480,7 +604,7 @@ static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* d
         v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(e, vh, v)));          \
     } while (0)
 #define S(i) nc_dx_inner_1(dy[i], w[i], x[i], m, rh, rl, a2, a3)
-    NC_PASS(dx, n, nt, V, S);
+    NC_PASS(dx, n, nt, pf1, pf2, V, S);
 #undef V
 #undef S
 }
@@ -624,30 +748,32 @@ static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, pt
 static inline void nc_sfence(void) {}
 
 static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t, int nt) {
-    (void)nt;
+                                     double t, int nt, const float* pf1) {
+    (void)nt, (void)pf1;
     for (ptrdiff_t i = 0; i < n; ++i)
         y[i] = (float)(((double)x[i] - mu) * s + t);
 }
 
 static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
-                                           double rs, const float* w, const float* b, int nt) {
-    (void)nt;
+                                           double rs, const float* w, const float* b, int nt,
+                                           const float* pf1) {
+    (void)nt, (void)pf1;
     for (ptrdiff_t i = 0; i < n; ++i)
         y[i] = (float)(((double)x[i] - mu) * rs * (double)w[i] + (double)b[i]);
 }
 
 static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3, int nt) {
-    (void)nt;
+                                 double k1, double k2, double k3, int nt, const float* pf1,
+                                 const float* pf2) {
+    (void)nt, (void)pf1, (void)pf2;
     for (ptrdiff_t i = 0; i < n; ++i)
         dx[i] = (float)((double)dy[i] * k1 + ((double)x[i] - mu) * k2 + k3);
 }
 
 static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
                                        double mu, double rs, const float* w, double m1, double m2,
-                                       int nt) {
-    (void)nt;
+                                       int nt, const float* pf1, const float* pf2) {
+    (void)nt, (void)pf1, (void)pf2;
     for (ptrdiff_t i = 0; i < n; ++i)
         dx[i] = (float)(rs * ((double)dy[i] * (double)w[i] - m1 - ((double)x[i] - mu) * rs * m2));
 }
@@ -670,12 +796,5 @@ static inline float* nc_to_f32(const double* p, ptrdiff_t n) {
     return out;
 }
 
-/* Ask for n bytes at p in cache, one request per 64-byte line, without waiting: issued for
- * the next group before this one's elementwise pass, so that its load overlaps the pass. */
-static inline void nc_prefetch(const void* p, ptrdiff_t n) {
-    const char* c = (const char*)p;
-    for (ptrdiff_t i = 0; i < n; i += 64)
-        __builtin_prefetch(c + i, 0, 3);
-}
 
 #endif
