@@ -334,3 +334,41 @@ def test_non_adjacent_kept_axes_are_normalized_in_place(spec, params, running, s
             assert (g is None) == (r is None)
             if g is not None:
                 np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
+
+
+# Outputs of 16 MiB up to 32 MiB are written with streaming stores (kernels.pxi,
+# STREAM_BYTES): same values, other instructions, an aligned head peeled off each row.
+@pytest.mark.parametrize("mode, shape, sizes", [
+    ("batch_norm", (16, 8, 33000), {}),               # row passes
+    ("batch_norm_channels_last", (70001, 61), {}),    # contiguous column tiles, odd width
+    ("group_norm", (8, 64, 8300), {"g": 8}),          # groups of rows with per-row parameters
+])
+def test_streamed_outputs_keep_the_contract(build, mode, shape, sizes):
+    rng = np.random.default_rng(5)
+    x = (2 + rng.standard_normal(shape)).astype(np.float32)
+    assert 16 * 2**20 <= x.nbytes < 32 * 2**20
+    dy = rng.standard_normal(shape).astype(np.float32)
+    p = nc.param_shapes(mode, shape, **sizes)["weight"]
+    w, b = rng.standard_normal(p).astype(np.float32), rng.standard_normal(p).astype(np.float32)
+    y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
+    dx, dw, db = nc.backward(dy, cache)
+    ref = reference_forward(x, mode, weight=w, bias=b, **sizes)
+    for got, want in ((y, ref.y), (dx, reference_backward(dy, ref)[0])):
+        assert float(np.abs(got - want).max()) <= 3 * _rounding_floor(want)
+
+
+def test_streamed_layer_norm_rows_equal_the_same_rows_computed_small(build):
+    rng = np.random.default_rng(6)
+    x = np.ascontiguousarray(rng.standard_normal((4200, 1023)).astype(np.float32)[:, 1:])
+    assert 16 * 2**20 <= x.nbytes < 32 * 2**20
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = rng.standard_normal(1022).astype(np.float32), rng.standard_normal(1022).astype(np.float32)
+    y, cache = nc.normalize(x, "layer_norm", weight=w, bias=b)
+    dx = nc.backward(dy, cache)[0]
+    out = np.empty((x.shape[0] * x.shape[1] + 1,), np.float32)[1:].reshape(x.shape)  # misaligned out=
+    nc.normalize(x, "layer_norm", weight=w, bias=b, out=out)
+    assert np.array_equal(out, y)
+    for rows in (slice(0, 5), slice(2000, 2003), slice(4190, 4200)):
+        ys, cs = nc.normalize(x[rows], "layer_norm", weight=w, bias=b)
+        assert np.array_equal(ys, y[rows])
+        assert np.array_equal(nc.backward(dy[rows], cs)[0], dx[rows])
