@@ -69,7 +69,7 @@ cdef enum:
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
     # float32 outputs at least this large are written with streaming stores (simd.h): past
     # the caches a reader would find them in, a normal store's read-for-ownership is waste
-    STREAM_BYTES = 16777216
+    STREAM_BYTES = 8388608
     # ... but not from this size up: an array this large is mapped fresh from the OS at
     # every allocation (glibc serves requests of 32 MiB and more with mmap), and its pages
     # arrive zero-filled by the kernel, in cache, where normal stores are cheaper and

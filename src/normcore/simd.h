@@ -473,9 +473,15 @@ NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
 #define NC_STREAMF(p, v) _mm256_stream_ps((p), (__m256)(v))
 #endif
 
+/* Streaming stores write whole 64-byte lines: a line that is part streamed, part stored
+ * normally (a row's head or tail) would leave the write-combining buffer half full and go to
+ * memory as a partial write. NC_LINE floats per line. */
+#define NC_LINE 16
+#define NC_LINE_ALIGNED(p) (((size_t)(p) & 63) == 0)
+
 /* out[i] = SCALAR(i) for i in [0, n), NC_FL lanes at a time through VECTOR(i, v) (which
- * sets v); with nt, the head up to a vector-aligned out + i is done by SCALAR and the
- * vectors are streamed. pf1, pf2 (or NULL): inputs the next pass will read, asked for in
+ * sets v); with nt, the head up to a line-aligned out + i is done by SCALAR, the whole lines
+ * after it are streamed, and what is left is stored normally. pf1, pf2 (or NULL): inputs the next pass will read, asked for in
  * step with this one, a line per vector (the caller's next group: while this pass reads
  * from L1 no demand stream keeps the hardware prefetcher going). */
 #ifndef NC_PF_HINT
@@ -485,16 +491,19 @@ NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
     do {                                                                            \
         ptrdiff_t i_ = 0;                                                           \
         nc_vf v_;                                                                   \
-        if (nt)                                                                     \
-            for (; i_ < (n) && ((size_t)((out) + i_) & (sizeof(nc_vf) - 1)); ++i_) \
+        ptrdiff_t e_ = 0; /* streamed below e_: whole cache lines */               \
+        if (nt) {                                                                   \
+            for (; i_ < (n) && !NC_LINE_ALIGNED((out) + i_); ++i_)                  \
                 (out)[i_] = SCALAR(i_);                                             \
+            e_ = i_ + ((n) - i_) / NC_LINE * NC_LINE;                               \
+        }                                                                           \
         for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                    \
             if (pf1)                                                                \
-                __builtin_prefetch((pf1) + i_, 0, NC_PF_HINT);                               \
+                __builtin_prefetch((pf1) + i_, 0, NC_PF_HINT);                      \
             if (pf2)                                                                \
-                __builtin_prefetch((pf2) + i_, 0, NC_PF_HINT);                               \
+                __builtin_prefetch((pf2) + i_, 0, NC_PF_HINT);                      \
             VECTOR(i_, v_);                                                         \
-            if (nt)                                                                 \
+            if (i_ < e_)                                                            \
                 NC_STREAMF((out) + i_, v_);                                         \
             else                                                                    \
                 NC_STOREF((out) + i_, v_);                                          \
@@ -632,17 +641,19 @@ static inline void nc_repeat_cols(float* a, ptrdiff_t tw) {
     do {                                                                                    \
         if ((ld) == (tw) && (rows) > 1) {                                                   \
             const ptrdiff_t n_ = (rows) * (tw);                                             \
-            ptrdiff_t o_ = 0, c_ = 0;                                                       \
+            ptrdiff_t o_ = 0, c_ = 0, e_ = 0;                                               \
             nc_vf v_;                                                                       \
-            if (nt)                                                                         \
-                for (; o_ < n_ && ((size_t)((out) + o_) & (sizeof(nc_vf) - 1)); ++o_) {   \
+            if (nt) {                                                                       \
+                for (; o_ < n_ && !NC_LINE_ALIGNED((out) + o_); ++o_) {                     \
                     (out)[o_] = SCALAR(o_, c_);                                             \
                     if (++c_ == (tw))                                                       \
                         c_ = 0;                                                             \
                 }                                                                           \
+                e_ = o_ + (n_ - o_) / NC_LINE * NC_LINE;                                    \
+            }                                                                               \
             for (; o_ + NC_FL <= n_; o_ += NC_FL) {                                         \
                 VECTOR(o_, c_, v_);                                                         \
-                if (nt)                                                                     \
+                if (o_ < e_)                                                                \
                     NC_STREAMF((out) + o_, v_);                                             \
                 else                                                                        \
                     NC_STOREF((out) + o_, v_);                                              \
@@ -658,14 +669,16 @@ static inline void nc_repeat_cols(float* a, ptrdiff_t tw) {
         } else {                                                                            \
             for (ptrdiff_t a_ = 0; a_ < (rows); ++a_) {                                     \
                 const ptrdiff_t base_ = a_ * (ld);                                          \
-                ptrdiff_t c_ = 0;                                                           \
+                ptrdiff_t c_ = 0, e_ = 0;                                                   \
                 nc_vf v_;                                                                   \
-                if (nt)                                                                     \
-                    for (; c_ < (tw) && ((size_t)((out) + base_ + c_) & (sizeof(nc_vf) - 1)); ++c_) \
+                if (nt) {                                                                   \
+                    for (; c_ < (tw) && !NC_LINE_ALIGNED((out) + base_ + c_); ++c_)         \
                         (out)[base_ + c_] = SCALAR(base_ + c_, c_);                         \
+                    e_ = c_ + ((tw) - c_) / NC_LINE * NC_LINE;                              \
+                }                                                                           \
                 for (; c_ + NC_FL <= (tw); c_ += NC_FL) {                                   \
                     VECTOR(base_ + c_, c_, v_);                                             \
-                    if (nt)                                                                 \
+                    if (c_ < e_)                                                            \
                         NC_STREAMF((out) + base_ + c_, v_);                                 \
                     else                                                                    \
                         NC_STOREF((out) + base_ + c_, v_);                                  \
