@@ -336,7 +336,7 @@ def test_non_adjacent_kept_axes_are_normalized_in_place(spec, params, running, s
                 np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-9)
 
 
-# Outputs of 16 MiB up to 32 MiB are written with streaming stores (kernels.pxi,
+# Outputs of 8 MiB up to 32 MiB are written with streaming stores (kernels.pxi,
 # STREAM_BYTES): same values, other instructions, an aligned head peeled off each row.
 @pytest.mark.parametrize("mode, shape, sizes", [
     ("batch_norm", (16, 8, 33000), {}),               # row passes
