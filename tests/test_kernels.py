@@ -350,11 +350,27 @@ def test_streamed_outputs_keep_the_contract(build, mode, shape, sizes):
     dy = rng.standard_normal(shape).astype(np.float32)
     p = nc.param_shapes(mode, shape, **sizes)["weight"]
     w, b = rng.standard_normal(p).astype(np.float32), rng.standard_normal(p).astype(np.float32)
-    y, cache = nc.normalize(x, mode, weight=w, bias=b, **sizes)
-    dx, dw, db = nc.backward(dy, cache)
+    # into resident out= buffers (fresh pages are written with normal stores)
+    y, dx = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    assert kernels.K.streaming(y) and kernels.K.streaming(dx)
+    _, cache = nc.normalize(x, mode, weight=w, bias=b, out=y, **sizes)
+    nc.backward(dy, cache, out=dx)
     ref = reference_forward(x, mode, weight=w, bias=b, **sizes)
     for got, want in ((y, ref.y), (dx, reference_backward(dy, ref)[0])):
         assert float(np.abs(got - want).max()) <= 3 * _rounding_floor(want)
+
+
+def test_streaming_needs_a_large_output_already_in_memory():
+    import mmap
+    region = mmap.mmap(-1, 12 * 2**20)  # a fresh anonymous mapping: no page touched yet
+    fresh = np.frombuffer(region, np.float32)
+    if sys.platform.startswith("linux"):  # elsewhere residency is not asked: always streams
+        assert not kernels.K.streaming(fresh)
+    fresh.fill(0.0)
+    assert kernels.K.streaming(fresh)
+    assert not kernels.K.streaming(np.full(2**20, 1.0, np.float32))  # 4 MiB: below the size
+    del fresh
+    region.close()
 
 
 def test_streamed_layer_norm_rows_equal_the_same_rows_computed_small(build):
@@ -363,9 +379,11 @@ def test_streamed_layer_norm_rows_equal_the_same_rows_computed_small(build):
     assert 16 * 2**20 <= x.nbytes < 32 * 2**20
     dy = rng.standard_normal(x.shape).astype(np.float32)
     w, b = rng.standard_normal(1022).astype(np.float32), rng.standard_normal(1022).astype(np.float32)
-    y, cache = nc.normalize(x, "layer_norm", weight=w, bias=b)
-    dx = nc.backward(dy, cache)[0]
-    out = np.empty((x.shape[0] * x.shape[1] + 1,), np.float32)[1:].reshape(x.shape)  # misaligned out=
+    y, dx = np.full(x.shape, np.nan, np.float32), np.full(x.shape, np.nan, np.float32)
+    _, cache = nc.normalize(x, "layer_norm", weight=w, bias=b, out=y)
+    nc.backward(dy, cache, out=dx)
+    out = np.full((x.shape[0] * x.shape[1] + 1,), np.nan, np.float32)[1:].reshape(x.shape)  # misaligned
+    assert kernels.K.streaming(out)
     nc.normalize(x, "layer_norm", weight=w, bias=b, out=out)
     assert np.array_equal(out, y)
     for rows in (slice(0, 5), slice(2000, 2003), slice(4190, 4200)):

@@ -70,12 +70,6 @@ cdef enum:
     # float32 outputs at least this large are written with streaming stores (simd.h): past
     # the caches a reader would find them in, a normal store's read-for-ownership is waste
     STREAM_BYTES = 8388608
-    # ... but not from this size up: an array this large is mapped fresh from the OS at
-    # every allocation (glibc serves requests of 32 MiB and more with mmap), and its pages
-    # arrive zero-filled by the kernel, in cache, where normal stores are cheaper and
-    # streaming ones have to evict them first (measured: LN (2048, 4096) backward 1.5x
-    # faster with normal stores, LN (8192, 768) 1.2x faster streaming)
-    FRESH_BYTES = 33554432
     PF_AHEAD = 2
 
 # Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
@@ -143,11 +137,13 @@ cdef inline Py_ssize_t _block_rows(Py_ssize_t k, Py_ssize_t rows_per_block,
     return rows_per_block if rows > rows_per_block else rows
 
 
-cdef inline bint _streams(Py_ssize_t n, Py_ssize_t itemsize) noexcept nogil:
-    # Whether an output of n elements is written with streaming stores. The kernel that
-    # streams fences once after its loop; its worker threads' stores are ordered by the
-    # barrier that ends the parallel region (a locked instruction, which drains them).
-    return STREAM_BYTES <= n * itemsize < FRESH_BYTES
+cdef inline bint _streams(const void* out, Py_ssize_t n, Py_ssize_t itemsize) noexcept nogil:
+    # Whether an output of n elements is written with streaming stores: from STREAM_BYTES
+    # on, unless its memory is fresh from the OS (not yet resident: simd.h, nc_resident).
+    # The kernel that streams fences once after its loop; its worker threads' stores are
+    # ordered by the barrier that ends the parallel region (a locked instruction, which
+    # drains them).
+    return n * itemsize >= STREAM_BYTES and nc_resident(out, n * itemsize)
 
 
 cdef inline double _clamp0(double v) noexcept nogil:
@@ -206,6 +202,7 @@ cdef extern from "simd.h" nogil:
                              double rs, const float* w, double m1, double m2, int nt, const float* pf1,
                              const float* pf2)
     void nc_sfence()
+    bint nc_resident(const void* p, Py_ssize_t n)
     float* nc_to_f32(const double* p, Py_ssize_t n)
     void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift)
@@ -428,7 +425,7 @@ cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t
                        const double* scale, const double* shift, Py_ssize_t rpb, floating* y,
                        int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t
-    cdef bint nt = _streams(A * R * S, sizeof(floating))
+    cdef bint nt = _streams(y, A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
@@ -577,7 +574,7 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
                    const double* mean, const double* k1, const double* k2, const double* k3,
                    Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t, o
-    cdef bint nt = _streams(A * R * S, sizeof(floating))
+    cdef bint nt = _streams(dx, A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
@@ -643,7 +640,7 @@ cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const dou
                         const Py_ssize_t* rp, const double* w, const double* b, const float* wf,
                         const float* bf, floating* y, int threads) noexcept nogil:
     cdef Py_ssize_t r
-    cdef bint nt = _streams(R * S, sizeof(floating))
+    cdef bint nt = _streams(y, R * S, sizeof(floating))
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         _affine_inner_row(x + r * S, y + r * S, S, mean[r], rstd[r], w + rp[r], b + rp[r],
                           wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL, nt, NULL)
@@ -694,7 +691,7 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
                             const float* wf, const float* bf, double* mean, double* var, double* rstd,
                             floating* y, int threads) noexcept nogil:
     cdef Py_ssize_t S = B // J
-    cdef bint nt = _streams(C * B, sizeof(floating))
+    cdef bint nt = _streams(y, C * B, sizeof(floating))
     cdef Py_ssize_t c, j, r, o
     cdef double mu, m2, v, rs
     cdef const floating* pf
@@ -828,7 +825,7 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, floating* dx, int threads) noexcept nogil:
-    cdef bint nt = _streams(C * B, sizeof(floating))
+    cdef bint nt = _streams(dx, C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, end
     cdef double q0, q1, q2, q3
@@ -964,7 +961,7 @@ cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssiz
                     const double* rstd, const Py_ssize_t* rp, const double* w, const float* wf,
                     const double* c1, const double* c2, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t r
-    cdef bint nt = _streams(R * S, sizeof(floating))
+    cdef bint nt = _streams(dx, R * S, sizeof(floating))
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         _dx_inner_row(dy + r * S, x + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r],
                       wf + rp[r] if wf != NULL else NULL, c1[r], c2[r], nt, NULL, NULL)
@@ -1399,6 +1396,19 @@ cdef extern from *:
     #endif
     """
     int normcore_max_threads() nogil
+
+
+def streaming(out):
+    """Whether a float32 output array ``out`` would be written with streaming stores now
+    (large enough, and its memory resident rather than fresh from the OS); a diagnostic."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>_storage_array(out))
+    return bool(_streams(<const void*>_out(out, cnp.NPY_FLOAT32), n, sizeof(float)))
+
+
+cdef inline object _storage_array(object a):
+    if not isinstance(a, cnp.ndarray):
+        raise TypeError("expected a numpy.ndarray")
+    return a
 
 
 def max_threads():

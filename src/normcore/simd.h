@@ -810,4 +810,31 @@ static inline float* nc_to_f32(const double* p, ptrdiff_t n) {
 }
 
 
+/* Whether the n bytes at p are memory the process already has (its pages resident), judged
+ * by a few pages spread over it. An output freshly allocated by a large malloc (mmap, or a
+ * heap the allocator has just grown) is not: its pages arrive on first touch, zero-filled by
+ * the kernel and so already in cache, where streaming stores lose to normal ones. Where the
+ * platform cannot tell, the answer is yes. */
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+static inline int nc_resident(const void* p, ptrdiff_t n) {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t start = (size_t)p & ~(page - 1), end = (size_t)p + (size_t)n;
+    for (int k = 0; k < 4; ++k) {
+        size_t at = start + (end - start) / 4 * (size_t)k;
+        unsigned char v = 0;
+        at &= ~(page - 1);
+        if (mincore((void*)at, page, &v) != 0 || !(v & 1))
+            return 0;
+    }
+    return 1;
+}
+#else
+static inline int nc_resident(const void* p, ptrdiff_t n) {
+    (void)p, (void)n;
+    return 1;
+}
+#endif
+
 #endif
