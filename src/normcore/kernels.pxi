@@ -64,7 +64,7 @@ cdef enum:
     WIDE_TILE = 1024
     # the same for column reductions, whose two accumulator vectors stay in L1 up to here
     # (measured: at 1024 columns the per-row form is faster, at 4096 the sweeps are)
-    WIDE_REDUCTION = 2048
+    WIDE_REDUCTION = 16
     TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
     # float32 outputs at least this large are written with streaming stores (simd.h): past
@@ -202,6 +202,11 @@ cdef extern from "simd.h" nogil:
                              double rs, const float* w, double m1, double m2, int nt, const float* pf1,
                              const float* pf2)
     void nc_sfence()
+    void* nc_affine_coefs(const double* mean, const double* scale, const double* shift, Py_ssize_t R)
+    void nc_affine_row_r(const float* x, float* y, Py_ssize_t n, const void* coefs, Py_ssize_t r, int nt)
+    void* nc_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3, Py_ssize_t R)
+    void nc_dx_row_r(const float* dy, const float* x, float* dx, Py_ssize_t n, const void* coefs, Py_ssize_t r,
+                     int nt)
     bint nc_resident(const void* p, Py_ssize_t n)
     float* nc_to_f32(const double* p, Py_ssize_t n)
     void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
@@ -425,6 +430,7 @@ cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t
                        const double* scale, const double* shift, Py_ssize_t rpb, floating* y,
                        int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t
+    cdef void* coefs = NULL
     cdef bint nt = _streams(y, A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
@@ -434,10 +440,18 @@ cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t
                 _affine_tile(x + a * R + r, y + a * R + r, _block_rows(i, rpb, A), R,
                              _block_rows(t, TILE, R), mean + r, scale + r, shift + r, nt)
     else:
+        # float32 coefficients made once per channel rather than once per row (rows may be
+        # short: a 4 x 4 feature map)
+        coefs = nc_affine_coefs(mean, scale, shift, R) if floating is float else NULL
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
+            if floating is float:
+                if coefs != NULL:
+                    nc_affine_row_r(x + i * S, y + i * S, S, coefs, r, nt)
+                    continue
             _affine_row(x + i * S, y + i * S, S, mean[r], scale[r], shift[r], nt, NULL)
+        free(coefs)
     if nt:
         nc_sfence()
 
@@ -574,6 +588,7 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
                    const double* mean, const double* k1, const double* k2, const double* k3,
                    Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t, o
+    cdef void* coefs = NULL
     cdef bint nt = _streams(dx, A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
@@ -584,10 +599,16 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
                 _dx_tile(dy + o, x + o, dx + o, _block_rows(i, rpb, A), R, _block_rows(t, TILE, R),
                          mean + r, k1 + r, k2 + r, k3 + r, nt)
     else:
+        coefs = nc_dx_coefs(mean, k1, k2, k3, R) if floating is float else NULL  # as in _affine_rows
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
+            if floating is float:
+                if coefs != NULL:
+                    nc_dx_row_r(dy + i * S, x + i * S, dx + i * S, S, coefs, r, nt)
+                    continue
             _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt, NULL, NULL)
+        free(coefs)
     if nt:
         nc_sfence()
 

@@ -514,12 +514,21 @@ NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
 
 static inline void nc_sfence(void) { _mm_sfence(); }
 
-/* y = (x - mu) * s + t on one row */
-static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t, int nt, const float* pf1) {
-    float sh, sl;
-    NC_SPLIT(s, sh, sl);
-    const float m = (float)mu, tf = (float)(t - (mu - (double)m) * s);
+/* y = (x - mu) * s + t on one row. The per-row float32 coefficients come first (nc_affine_c):
+ * made once per channel and shared by its rows where rows are short (nc_affine_coefs). */
+typedef struct { float m, h, l, t; } nc_affine_c;
+
+static inline nc_affine_c nc_affine_coef(double mu, double s, double t) {
+    nc_affine_c c;
+    NC_SPLIT(s, c.h, c.l);
+    c.m = (float)mu;
+    c.t = (float)(t - (mu - (double)c.m) * s);
+    return c;
+}
+
+static inline void nc_affine_row_c(const float* x, float* y, ptrdiff_t n, const nc_affine_c* c, int nt,
+                                   const float* pf1) {
+    const float m = c->m, sh = c->h, sl = c->l, tf = c->t;
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(sh), vl = NC_SPLAT(sl), vt = NC_SPLAT(tf);
 #define V(i, v)                                  \
     do {                                         \
@@ -531,6 +540,12 @@ static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, doub
     NC_PASS(y, n, nt, pf1, (const float*)NULL, V, S);
 #undef V
 #undef S
+}
+
+static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
+                                     double t, int nt, const float* pf1) {
+    const nc_affine_c c = nc_affine_coef(mu, s, t);
+    nc_affine_row_c(x, y, n, &c, nt, pf1);
 }
 
 /* y = (x - mu) * rs * w[i] + b[i] on one row, w and b float32. xhat is rounded once before
@@ -562,13 +577,21 @@ static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n
 #undef S
 }
 
-/* dx = dy * k1 + (x - mu) * k2 + k3 on one row */
-static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3, int nt, const float* pf1,
-                                 const float* pf2) {
-    float h, l;
-    NC_SPLIT(k1, h, l);
-    const float m = (float)mu, a2 = (float)k2, a3 = (float)(k3 - (mu - (double)m) * k2);
+/* dx = dy * k1 + (x - mu) * k2 + k3 on one row; coefficients as for the affine pass */
+typedef struct { float m, h, l, a2, a3; } nc_dx_c;
+
+static inline nc_dx_c nc_dx_coef(double mu, double k1, double k2, double k3) {
+    nc_dx_c c;
+    NC_SPLIT(k1, c.h, c.l);
+    c.m = (float)mu;
+    c.a2 = (float)k2;
+    c.a3 = (float)(k3 - (mu - (double)c.m) * k2);
+    return c;
+}
+
+static inline void nc_dx_row_c(const float* dy, const float* x, float* dx, ptrdiff_t n, const nc_dx_c* c,
+                               int nt, const float* pf1, const float* pf2) {
+    const float m = c->m, h = c->h, l = c->l, a2 = c->a2, a3 = c->a3;
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(h), vl = NC_SPLAT(l), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
     nc_vf g;
 #define V(i, v)                                                        \
@@ -581,6 +604,13 @@ static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptr
     NC_PASS(dx, n, nt, pf1, pf2, V, S);
 #undef V
 #undef S
+}
+
+static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
+                                 double k1, double k2, double k3, int nt, const float* pf1,
+                                 const float* pf2) {
+    const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);
+    nc_dx_row_c(dy, x, dx, n, &c, nt, pf1, pf2);
 }
 
 /* dx = rs * (dy * w[i] - m1 - (x - mu) * rs * m2) on one row, w float32. g = dy * w is
@@ -760,11 +790,23 @@ static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, pt
 
 static inline void nc_sfence(void) {}
 
-static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t, int nt, const float* pf1) {
+typedef struct { double mu, s, t; } nc_affine_c;
+static inline nc_affine_c nc_affine_coef(double mu, double s, double t) {
+    nc_affine_c c = {mu, s, t};
+    return c;
+}
+
+static inline void nc_affine_row_c(const float* x, float* y, ptrdiff_t n, const nc_affine_c* c, int nt,
+                                   const float* pf1) {
     (void)nt, (void)pf1;
     for (ptrdiff_t i = 0; i < n; ++i)
-        y[i] = (float)(((double)x[i] - mu) * s + t);
+        y[i] = (float)(((double)x[i] - c->mu) * c->s + c->t);
+}
+
+static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
+                                     double t, int nt, const float* pf1) {
+    const nc_affine_c c = nc_affine_coef(mu, s, t);
+    nc_affine_row_c(x, y, n, &c, nt, pf1);
 }
 
 static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
@@ -775,12 +817,24 @@ static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n
         y[i] = (float)(((double)x[i] - mu) * rs * (double)w[i] + (double)b[i]);
 }
 
+typedef struct { double mu, k1, k2, k3; } nc_dx_c;
+static inline nc_dx_c nc_dx_coef(double mu, double k1, double k2, double k3) {
+    nc_dx_c c = {mu, k1, k2, k3};
+    return c;
+}
+
+static inline void nc_dx_row_c(const float* dy, const float* x, float* dx, ptrdiff_t n, const nc_dx_c* c,
+                               int nt, const float* pf1, const float* pf2) {
+    (void)nt, (void)pf1, (void)pf2;
+    for (ptrdiff_t i = 0; i < n; ++i)
+        dx[i] = (float)((double)dy[i] * c->k1 + ((double)x[i] - c->mu) * c->k2 + c->k3);
+}
+
 static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
                                  double k1, double k2, double k3, int nt, const float* pf1,
                                  const float* pf2) {
-    (void)nt, (void)pf1, (void)pf2;
-    for (ptrdiff_t i = 0; i < n; ++i)
-        dx[i] = (float)((double)dy[i] * k1 + ((double)x[i] - mu) * k2 + k3);
+    const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);
+    nc_dx_row_c(dy, x, dx, n, &c, nt, pf1, pf2);
 }
 
 static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
@@ -799,6 +853,36 @@ NC_DX_TILE(nc_dx_tile_f32d, float)
     nc_dx_tile_f32d(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
 
 #endif /* __FMA__ */
+
+/* Per-row coefficients of R rows made once (malloc'd; NULL when out of memory), and the row
+ * passes that take row r's: for (A, R, S) layouts whose A * R rows share R channels. */
+static inline void* nc_affine_coefs(const double* mean, const double* scale, const double* shift,
+                                    ptrdiff_t R) {
+    nc_affine_c* c = (nc_affine_c*)malloc((size_t)(R > 0 ? R : 1) * sizeof(nc_affine_c));
+    if (c)
+        for (ptrdiff_t r = 0; r < R; ++r)
+            c[r] = nc_affine_coef(mean[r], scale[r], shift[r]);
+    return c;
+}
+
+static inline void nc_affine_row_r(const float* x, float* y, ptrdiff_t n, const void* coefs, ptrdiff_t r,
+                                   int nt) {
+    nc_affine_row_c(x, y, n, (const nc_affine_c*)coefs + r, nt, NULL);
+}
+
+static inline void* nc_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3,
+                                ptrdiff_t R) {
+    nc_dx_c* c = (nc_dx_c*)malloc((size_t)(R > 0 ? R : 1) * sizeof(nc_dx_c));
+    if (c)
+        for (ptrdiff_t r = 0; r < R; ++r)
+            c[r] = nc_dx_coef(mean[r], k1[r], k2[r], k3[r]);
+    return c;
+}
+
+static inline void nc_dx_row_r(const float* dy, const float* x, float* dx, ptrdiff_t n, const void* coefs,
+                               ptrdiff_t r, int nt) {
+    nc_dx_row_c(dy, x, dx, n, (const nc_dx_c*)coefs + r, nt, NULL, NULL);
+}
 
 /* float32 copy of n doubles (parameters for the float32 passes); NULL when malloc fails */
 static inline float* nc_to_f32(const double* p, ptrdiff_t n) {
