@@ -62,8 +62,9 @@ cdef enum:
     # tiles at least this wide: their float64 coefficient vectors (3-4 x 8 bytes per
     # column) no longer fit in L1 beside the streamed rows
     WIDE_TILE = 1024
-    # the same for column reductions, whose two accumulator vectors stay in L1 up to here
-    # (measured: at 1024 columns the per-row form is faster, at 4096 the sweeps are)
+    # column reductions from this width run as sweeps of several rows per load and store of
+    # the accumulators (simd.h); narrower ones row by row (measured on the AVX-512 and AVX2
+    # builds: the sweeps are faster from 64 columns up, channels-last backward 1.1x)
     WIDE_REDUCTION = 16
     TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
