@@ -1423,14 +1423,8 @@ cdef extern from *:
 def streaming(out):
     """Whether a float32 output array ``out`` would be written with streaming stores now
     (large enough, and its memory resident rather than fresh from the OS); a diagnostic."""
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>_storage_array(out))
-    return bool(_streams(<const void*>_out(out, cnp.NPY_FLOAT32), n, sizeof(float)))
-
-
-cdef inline object _storage_array(object a):
-    if not isinstance(a, cnp.ndarray):
-        raise TypeError("expected a numpy.ndarray")
-    return a
+    cdef void* p = _out(out, cnp.NPY_FLOAT32)
+    return bool(_streams(p, out.size, sizeof(float)))
 
 
 def max_threads():

@@ -542,12 +542,6 @@ static inline void nc_affine_row_c(const float* x, float* y, ptrdiff_t n, const 
 #undef S
 }
 
-static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t, int nt, const float* pf1) {
-    const nc_affine_c c = nc_affine_coef(mu, s, t);
-    nc_affine_row_c(x, y, n, &c, nt, pf1);
-}
-
 /* y = (x - mu) * rs * w[i] + b[i] on one row, w and b float32. xhat is rounded once before
  * the multiply-add with w and b, so the other roundings must stay small: near a zero mean
  * (|mu * rs| <= 1/2: offsets below half a standard deviation), where x - m is inexact,
@@ -604,13 +598,6 @@ static inline void nc_dx_row_c(const float* dy, const float* x, float* dx, ptrdi
     NC_PASS(dx, n, nt, pf1, pf2, V, S);
 #undef V
 #undef S
-}
-
-static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3, int nt, const float* pf1,
-                                 const float* pf2) {
-    const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);
-    nc_dx_row_c(dy, x, dx, n, &c, nt, pf1, pf2);
 }
 
 /* dx = rs * (dy * w[i] - m1 - (x - mu) * rs * m2) on one row, w float32. g = dy * w is
@@ -803,12 +790,6 @@ static inline void nc_affine_row_c(const float* x, float* y, ptrdiff_t n, const 
         y[i] = (float)(((double)x[i] - c->mu) * c->s + c->t);
 }
 
-static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t, int nt, const float* pf1) {
-    const nc_affine_c c = nc_affine_coef(mu, s, t);
-    nc_affine_row_c(x, y, n, &c, nt, pf1);
-}
-
 static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
                                            double rs, const float* w, const float* b, int nt,
                                            const float* pf1) {
@@ -830,13 +811,6 @@ static inline void nc_dx_row_c(const float* dy, const float* x, float* dx, ptrdi
         dx[i] = (float)((double)dy[i] * c->k1 + ((double)x[i] - c->mu) * c->k2 + c->k3);
 }
 
-static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3, int nt, const float* pf1,
-                                 const float* pf2) {
-    const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);
-    nc_dx_row_c(dy, x, dx, n, &c, nt, pf1, pf2);
-}
-
 static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
                                        double mu, double rs, const float* w, double m1, double m2,
                                        int nt, const float* pf1, const float* pf2) {
@@ -853,6 +827,21 @@ NC_DX_TILE(nc_dx_tile_f32d, float)
     nc_dx_tile_f32d(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
 
 #endif /* __FMA__ */
+
+/* The row passes with their coefficients made on the spot. */
+static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
+                                     double t, int nt, const float* pf1) {
+    const nc_affine_c c = nc_affine_coef(mu, s, t);
+    nc_affine_row_c(x, y, n, &c, nt, pf1);
+}
+
+static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
+                                 double k1, double k2, double k3, int nt, const float* pf1,
+                                 const float* pf2) {
+    const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);
+    nc_dx_row_c(dy, x, dx, n, &c, nt, pf1, pf2);
+}
+
 
 /* Per-row coefficients of R rows made once (malloc'd; NULL when out of memory), and the row
  * passes that take row r's: for (A, R, S) layouts whose A * R rows share R channels. */
