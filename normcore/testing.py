@@ -25,8 +25,9 @@ constant groups):
 * backward matches the reference and a float64 central difference of the kernels'
   own forward; for centred modes dx sums to zero over every group.
 
-Tolerances: float32 results are computed in double and rounded once, so they are held to
-2e-6 of the largest reference magnitude (about 30 float32 rounding units, covering the
+Tolerances: float32 results stay within 3x the error of one rounding of the exact result
+(the float32 accuracy contract, README "Numerics"), so they are held to 2e-6 of the
+largest reference magnitude (about 30 float32 rounding units, covering the
 spread of magnitudes within one array); float64 to 1e-10 (double accumulation over at
 most a few thousand elements). Where a result is a difference of larger terms (dx, and
 dweight at an offset), the magnitude is that of the terms: see

@@ -20,17 +20,21 @@ Reductions come in two memory patterns:
   no shared scratch), and partials are merged in block order.
 
 Block boundaries depend only on the shape, never on the thread count, and partials are
-merged in a fixed order, so results are bitwise identical for any number of threads.
+merged in a fixed order, so within one build results are bitwise identical for any number
+of threads (the baseline, AVX2 and AVX-512 builds differ in vector width and FMA).
 
-Accumulation is always in double. Row sums run in simd.h: 8 independent lanes of vector
-types (GCC's auto-vectorizer will not take a loop carrying two accumulators), combined in a
-fixed order, IEEE semantics kept (no -ffast-math), the order never depending on threads.
+Accumulation is always in double. Row sums run in simd.h: independent lanes of vector
+types in several chains (GCC's auto-vectorizer will not take a loop carrying two
+accumulators), combined in a fixed order, IEEE semantics kept (no -ffast-math), the order
+never depending on threads.
 Never E[x^2] - E[x]^2: row moments sum deviations from the chunk's first element in one
 pass over chunks of at most CHUNK elements, merged by Chan's formula; column tiles use
 sums shifted by one of their own rows (see _tile_col_moments); with the shift a member of
 the data, the subtraction loses at most log2(count + 1) bits of double. Partial moments of
-rows and blocks merge by the two-pass formula over their means. The elementwise passes subtract the mean first and evaluate in double, so a
-large common offset in x does not cost float32 digits.
+rows and blocks merge by the two-pass formula over their means. The elementwise passes
+subtract the mean first, so a large common offset in x does not cost float32 digits;
+float64 ones evaluate in double, float32 ones in float32 within the accuracy contract
+(simd.h, "float32 elementwise passes"; double in the baseline build, which lacks FMA).
 
 When A == 1 every group is contiguous, and normalize_groups computes a group's statistics
 and writes its output in one visit, while the group is in cache.
@@ -408,8 +412,8 @@ cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, P
 
 def affine_rows(x, mean, scale, shift, Py_ssize_t rows_per_block, y, int threads):
     """IN x (A, R, S) T, mean, scale, shift (R,) float64; OUT y (A, R, S) T:
-    y = (x - mean[r]) * scale[r] + shift[r], evaluated in double; ``rows_per_block`` cuts
-    the rows of the S == 1 (column) layout.
+    y = (x - mean[r]) * scale[r] + shift[r] (float32 within the accuracy contract, see
+    simd.h); ``rows_per_block`` cuts the rows of the S == 1 (column) layout.
 
     Subtracting the mean first (rather than folding it into shift) keeps the rounding at
     the size of y instead of |x| * scale, which matters when x sits at a large offset.
@@ -570,7 +574,7 @@ cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, P
 
 def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx, int threads):
     """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,) float64; OUT dx (A, R, S) T:
-    dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r], evaluated in double."""
+    dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (float32 as in affine_rows)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)

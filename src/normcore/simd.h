@@ -15,7 +15,7 @@
 #include <immintrin.h>
 #endif
 
-/* Reductions accumulate in double, NC_DL lanes per vector, two vectors per step. */
+/* Reductions accumulate in double, NC_DL lanes per vector, NC_ACC vectors per step. */
 #if defined(__AVX512F__)
 #define NC_DL 8
 #else
