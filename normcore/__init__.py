@@ -8,6 +8,7 @@ from .modes import Mode, get_mode, modes, register_mode
 from .functional import NormCache, backward, normalize
 from .kernels import get_num_threads, set_num_threads
 from .plan import param_shapes
+from .folding import fold, fold_into
 from .forms import (batch_norm, group_norm, instance_norm, layer_norm, rms_norm,
                     weight_standardize, weight_standardize_backward)
 
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SpecError", "Mode", "register_mode", "modes", "get_mode", "normalize", "backward", "NormCache", "param_shapes",
+    "fold", "fold_into",
     "set_num_threads", "get_num_threads",
     "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
     "weight_standardize", "weight_standardize_backward",

@@ -22,6 +22,7 @@ from .backend import backend_named, backend_of, machine_eps
 from .forms import last_axes, normalized_shape_tuple
 from .functional import backward, forward
 from .layer_docs import document
+from .modes import get_mode
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm", "ChannelNorm",
@@ -136,6 +137,21 @@ class Layer:
     def eval(self):
         """Switch to eval mode (running statistics where the layer tracks them); return self."""
         return self.train(False)
+
+    # -- folding -------------------------------------------------------------------
+    def fold(self, ndim=None):
+        """``(scale, shift)`` such that the eval-mode output is ``x * scale + shift``.
+
+        Only for layers whose eval output is affine in x (those normalizing with running
+        statistics: batch norms, ``EstimatedBatchNorm``, ``SyncBatchNorm``, instance norms
+        with ``track_running_stats=True``); any other raises ValueError saying why. See
+        :class:`BatchNorm2d` for the shapes and :mod:`normcore.folding` for the accuracy.
+        """
+        raise ValueError(f"fold: {type(self).__name__} {self._why_not_affine()}, so its eval output "
+                         f"is not x * scale + shift")
+
+    def _why_not_affine(self):
+        return "normalizes each input with statistics of that input"
 
     def __call__(self, x):
         return self.forward(x)
@@ -355,6 +371,60 @@ class _Norm(Layer):
     def _comm_or_none(self):
         return None
 
+    #: the input rank ``fold()`` shapes its arrays for when not told (None: parameters' shape)
+    _fold_ndim = None
+
+    def fold(self, ndim=None):
+        """``(scale, shift)`` such that the eval-mode output is ``x * scale + shift``:
+        ``scale = weight / sqrt(running_var + eps)``, ``shift = bias - running_mean * scale``.
+
+        ``ndim``: the rank of the x they broadcast against: scale and shift are (C,) followed
+        by ``ndim - 2`` axes of 1 (default: the layer's usual input rank, 4 for
+        ``BatchNorm2d``, 2 for ``BatchNorm1d`` (pass 3 for (N, C, L)); layers of any rank,
+        ``EstimatedBatchNorm`` and ``SyncBatchNorm``, need it); channels-last layers give (C,)
+        for any rank.
+        Computed in float64, returned in the layer's dtype. The folded form multiplies x
+        before it subtracts, so where x sits far from zero its rounding is that of
+        ``|x| * scale``, not of the output: less accurate than the layer itself at large
+        offsets (:mod:`normcore.folding`). Layers without running statistics raise ValueError.
+
+        >>> import numpy as np
+        >>> import normcore as nc
+        >>> bn = nc.BatchNorm2d(3, dtype=np.float64)
+        >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4))
+        >>> _ = bn(x)                                    # training: running statistics move
+        >>> scale, shift = bn.eval().fold()
+        >>> scale.shape
+        (3, 1, 1)
+        >>> bool(np.allclose(x * scale + shift, bn(x)))
+        True
+        """
+        from .folding import fold
+        if self.running_mean is None:
+            return super().fold(ndim)
+        scale, shift = fold(self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                            center=get_mode(self._mode).center)
+        shape = self._fold_shape(scale.shape, ndim)
+        return scale.reshape(shape), shift.reshape(shape)
+
+    def _fold_shape(self, param_shape, ndim):
+        axis = self._features[0]
+        if axis in (None, -1):
+            return param_shape
+        ndim = self._fold_ndim if ndim is None else checks.positive_int("ndim", ndim)
+        if ndim is None:
+            raise ValueError(f"ndim: {type(self).__name__} takes (N, C, *) inputs of any rank; "
+                             f"pass the rank of x to shape scale and shift for it")
+        if ndim < axis + 1:
+            raise ValueError(f"ndim: an input of {ndim} dimensions has no channel axis {axis}")
+        return param_shape + (1,) * (ndim - axis - 1)
+
+    def _why_not_affine(self):
+        if get_mode(self._mode).running_stats is not None:
+            return ("keeps no running statistics (track_running_stats=False): in eval it "
+                    "normalizes each input with that input's statistics")
+        return super()._why_not_affine()
+
     def _forward(self, x, be):
         """forward for an x that :meth:`_check_input` accepted (``be``: its backend)."""
         track = self.track_running_stats
@@ -442,6 +512,7 @@ class BatchNorm1d(_BatchNorm):
     (True, [24.0, 24.0, 24.0, 24.0], 1)
     >>> y_eval = bn.eval()(x)              # running statistics
     """
+    _fold_ndim = 2
     _ndims = (2, 3)
 
 
@@ -464,6 +535,7 @@ class BatchNorm2d(_BatchNorm):
     (True, [18.0, 18.0, 18.0, 18.0], 1)
     >>> y_eval = bn.eval()(x)              # running statistics
     """
+    _fold_ndim = 4
     _ndims = (4,)
 
 
@@ -486,6 +558,7 @@ class BatchNorm3d(_BatchNorm):
     (True, [16.0, 16.0, 16.0, 16.0], 1)
     >>> y_eval = bn.eval()(x)              # running statistics
     """
+    _fold_ndim = 5
     _ndims = (5,)
 
 
@@ -637,6 +710,7 @@ class InstanceNorm1d(_InstanceNorm):
     >>> bool(abs(y.mean(axis=2)).max() < 1e-5), inorm.grad_bias.tolist()
     (True, [16.0, 16.0, 16.0])
     """
+    _fold_ndim = 3
     _ndims = (3,)
 
 
@@ -661,6 +735,7 @@ class InstanceNorm2d(_InstanceNorm):
     >>> bool(abs(y.mean(axis=(2, 3))).max() < 1e-5), inorm.grad_bias.tolist()
     (True, [32.0, 32.0, 32.0])
     """
+    _fold_ndim = 4
     _ndims = (4,)
 
 
@@ -685,6 +760,7 @@ class InstanceNorm3d(_InstanceNorm):
     >>> bool(abs(y.mean(axis=(2, 3, 4))).max() < 1e-5), inorm.grad_bias.tolist()
     (True, [16.0, 16.0, 16.0])
     """
+    _fold_ndim = 5
     _ndims = (5,)
 
 
