@@ -62,10 +62,11 @@ class Kernels(Protocol):
     def running_statistics(self, running_mean, running_var, rc, eps, mean, var, rstd):
         """IN running_mean, running_var (E,) T, rc (C,); OUT mean, var, rstd (C,)."""
 
-    def update_running(self, mean, var, rc, groups_per_running, momentum, unbias,
+    def update_running(self, mean, var, rc, groups_per_running, momentum, keep, unbias,
                        running_mean, running_var, scratch):
         """IN mean, var (C,), rc (C,); IN/OUT running_mean, running_var (E,) T; scratch (2E,):
-        running = (1 - momentum) running + momentum * (average of the entry's groups; var * unbias)."""
+        running = keep * running + momentum * (average of the entry's groups; var * unbias);
+        keep is 1 - momentum, or the caller's decay exactly."""
 
     # -- forward elementwise -----------------------------------------------------------------
     def row_coefficients(self, mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift):

@@ -15,7 +15,8 @@ import numpy as np
 
 from .backend import CPU, backend_of
 
-__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "out", "disjoint",
+__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "running_rate",
+           "DEFAULT_MOMENTUM", "out", "disjoint",
            "min_ndim", "describe_mode", "type_name"]
 
 
@@ -138,6 +139,47 @@ def eps(value) -> float:
     if not (math.isfinite(v) and v > 0.0):
         raise ValueError(f"eps: expected a finite float > 0, got {value!r}")
     return v
+
+
+class _DefaultMomentum(float):
+    """The default momentum, 0.1: told apart (by identity) from a momentum the caller gave,
+    so that giving ``decay`` as well is an error only when both were given."""
+
+    def __repr__(self):
+        return "0.1"
+
+    def __reduce__(self):  # a pickled layer's default stays the default
+        return (_default_momentum, ())
+
+
+def _default_momentum():
+    return DEFAULT_MOMENTUM
+
+
+DEFAULT_MOMENTUM = _DefaultMomentum(0.1)
+
+
+def running_rate(momentum_value, decay, allow_none=False):
+    """``(momentum, keep)`` of ``running = keep * running + momentum * batch`` from either
+    convention: PyTorch's ``momentum`` (keep = 1 - momentum) or TF/Keras/Flax's ``decay``
+    (keep = decay, momentum = 1 - decay); giving both is an error.
+
+    >>> running_rate(0.1, None)
+    (0.1, 0.9)
+    >>> running_rate(DEFAULT_MOMENTUM, 0.99)
+    (0.010000000000000009, 0.99)
+    """
+    if decay is None:
+        m = momentum(momentum_value, allow_none)
+        return m, (None if m is None else 1.0 - m)
+    if momentum_value is not DEFAULT_MOMENTUM:
+        raise ValueError(f"momentum, decay: give one of them, not both (momentum={momentum_value!r}, "
+                         f"decay={decay!r}): momentum m is PyTorch's, running = (1 - m) * running + m * batch; "
+                         f"decay d is TF/Keras/Flax's, running = d * running + (1 - d) * batch")
+    d = _real("decay", decay)
+    if not 0.0 <= d <= 1.0:
+        raise ValueError(f"decay: expected a float in [0, 1], got {decay!r}")
+    return 1.0 - d, d
 
 
 def momentum(value, allow_none=False):

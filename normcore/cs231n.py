@@ -6,7 +6,7 @@ Conventions are the assignment's, not PyTorch's:
   ``momentum`` (0.9), ``running_mean`` / ``running_var`` (zeros of shape (D,) when absent,
   written back into the dict after every training call);
 * running = momentum * running + (1 - momentum) * sample, with the *biased* sample
-  variance: normcore's ``momentum = 1 - bn_param['momentum']`` and ``unbiased=False``;
+  variance: normcore's ``decay=bn_param['momentum']`` and ``unbiased=False``;
 * ``gamma`` / ``beta`` are (D,) for batch and layer norm, (C,) for spatial batch norm and
   (1, C, 1, 1) for spatial group norm, and their gradients come back in the same shapes.
 
@@ -34,7 +34,7 @@ def _batchnorm(x, gamma, beta, bn_param, mode_name, ndim, axes):
     checks.array("x", x)
     if x.ndim != ndim:
         raise ValueError(f"x: expected {ndim} dimensions {axes}, got shape {x.shape}")
-    try:  # the assignment's decay; normcore's momentum is 1 - decay, so rule on the decay
+    try:  # the assignment's momentum is a decay: rule on it as such
         checks.momentum(momentum)
     except (TypeError, ValueError) as e:
         raise type(e)(f"bn_param['momentum']: {str(e).partition(': ')[2]} (the running average's decay)") from None
@@ -42,7 +42,7 @@ def _batchnorm(x, gamma, beta, bn_param, mode_name, ndim, axes):
     running_mean = np.array(bn_param.get("running_mean", np.zeros(channels, dtype=x.dtype)), dtype=x.dtype)
     running_var = np.array(bn_param.get("running_var", np.zeros(channels, dtype=x.dtype)), dtype=x.dtype)
     out, cache = normalize(x, mode_name, weight=gamma, bias=beta, running_mean=running_mean,
-                           running_var=running_var, training=mode == "train", momentum=1.0 - momentum,
+                           running_var=running_var, training=mode == "train", decay=momentum,
                            eps=eps, unbiased=False)
     bn_param["running_mean"] = running_mean
     bn_param["running_var"] = running_var

@@ -30,11 +30,14 @@ def _channel_mode(x, channel_axis):
 
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-               training=False, momentum=0.1, eps=1e-5, *, channel_axis=1, unbiased=True, out=None):
+               training=False, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, *, channel_axis=1, unbiased=True,
+               out=None, decay=None):
     """Batch norm over every axis but the channel axis; returns ``(y, cache)``.
 
     ``input`` is (N, C, *) or, with ``channel_axis=-1``, (N, *, C). weight, bias and the
-    running statistics have shape (C,).
+    running statistics have shape (C,). ``momentum`` is PyTorch's (running = (1 - m) *
+    running + m * batch); ``decay`` instead is TF/Keras/Flax's (running = d * running +
+    (1 - d) * batch); not both.
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).standard_normal((16, 3, 5, 5)).astype(np.float32)
@@ -45,7 +48,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     mode = _channel_mode(input, channel_axis)
     return forward(input, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
-                   unbiased=unbiased, out=out)
+                   unbiased=unbiased, out=out, decay=decay)
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple:
@@ -124,11 +127,11 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None):
+                  use_input_stats=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, *, out=None, decay=None):
     """Instance norm: statistics per (sample, channel) over the spatial axes of (N, C, *).
 
     Running statistics, when given, are per channel (the batch average of the instance
-    statistics), as in PyTorch.
+    statistics), as in PyTorch; ``momentum`` or ``decay`` as in :func:`batch_norm`.
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
@@ -138,7 +141,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     checks.min_ndim("input", input, 3, "(N, C, L, ...)")
     return forward(input, be, "instance_norm", weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=use_input_stats, momentum=momentum, eps=eps,
-                   out=out)
+                   out=out, decay=decay)
 
 
 def weight_standardize(w, eps=1e-5, *, out=None):

@@ -15,8 +15,9 @@ Numerics
   normalized with the biased variance.
 * ``running_var`` receives the unbiased variance n/(n-1) by default (PyTorch's
   convention); ``unbiased=False`` stores the biased one (Flax, Keras, CS231n).
-* ``momentum`` follows PyTorch: running = (1 - m) * running + m * batch. Decay-style
-  conventions map as momentum = 1 - decay (decay 0.99 -> momentum 0.01, CS231n's 0.9 -> 0.1).
+* ``momentum`` follows PyTorch: running = (1 - m) * running + m * batch; ``decay=d``
+  instead takes the TF/Keras/Flax convention, running = d * running + (1 - d) * batch (the
+  update multiplies by d itself); giving both is an error.
 """
 from __future__ import annotations
 
@@ -199,7 +200,8 @@ class _Forward(NamedTuple):
     running_mean: object    # the caller's arrays (written in place), or None
     running_var: object
     training: bool
-    momentum: float
+    momentum: float         # running = keep * running + momentum * batch
+    keep: float
     eps: float
     unbiased: bool
     estimate: bool
@@ -210,7 +212,7 @@ class _Forward(NamedTuple):
     one_pass: bool          # statistics and output from one kernel call (groups, columns)
 
 
-def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, eps,
+def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, decay, eps,
                    unbiased, estimate, out, sizes, link) -> _Forward:
     """Phase 1: every rule on the arguments (x's array type already checked: ``be``)."""
     training, estimate = bool(training), bool(estimate)
@@ -242,7 +244,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                 if not getattr(a.flags, "writeable", True):
                     raise ValueError(f"{name}: must be writeable to be updated in training")
     eps = checks.eps(eps)
-    momentum = checks.momentum(momentum)
+    momentum, keep = checks.running_rate(momentum, decay)
     if out is not None:
         checks.out(out, x.shape, dtype, {}, be)  # its overlaps: disjoint, below
     if out is not None or (has_running and training):
@@ -264,7 +266,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     return _Forward(m, plan, be, dtype,
                     None if weight is None else _flat(weight, be),
                     None if bias is None else _flat(bias, be),
-                    running_mean, running_var, training, momentum, eps, bool(unbiased),
+                    running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
                     estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
                     one_pass)
 
@@ -448,13 +450,13 @@ def _params_or_dummies(call: _Forward, run: _Run):
 
 
 def _update_running(call: _Forward, mean, var, count, run: _Run):
-    """Phase 3: running = (1 - momentum) * running + momentum * batch, in place (through
+    """Phase 3: running = keep * running + momentum * batch, in place (through
     contiguous copies when the caller's arrays are strided)."""
     plan = call.plan
     rm, rv = _flat(call.running_mean, run.be), _flat(call.running_var, run.be)
     unbias = count / (count - 1) if call.unbiased else 1.0
     run.K.update_running(mean, var, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
-                         unbias, rm, rv, run.xp.empty(2 * rm.size))
+                         call.keep, unbias, rm, rv, run.xp.empty(2 * rm.size))
     for target, value in ((call.running_mean, rm), (call.running_var, rv)):
         if not target.flags.c_contiguous:  # _flat copied it
             target[...] = value.reshape(target.shape)
@@ -509,19 +511,20 @@ def _per_row(values, plan: Plan, run: _Run):
 
 
 def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_var=None, training=True,
-            momentum=0.1, eps=1e-5, unbiased=True, estimate=False, out=None, comm=None, sizes=None):
+            momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False, out=None, comm=None,
+            sizes=None, decay=None):
     """:func:`normalize` for an ``x`` whose array type the caller has checked (``be`` is
     its backend): the entry of the forms and layers, which check x once themselves."""
     sizes = {} if sizes is None else sizes
     if comm is None:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              eps, unbiased, estimate, out, sizes, None)
+                              decay, eps, unbiased, estimate, out, sizes, None)
         return _forward(call, x)
     sync.check_comm(comm)  # without a communicator there is no one to tell
     link = sync.Exchange(comm, "forward")
     try:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              eps, unbiased, estimate, out, sizes, link)
+                              decay, eps, unbiased, estimate, out, sizes, link)
         return _forward(call, x)
     except BaseException as e:  # any failure (MemoryError too) reaches the peers, once
         if training or running_mean is None:  # this call exchanges batch statistics
@@ -530,8 +533,8 @@ def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_v
 
 
 def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
-              training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False, out=None,
-              comm=None, **sizes):
+              training=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False,
+              out=None, comm=None, decay=None, **sizes):
     """Normalize ``x`` with a registered mode; return ``(y, cache)`` for :func:`backward`.
 
     Parameters
@@ -545,8 +548,11 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     training : bool
         True: normalize with batch statistics (and update running statistics if given).
         False: normalize with the running statistics if given, else batch statistics.
-    momentum : float in [0, 1]
-        running = (1 - momentum) * running + momentum * batch.
+    momentum : float in [0, 1], default 0.1
+        PyTorch's convention: running = (1 - momentum) * running + momentum * batch.
+    decay : float in [0, 1], optional
+        TF/Keras/Flax's convention instead: running = decay * running + (1 - decay) * batch
+        (decay 0.99 is momentum 0.01). Giving both is a ValueError.
     eps : float > 0
     unbiased : bool
         Store the unbiased (n/(n-1)) batch variance in running_var (default) or the biased one.
@@ -587,7 +593,7 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         raise
     return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
-                   unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes)
+                   unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay)
 
 
 # ---------------------------------------------------------------------------------------

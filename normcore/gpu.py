@@ -269,7 +269,7 @@ class CudaKernels:
         var[...] = running_var.astype(np.float64)[rc]
         rstd[...] = 1.0 / xp.sqrt(var + eps)
 
-    def update_running(self, mean, var, rc, groups_per_running, momentum, unbias, running_mean,
+    def update_running(self, mean, var, rc, groups_per_running, momentum, keep, unbias, running_mean,
                        running_var, scratch):
         xp = _xp_of(mean)
         E = running_mean.shape[0]
@@ -277,7 +277,6 @@ class CudaKernels:
         sv = xp.bincount(rc, weights=var * unbias, minlength=E)
         if groups_per_running != 1.0:
             sm, sv = sm / groups_per_running, sv / groups_per_running
-        keep = 1.0 - momentum
         running_mean[...] = keep * running_mean.astype(np.float64) + momentum * sm
         running_var[...] = keep * running_var.astype(np.float64) + momentum * sv
 

@@ -25,8 +25,13 @@ PARAMETERS = {
                 "epsilon of ``dtype`` (as torch does)."),
     "momentum": ("float or None, default 0.1",
                  "PyTorch's convention: ``running = (1 - momentum) * running + momentum * batch``. "
-                 "A decay-style value d (Keras, Flax, TF: 0.99) is ``momentum = 1 - d``. None: the "
+                 "A decay-style value d (Keras, Flax, TF: 0.99) is ``momentum = 1 - d``, or pass ``decay=d``. None: the "
                  "cumulative average of all batches seen (``1 / (num_batches_tracked + 1)``)."),
+    "decay": ("float or None, default None",
+              "The other convention (TF, Keras, Flax, ONNX): ``running = decay * running + (1 - decay) "
+              "* batch``, so ``decay=0.99`` is ``momentum=0.01``; give one of the two (both: "
+              "ValueError). The layer's ``momentum`` then reads ``1 - decay``; the update uses decay "
+              "itself."),
     "affine": ("bool, default True", "Learn a per-channel scale ``weight`` (ones) and shift ``bias`` (zeros)."),
     "affine_off": ("bool, default False", "Learn a per-channel scale ``weight`` and shift ``bias``."),
     "affine_group": ("bool, default True", "Learn a per-group scale ``weight`` and shift ``bias``, shape (G,)."),

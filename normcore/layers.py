@@ -111,6 +111,8 @@ class Layer:
         for name, param in list(inspect.signature(type(self).__init__).parameters.items())[1:]:
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 continue
+            if name == "momentum" and given.get("decay") is not None:
+                continue  # the layer was given the other convention: decay shows instead
             required = param.default is param.empty
             value = given.get(name, None if required else param.default)
             if name in ("normalized_shape", "eps") and name in self.__dict__:
@@ -317,11 +319,14 @@ class _Norm(Layer):
     reuse_buffers = False
 
     def __init__(self, *, features, param_shape, eps, momentum, affine, bias, track_running_stats,
-                 running_shape=None, dtype=np.float32, unbiased=True):
+                 running_shape=None, dtype=np.float32, unbiased=True, decay=None):
         super().__init__()
         self.dtype = _layer_dtype(dtype)
         self.eps = checks.eps(eps) if eps is not None or not self._eps_may_be_none else None
-        self.momentum = checks.momentum(momentum, allow_none=True)
+        # decay (TF/Keras/Flax) or momentum (PyTorch), not both; momentum then holds the
+        # equivalent 1 - decay, and the update uses decay itself
+        self.momentum, keep = checks.running_rate(momentum, decay, allow_none=True)
+        self.decay = None if decay is None else keep
         self.unbiased = bool(unbiased)
         self.track_running_stats = bool(track_running_stats)
         self._features = features
@@ -365,7 +370,8 @@ class _Norm(Layer):
         return forward(x, be, self._mode, weight=self.weight, bias=self.bias, out=out,
                        running_mean=self.running_mean if track else None,
                        running_var=self.running_var if track else None, training=training,
-                       momentum=momentum, eps=eps, unbiased=self.unbiased,
+                       momentum=checks.DEFAULT_MOMENTUM if self.decay is not None else momentum,
+                       decay=self.decay, eps=eps, unbiased=self.unbiased,
                        estimate=self._estimate and training, sizes=self._sizes(x), comm=self._comm_or_none())
 
     def _comm_or_none(self):
@@ -466,7 +472,7 @@ class _Norm(Layer):
 
 
 _BN_PARAMS = ["num_features", "eps", "momentum", "affine", "track_running_stats", "channel_axis", "dtype",
-              "unbiased"]
+              "unbiased", "decay"]
 _BN_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var",
              "num_batches_tracked", "training", "reuse_buffers"]
 _PARAM_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "training", "reuse_buffers"]
@@ -475,8 +481,8 @@ _PARAM_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "training", "reuse
 class _BatchNorm(_Norm):
     _repr_always = ("eps", "momentum", "affine", "track_running_stats")
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 channel_axis=1, *, dtype=np.float32, unbiased=True):
+    def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, track_running_stats=True,
+                 channel_axis=1, *, dtype=np.float32, unbiased=True, decay=None):
         num_features = checks.positive_int("num_features", num_features)
         if channel_axis not in (1, -1) or isinstance(channel_axis, bool):
             raise ValueError(f"channel_axis: expected 1 (channels first) or -1 (channels last), got {channel_axis!r}")
@@ -486,7 +492,7 @@ class _BatchNorm(_Norm):
         super().__init__(features=(channel_axis, num_features, "channels (num_features)"),
                          param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
                          bias=True, track_running_stats=track_running_stats, dtype=dtype,
-                         unbiased=unbiased)
+                         unbiased=unbiased, decay=decay)
 
     @property
     def _mode(self):
@@ -562,7 +568,7 @@ class BatchNorm3d(_BatchNorm):
     _ndims = (5,)
 
 
-@document(params=["channels", "eps", "momentum", "affine", "dtype", "unbiased"], attributes=_BN_ATTRS)
+@document(params=["channels", "eps", "momentum", "affine", "dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
 class EstimatedBatchNorm(_BatchNorm):
     """Estimated batch norm (from Batch-Channel Normalization): normalize with running statistics.
 
@@ -585,13 +591,14 @@ class EstimatedBatchNorm(_BatchNorm):
     """
     _estimate = True
 
-    def __init__(self, channels, eps=1e-5, momentum=0.1, affine=True, *, dtype=np.float32, unbiased=True):
+    def __init__(self, channels, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, *, dtype=np.float32, unbiased=True,
+                 decay=None):
         super().__init__(channels, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=True, dtype=dtype, unbiased=unbiased)
+                         track_running_stats=True, dtype=dtype, unbiased=unbiased, decay=decay)
         self.channels = self.num_features
 
 
-@document(params=_BN_PARAMS[:6] + ["comm", "dtype", "unbiased"], attributes=_BN_ATTRS)
+@document(params=_BN_PARAMS[:6] + ["comm", "dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
 class SyncBatchNorm(_BatchNorm):
     """Batch norm whose statistics span the whole batch split across MPI ranks.
 
@@ -622,11 +629,11 @@ class SyncBatchNorm(_BatchNorm):
     """
     _ndims = None
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 channel_axis=1, comm=None, *, dtype=np.float32, unbiased=True):
+    def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, track_running_stats=True,
+                 channel_axis=1, comm=None, *, dtype=np.float32, unbiased=True, decay=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, channel_axis=channel_axis,
-                         dtype=dtype, unbiased=unbiased)
+                         dtype=dtype, unbiased=unbiased, decay=decay)
         if comm is not None:
             sync.check_comm(comm)
         self._comm = comm
@@ -671,22 +678,22 @@ class SyncBatchNorm(_BatchNorm):
 
 
 _IN_PARAMS = ["channels=num_features", "eps", "momentum", "affine_off=affine",
-              "track_running_stats_off=track_running_stats", "dtype", "unbiased"]
+              "track_running_stats_off=track_running_stats", "dtype", "unbiased", "decay"]
 
 
 class _InstanceNorm(_Norm):
     _mode = "instance_norm"
     _repr_always = ("eps", "momentum", "affine", "track_running_stats")
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
-                 *, dtype=np.float32, unbiased=True):
+    def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=False, track_running_stats=False,
+                 *, dtype=np.float32, unbiased=True, decay=None):
         num_features = checks.positive_int("num_features", num_features)
         self.num_features = num_features
         self.affine = bool(affine)
         super().__init__(features=(1, num_features, "channels (num_features)"),
                          param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
                          bias=True, track_running_stats=track_running_stats, dtype=dtype,
-                         unbiased=unbiased)
+                         unbiased=unbiased, decay=decay)
 
 
 @document(params=_IN_PARAMS, attributes=_BN_ATTRS)
@@ -912,7 +919,7 @@ class _AnyRankBatchNorm(_BatchNorm):
     _ndims = None
 
 
-@document(params=["channels", "num_groups=groups", "eps", "momentum", "estimate", "dtype", "unbiased"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
+@document(params=["channels", "num_groups=groups", "eps", "momentum", "estimate", "dtype", "unbiased", "decay"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
 class BatchChannelNorm(Layer):
     """Batch-channel normalization: (estimated) batch norm, then channel norm, on (N, C, *).
 
@@ -934,17 +941,17 @@ class BatchChannelNorm(Layer):
 
     _repr_always = ("eps", "momentum", "estimate")
 
-    def __init__(self, channels, groups, eps=1e-5, momentum=0.1, estimate=True, *, dtype=np.float32,
-                 unbiased=True):
+    def __init__(self, channels, groups, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, estimate=True, *, dtype=np.float32,
+                 unbiased=True, decay=None):
         super().__init__()
         self.channels, self.groups, self.estimate = channels, groups, bool(estimate)
         self.channel_norm = ChannelNorm(channels, groups, eps=eps, dtype=dtype)
         if estimate:
             self.batch_norm = EstimatedBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype,
-                                                 unbiased=unbiased)
+                                                 unbiased=unbiased, decay=decay)
         else:
             self.batch_norm = _AnyRankBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype,
-                                                unbiased=unbiased)
+                                                unbiased=unbiased, decay=decay)
 
     def _children(self):
         return {"batch_norm": self.batch_norm, "channel_norm": self.channel_norm}

@@ -169,7 +169,7 @@ def test_per_group_algebra_agrees_between_backends(dtype):
             k.finalize_moments(pmean[:1], pm2[:1], counts[:1], 3.0, center, 1e-3, mean, var, rstd)
             res += [mean, var, rstd]
         rm, rv = np.zeros(E, dtype), np.ones(E, dtype)
-        k.update_running(mean, var, rc, 2.0, 0.25, 1.5, rm, rv, np.empty(2 * E))
+        k.update_running(mean, var, rc, 2.0, 0.25, 0.75, 1.5, rm, rv, np.empty(2 * E))
         stats = [np.empty(C) for _ in range(3)]
         k.running_statistics(rm, rv, rc, 1e-3, *stats)
         coeffs = [np.empty(R) for _ in range(3)]

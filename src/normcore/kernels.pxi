@@ -1052,11 +1052,12 @@ cdef void _finalize_moments(const double* pmean, const double* pm2, const double
         rstd[c] = 1.0 / sqrt(v + eps)
 
 
-def update_running(mean, var, rc, double groups_per_running, double momentum, double unbias,
+def update_running(mean, var, rc, double groups_per_running, double momentum, double keep, double unbias,
                    running_mean, running_var, scratch):
     """IN mean, var (C,) float64 batch statistics per group, rc (C,) intp running entry of
     each group; IN/OUT running_mean, running_var (E,) T; scratch (2E,) float64:
-    running = (1 - momentum) * running + momentum * batch, each entry's batch value the
+    running = keep * running + momentum * batch (keep: 1 - momentum, or the caller's decay
+    exactly), each entry's batch value the
     average over its groups (summed in group order), the variance times ``unbias``
     (n / (n - 1), or 1 for the biased one); evaluated in double, stored once."""
     cdef Py_ssize_t C = _shape(mean, 1)[0], E = _shape(running_mean, 1)[0]
@@ -1066,18 +1067,18 @@ def update_running(mean, var, rc, double groups_per_running, double momentum, do
     cdef const Py_ssize_t* c = <const Py_ssize_t*>_in(rc, IDX)
     cdef double* work = <double*>_out(scratch, F64)
     if T == cnp.NPY_FLOAT32:
-        _update_running(mu, v, c, C, groups_per_running, momentum, unbias, <float*>_out(running_mean, T),
+        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <float*>_out(running_mean, T),
                         <float*>_out(running_var, T), E, work)
     else:
-        _update_running(mu, v, c, C, groups_per_running, momentum, unbias, <double*>_out(running_mean, T),
+        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <double*>_out(running_mean, T),
                         <double*>_out(running_var, T), E, work)
 
 
 cdef void _update_running(const double* mean, const double* var, const Py_ssize_t* rc, Py_ssize_t C,
-                          double groups_per_running, double momentum, double unbias, floating* running_mean,
+                          double groups_per_running, double momentum, double keep, double unbias,
+                          floating* running_mean,
                           floating* running_var, Py_ssize_t E, double* scratch) noexcept nogil:
     cdef Py_ssize_t c, e
-    cdef double keep = 1.0 - momentum
     cdef double* sm = scratch
     cdef double* sv = scratch + E
     for e in range(E):
