@@ -85,8 +85,8 @@ def fold_into(weight, bias, norm, axis=0):
         scale, shift = norm.fold(ndim=2)  # (C,): flattened below
     else:
         raise TypeError(f"norm: expected a normalization layer or its (scale, shift), got {type(norm).__name__}")
-    scale = np.asarray(scale).reshape(-1) if be.name == "cpu" else scale.reshape(-1)
-    shift = np.asarray(shift).reshape(-1) if be.name == "cpu" else shift.reshape(-1)
+    xp = be.xp
+    scale, shift = xp.asarray(scale).reshape(-1), xp.asarray(shift).reshape(-1)
     channels = weight.shape[axis]
     if scale.shape != (channels,) or shift.shape != (channels,):
         raise ValueError(f"weight: axis {axis} has {channels} output channels, but norm has "
@@ -95,7 +95,6 @@ def fold_into(weight, bias, norm, axis=0):
         checks.array("bias", bias, None, be)
         if bias.shape != (channels,):
             raise ValueError(f"bias: expected shape ({channels},), got {bias.shape}")
-    xp = be.xp
     s64 = scale.astype(np.float64)
     view = [1] * weight.ndim
     view[axis] = channels

@@ -21,6 +21,7 @@ from . import checks, sync
 from .backend import backend_named, backend_of, machine_eps
 from .forms import last_axes, normalized_shape_tuple
 from .functional import backward, forward
+from . import folding
 from .layer_docs import document
 from .modes import get_mode
 
@@ -377,7 +378,8 @@ class _Norm(Layer):
     def _comm_or_none(self):
         return None
 
-    #: the input rank ``fold()`` shapes its arrays for when not told (None: parameters' shape)
+    #: the input rank ``fold()`` shapes its arrays for when not told (None: any rank, so
+    #: channels-first layers must be told)
     _fold_ndim = None
 
     def fold(self, ndim=None):
@@ -405,11 +407,10 @@ class _Norm(Layer):
         >>> bool(np.allclose(x * scale + shift, bn(x)))
         True
         """
-        from .folding import fold
         if self.running_mean is None:
             return super().fold(ndim)
-        scale, shift = fold(self.running_mean, self.running_var, self.weight, self.bias, self.eps,
-                            center=get_mode(self._mode).center)
+        scale, shift = folding.fold(self.running_mean, self.running_var, self.weight, self.bias, self.eps,
+                                    center=get_mode(self._mode).center)
         shape = self._fold_shape(scale.shape, ndim)
         return scale.reshape(shape), shift.reshape(shape)
 

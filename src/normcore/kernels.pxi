@@ -646,17 +646,17 @@ def affine_inner(x, mean, rstd, rp, w, bias, y, int threads):
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* pb = <const double*>_in(bias, F64)
-    cdef float* wf
-    cdef float* bf
+    cdef float* wf = NULL
+    cdef float* bf = NULL
     if T == cnp.NPY_FLOAT32:
-        wf = _params_f32(w)
         try:
+            wf = _params_f32(w)
             bf = _params_f32(bias)
             _affine_inner(<const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <float*>_out(y, T),
                           threads)
-            free(bf)
         finally:
             free(wf)
+            free(bf)
     else:
         _affine_inner(<const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, NULL, NULL, <double*>_out(y, T),
                       threads)
