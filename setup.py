@@ -50,7 +50,7 @@ def _accepts(compiler, flags):
 
 # The AVX2 and AVX-512 builds of the same kernels; normcore.kernels chooses the widest the
 # CPU has at import. No implicit contraction into FMA: the kernels say where they fuse.
-AVX2_FLAGS = ["-mavx2", "-mfma", "-ffp-contract=off"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 # GCC keeps 256-bit vectors on AVX-512 targets unless told to prefer 512
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=512"]
 VARIANT_FLAGS = {"_kernels": [], "_kernels_avx2": AVX2_FLAGS, "_kernels_avx512": AVX512_FLAGS}

@@ -21,7 +21,29 @@ import numpy as np
 
 from . import kernels
 
-__all__ = ["Backend", "Kernels", "AffineKind", "backend_of", "backend_named", "CPU", "machine_eps"]
+__all__ = ["Backend", "Kernels", "AffineKind", "backend_of", "backend_named", "CPU", "machine_eps",
+           "storage_dtypes", "HALF_NAMES"]
+
+# The half-precision storage dtypes: computed in float32 (statistics in double on the CPU,
+# float32 on the GPU), their weight, bias and running statistics either in x's dtype or
+# float32.
+HALF_NAMES = ("float16", "bfloat16")
+
+
+def storage_dtypes():
+    """The dtypes x may have on either backend: float32, float64, float16, and bfloat16
+    when ml_dtypes (which gives NumPy and CuPy the bfloat16 dtype) is installed.
+
+    >>> [d.name for d in storage_dtypes()][:3]
+    ['float32', 'float64', 'float16']
+    """
+    dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
+    try:
+        import ml_dtypes
+        dtypes.append(np.dtype(ml_dtypes.bfloat16))
+    except ImportError:
+        pass
+    return tuple(dtypes)
 
 # The affine kinds of normalize_groups / backward_groups, defined once in
 # src/normcore/contract.h and read here from the compiled kernels.
@@ -33,9 +55,10 @@ per row, w[rp[r]]) or INNER (along the row, w[rp[r] + s])."""
 class Kernels(Protocol):
     """The kernel contract: what ``Backend.K`` provides, on the backend's arrays.
 
-    Conventions: every array is C-contiguous; x, y, dy, dx (and w, b, running statistics
-    where typed T) have the storage dtype T of x; statistics, coefficients and partials
-    are float64; index arrays (rg, rp, rc) are intp. Layouts: (A, C, B) for statistics
+    Conventions: every array is C-contiguous; x, y, dy, dx have the storage dtype T of x
+    (float32, float64, float16 or bfloat16); w, b and running statistics marked T have T,
+    or float32 beside a half T (each its own); statistics, coefficients and partials are
+    float64; index arrays (rg, rp, rc) are intp. Layouts: (A, C, B) for statistics
     (group c reduces over a and b), (A, R, S) for elementwise passes (row r has one
     group rg[r] and either one parameter rp[r] or the slice w[rp[r]:rp[r] + S]).
     ``threads`` is a hint (GPU backends ignore it). Kernels check nothing: the
@@ -157,11 +180,11 @@ class Backend:
     fused_backward = True  # K.backward_groups: one-visit training backward (optional)
     array_type = np.ndarray
     array_name = "numpy.ndarray"
-    dtypes = (np.dtype(np.float32), np.dtype(np.float64))
 
     def __init__(self):
         self.xp = np
         self.K = kernels.K
+        self.dtypes = storage_dtypes()
         self._constants = weakref.WeakKeyDictionary()
 
     def threads_for(self, size):

@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from .backend import CPU, backend_of
+from .backend import CPU, HALF_NAMES, backend_of
 
 __all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "running_rate",
            "DEFAULT_MOMENTUM", "out", "disjoint",
@@ -61,13 +61,26 @@ def array(name, a, dtype=None, be=None):
 
 
 def param(name, a, shape, dtype, be):
-    """An optional array argument (weight, bias, running statistic) of ``shape`` and
-    ``dtype`` on ``be``; None passes."""
+    """An optional array argument (weight, bias, running statistic) of ``shape`` and x's
+    ``dtype`` on ``be`` -- or float32 beside a half-precision x, as PyTorch's mixed
+    precision keeps them; None passes."""
     if a is None or (type(a) is be.array_type and a.dtype == dtype and a.shape == shape):
         return  # absent, or the common case
-    array(name, a, dtype, be)
+    if dtype.name in HALF_NAMES and getattr(a, "dtype", None) == np.float32:
+        array(name, a, None, be)
+    elif dtype.name in HALF_NAMES and isinstance(a, be.array_type) and a.dtype != dtype:
+        raise TypeError(f"{name}: expected x's dtype {dtype} or float32, got dtype {a.dtype}")
+    else:
+        array(name, a, dtype, be)
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
+
+
+def same_dtype(name_a, a, name_b, b):
+    """Two arrays the kernels read as a pair (weight and bias, the running statistics)
+    share one dtype; either may be absent."""
+    if a is not None and b is not None and a.dtype != b.dtype:
+        raise TypeError(f"{name_a}/{name_b}: expected one dtype for both, got {a.dtype} and {b.dtype}")
 
 
 def min_ndim(name, a, ndim, axes):

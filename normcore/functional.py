@@ -82,20 +82,22 @@ class NormCache:
     """
 
     __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "weight64", "has_weight",
-                 "has_bias", "stats_grad", "count", "comm", "backend", "view")
+                 "has_bias", "param_dtype", "stats_grad", "count", "comm", "backend", "view")
 
     def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_bias, stats_grad, count,
-                 comm=None, backend=CPU):
+                 comm=None, backend=CPU, param_dtype=None):
         self.mode = mode
         self.plan = plan
         self.x3 = x3                # the input in the canonical layout, plan.kernel_shape
         self.dtype = dtype
         self.mean = mean            # (C,) float64 mean used to normalize (0 when not centred)
         self.rstd = rstd            # (C,) float64 1 / sqrt(var + eps)
-        self.weight = weight        # (P,) weight in x's dtype, or None
+        self.weight = weight        # (P,) weight in its own dtype, or None
         self.weight64 = None        # the same in float64, made when a kernel needs it
         self.has_weight = weight is not None
         self.has_bias = has_bias
+        # dweight and dbias have the parameters' dtype (x's, or float32 beside a half x)
+        self.param_dtype = dtype if param_dtype is None else param_dtype
         self.stats_grad = stats_grad  # gradients flow through batch statistics
         self.count = count          # elements per group, all ranks
         self.comm = comm            # communicator the statistics were synchronized over
@@ -238,6 +240,8 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                            ("running_mean", running_mean, plan.running_shape),
                            ("running_var", running_var, plan.running_shape)):
         checks.param(name, a, shape, dtype, be)
+    checks.same_dtype("weight", weight, "bias", bias)
+    checks.same_dtype("running_mean", running_mean, "running_var", running_var)
     if has_running:
         if training:
             for name, a in (("running_mean", running_mean), ("running_var", running_var)):
@@ -335,7 +339,8 @@ def _forward(call: _Forward, x):
         _apply(call, _shaped(x3, plan.rows), mean, rstd, y_rows, run)
     cache = NormCache(call.mode, plan, x3, call.dtype, mean, rstd, call.weight, call.bias is not None,
                       stats_grad=call.use_batch and not call.estimate, count=count,
-                      comm=None if call.link is None else call.link.comm, backend=call.be)
+                      comm=None if call.link is None else call.link.comm, backend=call.be,
+                      param_dtype=_param_dtype(call))
     return _result(y_rows, plan, out, xp), cache
 
 
@@ -348,7 +353,8 @@ def _empty_forward(call: _Forward, x):
     C = prod(plan.stat_shape)  # (the layout's C of an empty axis can read 1)
     nan = xp.full(C, np.nan) if C <= 65536 else xp.broadcast_to(xp.asarray(np.nan), (C,))
     cache = NormCache(call.mode, plan, _canonical(x, plan, xp), call.dtype, nan, nan, call.weight,
-                      call.bias is not None, stats_grad=False, count=0, backend=call.be)
+                      call.bias is not None, stats_grad=False, count=0, backend=call.be,
+                      param_dtype=_param_dtype(call))
     return y, cache
 
 
@@ -440,11 +446,18 @@ def _normalize_columns(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
                          rstd, y_rows, run.threads)
 
 
+def _param_dtype(call: _Forward):
+    """The dtype of the call's weight and bias (x's when it has neither)."""
+    given = call.weight if call.weight is not None else call.bias
+    return call.dtype if given is None else given.dtype
+
+
 def _params_or_dummies(call: _Forward, run: _Run):
-    """(weight, bias) as the row kernels read them: absent ones replaced by a placeholder."""
+    """(weight, bias) as the row kernels read them: absent ones replaced by a placeholder
+    of the other's dtype (the kernels read both in one)."""
     w, b = call.weight, call.bias
     if w is None or b is None:
-        dummy = run.dummy(call.plan, call.dtype)
+        dummy = run.dummy(call.plan, _param_dtype(call))
         return (dummy if w is None else w), (dummy if b is None else b)
     return w, b
 
@@ -675,9 +688,9 @@ def _backward(dy, cache, out, link):
     pshape = plan.param_shape if view is None else view[1]
     dweight = dbias = None
     if cache.has_weight:
-        dweight = (dw if len(pshape) == 1 else dw.reshape(pshape)).astype(cache.dtype)
+        dweight = (dw if len(pshape) == 1 else dw.reshape(pshape)).astype(cache.param_dtype)
     if cache.has_bias:
-        dbias = (db if len(pshape) == 1 else db.reshape(pshape)).astype(cache.dtype)
+        dbias = (db if len(pshape) == 1 else db.reshape(pshape)).astype(cache.param_dtype)
     return dx, dweight, dbias
 
 
@@ -691,7 +704,7 @@ def viewed(y, cache, x_shape, param_shape, out=None):
 
 def _weight_or_dummy(cache, run: _Run):
     """The forward's weight as the row kernels read it, a placeholder when there was none."""
-    return cache.weight if cache.has_weight else run.dummy(cache.plan, cache.dtype)
+    return cache.weight if cache.has_weight else run.dummy(cache.plan, cache.param_dtype)
 
 
 def _param_grads(cache, run: _Run):

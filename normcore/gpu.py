@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import backend
 from .backend import AffineKind, Backend
 
 __all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source", "storage_dtypes",
@@ -106,14 +107,8 @@ def _cupy_kernel(family, name, dtype_name):
 
 def storage_dtypes():
     """The dtypes the CUDA kernels store: float32, float64, float16, and bfloat16 when
-    ml_dtypes (which gives NumPy and CuPy the bfloat16 dtype) is installed."""
-    dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
-    try:
-        import ml_dtypes
-        dtypes.append(np.dtype(ml_dtypes.bfloat16))
-    except ImportError:
-        pass
-    return tuple(dtypes)
+    ml_dtypes (which gives NumPy and CuPy the bfloat16 dtype) is installed (the CPU's)."""
+    return backend.storage_dtypes()
 
 
 def _i(v):

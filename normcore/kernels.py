@@ -1,5 +1,5 @@
 """Which build of the compiled kernels runs: the widest the CPU has of AVX-512 (F, BW, VL),
-AVX2 with FMA, and the baseline. All come from the same source (src/normcore/kernels.pxi);
+AVX2 with FMA and F16C (float16 conversions), and the baseline. All come from the same source (src/normcore/kernels.pxi);
 within a build results do not depend on the thread count, and across builds they differ
 at most in the last bits, within the float32 accuracy contract (README, Numerics).
 ``NORMCORE_KERNELS=baseline``, ``avx2`` or ``avx512`` forces one (an error when the CPU or
@@ -14,8 +14,8 @@ __all__ = ["K", "VARIANT", "VARIANTS", "available_variants", "set_num_threads", 
            "threads_for"]
 
 # widest first: (name, module, the CPU features it needs, as NumPy names them)
-VARIANTS = (("avx512", "_kernels_avx512", ("AVX512F", "AVX512BW", "AVX512VL", "AVX2", "FMA3")),
-            ("avx2", "_kernels_avx2", ("AVX2", "FMA3")),
+VARIANTS = (("avx512", "_kernels_avx512", ("AVX512F", "AVX512BW", "AVX512VL", "AVX2", "FMA3", "F16C")),
+            ("avx2", "_kernels_avx2", ("AVX2", "FMA3", "F16C")),
             ("baseline", "_kernels", ()))
 
 

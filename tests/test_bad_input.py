@@ -115,13 +115,25 @@ def test_constructor_errors(ctor, exc, arg):
         ctor()
 
 
-def test_half_precision_runs_on_the_gpu_only():
-    # float16 layers exist for CuPy inputs; on the CPU the input is refused, naming the CPU
-    layer = nc.RMSNorm(4, dtype=np.float16)
-    with pytest.raises(TypeError, match=r"^x: expected float32 or float64 on the CPU, got dtype float16"):
-        layer(np.ones((2, 4), np.float16))
-    with pytest.raises(TypeError, match=r"^x: expected float32 or float64 on the CPU"):
-        nc.normalize(np.ones((2, 4), np.float16), "layer_norm")
+def test_half_precision_parameters_are_x_dtype_or_float32():
+    # beside a float16 x, weight/bias/running statistics may be float16 or float32 (mixed,
+    # as PyTorch's CPU kernels); any other dtype, or a pair split across dtypes, is refused
+    x = np.ones((4, 3, 2), np.float16)
+    w16, w32 = np.ones(3, np.float16), np.ones(3, np.float32)
+    for bad in (np.ones(3), np.ones(3, np.int32)):
+        with pytest.raises(TypeError, match=r"^weight: expected x's dtype float16 or float32, got dtype"):
+            nc.normalize(x, "batch_norm", weight=bad)
+    with pytest.raises(TypeError, match=r"^weight/bias: expected one dtype for both, got float16 and float32"):
+        nc.normalize(x, "batch_norm", weight=w16, bias=w32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float16)
+    with pytest.raises(TypeError, match=r"^running_mean/running_var: expected one dtype"):
+        nc.normalize(x, "batch_norm", running_mean=rm, running_var=rv)
+    assert (rm == 0).all() and (rv == 1).all()  # refused before anything is written
+    # a float32 x keeps the one-dtype rule
+    with pytest.raises(TypeError, match=r"^weight: dtype float16 does not match x's dtype float32"):
+        nc.normalize(x.astype(np.float32), "batch_norm", weight=w16)
+    with pytest.raises(TypeError, match=r"^x: expected float32 or float64 or float16"):
+        nc.normalize(np.ones((2, 4), np.int8), "layer_norm")
 
 
 def running():

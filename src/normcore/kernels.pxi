@@ -49,9 +49,20 @@ from libc.stdlib cimport abort, free, malloc
 
 cnp.import_array()
 
+cdef extern from "simd.h" nogil:
+    # half-precision storage (simd.h): 16-bit patterns the kernels convert on load and store
+    ctypedef struct nc_f16:
+        pass
+    ctypedef struct nc_bf16:
+        pass
+
+# The storage types T of x: float32 and float64, and the half types, which every kernel
+# widens to float32 (elementwise) or double (reductions) and rounds once on the way out.
 ctypedef fused floating:
     float
     double
+    nc_f16
+    nc_bf16
 
 cdef extern from "contract.h":
     cdef enum nc_affine_kind:
@@ -111,10 +122,25 @@ cdef inline void* _out(object a, int typenum) except? NULL:
     return p
 
 
+cdef int HALF = cnp.NPY_FLOAT16
+# NumPy's type number of bfloat16 (ml_dtypes registers it at run time): learned from the
+# first bfloat16 array seen
+cdef int BF16 = -2
+
+
 cdef inline int _storage(object a) except -1:
-    # the storage type T of x (float32 or float64) from the array that carries it
-    if cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT32:
-        return cnp.NPY_FLOAT32
+    # the storage type T of an array: float32, float64, float16 or bfloat16 (anything else
+    # reads as float64, which _in then refuses by name)
+    global BF16
+    cdef int t
+    if not cnp.PyArray_Check(a):
+        return cnp.NPY_FLOAT64
+    t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    if t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 or t == HALF or t == BF16:
+        return t
+    if t >= 256 and a.dtype.name == "bfloat16" and a.dtype.itemsize == 2:
+        BF16 = t  # (256: NPY_USERDEF, the first type number given at run time)
+        return t
     return cnp.NPY_FLOAT64
 
 
@@ -179,54 +205,50 @@ cdef inline void _merge(double* n, double* mean, double* m2,
 
 
 cdef extern from "simd.h" nogil:
-    void nc_shifted_sums_f32(const float* p, Py_ssize_t n, double k, double* s1, double* s2)
-    void nc_shifted_sums_f64(const double* p, Py_ssize_t n, double k, double* s1, double* s2)
-    void nc_dy_sums_f32(const float* dy, const double* w, const float* x, Py_ssize_t n, double mu,
-                        double* s1, double* s2)
-    void nc_dy_sums_f64(const double* dy, const double* w, const double* x, Py_ssize_t n, double mu,
-                        double* s1, double* s2)
-    void nc_inner_row_sums_f32(const float* dy, const double* w, const float* x, Py_ssize_t n, double mu,
-                               double rs, double* s1, double* s2, double* dw, double* db)
-    void nc_inner_row_sums_f64(const double* dy, const double* w, const double* x, Py_ssize_t n, double mu,
-                               double rs, double* s1, double* s2, double* dw, double* db)
-    void nc_inner_rows2_sums_f32(const float* dy0, const float* dy1, const double* w, const float* x0,
-                                 const float* x1, Py_ssize_t n, double mu0, double mu1, double rs0, double rs1,
-                                 double* s1, double* s2, double* u1, double* u2, double* dw, double* db)
-    void nc_inner_rows2_sums_f64(const double* dy0, const double* dy1, const double* w, const double* x0,
-                                 const double* x1, Py_ssize_t n, double mu0, double mu1, double rs0, double rs1,
-                                 double* s1, double* s2, double* u1, double* u2, double* dw, double* db)
-    void nc_affine_tile_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
-                            const double* mean, const double* scale, const double* shift, int nt)
-    void nc_affine_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double s, double t, int nt,
-                           const float* pf1)
-    void nc_affine_inner_row_f32(const float* x, float* y, Py_ssize_t n, double mu, double rs,
-                                 const float* w, const float* b, int nt, const float* pf1)
-    void nc_dx_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
-                       double k1, double k2, double k3, int nt, const float* pf1, const float* pf2)
-    void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double mu,
-                             double rs, const float* w, double m1, double m2, int nt, const float* pf1,
-                             const float* pf2)
+    # storage-generic names (simd.h dispatches on the pointer's type; Cython passes the
+    # typed pointer through unconverted)
+    double nc_get(const void* p, Py_ssize_t i)
+    void nc_put(void* p, Py_ssize_t i, double v)
+    void nc_shifted_sums(const void* p, Py_ssize_t n, double k, double* s1, double* s2)
+    void nc_dy_sums(const void* dy, const double* w, const void* x, Py_ssize_t n, double mu,
+                    double* s1, double* s2)
+    void nc_inner_row_sums(const void* dy, const double* w, const void* x, Py_ssize_t n, double mu,
+                           double rs, double* s1, double* s2, double* dw, double* db)
+    void nc_inner_rows2_sums(const void* dy0, const void* dy1, const double* w, const void* x0,
+                             const void* x1, Py_ssize_t n, double mu0, double mu1, double rs0, double rs1,
+                             double* s1, double* s2, double* u1, double* u2, double* dw, double* db)
+    void nc_col_shifted_sums(const void* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
+                             double* s1, double* s2)
+    void nc_col_dy_sums(const void* dy, const void* x, Py_ssize_t rows, Py_ssize_t ld,
+                        Py_ssize_t tw, const double* mean, double* s1, double* s2)
+    # float32 and half storage: the float32 elementwise passes
+    void nc_affine_row(const void* x, void* y, Py_ssize_t n, double mu, double s, double t, int nt,
+                       const void* pf1)
+    void nc_affine_row_r(const void* x, void* y, Py_ssize_t n, const void* coefs, Py_ssize_t r, int nt)
+    void nc_affine_inner_row(const void* x, void* y, Py_ssize_t n, double mu, double rs,
+                             const float* w, const float* b, int nt, const void* pf1)
+    void nc_affine_tile(const void* x, void* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
+                        const double* mean, const double* scale, const double* shift, int nt)
+    void nc_dx_row(const void* dy, const void* x, void* dx, Py_ssize_t n, double mu,
+                   double k1, double k2, double k3, int nt, const void* pf1, const void* pf2)
+    void nc_dx_row_r(const void* dy, const void* x, void* dx, Py_ssize_t n, const void* coefs, Py_ssize_t r,
+                     int nt)
+    void nc_dx_inner_row(const void* dy, const void* x, void* dx, Py_ssize_t n, double mu,
+                         double rs, const float* w, double m1, double m2, int nt, const void* pf1,
+                         const void* pf2)
+    void nc_dx_tile(const void* dy, const void* x, void* dx, Py_ssize_t rows, Py_ssize_t ld,
+                    Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
+                    const double* k3, int nt)
+
+
+cdef extern from "simd.h" nogil:
     void nc_sfence()
     void* nc_affine_coefs(const double* mean, const double* scale, const double* shift, Py_ssize_t R)
-    void nc_affine_row_r(const float* x, float* y, Py_ssize_t n, const void* coefs, Py_ssize_t r, int nt)
     void* nc_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3, Py_ssize_t R)
-    void nc_dx_row_r(const float* dy, const float* x, float* dx, Py_ssize_t n, const void* coefs, Py_ssize_t r,
-                     int nt)
     bint nc_resident(const void* p, Py_ssize_t n)
     float* nc_to_f32(const double* p, Py_ssize_t n)
     void nc_affine_tile_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
                             const double* mean, const double* scale, const double* shift)
-    void nc_col_shifted_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
-                                 double* s1, double* s2)
-    void nc_col_shifted_sums_f64(const double* x, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw,
-                                 double* s1, double* s2)
-    void nc_col_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows, Py_ssize_t ld,
-                            Py_ssize_t tw, const double* mean, double* s1, double* s2)
-    void nc_col_dy_sums_f64(const double* dy, const double* x, Py_ssize_t rows, Py_ssize_t ld,
-                            Py_ssize_t tw, const double* mean, double* s1, double* s2)
-    void nc_dx_tile_f32(const float* dy, const float* x, float* dx, Py_ssize_t rows, Py_ssize_t ld,
-                        Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
-                        const double* k3, int nt)
     void nc_dx_tile_f64(const double* dy, const double* x, double* dx, Py_ssize_t rows, Py_ssize_t ld,
                         Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
                         const double* k3)
@@ -242,11 +264,8 @@ cdef inline void _row_moments(const floating* p, Py_ssize_t n,
         m = n - start
         if m > CHUNK:
             m = CHUNK
-        k = p[start]
-        if floating is float:
-            nc_shifted_sums_f32(p + start, m, k, &s1, &s2)
-        else:
-            nc_shifted_sums_f64(p + start, m, k, &s1, &s2)
+        k = nc_get(p, start)
+        nc_shifted_sums(p + start, m, k, &s1, &s2)
         _merge(&count, &mean, &m2, <double>m, k + s1 / m, _clamp0(s2 - s1 * (s1 / m)))
         start = start + m
     out_mean[0] = mean
@@ -266,6 +285,10 @@ def moments_rows(x, pmean, pm2, int threads):
     cdef double* p2 = <double*>_out(pm2, F64)
     if T == cnp.NPY_FLOAT32:
         _moments_rows(<const float*>_in(x, T), d[0] * d[1], d[2], pm, p2, threads)
+    elif T == HALF:
+        _moments_rows(<const nc_f16*>_in(x, T), d[0] * d[1], d[2], pm, p2, threads)
+    elif T == BF16:
+        _moments_rows(<const nc_bf16*>_in(x, T), d[0] * d[1], d[2], pm, p2, threads)
     else:
         _moments_rows(<const double*>_in(x, T), d[0] * d[1], d[2], pm, p2, threads)
 
@@ -291,20 +314,17 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
         mean[c] = 0.0
         m2[c] = 0.0
     if tw >= WIDE_REDUCTION:  # simd.h: several rows per load and store of the accumulators
-        if floating is float:
-            nc_col_shifted_sums_f32(x, rows, ld, tw, mean, m2)
-        else:
-            nc_col_shifted_sums_f64(x, rows, ld, tw, mean, m2)
+        nc_col_shifted_sums(x, rows, ld, tw, mean, m2)
     else:
         for r in range(1, rows):
             row = x + r * ld
             for c in range(tw):
-                d = <double>row[c] - <double>x[c]  # widened first: float32 x - x can overflow
+                d = nc_get(row, c) - nc_get(x, c)  # widened first: float32 x - x can overflow
                 mean[c] += d
                 m2[c] += d * d
     for c in range(tw):
         s = mean[c]
-        mean[c] = x[c] + s / rows
+        mean[c] = nc_get(x, c) + s / rows
         m2[c] = _clamp0(m2[c] - s * (s / rows))
 
 
@@ -318,6 +338,10 @@ def moments_cols(x, Py_ssize_t rows_per_block, pmean, pm2, int threads):
     cdef double* p2 = <double*>_out(pm2, F64)
     if T == cnp.NPY_FLOAT32:
         _moments_cols(<const float*>_in(x, T), d[0], d[1], rows_per_block, nb, pm, p2, threads)
+    elif T == HALF:
+        _moments_cols(<const nc_f16*>_in(x, T), d[0], d[1], rows_per_block, nb, pm, p2, threads)
+    elif T == BF16:
+        _moments_cols(<const nc_bf16*>_in(x, T), d[0], d[1], rows_per_block, nb, pm, p2, threads)
     else:
         _moments_cols(<const double*>_in(x, T), d[0], d[1], rows_per_block, nb, pm, p2, threads)
 
@@ -385,8 +409,8 @@ cdef inline void _affine_row(const floating* x, floating* y, Py_ssize_t n,
     # nt: streaming stores (see _streams); pf: the next group's input, prefetched alongside
     # (or NULL)
     cdef Py_ssize_t i
-    if floating is float:  # float32 arithmetic within the contract (simd.h)
-        nc_affine_row_f32(x, y, n, mu, s, t, nt, pf)
+    if floating is not double:  # float32 arithmetic within the contract (simd.h)
+        nc_affine_row(x, y, n, mu, s, t, nt, pf)
         return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * s + t)
@@ -399,8 +423,8 @@ cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, P
     # the compiler vectorizes along c; wide ones would reload them from L2 for every row,
     # so there four rows share each coefficient load (simd.h).
     cdef Py_ssize_t a, c
-    if floating is float:  # float32 coefficients and arithmetic (simd.h)
-        nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift, nt)
+    if floating is not double:  # float32 coefficients and arithmetic (simd.h)
+        nc_affine_tile(x, y, rows, ld, tw, mean, scale, shift, nt)
         return
     if tw >= WIDE_TILE:
         nc_affine_tile_f64(x, y, rows, ld, tw, mean, scale, shift)
@@ -426,6 +450,12 @@ def affine_rows(x, mean, scale, shift, Py_ssize_t rows_per_block, y, int threads
     if T == cnp.NPY_FLOAT32:
         _affine_rows(<const float*>_in(x, T), d[0], d[1], d[2], mu, sc, sh, rows_per_block,
                      <float*>_out(y, T), threads)
+    elif T == HALF:
+        _affine_rows(<const nc_f16*>_in(x, T), d[0], d[1], d[2], mu, sc, sh, rows_per_block,
+                     <nc_f16*>_out(y, T), threads)
+    elif T == BF16:
+        _affine_rows(<const nc_bf16*>_in(x, T), d[0], d[1], d[2], mu, sc, sh, rows_per_block,
+                     <nc_bf16*>_out(y, T), threads)
     else:
         _affine_rows(<const double*>_in(x, T), d[0], d[1], d[2], mu, sc, sh, rows_per_block,
                      <double*>_out(y, T), threads)
@@ -447,11 +477,11 @@ cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t
     else:
         # float32 coefficients made once per channel rather than once per row (rows may be
         # short: a 4 x 4 feature map)
-        coefs = nc_affine_coefs(mean, scale, shift, R) if floating is float else NULL
+        coefs = nc_affine_coefs(mean, scale, shift, R) if floating is not double else NULL
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
-            if floating is float:
+            if floating is not double:
                 if coefs != NULL:
                     nc_affine_row_r(x + i * S, y + i * S, S, coefs, r, nt)
                     continue
@@ -464,10 +494,7 @@ cdef void _affine_rows(const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t
 cdef inline void _dy_sums(const floating* dy, const double* w, const floating* x, Py_ssize_t n,
                           double mu, double* s1, double* s2) noexcept nogil:
     # s1 = sum g, s2 = sum g * (x - mu) with g = dy * w (w NULL: g = dy), in one pass
-    if floating is float:
-        nc_dy_sums_f32(dy, w, x, n, mu, s1, s2)
-    else:
-        nc_dy_sums_f64(dy, w, x, n, mu, s1, s2)
+    nc_dy_sums(dy, w, x, n, mu, s1, s2)
 
 
 cdef inline void _row_sums(const floating* dy, const floating* x, Py_ssize_t n, double mu,
@@ -485,6 +512,10 @@ def sums_rows(dy, x, mean, p1, p2, int threads):
     cdef double* q2 = <double*>_out(p2, F64)
     if T == cnp.NPY_FLOAT32:
         _sums_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+    elif T == HALF:
+        _sums_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+    elif T == BF16:
+        _sums_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
     else:
         _sums_rows(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
 
@@ -502,19 +533,18 @@ cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_
                                 Py_ssize_t ld, Py_ssize_t tw, const double* mean,
                                 double* s1, double* s2) noexcept nogil:
     cdef Py_ssize_t r, c
+    cdef double g
     for c in range(tw):
         s1[c] = 0.0
         s2[c] = 0.0
     if tw >= WIDE_REDUCTION:  # simd.h: several rows per load and store of the accumulators
-        if floating is float:
-            nc_col_dy_sums_f32(dy, x, rows, ld, tw, mean, s1, s2)
-        else:
-            nc_col_dy_sums_f64(dy, x, rows, ld, tw, mean, s1, s2)
+        nc_col_dy_sums(dy, x, rows, ld, tw, mean, s1, s2)
         return
     for r in range(rows):
         for c in range(tw):
-            s1[c] += dy[r * ld + c]
-            s2[c] += dy[r * ld + c] * (x[r * ld + c] - mean[c])
+            g = nc_get(dy, r * ld + c)
+            s1[c] += g
+            s2[c] += g * (nc_get(x, r * ld + c) - mean[c])
 
 
 def sums_cols(dy, x, mean, Py_ssize_t rows_per_block, p1, p2, int threads):
@@ -528,6 +558,12 @@ def sums_cols(dy, x, mean, Py_ssize_t rows_per_block, p1, p2, int threads):
     cdef double* q2 = <double*>_out(p2, F64)
     if T == cnp.NPY_FLOAT32:
         _sums_cols(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], rows_per_block, nb,
+                   mu, q1, q2, threads)
+    elif T == HALF:
+        _sums_cols(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[0], d[1], rows_per_block, nb,
+                   mu, q1, q2, threads)
+    elif T == BF16:
+        _sums_cols(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[0], d[1], rows_per_block, nb,
                    mu, q1, q2, threads)
     else:
         _sums_cols(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], rows_per_block, nb,
@@ -549,8 +585,8 @@ cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py
                          double mu, double k1, double k2, double k3, bint nt, const floating* pf1,
                          const floating* pf2) noexcept nogil:
     cdef Py_ssize_t i
-    if floating is float:
-        nc_dx_row_f32(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2)
+    if floating is not double:
+        nc_dx_row(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2)
         return
     for i in range(n):
         dx[i] = <floating>(dy[i] * k1 + (x[i] - mu) * k2 + k3)
@@ -561,8 +597,8 @@ cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, P
                           const double* k2, const double* k3, bint nt) noexcept nogil:
     # as _affine_tile: rows share coefficient loads only where the tile is wide
     cdef Py_ssize_t a, c
-    if floating is float:
-        nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3, nt)
+    if floating is not double:
+        nc_dx_tile(dy, x, dx, rows, ld, tw, mean, k1, k2, k3, nt)
         return
     if tw >= WIDE_TILE:
         nc_dx_tile_f64(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
@@ -584,6 +620,12 @@ def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx, int threads)
     if T == cnp.NPY_FLOAT32:
         _dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
                  rows_per_block, <float*>_out(dx, T), threads)
+    elif T == HALF:
+        _dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
+                 rows_per_block, <nc_f16*>_out(dx, T), threads)
+    elif T == BF16:
+        _dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
+                 rows_per_block, <nc_bf16*>_out(dx, T), threads)
     else:
         _dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
                  rows_per_block, <double*>_out(dx, T), threads)
@@ -604,11 +646,11 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
                 _dx_tile(dy + o, x + o, dx + o, _block_rows(i, rpb, A), R, _block_rows(t, TILE, R),
                          mean + r, k1 + r, k2 + r, k3 + r, nt)
     else:
-        coefs = nc_dx_coefs(mean, k1, k2, k3, R) if floating is float else NULL  # as in _affine_rows
+        coefs = nc_dx_coefs(mean, k1, k2, k3, R) if floating is not double else NULL  # as in _affine_rows
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
-            if floating is float:
+            if floating is not double:
                 if coefs != NULL:
                     nc_dx_row_r(dy + i * S, x + i * S, dx + i * S, S, coefs, r, nt)
                     continue
@@ -628,8 +670,8 @@ cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n,
                                    const float* bf, bint nt, const floating* pf) noexcept nogil:
     # wf, bf: float32 copies of w, b for the float32 pass (see _params_f32)
     cdef Py_ssize_t i
-    if floating is float:
-        nc_affine_inner_row_f32(x, y, n, mu, rs, wf, bf, nt, pf)
+    if floating is not double:
+        nc_affine_inner_row(x, y, n, mu, rs, wf, bf, nt, pf)
         return
     for i in range(n):
         y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
@@ -653,6 +695,24 @@ def affine_inner(x, mean, rstd, rp, w, bias, y, int threads):
             wf = _params_f32(w)
             bf = _params_f32(bias)
             _affine_inner(<const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <float*>_out(y, T),
+                          threads)
+        finally:
+            free(wf)
+            free(bf)
+    elif T == HALF:
+        try:
+            wf = _params_f32(w)
+            bf = _params_f32(bias)
+            _affine_inner(<const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <nc_f16*>_out(y, T),
+                          threads)
+        finally:
+            free(wf)
+            free(bf)
+    elif T == BF16:
+        try:
+            wf = _params_f32(w)
+            bf = _params_f32(bias)
+            _affine_inner(<const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <nc_bf16*>_out(y, T),
                           threads)
         finally:
             free(wf)
@@ -707,6 +767,26 @@ def normalize_groups(x, Py_ssize_t rows_per_group, bint center, double eps, int 
         finally:
             free(wf)
             free(bf)
+    elif T == HALF:
+        try:
+            if affine == NC_AFFINE_INNER:
+                wf = _params_f32(w)
+                bf = _params_f32(bias)
+            _normalize_groups(<const nc_f16*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw,
+                              pb, wf, bf, mu, v, rs, <nc_f16*>_out(y, T), threads)
+        finally:
+            free(wf)
+            free(bf)
+    elif T == BF16:
+        try:
+            if affine == NC_AFFINE_INNER:
+                wf = _params_f32(w)
+                bf = _params_f32(bias)
+            _normalize_groups(<const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw,
+                              pb, wf, bf, mu, v, rs, <nc_bf16*>_out(y, T), threads)
+        finally:
+            free(wf)
+            free(bf)
     else:
         _normalize_groups(<const double*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw, pb,
                           NULL, NULL, mu, v, rs, <double*>_out(y, T), threads)
@@ -755,9 +835,11 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
 cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize_t n,
                                  double mu, double rs, double* dw, double* db) noexcept nogil:
     cdef Py_ssize_t i
+    cdef double g
     for i in range(n):
-        dw[i] += dy[i] * ((x[i] - mu) * rs)
-        db[i] += dy[i]
+        g = nc_get(dy, i)
+        dw[i] += g * ((nc_get(x, i) - mu) * rs)
+        db[i] += g
 
 
 def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean, rstd,
@@ -787,6 +869,24 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
             _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
                              <float*>_out(dx, T), threads)
+        finally:
+            free(wf)
+    elif T == HALF:
+        try:
+            if affine == NC_AFFINE_INNER:
+                wf = _params_f32(w)
+            _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group,
+                             center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
+                             <nc_f16*>_out(dx, T), threads)
+        finally:
+            free(wf)
+    elif T == BF16:
+        try:
+            if affine == NC_AFFINE_INNER:
+                wf = _params_f32(w)
+            _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group,
+                             center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
+                             <nc_bf16*>_out(dx, T), threads)
         finally:
             free(wf)
     else:
@@ -833,10 +933,7 @@ cdef inline void _group_sums(const floating* dy, const floating* x, Py_ssize_t c
         o = c * B + j * S
         if affine == NC_AFFINE_INNER:
             # the row sums and its dweight / dbias partials in one pass
-            if floating is float:
-                nc_inner_row_sums_f32(dy + o, w + rp[r], x + o, S, mu, rs, &q1, &q2, dw + rp[r], db + rp[r])
-            else:
-                nc_inner_row_sums_f64(dy + o, w + rp[r], x + o, S, mu, rs, &q1, &q2, dw + rp[r], db + rp[r])
+            nc_inner_row_sums(dy + o, w + rp[r], x + o, S, mu, rs, &q1, &q2, dw + rp[r], db + rp[r])
             a0[0] = a0[0] + q1
             a1[0] = a1[0] + q2 * rs
         else:
@@ -867,14 +964,9 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
             q2 = 0.0
             q3 = 0.0
             if pairs and c + 1 < end and rp[c] == rp[c + 1]:
-                if floating is float:
-                    nc_inner_rows2_sums_f32(dy + c * B, dy + (c + 1) * B, w + rp[c], x + c * B, x + (c + 1) * B,
-                                            B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
-                                            pdw + k * P + rp[c], pdb + k * P + rp[c])
-                else:
-                    nc_inner_rows2_sums_f64(dy + c * B, dy + (c + 1) * B, w + rp[c], x + c * B, x + (c + 1) * B,
-                                            B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
-                                            pdw + k * P + rp[c], pdb + k * P + rp[c])
+                nc_inner_rows2_sums(dy + c * B, dy + (c + 1) * B, w + rp[c], x + c * B, x + (c + 1) * B,
+                                    B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
+                                    pdw + k * P + rp[c], pdb + k * P + rp[c])
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
                           (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt)
                 _group_dx(dy, x, dx, c + 1, C, B, J, affine, rp, w, wf, mean[c + 1], rstd[c + 1],
@@ -920,6 +1012,12 @@ def sums_inner(dy, x, mean, rstd, rp, w, Py_ssize_t rows_per_block, s1, s2, pdw,
     if T == cnp.NPY_FLOAT32:
         _sums_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw,
                     rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+    elif T == HALF:
+        _sums_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw,
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+    elif T == BF16:
+        _sums_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw,
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
     else:
         _sums_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw,
                     rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
@@ -951,8 +1049,8 @@ cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* 
                                double m1, double m2, bint nt, const floating* pf1,
                                const floating* pf2) noexcept nogil:
     cdef Py_ssize_t i
-    if floating is float:
-        nc_dx_inner_row_f32(dy, x, dx, n, mu, rs, wf, m1, m2, nt, pf1, pf2)
+    if floating is not double:
+        nc_dx_inner_row(dy, x, dx, n, mu, rs, wf, m1, m2, nt, pf1, pf2)
         return
     for i in range(n):
         dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
@@ -976,6 +1074,20 @@ def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, int threads):
         try:
             _dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
                       <float*>_out(dx, T), threads)
+        finally:
+            free(wf)
+    elif T == HALF:
+        wf = _params_f32(w)
+        try:
+            _dx_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
+                      <nc_f16*>_out(dx, T), threads)
+        finally:
+            free(wf)
+    elif T == BF16:
+        wf = _params_f32(w)
+        try:
+            _dx_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
+                      <nc_bf16*>_out(dx, T), threads)
         finally:
             free(wf)
     else:
@@ -1069,6 +1181,12 @@ def update_running(mean, var, rc, double groups_per_running, double momentum, do
     if T == cnp.NPY_FLOAT32:
         _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <float*>_out(running_mean, T),
                         <float*>_out(running_var, T), E, work)
+    elif T == HALF:
+        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <nc_f16*>_out(running_mean, T),
+                        <nc_f16*>_out(running_var, T), E, work)
+    elif T == BF16:
+        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <nc_bf16*>_out(running_mean, T),
+                        <nc_bf16*>_out(running_var, T), E, work)
     else:
         _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <double*>_out(running_mean, T),
                         <double*>_out(running_var, T), E, work)
@@ -1091,8 +1209,8 @@ cdef void _update_running(const double* mean, const double* var, const Py_ssize_
         if groups_per_running != 1.0:
             sm[e] = sm[e] / groups_per_running
             sv[e] = sv[e] / groups_per_running
-        running_mean[e] = <floating>(keep * running_mean[e] + momentum * sm[e])
-        running_var[e] = <floating>(keep * running_var[e] + momentum * sv[e])
+        nc_put(running_mean, e, keep * nc_get(running_mean, e) + momentum * sm[e])
+        nc_put(running_var, e, keep * nc_get(running_var, e) + momentum * sv[e])
 
 
 def running_statistics(running_mean, running_var, rc, double eps, mean, var, rstd):
@@ -1108,6 +1226,12 @@ def running_statistics(running_mean, running_var, rc, double eps, mean, var, rst
     if T == cnp.NPY_FLOAT32:
         _running_statistics(<const float*>_in(running_mean, T), <const float*>_in(running_var, T), c, C, eps,
                             mu, v, rs)
+    elif T == HALF:
+        _running_statistics(<const nc_f16*>_in(running_mean, T), <const nc_f16*>_in(running_var, T), c, C, eps,
+                            mu, v, rs)
+    elif T == BF16:
+        _running_statistics(<const nc_bf16*>_in(running_mean, T), <const nc_bf16*>_in(running_var, T), c, C, eps,
+                            mu, v, rs)
     else:
         _running_statistics(<const double*>_in(running_mean, T), <const double*>_in(running_var, T), c, C, eps,
                             mu, v, rs)
@@ -1118,8 +1242,8 @@ cdef void _running_statistics(const floating* running_mean, const floating* runn
     cdef Py_ssize_t c
     cdef double v
     for c in range(C):
-        mean[c] = running_mean[rc[c]]
-        v = running_var[rc[c]]
+        mean[c] = nc_get(running_mean, rc[c])
+        v = nc_get(running_var, rc[c])
         var[c] = v
         rstd[c] = 1.0 / sqrt(v + eps)
 
@@ -1141,6 +1265,12 @@ def row_coefficients(mean, rstd, rg, rp, w, b, bint has_w, bint has_b, mean_r, s
     if T == cnp.NPY_FLOAT32:
         _row_coefficients(mu, rs, g, p, <const float*>_in(w, T), <const float*>_in(b, T), has_w, has_b, R,
                           m, sc, sh)
+    elif T == HALF:
+        _row_coefficients(mu, rs, g, p, <const nc_f16*>_in(w, T), <const nc_f16*>_in(b, T), has_w, has_b, R,
+                          m, sc, sh)
+    elif T == BF16:
+        _row_coefficients(mu, rs, g, p, <const nc_bf16*>_in(w, T), <const nc_bf16*>_in(b, T), has_w, has_b, R,
+                          m, sc, sh)
     else:
         _row_coefficients(mu, rs, g, p, <const double*>_in(w, T), <const double*>_in(b, T), has_w, has_b, R,
                           m, sc, sh)
@@ -1155,9 +1285,9 @@ cdef void _row_coefficients(const double* mean, const double* rstd, const Py_ssi
         mean_r[r] = mean[rg[r]]
         s = rstd[rg[r]]
         if has_w:
-            s = s * <double>w[rp[r]]
+            s = s * nc_get(w, rp[r])
         scale[r] = s
-        shift[r] = <double>b[rp[r]] if has_b else 0.0
+        shift[r] = nc_get(b, rp[r]) if has_b else 0.0
 
 
 def gradient_sums(p1, p2, rg, rp, w, bint has_w, rstd, g1, g2, dw, db):
@@ -1180,6 +1310,10 @@ def gradient_sums(p1, p2, rg, rp, w, bint has_w, rstd, g1, g2, dw, db):
     cdef double* ob = <double*>_out(db, F64)
     if T == cnp.NPY_FLOAT32:
         _gradient_sums(q1, q2, d[0], d[1], g, p, <const float*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
+    elif T == HALF:
+        _gradient_sums(q1, q2, d[0], d[1], g, p, <const nc_f16*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
+    elif T == BF16:
+        _gradient_sums(q1, q2, d[0], d[1], g, p, <const nc_bf16*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
     else:
         _gradient_sums(q1, q2, d[0], d[1], g, p, <const double*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
 
@@ -1209,7 +1343,7 @@ cdef void _gradient_sums(const double* p1, const double* p2, Py_ssize_t K, Py_ss
         if P > 0:
             dw[rp[r]] += rs * t2
             db[rp[r]] += t1
-        gamma = <double>w[rp[r]] if has_w else 1.0
+        gamma = nc_get(w, rp[r]) if has_w else 1.0
         g1[rg[r]] += gamma * t1
         g2[rg[r]] += gamma * (rs * t2)
     free(tot)
@@ -1235,6 +1369,10 @@ def dx_coefficients(g1, g2, rg, rp, w, bint has_w, rstd, double count, bint stat
     cdef double* o3 = <double*>_out(k3, F64)
     if T == cnp.NPY_FLOAT32:
         _dx_coefficients(q1, q2, g, p, <const float*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+    elif T == HALF:
+        _dx_coefficients(q1, q2, g, p, <const nc_f16*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+    elif T == BF16:
+        _dx_coefficients(q1, q2, g, p, <const nc_bf16*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
     else:
         _dx_coefficients(q1, q2, g, p, <const double*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
 
@@ -1246,7 +1384,7 @@ cdef void _dx_coefficients(const double* g1, const double* g2, const Py_ssize_t*
     cdef double rs
     for r in range(R):
         rs = rstd[rg[r]]
-        k1[r] = rs * (<double>w[rp[r]] if has_w else 1.0)
+        k1[r] = rs * (nc_get(w, rp[r]) if has_w else 1.0)
         k2[r] = -rs * rs * (g2[rg[r]] / count) if stats_grad else 0.0
         k3[r] = -rs * (g1[rg[r]] / count) if stats_grad and center else 0.0
 
@@ -1265,11 +1403,33 @@ cdef inline double* _scratch(Py_ssize_t n) except NULL:
     return p
 
 
+cdef void _widen_typed(const floating* p, Py_ssize_t n, double* out) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = nc_get(p, i)
+
+
+cdef inline double* _widen(object a, double* out) except NULL:
+    # a parameter vector of any storage type into out (double, a.size elements), so the
+    # composed calls take weight, bias and running statistics in their own dtypes
+    cdef int P = _storage(a)
+    cdef Py_ssize_t n = _shape(a, 1)[0]
+    if P == cnp.NPY_FLOAT32:
+        _widen_typed(<const float*>_in(a, P), n, out)
+    elif P == cnp.NPY_FLOAT64:
+        _widen_typed(<const double*>_in(a, P), n, out)
+    elif P == HALF:
+        _widen_typed(<const nc_f16*>_in(a, P), n, out)
+    else:
+        _widen_typed(<const nc_bf16*>_in(a, P), n, out)
+    return out
+
+
 def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp, w, b, bint has_w,
                    bint has_b, mean, var, rstd, y, int threads):
     """IN x (A, C) T (A > 1: the column strategy, group c is column c), rg, rp (C,) intp,
-    w, b (P,) T (read only where has_w / has_b); OUT mean, var, rstd (C,) float64 as
-    finalize_moments gives them, y (A, C) T: moments_cols, finalize_moments,
+    w, b (P,) any storage type (read only where has_w / has_b); OUT mean, var, rstd (C,)
+    float64 as finalize_moments gives them, y (A, C) T: moments_cols, finalize_moments,
     row_coefficients and affine_rows in one call."""
     cdef Py_ssize_t* d = _shape(x, 2)
     cdef Py_ssize_t A = d[0], C = d[1], k
@@ -1282,31 +1442,47 @@ def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp
     cdef double* rs = <double*>_out(rstd, F64)
     cdef const void* px = _in(x, T)
     cdef void* py = _out(y, T)
-    cdef const void* pw = _in(w, T)
-    cdef const void* pb = _in(b, T)
+    cdef Py_ssize_t nw = _shape(w, 1)[0], nbias = _shape(b, 1)[0]
     if C == 0:
         return
-    # partial means and sums of squares (nb, C), block counts (nb,), scale and shift (C,)
-    cdef double* work = _scratch(2 * nb * C + nb + 2 * C)
+    # partial means and sums of squares (nb, C), block counts (nb,), scale and shift (C,),
+    # weight and bias in double
+    cdef double* work = _scratch(2 * nb * C + nb + 2 * C + nw + nbias)
     cdef double* pmean = work
     cdef double* pm2 = work + nb * C
     cdef double* counts = work + 2 * nb * C
     cdef double* scale = counts + nb
     cdef double* shift = scale + C
+    cdef const double* pw
+    cdef const double* pb
+    try:
+        pw = _widen(w, shift + C)
+        pb = _widen(b, shift + C + nw)
+    except BaseException:
+        free(work)
+        raise
     for k in range(nb):
         counts[k] = <double>_block_rows(k, rows_per_block, A)
     with nogil:
         if T == cnp.NPY_FLOAT32:
             _moments_cols(<const float*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
             _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
-            _row_coefficients(mu, rs, g, p, <const float*>pw, <const float*>pb, has_w, has_b, C, pmean, scale,
-                              shift)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
             _affine_rows(<const float*>px, A, C, 1, pmean, scale, shift, rows_per_block, <float*>py, threads)
+        elif T == HALF:
+            _moments_cols(<const nc_f16*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
+            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
+            _affine_rows(<const nc_f16*>px, A, C, 1, pmean, scale, shift, rows_per_block, <nc_f16*>py, threads)
+        elif T == BF16:
+            _moments_cols(<const nc_bf16*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
+            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
+            _affine_rows(<const nc_bf16*>px, A, C, 1, pmean, scale, shift, rows_per_block, <nc_bf16*>py, threads)
         else:
             _moments_cols(<const double*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
             _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
-            _row_coefficients(mu, rs, g, p, <const double*>pw, <const double*>pb, has_w, has_b, C, pmean, scale,
-                              shift)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
             _affine_rows(<const double*>px, A, C, 1, pmean, scale, shift, rows_per_block, <double*>py, threads)
     free(work)
 
@@ -1314,8 +1490,8 @@ def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp
 def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b, bint has_w, bint has_b,
                       Py_ssize_t rows_per_block, mean, var, rstd, y, int threads):
     """IN x (A, R, S) T, or (A, R) for S == 1 (the column strategy's x as it is read),
-    running_mean, running_var (E,) T, rc (C,) intp, rg, rp (R,) intp, w, b (P,) T (read
-    only where has_w / has_b); OUT mean, var, rstd (C,) float64 as running_statistics gives
+    running_mean, running_var (E,), rc (C,) intp, rg, rp (R,) intp, w, b (P,) (any storage
+    type each, w and b read only where has_w / has_b); OUT mean, var, rstd (C,) float64 as running_statistics gives
     them, y (A, R, S) T: running_statistics, row_coefficients and affine_rows in one call
     (the output of eval mode and of estimated batch norm)."""
     cdef Py_ssize_t* d = _shape(x, 2 if cnp.PyArray_Check(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) == 2 else 3)
@@ -1331,24 +1507,42 @@ def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b
     cdef double* rs = <double*>_out(rstd, F64)
     cdef const void* px = _in(x, T)
     cdef void* py = _out(y, T)
-    cdef const void* prm = _in(running_mean, T)
-    cdef const void* prv = _in(running_var, T)
-    cdef const void* pw = _in(w, T)
-    cdef const void* pb = _in(b, T)
+    cdef Py_ssize_t E = _shape(running_mean, 1)[0], nw = _shape(w, 1)[0], nbias = _shape(b, 1)[0]
     if C == 0:
         return
-    cdef double* work = _scratch(3 * R)  # mean, scale and shift per row
+    # mean, scale and shift per row; the running statistics, weight and bias in double
+    cdef double* work = _scratch(3 * R + 2 * E + nw + nbias)
+    cdef const double* prm
+    cdef const double* prv
+    cdef const double* pw
+    cdef const double* pb
+    try:
+        prm = _widen(running_mean, work + 3 * R)
+        prv = _widen(running_var, work + 3 * R + E)
+        pw = _widen(w, work + 3 * R + 2 * E)
+        pb = _widen(b, work + 3 * R + 2 * E + nw)
+    except BaseException:
+        free(work)
+        raise
     with nogil:
         if T == cnp.NPY_FLOAT32:
-            _running_statistics(<const float*>prm, <const float*>prv, c, C, eps, mu, v, rs)
-            _row_coefficients(mu, rs, g, p, <const float*>pw, <const float*>pb, has_w, has_b, R, work, work + R,
-                              work + 2 * R)
+            _running_statistics(prm, prv, c, C, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, R, work, work + R, work + 2 * R)
             _affine_rows(<const float*>px, A, R, S, work, work + R, work + 2 * R, rows_per_block, <float*>py,
                          threads)
+        elif T == HALF:
+            _running_statistics(prm, prv, c, C, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, R, work, work + R, work + 2 * R)
+            _affine_rows(<const nc_f16*>px, A, R, S, work, work + R, work + 2 * R, rows_per_block, <nc_f16*>py,
+                         threads)
+        elif T == BF16:
+            _running_statistics(prm, prv, c, C, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, R, work, work + R, work + 2 * R)
+            _affine_rows(<const nc_bf16*>px, A, R, S, work, work + R, work + 2 * R, rows_per_block, <nc_bf16*>py,
+                         threads)
         else:
-            _running_statistics(<const double*>prm, <const double*>prv, c, C, eps, mu, v, rs)
-            _row_coefficients(mu, rs, g, p, <const double*>pw, <const double*>pb, has_w, has_b, R, work, work + R,
-                              work + 2 * R)
+            _running_statistics(prm, prv, c, C, eps, mu, v, rs)
+            _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, R, work, work + R, work + 2 * R)
             _affine_rows(<const double*>px, A, R, S, work, work + R, work + 2 * R, rows_per_block, <double*>py,
                          threads)
     free(work)
@@ -1357,7 +1551,8 @@ def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b
 def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint has_w, double count,
                   bint stats_grad, bint center, dw, db, dx, int threads):
     """IN dy, x (A, C) T (the column strategy), mean, rstd (C,) float64, rg, rp (C,) intp,
-    w (P,) T (read only where has_w), count elements per group, stats_grad, center; OUT
+    w (P,) any storage type (read only where has_w), count elements per group, stats_grad,
+    center; OUT
     dw, db (P,) float64 (empty to skip them), dx (A, C) T: sums_cols, gradient_sums,
     dx_coefficients and dx_rows in one call."""
     cdef Py_ssize_t* d = _shape(x, 2)
@@ -1372,15 +1567,16 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
     cdef double* ob = <double*>_out(db, F64)
     cdef const void* pdy = _in(dy, T)
     cdef const void* px = _in(x, T)
-    cdef const void* pw = _in(w, T)
     cdef void* pdx = _out(dx, T)
+    cdef Py_ssize_t nw = _shape(w, 1)[0]
     for k in range(P):
         ow[k] = 0.0
         ob[k] = 0.0
     if C == 0:
         return
-    # partial sums (nb, C) twice, group sums (C,) twice, dx coefficients (C,) three times
-    cdef double* work = _scratch(2 * nb * C + 5 * C)
+    # partial sums (nb, C) twice, group sums (C,) twice, dx coefficients (C,) three times,
+    # the weight in double
+    cdef double* work = _scratch(2 * nb * C + 5 * C + nw)
     cdef double* part_dy = work
     cdef double* part_dyx = work + nb * C
     cdef double* group_g = work + 2 * nb * C
@@ -1389,24 +1585,50 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
     cdef double* k2 = k1 + C
     cdef double* k3 = k2 + C
     cdef bint sums = stats_grad or P > 0
+    cdef const double* pw
+    try:
+        pw = _widen(w, k3 + C)
+    except BaseException:
+        free(work)
+        raise
     with nogil:
         if T == cnp.NPY_FLOAT32:
             if sums:
                 _sums_cols(<const float*>pdy, <const float*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
                            threads)
-                _gradient_sums(part_dy, part_dyx, nb, C, g, p, <const float*>pw, has_w, rs, C, group_g, group_gx,
+                _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g, group_gx,
                                P, ow, ob)
-            _dx_coefficients(group_g, group_gx, g, p, <const float*>pw, has_w, rs, C, count, stats_grad, center,
+            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
                              k1, k2, k3)
             _dx_rows(<const float*>pdy, <const float*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <float*>pdx,
+                     threads)
+        elif T == HALF:
+            if sums:
+                _sums_cols(<const nc_f16*>pdy, <const nc_f16*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
+                           threads)
+                _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g, group_gx,
+                               P, ow, ob)
+            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
+                             k1, k2, k3)
+            _dx_rows(<const nc_f16*>pdy, <const nc_f16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <nc_f16*>pdx,
+                     threads)
+        elif T == BF16:
+            if sums:
+                _sums_cols(<const nc_bf16*>pdy, <const nc_bf16*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
+                           threads)
+                _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g, group_gx,
+                               P, ow, ob)
+            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
+                             k1, k2, k3)
+            _dx_rows(<const nc_bf16*>pdy, <const nc_bf16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <nc_bf16*>pdx,
                      threads)
         else:
             if sums:
                 _sums_cols(<const double*>pdy, <const double*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
                            threads)
-                _gradient_sums(part_dy, part_dyx, nb, C, g, p, <const double*>pw, has_w, rs, C, group_g,
+                _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g,
                                group_gx, P, ow, ob)
-            _dx_coefficients(group_g, group_gx, g, p, <const double*>pw, has_w, rs, C, count, stats_grad, center,
+            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
                              k1, k2, k3)
             _dx_rows(<const double*>pdy, <const double*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <double*>pdx,
                      threads)

@@ -10,8 +10,9 @@
 
 #include <stddef.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
-#if defined(__FMA__) || defined(__AVX512F__)
+#if defined(__FMA__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -73,6 +74,153 @@ typedef float nc_vf __attribute__((vector_size(NC_FL * 4)));
 #define NC_LOAD4_double(dst, p) memcpy(&dst, (p), sizeof dst)
 #define NC_STORE4_double(p, v) memcpy((p), &(v), sizeof(v))
 
+/* ---- half-precision storage ------------------------------------------------------------
+ * float16 and bfloat16 are storage types only: every kernel reads them into float32 (or
+ * double, in the reductions) and rounds once on the way out. Each is a 16-bit pattern in a
+ * struct of its own, so the Cython kernels' fused types tell them apart. bfloat16 is the
+ * upper half of a float32 (a shift each way, round to nearest even going down); float16
+ * converts through the F16C instructions where the build has them (both vector builds),
+ * through the compiler's _Float16 elsewhere. */
+#include <stdint.h>
+typedef struct { uint16_t u; } nc_f16;
+typedef struct { uint16_t u; } nc_bf16;
+
+static inline float nc_bf16_f(nc_bf16 v) {
+    const uint32_t u = (uint32_t)v.u << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+static inline nc_bf16 nc_f_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN: stays a (quiet) NaN */
+        return (nc_bf16){(uint16_t)((u >> 16) | 0x40u)};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (nc_bf16){(uint16_t)(u >> 16)};
+}
+/* double to bfloat16 with one rounding: to float32 rounding to odd (a sticky last bit),
+ * then to nearest even; rounding twice to nearest could land a tie the wrong way. */
+static inline nc_bf16 nc_d_bf16(double d) {
+    float f = (float)d;
+    if ((double)f != d && d == d) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        if (fabs((double)f) > fabs(d))
+            u -= 1; /* toward zero: the float below d in magnitude */
+        u |= 1u;
+        memcpy(&f, &u, 4);
+    }
+    return nc_f_bf16(f);
+}
+#if defined(__F16C__)
+static inline float nc_f16_f(nc_f16 v) { return _cvtsh_ss(v.u); }
+static inline nc_f16 nc_f_f16(float f) { return (nc_f16){(uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT)}; }
+#else
+static inline float nc_f16_f(nc_f16 v) {
+    _Float16 h;
+    memcpy(&h, &v, 2);
+    return (float)h;
+}
+static inline nc_f16 nc_f_f16(float f) {
+    const _Float16 h = (_Float16)f;
+    nc_f16 r;
+    memcpy(&r, &h, 2);
+    return r;
+}
+#endif
+static inline nc_f16 nc_d_f16(double d) { /* one rounding (_Float16 from double) */
+    const _Float16 h = (_Float16)d;
+    nc_f16 r;
+    memcpy(&r, &h, 2);
+    return r;
+}
+
+/* Scalar reads as double in the reduction macros' tails (NC_TOD_##T). */
+#define NC_TOD_float(v) ((double)(v))
+#define NC_TOD_double(v) (v)
+#define NC_TOD_nc_f16(v) ((double)nc_f16_f(v))
+#define NC_TOD_nc_bf16(v) ((double)nc_bf16_f(v))
+
+/* Any storage type read as, or written from, double: the scalar accesses of the Cython
+ * kernels, dispatched on the pointer's type. Writes round once. */
+static inline double nc_get_f32(const float* p, ptrdiff_t i) { return p[i]; }
+static inline double nc_get_f64(const double* p, ptrdiff_t i) { return p[i]; }
+static inline double nc_get_h16(const nc_f16* p, ptrdiff_t i) { return nc_f16_f(p[i]); }
+static inline double nc_get_b16(const nc_bf16* p, ptrdiff_t i) { return nc_bf16_f(p[i]); }
+static inline void nc_put_f32(float* p, ptrdiff_t i, double v) { p[i] = (float)v; }
+static inline void nc_put_f64(double* p, ptrdiff_t i, double v) { p[i] = v; }
+static inline void nc_put_h16(nc_f16* p, ptrdiff_t i, double v) { p[i] = nc_d_f16(v); }
+static inline void nc_put_b16(nc_bf16* p, ptrdiff_t i, double v) { p[i] = nc_d_bf16(v); }
+#define NC_BY_TYPE(p, f)                                                                   \
+    _Generic((p), float*: f##_f32, const float*: f##_f32, double*: f##_f64, const double*: f##_f64, \
+             nc_f16*: f##_h16, const nc_f16*: f##_h16, nc_bf16*: f##_b16, const nc_bf16*: f##_b16)
+#define nc_get(p, i) NC_BY_TYPE(p, nc_get)((p), (i))
+#define nc_put(p, i, v) NC_BY_TYPE(p, nc_put)((p), (i), (v))
+
+/* NC_DL elements converted to double (the reductions' loads). */
+#if defined(__AVX512F__)
+#define NC_LOAD4_nc_f16(dst, p) dst = (nc_v4d)_mm512_cvtps_pd(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p))))
+#define NC_LOAD4_nc_bf16(dst, p) \
+    dst = (nc_v4d)_mm512_cvtps_pd(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(p))), 16)))
+#elif defined(__AVX2__)
+#define NC_LOAD4_nc_f16(dst, p) dst = (nc_v4d)_mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)(p))))
+#define NC_LOAD4_nc_bf16(dst, p) \
+    dst = (nc_v4d)_mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i*)(p))), 16)))
+#else
+#define NC_LOAD4_nc_f16(dst, p)                          \
+    do {                                                 \
+        for (int l_ = 0; l_ < NC_DL; ++l_)               \
+            (dst)[l_] = (double)nc_f16_f((p)[l_]);       \
+    } while (0)
+#define NC_LOAD4_nc_bf16(dst, p)                         \
+    do {                                                 \
+        for (int l_ = 0; l_ < NC_DL; ++l_)               \
+            (dst)[l_] = (double)nc_bf16_f((p)[l_]);      \
+    } while (0)
+#endif
+
+/* n elements between half storage and float32 (the elementwise passes' staging). */
+static inline void nc_load_h16(const nc_f16* p, float* out, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(p + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + i))));
+#endif
+    for (; i < n; ++i)
+        out[i] = nc_f16_f(p[i]);
+}
+static inline void nc_store_h16(const float* v, nc_f16* p, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm256_storeu_si256((__m256i*)(p + i), _mm512_cvtps_ph(_mm512_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i*)(p + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; ++i)
+        p[i] = nc_f_f16(v[i]);
+}
+/* bfloat16: plain integer loops, which the compiler vectorizes in every build */
+static inline void nc_load_b16(const nc_bf16* p, float* out, ptrdiff_t n) {
+    const uint16_t* q = (const uint16_t*)p;
+    uint32_t* o = (uint32_t*)out;
+    for (ptrdiff_t i = 0; i < n; ++i)
+        o[i] = (uint32_t)q[i] << 16;
+}
+static inline void nc_store_b16(const float* v, nc_bf16* p, ptrdiff_t n) {
+    const uint32_t* u = (const uint32_t*)v;
+    uint16_t* q = (uint16_t*)p;
+    for (ptrdiff_t i = 0; i < n; ++i) {
+        const uint32_t b = u[i], nan = (b & 0x7fffffffu) > 0x7f800000u;
+        q[i] = (uint16_t)(nan ? (b >> 16) | 0x40u : (b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+    }
+}
+
 /* Accumulator vectors per sum in the row reductions: enough independent chains to hide the
  * add latency, as many as the build's registers hold. */
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -115,7 +263,7 @@ typedef float nc_vf __attribute__((vector_size(NC_FL * 4)));
         }                                                                                  \
         double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                               \
         for (; i < n; ++i) {                                                               \
-            const double e = (double)p[i] - k;                                             \
+            const double e = NC_TOD_##T(p[i]) - k;                                             \
             t1 += e;                                                                       \
             t2 += e * e;                                                                   \
         }                                                                                  \
@@ -125,6 +273,8 @@ typedef float nc_vf __attribute__((vector_size(NC_FL * 4)));
 
 NC_SHIFTED_SUMS(nc_shifted_sums_f32, float)
 NC_SHIFTED_SUMS(nc_shifted_sums_f64, double)
+NC_SHIFTED_SUMS(nc_shifted_sums_h16, nc_f16)
+NC_SHIFTED_SUMS(nc_shifted_sums_b16, nc_bf16)
 
 /* s1 = sum dy[i] * w[i], s2 = sum dy[i] * w[i] * (x[i] - mu): the backward's two row sums
  * in one pass; w = NULL means w = 1. Lanes and order as NC_SHIFTED_SUMS. */
@@ -160,9 +310,9 @@ NC_SHIFTED_SUMS(nc_shifted_sums_f64, double)
         }                                                                                     \
         double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                  \
         for (; i < n; ++i) {                                                                  \
-            const double e = w ? (double)dy[i] * w[i] : (double)dy[i];                        \
+            const double e = w ? NC_TOD_##T(dy[i]) * w[i] : NC_TOD_##T(dy[i]);                        \
             t1 += e;                                                                          \
-            t2 += e * ((double)x[i] - mu);                                                    \
+            t2 += e * (NC_TOD_##T(x[i]) - mu);                                                    \
         }                                                                                     \
         *s1 = t1;                                                                             \
         *s2 = t2;                                                                             \
@@ -170,6 +320,8 @@ NC_SHIFTED_SUMS(nc_shifted_sums_f64, double)
 
 NC_DY_SUMS(nc_dy_sums_f32, float)
 NC_DY_SUMS(nc_dy_sums_f64, double)
+NC_DY_SUMS(nc_dy_sums_h16, nc_f16)
+NC_DY_SUMS(nc_dy_sums_b16, nc_bf16)
 
 /* The training backward's row work for parameters along the row (layer norm), in one pass:
  * s1, s2 exactly as NC_DY_SUMS with w (same lanes, same order), and the row's parameter
@@ -208,7 +360,7 @@ NC_DY_SUMS(nc_dy_sums_f64, double)
             NC_INNER_STEP(T, i, 0);                                                           \
         double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                  \
         for (; i < n; ++i) {                                                                  \
-            const double e = (double)dy[i], d = (double)x[i] - mu, g = e * w[i];              \
+            const double e = NC_TOD_##T(dy[i]), d = NC_TOD_##T(x[i]) - mu, g = e * w[i];              \
             dw[i] += e * (d * rs);                                                            \
             db[i] += e;                                                                       \
             t1 += g;                                                                          \
@@ -220,6 +372,8 @@ NC_DY_SUMS(nc_dy_sums_f64, double)
 
 NC_INNER_ROW_SUMS(nc_inner_row_sums_f32, float)
 NC_INNER_ROW_SUMS(nc_inner_row_sums_f64, double)
+NC_INNER_ROW_SUMS(nc_inner_row_sums_h16, nc_f16)
+NC_INNER_ROW_SUMS(nc_inner_row_sums_b16, nc_bf16)
 
 /* Two rows that share their parameters (consecutive layer-norm rows) in one pass: each row's
  * s1, s2 as NC_INNER_ROW_SUMS gives them, and dw, db loaded and stored once for both, the
@@ -269,8 +423,8 @@ NC_INNER_ROW_SUMS(nc_inner_row_sums_f64, double)
         double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                  \
         double u1 = NC_ACC_TOTAL(b1), u2 = NC_ACC_TOTAL(b2);                                  \
         for (; i < n; ++i) {                                                                  \
-            const double e = (double)dy0[i], d = (double)x0[i] - mu0, g = e * w[i];           \
-            const double f = (double)dy1[i], h = (double)x1[i] - mu1, q = f * w[i];           \
+            const double e = NC_TOD_##T(dy0[i]), d = NC_TOD_##T(x0[i]) - mu0, g = e * w[i];           \
+            const double f = NC_TOD_##T(dy1[i]), h = NC_TOD_##T(x1[i]) - mu1, q = f * w[i];           \
             dw[i] = (dw[i] + e * (d * rs0)) + f * (h * rs1);                                  \
             db[i] = (db[i] + e) + f;                                                          \
             t1 += g;                                                                          \
@@ -286,6 +440,8 @@ NC_INNER_ROW_SUMS(nc_inner_row_sums_f64, double)
 
 NC_INNER_ROWS2_SUMS(nc_inner_rows2_sums_f32, float)
 NC_INNER_ROWS2_SUMS(nc_inner_rows2_sums_f64, double)
+NC_INNER_ROWS2_SUMS(nc_inner_rows2_sums_h16, nc_f16)
+NC_INNER_ROWS2_SUMS(nc_inner_rows2_sums_b16, nc_bf16)
 
 /* y = (x - mean[c]) * scale[c] + shift[c] on a (rows, tw) tile with row stride ld: four
  * rows per sweep share each coefficient load (wide tiles keep their coefficients in L2,
@@ -385,14 +541,14 @@ NC_DX_TILE(nc_dx_tile_f64, double)
             }                                                                                  \
             for (; c < tw; ++c)                                                                \
                 for (int j = 0; j < 4; ++j) {                                                  \
-                    const double e = (double)x[(r + j) * ld + c] - (double)x[c];               \
+                    const double e = NC_TOD_##T(x[(r + j) * ld + c]) - NC_TOD_##T(x[c]);               \
                     s1[c] += e;                                                                \
                     s2[c] += e * e;                                                            \
                 }                                                                              \
         }                                                                                      \
         for (; r < rows; ++r)                                                                  \
             for (c = 0; c < tw; ++c) {                                                         \
-                const double e = (double)x[r * ld + c] - (double)x[c];                         \
+                const double e = NC_TOD_##T(x[r * ld + c]) - NC_TOD_##T(x[c]);                         \
                 s1[c] += e;                                                                    \
                 s2[c] += e * e;                                                                \
             }                                                                                  \
@@ -422,15 +578,15 @@ NC_DX_TILE(nc_dx_tile_f64, double)
             for (; c < tw; ++c)                                                                \
                 for (int j = 0; j < 2; ++j) {                                                  \
                     const ptrdiff_t o = (r + j) * ld + c;                                      \
-                    s1[c] += (double)dy[o];                                                    \
-                    s2[c] += (double)dy[o] * ((double)x[o] - mean[c]);                         \
+                    s1[c] += NC_TOD_##T(dy[o]);                                                    \
+                    s2[c] += NC_TOD_##T(dy[o]) * (NC_TOD_##T(x[o]) - mean[c]);                         \
                 }                                                                              \
         }                                                                                      \
         for (; r < rows; ++r)                                                                  \
             for (c = 0; c < tw; ++c) {                                                         \
                 const ptrdiff_t o = r * ld + c;                                                \
-                s1[c] += (double)dy[o];                                                        \
-                s2[c] += (double)dy[o] * ((double)x[o] - mean[c]);                             \
+                s1[c] += NC_TOD_##T(dy[o]);                                                        \
+                s2[c] += NC_TOD_##T(dy[o]) * (NC_TOD_##T(x[o]) - mean[c]);                             \
             }                                                                                  \
     }
 
@@ -438,6 +594,10 @@ NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_f32, float)
 NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_f64, double)
 NC_COL_DY_SUMS(nc_col_dy_sums_f32, float)
 NC_COL_DY_SUMS(nc_col_dy_sums_f64, double)
+NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_h16, nc_f16)
+NC_COL_SHIFTED_SUMS(nc_col_shifted_sums_b16, nc_bf16)
+NC_COL_DY_SUMS(nc_col_dy_sums_h16, nc_f16)
+NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
 
 
 /* ---- float32 elementwise passes --------------------------------------------------------
@@ -821,10 +981,17 @@ static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* d
 
 NC_AFFINE_TILE(nc_affine_tile_f32d, float)
 NC_DX_TILE(nc_dx_tile_f32d, float)
-#define nc_affine_tile_f32(x, y, rows, ld, tw, mean, scale, shift, nt) \
-    nc_affine_tile_f32d(x, y, rows, ld, tw, mean, scale, shift)
-#define nc_dx_tile_f32(dy, x, dx, rows, ld, tw, mean, k1, k2, k3, nt) \
-    nc_dx_tile_f32d(dy, x, dx, rows, ld, tw, mean, k1, k2, k3)
+static inline void nc_affine_tile_f32(const float* x, float* y, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,
+                                      const double* mean, const double* scale, const double* shift, int nt) {
+    (void)nt;
+    nc_affine_tile_f32d(x, y, rows, ld, tw, mean, scale, shift);
+}
+static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, ptrdiff_t rows, ptrdiff_t ld,
+                                  ptrdiff_t tw, const double* mean, const double* k1, const double* k2,
+                                  const double* k3, int nt) {
+    (void)nt;
+    nc_dx_tile_f32d(dy, x, dx, rows, ld, tw, mean, k1, k2, k3);
+}
 
 #endif /* __FMA__ */
 
@@ -854,8 +1021,8 @@ static inline void* nc_affine_coefs(const double* mean, const double* scale, con
     return c;
 }
 
-static inline void nc_affine_row_r(const float* x, float* y, ptrdiff_t n, const void* coefs, ptrdiff_t r,
-                                   int nt) {
+static inline void nc_affine_row_r_f32(const float* x, float* y, ptrdiff_t n, const void* coefs, ptrdiff_t r,
+                                       int nt) {
     nc_affine_row_c(x, y, n, (const nc_affine_c*)coefs + r, nt, NULL);
 }
 
@@ -868,10 +1035,153 @@ static inline void* nc_dx_coefs(const double* mean, const double* k1, const doub
     return c;
 }
 
-static inline void nc_dx_row_r(const float* dy, const float* x, float* dx, ptrdiff_t n, const void* coefs,
-                               ptrdiff_t r, int nt) {
+static inline void nc_dx_row_r_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, const void* coefs,
+                                   ptrdiff_t r, int nt) {
     nc_dx_row_c(dy, x, dx, n, (const nc_dx_c*)coefs + r, nt, NULL, NULL);
 }
+
+/* ---- half-precision elementwise passes ------------------------------------------------
+ * The float32 passes above, run on blocks staged through float32 buffers on the stack: the
+ * half input converted in (vectorized), the float32 pass on the buffer while it is in L1,
+ * the result converted out with one rounding. A pass is bound by the memory it streams, and
+ * half storage halves it; the staging costs L1 traffic only. Streaming stores and the next
+ * group's prefetch (nt, pf) are float32 concerns and are not taken here. */
+#define NC_STAGE 2048        /* floats per staged row block: 8 KiB per stream */
+#define NC_TILE_STAGE 16384  /* floats per staged tile block: whole rows of tiles up to 4096 columns */
+#define NC_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+#define NC_HALF_PASSES(SUF, T, LOAD, STORE)                                                     \
+    static inline void nc_affine_row_c_##SUF(const T* x, T* y, ptrdiff_t n, const nc_affine_c* c) { \
+        float b_[NC_STAGE];                                                                     \
+        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
+            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
+            LOAD(x + i, b_, m);                                                                 \
+            nc_affine_row_c(b_, b_, m, c, 0, NULL);                                             \
+            STORE(b_, y + i, m);                                                                \
+        }                                                                                       \
+    }                                                                                           \
+    static inline void nc_affine_row_##SUF(const T* x, T* y, ptrdiff_t n, double mu, double s, double t, \
+                                           int nt, const T* pf1) {                              \
+        const nc_affine_c c = nc_affine_coef(mu, s, t);                                         \
+        (void)nt, (void)pf1;                                                                    \
+        nc_affine_row_c_##SUF(x, y, n, &c);                                                     \
+    }                                                                                           \
+    static inline void nc_affine_row_r_##SUF(const T* x, T* y, ptrdiff_t n, const void* coefs, ptrdiff_t r, \
+                                             int nt) {                                          \
+        (void)nt;                                                                               \
+        nc_affine_row_c_##SUF(x, y, n, (const nc_affine_c*)coefs + r);                          \
+    }                                                                                           \
+    static inline void nc_affine_inner_row_##SUF(const T* x, T* y, ptrdiff_t n, double mu, double rs, \
+                                                 const float* w, const float* b, int nt, const T* pf1) { \
+        float b_[NC_STAGE];                                                                     \
+        (void)nt, (void)pf1;                                                                    \
+        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
+            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
+            LOAD(x + i, b_, m);                                                                 \
+            nc_affine_inner_row_f32(b_, b_, m, mu, rs, w + i, b + i, 0, NULL);                  \
+            STORE(b_, y + i, m);                                                                \
+        }                                                                                       \
+    }                                                                                           \
+    static inline void nc_dx_row_c_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, const nc_dx_c* c) { \
+        float g_[NC_STAGE], v_[NC_STAGE];                                                       \
+        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
+            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
+            LOAD(dy + i, g_, m);                                                                \
+            LOAD(x + i, v_, m);                                                                 \
+            nc_dx_row_c(g_, v_, v_, m, c, 0, NULL, NULL);                                       \
+            STORE(v_, dx + i, m);                                                               \
+        }                                                                                       \
+    }                                                                                           \
+    static inline void nc_dx_row_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu, double k1, \
+                                       double k2, double k3, int nt, const T* pf1, const T* pf2) { \
+        const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);                                           \
+        (void)nt, (void)pf1, (void)pf2;                                                         \
+        nc_dx_row_c_##SUF(dy, x, dx, n, &c);                                                    \
+    }                                                                                           \
+    static inline void nc_dx_row_r_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, const void* coefs, \
+                                         ptrdiff_t r, int nt) {                                 \
+        (void)nt;                                                                               \
+        nc_dx_row_c_##SUF(dy, x, dx, n, (const nc_dx_c*)coefs + r);                             \
+    }                                                                                           \
+    static inline void nc_dx_inner_row_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu,      \
+                                             double rs, const float* w, double m1, double m2, int nt, \
+                                             const T* pf1, const T* pf2) {                      \
+        float g_[NC_STAGE], v_[NC_STAGE];                                                       \
+        (void)nt, (void)pf1, (void)pf2;                                                         \
+        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
+            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
+            LOAD(dy + i, g_, m);                                                                \
+            LOAD(x + i, v_, m);                                                                 \
+            nc_dx_inner_row_f32(g_, v_, v_, m, mu, rs, w + i, m1, m2, 0, NULL, NULL);           \
+            STORE(v_, dx + i, m);                                                               \
+        }                                                                                       \
+    }                                                                                           \
+    /* tiles: blocks of whole tile rows, contiguous in the buffer (ld == tw there) */           \
+    static inline void nc_stage_rows_##SUF(const T* x, float* b, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw) { \
+        if (ld == tw)                                                                           \
+            LOAD(x, b, rows * tw);                                                              \
+        else                                                                                    \
+            for (ptrdiff_t j = 0; j < rows; ++j)                                                \
+                LOAD(x + j * ld, b + j * tw, tw);                                               \
+    }                                                                                           \
+    static inline void nc_unstage_rows_##SUF(const float* b, T* y, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw) { \
+        if (ld == tw)                                                                           \
+            STORE(b, y, rows * tw);                                                             \
+        else                                                                                    \
+            for (ptrdiff_t j = 0; j < rows; ++j)                                                \
+                STORE(b + j * tw, y + j * ld, tw);                                              \
+    }                                                                                           \
+    static inline void nc_affine_tile_##SUF(const T* x, T* y, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw, \
+                                            const double* mean, const double* scale, const double* shift, \
+                                            int nt) {                                           \
+        float b_[NC_TILE_STAGE];                                                                \
+        const ptrdiff_t k = tw > 0 ? NC_TILE_STAGE / tw : 1;                                    \
+        (void)nt;                                                                               \
+        for (ptrdiff_t a = 0; a < rows; a += k) {                                               \
+            const ptrdiff_t kk = NC_MIN(k, rows - a);                                           \
+            nc_stage_rows_##SUF(x + a * ld, b_, kk, ld, tw);                                    \
+            nc_affine_tile_f32(b_, b_, kk, tw, tw, mean, scale, shift, 0);                      \
+            nc_unstage_rows_##SUF(b_, y + a * ld, kk, ld, tw);                                  \
+        }                                                                                       \
+    }                                                                                           \
+    static inline void nc_dx_tile_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t rows, ptrdiff_t ld,       \
+                                        ptrdiff_t tw, const double* mean, const double* k1,     \
+                                        const double* k2, const double* k3, int nt) {           \
+        float g_[NC_TILE_STAGE], v_[NC_TILE_STAGE];                                             \
+        const ptrdiff_t k = tw > 0 ? NC_TILE_STAGE / tw : 1;                                    \
+        (void)nt;                                                                               \
+        for (ptrdiff_t a = 0; a < rows; a += k) {                                               \
+            const ptrdiff_t kk = NC_MIN(k, rows - a);                                           \
+            nc_stage_rows_##SUF(dy + a * ld, g_, kk, ld, tw);                                   \
+            nc_stage_rows_##SUF(x + a * ld, v_, kk, ld, tw);                                    \
+            nc_dx_tile_f32(g_, v_, v_, kk, tw, tw, mean, k1, k2, k3, 0);                        \
+            nc_unstage_rows_##SUF(v_, dx + a * ld, kk, ld, tw);                                 \
+        }                                                                                       \
+    }
+
+NC_HALF_PASSES(h16, nc_f16, nc_load_h16, nc_store_h16)
+NC_HALF_PASSES(b16, nc_bf16, nc_load_b16, nc_store_b16)
+
+/* The names the Cython kernels call, dispatched on the storage pointer's type: every type
+ * for the reductions, float32 and the half types for the float32 elementwise passes (float64
+ * passes are the Cython kernels' own loops). */
+#define NC_BY_STORAGE(p, f)                                                                    \
+    _Generic((p), float*: f##_f32, const float*: f##_f32, nc_f16*: f##_h16, const nc_f16*: f##_h16, \
+             nc_bf16*: f##_b16, const nc_bf16*: f##_b16)
+#define nc_shifted_sums(p, ...) NC_BY_TYPE(p, nc_shifted_sums)((p), __VA_ARGS__)
+#define nc_dy_sums(p, ...) NC_BY_TYPE(p, nc_dy_sums)((p), __VA_ARGS__)
+#define nc_inner_row_sums(p, ...) NC_BY_TYPE(p, nc_inner_row_sums)((p), __VA_ARGS__)
+#define nc_inner_rows2_sums(p, ...) NC_BY_TYPE(p, nc_inner_rows2_sums)((p), __VA_ARGS__)
+#define nc_col_shifted_sums(p, ...) NC_BY_TYPE(p, nc_col_shifted_sums)((p), __VA_ARGS__)
+#define nc_col_dy_sums(p, ...) NC_BY_TYPE(p, nc_col_dy_sums)((p), __VA_ARGS__)
+#define nc_affine_row(p, ...) NC_BY_STORAGE(p, nc_affine_row)((p), __VA_ARGS__)
+#define nc_affine_row_r(p, ...) NC_BY_STORAGE(p, nc_affine_row_r)((p), __VA_ARGS__)
+#define nc_affine_inner_row(p, ...) NC_BY_STORAGE(p, nc_affine_inner_row)((p), __VA_ARGS__)
+#define nc_affine_tile(p, ...) NC_BY_STORAGE(p, nc_affine_tile)((p), __VA_ARGS__)
+#define nc_dx_row(p, ...) NC_BY_STORAGE(p, nc_dx_row)((p), __VA_ARGS__)
+#define nc_dx_row_r(p, ...) NC_BY_STORAGE(p, nc_dx_row_r)((p), __VA_ARGS__)
+#define nc_dx_inner_row(p, ...) NC_BY_STORAGE(p, nc_dx_inner_row)((p), __VA_ARGS__)
+#define nc_dx_tile(p, ...) NC_BY_STORAGE(p, nc_dx_tile)((p), __VA_ARGS__)
 
 /* float32 copy of n doubles (parameters for the float32 passes); NULL when malloc fails */
 static inline float* nc_to_f32(const double* p, ptrdiff_t n) {
