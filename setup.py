@@ -3,6 +3,7 @@
 OpenMP is used when the compiler accepts it; without it the kernels still compile and run
 on one thread (the prange loops become plain loops).
 """
+import glob
 import os
 import platform
 import sys
@@ -86,6 +87,7 @@ extensions = [
     Extension(
         f"normcore.{name}",
         [f"src/normcore/{name}.pyx"],
+        depends=sorted(glob.glob("src/normcore/*.h")) + ["src/normcore/kernels.pxi"],
         include_dirs=[np.get_include(), "src/normcore"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

@@ -273,7 +273,7 @@ static inline void nc_store_b16(const float* v, nc_bf16* p, ptrdiff_t n) {
 
 NC_SHIFTED_SUMS(nc_shifted_sums_f32, float)
 NC_SHIFTED_SUMS(nc_shifted_sums_f64, double)
-NC_SHIFTED_SUMS(nc_shifted_sums_h16, nc_f16)
+NC_SHIFTED_SUMS(nc_shifted_sums_h16, nc_f16) /* the baseline build's half chunk moments */
 NC_SHIFTED_SUMS(nc_shifted_sums_b16, nc_bf16)
 
 /* s1 = sum dy[i] * w[i], s2 = sum dy[i] * w[i] * (x[i] - mu): the backward's two row sums
@@ -641,8 +641,9 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
 
 /* out[i] = SCALAR(i) for i in [0, n), NC_FL lanes at a time through VECTOR(i, v) (which
  * sets v); with nt, the head up to a line-aligned out + i is done by SCALAR, the whole lines
- * after it are streamed, and what is left is stored normally. pf1, pf2 (or NULL): inputs the next pass will read, asked for in
- * step with this one, a line per vector (the caller's next group: while this pass reads
+ * after it are streamed, and what is left is stored normally (NC_STX, NC_PUTX, NC_STREAMX: the
+ * output's storage type, simd_pass.h). pf1, pf2 (or NULL): inputs the next pass will read,
+ * asked for in step with this one, a line per vector (the caller's next group: while this pass reads
  * from L1 no demand stream keeps the hardware prefetcher going). */
 #ifndef NC_PF_HINT
 #define NC_PF_HINT 2
@@ -654,7 +655,7 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
         ptrdiff_t e_ = 0; /* streamed below e_: whole cache lines */               \
         if (nt) {                                                                   \
             for (; i_ < (n) && !NC_LINE_ALIGNED((out) + i_); ++i_)                  \
-                (out)[i_] = SCALAR(i_);                                             \
+                NC_PUTX(out, i_, SCALAR(i_));                                       \
             e_ = i_ + ((n) - i_) / NC_LINE * NC_LINE;                               \
         }                                                                           \
         for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                    \
@@ -664,12 +665,12 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
                 __builtin_prefetch((pf2) + i_, 0, NC_PF_HINT);                      \
             VECTOR(i_, v_);                                                         \
             if (i_ < e_)                                                            \
-                NC_STREAMF((out) + i_, v_);                                         \
+                NC_STREAMX((out) + i_, v_);                                         \
             else                                                                    \
-                NC_STOREF((out) + i_, v_);                                          \
+                NC_STX((out) + i_, v_);                                             \
         }                                                                           \
         for (; i_ < (n); ++i_)                                                      \
-            (out)[i_] = SCALAR(i_);                                                 \
+            NC_PUTX(out, i_, SCALAR(i_));                                           \
     } while (0)
 
 static inline void nc_sfence(void) { _mm_sfence(); }
@@ -686,51 +687,6 @@ static inline nc_affine_c nc_affine_coef(double mu, double s, double t) {
     return c;
 }
 
-static inline void nc_affine_row_c(const float* x, float* y, ptrdiff_t n, const nc_affine_c* c, int nt,
-                                   const float* pf1) {
-    const float m = c->m, sh = c->h, sl = c->l, tf = c->t;
-    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(sh), vl = NC_SPLAT(sl), vt = NC_SPLAT(tf);
-#define V(i, v)                                  \
-    do {                                         \
-        NC_LOADF(v, x + (i));                    \
-        v -= vm;                                 \
-        v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));  \
-    } while (0)
-#define S(i) NC_FMAF(x[i] - m, sh, NC_FMAF(x[i] - m, sl, tf))
-    NC_PASS(y, n, nt, pf1, (const float*)NULL, V, S);
-#undef V
-#undef S
-}
-
-/* y = (x - mu) * rs * w[i] + b[i] on one row, w and b float32. xhat is rounded once before
- * the multiply-add with w and b, so the other roundings must stay small: near a zero mean
- * (|mu * rs| <= 1/2: offsets below half a standard deviation), where x - m is inexact,
- * xhat = x * rs - mu * rs is taken from x itself, the product exact inside the FMAs and the
- * shift small; elsewhere from x - m. */
-static inline void nc_affine_inner_row_f32(const float* x, float* y, ptrdiff_t n, double mu,
-                                           double rs, const float* w, const float* b, int nt,
-                                           const float* pf1) {
-    float rh, rl;
-    NC_SPLIT(rs, rh, rl);
-    const int fold = mu * rs <= 0.5 && mu * rs >= -0.5;
-    const float m = fold ? 0.0f : (float)mu;
-    const float c = (float)(-(mu - (double)m) * rs);
-    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), vc = NC_SPLAT(c);
-    nc_vf vw, vb;
-#define V(i, v)                                                   \
-    do {                                                          \
-        NC_LOADF(v, x + (i));                                     \
-        NC_LOADF(vw, w + (i));                                    \
-        NC_LOADF(vb, b + (i));                                    \
-        v -= vm;                                                  \
-        v = NC_VFMA(NC_VFMA(v, vh, NC_VFMA(v, vl, vc)), vw, vb);  \
-    } while (0)
-#define S(i) NC_FMAF(NC_FMAF(x[i] - m, rh, NC_FMAF(x[i] - m, rl, c)), w[i], b[i])
-    NC_PASS(y, n, nt, pf1, (const float*)NULL, V, S);
-#undef V
-#undef S
-}
-
 /* dx = dy * k1 + (x - mu) * k2 + k3 on one row; coefficients as for the affine pass */
 typedef struct { float m, h, l, a2, a3; } nc_dx_c;
 
@@ -743,57 +699,147 @@ static inline nc_dx_c nc_dx_coef(double mu, double k1, double k2, double k3) {
     return c;
 }
 
-static inline void nc_dx_row_c(const float* dy, const float* x, float* dx, ptrdiff_t n, const nc_dx_c* c,
-                               int nt, const float* pf1, const float* pf2) {
-    const float m = c->m, h = c->h, l = c->l, a2 = c->a2, a3 = c->a3;
-    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(h), vl = NC_SPLAT(l), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
-    nc_vf g;
-#define V(i, v)                                                        \
-    do {                                                               \
-        NC_LOADF(g, dy + (i));                                         \
-        NC_LOADF(v, x + (i));                                          \
-        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));   \
-    } while (0)
-#define S(i) NC_FMAF(dy[i], h, NC_FMAF(dy[i], l, NC_FMAF(x[i] - m, a2, a3)))
-    NC_PASS(dx, n, nt, pf1, pf2, V, S);
-#undef V
-#undef S
-}
-
-/* dx = rs * (dy * w[i] - m1 - (x - mu) * rs * m2) on one row, w float32. g = dy * w is
- * the large term: its rounding error is recovered exactly (fma(dy, w, -g)) and multiplied
- * in, so g * rs is as if unrounded. */
+/* g = dy * w is the large term of the inner dx: its rounding error is recovered exactly
+ * (fma(dy, w, -g)) and multiplied in, so g * rs is as if unrounded. */
 static inline float nc_dx_inner_1(float dy, float w, float x, float m, float rh, float rl, float a2,
                                   float a3) {
     const float g = dy * w, e = NC_FMAF(dy, w, -g);
     return NC_FMAF(g, rh, NC_FMAF(g, rl, NC_FMAF(e, rh, NC_FMAF(x - m, a2, a3))));
 }
 
-static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n,
-                                       double mu, double rs, const float* w, double m1, double m2,
-                                       int nt, const float* pf1, const float* pf2) {
-    const double k2 = -rs * rs * m2;
-    float rh, rl;
-    NC_SPLIT(rs, rh, rl);
-    const float m = (float)mu, a2 = (float)k2, a3 = (float)(-rs * m1 - (mu - (double)m) * k2);
-    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
-    nc_vf g, e, vw;
-#define V(i, v)                                                         \
-    do {                                                                \
-        NC_LOADF(g, dy + (i));                                          \
-        NC_LOADF(v, x + (i));                                           \
-        NC_LOADF(vw, w + (i));                                          \
-        e = g;                                                          \
-        g *= vw;                                                        \
-        e = NC_VFMA(e, vw, -g);                                         \
-        v = NC_VFMA(v - vm, v2, v3);                                    \
-        v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(e, vh, v)));          \
-    } while (0)
-#define S(i) nc_dx_inner_1(dy[i], w[i], x[i], m, rh, rl, a2, a3)
-    NC_PASS(dx, n, nt, pf1, pf2, V, S);
-#undef V
-#undef S
+/* The four row passes, once per storage type (simd_pass.h): float32, and the half types,
+ * which load and convert NC_FL elements per vector and round once on the store. */
+static inline nc_vf nc_ld_h16(const nc_f16* p) {
+#if NC_FL == 16
+    return (nc_vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+#else
+    return (nc_vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p));
+#endif
 }
+static inline void nc_st_h16(nc_f16* p, nc_vf v) {
+#if NC_FL == 16
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#endif
+}
+static inline nc_vf nc_ld_b16(const nc_bf16* p) {
+#if NC_FL == 16
+    return (nc_vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
+#else
+    return (nc_vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+#endif
+}
+/* round to nearest even on the upper 16 bits; NaN stays a quiet NaN (as nc_f_bf16) */
+static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
+#if NC_FL == 16
+    const __m512i u = (__m512i)v, hi = _mm512_srli_epi32(u, 16);
+    const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q),
+                              _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+#else
+    const __m256i u = (__m256i)v, hi = _mm256_srli_epi32(u, 16);
+    const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)),
+                           (__m256i)_mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q));
+    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8); /* the 8 halves in order */
+    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(r));
+#endif
+}
+
+#define NC_T float
+#define NC_SUF f32
+#define NC_LDX(v, p) NC_LOADF(v, p)
+#define NC_STX(p, v) NC_STOREF(p, v)
+#define NC_STREAMX(p, v) NC_STREAMF(p, v)
+#define NC_GETX(p, i) ((p)[i])
+#define NC_PUTX(p, i, v) ((p)[i] = (v))
+#include "simd_pass.h"
+
+#define NC_T nc_f16
+#define NC_SUF h16
+#define NC_LDX(v, p) ((v) = nc_ld_h16(p))
+#define NC_STX(p, v) nc_st_h16((p), (v))
+#define NC_STREAMX(p, v) nc_st_h16((p), (v))
+#define NC_GETX(p, i) nc_f16_f((p)[i])
+#define NC_PUTX(p, i, v) ((p)[i] = nc_f_f16(v))
+#include "simd_pass.h"
+
+#define NC_T nc_bf16
+#define NC_SUF b16
+#define NC_LDX(v, p) ((v) = nc_ld_b16(p))
+#define NC_STX(p, v) nc_st_b16((p), (v))
+#define NC_STREAMX(p, v) nc_st_b16((p), (v))
+#define NC_GETX(p, i) nc_bf16_f((p)[i])
+#define NC_PUTX(p, i, v) ((p)[i] = nc_f_bf16(v))
+#include "simd_pass.h"
+
+/* Mean and centred sum of squares of a half-precision run of n <= 4096 elements (CHUNK,
+ * kernels.pxi) in float32 lanes: NC_FL per vector, twice the double lanes, no widening.
+ * The shift k is the mean of the run's first m = min(n, 256) elements (rounded to float32),
+ * then one pass of sums of d = x - k and d * d. The mean of m members lies within
+ * sqrt(n / m) standard deviations of the run's mean, so the cancellation in
+ * m2 = s2 - s1^2 / n is at most a factor 1 + n / m <= 17 (with k a single member, as the
+ * float32 and float64 runs take it, n + 1). Each of the NC_ACC * NC_FL lanes adds at most
+ * 4096 / 64 = 64 terms, within 64 * 2^-24 of exact, so m2 is within 17 * 2^-18 (about
+ * 2^-14) relative at worst: under a tenth of a float16 unit in the output, less for
+ * bfloat16, and typically far less. Lane totals are taken in double. */
+#define NC_SAMPLE 256
+
+/* the NC_FL lanes of v added in double, in a fixed order */
+static inline double nc_vf_total(nc_vf v) {
+    nc_v4f h[2];
+    memcpy(h, &v, sizeof v);
+    const nc_v4d s = __builtin_convertvector(h[0], nc_v4d) + __builtin_convertvector(h[1], nc_v4d);
+    return NC_LANES(s);
+}
+#define NC_CHUNK_MOMENTS_HALF(NAME, T, LD)                                                   \
+    static inline void NAME(const T* p, ptrdiff_t n, double* mean, double* m2) {              \
+        nc_vf a1[NC_ACC], a2[NC_ACC], d;                                                      \
+        const ptrdiff_t m = n < NC_SAMPLE ? n : NC_SAMPLE;                                    \
+        ptrdiff_t i;                                                                          \
+        double t0 = 0.0, t1 = 0.0, t2 = 0.0;                                                  \
+        for (int j = 0; j < NC_ACC; ++j)                                                      \
+            a1[j] = a2[j] = (nc_vf){0};                                                       \
+        for (i = 0; i + NC_FL <= m; i += NC_FL)                                               \
+            a1[0] += LD(p + i);                                                               \
+        t0 = nc_vf_total(a1[0]);                                                              \
+        for (; i < m; ++i)                                                                    \
+            t0 += NC_TOD_##T(p[i]);                                                           \
+        const float kf = (float)(t0 / (double)m);                                             \
+        const double k = kf;                                                                  \
+        const nc_vf kk = NC_SPLAT(kf);                                                        \
+        for (int j = 0; j < NC_ACC; ++j)                                                      \
+            a1[j] = (nc_vf){0};                                                               \
+        for (i = 0; i + NC_ACC * NC_FL <= n; i += NC_ACC * NC_FL) {                           \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j) {                        \
+                d = LD(p + i + j * NC_FL) - kk;                                               \
+                a1[j] += d;                                                                   \
+                a2[j] = NC_VFMA(d, d, a2[j]);                                                 \
+            }                                                                                 \
+        }                                                                                     \
+        for (; i + NC_FL <= n; i += NC_FL) {                                                  \
+            d = LD(p + i) - kk;                                                               \
+            a1[0] += d;                                                                       \
+            a2[0] = NC_VFMA(d, d, a2[0]);                                                     \
+        }                                                                                     \
+        for (int j = 0; j < NC_ACC; ++j) {                                                   \
+            t1 += nc_vf_total(a1[j]);                                                         \
+            t2 += nc_vf_total(a2[j]);                                                         \
+        }                                                                                     \
+        for (; i < n; ++i) {                                                                  \
+            const double e = NC_TOD_##T(p[i]) - k;                                            \
+            t1 += e;                                                                          \
+            t2 += e * e;                                                                      \
+        }                                                                                     \
+        *mean = k + t1 / (double)n;                                                           \
+        *m2 = t2 - t1 * (t1 / (double)n);                                                     \
+    }
+NC_CHUNK_MOMENTS_HALF(nc_chunk_moments_h16, nc_f16, nc_ld_h16)
+NC_CHUNK_MOMENTS_HALF(nc_chunk_moments_b16, nc_bf16, nc_ld_b16)
 
 /* Tiles of a column layout, (rows, tw) with row stride ld, tw <= NC_TILE_MAX: the per-column
  * float32 coefficients are made once per tile, on the stack, then every row streams. A tile
@@ -943,8 +989,8 @@ static inline nc_affine_c nc_affine_coef(double mu, double s, double t) {
     return c;
 }
 
-static inline void nc_affine_row_c(const float* x, float* y, ptrdiff_t n, const nc_affine_c* c, int nt,
-                                   const float* pf1) {
+static inline void nc_affine_row_c_f32(const float* x, float* y, ptrdiff_t n, const nc_affine_c* c, int nt,
+                                       const float* pf1) {
     (void)nt, (void)pf1;
     for (ptrdiff_t i = 0; i < n; ++i)
         y[i] = (float)(((double)x[i] - c->mu) * c->s + c->t);
@@ -964,8 +1010,8 @@ static inline nc_dx_c nc_dx_coef(double mu, double k1, double k2, double k3) {
     return c;
 }
 
-static inline void nc_dx_row_c(const float* dy, const float* x, float* dx, ptrdiff_t n, const nc_dx_c* c,
-                               int nt, const float* pf1, const float* pf2) {
+static inline void nc_dx_row_c_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, const nc_dx_c* c,
+                                   int nt, const float* pf1, const float* pf2) {
     (void)nt, (void)pf1, (void)pf2;
     for (ptrdiff_t i = 0; i < n; ++i)
         dx[i] = (float)((double)dy[i] * c->k1 + ((double)x[i] - c->mu) * c->k2 + c->k3);
@@ -978,6 +1024,47 @@ static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* d
     for (ptrdiff_t i = 0; i < n; ++i)
         dx[i] = (float)(rs * ((double)dy[i] * (double)w[i] - m1 - ((double)x[i] - mu) * rs * m2));
 }
+
+/* the half types' row passes likewise in double, rounded once (nc_put) */
+#define NC_BASELINE_HALF_ROWS(SUF, T)                                                                   \
+    static inline void nc_affine_row_c_##SUF(const T* x, T* y, ptrdiff_t n, const nc_affine_c* c, int nt, \
+                                             const T* pf1) {                                          \
+        (void)nt, (void)pf1;                                                                          \
+        for (ptrdiff_t i = 0; i < n; ++i)                                                             \
+            nc_put(y, i, (nc_get(x, i) - c->mu) * c->s + c->t);                                       \
+    }                                                                                                 \
+    static inline void nc_affine_inner_row_##SUF(const T* x, T* y, ptrdiff_t n, double mu, double rs,   \
+                                                 const float* w, const float* b, int nt, const T* pf1) { \
+        (void)nt, (void)pf1;                                                                          \
+        for (ptrdiff_t i = 0; i < n; ++i)                                                             \
+            nc_put(y, i, (nc_get(x, i) - mu) * rs * (double)w[i] + (double)b[i]);                     \
+    }                                                                                                 \
+    static inline void nc_dx_row_c_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, const nc_dx_c* c,  \
+                                         int nt, const T* pf1, const T* pf2) {                        \
+        (void)nt, (void)pf1, (void)pf2;                                                               \
+        for (ptrdiff_t i = 0; i < n; ++i)                                                             \
+            nc_put(dx, i, nc_get(dy, i) * c->k1 + (nc_get(x, i) - c->mu) * c->k2 + c->k3);            \
+    }                                                                                                 \
+    static inline void nc_dx_inner_row_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu,     \
+                                             double rs, const float* w, double m1, double m2, int nt, \
+                                             const T* pf1, const T* pf2) {                            \
+        (void)nt, (void)pf1, (void)pf2;                                                               \
+        for (ptrdiff_t i = 0; i < n; ++i)                                                             \
+            nc_put(dx, i, rs * (nc_get(dy, i) * (double)w[i] - m1 - (nc_get(x, i) - mu) * rs * m2));  \
+    }
+NC_BASELINE_HALF_ROWS(h16, nc_f16)
+NC_BASELINE_HALF_ROWS(b16, nc_bf16)
+/* the half runs' moments in double, shifted by the first element (NC_SHIFTED_SUMS) */
+#define NC_CHUNK_MOMENTS_BASELINE(NAME, SUMS, T)                                            \
+    static inline void NAME(const T* p, ptrdiff_t n, double* mean, double* m2) {             \
+        const double k = NC_TOD_##T(p[0]);                                                   \
+        double s1, s2;                                                                       \
+        SUMS(p, n, k, &s1, &s2);                                                             \
+        *mean = k + s1 / (double)n;                                                          \
+        *m2 = s2 - s1 * (s1 / (double)n);                                                    \
+    }
+NC_CHUNK_MOMENTS_BASELINE(nc_chunk_moments_h16, nc_shifted_sums_h16, nc_f16)
+NC_CHUNK_MOMENTS_BASELINE(nc_chunk_moments_b16, nc_shifted_sums_b16, nc_bf16)
 
 NC_AFFINE_TILE(nc_affine_tile_f32d, float)
 NC_DX_TILE(nc_dx_tile_f32d, float)
@@ -995,20 +1082,30 @@ static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, pt
 
 #endif /* __FMA__ */
 
-/* The row passes with their coefficients made on the spot. */
-static inline void nc_affine_row_f32(const float* x, float* y, ptrdiff_t n, double mu, double s,
-                                     double t, int nt, const float* pf1) {
-    const nc_affine_c c = nc_affine_coef(mu, s, t);
-    nc_affine_row_c(x, y, n, &c, nt, pf1);
-}
-
-static inline void nc_dx_row_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, double mu,
-                                 double k1, double k2, double k3, int nt, const float* pf1,
-                                 const float* pf2) {
-    const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);
-    nc_dx_row_c(dy, x, dx, n, &c, nt, pf1, pf2);
-}
-
+/* The row passes with their coefficients made on the spot, and with row r's of a set made once
+ * (nc_affine_coefs, nc_dx_coefs below), for each storage type of the float32 passes. */
+#define NC_ROW_WRAPPERS(SUF, T)                                                                       \
+    static inline void nc_affine_row_##SUF(const T* x, T* y, ptrdiff_t n, double mu, double s, double t, \
+                                           int nt, const T* pf1) {                                    \
+        const nc_affine_c c = nc_affine_coef(mu, s, t);                                               \
+        nc_affine_row_c_##SUF(x, y, n, &c, nt, pf1);                                                  \
+    }                                                                                                 \
+    static inline void nc_dx_row_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu, double k1,\
+                                       double k2, double k3, int nt, const T* pf1, const T* pf2) {    \
+        const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);                                                 \
+        nc_dx_row_c_##SUF(dy, x, dx, n, &c, nt, pf1, pf2);                                            \
+    }                                                                                                 \
+    static inline void nc_affine_row_r_##SUF(const T* x, T* y, ptrdiff_t n, const void* coefs, ptrdiff_t r, \
+                                             int nt) {                                                \
+        nc_affine_row_c_##SUF(x, y, n, (const nc_affine_c*)coefs + r, nt, NULL);                      \
+    }                                                                                                 \
+    static inline void nc_dx_row_r_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, const void* coefs, \
+                                         ptrdiff_t r, int nt) {                                       \
+        nc_dx_row_c_##SUF(dy, x, dx, n, (const nc_dx_c*)coefs + r, nt, NULL, NULL);                   \
+    }
+NC_ROW_WRAPPERS(f32, float)
+NC_ROW_WRAPPERS(h16, nc_f16)
+NC_ROW_WRAPPERS(b16, nc_bf16)
 
 /* Per-row coefficients of R rows made once (malloc'd; NULL when out of memory), and the row
  * passes that take row r's: for (A, R, S) layouts whose A * R rows share R channels. */
@@ -1021,10 +1118,6 @@ static inline void* nc_affine_coefs(const double* mean, const double* scale, con
     return c;
 }
 
-static inline void nc_affine_row_r_f32(const float* x, float* y, ptrdiff_t n, const void* coefs, ptrdiff_t r,
-                                       int nt) {
-    nc_affine_row_c(x, y, n, (const nc_affine_c*)coefs + r, nt, NULL);
-}
 
 static inline void* nc_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3,
                                 ptrdiff_t R) {
@@ -1035,88 +1128,17 @@ static inline void* nc_dx_coefs(const double* mean, const double* k1, const doub
     return c;
 }
 
-static inline void nc_dx_row_r_f32(const float* dy, const float* x, float* dx, ptrdiff_t n, const void* coefs,
-                                   ptrdiff_t r, int nt) {
-    nc_dx_row_c(dy, x, dx, n, (const nc_dx_c*)coefs + r, nt, NULL, NULL);
-}
 
-/* ---- half-precision elementwise passes ------------------------------------------------
- * The float32 passes above, run on blocks staged through float32 buffers on the stack: the
- * half input converted in (vectorized), the float32 pass on the buffer while it is in L1,
- * the result converted out with one rounding. A pass is bound by the memory it streams, and
- * half storage halves it; the staging costs L1 traffic only. Streaming stores and the next
- * group's prefetch (nt, pf) are float32 concerns and are not taken here. */
-#define NC_STAGE 2048        /* floats per staged row block: 8 KiB per stream */
-#define NC_TILE_STAGE 16384  /* floats per staged tile block: whole rows of tiles up to 4096 columns */
+/* ---- half-precision column tiles -------------------------------------------------------
+ * The float32 tile passes run on blocks of whole tile rows staged through float32 buffers on
+ * the stack: the half input converted in (vectorized), the float32 pass on the buffer, the
+ * result converted out with one rounding. (The row passes convert in registers instead:
+ * simd_pass.h.) Streaming stores are a float32 matter and are not taken here. */
+#define NC_TILE_STAGE 16384  /* floats per staged block: at least one row of the widest tile (4096) */
 #define NC_MIN(a, b) ((a) < (b) ? (a) : (b))
 
-#define NC_HALF_PASSES(SUF, T, LOAD, STORE)                                                     \
-    static inline void nc_affine_row_c_##SUF(const T* x, T* y, ptrdiff_t n, const nc_affine_c* c) { \
-        float b_[NC_STAGE];                                                                     \
-        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
-            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
-            LOAD(x + i, b_, m);                                                                 \
-            nc_affine_row_c(b_, b_, m, c, 0, NULL);                                             \
-            STORE(b_, y + i, m);                                                                \
-        }                                                                                       \
-    }                                                                                           \
-    static inline void nc_affine_row_##SUF(const T* x, T* y, ptrdiff_t n, double mu, double s, double t, \
-                                           int nt, const T* pf1) {                              \
-        const nc_affine_c c = nc_affine_coef(mu, s, t);                                         \
-        (void)nt, (void)pf1;                                                                    \
-        nc_affine_row_c_##SUF(x, y, n, &c);                                                     \
-    }                                                                                           \
-    static inline void nc_affine_row_r_##SUF(const T* x, T* y, ptrdiff_t n, const void* coefs, ptrdiff_t r, \
-                                             int nt) {                                          \
-        (void)nt;                                                                               \
-        nc_affine_row_c_##SUF(x, y, n, (const nc_affine_c*)coefs + r);                          \
-    }                                                                                           \
-    static inline void nc_affine_inner_row_##SUF(const T* x, T* y, ptrdiff_t n, double mu, double rs, \
-                                                 const float* w, const float* b, int nt, const T* pf1) { \
-        float b_[NC_STAGE];                                                                     \
-        (void)nt, (void)pf1;                                                                    \
-        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
-            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
-            LOAD(x + i, b_, m);                                                                 \
-            nc_affine_inner_row_f32(b_, b_, m, mu, rs, w + i, b + i, 0, NULL);                  \
-            STORE(b_, y + i, m);                                                                \
-        }                                                                                       \
-    }                                                                                           \
-    static inline void nc_dx_row_c_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, const nc_dx_c* c) { \
-        float g_[NC_STAGE], v_[NC_STAGE];                                                       \
-        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
-            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
-            LOAD(dy + i, g_, m);                                                                \
-            LOAD(x + i, v_, m);                                                                 \
-            nc_dx_row_c(g_, v_, v_, m, c, 0, NULL, NULL);                                       \
-            STORE(v_, dx + i, m);                                                               \
-        }                                                                                       \
-    }                                                                                           \
-    static inline void nc_dx_row_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu, double k1, \
-                                       double k2, double k3, int nt, const T* pf1, const T* pf2) { \
-        const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);                                           \
-        (void)nt, (void)pf1, (void)pf2;                                                         \
-        nc_dx_row_c_##SUF(dy, x, dx, n, &c);                                                    \
-    }                                                                                           \
-    static inline void nc_dx_row_r_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, const void* coefs, \
-                                         ptrdiff_t r, int nt) {                                 \
-        (void)nt;                                                                               \
-        nc_dx_row_c_##SUF(dy, x, dx, n, (const nc_dx_c*)coefs + r);                             \
-    }                                                                                           \
-    static inline void nc_dx_inner_row_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu,      \
-                                             double rs, const float* w, double m1, double m2, int nt, \
-                                             const T* pf1, const T* pf2) {                      \
-        float g_[NC_STAGE], v_[NC_STAGE];                                                       \
-        (void)nt, (void)pf1, (void)pf2;                                                         \
-        for (ptrdiff_t i = 0; i < n; i += NC_STAGE) {                                           \
-            const ptrdiff_t m = NC_MIN(n - i, NC_STAGE);                                        \
-            LOAD(dy + i, g_, m);                                                                \
-            LOAD(x + i, v_, m);                                                                 \
-            nc_dx_inner_row_f32(g_, v_, v_, m, mu, rs, w + i, m1, m2, 0, NULL, NULL);           \
-            STORE(v_, dx + i, m);                                                               \
-        }                                                                                       \
-    }                                                                                           \
-    /* tiles: blocks of whole tile rows, contiguous in the buffer (ld == tw there) */           \
+#define NC_HALF_TILES(SUF, T, LOAD, STORE)                                                      \
+    /* blocks of whole tile rows, contiguous in the buffer (ld == tw there) */                 \
     static inline void nc_stage_rows_##SUF(const T* x, float* b, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw) { \
         if (ld == tw)                                                                           \
             LOAD(x, b, rows * tw);                                                              \
@@ -1159,8 +1181,8 @@ static inline void nc_dx_row_r_f32(const float* dy, const float* x, float* dx, p
         }                                                                                       \
     }
 
-NC_HALF_PASSES(h16, nc_f16, nc_load_h16, nc_store_h16)
-NC_HALF_PASSES(b16, nc_bf16, nc_load_b16, nc_store_b16)
+NC_HALF_TILES(h16, nc_f16, nc_load_h16, nc_store_h16)
+NC_HALF_TILES(b16, nc_bf16, nc_load_b16, nc_store_b16)
 
 /* The names the Cython kernels call, dispatched on the storage pointer's type: every type
  * for the reductions, float32 and the half types for the float32 elementwise passes (float64
@@ -1174,6 +1196,9 @@ NC_HALF_PASSES(b16, nc_bf16, nc_load_b16, nc_store_b16)
 #define nc_inner_rows2_sums(p, ...) NC_BY_TYPE(p, nc_inner_rows2_sums)((p), __VA_ARGS__)
 #define nc_col_shifted_sums(p, ...) NC_BY_TYPE(p, nc_col_shifted_sums)((p), __VA_ARGS__)
 #define nc_col_dy_sums(p, ...) NC_BY_TYPE(p, nc_col_dy_sums)((p), __VA_ARGS__)
+#define nc_chunk_moments(p, ...)                                                             \
+    _Generic((p), nc_f16*: nc_chunk_moments_h16, const nc_f16*: nc_chunk_moments_h16,          \
+             nc_bf16*: nc_chunk_moments_b16, const nc_bf16*: nc_chunk_moments_b16)((p), __VA_ARGS__)
 #define nc_affine_row(p, ...) NC_BY_STORAGE(p, nc_affine_row)((p), __VA_ARGS__)
 #define nc_affine_row_r(p, ...) NC_BY_STORAGE(p, nc_affine_row_r)((p), __VA_ARGS__)
 #define nc_affine_inner_row(p, ...) NC_BY_STORAGE(p, nc_affine_inner_row)((p), __VA_ARGS__)
