@@ -16,9 +16,19 @@ from .plan import make_plan
 from .reference import _axes as reference_axes
 from .reference import reference_backward, reference_forward, term_scales
 from .spec import ELLIPSIS
+from .backend import HALF_NAMES, storage_dtypes
 from .testing import TOLERANCE, assert_close
 
-__all__ = ["mode_cases", "float_arrays", "random_modes", "check_mode", "PROPERTIES"]
+__all__ = ["mode_cases", "float_arrays", "random_modes", "check_mode", "PROPERTIES", "DTYPES"]
+
+#: The input dtypes the properties draw: float32, float64, float16 and (with ml_dtypes)
+#: bfloat16; beside a half input the parameters and running statistics are drawn in x's
+#: dtype or float32.
+DTYPES = storage_dtypes()
+
+# offsets drawn per dtype: the half types' accuracy holds at 0..1e2 (float16) and 0..1e4
+# (bfloat16)
+_OFFSETS = {"float16": [0.0, 1.0, -3.0, 100.0], "bfloat16": [0.0, 1.0, -3.0, 100.0, 1e4]}
 
 
 @st.composite
@@ -26,7 +36,7 @@ def float_arrays(draw, shape, dtype):
     """Finite arrays of ``shape``: Gaussian with an offset and scale, or small integers."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if draw(st.booleans()):
-        offset = draw(st.sampled_from([0.0, 1.0, -3.0, 100.0, 1e3]))
+        offset = draw(st.sampled_from(_OFFSETS.get(np.dtype(dtype).name, [0.0, 1.0, -3.0, 100.0, 1e3])))
         scale = draw(st.sampled_from([1.0, 0.01, 10.0]))
         a = offset + scale * rng.standard_normal(shape)
     else:
@@ -35,7 +45,7 @@ def float_arrays(draw, shape, dtype):
 
 
 @st.composite
-def mode_cases(draw, mode, *, dtypes=(np.float32, np.float64), max_side=4, max_extra=2, last_side=None,
+def mode_cases(draw, mode, *, dtypes=DTYPES, max_side=4, max_extra=2, last_side=None,
                **sizes):
     """Draw ``(shape, sizes, dtype)`` fitting ``mode``'s spec.
 
@@ -87,14 +97,17 @@ def _running(data, m, plan, dtype):
             "running_var": rng.uniform(0.25, 4.0, plan.running_shape).astype(dtype)}
 
 
-def _draw_call(data, m, sizes, last_side, *, dtypes=(np.float32, np.float64)):
+def _draw_call(data, m, sizes, last_side, *, dtypes=DTYPES):
     shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=dtypes, last_side=last_side, **sizes),
                                          label="case")
     plan = make_plan(m, shape, call_sizes)
     x = data.draw(float_arrays(shape, dtype), label="x")
+    pdtype = dtype
+    if dtype.name in HALF_NAMES:  # mixed precision: float32 parameters beside a half x
+        pdtype = np.dtype(data.draw(st.sampled_from([dtype, np.dtype(np.float32)]), label="param dtype"))
     kw = dict(call_sizes)
-    kw.update(_params(data, m, plan, dtype))
-    kw.update(_running(data, m, plan, dtype))
+    kw.update(_params(data, m, plan, pdtype))
+    kw.update(_running(data, m, plan, pdtype))
     kw["eps"] = data.draw(st.sampled_from([1e-5, 1e-3, 0.1]), label="eps")
     training = data.draw(st.booleans(), label="training") if "running_mean" in kw else True
     kw["training"] = training
@@ -106,6 +119,14 @@ def _draw_call(data, m, sizes, last_side, *, dtypes=(np.float32, np.float64)):
         assume(plan.count > 1)
     note(f"mode={m!r} shape={shape} dtype={dtype} kw={ {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)} }")
     return x, kw, call_sizes
+
+
+def _fits(dtype, *exact):
+    """The exact results are within ``dtype``'s finite range: a half output beyond it is
+    an overflow of the format (inf, as NumPy gives), not a kernel error, so such draws are
+    discarded."""
+    top = 65504.0 if np.dtype(dtype).name == "float16" else 3e38
+    assume(all(e is None or float(np.abs(e).max(initial=0.0)) < top / 2 for e in exact))
 
 
 def _copy_running(kw):
@@ -146,12 +167,13 @@ def prop_forward_matches_reference(m, data, sizes, last_side=None):
     x, kw, _ = _draw_call(data, m, sizes, last_side)
     ref = reference_forward(x, m, **_copy_running(kw))
     call = _copy_running(kw)
+    _fits(x.dtype, ref.y)
     y, _ = _normalize(x, m, **call)
     assert y.dtype == x.dtype and y.shape == x.shape
     assert_close(y, ref.y, x.dtype, "y")
     if ref.running_mean is not None:
-        assert_close(call["running_mean"], ref.running_mean, x.dtype, "running_mean")
-        assert_close(call["running_var"], ref.running_var, x.dtype, "running_var")
+        assert_close(call["running_mean"], ref.running_mean, call["running_mean"].dtype, "running_mean")
+        assert_close(call["running_var"], ref.running_var, call["running_var"].dtype, "running_var")
 
 
 def _draw_plain(data, m, sizes, last_side):
@@ -217,15 +239,18 @@ def prop_backward_matches_reference(m, data, sizes, last_side=None):
     y, cache = _normalize(x, m, **_copy_running(kw))
     dx, dw, db = _backward(dy, cache)
     rdx, rdw, rdb = reference_backward(dy, ref)
+    _fits(x.dtype, ref.y, rdx, rdw, rdb)
     terms = term_scales(dy, ref)
     assert dx.dtype == x.dtype and dx.shape == x.shape
     assert_close(dx, rdx, x.dtype, "dx", scale=terms["dx"])
     assert (dw is None) == ("weight" not in kw) and (db is None) == ("bias" not in kw)
+    pdtype = kw["weight"].dtype if "weight" in kw else kw["bias"].dtype if "bias" in kw else x.dtype
     if dw is not None:
-        assert dw.dtype == x.dtype
-        assert_close(dw, rdw, x.dtype, "dweight", scale=terms["dweight"])
+        assert dw.dtype == pdtype
+        assert_close(dw, rdw, pdtype, "dweight", scale=terms["dweight"])
     if db is not None:
-        assert_close(db, rdb, x.dtype, "dbias")
+        assert db.dtype == pdtype
+        assert_close(db, rdb, pdtype, "dbias")
     if m.center and ref.stats_grad:
         dims, reduced = _group_axes(m, x.shape, call_sizes)
         sums = dx.astype(np.float64).reshape(dims).sum(axis=reduced)

@@ -46,9 +46,14 @@ PARAMETERS = {
     "channel_axis": ("{{1, -1}}, default 1",
                      "1: channels first, (N, C, *). -1: channels last, (N, *, C) (NHWC)."),
     "dtype": ("numpy dtype, default float32",
-              "Dtype of the parameters and running statistics, and the only input dtype "
-              "accepted (float32 or float64; float16 / bfloat16 on the GPU). Another input "
-              "dtype is a TypeError: nothing is cast silently."),
+              "The only input dtype accepted: float32, float64, float16 or bfloat16 "
+              "(``ml_dtypes.bfloat16``). Another input dtype is a TypeError: nothing is cast "
+              "silently."),
+    "param_dtype": ("numpy dtype or None, default None",
+                    "Dtype of the parameters, their gradients and the running statistics: "
+                    "``dtype``, or float32 beside a float16 / bfloat16 ``dtype`` (mixed "
+                    "precision, as PyTorch's CPU kernels keep them). None: float32 for the "
+                    "half dtypes, ``dtype`` otherwise."),
     "unbiased": ("bool, default True",
                  "``running_var`` receives the unbiased batch variance n/(n-1) (PyTorch); False "
                  "stores the biased one (Flax, Keras, CS231n). The output always uses the biased one."),

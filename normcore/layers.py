@@ -5,8 +5,9 @@ A layer owns its parameters (``weight``, ``bias``), running statistics (``runnin
 ``grad_bias``, summed with ``+=`` across backward calls until :meth:`zero_grad`).
 ``layer(x)`` runs forward and remembers the cache for ``layer.backward(dy)``.
 
-dtype: parameters and running statistics have the layer's ``dtype`` (float32 by default,
-as in torch). An input of another dtype raises ``TypeError`` naming both dtypes: cast the
+dtype: the input dtype the layer accepts (float32 by default, as in torch); parameters and
+running statistics have ``param_dtype`` (the same, or float32 beside float16 / bfloat16, the
+default there). An input of another dtype raises ``TypeError`` naming both dtypes: cast the
 input, or build the layer with the input's dtype. Nothing is cast silently.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import zipfile
 import numpy as np
 
 from . import checks, sync
-from .backend import backend_named, backend_of, machine_eps
+from .backend import HALF_NAMES, backend_named, backend_of, machine_eps
 from .forms import last_axes, normalized_shape_tuple
 from .functional import backward, forward
 from . import folding
@@ -35,7 +36,7 @@ _ARRAYS = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "runnin
 
 
 def _layer_dtype(dtype):
-    expected = "float32 or float64 (float16 or bfloat16 on the GPU), in native byte order"
+    expected = "float32, float64, float16 or bfloat16, in native byte order"
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -44,6 +45,19 @@ def _layer_dtype(dtype):
         # a byte-swapped dtype would be refused by every forward: refuse it here
         raise TypeError(f"dtype: expected {expected}, got {dt.str if not dt.isnative else dt}")
     return dt
+
+
+def _param_dtype(dtype, param_dtype):
+    """The dtype of a layer's parameters and running statistics: ``param_dtype``, by default
+    float32 beside a half-precision ``dtype`` (mixed precision, as PyTorch's CPU kernels and
+    Flax's ``param_dtype`` keep them) and ``dtype`` itself otherwise."""
+    if param_dtype is None:
+        return np.dtype(np.float32) if dtype.name in HALF_NAMES else dtype
+    pd = _layer_dtype(param_dtype)
+    if pd != dtype and not (dtype.name in HALF_NAMES and pd == np.float32):
+        raise TypeError(f"param_dtype: expected the layer's dtype {dtype}"
+                        f"{' or float32' if dtype.name in HALF_NAMES else ''}, got {pd}")
+    return pd
 
 
 class _Shown(str):
@@ -121,6 +135,9 @@ class Layer:
             if name == "dtype":
                 value = _Shown(np.dtype(value).name)
                 changed = np.dtype(given.get(name, param.default)) != np.dtype(param.default)
+            elif name == "param_dtype":
+                changed = given.get(name) is not None
+                value = _Shown(np.dtype(value).name) if changed else value
             else:
                 changed = name in given and not _same(given[name], param.default)
             if required and param.kind != param.KEYWORD_ONLY:
@@ -320,9 +337,10 @@ class _Norm(Layer):
     reuse_buffers = False
 
     def __init__(self, *, features, param_shape, eps, momentum, affine, bias, track_running_stats,
-                 running_shape=None, dtype=np.float32, unbiased=True, decay=None):
+                 running_shape=None, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         super().__init__()
         self.dtype = _layer_dtype(dtype)
+        self.param_dtype = _param_dtype(self.dtype, param_dtype)
         self.eps = checks.eps(eps) if eps is not None or not self._eps_may_be_none else None
         # decay (TF/Keras/Flax) or momentum (PyTorch), not both; momentum then holds the
         # equivalent 1 - decay, and the update uses decay itself
@@ -331,13 +349,13 @@ class _Norm(Layer):
         self.unbiased = bool(unbiased)
         self.track_running_stats = bool(track_running_stats)
         self._features = features
-        self.weight = np.ones(param_shape, self.dtype) if affine else None
-        self.bias = np.zeros(param_shape, self.dtype) if (affine and bias) else None
+        self.weight = np.ones(param_shape, self.param_dtype) if affine else None
+        self.bias = np.zeros(param_shape, self.param_dtype) if (affine and bias) else None
         self.grad_weight = None if self.weight is None else np.zeros_like(self.weight)
         self.grad_bias = None if self.bias is None else np.zeros_like(self.bias)
         rshape = param_shape if running_shape is None else running_shape
-        self.running_mean = np.zeros(rshape, self.dtype) if self.track_running_stats else None
-        self.running_var = np.ones(rshape, self.dtype) if self.track_running_stats else None
+        self.running_mean = np.zeros(rshape, self.param_dtype) if self.track_running_stats else None
+        self.running_var = np.ones(rshape, self.param_dtype) if self.track_running_stats else None
         self.num_batches_tracked = 0 if self.track_running_stats else None
 
     def _sizes(self, x) -> dict:
@@ -473,7 +491,7 @@ class _Norm(Layer):
 
 
 _BN_PARAMS = ["num_features", "eps", "momentum", "affine", "track_running_stats", "channel_axis", "dtype",
-              "unbiased", "decay"]
+              "param_dtype", "unbiased", "decay"]
 _BN_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var",
              "num_batches_tracked", "training", "reuse_buffers"]
 _PARAM_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "training", "reuse_buffers"]
@@ -483,7 +501,7 @@ class _BatchNorm(_Norm):
     _repr_always = ("eps", "momentum", "affine", "track_running_stats")
 
     def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, track_running_stats=True,
-                 channel_axis=1, *, dtype=np.float32, unbiased=True, decay=None):
+                 channel_axis=1, *, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         num_features = checks.positive_int("num_features", num_features)
         if channel_axis not in (1, -1) or isinstance(channel_axis, bool):
             raise ValueError(f"channel_axis: expected 1 (channels first) or -1 (channels last), got {channel_axis!r}")
@@ -492,7 +510,7 @@ class _BatchNorm(_Norm):
         self.channel_axis = channel_axis
         super().__init__(features=(channel_axis, num_features, "channels (num_features)"),
                          param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
-                         bias=True, track_running_stats=track_running_stats, dtype=dtype,
+                         bias=True, track_running_stats=track_running_stats, dtype=dtype, param_dtype=param_dtype,
                          unbiased=unbiased, decay=decay)
 
     @property
@@ -569,7 +587,7 @@ class BatchNorm3d(_BatchNorm):
     _ndims = (5,)
 
 
-@document(params=["channels", "eps", "momentum", "affine", "dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
+@document(params=["channels", "eps", "momentum", "affine", "dtype", "param_dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
 class EstimatedBatchNorm(_BatchNorm):
     """Estimated batch norm (from Batch-Channel Normalization): normalize with running statistics.
 
@@ -592,14 +610,14 @@ class EstimatedBatchNorm(_BatchNorm):
     """
     _estimate = True
 
-    def __init__(self, channels, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, *, dtype=np.float32, unbiased=True,
+    def __init__(self, channels, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, *, dtype=np.float32, param_dtype=None, unbiased=True,
                  decay=None):
         super().__init__(channels, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=True, dtype=dtype, unbiased=unbiased, decay=decay)
+                         track_running_stats=True, dtype=dtype, param_dtype=param_dtype, unbiased=unbiased, decay=decay)
         self.channels = self.num_features
 
 
-@document(params=_BN_PARAMS[:6] + ["comm", "dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
+@document(params=_BN_PARAMS[:6] + ["comm", "dtype", "param_dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
 class SyncBatchNorm(_BatchNorm):
     """Batch norm whose statistics span the whole batch split across MPI ranks.
 
@@ -631,10 +649,10 @@ class SyncBatchNorm(_BatchNorm):
     _ndims = None
 
     def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, track_running_stats=True,
-                 channel_axis=1, comm=None, *, dtype=np.float32, unbiased=True, decay=None):
+                 channel_axis=1, comm=None, *, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, channel_axis=channel_axis,
-                         dtype=dtype, unbiased=unbiased, decay=decay)
+                         dtype=dtype, param_dtype=param_dtype, unbiased=unbiased, decay=decay)
         if comm is not None:
             sync.check_comm(comm)
         self._comm = comm
@@ -679,7 +697,7 @@ class SyncBatchNorm(_BatchNorm):
 
 
 _IN_PARAMS = ["channels=num_features", "eps", "momentum", "affine_off=affine",
-              "track_running_stats_off=track_running_stats", "dtype", "unbiased", "decay"]
+              "track_running_stats_off=track_running_stats", "dtype", "param_dtype", "unbiased", "decay"]
 
 
 class _InstanceNorm(_Norm):
@@ -687,13 +705,13 @@ class _InstanceNorm(_Norm):
     _repr_always = ("eps", "momentum", "affine", "track_running_stats")
 
     def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=False, track_running_stats=False,
-                 *, dtype=np.float32, unbiased=True, decay=None):
+                 *, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         num_features = checks.positive_int("num_features", num_features)
         self.num_features = num_features
         self.affine = bool(affine)
         super().__init__(features=(1, num_features, "channels (num_features)"),
                          param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
-                         bias=True, track_running_stats=track_running_stats, dtype=dtype,
+                         bias=True, track_running_stats=track_running_stats, dtype=dtype, param_dtype=param_dtype,
                          unbiased=unbiased, decay=decay)
 
 
@@ -776,11 +794,11 @@ class _LastAxesNorm(_Norm):
     _mode = "layer_norm"
     _repr_always = ("eps", "elementwise_affine")
 
-    def __init__(self, normalized_shape, eps, affine, bias, dtype):
+    def __init__(self, normalized_shape, eps, affine, bias, dtype, param_dtype):
         self.normalized_shape = normalized_shape_tuple(normalized_shape)
         super().__init__(features=(None, self.normalized_shape, ""), param_shape=self.normalized_shape,
                          eps=eps, momentum=0.1, affine=affine, bias=bias, track_running_stats=False,
-                         dtype=dtype)
+                         dtype=dtype, param_dtype=param_dtype)
 
     def _check_input(self, x):
         be = super()._check_input(x)
@@ -792,7 +810,7 @@ class _LastAxesNorm(_Norm):
         return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x")
 
 
-@document(params=["normalized_shape", "eps", "elementwise_affine", "ln_bias=bias", "dtype"], attributes=_PARAM_ATTRS, param_shape="normalized_shape")
+@document(params=["normalized_shape", "eps", "elementwise_affine", "ln_bias=bias", "dtype", "param_dtype"], attributes=_PARAM_ATTRS, param_shape="normalized_shape")
 class LayerNorm(_LastAxesNorm):
     """Layer norm over the trailing ``normalized_shape`` axes.
 
@@ -813,12 +831,12 @@ class LayerNorm(_LastAxesNorm):
     (True, True)
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *, dtype=np.float32, param_dtype=None):
         self.elementwise_affine = bool(elementwise_affine)
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, dtype)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, dtype, param_dtype)
 
 
-@document(params=["normalized_shape", "eps_rms=eps", "elementwise_affine", "dtype"], attributes=["weight", "grad_weight", "training", "reuse_buffers"], param_shape="normalized_shape")
+@document(params=["normalized_shape", "eps_rms=eps", "elementwise_affine", "dtype", "param_dtype"], attributes=["weight", "grad_weight", "training", "reuse_buffers"], param_shape="normalized_shape")
 class RMSNorm(_LastAxesNorm):
     """RMS norm over the trailing axes: ``y = x / sqrt(mean(x**2) + eps) * weight``.
 
@@ -839,9 +857,9 @@ class RMSNorm(_LastAxesNorm):
     _mode = "rms_norm"
     _eps_may_be_none = True
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32, param_dtype=None):
         self.elementwise_affine = bool(elementwise_affine)
-        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype)
+        super().__init__(normalized_shape, eps, elementwise_affine, False, dtype, param_dtype)
 
     def _eps(self, x):
         return machine_eps(self.dtype) if self.eps is None else self.eps
@@ -851,7 +869,7 @@ class _GroupedNorm(_Norm):
     _ndims = None
     _repr_always = ("eps", "affine")
 
-    def __init__(self, groups, channels, eps, affine, param_shape, dtype, names=("num_groups", "num_channels")):
+    def __init__(self, groups, channels, eps, affine, param_shape, dtype, param_dtype, names=("num_groups", "num_channels")):
         groups = checks.positive_int(names[0], groups)
         channels = checks.positive_int(names[1], channels)
         checks.divides(names[0], groups, names[1], channels)
@@ -859,13 +877,13 @@ class _GroupedNorm(_Norm):
         self.affine = bool(affine)
         super().__init__(features=(1, channels, "channels"), param_shape=param_shape, eps=eps,
                          momentum=0.1, affine=affine, bias=True, track_running_stats=False,
-                         dtype=dtype)
+                         dtype=dtype, param_dtype=param_dtype)
 
     def _sizes(self, x):
         return {"g": self._groups}
 
 
-@document(params=["num_groups", "channels=num_channels", "eps", "affine", "dtype"], attributes=_PARAM_ATTRS)
+@document(params=["num_groups", "channels=num_channels", "eps", "affine", "dtype", "param_dtype"], attributes=_PARAM_ATTRS)
 class GroupNorm(_GroupedNorm):
     """Group norm over (N, C, *) input: channels split into ``num_groups`` groups.
 
@@ -886,12 +904,12 @@ class GroupNorm(_GroupedNorm):
     """
     _mode = "group_norm"
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, dtype=np.float32, param_dtype=None):
         self.num_groups, self.num_channels = num_groups, num_channels
-        super().__init__(num_groups, num_channels, eps, affine, (num_channels,), dtype)
+        super().__init__(num_groups, num_channels, eps, affine, (num_channels,), dtype, param_dtype)
 
 
-@document(params=["channels", "num_groups=groups", "eps", "affine_group=affine", "dtype"], attributes=_PARAM_ATTRS, param_shape="(G,)")
+@document(params=["channels", "num_groups=groups", "eps", "affine_group=affine", "dtype", "param_dtype"], attributes=_PARAM_ATTRS, param_shape="(G,)")
 class ChannelNorm(_GroupedNorm):
     """Channel norm (from Batch-Channel Normalization): group norm with one weight and bias per group.
 
@@ -911,16 +929,16 @@ class ChannelNorm(_GroupedNorm):
     """
     _mode = "channel_norm"
 
-    def __init__(self, channels, groups, eps=1e-5, affine=True, *, dtype=np.float32):
+    def __init__(self, channels, groups, eps=1e-5, affine=True, *, dtype=np.float32, param_dtype=None):
         self.channels, self.groups = channels, groups
-        super().__init__(groups, channels, eps, affine, (groups,), dtype, names=("groups", "channels"))
+        super().__init__(groups, channels, eps, affine, (groups,), dtype, param_dtype, names=("groups", "channels"))
 
 
 class _AnyRankBatchNorm(_BatchNorm):
     _ndims = None
 
 
-@document(params=["channels", "num_groups=groups", "eps", "momentum", "estimate", "dtype", "unbiased", "decay"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
+@document(params=["channels", "num_groups=groups", "eps", "momentum", "estimate", "dtype", "param_dtype", "unbiased", "decay"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
 class BatchChannelNorm(Layer):
     """Batch-channel normalization: (estimated) batch norm, then channel norm, on (N, C, *).
 
@@ -942,16 +960,16 @@ class BatchChannelNorm(Layer):
 
     _repr_always = ("eps", "momentum", "estimate")
 
-    def __init__(self, channels, groups, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, estimate=True, *, dtype=np.float32,
+    def __init__(self, channels, groups, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, estimate=True, *, dtype=np.float32, param_dtype=None,
                  unbiased=True, decay=None):
         super().__init__()
         self.channels, self.groups, self.estimate = channels, groups, bool(estimate)
-        self.channel_norm = ChannelNorm(channels, groups, eps=eps, dtype=dtype)
+        self.channel_norm = ChannelNorm(channels, groups, eps=eps, dtype=dtype, param_dtype=param_dtype)
         if estimate:
-            self.batch_norm = EstimatedBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype,
+            self.batch_norm = EstimatedBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype, param_dtype=param_dtype,
                                                  unbiased=unbiased, decay=decay)
         else:
-            self.batch_norm = _AnyRankBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype,
+            self.batch_norm = _AnyRankBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype, param_dtype=param_dtype,
                                                 unbiased=unbiased, decay=decay)
 
     def _children(self):

@@ -75,7 +75,15 @@ def _in_hypothesis_test():
     return hypothesis is not None and hypothesis.currently_in_test_context()
 
 
-TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-10}
+# Relative to max(1, max|expected|, scale). The half dtypes' are twice the floor of one
+# rounding to the dtype (half a unit in the last place: 2^-11 for float16, 2^-8 for bfloat16).
+TOLERANCE = {np.dtype(np.float32): 2e-6, np.dtype(np.float64): 1e-10, np.dtype(np.float16): 2.0 ** -10}
+try:
+    import ml_dtypes
+
+    TOLERANCE[np.dtype(ml_dtypes.bfloat16)] = 2.0 ** -7
+except ImportError:  # bfloat16 exists only with ml_dtypes
+    pass
 
 
 def assert_close(actual, expected, dtype, what, scale=0.0):

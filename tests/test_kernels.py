@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -93,6 +94,47 @@ def test_float32_within_three_times_the_floor_in_every_build(build, name, offset
             assert got.dtype == np.float32
             ratio = float(np.abs(got.astype(np.float64) - want).max()) / _rounding_floor(want)
             assert ratio <= 3.0, (what, shape, ratio)
+
+
+HALF = {"float16": (np.dtype(np.float16), (0.0, 1e1, 1e2)),
+        "bfloat16": (np.dtype(ml_dtypes.bfloat16), (0.0, 1e2, 1e3, 1e4))}
+
+
+@pytest.mark.parametrize("param_dtype", ["x", "float32"])
+@pytest.mark.parametrize("dtype_name", sorted(HALF))
+@pytest.mark.parametrize("name", ACCURACY_MODES + ["bench_user_heads"])
+def test_half_precision_within_twice_the_floor_in_every_build(build, name, dtype_name, param_dtype):
+    # y, dx, dweight, dbias within 2x the floor: float64 arithmetic on the half inputs,
+    # rounded once to the output dtype; at offsets 0..1e2 (float16) and 0..1e4 (bfloat16).
+    # Parameters in x's dtype or float32; their gradients in theirs. Layouts: rows shorter
+    # than a vector, wider ones with lane tails, and rows longer than a moments chunk.
+    if name not in nc.modes():
+        nc.register_mode(name, "b t (h d) -> b h", params="(h d)", h=4)
+    dtype, offsets = HALF[dtype_name]
+    pdt = dtype if param_dtype == "x" else np.dtype(np.float32)
+    mode = nc.get_mode(name)
+    for offset in offsets:
+        for shape in ((16, 8, 12), (6, 16, 100), (2, 4, 4500)):
+            sizes = {"g": 4} if "g k" in mode.spec else {}
+            rng = np.random.default_rng(int(offset) + len(name) + shape[-1])
+            x = (offset + rng.standard_normal(shape)).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            plan = make_plan(mode, shape, sizes)
+            w = rng.standard_normal(plan.param_shape).astype(pdt)
+            kw = {"weight": w} if mode.center is False else {"weight": w, "bias": rng.standard_normal(w.shape).astype(pdt)}
+            y, cache = nc.normalize(x, name, **kw, **sizes)
+            ref = reference_forward(x.astype(np.float64), name, **{k: v.astype(np.float64) for k, v in kw.items()},
+                                    **sizes)
+            dx, dw, db = nc.backward(dy, cache)
+            rdx, rdw, rdb = reference_backward(dy.astype(np.float64), ref)
+            for what, got, want, dt in (("y", y, ref.y, dtype), ("dx", dx, rdx, dtype), ("dweight", dw, rdw, pdt),
+                                        ("dbias", db, rdb, pdt)):
+                if got is None:
+                    continue
+                assert got.dtype == dt, (what, got.dtype)
+                floor = max(float(np.abs(want.astype(dt).astype(np.float64) - want).max()), 2.0 ** -24)
+                ratio = float(np.abs(got.astype(np.float64) - want).max()) / floor
+                assert ratio <= 2.0, (what, offset, shape, ratio)
 
 
 @pytest.mark.parametrize("mode, shape, sizes", [

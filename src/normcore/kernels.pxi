@@ -88,8 +88,7 @@ cdef enum:
     STREAM_BYTES = 8388608
     PF_AHEAD = 2
 
-# Elements per chunk of row moments: bounds the bits a shifted sum can lose (12), and the
-# terms per float32 lane of the half types' chunk moments (simd.h, NC_CHUNK_MOMENTS_HALF).
+# Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
 cdef Py_ssize_t CHUNK = 4096
 
 
@@ -211,7 +210,6 @@ cdef extern from "simd.h" nogil:
     double nc_get(const void* p, Py_ssize_t i)
     void nc_put(void* p, Py_ssize_t i, double v)
     void nc_shifted_sums(const void* p, Py_ssize_t n, double k, double* s1, double* s2)
-    void nc_chunk_moments(const void* p, Py_ssize_t n, double* mean, double* m2)  # half types only
     void nc_dy_sums(const void* dy, const double* w, const void* x, Py_ssize_t n, double mu,
                     double* s1, double* s2)
     void nc_inner_row_sums(const void* dy, const double* w, const void* x, Py_ssize_t n, double mu,
@@ -266,13 +264,9 @@ cdef inline void _row_moments(const floating* p, Py_ssize_t n,
         m = n - start
         if m > CHUNK:
             m = CHUNK
-        if floating is float or floating is double:
-            k = nc_get(p, start)
-            nc_shifted_sums(p + start, m, k, &s1, &s2)
-            _merge(&count, &mean, &m2, <double>m, k + s1 / m, _clamp0(s2 - s1 * (s1 / m)))
-        else:  # float32 lanes, shifted by the chunk's approximate mean (simd.h)
-            nc_chunk_moments(p + start, m, &s1, &s2)
-            _merge(&count, &mean, &m2, <double>m, s1, _clamp0(s2))
+        k = nc_get(p, start)
+        nc_shifted_sums(p + start, m, k, &s1, &s2)
+        _merge(&count, &mean, &m2, <double>m, k + s1 / m, _clamp0(s2 - s1 * (s1 / m)))
         start = start + m
     out_mean[0] = mean
     out_m2[0] = m2

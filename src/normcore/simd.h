@@ -273,7 +273,7 @@ static inline void nc_store_b16(const float* v, nc_bf16* p, ptrdiff_t n) {
 
 NC_SHIFTED_SUMS(nc_shifted_sums_f32, float)
 NC_SHIFTED_SUMS(nc_shifted_sums_f64, double)
-NC_SHIFTED_SUMS(nc_shifted_sums_h16, nc_f16) /* the baseline build's half chunk moments */
+NC_SHIFTED_SUMS(nc_shifted_sums_h16, nc_f16)
 NC_SHIFTED_SUMS(nc_shifted_sums_b16, nc_bf16)
 
 /* s1 = sum dy[i] * w[i], s2 = sum dy[i] * w[i] * (x[i] - mu): the backward's two row sums
@@ -777,69 +777,6 @@ static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
 #define NC_PUTX(p, i, v) ((p)[i] = nc_f_bf16(v))
 #include "simd_pass.h"
 
-/* Mean and centred sum of squares of a half-precision run of n <= 4096 elements (CHUNK,
- * kernels.pxi) in float32 lanes: NC_FL per vector, twice the double lanes, no widening.
- * The shift k is the mean of the run's first m = min(n, 256) elements (rounded to float32),
- * then one pass of sums of d = x - k and d * d. The mean of m members lies within
- * sqrt(n / m) standard deviations of the run's mean, so the cancellation in
- * m2 = s2 - s1^2 / n is at most a factor 1 + n / m <= 17 (with k a single member, as the
- * float32 and float64 runs take it, n + 1). Each of the NC_ACC * NC_FL lanes adds at most
- * 4096 / 64 = 64 terms, within 64 * 2^-24 of exact, so m2 is within 17 * 2^-18 (about
- * 2^-14) relative at worst: under a tenth of a float16 unit in the output, less for
- * bfloat16, and typically far less. Lane totals are taken in double. */
-#define NC_SAMPLE 256
-
-/* the NC_FL lanes of v added in double, in a fixed order */
-static inline double nc_vf_total(nc_vf v) {
-    nc_v4f h[2];
-    memcpy(h, &v, sizeof v);
-    const nc_v4d s = __builtin_convertvector(h[0], nc_v4d) + __builtin_convertvector(h[1], nc_v4d);
-    return NC_LANES(s);
-}
-#define NC_CHUNK_MOMENTS_HALF(NAME, T, LD)                                                   \
-    static inline void NAME(const T* p, ptrdiff_t n, double* mean, double* m2) {              \
-        nc_vf a1[NC_ACC], a2[NC_ACC], d;                                                      \
-        const ptrdiff_t m = n < NC_SAMPLE ? n : NC_SAMPLE;                                    \
-        ptrdiff_t i;                                                                          \
-        double t0 = 0.0, t1 = 0.0, t2 = 0.0;                                                  \
-        for (int j = 0; j < NC_ACC; ++j)                                                      \
-            a1[j] = a2[j] = (nc_vf){0};                                                       \
-        for (i = 0; i + NC_FL <= m; i += NC_FL)                                               \
-            a1[0] += LD(p + i);                                                               \
-        t0 = nc_vf_total(a1[0]);                                                              \
-        for (; i < m; ++i)                                                                    \
-            t0 += NC_TOD_##T(p[i]);                                                           \
-        const float kf = (float)(t0 / (double)m);                                             \
-        const double k = kf;                                                                  \
-        const nc_vf kk = NC_SPLAT(kf);                                                        \
-        for (int j = 0; j < NC_ACC; ++j)                                                      \
-            a1[j] = (nc_vf){0};                                                               \
-        for (i = 0; i + NC_ACC * NC_FL <= n; i += NC_ACC * NC_FL) {                           \
-            _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j) {                        \
-                d = LD(p + i + j * NC_FL) - kk;                                               \
-                a1[j] += d;                                                                   \
-                a2[j] = NC_VFMA(d, d, a2[j]);                                                 \
-            }                                                                                 \
-        }                                                                                     \
-        for (; i + NC_FL <= n; i += NC_FL) {                                                  \
-            d = LD(p + i) - kk;                                                               \
-            a1[0] += d;                                                                       \
-            a2[0] = NC_VFMA(d, d, a2[0]);                                                     \
-        }                                                                                     \
-        for (int j = 0; j < NC_ACC; ++j) {                                                   \
-            t1 += nc_vf_total(a1[j]);                                                         \
-            t2 += nc_vf_total(a2[j]);                                                         \
-        }                                                                                     \
-        for (; i < n; ++i) {                                                                  \
-            const double e = NC_TOD_##T(p[i]) - k;                                            \
-            t1 += e;                                                                          \
-            t2 += e * e;                                                                      \
-        }                                                                                     \
-        *mean = k + t1 / (double)n;                                                           \
-        *m2 = t2 - t1 * (t1 / (double)n);                                                     \
-    }
-NC_CHUNK_MOMENTS_HALF(nc_chunk_moments_h16, nc_f16, nc_ld_h16)
-NC_CHUNK_MOMENTS_HALF(nc_chunk_moments_b16, nc_bf16, nc_ld_b16)
 
 /* Tiles of a column layout, (rows, tw) with row stride ld, tw <= NC_TILE_MAX: the per-column
  * float32 coefficients are made once per tile, on the stack, then every row streams. A tile
@@ -1054,17 +991,6 @@ static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* d
     }
 NC_BASELINE_HALF_ROWS(h16, nc_f16)
 NC_BASELINE_HALF_ROWS(b16, nc_bf16)
-/* the half runs' moments in double, shifted by the first element (NC_SHIFTED_SUMS) */
-#define NC_CHUNK_MOMENTS_BASELINE(NAME, SUMS, T)                                            \
-    static inline void NAME(const T* p, ptrdiff_t n, double* mean, double* m2) {             \
-        const double k = NC_TOD_##T(p[0]);                                                   \
-        double s1, s2;                                                                       \
-        SUMS(p, n, k, &s1, &s2);                                                             \
-        *mean = k + s1 / (double)n;                                                          \
-        *m2 = s2 - s1 * (s1 / (double)n);                                                    \
-    }
-NC_CHUNK_MOMENTS_BASELINE(nc_chunk_moments_h16, nc_shifted_sums_h16, nc_f16)
-NC_CHUNK_MOMENTS_BASELINE(nc_chunk_moments_b16, nc_shifted_sums_b16, nc_bf16)
 
 NC_AFFINE_TILE(nc_affine_tile_f32d, float)
 NC_DX_TILE(nc_dx_tile_f32d, float)
@@ -1196,9 +1122,6 @@ NC_HALF_TILES(b16, nc_bf16, nc_load_b16, nc_store_b16)
 #define nc_inner_rows2_sums(p, ...) NC_BY_TYPE(p, nc_inner_rows2_sums)((p), __VA_ARGS__)
 #define nc_col_shifted_sums(p, ...) NC_BY_TYPE(p, nc_col_shifted_sums)((p), __VA_ARGS__)
 #define nc_col_dy_sums(p, ...) NC_BY_TYPE(p, nc_col_dy_sums)((p), __VA_ARGS__)
-#define nc_chunk_moments(p, ...)                                                             \
-    _Generic((p), nc_f16*: nc_chunk_moments_h16, const nc_f16*: nc_chunk_moments_h16,          \
-             nc_bf16*: nc_chunk_moments_b16, const nc_bf16*: nc_chunk_moments_b16)((p), __VA_ARGS__)
 #define nc_affine_row(p, ...) NC_BY_STORAGE(p, nc_affine_row)((p), __VA_ARGS__)
 #define nc_affine_row_r(p, ...) NC_BY_STORAGE(p, nc_affine_row_r)((p), __VA_ARGS__)
 #define nc_affine_inner_row(p, ...) NC_BY_STORAGE(p, nc_affine_inner_row)((p), __VA_ARGS__)
