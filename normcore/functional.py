@@ -552,12 +552,15 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, any shape the mode's spec accepts.
+    x : ndarray, float32, float64, float16 or bfloat16, any shape the mode's spec accepts.
     mode : str or Mode
         A name from :func:`normcore.modes` or a :class:`normcore.Mode`.
-    weight, bias : ndarray of the mode's parameter shape and x's dtype, optional.
+    weight, bias : ndarray of the mode's parameter shape, optional.
+        In x's dtype, or float32 beside a float16 / bfloat16 x (both in one dtype);
+        backward returns their gradients in it.
     running_mean, running_var : ndarray of the running-statistics shape, optional.
-        Updated in place in training mode (only after every check has passed).
+        Updated in place in training mode (only after every check has passed); dtypes as
+        for weight and bias.
     training : bool
         True: normalize with batch statistics (and update running statistics if given).
         False: normalize with the running statistics if given, else batch statistics.
