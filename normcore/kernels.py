@@ -1,6 +1,6 @@
 """Which build of the compiled kernels runs: the widest the CPU has of AVX-512 (F, BW, VL),
-AVX2 with FMA and F16C (float16 conversions), and the baseline. All come from the same source (src/normcore/kernels.pxi);
-within a build results do not depend on the thread count, and across builds they differ
+AVX2 with FMA and F16C (float16 conversions), and the baseline. All come from the same
+source (src/normcore/kernels.pxi); within a build results do not depend on the thread count, and across builds they differ
 at most in the last bits, within the float32 accuracy contract (README, Numerics).
 ``NORMCORE_KERNELS=baseline``, ``avx2`` or ``avx512`` forces one (an error when the CPU or
 the installation lacks it); ``auto`` (the default) chooses.

@@ -23,7 +23,10 @@ Block boundaries depend only on the shape, never on the thread count, and partia
 merged in a fixed order, so within one build results are bitwise identical for any number
 of threads (the baseline, AVX2 and AVX-512 builds differ in vector width and FMA).
 
-Accumulation is always in double. Row sums run in simd.h: independent lanes of vector
+Storage types T: float32, float64, float16 and bfloat16 (the half types are 16-bit
+patterns, simd.h: converted on load in vector registers -- F16C, or a shift -- and rounded
+once on store; their elementwise passes are the float32 ones, their reductions the double
+ones). Accumulation is always in double. Row sums run in simd.h: independent lanes of vector
 types in several chains (GCC's auto-vectorizer will not take a loop carrying two
 accumulators), combined in a fixed order, IEEE semantics kept (no -ffast-math), the order
 never depending on threads.
