@@ -10,6 +10,10 @@
 #define NC_CAT(a, b) NC_CAT_(a, b)
 #define NC_FN(name) NC_CAT(name, NC_SUF)
 #define NC_IS_F32 (sizeof(NC_T) == sizeof(float))
+/* v * (hi + lo) + t: the float32 contract's two-float scale; a half output's rounding
+ * (2^-11 or 2^-8) dwarfs a lone float32 scale's 2^-24, so half types take hi alone */
+#define NC_SCALE2(v, hi, lo, t) (NC_IS_F32 ? NC_VFMA(v, hi, NC_VFMA(v, lo, t)) : NC_VFMA(v, hi, t))
+#define NC_SCALE2F(v, hi, lo, t) (NC_IS_F32 ? NC_FMAF(v, hi, NC_FMAF(v, lo, t)) : NC_FMAF(v, hi, t))
 
 /* y = (x - mu) * s + t on one row, from the row's float32 coefficients */
 static inline void NC_FN(nc_affine_row_c)(const NC_T* x, NC_T* y, ptrdiff_t n, const nc_affine_c* c, int nt,
@@ -21,9 +25,9 @@ static inline void NC_FN(nc_affine_row_c)(const NC_T* x, NC_T* y, ptrdiff_t n, c
     do {                                         \
         NC_LDX(v, x + (i));                      \
         v -= vm;                                 \
-        v = NC_VFMA(v, vh, NC_VFMA(v, vl, vt));  \
+        v = NC_SCALE2(v, vh, vl, vt);            \
     } while (0)
-#define S(i) NC_FMAF(NC_GETX(x, i) - m, sh, NC_FMAF(NC_GETX(x, i) - m, sl, tf))
+#define S(i) NC_SCALE2F(NC_GETX(x, i) - m, sh, sl, tf)
     NC_PASS(y, n, nt, pf1, (const NC_T*)NULL, V, S);
 #undef V
 #undef S
@@ -50,9 +54,9 @@ static inline void NC_FN(nc_affine_inner_row)(const NC_T* x, NC_T* y, ptrdiff_t 
         NC_LOADF(vw, w + (i));                                    \
         NC_LOADF(vb, b + (i));                                    \
         v -= vm;                                                  \
-        v = NC_VFMA(NC_VFMA(v, vh, NC_VFMA(v, vl, vc)), vw, vb);  \
+        v = NC_VFMA(NC_SCALE2(v, vh, vl, vc), vw, vb);            \
     } while (0)
-#define S(i) NC_FMAF(NC_FMAF(NC_GETX(x, i) - m, rh, NC_FMAF(NC_GETX(x, i) - m, rl, c)), w[i], b[i])
+#define S(i) NC_FMAF(NC_SCALE2F(NC_GETX(x, i) - m, rh, rl, c), w[i], b[i])
     NC_PASS(y, n, nt, pf1, (const NC_T*)NULL, V, S);
 #undef V
 #undef S
@@ -105,6 +109,8 @@ static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* d
 #undef S
 }
 
+#undef NC_SCALE2
+#undef NC_SCALE2F
 #undef NC_IS_F32
 #undef NC_FN
 #undef NC_CAT
