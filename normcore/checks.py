@@ -60,12 +60,17 @@ def array(name, a, dtype=None, be=None):
     return be
 
 
+_F32 = np.dtype(np.float32)
+
+
 def param(name, a, shape, dtype, be):
     """An optional array argument (weight, bias, running statistic) of ``shape`` and x's
     ``dtype`` on ``be`` -- or float32 beside a half-precision x, as PyTorch's mixed
     precision keeps them; None passes."""
     if a is None or (type(a) is be.array_type and a.dtype == dtype and a.shape == shape):
         return  # absent, or the common case
+    if type(a) is be.array_type and a.dtype == _F32 and a.shape == shape and dtype.name in HALF_NAMES:
+        return  # mixed precision's common case
     if dtype.name in HALF_NAMES and getattr(a, "dtype", None) == np.float32:
         array(name, a, None, be)
     elif dtype.name in HALF_NAMES and isinstance(a, be.array_type) and a.dtype != dtype:
