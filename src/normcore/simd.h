@@ -180,7 +180,7 @@ static inline void nc_put_b16(nc_bf16* p, ptrdiff_t i, double v) { p[i] = nc_d_b
     } while (0)
 #endif
 
-/* n elements between half storage and float32 (the elementwise passes' staging). */
+/* n elements between half storage and float32 (the column tiles' staging). */
 static inline void nc_load_h16(const nc_f16* p, float* out, ptrdiff_t n) {
     ptrdiff_t i = 0;
 #if defined(__AVX512F__)
