@@ -91,15 +91,20 @@ def _normcore(x, mode, sizes):
     return fns
 
 
-def _torch(x_np, kind, channels):
+def _torch(x_np, kind, channels, dtype=None, bn_param_dtype=None):
+    """torch's passes on a copy of ``x_np``, cast to ``dtype`` when given; batch norm's
+    parameters and running statistics in ``bn_param_dtype`` (default x's), as its mixed
+    CPU kernels take them."""
     if kind == "bn_cl":
         x = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2))).contiguous(
             memory_format=torch.channels_last)
     else:
         x = torch.from_numpy(x_np.copy())
+    if dtype is not None:
+        x = x.to(dtype)
     x.requires_grad_(True)
     c = x_np.shape[-1] if kind == "ln" else channels
-    dt = x.dtype
+    dt = bn_param_dtype if bn_param_dtype is not None and kind in ("bn", "bn_cl") else x.dtype
     w, b = torch.ones(c, dtype=dt, requires_grad=True), torch.zeros(c, dtype=dt, requires_grad=True)
     rm, rv = torch.zeros(channels, dtype=dt), torch.ones(channels, dtype=dt)
 

@@ -8,8 +8,9 @@ The memory-bound passes of the half-precision targets: batch norm NCHW in traini
 statistics, running-statistics update, output) and in eval, and layer norm's forward;
 backward for reference. Parameters and running statistics are float32 beside the half
 inputs (normcore's layer default, PyTorch's mixed CPU kernels), float32 beside float32.
-Reported: median ms of each, and the ratios half / normcore float32 (target <= 0.7) and
-torch / normcore for the same half dtype (target >= 1.0).
+NumPy: the mean/var code a NumPy user writes (bench_cpu), on the half array. Reported:
+median ms of each, and the ratios half / normcore float32 (target <= 0.7), torch / normcore
+(target >= 1.0) and numpy / normcore for the same half dtype.
 """
 from __future__ import annotations
 
@@ -24,15 +25,11 @@ from threadpoolctl import threadpool_limits
 import normcore as nc
 from normcore.kernels import VARIANT
 
-from bench_cpu import interleaved_medians
+from bench_cpu import _numpy, _torch, interleaved_medians, torch  # torch: None when absent
 
-try:
-    import torch
-    import torch.nn.functional as F
-except ImportError:
-    torch = None
-
-CASES = [("BN2d NCHW", (32, 64, 56, 56), "batch_norm"), ("LN", (8192, 768), "layer_norm")]
+# (label, shape, normcore mode, torch kind, NumPy reduce axes)
+CASES = [("BN2d NCHW", (32, 64, 56, 56), "batch_norm", "bn", (0, 2, 3)),
+         ("LN", (8192, 768), "layer_norm", "ln", (1,))]
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
           "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
@@ -55,46 +52,18 @@ def _normcore(x, mode):
     return fns
 
 
-def _torch(x32, mode, dtype):
-    x = torch.from_numpy(x32).to(dtype).requires_grad_(True)
-    C = x.shape[1] if mode == "batch_norm" else x.shape[-1]
-    w = torch.ones(C, requires_grad=True)
-    b = torch.zeros(C, requires_grad=True)
-    rm, rv = torch.zeros(C), torch.ones(C)
-
-    def fwd(training=True):
-        if mode == "batch_norm":
-            return F.batch_norm(x, rm, rv, w, b, training=training, momentum=0.1, eps=1e-5)
-        return F.layer_norm(x, (C,), w.to(dtype), b.to(dtype), 1e-5)
-
-    y = fwd()
-    dy = torch.ones_like(y)
-
-    def no_grad(f):
-        def run():
-            with torch.no_grad():
-                f()
-        return run
-
-    def bwd():
-        x.grad = w.grad = b.grad = None
-        y.backward(dy, retain_graph=True)
-
-    fns = {"fwd": no_grad(fwd), "bwd": bwd}
-    if mode == "batch_norm":
-        fns["infer"] = no_grad(lambda: fwd(False))
-    return fns
-
-
-def measure(label, shape, mode, threads, repeats):
+def measure(label, shape, mode, kind, axes, threads, repeats):
     x32 = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     fns = {}
     for name, dt in DTYPES.items():
         for p, f in _normcore(x32.astype(dt), mode).items():
             fns[(f"normcore {name}", p)] = f
+    for name in ("float16", "bfloat16"):  # what a NumPy user writes, on the half array
+        for p, f in _numpy(x32.astype(DTYPES[name]), axes, kind).items():
+            fns[(f"numpy {name}", p)] = f
     if torch is not None:
         for name, tdt in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
-            for p, f in _torch(x32, mode, tdt).items():
+            for p, f in _torch(x32, kind, shape[1], dtype=tdt, bn_param_dtype=torch.float32).items():
                 fns[(f"torch {name}", p)] = f
     with threadpool_limits(threads):
         if torch is not None:
@@ -110,22 +79,25 @@ def measure(label, shape, mode, threads, repeats):
             ms = t[(f"normcore {name}", p)]
             row[f"normcore {name} ms"] = ms
             row[f"{name} / float32"] = ms / t[("normcore float32", p)]
-            if (f"torch {name}", p) in t:
-                row[f"torch {name} ms"] = t[(f"torch {name}", p)]
-                row[f"torch / normcore {name}"] = t[(f"torch {name}", p)] / ms
+            for lib in ("torch", "numpy"):
+                if (f"{lib} {name}", p) in t:
+                    row[f"{lib} {name} ms"] = t[(f"{lib} {name}", p)]
+                    row[f"{lib} / normcore {name}"] = t[(f"{lib} {name}", p)] / ms
         rows.append(row)
     return rows
 
 
 def markdown(rows):
-    head = ("| case | shape | pass | thr | nc f32 ms | nc f16 ms | f16/f32 | torch f16 / nc | nc bf16 ms | "
-            "bf16/f32 | torch bf16 / nc |")
+    head = ("| case | shape | pass | thr | nc f32 ms | nc f16 ms | f16/f32 | torch f16 / nc | numpy f16 / nc | "
+            "nc bf16 ms | bf16/f32 | torch bf16 / nc | numpy bf16 / nc |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
+    nan = float("nan")
     for r in rows:
         out.append(f"| {r['case']} | {tuple(r['shape'])} | {r['pass']} | {r['threads']} | "
                    f"{r['normcore float32 ms']:.2f} | {r['normcore float16 ms']:.2f} | {r['float16 / float32']:.2f} | "
-                   f"{r.get('torch / normcore float16', float('nan')):.2f} | {r['normcore bfloat16 ms']:.2f} | "
-                   f"{r['bfloat16 / float32']:.2f} | {r.get('torch / normcore bfloat16', float('nan')):.2f} |")
+                   f"{r.get('torch / normcore float16', nan):.2f} | {r.get('numpy / normcore float16', nan):.1f} | "
+                   f"{r['normcore bfloat16 ms']:.2f} | {r['bfloat16 / float32']:.2f} | "
+                   f"{r.get('torch / normcore bfloat16', nan):.2f} | {r.get('numpy / normcore bfloat16', nan):.1f} |")
     return "\n".join(out)
 
 

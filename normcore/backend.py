@@ -22,7 +22,7 @@ import numpy as np
 from . import kernels
 
 __all__ = ["Backend", "Kernels", "AffineKind", "backend_of", "backend_named", "CPU", "machine_eps",
-           "storage_dtypes", "HALF_NAMES"]
+           "storage_dtypes", "HALF_NAMES", "HALF_DTYPES"]
 
 # The half-precision storage dtypes: computed in float32 (statistics in double on the CPU,
 # float32 on the GPU), their weight, bias and running statistics either in x's dtype or
@@ -44,6 +44,10 @@ def storage_dtypes():
     except ImportError:
         pass
     return tuple(dtypes)
+
+
+# the half dtypes present (bfloat16 with ml_dtypes), for checks cheaper than by name
+HALF_DTYPES = tuple(d for d in storage_dtypes() if d.name in HALF_NAMES)
 
 # The affine kinds of normalize_groups / backward_groups, defined once in
 # src/normcore/contract.h and read here from the compiled kernels.

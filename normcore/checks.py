@@ -13,9 +13,9 @@ import numbers
 
 import numpy as np
 
-from .backend import CPU, HALF_NAMES, backend_of
+from .backend import CPU, HALF_DTYPES, backend_of
 
-__all__ = ["array", "param", "positive_int", "axis_size", "divides", "eps", "momentum", "running_rate",
+__all__ = ["array", "param", "param_dtypes", "same_dtype", "positive_int", "axis_size", "divides", "eps", "momentum", "running_rate",
            "DEFAULT_MOMENTUM", "out", "disjoint",
            "min_ndim", "describe_mode", "type_name"]
 
@@ -63,20 +63,29 @@ def array(name, a, dtype=None, be=None):
 _F32 = np.dtype(np.float32)
 
 
+def param_dtypes(dtype):
+    """The dtypes a weight, bias or running statistic may have beside an x of ``dtype``:
+    x's own, and float32 beside a half-precision x (mixed precision, as PyTorch's CPU
+    kernels take them).
+
+    >>> [d.name for d in param_dtypes(np.dtype(np.float16))]
+    ['float16', 'float32']
+    """
+    return (dtype, _F32) if dtype in HALF_DTYPES else (dtype,)
+
+
 def param(name, a, shape, dtype, be):
-    """An optional array argument (weight, bias, running statistic) of ``shape`` and x's
-    ``dtype`` on ``be`` -- or float32 beside a half-precision x, as PyTorch's mixed
-    precision keeps them; None passes."""
+    """An optional array argument (weight, bias, running statistic) of ``shape`` on ``be``,
+    of a dtype :func:`param_dtypes` allows beside x's ``dtype``; None passes."""
     if a is None or (type(a) is be.array_type and a.dtype == dtype and a.shape == shape):
         return  # absent, or the common case
-    if type(a) is be.array_type and a.dtype == _F32 and a.shape == shape and dtype.name in HALF_NAMES:
-        return  # mixed precision's common case
-    if dtype.name in HALF_NAMES and getattr(a, "dtype", None) == np.float32:
-        array(name, a, None, be)
-    elif dtype.name in HALF_NAMES and isinstance(a, be.array_type) and a.dtype != dtype:
-        raise TypeError(f"{name}: expected x's dtype {dtype} or float32, got dtype {a.dtype}")
-    else:
+    allowed = param_dtypes(dtype)
+    if len(allowed) == 1:
         array(name, a, dtype, be)
+    else:
+        if isinstance(a, be.array_type) and a.dtype not in allowed:
+            raise TypeError(f"{name}: expected x's dtype {dtype} or float32, got dtype {a.dtype}")
+        array(name, a, None, be)
     if a.shape != shape:
         raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
 

@@ -19,7 +19,7 @@ import zipfile
 import numpy as np
 
 from . import checks, sync
-from .backend import HALF_NAMES, backend_named, backend_of, machine_eps
+from .backend import backend_named, backend_of, machine_eps
 from .forms import last_axes, normalized_shape_tuple
 from .functional import backward, forward
 from . import folding
@@ -47,16 +47,18 @@ def _layer_dtype(dtype):
     return dt
 
 
-def _param_dtype(dtype, param_dtype):
+def _layer_param_dtype(dtype, param_dtype):
     """The dtype of a layer's parameters and running statistics: ``param_dtype``, by default
     float32 beside a half-precision ``dtype`` (mixed precision, as PyTorch's CPU kernels and
-    Flax's ``param_dtype`` keep them) and ``dtype`` itself otherwise."""
+    Flax's ``param_dtype`` keep them) and ``dtype`` itself otherwise; one of
+    :func:`normcore.checks.param_dtypes`."""
+    allowed = checks.param_dtypes(dtype)
     if param_dtype is None:
-        return np.dtype(np.float32) if dtype.name in HALF_NAMES else dtype
+        return allowed[-1]
     pd = _layer_dtype(param_dtype)
-    if pd != dtype and not (dtype.name in HALF_NAMES and pd == np.float32):
-        raise TypeError(f"param_dtype: expected the layer's dtype {dtype}"
-                        f"{' or float32' if dtype.name in HALF_NAMES else ''}, got {pd}")
+    if pd not in allowed:
+        raise TypeError(f"param_dtype: expected {' or '.join(d.name for d in allowed)} "
+                        f"(the layer's dtype {dtype}), got {pd}")
     return pd
 
 
@@ -340,7 +342,7 @@ class _Norm(Layer):
                  running_shape=None, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         super().__init__()
         self.dtype = _layer_dtype(dtype)
-        self.param_dtype = _param_dtype(self.dtype, param_dtype)
+        self.param_dtype = _layer_param_dtype(self.dtype, param_dtype)
         self.eps = checks.eps(eps) if eps is not None or not self._eps_may_be_none else None
         # decay (TF/Keras/Flax) or momentum (PyTorch), not both; momentum then holds the
         # equivalent 1 - decay, and the update uses decay itself
