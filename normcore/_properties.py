@@ -24,7 +24,7 @@ __all__ = ["mode_cases", "float_arrays", "random_modes", "check_mode", "PROPERTI
 #: The input dtypes the properties draw: float32, float64, float16 and (with ml_dtypes)
 #: bfloat16; beside a half input the parameters and running statistics are drawn in x's
 #: dtype or float32.
-DTYPES = storage_dtypes()
+DTYPES = storage_dtypes()  # bfloat16 included where installed: normcore.testing imports ml_dtypes
 
 # offsets drawn per dtype: the half types' accuracy holds at 0..1e2 (float16) and 0..1e4
 # (bfloat16)

@@ -14,6 +14,7 @@ CuPy is imported only when a CuPy array arrives, so importing normcore never nee
 from __future__ import annotations
 
 import enum
+import sys
 import weakref
 from typing import Protocol
 
@@ -22,7 +23,7 @@ import numpy as np
 from . import kernels
 
 __all__ = ["Backend", "Kernels", "AffineKind", "backend_of", "backend_named", "CPU", "machine_eps",
-           "storage_dtypes", "HALF_NAMES", "HALF_DTYPES"]
+           "storage_dtypes", "HALF_NAMES", "is_half"]
 
 # The half-precision storage dtypes: computed in float32 (statistics in double on the CPU,
 # float32 on the GPU), their weight, bias and running statistics either in x's dtype or
@@ -32,22 +33,31 @@ HALF_NAMES = ("float16", "bfloat16")
 
 def storage_dtypes():
     """The dtypes x may have on either backend: float32, float64, float16, and bfloat16
-    when ml_dtypes (which gives NumPy and CuPy the bfloat16 dtype) is installed.
+    once ml_dtypes (which gives NumPy and CuPy the bfloat16 dtype) is imported -- whoever
+    holds a bfloat16 array has imported it; normcore does not import it itself, as that
+    takes most of a second.
 
     >>> [d.name for d in storage_dtypes()][:3]
     ['float32', 'float64', 'float16']
     """
     dtypes = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)]
-    try:
-        import ml_dtypes
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    if ml_dtypes is not None:
         dtypes.append(np.dtype(ml_dtypes.bfloat16))
-    except ImportError:
-        pass
     return tuple(dtypes)
 
 
-# the half dtypes present (bfloat16 with ml_dtypes), for checks cheaper than by name
-HALF_DTYPES = tuple(d for d in storage_dtypes() if d.name in HALF_NAMES)
+_F16 = np.dtype(np.float16)
+
+
+def is_half(dtype) -> bool:
+    """Whether ``dtype`` (a numpy dtype) is float16 or bfloat16 (cheap: no lookup by name
+    unless the dtype is a user-defined one, as ml_dtypes' bfloat16 is).
+
+    >>> is_half(np.dtype(np.float16)), is_half(np.dtype(np.float32))
+    (True, False)
+    """
+    return dtype == _F16 or (dtype.kind == "V" and dtype.name == "bfloat16")
 
 # The affine kinds of normalize_groups / backward_groups, defined once in
 # src/normcore/contract.h and read here from the compiled kernels.
@@ -190,6 +200,14 @@ class Backend:
         self.K = kernels.K
         self.dtypes = storage_dtypes()
         self._constants = weakref.WeakKeyDictionary()
+
+    def accepts(self, dtype) -> bool:
+        """Whether x may have ``dtype`` here (bfloat16 joins once ml_dtypes is imported)."""
+        if dtype in self.dtypes:
+            return True
+        if dtype.kind == "V" and dtype.name == "bfloat16":  # ml_dtypes imported since
+            self.dtypes = storage_dtypes()
+        return dtype in self.dtypes
 
     def threads_for(self, size):
         return kernels.threads_for(size)

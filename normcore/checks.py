@@ -13,7 +13,7 @@ import numbers
 
 import numpy as np
 
-from .backend import CPU, HALF_DTYPES, backend_of
+from .backend import CPU, backend_of, is_half
 
 __all__ = ["array", "param", "param_dtypes", "same_dtype", "positive_int", "axis_size", "divides", "eps", "momentum", "running_rate",
            "DEFAULT_MOMENTUM", "out", "disjoint",
@@ -52,7 +52,7 @@ def array(name, a, dtype=None, be=None):
     if type(a) is not be.array_type and isinstance(a, np.ma.MaskedArray):
         raise TypeError(f"{name}: masked arrays are not supported (the mask would be ignored); "
                         f"pass {name}.filled(...) or the unmasked values")
-    if a.dtype not in be.dtypes:
+    if not be.accepts(a.dtype):
         names = " or ".join(d.name for d in be.dtypes)
         raise TypeError(f"{name}: expected {names} on the {be.place}, got dtype {a.dtype}")
     if dtype is not None and a.dtype != dtype:
@@ -71,7 +71,7 @@ def param_dtypes(dtype):
     >>> [d.name for d in param_dtypes(np.dtype(np.float16))]
     ['float16', 'float32']
     """
-    return (dtype, _F32) if dtype in HALF_DTYPES else (dtype,)
+    return (dtype, _F32) if is_half(dtype) else (dtype,)
 
 
 def param(name, a, shape, dtype, be):
