@@ -402,6 +402,41 @@ def test_streamed_outputs_keep_the_contract(build, mode, shape, sizes):
         assert float(np.abs(got - want).max()) <= 3 * _rounding_floor(want)
 
 
+def _fresh(shape, dtype, skip=0):
+    # an out= array on pages not yet touched (written with plain stores: kernels.pxi,
+    # _streams), ``skip`` elements past the start of its mapping
+    import mmap
+    n = int(np.prod(shape)) + skip
+    return np.frombuffer(mmap.mmap(-1, n * np.dtype(dtype).itemsize), dtype)[skip:].reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode, shape, sizes", [
+    ("batch_norm", (16, 8, 33000), {}),        # row passes, one coefficient set per row
+    ("layer_norm", (4200, 1022), {}),          # groups of one row, weight along the row
+    ("group_norm", (8, 64, 8300), {"g": 8}),   # groups of rows with per-row parameters
+])
+def test_streamed_and_plain_stores_give_the_same_bits(build, mode, shape, sizes, dtype):
+    # Streamed rows are peeled to a line boundary in part vectors; a large array's data
+    # starts 16 bytes past a line, and one element further on here, so every row has a head
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(8)
+    x = (2 + rng.standard_normal(shape)).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+    p = nc.param_shapes(mode, shape, **sizes)["weight"]
+    w, b = rng.standard_normal(p).astype(np.float32), rng.standard_normal(p).astype(np.float32)
+    for skip in (0, 1):
+        plain = [_fresh(shape, dt, skip) for _ in range(2)]
+        streamed = [np.full(int(np.prod(shape)) + skip, np.nan, dt)[skip:].reshape(shape) for _ in range(2)]
+        assert kernels.K.streaming(streamed[0]) and not (sys.platform.startswith("linux")
+                                                         and kernels.K.streaming(plain[0]))
+        for y, dx in (plain, streamed):
+            _, cache = nc.normalize(x, mode, weight=w, bias=b, out=y, **sizes)
+            nc.backward(dy, cache, out=dx)
+        for a, c in zip(plain, streamed, strict=True):
+            assert np.array_equal(a, c), (mode, dtype, skip)
+
+
 def test_streaming_needs_a_large_output_already_in_memory():
     import mmap
     region = mmap.mmap(-1, 12 * 2**20)  # a fresh anonymous mapping: no page touched yet

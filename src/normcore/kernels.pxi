@@ -1651,10 +1651,12 @@ cdef extern from *:
 
 
 def streaming(out):
-    """Whether a float32 output array ``out`` would be written with streaming stores now
-    (large enough, and its memory resident rather than fresh from the OS); a diagnostic."""
-    cdef void* p = _out(out, cnp.NPY_FLOAT32)
-    return bool(_streams(p, out.size, sizeof(float)))
+    """Whether an output array ``out`` (any storage type) would be written with streaming
+    stores now (large enough, and its memory resident rather than fresh from the OS); a
+    diagnostic."""
+    cdef int T = _storage(out)
+    cdef void* p = _out(out, T)
+    return bool(_streams(p, out.size, out.itemsize))
 
 
 def max_threads():

@@ -637,10 +637,36 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
  * normally (a row's head or tail) would leave the write-combining buffer half full and go to
  * memory as a partial write. NC_LINE floats per line. */
 #define NC_LINE 16
+#define NC_LINE_OF(p) ((ptrdiff_t)(64 / sizeof(*(p))))
 #define NC_LINE_ALIGNED(p) (((size_t)(p) & 63) == 0)
+/* whole elements from p to the next line; 0 within an element of it (an output not aligned
+ * to its element size, whose rows then go in part vectors or element by element) */
+#define NC_TO_LINE(p) ((ptrdiff_t)((64 - ((size_t)(p) & 63)) / sizeof(*(p))))
+
+/* the first k of v's lanes stored (0 < k <= NC_FL): a masked store under AVX-512, else
+ * through a vector on the stack */
+#if NC_FL == 16
+#define NC_LANES(k) ((__mmask16)((1u << (k)) - 1u))
+#define NC_STX_PART_F32(p, v, k) _mm512_mask_storeu_ps((p), NC_LANES(k), (__m512)(v))
+#define NC_STX_PART_H16(p, v, k) \
+    _mm256_mask_storeu_epi16((p), NC_LANES(k), _mm512_cvtps_ph((__m512)(v), _MM_FROUND_TO_NEAREST_INT))
+#define NC_STX_PART_B16(p, v, k) _mm256_mask_storeu_epi16((p), NC_LANES(k), nc_round_b16(v))
+#else
+#define NC_STX_PART_VIA(T, ST, p, v, k) \
+    do {                                \
+        T t_[NC_FL];                    \
+        ST(t_, v);                      \
+        memcpy((p), t_, (size_t)(k) * sizeof(T)); \
+    } while (0)
+#define NC_STX_PART_F32(p, v, k) NC_STX_PART_VIA(float, NC_STOREF, p, v, k)
+#define NC_STX_PART_H16(p, v, k) NC_STX_PART_VIA(nc_f16, nc_st_h16, p, v, k)
+#define NC_STX_PART_B16(p, v, k) NC_STX_PART_VIA(nc_bf16, nc_st_b16, p, v, k)
+#endif
 
 /* out[i] = SCALAR(i) for i in [0, n), NC_FL lanes at a time through VECTOR(i, v) (which
- * sets v); with nt, the head up to a line-aligned out + i is done by SCALAR, the whole lines
+ * sets v); with nt, the head up to a line-aligned out + i is stored in part vectors
+ * (NC_STX_PART: a large array's data sits 16 bytes past a line, so every row of one has such
+ * a head, which element by element cost up to a third of a 768-wide row's time), the whole lines
  * after it are streamed, and what is left is stored normally (NC_STX, NC_PUTX, NC_STREAMX: the
  * output's storage type, simd_pass.h). pf1, pf2 (or NULL): inputs the next pass will read,
  * asked for in step with this one, a line per vector (the caller's next group: while this pass reads
@@ -654,9 +680,18 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
         nc_vf v_;                                                                   \
         ptrdiff_t e_ = 0; /* streamed below e_: whole cache lines */               \
         if (nt) {                                                                   \
-            for (; i_ < (n) && !NC_LINE_ALIGNED((out) + i_); ++i_)                  \
-                NC_PUTX(out, i_, SCALAR(i_));                                       \
-            e_ = i_ + ((n) - i_) / NC_LINE * NC_LINE;                               \
+            while (i_ < (n) && !NC_LINE_ALIGNED((out) + i_)) {                      \
+                const ptrdiff_t k_ = NC_TO_LINE((out) + i_);                        \
+                if (k_ > 0 && i_ + NC_FL <= (n)) {                                  \
+                    VECTOR(i_, v_);                                                 \
+                    NC_STX_PART((out) + i_, v_, k_ < NC_FL ? k_ : NC_FL);           \
+                    i_ += k_ < NC_FL ? k_ : NC_FL;                                  \
+                } else {                                                            \
+                    NC_PUTX(out, i_, SCALAR(i_));                                   \
+                    ++i_;                                                           \
+                }                                                                   \
+            }                                                                       \
+            e_ = i_ + ((n) - i_) / NC_LINE_OF(out) * NC_LINE_OF(out);               \
         }                                                                           \
         for (; i_ + NC_FL <= (n); i_ += NC_FL) {                                    \
             if (pf1)                                                                \
@@ -723,6 +758,15 @@ static inline void nc_st_h16(nc_f16* p, nc_vf v) {
     _mm_storeu_si128((__m128i*)p, _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
 #endif
 }
+/* streamed: p 32-byte aligned (16 lanes) or 16-byte aligned (8), as NC_PASS's line-aligned
+ * runs give it */
+static inline void nc_stream_h16(nc_f16* p, nc_vf v) {
+#if NC_FL == 16
+    _mm256_stream_si256((__m256i*)p, _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    _mm_stream_si128((__m128i*)p, _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#endif
+}
 static inline nc_vf nc_ld_b16(const nc_bf16* p) {
 #if NC_FL == 16
     return (nc_vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16);
@@ -730,15 +774,24 @@ static inline nc_vf nc_ld_b16(const nc_bf16* p) {
     return (nc_vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
 #endif
 }
-/* round to nearest even on the upper 16 bits; NaN stays a quiet NaN (as nc_f_bf16) */
-static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
+/* the 16 (8) bfloat16 of v, rounded to nearest even on the upper 16 bits; NaN stays a quiet
+ * NaN (as nc_f_bf16) */
+#if NC_FL == 16
+typedef __m256i nc_vh;
+#else
+typedef __m128i nc_vh;
+#endif
+static inline nc_vh nc_round_b16(nc_vf v) {
 #if NC_FL == 16
     const __m512i u = (__m512i)v, hi = _mm512_srli_epi32(u, 16);
     const __m512i odd = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask((__m512)v, (__m512)v, _CMP_UNORD_Q),
-                              _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+                              _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+    /* the upper halves, in order: one word permute rather than a shift and a narrowing move */
+    const __m512i odd_words = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33,
+                                               31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    return _mm512_castsi512_si256(_mm512_permutexvar_epi16(odd_words, r));
 #else
     const __m256i u = (__m256i)v, hi = _mm256_srli_epi32(u, 16);
     const __m256i odd = _mm256_and_si256(hi, _mm256_set1_epi32(1));
@@ -746,7 +799,21 @@ static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
     r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)),
                            (__m256i)_mm256_cmp_ps((__m256)v, (__m256)v, _CMP_UNORD_Q));
     r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8); /* the 8 halves in order */
-    _mm_storeu_si128((__m128i*)p, _mm256_castsi256_si128(r));
+    return _mm256_castsi256_si128(r);
+#endif
+}
+static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
+#if NC_FL == 16
+    _mm256_storeu_si256((__m256i*)p, nc_round_b16(v));
+#else
+    _mm_storeu_si128((__m128i*)p, nc_round_b16(v));
+#endif
+}
+static inline void nc_stream_b16(nc_bf16* p, nc_vf v) {
+#if NC_FL == 16
+    _mm256_stream_si256((__m256i*)p, nc_round_b16(v));
+#else
+    _mm_stream_si128((__m128i*)p, nc_round_b16(v));
 #endif
 }
 
@@ -755,6 +822,7 @@ static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
 #define NC_LDX(v, p) NC_LOADF(v, p)
 #define NC_STX(p, v) NC_STOREF(p, v)
 #define NC_STREAMX(p, v) NC_STREAMF(p, v)
+#define NC_STX_PART(p, v, k) NC_STX_PART_F32(p, v, k)
 #define NC_GETX(p, i) ((p)[i])
 #define NC_PUTX(p, i, v) ((p)[i] = (v))
 #include "simd_pass.h"
@@ -763,7 +831,8 @@ static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
 #define NC_SUF h16
 #define NC_LDX(v, p) ((v) = nc_ld_h16(p))
 #define NC_STX(p, v) nc_st_h16((p), (v))
-#define NC_STREAMX(p, v) nc_st_h16((p), (v))
+#define NC_STREAMX(p, v) nc_stream_h16((p), (v))
+#define NC_STX_PART(p, v, k) NC_STX_PART_H16(p, v, k)
 #define NC_GETX(p, i) nc_f16_f((p)[i])
 #define NC_PUTX(p, i, v) ((p)[i] = nc_f_f16(v))
 #include "simd_pass.h"
@@ -772,7 +841,8 @@ static inline void nc_st_b16(nc_bf16* p, nc_vf v) {
 #define NC_SUF b16
 #define NC_LDX(v, p) ((v) = nc_ld_b16(p))
 #define NC_STX(p, v) nc_st_b16((p), (v))
-#define NC_STREAMX(p, v) nc_st_b16((p), (v))
+#define NC_STREAMX(p, v) nc_stream_b16((p), (v))
+#define NC_STX_PART(p, v, k) NC_STX_PART_B16(p, v, k)
 #define NC_GETX(p, i) nc_bf16_f((p)[i])
 #define NC_PUTX(p, i, v) ((p)[i] = nc_f_bf16(v))
 #include "simd_pass.h"

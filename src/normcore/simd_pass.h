@@ -3,8 +3,8 @@
  * NC_LDX(v, p) / NC_STX(p, v) / NC_STREAMX(p, v) a vector of NC_FL elements loaded as
  * float32 / stored with one rounding / streamed, NC_GETX(p, i) / NC_PUTX(p, i, f) one
  * element. The arithmetic is the float32 passes' (simd.h, "float32 elementwise passes"), on
- * the values as loaded; weights stay float32. Half outputs are not streamed (nt is a
- * float32 matter: those outputs reach the STREAM_BYTES threshold at twice the elements).
+ * the values as loaded; weights stay float32. Streamed outputs go out in whole 64-byte
+ * lines of their own type (NC_LINE_OF).
  * Every NC_ macro above is undefined at the end, for the next inclusion. */
 #define NC_CAT_(a, b) a##_##b
 #define NC_CAT(a, b) NC_CAT_(a, b)
@@ -20,7 +20,6 @@ static inline void NC_FN(nc_affine_row_c)(const NC_T* x, NC_T* y, ptrdiff_t n, c
                                           const NC_T* pf1) {
     const float m = c->m, sh = c->h, sl = c->l, tf = c->t;
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(sh), vl = NC_SPLAT(sl), vt = NC_SPLAT(tf);
-    nt = nt && NC_IS_F32;
 #define V(i, v)                                  \
     do {                                         \
         NC_LDX(v, x + (i));                      \
@@ -47,7 +46,6 @@ static inline void NC_FN(nc_affine_inner_row)(const NC_T* x, NC_T* y, ptrdiff_t 
     const float c = (float)(-(mu - (double)m) * rs);
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), vc = NC_SPLAT(c);
     nc_vf vw, vb;
-    nt = nt && NC_IS_F32;
 #define V(i, v)                                                   \
     do {                                                          \
         NC_LDX(v, x + (i));                                       \
@@ -68,7 +66,6 @@ static inline void NC_FN(nc_dx_row_c)(const NC_T* dy, const NC_T* x, NC_T* dx, p
     const float m = c->m, h = c->h, l = c->l, a2 = c->a2, a3 = c->a3;
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(h), vl = NC_SPLAT(l), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
     nc_vf g;
-    nt = nt && NC_IS_F32;
 #define V(i, v)                                                        \
     do {                                                               \
         NC_LDX(g, dy + (i));                                           \
@@ -91,7 +88,6 @@ static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* d
     const float m = (float)mu, a2 = (float)k2, a3 = (float)(-rs * m1 - (mu - (double)m) * k2);
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(rh), vl = NC_SPLAT(rl), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
     nc_vf g, e, vw;
-    nt = nt && NC_IS_F32;
 #define V(i, v)                                                         \
     do {                                                                \
         NC_LDX(g, dy + (i));                                            \
@@ -120,5 +116,6 @@ static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* d
 #undef NC_LDX
 #undef NC_STX
 #undef NC_STREAMX
+#undef NC_STX_PART
 #undef NC_GETX
 #undef NC_PUTX
