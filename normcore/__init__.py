@@ -5,7 +5,7 @@ any mode a user registers) runs through the same compiled Cython/OpenMP kernels.
 """
 from .spec import SpecError
 from .modes import Mode, get_mode, modes, register_mode
-from .functional import NormCache, backward, normalize
+from .functional import NormCache, add_normalize, backward, normalize
 from .kernels import get_num_threads, set_num_threads
 from .plan import param_shapes
 from .folding import fold, fold_into
@@ -21,7 +21,7 @@ from .sync import SyncError
 __version__ = "0.1.0"
 
 __all__ = [
-    "SpecError", "Mode", "register_mode", "modes", "get_mode", "normalize", "backward", "NormCache", "param_shapes",
+    "SpecError", "Mode", "register_mode", "modes", "get_mode", "normalize", "add_normalize", "backward", "NormCache", "param_shapes",
     "fold", "fold_into",
     "set_num_threads", "get_num_threads",
     "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",

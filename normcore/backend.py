@@ -105,6 +105,11 @@ class Kernels(Protocol):
         running = keep * running + momentum * (average of the entry's groups; var * unbias);
         keep is 1 - momentum, or the caller's decay exactly."""
 
+    # -- elementwise -------------------------------------------------------------------------
+    def add(self, a, b, out, threads):
+        """IN a, b T (n elements each, any shape); OUT out T (n elements; may be a or b):
+        a + b rounded as NumPy's (the half types through float32, which rounds them exactly)."""
+
     # -- forward elementwise -----------------------------------------------------------------
     def row_coefficients(self, mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift):
         """IN mean, rstd (C,), rg, rp (R,), w, b (P,) T; OUT mean_r, scale, shift (R,)."""
@@ -116,10 +121,12 @@ class Kernels(Protocol):
         """IN x (1, R, S) T, mean, rstd (R,), rp (R,), w, b (P,) float64;
         OUT y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + b[rp[r] + s]."""
 
-    def normalize_groups(self, x, rows_per_group, center, eps, affine, rp, w, b, mean, var, rstd, y,
-                         threads):
-        """IN x (1, C, B) T, rp (C * J,), w, b (P,) float64, affine an AffineKind;
-        OUT mean, var, rstd (C,), y (1, C, B): statistics and output in one visit per group."""
+    def normalize_groups(self, x, residual, h, rows_per_group, center, eps, affine, rp, w, b, mean, var,
+                         rstd, y, threads):
+        """IN x (1, C, B) T, residual (1, C, B) T or None, rp (C * J,), w, b (P,) float64,
+        affine an AffineKind; OUT h (1, C, B) T (None without a residual), mean, var, rstd
+        (C,), y (1, C, B): statistics and output in one visit per group, of h = x + residual
+        (as ``add``) when a residual is given."""
 
     def normalize_cols(self, x, rows_per_block, center, eps, rg, rp, w, b, has_w, has_b, mean, var, rstd, y,
                        threads):
@@ -159,10 +166,11 @@ class Kernels(Protocol):
         OUT dx = rstd (dy w - c1 - xhat c2)."""
 
     def backward_groups(self, dy, x, rows_per_group, center, affine, rp, w, mean, rstd,
-                        groups_per_block, t1, t2, pdw, pdb, dx, threads):
-        """IN dy, x (1, C, B) T, rp (C * J,), w (P,) float64, mean, rstd (C,); OUT t1, t2
-        (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P) zeroed partials (INNER),
-        dx (1, C, B): training backward in one visit per group (optional: ``fused_backward``)."""
+                        groups_per_block, t1, t2, pdw, pdb, dh, dx, threads):
+        """IN dy, x (1, C, B) T, rp (C * J,), w (P,) float64, mean, rstd (C,), dh (1, C, B)
+        T or None; OUT t1, t2 (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P)
+        zeroed partials (INNER), dx (1, C, B), plus dh when given (as ``add``, after dx's
+        rounding): training backward in one visit per group (optional: ``fused_backward``)."""
 
     def backward_cols(self, dy, x, mean, rstd, rows_per_block, rg, rp, w, has_w, count, stats_grad, center,
                       dw, db, dx, threads):

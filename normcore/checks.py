@@ -228,6 +228,17 @@ def momentum(value, allow_none=False):
     return v
 
 
+def like_x(name, a, shape, dtype, be):
+    """``a`` (a residual, an incoming dh) must be an array of x's backend, dtype and shape
+    (``shape``: the forward input's); elementwise partners are not broadcast.
+
+    >>> like_x("residual", np.zeros((2, 3), np.float32), (2, 3), np.dtype(np.float32), CPU)
+    """
+    array(name, a, dtype, be)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {a.shape}")
+
+
 def out(a, shape, dtype, inputs, be=CPU):
     """``out=`` must be a writeable C-contiguous array of the result's shape and dtype that
     shares no memory with ``inputs`` (backward reads x after forward has written y); a call

@@ -34,7 +34,7 @@ from .checks import describe_mode
 from .modes import Mode, get_mode
 from .plan import Plan, Strategy, make_plan
 
-__all__ = ["normalize", "backward", "NormCache"]
+__all__ = ["normalize", "add_normalize", "backward", "NormCache"]
 
 
 class _Run:
@@ -212,10 +212,11 @@ class _Forward(NamedTuple):
     use_batch: bool         # batch statistics are computed (training, or no running ones)
     update: bool            # the running statistics are written
     one_pass: bool          # statistics and output from one kernel call (groups, columns)
+    residual: object = None  # add_normalize's residual: the input is h = x + residual
 
 
 def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, decay, eps,
-                   unbiased, estimate, out, sizes, link) -> _Forward:
+                   unbiased, estimate, out, sizes, link, residual=None) -> _Forward:
     """Phase 1: every rule on the arguments (x's array type already checked: ``be``)."""
     training, estimate = bool(training), bool(estimate)
     has_running = running_mean is not None
@@ -249,6 +250,8 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                     raise ValueError(f"{name}: must be writeable to be updated in training")
     eps = checks.eps(eps)
     momentum, keep = checks.running_rate(momentum, decay)
+    if residual is not None:
+        checks.like_x("residual", residual, x.shape, dtype, be)
     if out is not None:
         checks.out(out, x.shape, dtype, {}, be)  # its overlaps: disjoint, below
     if out is not None or (has_running and training):
@@ -258,7 +261,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
         writes_running = has_running and training
         checks.disjoint({"out": out, "running_mean": running_mean if writes_running else None,
                          "running_var": running_var if writes_running else None},
-                        {"x": x, "weight": weight, "bias": bias,
+                        {"x": x, "residual": residual, "weight": weight, "bias": bias,
                          "running_mean": None if writes_running else running_mean,
                          "running_var": None if writes_running else running_var}, be)
     if estimate and not (has_running and training):
@@ -272,7 +275,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                     None if bias is None else _flat(bias, be),
                     running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
                     estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
-                    one_pass)
+                    one_pass, residual)
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
@@ -319,10 +322,18 @@ def _check_count(n, C, training, m: Mode, shape):
 
 
 def _forward(call: _Forward, x):
-    """Phases 2-5 of a checked call; returns (y, cache)."""
+    """Phases 2-5 of a checked call; returns (y, cache), or (y, h, cache) with a residual."""
     plan, xp = call.plan, call.be.xp
+    r3 = h3 = None
+    if call.residual is not None:
+        if _fuses_add(call, x):  # h made by the one-pass kernel, group by group
+            r3 = _canonical(call.residual, plan, xp)
+            h3 = xp.empty(plan.kernel_shape, call.dtype)
+        else:  # h first, then the forward of h
+            x = add(call.be, x, call.residual)
     if x.size == 0 and call.link is None:
-        return _empty_forward(call, x)
+        y, cache = _empty_forward(call, x)
+        return (y, cache) if call.residual is None else (y, x, cache)
     x3 = _canonical(x, plan, xp)
     run = _Run.of(call.be, x3.size)
     out = call.out
@@ -330,7 +341,9 @@ def _forward(call: _Forward, x):
     count = plan.count
     mean = var = rstd = None
     if call.use_batch:
-        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run)
+        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3)
+        if h3 is not None:
+            x = x3 = h3  # what the kernel normalized, and what backward reads
     if call.update:
         _update_running(call, mean, var, count, run)
     if not call.use_batch or call.estimate:
@@ -341,7 +354,33 @@ def _forward(call: _Forward, x):
                       stats_grad=call.use_batch and not call.estimate, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be,
                       param_dtype=_param_dtype(call))
-    return _result(y_rows, plan, out, xp), cache
+    y = _result(y_rows, plan, out, xp)
+    if call.residual is None:
+        return y, cache
+    return y, _shaped(x, plan.shape), cache
+
+
+def _fuses_add(call: _Forward, x):
+    """Whether the residual add joins the one-pass forward: contiguous groups in x's own
+    order (layer norm, RMS norm, group norm, instance norm over (N, C, ...))."""
+    return call.one_pass and call.plan.strategy is Strategy.GROUPS and call.plan.perm is None and x.size > 0
+
+
+def add(be, a, b):
+    """``a + b`` (arrays of backend ``be``, one shape and dtype) from the ``add`` kernel:
+    rounded as NumPy's ``a + b``, on the backend's threads. Returns a new C-contiguous array.
+
+    >>> import numpy as np
+    >>> from normcore.backend import CPU
+    >>> add(CPU, np.ones(3, np.float32), np.arange(3, dtype=np.float32)).tolist()
+    [1.0, 2.0, 3.0]
+    """
+    xp = be.xp
+    a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
+    out = xp.empty(a.shape, a.dtype)
+    run = _Run.of(be, a.size)
+    run.K.add(a, b, out, run.threads)
+    return out
 
 
 def _empty_forward(call: _Forward, x):
@@ -358,15 +397,16 @@ def _empty_forward(call: _Forward, x):
     return y, cache
 
 
-def _batch_statistics(call: _Forward, x3, y_rows, run: _Run):
+def _batch_statistics(call: _Forward, x3, y_rows, run: _Run, r3=None, h3=None):
     """Phase 2: per-group (mean, var, rstd) of the batch and the elements per group (all
-    ranks'). The one-pass kernel also writes the output."""
+    ranks'). The one-pass kernel also writes the output (and h = x3 + r3 into h3 when a
+    residual is fused)."""
     plan, xp = call.plan, run.xp
     C = plan.layout[1]
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
     if call.one_pass:
         if plan.strategy is Strategy.GROUPS:
-            _normalize_groups(call, x3, mean, var, rstd, y_rows, run)
+            _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3)
         else:
             _normalize_columns(call, x3, mean, var, rstd, y_rows, run)
         return mean, var, rstd, plan.count
@@ -421,8 +461,9 @@ def _scattered_moments(x_rows, plan: Plan, run: _Run):
     return by_group(pmean), by_group(pm2), run.be.constant(plan, "partial counts", lambda: plan.partial_counts)
 
 
-def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
-    """The one-pass forward of an A == 1 layout (statistics and y)."""
+def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run, r3=None, h3=None):
+    """The one-pass forward of an A == 1 layout (statistics and y; of h3 = x3 + r3 when
+    a residual is given)."""
     plan, xp = call.plan, run.xp
     affine = AffineKind.NONE
     w = b = run.dummy(plan, np.dtype(np.float64))
@@ -432,7 +473,7 @@ def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run):
         w = xp.ones(P) if call.weight is None else call.weight.astype(np.float64)
         b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
     rp = run.params_ix(plan)
-    run.K.normalize_groups(x3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
+    run.K.normalize_groups(x3, r3, h3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
                            rp, w, b, mean, var, rstd, y_rows, run.threads)
 
 
@@ -525,19 +566,20 @@ def _per_row(values, plan: Plan, run: _Run):
 
 def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_var=None, training=True,
             momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False, out=None, comm=None,
-            sizes=None, decay=None):
+            sizes=None, decay=None, residual=None):
     """:func:`normalize` for an ``x`` whose array type the caller has checked (``be`` is
-    its backend): the entry of the forms and layers, which check x once themselves."""
+    its backend): the entry of the forms and layers, which check x once themselves. With
+    ``residual``, :func:`add_normalize` (returns ``(y, h, cache)``)."""
     sizes = {} if sizes is None else sizes
     if comm is None:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              decay, eps, unbiased, estimate, out, sizes, None)
+                              decay, eps, unbiased, estimate, out, sizes, None, residual)
         return _forward(call, x)
     sync.check_comm(comm)  # without a communicator there is no one to tell
     link = sync.Exchange(comm, "forward")
     try:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              decay, eps, unbiased, estimate, out, sizes, link)
+                              decay, eps, unbiased, estimate, out, sizes, link, residual)
         return _forward(call, x)
     except BaseException as e:  # any failure (MemoryError too) reaches the peers, once
         if training or running_mean is None:  # this call exchanges batch statistics
@@ -612,12 +654,59 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
                    unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay)
 
 
+def add_normalize(x, residual, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
+                  training=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False,
+                  out=None, comm=None, decay=None, **sizes):
+    """The residual add fused with the normalization after it: ``h = x + residual``, then
+    :func:`normalize` of h; returns ``(y, h, cache)``.
+
+    ``residual`` has x's shape and dtype; ``h`` is computed in that dtype and rounded as
+    NumPy's ``x + residual`` (bitwise the same array), and is the new residual stream.
+    Every other argument is :func:`normalize`'s (``out`` receives y). Where each group is
+    contiguous in x (layer norm, RMS norm, group and instance norm over (N, C, ...)) one
+    kernel visit per group reads x and residual once and writes h and y once; other
+    layouts make h in a pass of its own first. :func:`backward` with ``dh=`` (the gradient
+    arriving at h from the residual stream) returns ``dh_total``, the gradient with respect
+    to h, and so to x and to residual.
+
+    Shapes: x, residual, y, h (any shape the mode's spec accepts, all the same).
+
+    Example
+    -------
+    >>> import numpy as np, normcore
+    >>> rng = np.random.default_rng(0)
+    >>> x, r = rng.standard_normal((2, 4, 8), dtype=np.float32), rng.standard_normal((2, 4, 8), dtype=np.float32)
+    >>> y, h, cache = normcore.add_normalize(x, r, "layer_norm", weight=np.ones(8, np.float32))
+    >>> bool(np.array_equal(h, x + r))
+    True
+    >>> dh_total, dw, db = normcore.backward(np.ones_like(y), cache, dh=np.ones_like(h))
+    """
+    try:
+        be = checks.array("x", x)
+    except TypeError as e:
+        if comm is not None and (training or running_mean is None):
+            sync.check_comm(comm)
+            sync.Exchange(comm, "forward").fail(e)
+        raise
+    if residual is None:
+        raise TypeError("residual: expected an array of x's shape and dtype, got None (use normalize)")
+    return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, training=training, momentum=momentum, eps=eps,
+                   unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay,
+                   residual=residual)
+
+
 # ---------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------
 
-def backward(dy, cache, *, out=None):
+def backward(dy, cache, *, out=None, dh=None):
     """Gradients of :func:`normalize`: return ``(dx, dweight, dbias)``.
+
+    ``dh`` (optional, x's shape and dtype): a gradient reaching the forward input by
+    another path, added to dx (after dx's rounding, as NumPy's ``dx + dh``); after
+    :func:`add_normalize` it is the residual stream's gradient at h, and dx is then
+    ``dh_total``, the gradient with respect to h (so to x and to residual).
 
     ``dweight`` / ``dbias`` are None when forward had no weight / bias. In training mode
     (batch statistics) the gradient flows through the mean and variance; in eval mode
@@ -644,29 +733,31 @@ def backward(dy, cache, *, out=None):
     if not isinstance(cache, NormCache):
         raise TypeError(f"cache: expected the NormCache returned by normalize, got {type(cache).__name__}")
     if cache.comm is None:
-        _check_backward(dy, cache, out)
-        return _backward(dy, cache, out, None)
+        _check_backward(dy, cache, out, dh)
+        return _backward(dy, cache, out, None, dh)
     link = sync.Exchange(cache.comm, "backward")
     try:
-        _check_backward(dy, cache, out)
-        return _backward(dy, cache, out, link)
+        _check_backward(dy, cache, out, dh)
+        return _backward(dy, cache, out, link, dh)
     except BaseException as e:  # any failure (MemoryError too) reaches the peers, once
         link.fail(e)
         raise
 
 
-def _check_backward(dy, cache, out):
+def _check_backward(dy, cache, out, dh=None):
     be, shape = cache.backend, cache.shape
     checks.array("dy", dy, cache.dtype, be)
     if dy.shape != shape:
         raise ValueError(f"dy: expected shape {shape} (the forward input's), got {dy.shape}; "
                          "is the cache from another call?")
+    if dh is not None:
+        checks.like_x("dh", dh, shape, cache.dtype, be)
     if out is not None:
         checks.out(out, shape, cache.dtype, {"dy": dy, "x": cache.x3}, be)
-        checks.disjoint({"out": out}, {"weight": cache.weight}, be)
+        checks.disjoint({"out": out}, {"weight": cache.weight, "dh": dh}, be)
 
 
-def _backward(dy, cache, out, link):
+def _backward(dy, cache, out, link, dh=None):
     be, plan = cache.backend, cache.plan
     xp = be.xp
     view = cache.view
@@ -678,7 +769,10 @@ def _backward(dy, cache, out, link):
     if dy3.size == 0 and link is None:  # nothing flows: zero parameter gradients
         dw = db = xp.zeros(plan.param_size if (cache.has_weight or cache.has_bias) else 0)
     elif cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
-        dw, db = _backward_one_visit(dy3, cache, dx_rows, run)
+        dh3 = None
+        if dh is not None and plan.perm is None:  # added by the kernel, row by row
+            dh3, dh = _canonical(dh.reshape(plan.shape), plan, xp), None
+        dw, db = _backward_one_visit(dy3, cache, dx_rows, run, dh3)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
         dw, db = _backward_inner(_shaped(dy3, plan.rows), cache, dx_rows, run, link)
     elif plan.strategy is Strategy.COLUMNS and link is None:
@@ -688,6 +782,8 @@ def _backward(dy, cache, out, link):
     dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
     if view is not None:
         dx = dx.reshape(view[0]) if out is None else out
+    if dh is not None:  # dx is C-contiguous in the caller's layout, as dh is read
+        run.K.add(dx, xp.ascontiguousarray(dh), dx, run.threads)
     pshape = plan.param_shape if view is None else view[1]
     dweight = dbias = None
     if cache.has_weight:
@@ -716,8 +812,9 @@ def _param_grads(cache, run: _Run):
     return run.xp.zeros(P), run.xp.zeros(P)
 
 
-def _backward_one_visit(dy3, cache, dx_rows, run: _Run):
-    """Training backward when every group is contiguous: its sums and its dx in one visit."""
+def _backward_one_visit(dy3, cache, dx_rows, run: _Run, dh3=None):
+    """Training backward when every group is contiguous: its sums and its dx (plus dh3
+    when given) in one visit."""
     plan, xp = cache.plan, run.xp
     R, C = plan.rows[1], plan.layout[1]
     affine = AffineKind.NONE
@@ -731,7 +828,7 @@ def _backward_one_visit(dy3, cache, dx_rows, run: _Run):
     run.K.backward_groups(dy3, cache.x3, R // C, cache.mode.center, int(affine), rp,
                           cache.weight_f64() if cache.has_weight else xp.ones(P),
                           cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
-                          dx_rows, run.threads)
+                          dh3, dx_rows, run.threads)
     if affine is AffineKind.INNER:
         return pdw.sum(axis=0), pdb.sum(axis=0)
     if affine is AffineKind.ROW:

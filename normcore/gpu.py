@@ -35,6 +35,7 @@ _FAMILIES = {
     "cols": ("nc_moments_cols", "nc_sums_cols", "nc_affine_cols", "nc_dx_cols"),
     "inner": ("nc_affine_inner", "nc_row_sums_inner", "nc_param_sums_inner", "nc_dx_inner"),
     "groups": ("nc_normalize_groups",),
+    "add": ("nc_add",),
 }
 # Columns and row stripes per block of the cols family: defined here, passed to the compiler.
 _COL_TILE, _COL_STRIPES = 32, 8
@@ -217,14 +218,23 @@ class CudaKernels:
         self._fn("inner", "nc_param_sums_inner", x.dtype)(
             grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp, _i(rpb), _i(P), pdw, pdb))
 
-    def normalize_groups(self, x, J, center, eps, affine, rp, w, b, mean, var, rstd, y, threads):
+    def add(self, a, b, out, threads):
+        n = a.size
+        if n == 0:
+            return
+        self._fn("add", "nc_add", a.dtype)((int(min(-(-n // 256), 1 << 16)),), (256,), (a, b, _i(n), out))
+
+    def normalize_groups(self, x, residual, h, J, center, eps, affine, rp, w, b, mean, var, rstd, y, threads):
         _, C, B = x.shape
         if x.size == 0:
             return
         eps_bits = np.float64(eps).view(np.int64)  # kernels take 64-bit integers and pointers
+        if residual is None:  # null pointers: no residual add
+            residual = h = _i(0)
         self._fn("groups", "nc_normalize_groups", x.dtype)(
             _row_grid(C), (_row_block(B),),
-            (x, _i(C), _i(B), _i(J), _i(bool(center)), eps_bits, _i(affine), rp, w, b, mean, var, rstd, y))
+            (x, residual, h, _i(C), _i(B), _i(J), _i(bool(center)), eps_bits, _i(affine), rp, w, b, mean, var,
+             rstd, y))
 
     def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
         _, R, S = x.shape

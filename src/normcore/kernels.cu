@@ -89,6 +89,19 @@ template <> __device__ __forceinline__ void nc_st<nc_f16, float>(nc_f16* p, i64 
     p[i].bits = nc_float_to_f16(v);
 }
 
+// The arithmetic type of a storage type's own operations, as NumPy does them: float32 for
+// the half types (float32 carries 2p + 2 bits of either: rounding twice is exact rounding).
+template <typename T> struct nc_own { typedef T type; };
+template <> struct nc_own<nc_bf16> { typedef float type; };
+template <> struct nc_own<nc_f16> { typedef float type; };
+
+// out = a + b over n elements (out may be a or b): the residual add and dh of add_normalize
+template <typename T> __global__ void nc_add(const T* a, const T* b, i64 n, T* out) {
+    typedef typename nc_own<T>::type F;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        nc_st<T, F>(out, i, nc_ld<T, F>(a, i) + nc_ld<T, F>(b, i));
+}
+
 // ---------------------------------------------------------------------------------------
 // Block-level building blocks (blockDim.x a multiple of 32, at most 1024)
 // ---------------------------------------------------------------------------------------
@@ -445,16 +458,25 @@ __global__ void nc_dx_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, c
 
 // affine: NC_AFFINE_NONE, NC_AFFINE_ROW (one w/b per row, w[rp[r]]) or NC_AFFINE_INNER
 // (w/b along S, w[rp[r] + s]); the values come from contract.h through -D options
+// With a residual r (else a null pointer, and h too) the group normalized is h = x0 + r
+// (nc_add's rounding), written by the block before its moments read it back.
 template <typename T>
-__global__ void nc_normalize_groups(const T* x, i64 C, i64 B, i64 J, i64 center, i64 eps_bits, i64 affine,
-                                    const i64* rp, const double* w, const double* b, double* mean,
-                                    double* var, double* rstd, T* y) {
+__global__ void nc_normalize_groups(const T* x0, const T* r, T* h, i64 C, i64 B, i64 J, i64 center,
+                                    i64 eps_bits, i64 affine, const i64* rp, const double* w, const double* b,
+                                    double* mean, double* var, double* rstd, T* y) {
     typedef typename nc_acc<T>::type A;
+    typedef typename nc_own<T>::type F;
     const double eps = __longlong_as_double(eps_bits);
     __shared__ nc_moments shared[32];
     __shared__ double stats[2];
     const i64 S = B / J;
+    const T* x = r ? (const T*)h : x0;
     for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
+        if (r) {
+            for (i64 i = threadIdx.x; i < B; i += blockDim.x)
+                nc_st<T, F>(h, c * B + i, nc_ld<T, F>(x0, c * B + i) + nc_ld<T, F>(r, c * B + i));
+            __syncthreads();  // the block's writes of h are visible to its reads below
+        }
         const nc_moments m = nc_block_row_moments(x + c * B, B, shared);
         if (threadIdx.x == 0) {
             double mu = m.mean, v = m.m2 / (double)B;
@@ -543,9 +565,10 @@ __global__ void nc_combine_moments(const double* pmean, const double* pm2, const
                                                const double*, const double*, T*);                  \
     template __global__ void nc_dx_cols<T>(const T*, const T*, i64, i64, i64, const double*,       \
                                            const double*, const double*, const double*, T*);       \
-    template __global__ void nc_normalize_groups<T>(const T*, i64, i64, i64, i64, i64, i64,        \
-                                                    const i64*, const double*, const double*,      \
-                                                    double*, double*, double*, T*);
+    template __global__ void nc_normalize_groups<T>(const T*, const T*, T*, i64, i64, i64, i64,    \
+                                                    i64, i64, const i64*, const double*,           \
+                                                    const double*, double*, double*, double*, T*); \
+    template __global__ void nc_add<T>(const T*, const T*, i64, T*);
 NC_INSTANTIATE(float)
 NC_INSTANTIATE(double)
 NC_INSTANTIATE(nc_bf16)

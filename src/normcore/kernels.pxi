@@ -212,6 +212,7 @@ cdef extern from "simd.h" nogil:
     # typed pointer through unconverted)
     double nc_get(const void* p, Py_ssize_t i)
     void nc_put(void* p, Py_ssize_t i, double v)
+    void nc_add(const void* a, const void* b, void* out, Py_ssize_t n)
     void nc_shifted_sums(const void* p, Py_ssize_t n, double k, double* s1, double* s2)
     void nc_dy_sums(const void* dy, const double* w, const void* x, Py_ssize_t n, double mu,
                     double* s1, double* s2)
@@ -278,6 +279,32 @@ cdef inline void _row_moments(const floating* p, Py_ssize_t n,
 # ---------------------------------------------------------------------------------------
 # Forward statistics on the (A, C, B) layout
 # ---------------------------------------------------------------------------------------
+
+def add(a, b, out, int threads):
+    """IN a, b (n,) T; OUT out (n,) T: out = a + b, rounded as NumPy's a + b (the half
+    types through float32); out may be a or b. Any shapes of n elements, C-contiguous."""
+    cdef int T = _storage(a)
+    cdef const void* pa = _in(a, T)
+    cdef const void* pb = _in(b, T)
+    cdef void* po = _out(out, T)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>a)
+    if T == cnp.NPY_FLOAT32:
+        _add(<const float*>pa, <const float*>pb, <float*>po, n, threads)
+    elif T == HALF:
+        _add(<const nc_f16*>pa, <const nc_f16*>pb, <nc_f16*>po, n, threads)
+    elif T == BF16:
+        _add(<const nc_bf16*>pa, <const nc_bf16*>pb, <nc_bf16*>po, n, threads)
+    else:
+        _add(<const double*>pa, <const double*>pb, <double*>po, n, threads)
+
+
+cdef void _add(const floating* a, const floating* b, floating* out, Py_ssize_t n, int threads) noexcept nogil:
+    cdef Py_ssize_t k, o
+    cdef Py_ssize_t nb = (n + CACHED_ELEMS - 1) // CACHED_ELEMS
+    for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        o = k * CACHED_ELEMS
+        nc_add(a + o, b + o, out + o, _block_rows(k, CACHED_ELEMS, n))
+
 
 def moments_rows(x, pmean, pm2, int threads):
     """IN x (A, C, B) T; OUT pmean, pm2 (A, C) float64: mean and centred sum of squares of
@@ -743,15 +770,19 @@ cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const dou
 # ---------------------------------------------------------------------------------------
 
 
-def normalize_groups(x, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, w, bias,
-                     mean, var, rstd, y, int threads):
-    """IN x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp (C * J,)
-    intp parameter offset of each row, w, bias (P,) float64, affine an nc_affine_kind
-    (contract.h); OUT mean (C,) (0 when not centred), var (C,) (mean square when not
-    centred), rstd (C,) float64 and y (1, C, B) T: statistics of each group, then its
-    rows normalized, as the separate kernels do, while the group is in cache."""
+def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, w,
+                     bias, mean, var, rstd, y, int threads):
+    """IN x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), residual
+    (1, C, B) T or None, rp (C * J,) intp parameter offset of each row, w, bias (P,)
+    float64, affine an nc_affine_kind (contract.h); OUT h (1, C, B) T (with residual; else
+    None), mean (C,) (0 when not centred), var (C,) (mean square when not centred), rstd
+    (C,) float64 and y (1, C, B) T: statistics of each group, then its rows normalized, as
+    the separate kernels do, while the group is in cache. With a residual the group
+    normalized is h = x + residual (as add), made in the same visit."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
+    cdef const void* pr = NULL if residual is None else _in(residual, T)
+    cdef void* ph = NULL if residual is None else _out(h, T)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* pb = <const double*>_in(bias, F64)
@@ -765,7 +796,8 @@ def normalize_groups(x, Py_ssize_t rows_per_group, bint center, double eps, int 
             if affine == NC_AFFINE_INNER:
                 wf = _params_f32(w)
                 bf = _params_f32(bias)
-            _normalize_groups(<const float*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw,
+            _normalize_groups(<const float*>_in(x, T), <const float*>pr, <float*>ph, d[1], d[2], rows_per_group,
+                              center, eps, affine, p, pw,
                               pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads)
         finally:
             free(wf)
@@ -775,7 +807,8 @@ def normalize_groups(x, Py_ssize_t rows_per_group, bint center, double eps, int 
             if affine == NC_AFFINE_INNER:
                 wf = _params_f32(w)
                 bf = _params_f32(bias)
-            _normalize_groups(<const nc_f16*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw,
+            _normalize_groups(<const nc_f16*>_in(x, T), <const nc_f16*>pr, <nc_f16*>ph, d[1], d[2], rows_per_group,
+                              center, eps, affine, p, pw,
                               pb, wf, bf, mu, v, rs, <nc_f16*>_out(y, T), threads)
         finally:
             free(wf)
@@ -785,17 +818,20 @@ def normalize_groups(x, Py_ssize_t rows_per_group, bint center, double eps, int 
             if affine == NC_AFFINE_INNER:
                 wf = _params_f32(w)
                 bf = _params_f32(bias)
-            _normalize_groups(<const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw,
+            _normalize_groups(<const nc_bf16*>_in(x, T), <const nc_bf16*>pr, <nc_bf16*>ph, d[1], d[2], rows_per_group,
+                              center, eps, affine, p, pw,
                               pb, wf, bf, mu, v, rs, <nc_bf16*>_out(y, T), threads)
         finally:
             free(wf)
             free(bf)
     else:
-        _normalize_groups(<const double*>_in(x, T), d[1], d[2], rows_per_group, center, eps, affine, p, pw, pb,
+        _normalize_groups(<const double*>_in(x, T), <const double*>pr, <double*>ph, d[1], d[2], rows_per_group,
+                              center, eps, affine, p, pw, pb,
                           NULL, NULL, mu, v, rs, <double*>_out(y, T), threads)
 
 
-cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ssize_t J, bint center,
+cdef void _normalize_groups(const floating* x0, const floating* residual, floating* h, Py_ssize_t C,
+                            Py_ssize_t B, Py_ssize_t J, bint center,
                             double eps, int affine, const Py_ssize_t* rp, const double* w, const double* bias,
                             const float* wf, const float* bf, double* mean, double* var, double* rstd,
                             floating* y, int threads) noexcept nogil:
@@ -804,11 +840,15 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
     cdef Py_ssize_t c, j, r, o
     cdef double mu, m2, v, rs
     cdef const floating* pf
+    # with a residual the group normalized is h, written first and read back from cache
+    cdef const floating* x = x0 if residual == NULL else h
     for c in prange(C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         # Cython makes a prange variable thread-private only if the body assigns it;
         # a write through a pointer does not count, so assign first.
         mu = 0.0
         m2 = 0.0
+        if residual != NULL:
+            nc_add(x0 + c * B, residual + c * B, h + c * B, B)
         _row_moments(x + c * B, B, &mu, &m2)
         v = _representable(mu, m2 / B, center)
         mu = v - v + mu  # NaN with v
@@ -822,7 +862,7 @@ cdef void _normalize_groups(const floating* x, Py_ssize_t C, Py_ssize_t B, Py_ss
         for j in range(J):
             r = c * J + j
             o = c * B + j * S
-            pf = x + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # a later group, while this one is in L1
+            pf = x0 + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # a later group, while this one is in L1
             if affine == NC_AFFINE_INNER:
                 _affine_inner_row(x + o, y + o, S, mu, rs, w + rp[r], bias + rp[r],
                                   wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL,
@@ -846,13 +886,14 @@ cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize
 
 
 def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean, rstd,
-                    Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dx, int threads):
+                    Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dh, dx, int threads):
     """IN dy, x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp
     (C * J,) intp, w (P,) float64, mean, rstd (C,) float64, affine an nc_affine_kind;
     OUT t1, t2 (C * J,) float64 row sums of dy and dy * (x - mean) (affine NONE, ROW),
     pdw, pdb (ceil(C / groups_per_block), P) float64 zeroed partials (INNER), dx
     (1, C, B) T. Training-mode backward in one visit per group: the group's sums, then its
-    dx while dy and x are still in cache (same formulas as dx_rows / dx_inner)."""
+    dx while dy and x are still in cache (same formulas as dx_rows / dx_inner). dh (1, C,
+    B) T or None: added to dx (as add, after dx's rounding) in the same visit."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t P = _shape(pdw, 2)[1]
     cdef int T = _storage(x)
@@ -865,13 +906,14 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
     cdef double* dw = <double*>_out(pdw, F64)
     cdef double* db = <double*>_out(pdb, F64)
     cdef float* wf = NULL
+    cdef const void* pdh = NULL if dh is None else _in(dh, T)
     if T == cnp.NPY_FLOAT32:
         try:
             if affine == NC_AFFINE_INNER:
                 wf = _params_f32(w)
             _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <float*>_out(dx, T), threads)
+                             <const float*>pdh, <float*>_out(dx, T), threads)
         finally:
             free(wf)
     elif T == HALF:
@@ -880,7 +922,7 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
                 wf = _params_f32(w)
             _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <nc_f16*>_out(dx, T), threads)
+                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
         finally:
             free(wf)
     elif T == BF16:
@@ -889,19 +931,20 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
                 wf = _params_f32(w)
             _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <nc_bf16*>_out(dx, T), threads)
+                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
         finally:
             free(wf)
     else:
         _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, <double*>_out(dx, T),
-                         threads)
+                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, <const double*>pdh,
+                         <double*>_out(dx, T), threads)
 
 
 cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t c, Py_ssize_t C,
                            Py_ssize_t B, Py_ssize_t J, int affine, const Py_ssize_t* rp, const double* w,
-                           const float* wf, double mu, double rs, double m1, double m2, bint nt) noexcept nogil:
-    # dx of group c from its mean, rstd and the two gradient means m1, m2
+                           const float* wf, double mu, double rs, double m1, double m2, bint nt,
+                           const floating* dh) noexcept nogil:
+    # dx of group c from its mean, rstd and the two gradient means m1, m2; plus dh (or NULL)
     cdef Py_ssize_t S = B // J
     cdef Py_ssize_t j, r, o
     cdef double g
@@ -918,6 +961,8 @@ cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, 
         else:
             g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
             _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf, pg)
+        if dh != NULL:  # the row just written is in L1
+            nc_add(dx + o, dh + o, dx + o, S)
 
 
 cdef inline void _group_sums(const floating* dy, const floating* x, Py_ssize_t c, Py_ssize_t B, Py_ssize_t J,
@@ -950,8 +995,10 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            bint center, int affine, const Py_ssize_t* rp, const double* w, const float* wf,
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
-                           double* pdw, double* pdb, floating* dx, int threads) noexcept nogil:
-    cdef bint nt = _streams(dx, C * B, sizeof(floating))
+                           double* pdw, double* pdb, const floating* dh, floating* dx,
+                           int threads) noexcept nogil:
+    # dx is read back when dh is added: not streamed then
+    cdef bint nt = dh == NULL and _streams(dx, C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, end
     cdef double q0, q1, q2, q3
@@ -971,15 +1018,15 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                                     B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
                                     pdw + k * P + rp[c], pdb + k * P + rp[c])
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt)
+                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt, dh)
                 _group_dx(dy, x, dx, c + 1, C, B, J, affine, rp, w, wf, mean[c + 1], rstd[c + 1],
-                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt)
+                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt, dh)
                 c = c + 2
             else:
                 _group_sums(dy, x, c, B, J, affine, rp, w, mean[c], rstd[c], t1, t2, pdw + k * P, pdb + k * P,
                             &q0, &q1)
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          q0 / B if center else 0.0, q1 / B, nt)
+                          q0 / B if center else 0.0, q1 / B, nt, dh)
                 c = c + 1
     if nt:
         nc_sfence()

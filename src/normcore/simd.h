@@ -221,6 +221,34 @@ static inline void nc_store_b16(const float* v, nc_bf16* p, ptrdiff_t n) {
     }
 }
 
+/* out = a + b over n elements, rounded as NumPy rounds it: in the storage type for float32
+ * and float64, through float32 for the half types (float32 carries 2p + 2 bits of either, so
+ * rounding twice gives the correctly rounded sum). out may be a or b. The residual add of
+ * add_normalize and the dh of its backward. */
+static inline void nc_add_f32(const float* a, const float* b, float* out, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; ++i)
+        out[i] = a[i] + b[i];
+}
+static inline void nc_add_f64(const double* a, const double* b, double* out, ptrdiff_t n) {
+    for (ptrdiff_t i = 0; i < n; ++i)
+        out[i] = a[i] + b[i];
+}
+#define NC_HALF_ADD(SUF, T, LOAD, STORE)                                          \
+    static inline void nc_add_##SUF(const T* a, const T* b, T* out, ptrdiff_t n) { \
+        float fa[256], fb[256];                                                   \
+        for (ptrdiff_t i = 0; i < n; i += 256) {                                  \
+            const ptrdiff_t m = n - i < 256 ? n - i : 256;                        \
+            LOAD(a + i, fa, m);                                                   \
+            LOAD(b + i, fb, m);                                                   \
+            for (ptrdiff_t k = 0; k < m; ++k)                                     \
+                fa[k] += fb[k];                                                   \
+            STORE(fa, out + i, m);                                                \
+        }                                                                         \
+    }
+NC_HALF_ADD(h16, nc_f16, nc_load_h16, nc_store_h16)
+NC_HALF_ADD(b16, nc_bf16, nc_load_b16, nc_store_b16)
+#define nc_add(a, b, out, n) NC_BY_TYPE(a, nc_add)((a), (b), (out), (n))
+
 /* Accumulator vectors per sum in the row reductions: enough independent chains to hide the
  * add latency, as many as the build's registers hold. */
 #if defined(__AVX2__) || defined(__AVX512F__)

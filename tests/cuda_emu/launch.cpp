@@ -102,19 +102,25 @@ template <int N> struct Call;
 #define NC_ARGS_12 NC_ARGS_11, a[11]
 #define NC_ARGS_13 NC_ARGS_12, a[12]
 #define NC_ARGS_14 NC_ARGS_13, a[13]
+#define NC_ARGS_15 NC_ARGS_14, a[14]
+#define NC_ARGS_16 NC_ARGS_15, a[15]
 NC_CALL(7, U, U, U, U, U, U, U)
 NC_CALL(8, U, U, U, U, U, U, U, U)
 NC_CALL(9, U, U, U, U, U, U, U, U, U)
 NC_CALL(10, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(11, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(14, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
-#define NC_ARGS_5 a[0], a[1], a[2], a[3], a[4]
+NC_CALL(16, U, U, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
+#define NC_ARGS_4 a[0], a[1], a[2], a[3]
+#define NC_ARGS_5 NC_ARGS_4, a[4]
 #define NC_ARGS_6 NC_ARGS_5, a[5]
+NC_CALL(4, U, U, U, U)
 NC_CALL(5, U, U, U, U, U)
 NC_CALL(6, U, U, U, U, U, U)
 
 static void call_kernel() {
     switch (g_nargs) {
+        case 4: Call<4>::run(); break;
         case 5: Call<5>::run(); break;
         case 6: Call<6>::run(); break;
         case 7: Call<7>::run(); break;
@@ -123,6 +129,7 @@ static void call_kernel() {
         case 10: Call<10>::run(); break;
         case 11: Call<11>::run(); break;
         case 14: Call<14>::run(); break;
+        case 16: Call<16>::run(); break;
     }
 }
 
@@ -134,7 +141,7 @@ static std::map<std::string, void*> table() {
     NC_ENTRY(nc_dx_rows, T, tag) NC_ENTRY(nc_affine_inner, T, tag) NC_ENTRY(nc_row_sums_inner, T, tag) \
     NC_ENTRY(nc_param_sums_inner, T, tag) NC_ENTRY(nc_dx_inner, T, tag)                             \
     NC_ENTRY(nc_moments_cols, T, tag) NC_ENTRY(nc_sums_cols, T, tag) NC_ENTRY(nc_affine_cols, T, tag) \
-    NC_ENTRY(nc_dx_cols, T, tag) NC_ENTRY(nc_normalize_groups, T, tag)
+    NC_ENTRY(nc_dx_cols, T, tag) NC_ENTRY(nc_normalize_groups, T, tag) NC_ENTRY(nc_add, T, tag)
     NC_ENTRIES(float, "float")
     NC_ENTRIES(double, "double")
     NC_ENTRIES(nc_f16, "nc_f16")
@@ -147,7 +154,7 @@ extern "C" int nc_emu_launch(const char* name, unsigned gx, unsigned gy, unsigne
                              int nargs, const u64* args) {
     static const std::map<std::string, void*> kernels = table();
     auto it = kernels.find(name);
-    if (it == kernels.end() || nargs < 5 || nargs > 14 || (nargs > 11 && nargs != 14)) return 1;
+    if (it == kernels.end() || nargs < 4 || nargs > 16 || (nargs > 11 && nargs != 14 && nargs != 16)) return 1;
     g_kernel = it->second;
     g_args = args;
     g_nargs = nargs;
