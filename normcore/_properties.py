@@ -10,7 +10,7 @@ import numpy as np
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from .functional import backward, normalize
+from .functional import add_normalize, backward, normalize
 from .modes import Mode, get_mode
 from .plan import make_plan
 from .reference import _axes as reference_axes
@@ -231,6 +231,54 @@ def prop_invariances(m, data, sizes, last_side=None):
         assert_close(yg[ok], y0[ok], dtype, "y after per-group scaling")
 
 
+def _bits(a):
+    """``a``'s bit patterns (an unsigned view), for bitwise comparisons of any float dtype."""
+    return np.ascontiguousarray(a).view(f"u{a.dtype.itemsize}")
+
+
+def _on_backend(a):
+    if _BACKEND[0] == "cpu" or a is None:
+        return a
+    import cupy
+    return cupy.asarray(a)
+
+
+def _host(a):
+    if _BACKEND[0] == "cpu" or a is None:
+        return a
+    import cupy
+    return cupy.asnumpy(a)
+
+
+def prop_add_normalize(m, data, sizes, last_side=None):
+    """add_normalize(x, r) is normalize(x + r) bitwise: h equals NumPy's x + r, y and the
+    running statistics equal normalize's on it; backward with dh gives normalize's dx + dh
+    (NumPy's add) and the same parameter gradients."""
+    x, kw, _ = _draw_call(data, m, sizes, last_side)
+    r = data.draw(float_arrays(x.shape, x.dtype), label="residual")
+    dy = data.draw(float_arrays(x.shape, x.dtype), label="dy")
+    dh = data.draw(float_arrays(x.shape, x.dtype), label="dh")
+    want_h = x + r
+    _fits(x.dtype, want_h.astype(np.float64))
+    plain, fused = _copy_running(kw), _copy_running(kw)
+    y0, cache0 = _normalize(want_h, m, **plain)
+    dev = {k: _on_backend(v) if isinstance(v, np.ndarray) else v for k, v in fused.items()}
+    y, h, cache = add_normalize(_on_backend(x), _on_backend(r), m, **dev)
+    y, h = _host(y), _host(h)
+    assert h.dtype == x.dtype and h.shape == x.shape and y.dtype == x.dtype
+    assert np.array_equal(_bits(h), _bits(want_h)), "h differs from x + residual"
+    assert np.array_equal(_bits(y), _bits(y0)), "y differs from normalize(x + residual)"
+    for k in ("running_mean", "running_var"):
+        if k in kw:
+            assert np.array_equal(_bits(_host(dev[k])), _bits(plain[k])), k
+    want = _backward(dy, cache0)
+    got = backward(_on_backend(dy), cache, dh=_on_backend(dh))
+    got = tuple(_host(g) for g in got)
+    assert np.array_equal(_bits(got[0]), _bits(want[0] + dh)), "dh_total differs from dx + dh"
+    for a, b in zip(got[1:], want[1:]):
+        assert (a is None) == (b is None) and (a is None or np.array_equal(_bits(a), _bits(b)))
+
+
 def prop_backward_matches_reference(m, data, sizes, last_side=None):
     """dx, dweight, dbias equal the float64 closed form (training, eval, estimated)."""
     x, kw, call_sizes = _draw_call(data, m, sizes, last_side)
@@ -296,7 +344,7 @@ def prop_central_difference(m, data, sizes, last_side=None):
 
 
 PROPERTIES = (prop_forward_matches_reference, prop_normalized_moments, prop_invariances,
-              prop_backward_matches_reference, prop_central_difference)
+              prop_backward_matches_reference, prop_central_difference, prop_add_normalize)
 
 
 def check_mode(mode, *, max_examples=30, last_side=None, backend="cpu", **sizes):

@@ -31,13 +31,15 @@ def _channel_mode(x, channel_axis):
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, *, channel_axis=1, unbiased=True,
-               out=None, decay=None):
+               out=None, decay=None, residual=None):
     """Batch norm over every axis but the channel axis; returns ``(y, cache)``.
 
     ``input`` is (N, C, *) or, with ``channel_axis=-1``, (N, *, C). weight, bias and the
     running statistics have shape (C,). ``momentum`` is PyTorch's (running = (1 - m) *
     running + m * batch); ``decay`` instead is TF/Keras/Flax's (running = d * running +
     (1 - d) * batch); not both.
+    ``residual`` (x's shape and dtype): normalize ``h = input + residual`` instead and
+    return ``(y, h, cache)`` (:func:`normcore.add_normalize`).
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).standard_normal((16, 3, 5, 5)).astype(np.float32)
@@ -48,7 +50,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     mode = _channel_mode(input, channel_axis)
     return forward(input, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
-                   unbiased=unbiased, out=out, decay=decay)
+                   unbiased=unbiased, out=out, decay=decay, residual=residual)
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple:
@@ -64,44 +66,54 @@ def normalized_shape_tuple(normalized_shape) -> tuple:
     return shape
 
 
-def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape"):
+def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape", residual=None):
     """Layer norm / RMS norm over the trailing axes ``shape`` of x: the mode ("... d ->
     ...", one parameter axis) on x viewed as (..., prod(shape)), results presented under
     the caller's shapes. x's array type is checked (``be``); a shape mismatch blames
-    ``blame`` (the form's normalized_shape, a layer's input)."""
+    ``blame`` (the form's normalized_shape, a layer's input). With ``residual``, returns
+    ``(y, h, cache)`` (:func:`normcore.add_normalize`)."""
     k = len(shape)
     checks.trailing_shape(blame, x, shape)
     if k == 1:
-        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out)
+        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out, residual=residual)
     checks.param("weight", weight, shape, x.dtype, be)
     checks.param("bias", bias, shape, x.dtype, be)
     if out is not None:
         checks.out(out, x.shape, x.dtype, {}, be)  # overlaps: checked by forward on the views
+    if residual is not None:
+        checks.like_x("residual", residual, x.shape, x.dtype, be)
     flat = x.shape[:x.ndim - k] + (math.prod(shape),)
-    y, cache = forward(x.reshape(flat), be, mode, eps=eps,
-                       weight=None if weight is None else weight.reshape(-1),
-                       bias=None if bias is None else bias.reshape(-1),
-                       out=None if out is None else out.reshape(flat))
-    return viewed(y, cache, x.shape, shape, out)
+    got = forward(x.reshape(flat), be, mode, eps=eps,
+                  weight=None if weight is None else weight.reshape(-1),
+                  bias=None if bias is None else bias.reshape(-1),
+                  out=None if out is None else out.reshape(flat),
+                  residual=None if residual is None else residual.reshape(flat))
+    y, cache = viewed(got[0], got[-1], x.shape, shape, out)
+    return (y, cache) if residual is None else (y, got[1].reshape(x.shape), cache)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, residual=None):
     """Layer norm over the trailing ``normalized_shape`` axes; returns ``(y, cache)``.
 
     weight and bias have shape ``normalized_shape``.
+    ``residual`` (x's shape and dtype): normalize ``h = input + residual`` instead and
+    return ``(y, h, cache)`` (:func:`normcore.add_normalize`).
 
     >>> import numpy as np
     >>> x = np.ones((4, 10, 8), np.float32)
     >>> y, cache = layer_norm(x, (8,))
     """
     be = checks.array("input", input)
-    return last_axes(input, be, "layer_norm", normalized_shape_tuple(normalized_shape), weight, bias, eps, out)
+    return last_axes(input, be, "layer_norm", normalized_shape_tuple(normalized_shape), weight, bias, eps, out,
+                     residual=residual)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residual=None):
     """RMS norm, y = x / sqrt(mean(x^2) + eps) * weight, over the trailing axes.
 
     ``eps=None`` uses the machine epsilon of input's dtype (as PyTorch does).
+    ``residual`` (x's shape and dtype): normalize ``h = input + residual`` instead and
+    return ``(y, h, cache)`` (:func:`normcore.add_normalize`).
 
     >>> import numpy as np
     >>> y, cache = rms_norm(np.ones((2, 8), np.float32), 8)
@@ -109,11 +121,13 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None):
     be = checks.array("input", input)
     shape = normalized_shape_tuple(normalized_shape)
     return last_axes(input, be, "rms_norm", shape, weight, None,
-                     machine_eps(input.dtype) if eps is None else eps, out)
+                     machine_eps(input.dtype) if eps is None else eps, out, residual=residual)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, residual=None):
     """Group norm: (N, C, *) with channels split into ``num_groups`` groups; weight (C,).
+    ``residual`` (x's shape and dtype): normalize ``h = input + residual`` instead and
+    return ``(y, h, cache)`` (:func:`normcore.add_normalize`).
 
     >>> import numpy as np
     >>> y, cache = group_norm(np.ones((2, 8, 3), np.float32) * np.arange(3), 4)
@@ -123,15 +137,18 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None)
     num_groups = checks.positive_int("num_groups", num_groups)
     checks.divides("num_groups", num_groups, "input's channels", input.shape[1])
     return forward(input, be, "group_norm", weight=weight, bias=bias, eps=eps, out=out,
-                   sizes={"g": num_groups})
+                   sizes={"g": num_groups}, residual=residual)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, *, out=None, decay=None):
+                  use_input_stats=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, *, out=None, decay=None,
+                  residual=None):
     """Instance norm: statistics per (sample, channel) over the spatial axes of (N, C, *).
 
     Running statistics, when given, are per channel (the batch average of the instance
     statistics), as in PyTorch; ``momentum`` or ``decay`` as in :func:`batch_norm`.
+    ``residual`` (x's shape and dtype): normalize ``h = input + residual`` instead and
+    return ``(y, h, cache)`` (:func:`normcore.add_normalize`).
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
@@ -141,7 +158,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     checks.min_ndim("input", input, 3, "(N, C, L, ...)")
     return forward(input, be, "instance_norm", weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=use_input_stats, momentum=momentum, eps=eps,
-                   out=out, decay=decay)
+                   out=out, decay=decay, residual=residual)
 
 
 def weight_standardize(w, eps=1e-5, *, out=None):

@@ -386,14 +386,29 @@ class _Norm(Layer):
         """Normalize ``x`` (same shape and dtype out) and keep the cache for backward."""
         return self._forward(x, self._check_input(x))
 
-    def _normalize(self, x, be, out, training, momentum, eps):
+    def forward_add(self, x, residual):
+        """``h = x + residual`` (x's dtype, rounded as NumPy's), then the layer's forward of
+        h; returns ``(y, h)``. :meth:`backward` with ``dh=`` (the residual stream's
+        gradient at h) then returns the gradient with respect to h, so to x and residual.
+
+        >>> import numpy as np
+        >>> import normcore as nc
+        >>> ln = nc.LayerNorm(8)
+        >>> x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+        >>> y, h = ln.forward_add(x, x)
+        >>> dh_total = ln.backward(np.ones_like(y), dh=np.ones_like(h))
+        """
+        return self._forward(x, self._check_input(x), residual)
+
+    def _normalize(self, x, be, out, training, momentum, eps, residual=None):
         track = self.track_running_stats
         return forward(x, be, self._mode, weight=self.weight, bias=self.bias, out=out,
                        running_mean=self.running_mean if track else None,
                        running_var=self.running_var if track else None, training=training,
                        momentum=checks.DEFAULT_MOMENTUM if self.decay is not None else momentum,
                        decay=self.decay, eps=eps, unbiased=self.unbiased,
-                       estimate=self._estimate and training, sizes=self._sizes(x), comm=self._comm_or_none())
+                       estimate=self._estimate and training, sizes=self._sizes(x), comm=self._comm_or_none(),
+                       residual=residual)
 
     def _comm_or_none(self):
         return None
@@ -452,28 +467,34 @@ class _Norm(Layer):
                     "normalizes each input with that input's statistics")
         return super()._why_not_affine()
 
-    def _forward(self, x, be):
-        """forward for an x that :meth:`_check_input` accepted (``be``: its backend)."""
+    def _forward(self, x, be, residual=None):
+        """forward for an x that :meth:`_check_input` accepted (``be``: its backend); with
+        ``residual``, forward_add's (y, h)."""
         track = self.track_running_stats
         training = self.training
         momentum = self.momentum
         if training and track and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
-        out = self._buffer("_y_buffer", x.shape, x.dtype, x) if self.reuse_buffers else None
-        y, cache = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x))
+        out = None
+        if self.reuse_buffers:
+            out = self._buffer("_y_buffer", x.shape, x.dtype, x, *(() if residual is None else (residual,)))
+        got = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x), residual)
         if training and track and (x.size or self._comm_or_none() is not None):
             self.num_batches_tracked += 1  # an empty batch (on its own) is not one
-        self._cache = cache
-        return y
+        self._cache = got[-1]
+        return got[0] if residual is None else (got[0], got[1])
 
-    def backward(self, dy):
-        """Return dx for the last forward; add dweight/dbias into grad_weight/grad_bias."""
+    def backward(self, dy, dh=None):
+        """Return dx for the last forward; add dweight/dbias into grad_weight/grad_bias.
+        ``dh``: a gradient reaching the input by another path (after :meth:`forward_add`,
+        the residual stream's at h), added to dx."""
         if self._cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         out = None
         if self.reuse_buffers and hasattr(dy, "shape") and hasattr(dy, "dtype"):
-            out = self._buffer("_dx_buffer", self._cache.shape, self._cache.dtype, dy, self._cache.x3)
-        dx, dw, db = backward(dy, self._cache, out=out)
+            out = self._buffer("_dx_buffer", self._cache.shape, self._cache.dtype, dy, self._cache.x3,
+                               *(() if dh is None or not hasattr(dh, "shape") else (dh,)))
+        dx, dw, db = backward(dy, self._cache, out=out, dh=dh)
         if dw is not None:
             self.grad_weight += dw
         if db is not None:
@@ -688,14 +709,14 @@ class SyncBatchNorm(_BatchNorm):
                 sync.Exchange(comm, "forward").fail(e)
             raise
 
-    def backward(self, dy):
+    def backward(self, dy, dh=None):
         """As :meth:`BatchNorm2d.backward`; a backward before any forward still takes part
         in the peers' exchange, carrying its error."""
         if self._cache is None:
             e = RuntimeError("SyncBatchNorm.backward called before forward")
             sync.Exchange(self.comm, "backward").fail(e)
             raise e
-        return super().backward(dy)
+        return super().backward(dy, dh)
 
 
 _IN_PARAMS = ["channels=num_features", "eps", "momentum", "affine_off=affine",
@@ -807,9 +828,10 @@ class _LastAxesNorm(_Norm):
         checks.trailing_shape("x", x, self.normalized_shape)
         return be
 
-    def _normalize(self, x, be, out, training, momentum, eps):
+    def _normalize(self, x, be, out, training, momentum, eps, residual=None):
         # the mode's spec has one parameter axis: last_axes views x as (..., prod(shape))
-        return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x")
+        return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x",
+                         residual=residual)
 
 
 @document(params=["normalized_shape", "eps", "elementwise_affine", "ln_bias=bias", "dtype", "param_dtype"], attributes=_PARAM_ATTRS, param_shape="normalized_shape")
@@ -988,22 +1010,37 @@ class BatchChannelNorm(Layer):
 
     def forward(self, x):
         """y = channel_norm(batch_norm(x)); x is checked once, for both."""
+        return self._both(x, None)
+
+    def forward_add(self, x, residual):
+        """``h = x + residual``, then y = channel_norm(batch_norm(h)); returns ``(y, h)``
+        (see :meth:`BatchNorm2d.forward_add`)."""
+        return self._both(x, residual)
+
+    def _both(self, x, residual):
         be = self.channel_norm._check_input(x)
         bn = self.batch_norm
         saved = None
         if bn.training and bn.track_running_stats:  # the first step writes state: keep it
             saved = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked, bn._cache)
         try:
-            return self.channel_norm._forward(bn._forward(x, be), be)
+            if residual is None:
+                return self.channel_norm._forward(bn._forward(x, be), be)
+            z, h = bn._forward(x, be, residual)
+            return self.channel_norm._forward(z, be), h
         except BaseException:
             if saved is not None:  # one forward is atomic: undo the first step's update
                 bn.running_mean[...], bn.running_var[...] = saved[0], saved[1]
                 bn.num_batches_tracked, bn._cache = saved[2], saved[3]
             raise
 
-    def backward(self, dy):
-        """dx through both sub-layers; their gradients accumulate in the sub-layers."""
+    def backward(self, dy, dh=None):
+        """dx through both sub-layers (plus ``dh``, as :meth:`BatchNorm2d.backward`); their
+        gradients accumulate in the sub-layers."""
         if self.channel_norm._cache is None:
             raise RuntimeError("BatchChannelNorm.backward called before forward")
+        if dh is not None:  # checked before any gradient is touched
+            checks.like_x("dh", dh, self.channel_norm._cache.shape, self.channel_norm._cache.dtype,
+                          self.channel_norm._cache.backend)
         # channel_norm.backward validates dy before it touches any gradient.
-        return self.batch_norm.backward(self.channel_norm.backward(dy))
+        return self.batch_norm.backward(self.channel_norm.backward(dy), dh)

@@ -23,7 +23,9 @@ constant groups):
 * y is invariant to adding a per-group constant (centred) and to positive per-group
   scaling of x with eps scaled alongside;
 * backward matches the reference and a float64 central difference of the kernels'
-  own forward; for centred modes dx sums to zero over every group.
+  own forward; for centred modes dx sums to zero over every group;
+* :func:`normcore.add_normalize` is normalize of NumPy's x + residual, bitwise (y, h, the
+  running statistics), and its backward with ``dh`` is backward's dx + dh, bitwise.
 
 Tolerances: float32 results stay within 3x the error of one rounding of the exact result
 (the float32 accuracy contract, README "Numerics"), so they are held to 2e-6 of the
@@ -49,7 +51,7 @@ __all__ = ["TOLERANCE", "assert_close", "ThreadComm", "run_ranks",
 # Names served by normcore._properties, which imports Hypothesis.
 _LAZY = frozenset(["mode_cases", "float_arrays", "random_modes", "check_mode", "PROPERTIES",
                    "prop_forward_matches_reference", "prop_normalized_moments", "prop_invariances",
-                   "prop_backward_matches_reference", "prop_central_difference"])
+                   "prop_backward_matches_reference", "prop_central_difference", "prop_add_normalize"])
 
 
 def __getattr__(name):
