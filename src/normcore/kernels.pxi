@@ -213,6 +213,7 @@ cdef extern from "simd.h" nogil:
     double nc_get(const void* p, Py_ssize_t i)
     void nc_put(void* p, Py_ssize_t i, double v)
     void nc_add(const void* a, const void* b, void* out, Py_ssize_t n)
+    void nc_copy_bytes(const void* src, void* dst, size_t n, int nt)
     void nc_shifted_sums(const void* p, Py_ssize_t n, double k, double* s1, double* s2)
     void nc_dy_sums(const void* dy, const double* w, const void* x, Py_ssize_t n, double mu,
                     double* s1, double* s2)
@@ -791,65 +792,67 @@ def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, dou
     cdef double* rs = <double*>_out(rstd, F64)
     cdef float* wf = NULL
     cdef float* bf = NULL
-    if T == cnp.NPY_FLOAT32:
-        try:
-            if affine == NC_AFFINE_INNER:
-                wf = _params_f32(w)
-                bf = _params_f32(bias)
+    cdef void* scratch = NULL
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
+    try:
+        if residual is not None:  # a group's h per thread (see _normalize_groups)
+            scratch = malloc(<size_t>(max(threads, 1) * max(d[2], 1) * item))
+            if scratch == NULL:
+                raise MemoryError()
+        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64:
+            wf = _params_f32(w)
+            bf = _params_f32(bias)
+        if T == cnp.NPY_FLOAT32:
             _normalize_groups(<const float*>_in(x, T), <const float*>pr, <float*>ph, d[1], d[2], rows_per_group,
-                              center, eps, affine, p, pw,
-                              pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads)
-        finally:
-            free(wf)
-            free(bf)
-    elif T == HALF:
-        try:
-            if affine == NC_AFFINE_INNER:
-                wf = _params_f32(w)
-                bf = _params_f32(bias)
-            _normalize_groups(<const nc_f16*>_in(x, T), <const nc_f16*>pr, <nc_f16*>ph, d[1], d[2], rows_per_group,
-                              center, eps, affine, p, pw,
-                              pb, wf, bf, mu, v, rs, <nc_f16*>_out(y, T), threads)
-        finally:
-            free(wf)
-            free(bf)
-    elif T == BF16:
-        try:
-            if affine == NC_AFFINE_INNER:
-                wf = _params_f32(w)
-                bf = _params_f32(bias)
-            _normalize_groups(<const nc_bf16*>_in(x, T), <const nc_bf16*>pr, <nc_bf16*>ph, d[1], d[2], rows_per_group,
-                              center, eps, affine, p, pw,
-                              pb, wf, bf, mu, v, rs, <nc_bf16*>_out(y, T), threads)
-        finally:
-            free(wf)
-            free(bf)
-    else:
-        _normalize_groups(<const double*>_in(x, T), <const double*>pr, <double*>ph, d[1], d[2], rows_per_group,
-                              center, eps, affine, p, pw, pb,
-                          NULL, NULL, mu, v, rs, <double*>_out(y, T), threads)
+                              center, eps, affine, p, pw, pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads,
+                              <float*>scratch)
+        elif T == HALF:
+            _normalize_groups(<const nc_f16*>_in(x, T), <const nc_f16*>pr, <nc_f16*>ph, d[1], d[2],
+                              rows_per_group, center, eps, affine, p, pw, pb, wf, bf, mu, v, rs,
+                              <nc_f16*>_out(y, T), threads, <nc_f16*>scratch)
+        elif T == BF16:
+            _normalize_groups(<const nc_bf16*>_in(x, T), <const nc_bf16*>pr, <nc_bf16*>ph, d[1], d[2],
+                              rows_per_group, center, eps, affine, p, pw, pb, wf, bf, mu, v, rs,
+                              <nc_bf16*>_out(y, T), threads, <nc_bf16*>scratch)
+        else:
+            _normalize_groups(<const double*>_in(x, T), <const double*>pr, <double*>ph, d[1], d[2],
+                              rows_per_group, center, eps, affine, p, pw, pb, NULL, NULL, mu, v, rs,
+                              <double*>_out(y, T), threads, <double*>scratch)
+    finally:
+        free(wf)
+        free(bf)
+        free(scratch)
 
 
-cdef void _normalize_groups(const floating* x0, const floating* residual, floating* h, Py_ssize_t C,
+cdef void _normalize_groups(const floating* x, const floating* residual, floating* h, Py_ssize_t C,
                             Py_ssize_t B, Py_ssize_t J, bint center,
                             double eps, int affine, const Py_ssize_t* rp, const double* w, const double* bias,
                             const float* wf, const float* bf, double* mean, double* var, double* rstd,
-                            floating* y, int threads) noexcept nogil:
+                            floating* y, int threads, floating* scratch) noexcept nogil:
+    # With a residual, scratch holds B elements per thread: the group's h = x + residual is
+    # made there (in L1 for rows up to a few thousand), normalized from there and streamed
+    # out to h, so x and residual are read once and h and y written once, without a read
+    # for ownership of h.
     cdef Py_ssize_t S = B // J
     cdef bint nt = _streams(y, C * B, sizeof(floating))
+    cdef bint nt_h = residual != NULL and _streams(h, C * B, sizeof(floating))
     cdef Py_ssize_t c, j, r, o
     cdef double mu, m2, v, rs
     cdef const floating* pf
-    # with a residual the group normalized is h, written first and read back from cache
-    cdef const floating* x = x0 if residual == NULL else h
+    cdef const floating* g
+    cdef floating* stage
     for c in prange(C, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         # Cython makes a prange variable thread-private only if the body assigns it;
         # a write through a pointer does not count, so assign first.
         mu = 0.0
         m2 = 0.0
+        g = x + c * B
+        stage = NULL
         if residual != NULL:
-            nc_add(x0 + c * B, residual + c * B, h + c * B, B)
-        _row_moments(x + c * B, B, &mu, &m2)
+            stage = scratch + threadid() * B
+            nc_add(g, residual + c * B, stage, B)
+            g = stage
+        _row_moments(g, B, &mu, &m2)
         v = _representable(mu, m2 / B, center)
         mu = v - v + mu  # NaN with v
         if not center:
@@ -862,16 +865,18 @@ cdef void _normalize_groups(const floating* x0, const floating* residual, floati
         for j in range(J):
             r = c * J + j
             o = c * B + j * S
-            pf = x0 + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # a later group, while this one is in L1
+            pf = x + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # a later group, while this one is in L1
             if affine == NC_AFFINE_INNER:
-                _affine_inner_row(x + o, y + o, S, mu, rs, w + rp[r], bias + rp[r],
+                _affine_inner_row(g + j * S, y + o, S, mu, rs, w + rp[r], bias + rp[r],
                                   wf + rp[r] if wf != NULL else NULL, bf + rp[r] if bf != NULL else NULL,
                                   nt, pf)
             elif affine == NC_AFFINE_ROW:
-                _affine_row(x + o, y + o, S, mu, rs * w[rp[r]], bias[rp[r]], nt, pf)
+                _affine_row(g + j * S, y + o, S, mu, rs * w[rp[r]], bias[rp[r]], nt, pf)
             else:
-                _affine_row(x + o, y + o, S, mu, rs, 0.0, nt, pf)
-    if nt:
+                _affine_row(g + j * S, y + o, S, mu, rs, 0.0, nt, pf)
+        if stage != NULL:
+            nc_copy_bytes(stage, h + c * B, B * sizeof(floating), nt_h)
+    if nt or nt_h:
         nc_sfence()
 
 
@@ -907,62 +912,63 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
     cdef double* db = <double*>_out(pdb, F64)
     cdef float* wf = NULL
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
-    if T == cnp.NPY_FLOAT32:
-        try:
-            if affine == NC_AFFINE_INNER:
-                wf = _params_f32(w)
+    cdef void* scratch = NULL
+    try:
+        if dh is not None:  # a group's dx per thread (see _group_dx)
+            scratch = malloc(<size_t>(max(threads, 1) * max(d[2], 1) * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)))
+            if scratch == NULL:
+                raise MemoryError()
+        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64:
+            wf = _params_f32(w)
+        if T == cnp.NPY_FLOAT32:
             _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const float*>pdh, <float*>_out(dx, T), threads)
-        finally:
-            free(wf)
-    elif T == HALF:
-        try:
-            if affine == NC_AFFINE_INNER:
-                wf = _params_f32(w)
+                             <const float*>pdh, <float*>_out(dx, T), threads, <float*>scratch)
+        elif T == HALF:
             _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
-        finally:
-            free(wf)
-    elif T == BF16:
-        try:
-            if affine == NC_AFFINE_INNER:
-                wf = _params_f32(w)
+                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads, <nc_f16*>scratch)
+        elif T == BF16:
             _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
-        finally:
-            free(wf)
-    else:
-        _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, <const double*>pdh,
-                         <double*>_out(dx, T), threads)
+                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads, <nc_bf16*>scratch)
+        else:
+            _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group,
+                             center, affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db,
+                             <const double*>pdh, <double*>_out(dx, T), threads, <double*>scratch)
+    finally:
+        free(wf)
+        free(scratch)
 
 
 cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t c, Py_ssize_t C,
                            Py_ssize_t B, Py_ssize_t J, int affine, const Py_ssize_t* rp, const double* w,
                            const float* wf, double mu, double rs, double m1, double m2, bint nt,
-                           const floating* dh) noexcept nogil:
-    # dx of group c from its mean, rstd and the two gradient means m1, m2; plus dh (or NULL)
+                           const floating* dh, floating* stage) noexcept nogil:
+    # dx of group c from its mean, rstd and the two gradient means m1, m2. With dh (else
+    # NULL) the group's dx is made in stage (B elements, in L1), dh added there (as add:
+    # after dx's rounding) and the sum streamed out: one write of dx, no read back.
     cdef Py_ssize_t S = B // J
     cdef Py_ssize_t j, r, o
     cdef double g
     cdef const floating* pf
     cdef const floating* pg
+    cdef floating* out = dx + c * B if dh == NULL else stage
+    cdef bint nt_rows = nt and dh == NULL
     for j in range(J):
         r = c * J + j
         o = c * B + j * S
         pf = x + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # as in _normalize_groups
         pg = dy + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL
         if affine == NC_AFFINE_INNER:
-            _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
-                          wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg)
+            _dx_inner_row(dy + o, x + o, out + j * S, S, mu, rs, w + rp[r],
+                          wf + rp[r] if wf != NULL else NULL, m1, m2, nt_rows, pf, pg)
         else:
             g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
-            _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf, pg)
-        if dh != NULL:  # the row just written is in L1
-            nc_add(dx + o, dh + o, dx + o, S)
+            _dx_row(dy + o, x + o, out + j * S, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt_rows, pf, pg)
+    if dh != NULL:
+        nc_add(stage, dh + c * B, stage, B)
+        nc_copy_bytes(stage, dx + c * B, B * sizeof(floating), nt)
 
 
 cdef inline void _group_sums(const floating* dy, const floating* x, Py_ssize_t c, Py_ssize_t B, Py_ssize_t J,
@@ -996,18 +1002,20 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, const floating* dh, floating* dx,
-                           int threads) noexcept nogil:
-    # dx is read back when dh is added: not streamed then
-    cdef bint nt = dh == NULL and _streams(dx, C * B, sizeof(floating))
+                           int threads, floating* scratch) noexcept nogil:
+    # scratch: B elements per thread when dh is given (_group_dx)
+    cdef bint nt = _streams(dx, C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, end
     cdef double q0, q1, q2, q3
+    cdef floating* stage
     # two consecutive one-row groups with the same parameters (layer norm) share a pass,
     # which loads and stores their dweight / dbias partials once: the same sums
     cdef bint pairs = J == 1 and affine == NC_AFFINE_INNER
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         c = k * gpb
         end = c + _block_rows(k, gpb, C)
+        stage = scratch + threadid() * B if dh != NULL else NULL
         while c < end:
             q0 = 0.0  # assigned, so private to the thread (see _normalize_groups)
             q1 = 0.0
@@ -1018,15 +1026,15 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                                     B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
                                     pdw + k * P + rp[c], pdb + k * P + rp[c])
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt, dh)
+                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt, dh, stage)
                 _group_dx(dy, x, dx, c + 1, C, B, J, affine, rp, w, wf, mean[c + 1], rstd[c + 1],
-                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt, dh)
+                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt, dh, stage)
                 c = c + 2
             else:
                 _group_sums(dy, x, c, B, J, affine, rp, w, mean[c], rstd[c], t1, t2, pdw + k * P, pdb + k * P,
                             &q0, &q1)
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          q0 / B if center else 0.0, q1 / B, nt, dh)
+                          q0 / B if center else 0.0, q1 / B, nt, dh, stage)
                 c = c + 1
     if nt:
         nc_sfence()

@@ -249,6 +249,34 @@ NC_HALF_ADD(h16, nc_f16, nc_load_h16, nc_store_h16)
 NC_HALF_ADD(b16, nc_bf16, nc_load_b16, nc_store_b16)
 #define nc_add(a, b, out, n) NC_BY_TYPE(a, nc_add)((a), (b), (out), (n))
 
+/* n bytes from src to dst; with nt, the whole 64-byte lines of dst are streamed (a group
+ * staged in a thread's scratch, written out without a read for ownership) */
+static inline void nc_copy_bytes(const void* src, void* dst, size_t n, int nt) {
+    (void)nt;
+#if defined(__FMA__) /* the builds whose nc_sfence fences; the baseline copies plainly */
+    if (nt) {
+        const unsigned char* s = (const unsigned char*)src;
+        unsigned char* d = (unsigned char*)dst;
+        size_t head = (64 - ((size_t)d & 63)) & 63;
+        if (head > n)
+            head = n;
+        memcpy(d, s, head);
+        d += head, s += head, n -= head;
+        for (; n >= 64; n -= 64, d += 64, s += 64) {
+#if defined(__AVX512F__)
+            _mm512_stream_si512((__m512i*)d, _mm512_loadu_si512((const void*)s));
+#else
+            _mm256_stream_si256((__m256i*)d, _mm256_loadu_si256((const __m256i*)s));
+            _mm256_stream_si256((__m256i*)(d + 32), _mm256_loadu_si256((const __m256i*)(s + 32)));
+#endif
+        }
+        memcpy(d, s, n);
+        return;
+    }
+#endif
+    memcpy(dst, src, n);
+}
+
 /* Accumulator vectors per sum in the row reductions: enough independent chains to hide the
  * add latency, as many as the build's registers hold. */
 #if defined(__AVX2__) || defined(__AVX512F__)
