@@ -587,6 +587,18 @@ def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_v
         raise
 
 
+def _x_backend(x, comm, training, running_mean):
+    """x's backend (checks.array); a rejected x still reaches the peers of a synchronized
+    call that exchanges batch statistics, carrying the error."""
+    try:
+        return checks.array("x", x)
+    except TypeError as e:
+        if comm is not None and (training or running_mean is None):
+            sync.check_comm(comm)
+            sync.Exchange(comm, "forward").fail(e)
+        raise
+
+
 def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
               training=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False,
               out=None, comm=None, decay=None, **sizes):
@@ -642,13 +654,7 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     >>> y, cache = normcore.normalize(x, "batch_norm")
     >>> dx, dw, db = normcore.backward(np.ones_like(y), cache)
     """
-    try:
-        be = checks.array("x", x)
-    except TypeError as e:
-        if comm is not None and (training or running_mean is None):
-            sync.check_comm(comm)
-            sync.Exchange(comm, "forward").fail(e)
-        raise
+    be = _x_backend(x, comm, training, running_mean)
     return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
                    unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay)
@@ -681,13 +687,7 @@ def add_normalize(x, residual, mode, *, weight=None, bias=None, running_mean=Non
     True
     >>> dh_total, dw, db = normcore.backward(np.ones_like(y), cache, dh=np.ones_like(h))
     """
-    try:
-        be = checks.array("x", x)
-    except TypeError as e:
-        if comm is not None and (training or running_mean is None):
-            sync.check_comm(comm)
-            sync.Exchange(comm, "forward").fail(e)
-        raise
+    be = _x_backend(x, comm, training, running_mean)
     if residual is None:
         raise TypeError("residual: expected an array of x's shape and dtype, got None (use normalize)")
     return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
