@@ -722,8 +722,8 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
 /* out[i] = SCALAR(i) for i in [0, n), NC_FL lanes at a time through VECTOR(i, v) (which
  * sets v); with nt, the head up to a line-aligned out + i is stored in part vectors
  * (NC_STX_PART: a large array's data sits 16 bytes past a line, so every row of one has such
- * a head, up to 31 elements of a half type, which element by element cost more than the rest
- * of a short row), the whole lines
+ * a head, up to 31 elements of a half type, which is then stored by one or two masked vectors
+ * rather than element by element), the whole lines
  * after it are streamed, and what is left is stored normally (NC_STX, NC_PUTX, NC_STREAMX: the
  * output's storage type, simd_pass.h). pf1, pf2 (or NULL): inputs the next pass will read,
  * asked for in step with this one, a line per vector (the caller's next group: while this pass reads
