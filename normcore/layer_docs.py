@@ -93,7 +93,9 @@ NOTES = {
 COMMON_NOTES = (
     "``layer(x)`` is ``layer.forward(x)``: it returns y (x's shape and dtype) and keeps what "
     "``layer.backward(dy)`` needs; backward returns dx and adds the parameter gradients into "
-    "``grad_weight`` / ``grad_bias``. ``state_dict()`` / ``load_state_dict()`` and "
+    "``grad_weight`` / ``grad_bias``. ``y, h = layer.forward_add(x, residual)`` normalizes "
+    "``h = x + residual`` (:func:`normcore.add_normalize`), and ``layer.backward(dy, dh=dh)`` "
+    "then returns the gradient with respect to h. ``state_dict()`` / ``load_state_dict()`` and "
     "``save(path)`` / ``load(path)`` (``.npz``) hold the parameters and running statistics; "
     "``.cuda()`` / ``.cpu()`` move them (CuPy inputs then).")
 
