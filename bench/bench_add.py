@@ -11,9 +11,9 @@ junction: y, h from (x, r); then the gradient of h from dy (through the norm) an
 residual stream's), which is also the gradient of x and of r. float32, weight (and bias
 for layer norm) of ones and zeros; every call allocates its outputs. Reported: median ms
 of each and the ratios unfused / fused (target >= 1.3) and torch / fused; and the same
-two steps writing into out= buffers kept between calls (y, dx; the unfused h and dx + dh
-through NumPy's out=), which takes the operating system's page faults on fresh outputs
-out of the comparison (the fused h has no out= and is still fresh each call).
+two steps writing into buffers kept between calls (y, h and dx through out= and h_out=;
+the unfused h and dx + dh through NumPy's out=), which takes the operating system's page
+faults on fresh outputs out of the comparison.
 """
 from __future__ import annotations
 
@@ -52,12 +52,12 @@ def _steps(shape, mode):
         dx, dw, db = nc.backward(dy, cache)
         return dx + dh, dw, db
 
-    # the same with out= buffers kept between calls (as layers with reuse_buffers do):
-    # no page faults of fresh outputs, except the fused h, which has no out=
+    # the same with out= buffers kept between calls (as layers with reuse_buffers do): no
+    # page faults of fresh outputs
     o_h, o_y, o_dx, o_sum = (np.zeros_like(x) for _ in range(4))
 
     def fused_buffers():
-        y, h, cache = nc.add_normalize(x, r, mode, out=o_y, **kw)
+        y, h, cache = nc.add_normalize(x, r, mode, out=o_y, h_out=o_h, **kw)
         return nc.backward(dy, cache, dh=dh, out=o_dx)
 
     def unfused_buffers():

@@ -239,21 +239,22 @@ def like_x(name, a, shape, dtype, be):
         raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {a.shape}")
 
 
-def out(a, shape, dtype, inputs, be=CPU):
-    """``out=`` must be a writeable C-contiguous array of the result's shape and dtype that
-    shares no memory with ``inputs`` (backward reads x after forward has written y); a call
-    that also writes other arrays checks all its overlaps with :func:`disjoint` instead."""
+def out(a, shape, dtype, inputs, be=CPU, name="out"):
+    """``out=`` (or another output argument ``name``) must be a writeable C-contiguous
+    array of the result's shape and dtype that shares no memory with ``inputs`` (backward
+    reads x after forward has written y); a call that also writes other arrays checks all
+    its overlaps with :func:`disjoint` instead."""
     if not isinstance(a, be.array_type):
-        raise TypeError(f"out: expected a {be.array_name} like x, got {type_name(a)}")
+        raise TypeError(f"{name}: expected a {be.array_name} like x, got {type_name(a)}")
     if a.dtype != dtype:
-        raise TypeError(f"out: dtype {a.dtype} does not match the result's dtype {dtype}")
+        raise TypeError(f"{name}: dtype {a.dtype} does not match the result's dtype {dtype}")
     if a.shape != shape:
-        raise ValueError(f"out: expected shape {shape}, got {a.shape}")
+        raise ValueError(f"{name}: expected shape {shape}, got {a.shape}")
     if not (a.flags.c_contiguous and getattr(a.flags, "writeable", True)):
-        raise ValueError("out: must be C-contiguous and writeable")
-    for name, other in inputs.items():
+        raise ValueError(f"{name}: must be C-contiguous and writeable")
+    for other_name, other in inputs.items():
         if be.xp.may_share_memory(a, other):
-            raise ValueError(f"out: must not share memory with {name}")
+            raise ValueError(f"{name}: must not share memory with {other_name}")
 
 
 def disjoint(written, read, be=CPU):

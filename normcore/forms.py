@@ -66,30 +66,35 @@ def normalized_shape_tuple(normalized_shape) -> tuple:
     return shape
 
 
-def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape", residual=None):
+def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape", residual=None, h_out=None):
     """Layer norm / RMS norm over the trailing axes ``shape`` of x: the mode ("... d ->
     ...", one parameter axis) on x viewed as (..., prod(shape)), results presented under
     the caller's shapes. x's array type is checked (``be``); a shape mismatch blames
     ``blame`` (the form's normalized_shape, a layer's input). With ``residual``, returns
-    ``(y, h, cache)`` (:func:`normcore.add_normalize`)."""
+    ``(y, h, cache)`` (:func:`normcore.add_normalize`; h into ``h_out`` when given)."""
     k = len(shape)
     checks.trailing_shape(blame, x, shape)
     if k == 1:
-        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out, residual=residual)
+        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out, residual=residual, h_out=h_out)
     checks.param("weight", weight, shape, x.dtype, be)
     checks.param("bias", bias, shape, x.dtype, be)
     if out is not None:
         checks.out(out, x.shape, x.dtype, {}, be)  # overlaps: checked by forward on the views
     if residual is not None:
         checks.like_x("residual", residual, x.shape, x.dtype, be)
+    if h_out is not None:
+        checks.out(h_out, x.shape, x.dtype, {}, be, name="h_out")  # overlaps: as out's
     flat = x.shape[:x.ndim - k] + (math.prod(shape),)
     got = forward(x.reshape(flat), be, mode, eps=eps,
                   weight=None if weight is None else weight.reshape(-1),
                   bias=None if bias is None else bias.reshape(-1),
                   out=None if out is None else out.reshape(flat),
-                  residual=None if residual is None else residual.reshape(flat))
+                  residual=None if residual is None else residual.reshape(flat),
+                  h_out=None if h_out is None else h_out.reshape(flat))
     y, cache = viewed(got[0], got[-1], x.shape, shape, out)
-    return (y, cache) if residual is None else (y, got[1].reshape(x.shape), cache)
+    if residual is None:
+        return y, cache
+    return y, (got[1].reshape(x.shape) if h_out is None else h_out), cache
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, residual=None):

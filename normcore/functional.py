@@ -213,10 +213,11 @@ class _Forward(NamedTuple):
     update: bool            # the running statistics are written
     one_pass: bool          # statistics and output from one kernel call (groups, columns)
     residual: object = None  # add_normalize's residual: the input is h = x + residual
+    h_out: object = None     # where h is written (add_normalize's h_out), or None
 
 
 def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, decay, eps,
-                   unbiased, estimate, out, sizes, link, residual=None) -> _Forward:
+                   unbiased, estimate, out, sizes, link, residual=None, h_out=None) -> _Forward:
     """Phase 1: every rule on the arguments (x's array type already checked: ``be``)."""
     training, estimate = bool(training), bool(estimate)
     has_running = running_mean is not None
@@ -252,14 +253,18 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     momentum, keep = checks.running_rate(momentum, decay)
     if residual is not None:
         checks.like_x("residual", residual, x.shape, dtype, be)
+    if h_out is not None:
+        if residual is None:
+            raise ValueError("h_out: only add_normalize writes h (no residual was given)")
+        checks.out(h_out, x.shape, dtype, {}, be, name="h_out")
     if out is not None:
         checks.out(out, x.shape, dtype, {}, be)  # its overlaps: disjoint, below
-    if out is not None or (has_running and training):
+    if out is not None or h_out is not None or (has_running and training):
         # every array the call writes is apart from every other it touches: y written over
         # weight or a running statistic, or a running statistic over x, would be read back
         # changed (backward reads x)
         writes_running = has_running and training
-        checks.disjoint({"out": out, "running_mean": running_mean if writes_running else None,
+        checks.disjoint({"out": out, "h_out": h_out, "running_mean": running_mean if writes_running else None,
                          "running_var": running_var if writes_running else None},
                         {"x": x, "residual": residual, "weight": weight, "bias": bias,
                          "running_mean": None if writes_running else running_mean,
@@ -275,7 +280,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                     None if bias is None else _flat(bias, be),
                     running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
                     estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
-                    one_pass, residual)
+                    one_pass, residual, h_out)
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
@@ -328,9 +333,10 @@ def _forward(call: _Forward, x):
     if call.residual is not None:
         if _fuses_add(call, x):  # h made by the one-pass kernel, group by group
             r3 = _canonical(call.residual, plan, xp)
-            h3 = xp.empty(plan.kernel_shape, call.dtype)
+            h3 = xp.empty(plan.kernel_shape, call.dtype) if call.h_out is None else \
+                _shaped(call.h_out, plan.kernel_shape)
         else:  # h first, then the forward of h
-            x = add(call.be, x, call.residual)
+            x = add(call.be, x, call.residual, call.h_out)
     if x.size == 0 and call.link is None:
         y, cache = _empty_forward(call, x)
         return (y, cache) if call.residual is None else (y, x, cache)
@@ -357,7 +363,7 @@ def _forward(call: _Forward, x):
     y = _result(y_rows, plan, out, xp)
     if call.residual is None:
         return y, cache
-    return y, _shaped(x, plan.shape), cache
+    return y, (_shaped(x, plan.shape) if call.h_out is None else call.h_out), cache
 
 
 def _fuses_add(call: _Forward, x):
@@ -366,9 +372,10 @@ def _fuses_add(call: _Forward, x):
     return call.one_pass and call.plan.strategy is Strategy.GROUPS and call.plan.perm is None and x.size > 0
 
 
-def add(be, a, b):
+def add(be, a, b, out=None):
     """``a + b`` (arrays of backend ``be``, one shape and dtype) from the ``add`` kernel:
-    rounded as NumPy's ``a + b``, on the backend's threads. Returns a new C-contiguous array.
+    rounded as NumPy's ``a + b``, on the backend's threads. Returns ``out`` (C-contiguous,
+    a's shape and dtype, overlapping neither) or a new C-contiguous array.
 
     >>> import numpy as np
     >>> from normcore.backend import CPU
@@ -377,7 +384,8 @@ def add(be, a, b):
     """
     xp = be.xp
     a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
-    out = xp.empty(a.shape, a.dtype)
+    if out is None:
+        out = xp.empty(a.shape, a.dtype)
     run = _Run.of(be, a.size)
     run.K.add(a, b, out, run.threads)
     return out
@@ -566,20 +574,20 @@ def _per_row(values, plan: Plan, run: _Run):
 
 def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_var=None, training=True,
             momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False, out=None, comm=None,
-            sizes=None, decay=None, residual=None):
+            sizes=None, decay=None, residual=None, h_out=None):
     """:func:`normalize` for an ``x`` whose array type the caller has checked (``be`` is
     its backend): the entry of the forms and layers, which check x once themselves. With
     ``residual``, :func:`add_normalize` (returns ``(y, h, cache)``)."""
     sizes = {} if sizes is None else sizes
     if comm is None:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              decay, eps, unbiased, estimate, out, sizes, None, residual)
+                              decay, eps, unbiased, estimate, out, sizes, None, residual, h_out)
         return _forward(call, x)
     sync.check_comm(comm)  # without a communicator there is no one to tell
     link = sync.Exchange(comm, "forward")
     try:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              decay, eps, unbiased, estimate, out, sizes, link, residual)
+                              decay, eps, unbiased, estimate, out, sizes, link, residual, h_out)
         return _forward(call, x)
     except BaseException as e:  # any failure (MemoryError too) reaches the peers, once
         if training or running_mean is None:  # this call exchanges batch statistics
@@ -662,13 +670,15 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
 
 def add_normalize(x, residual, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
                   training=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False,
-                  out=None, comm=None, decay=None, **sizes):
+                  out=None, h_out=None, comm=None, decay=None, **sizes):
     """The residual add fused with the normalization after it: ``h = x + residual``, then
     :func:`normalize` of h; returns ``(y, h, cache)``.
 
     ``residual`` has x's shape and dtype; ``h`` is computed in that dtype and rounded as
     NumPy's ``x + residual`` (bitwise the same array), and is the new residual stream.
-    Every other argument is :func:`normalize`'s (``out`` receives y). Where each group is
+    Every other argument is :func:`normalize`'s (``out`` receives y); ``h_out`` (optional,
+    the rules of ``out``) receives h, so that a training loop can keep both buffers instead
+    of paying a fresh allocation's page faults per call. Where each group is
     contiguous in x (layer norm, RMS norm, group and instance norm over (N, C, ...)) one
     kernel visit per group reads x and residual once and writes h and y once; other
     layouts make h in a pass of its own first. :func:`backward` with ``dh=`` (the gradient
@@ -693,7 +703,7 @@ def add_normalize(x, residual, mode, *, weight=None, bias=None, running_mean=Non
     return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
                    unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay,
-                   residual=residual)
+                   residual=residual, h_out=h_out)
 
 
 # ---------------------------------------------------------------------------------------

@@ -390,6 +390,8 @@ class _Norm(Layer):
         """``h = x + residual`` (x's dtype, rounded as NumPy's), then the layer's forward of
         h; returns ``(y, h)``. :meth:`backward` with ``dh=`` (the residual stream's
         gradient at h) then returns the gradient with respect to h, so to x and residual.
+        With ``reuse_buffers``, h is written into a kept buffer as y is (the next call
+        overwrites both).
 
         >>> import numpy as np
         >>> import normcore as nc
@@ -400,7 +402,7 @@ class _Norm(Layer):
         """
         return self._forward(x, self._check_input(x), residual)
 
-    def _normalize(self, x, be, out, training, momentum, eps, residual=None):
+    def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None):
         track = self.track_running_stats
         return forward(x, be, self._mode, weight=self.weight, bias=self.bias, out=out,
                        running_mean=self.running_mean if track else None,
@@ -408,7 +410,7 @@ class _Norm(Layer):
                        momentum=checks.DEFAULT_MOMENTUM if self.decay is not None else momentum,
                        decay=self.decay, eps=eps, unbiased=self.unbiased,
                        estimate=self._estimate and training, sizes=self._sizes(x), comm=self._comm_or_none(),
-                       residual=residual)
+                       residual=residual, h_out=h_out)
 
     def _comm_or_none(self):
         return None
@@ -475,10 +477,14 @@ class _Norm(Layer):
         momentum = self.momentum
         if training and track and momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
-        out = None
+        out = h_out = None
         if self.reuse_buffers:
-            out = self._buffer("_y_buffer", x.shape, x.dtype, x, *(() if residual is None else (residual,)))
-        got = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x), residual)
+            inputs = (x,) if residual is None else (x, residual)
+            out = self._buffer("_y_buffer", x.shape, x.dtype, *inputs)
+            if residual is not None and isinstance(residual, type(x)) and getattr(residual, "shape", None) == x.shape:
+                h_out = self._buffer("_h_buffer", x.shape, x.dtype, *inputs)
+        got = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x),
+                              residual, h_out)
         if training and track and (x.size or self._comm_or_none() is not None):
             self.num_batches_tracked += 1  # an empty batch (on its own) is not one
         self._cache = got[-1]
@@ -828,10 +834,10 @@ class _LastAxesNorm(_Norm):
         checks.trailing_shape("x", x, self.normalized_shape)
         return be
 
-    def _normalize(self, x, be, out, training, momentum, eps, residual=None):
+    def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None):
         # the mode's spec has one parameter axis: last_axes views x as (..., prod(shape))
         return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x",
-                         residual=residual)
+                         residual=residual, h_out=h_out)
 
 
 @document(params=["normalized_shape", "eps", "elementwise_affine", "ln_bias=bias", "dtype", "param_dtype"], attributes=_PARAM_ATTRS, param_shape="normalized_shape")

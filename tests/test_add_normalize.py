@@ -138,3 +138,30 @@ def test_bad_residual_and_dh_raise_before_anything_is_written():
     with pytest.raises(ValueError, match="dh"):
         bcn.backward(np.ones_like(x), dh=x[:1])
     assert _same(bcn.batch_norm.grad_weight, before)
+
+
+@pytest.mark.parametrize("mode, shape, sizes", [("layer_norm", (16, 32), {}), ("batch_norm", (16, 4, 7), {}),
+                                                ("group_norm", (4, 8, 5), {"g": 2})])
+def test_h_out_receives_h(mode, shape, sizes):
+    x, r = (RNG.standard_normal(shape).astype(np.float32) for _ in range(2))
+    h_out, y_out = np.full(shape, np.nan, np.float32), np.full(shape, np.nan, np.float32)
+    y, h, cache = nc.add_normalize(x, r, mode, out=y_out, h_out=h_out, **sizes)
+    assert h is h_out and y is y_out and _same(h, x + r)
+    assert _same(y, nc.normalize(x + r, mode, **sizes)[0])
+    with pytest.raises(ValueError, match="h_out: only add_normalize"):
+        nc.functional.forward(x, nc.backend.CPU, mode, h_out=h_out, sizes=sizes)
+    for bad, err, words in ((h_out.astype(np.float64), TypeError, "h_out: dtype float64"),
+                            (h_out[:1], ValueError, "h_out: expected shape"),
+                            (x, ValueError, "h_out: must not .*x"), (r, ValueError, "h_out: must not .*residual"),
+                            (y_out, ValueError, "must not .*")):
+        with pytest.raises(err, match=words):
+            nc.add_normalize(x, r, mode, out=y_out, h_out=bad, **sizes)
+    ln = nc.LayerNorm(shape[-1]) if mode == "layer_norm" else None
+    if ln is not None:
+        ln.reuse_buffers = True
+        _, h1 = ln.forward_add(x, r)
+        h1_id = id(h1)
+        _, h2 = ln.forward_add(r, x)
+        assert id(h2) == h1_id and _same(h2, r + x)
+        _, h3 = ln.forward_add(x, h2)  # the kept buffer is the residual: a new one
+        assert h3 is not h2 and _same(h3, x + (r + x))
