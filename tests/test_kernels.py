@@ -467,3 +467,26 @@ def test_streamed_layer_norm_rows_equal_the_same_rows_computed_small(build):
         ys, cs = nc.normalize(x[rows], "layer_norm", weight=w, bias=b)
         assert np.array_equal(ys, y[rows])
         assert np.array_equal(nc.backward(dy[rows], cs)[0], dx[rows])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode, shape, sizes", [
+    ("layer_norm", (40, 100), {}),              # fused, weight along the rows, lane tails
+    ("rms_norm", (6, 2100), {}),                # fused, unpaired last row
+    ("group_norm", (4, 8, 9, 9), {"g": 4}),     # fused, per-row weights
+    ("batch_norm", (16, 3, 20), {}),            # separate add pass
+])
+def test_add_normalize_is_bitwise_in_every_build(build, mode, shape, sizes, dtype):
+    # the fused kernels' h = x + r and dx + dh round as NumPy's adds, in every build
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    rng = np.random.default_rng(15)
+    x, r, dy, dh = ((1 + rng.standard_normal(shape)).astype(dt) for _ in range(4))
+    p = nc.param_shapes(mode, shape, **sizes)["weight"]
+    kw = {"weight": rng.standard_normal(p).astype(np.float32 if dt.itemsize == 2 else dt), **sizes}
+    y, h, cache = nc.add_normalize(x, r, mode, **kw)
+    y0, cache0 = nc.normalize(x + r, mode, **kw)
+    bits = f"u{dt.itemsize}"
+    assert np.array_equal(h.view(bits), (x + r).view(bits)) and np.array_equal(y.view(bits), y0.view(bits))
+    got, want = nc.backward(dy, cache, dh=dh), nc.backward(dy, cache0)
+    assert np.array_equal(got[0].view(bits), (want[0] + dh).view(bits))
+    assert np.array_equal(got[1], want[1])

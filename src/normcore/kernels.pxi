@@ -241,6 +241,12 @@ cdef extern from "simd.h" nogil:
     void nc_dx_inner_row(const void* dy, const void* x, void* dx, Py_ssize_t n, double mu,
                          double rs, const float* w, double m1, double m2, int nt, const void* pf1,
                          const void* pf2)
+    # the same plus dh (NULL: none), added after dx's rounding, as NumPy's dx + dh
+    void nc_dx_row_d(const void* dy, const void* x, void* dx, Py_ssize_t n, double mu,
+                     double k1, double k2, double k3, int nt, const void* pf1, const void* pf2, const void* dh)
+    void nc_dx_inner_row_d(const void* dy, const void* x, void* dx, Py_ssize_t n, double mu,
+                           double rs, const float* w, double m1, double m2, int nt, const void* pf1,
+                           const void* pf2, const void* dh)
     void nc_dx_tile(const void* dy, const void* x, void* dx, Py_ssize_t rows, Py_ssize_t ld,
                     Py_ssize_t tw, const double* mean, const double* k1, const double* k2,
                     const double* k3, int nt)
@@ -614,13 +620,19 @@ cdef void _sums_cols(const floating* dy, const floating* x, Py_ssize_t A, Py_ssi
 
 cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                          double mu, double k1, double k2, double k3, bint nt, const floating* pf1,
-                         const floating* pf2) noexcept nogil:
+                         const floating* pf2, const floating* dh=NULL) noexcept nogil:
+    # dh (or NULL): added to each dx after its rounding, in the same pass
     cdef Py_ssize_t i
     if floating is not double:
-        nc_dx_row(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2)
+        if dh != NULL:
+            nc_dx_row_d(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2, dh)
+        else:
+            nc_dx_row(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2)
         return
     for i in range(n):
         dx[i] = <floating>(dy[i] * k1 + (x[i] - mu) * k2 + k3)
+        if dh != NULL:
+            dx[i] = dx[i] + dh[i]
 
 
 cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, Py_ssize_t rows,
@@ -912,63 +924,53 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
     cdef double* db = <double*>_out(pdb, F64)
     cdef float* wf = NULL
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
-    cdef void* scratch = NULL
     try:
-        if dh is not None:  # a group's dx per thread (see _group_dx)
-            scratch = malloc(<size_t>(max(threads, 1) * max(d[2], 1) * cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)))
-            if scratch == NULL:
-                raise MemoryError()
         if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64:
             wf = _params_f32(w)
         if T == cnp.NPY_FLOAT32:
             _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const float*>pdh, <float*>_out(dx, T), threads, <float*>scratch)
+                             <const float*>pdh, <float*>_out(dx, T), threads)
         elif T == HALF:
             _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads, <nc_f16*>scratch)
+                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
         elif T == BF16:
             _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads, <nc_bf16*>scratch)
+                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
         else:
             _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const double*>pdh, <double*>_out(dx, T), threads, <double*>scratch)
+                             <const double*>pdh, <double*>_out(dx, T), threads)
     finally:
         free(wf)
-        free(scratch)
 
 
 cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t c, Py_ssize_t C,
                            Py_ssize_t B, Py_ssize_t J, int affine, const Py_ssize_t* rp, const double* w,
                            const float* wf, double mu, double rs, double m1, double m2, bint nt,
-                           const floating* dh, floating* stage) noexcept nogil:
-    # dx of group c from its mean, rstd and the two gradient means m1, m2. With dh (else
-    # NULL) the group's dx is made in stage (B elements, in L1), dh added there (as add:
-    # after dx's rounding) and the sum streamed out: one write of dx, no read back.
+                           const floating* dh) noexcept nogil:
+    # dx of group c from its mean, rstd and the two gradient means m1, m2; plus dh (or
+    # NULL) in the same pass, after dx's rounding (as NumPy's dx + dh)
     cdef Py_ssize_t S = B // J
     cdef Py_ssize_t j, r, o
     cdef double g
     cdef const floating* pf
     cdef const floating* pg
-    cdef floating* out = dx + c * B if dh == NULL else stage
-    cdef bint nt_rows = nt and dh == NULL
     for j in range(J):
         r = c * J + j
         o = c * B + j * S
         pf = x + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # as in _normalize_groups
         pg = dy + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL
         if affine == NC_AFFINE_INNER:
-            _dx_inner_row(dy + o, x + o, out + j * S, S, mu, rs, w + rp[r],
-                          wf + rp[r] if wf != NULL else NULL, m1, m2, nt_rows, pf, pg)
+            _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
+                          wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg,
+                          dh + o if dh != NULL else NULL)
         else:
             g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
-            _dx_row(dy + o, x + o, out + j * S, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt_rows, pf, pg)
-    if dh != NULL:
-        nc_add(stage, dh + c * B, stage, B)
-        nc_copy_bytes(stage, dx + c * B, B * sizeof(floating), nt)
+            _dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf, pg,
+                    dh + o if dh != NULL else NULL)
 
 
 cdef inline void _group_sums(const floating* dy, const floating* x, Py_ssize_t c, Py_ssize_t B, Py_ssize_t J,
@@ -1002,20 +1004,17 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, const floating* dh, floating* dx,
-                           int threads, floating* scratch) noexcept nogil:
-    # scratch: B elements per thread when dh is given (_group_dx)
+                           int threads) noexcept nogil:
     cdef bint nt = _streams(dx, C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, end
     cdef double q0, q1, q2, q3
-    cdef floating* stage
     # two consecutive one-row groups with the same parameters (layer norm) share a pass,
     # which loads and stores their dweight / dbias partials once: the same sums
     cdef bint pairs = J == 1 and affine == NC_AFFINE_INNER
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         c = k * gpb
         end = c + _block_rows(k, gpb, C)
-        stage = scratch + threadid() * B if dh != NULL else NULL
         while c < end:
             q0 = 0.0  # assigned, so private to the thread (see _normalize_groups)
             q1 = 0.0
@@ -1026,15 +1025,15 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                                     B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
                                     pdw + k * P + rp[c], pdb + k * P + rp[c])
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt, dh, stage)
+                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt, dh)
                 _group_dx(dy, x, dx, c + 1, C, B, J, affine, rp, w, wf, mean[c + 1], rstd[c + 1],
-                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt, dh, stage)
+                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt, dh)
                 c = c + 2
             else:
                 _group_sums(dy, x, c, B, J, affine, rp, w, mean[c], rstd[c], t1, t2, pdw + k * P, pdb + k * P,
                             &q0, &q1)
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          q0 / B if center else 0.0, q1 / B, nt, dh, stage)
+                          q0 / B if center else 0.0, q1 / B, nt, dh)
                 c = c + 1
     if nt:
         nc_sfence()
@@ -1105,13 +1104,18 @@ cdef void _sums_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ss
 cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                                double mu, double rs, const double* w, const float* wf,
                                double m1, double m2, bint nt, const floating* pf1,
-                               const floating* pf2) noexcept nogil:
+                               const floating* pf2, const floating* dh=NULL) noexcept nogil:
     cdef Py_ssize_t i
     if floating is not double:
-        nc_dx_inner_row(dy, x, dx, n, mu, rs, wf, m1, m2, nt, pf1, pf2)
+        if dh != NULL:
+            nc_dx_inner_row_d(dy, x, dx, n, mu, rs, wf, m1, m2, nt, pf1, pf2, dh)
+        else:
+            nc_dx_inner_row(dy, x, dx, n, mu, rs, wf, m1, m2, nt, pf1, pf2)
         return
     for i in range(n):
         dx[i] = <floating>(rs * (dy[i] * w[i] - m1 - (x[i] - mu) * rs * m2))
+        if dh != NULL:
+            dx[i] = dx[i] + dh[i]
 
 
 def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, int threads):

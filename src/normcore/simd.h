@@ -874,12 +874,30 @@ static inline void nc_stream_b16(nc_bf16* p, nc_vf v) {
 #endif
 }
 
+/* v rounded to the half type and widened back (the rounding of a stored value, in registers) */
+static inline nc_vf nc_round_h16(nc_vf v) {
+#if NC_FL == 16
+    return (nc_vf)_mm512_cvtph_ps(_mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#else
+    return (nc_vf)_mm256_cvtph_ps(_mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
+#endif
+}
+static inline nc_vf nc_widen_b16(nc_vh h) {
+#if NC_FL == 16
+    return (nc_vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
+    return (nc_vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#endif
+}
+
 #define NC_T float
 #define NC_SUF f32
 #define NC_LDX(v, p) NC_LOADF(v, p)
 #define NC_STX(p, v) NC_STOREF(p, v)
 #define NC_STREAMX(p, v) NC_STREAMF(p, v)
 #define NC_STX_PART(p, v, k) NC_STX_PART_F32(p, v, k)
+#define NC_ROUNDX(v) (v)
+#define NC_ROUNDF(f) (f)
 #define NC_GETX(p, i) ((p)[i])
 #define NC_PUTX(p, i, v) ((p)[i] = (v))
 #include "simd_pass.h"
@@ -890,6 +908,8 @@ static inline void nc_stream_b16(nc_bf16* p, nc_vf v) {
 #define NC_STX(p, v) nc_st_h16((p), (v))
 #define NC_STREAMX(p, v) nc_stream_h16((p), (v))
 #define NC_STX_PART(p, v, k) NC_STX_PART_H16(p, v, k)
+#define NC_ROUNDX(v) nc_round_h16(v)
+#define NC_ROUNDF(f) nc_f16_f(nc_f_f16(f))
 #define NC_GETX(p, i) nc_f16_f((p)[i])
 #define NC_PUTX(p, i, v) ((p)[i] = nc_f_f16(v))
 #include "simd_pass.h"
@@ -900,6 +920,8 @@ static inline void nc_stream_b16(nc_bf16* p, nc_vf v) {
 #define NC_STX(p, v) nc_st_b16((p), (v))
 #define NC_STREAMX(p, v) nc_stream_b16((p), (v))
 #define NC_STX_PART(p, v, k) NC_STX_PART_B16(p, v, k)
+#define NC_ROUNDX(v) nc_widen_b16(nc_round_b16(v))
+#define NC_ROUNDF(f) nc_bf16_f(nc_f_bf16(f))
 #define NC_GETX(p, i) nc_bf16_f((p)[i])
 #define NC_PUTX(p, i, v) ((p)[i] = nc_f_bf16(v))
 #include "simd_pass.h"
@@ -1119,6 +1141,25 @@ static inline void nc_dx_inner_row_f32(const float* dy, const float* x, float* d
 NC_BASELINE_HALF_ROWS(h16, nc_f16)
 NC_BASELINE_HALF_ROWS(b16, nc_bf16)
 
+/* the dx passes plus dh (simd_pass.h's in the vector builds): dx, then NumPy's dx + dh */
+#define NC_BASELINE_DX_DH(SUF, T)                                                                        \
+    static inline void nc_dx_row_cd_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, const nc_dx_c* c,  \
+                                          int nt, const T* pf1, const T* pf2, const T* dh) {             \
+        nc_dx_row_c_##SUF(dy, x, dx, n, c, nt, pf1, pf2);                                              \
+        if (dh)                                                                                        \
+            nc_add_##SUF(dx, dh, dx, n);                                                               \
+    }                                                                                                  \
+    static inline void nc_dx_inner_row_d_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu,   \
+                                               double rs, const float* w, double m1, double m2, int nt, \
+                                               const T* pf1, const T* pf2, const T* dh) {               \
+        nc_dx_inner_row_##SUF(dy, x, dx, n, mu, rs, w, m1, m2, nt, pf1, pf2);                          \
+        if (dh)                                                                                        \
+            nc_add_##SUF(dx, dh, dx, n);                                                               \
+    }
+NC_BASELINE_DX_DH(f32, float)
+NC_BASELINE_DX_DH(h16, nc_f16)
+NC_BASELINE_DX_DH(b16, nc_bf16)
+
 NC_AFFINE_TILE(nc_affine_tile_f32d, float)
 NC_DX_TILE(nc_dx_tile_f32d, float)
 static inline void nc_affine_tile_f32(const float* x, float* y, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,
@@ -1147,6 +1188,12 @@ static inline void nc_dx_tile_f32(const float* dy, const float* x, float* dx, pt
                                        double k2, double k3, int nt, const T* pf1, const T* pf2) {    \
         const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);                                                 \
         nc_dx_row_c_##SUF(dy, x, dx, n, &c, nt, pf1, pf2);                                            \
+    }                                                                                                 \
+    static inline void nc_dx_row_d_##SUF(const T* dy, const T* x, T* dx, ptrdiff_t n, double mu,      \
+                                         double k1, double k2, double k3, int nt, const T* pf1,       \
+                                         const T* pf2, const T* dh) {                                 \
+        const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);                                                 \
+        nc_dx_row_cd_##SUF(dy, x, dx, n, &c, nt, pf1, pf2, dh);                                       \
     }                                                                                                 \
     static inline void nc_affine_row_r_##SUF(const T* x, T* y, ptrdiff_t n, const void* coefs, ptrdiff_t r, \
                                              int nt) {                                                \
@@ -1256,6 +1303,8 @@ NC_HALF_TILES(b16, nc_bf16, nc_load_b16, nc_store_b16)
 #define nc_dx_row(p, ...) NC_BY_STORAGE(p, nc_dx_row)((p), __VA_ARGS__)
 #define nc_dx_row_r(p, ...) NC_BY_STORAGE(p, nc_dx_row_r)((p), __VA_ARGS__)
 #define nc_dx_inner_row(p, ...) NC_BY_STORAGE(p, nc_dx_inner_row)((p), __VA_ARGS__)
+#define nc_dx_row_d(p, ...) NC_BY_STORAGE(p, nc_dx_row_d)((p), __VA_ARGS__)
+#define nc_dx_inner_row_d(p, ...) NC_BY_STORAGE(p, nc_dx_inner_row_d)((p), __VA_ARGS__)
 #define nc_dx_tile(p, ...) NC_BY_STORAGE(p, nc_dx_tile)((p), __VA_ARGS__)
 
 /* float32 copy of n doubles (parameters for the float32 passes); NULL when malloc fails */

@@ -60,9 +60,21 @@ static inline void NC_FN(nc_affine_inner_row)(const NC_T* x, NC_T* y, ptrdiff_t 
 #undef S
 }
 
-/* dx = dy * k1 + (x - mu) * k2 + k3 on one row, from the row's float32 coefficients */
-static inline void NC_FN(nc_dx_row_c)(const NC_T* dy, const NC_T* x, NC_T* dx, ptrdiff_t n, const nc_dx_c* c,
-                                      int nt, const NC_T* pf1, const NC_T* pf2) {
+/* dh (or NULL): added to dx after dx's rounding to NC_T and rounded again, as NumPy's
+ * dx + dh (NC_ROUNDX / NC_ROUNDF: a value rounded to NC_T and widened back) */
+#define NC_PLUS_DH(i, v)                          \
+    do {                                          \
+        if (dh) {                                 \
+            nc_vf t_;                             \
+            NC_LDX(t_, dh + (i));                 \
+            v = NC_ROUNDX(v) + t_;                \
+        }                                         \
+    } while (0)
+#define NC_PLUS_DHF(i, f) (dh ? NC_ROUNDF(f) + NC_GETX(dh, i) : (f))
+
+/* dx = dy * k1 + (x - mu) * k2 + k3 (+ dh) on one row, from the row's float32 coefficients */
+static inline void NC_FN(nc_dx_row_cd)(const NC_T* dy, const NC_T* x, NC_T* dx, ptrdiff_t n, const nc_dx_c* c,
+                                       int nt, const NC_T* pf1, const NC_T* pf2, const NC_T* dh) {
     const float m = c->m, h = c->h, l = c->l, a2 = c->a2, a3 = c->a3;
     const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(h), vl = NC_SPLAT(l), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
     nc_vf g;
@@ -71,17 +83,22 @@ static inline void NC_FN(nc_dx_row_c)(const NC_T* dy, const NC_T* x, NC_T* dx, p
         NC_LDX(g, dy + (i));                                           \
         NC_LDX(v, x + (i));                                            \
         v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(v - vm, v2, v3)));   \
+        NC_PLUS_DH(i, v);                                              \
     } while (0)
-#define S(i) NC_FMAF(NC_GETX(dy, i), h, NC_FMAF(NC_GETX(dy, i), l, NC_FMAF(NC_GETX(x, i) - m, a2, a3)))
+#define S(i) NC_PLUS_DHF(i, NC_FMAF(NC_GETX(dy, i), h, NC_FMAF(NC_GETX(dy, i), l, NC_FMAF(NC_GETX(x, i) - m, a2, a3))))
     NC_PASS(dx, n, nt, pf1, pf2, V, S);
 #undef V
 #undef S
 }
+static inline void NC_FN(nc_dx_row_c)(const NC_T* dy, const NC_T* x, NC_T* dx, ptrdiff_t n, const nc_dx_c* c,
+                                      int nt, const NC_T* pf1, const NC_T* pf2) {
+    NC_FN(nc_dx_row_cd)(dy, x, dx, n, c, nt, pf1, pf2, NULL);
+}
 
-/* dx = rs * (dy * w[i] - m1 - (x - mu) * rs * m2) on one row, w float32 (nc_dx_inner_1) */
-static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* dx, ptrdiff_t n, double mu,
-                                          double rs, const float* w, double m1, double m2, int nt,
-                                          const NC_T* pf1, const NC_T* pf2) {
+/* dx = rs * (dy * w[i] - m1 - (x - mu) * rs * m2) (+ dh) on one row, w float32 (nc_dx_inner_1) */
+static inline void NC_FN(nc_dx_inner_row_d)(const NC_T* dy, const NC_T* x, NC_T* dx, ptrdiff_t n, double mu,
+                                            double rs, const float* w, double m1, double m2, int nt,
+                                            const NC_T* pf1, const NC_T* pf2, const NC_T* dh) {
     const double k2 = -rs * rs * m2;
     float rh, rl;
     NC_SPLIT(rs, rh, rl);
@@ -98,13 +115,21 @@ static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* d
         e = NC_VFMA(e, vw, -g);                                         \
         v = NC_VFMA(v - vm, v2, v3);                                    \
         v = NC_VFMA(g, vh, NC_VFMA(g, vl, NC_VFMA(e, vh, v)));          \
+        NC_PLUS_DH(i, v);                                               \
     } while (0)
-#define S(i) nc_dx_inner_1(NC_GETX(dy, i), w[i], NC_GETX(x, i), m, rh, rl, a2, a3)
+#define S(i) NC_PLUS_DHF(i, nc_dx_inner_1(NC_GETX(dy, i), w[i], NC_GETX(x, i), m, rh, rl, a2, a3))
     NC_PASS(dx, n, nt, pf1, pf2, V, S);
 #undef V
 #undef S
 }
+static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* dx, ptrdiff_t n, double mu,
+                                          double rs, const float* w, double m1, double m2, int nt,
+                                          const NC_T* pf1, const NC_T* pf2) {
+    NC_FN(nc_dx_inner_row_d)(dy, x, dx, n, mu, rs, w, m1, m2, nt, pf1, pf2, NULL);
+}
 
+#undef NC_PLUS_DH
+#undef NC_PLUS_DHF
 #undef NC_SCALE2
 #undef NC_SCALE2F
 #undef NC_IS_F32
@@ -117,5 +142,7 @@ static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* d
 #undef NC_STX
 #undef NC_STREAMX
 #undef NC_STX_PART
+#undef NC_ROUNDX
+#undef NC_ROUNDF
 #undef NC_GETX
 #undef NC_PUTX
