@@ -154,16 +154,17 @@ class Kernels(Protocol):
     def dx_coefficients(self, g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3):
         """IN g1, g2 (C,), rg, rp (R,), w (P,) T, rstd (C,); OUT k1, k2, k3 (R,) of dx_rows."""
 
-    def dx_rows(self, dy, x, mean, k1, k2, k3, rows_per_block, dx, threads):
-        """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,); OUT dx = dy k1 + (x - mean) k2 + k3."""
+    def dx_rows(self, dy, x, mean, k1, k2, k3, rows_per_block, dh, dx, threads):
+        """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,), dh (A, R, S) T or None; OUT dx = dy k1 +
+        (x - mean) k2 + k3, plus dh after dx's rounding (as ``add``) when given."""
 
     def sums_inner(self, dy, x, mean, rstd, rp, w, rows_per_block, s1, s2, pdw, pdb, threads):
         """IN dy, x (1, R, S) T, mean, rstd, rp (R,), w (P,) float64; OUT s1, s2 (R,) sums of
         g = dy w[rp + s] and g xhat; pdw, pdb (ceil(R / rows_per_block), P) zeroed partials."""
 
-    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
-        """IN dy, x (1, R, S) T, mean, rstd, rp, c1, c2 (R,), w (P,) float64;
-        OUT dx = rstd (dy w - c1 - xhat c2)."""
+    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads):
+        """IN dy, x (1, R, S) T, mean, rstd, rp, c1, c2 (R,), w (P,) float64, dh (1, R, S) T or
+        None; OUT dx = rstd (dy w - c1 - xhat c2), plus dh as in ``dx_rows``."""
 
     def backward_groups(self, dy, x, rows_per_group, center, affine, rp, w, mean, rstd,
                         groups_per_block, t1, t2, pdw, pdb, dh, dx, threads):
@@ -173,10 +174,10 @@ class Kernels(Protocol):
         rounding): training backward in one visit per group (optional: ``fused_backward``)."""
 
     def backward_cols(self, dy, x, mean, rstd, rows_per_block, rg, rp, w, has_w, count, stats_grad, center,
-                      dw, db, dx, threads):
+                      dw, db, dh, dx, threads):
         """IN dy, x (A, C) T, mean, rstd (C,), rg, rp (C,), w (P,) T; OUT dw, db (P,) (empty:
-        skipped), dx (A, C): the column strategy's backward, sums_cols → gradient_sums →
-        dx_coefficients → dx_rows in one call."""
+        skipped), dx (A, C) (plus dh, (A, C) T or None): the column strategy's backward,
+        sums_cols → gradient_sums → dx_coefficients → dx_rows in one call."""
 
 
 def machine_eps(dtype) -> float:

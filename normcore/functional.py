@@ -776,19 +776,19 @@ def _backward(dy, cache, out, link, dh=None):
     dy3 = _canonical(dy, plan, xp)
     dx_rows = _output(None if out is None else _shaped(out, plan.shape), plan, cache.dtype, xp)
     run = _Run.of(be, dy3.size)
+    dh3 = None
+    if dh is not None and plan.perm is None and dy3.size:  # added by the dx pass itself
+        dh3, dh = _canonical(dh.reshape(plan.shape), plan, xp), None
     if dy3.size == 0 and link is None:  # nothing flows: zero parameter gradients
         dw = db = xp.zeros(plan.param_size if (cache.has_weight or cache.has_bias) else 0)
     elif cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
-        dh3 = None
-        if dh is not None and plan.perm is None:  # added by the kernel, row by row
-            dh3, dh = _canonical(dh.reshape(plan.shape), plan, xp), None
         dw, db = _backward_one_visit(dy3, cache, dx_rows, run, dh3)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
-        dw, db = _backward_inner(_shaped(dy3, plan.rows), cache, dx_rows, run, link)
+        dw, db = _backward_inner(_shaped(dy3, plan.rows), cache, dx_rows, run, link, dh3)
     elif plan.strategy is Strategy.COLUMNS and link is None:
-        dw, db = _backward_columns(dy3, cache, dx_rows, run)
+        dw, db = _backward_columns(dy3, cache, dx_rows, run, dh3)
     else:
-        dw, db = _backward_rows(_shaped(dy3, plan.rows), cache, dx_rows, run, link)
+        dw, db = _backward_rows(_shaped(dy3, plan.rows), cache, dx_rows, run, link, dh3)
     dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
     if view is not None:
         dx = dx.reshape(view[0]) if out is None else out
@@ -850,7 +850,7 @@ def _backward_one_visit(dy3, cache, dx_rows, run: _Run, dh3=None):
     return None, None
 
 
-def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
+def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
     """Parameters along the rows (layer norm) outside the one-visit case. With ``link``,
     the group sums and parameter gradients are summed over its ranks.
 
@@ -873,7 +873,8 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None):
         group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
     mean_g = _per_row(group_g / cache.count, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
     mean_gx = _per_row(group_gx / cache.count, plan, run) if cache.stats_grad else xp.zeros(R)
-    run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx, dx_rows, run.threads)
+    run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx,
+                   None if dh3 is None else _shaped(dh3, plan.rows), dx_rows, run.threads)
     return dw, db
 
 
@@ -885,7 +886,7 @@ def _group_totals(values, plan: Plan, run: _Run):
     return run.xp.bincount(run.ix(plan, "rg"), weights=values, minlength=C)
 
 
-def _backward_columns(dy3, cache, dx_rows, run: _Run):
+def _backward_columns(dy3, cache, dx_rows, run: _Run, dh3=None):
     """The column strategy's backward from one kernel call: the column sums, the group
     and parameter sums, the dx coefficients and dx (what _backward_rows does in four)."""
     plan = cache.plan
@@ -895,11 +896,11 @@ def _backward_columns(dy3, cache, dx_rows, run: _Run):
     w = _weight_or_dummy(cache, run)
     run.K.backward_cols(dy3, cache.x3, cache.mean, cache.rstd, plan.rows_per_block,
                         run.ix(plan, "rg"), run.params_ix(plan), w, cache.has_weight, float(max(cache.count, 1)),
-                        cache.stats_grad, cache.mode.center, dw, db, dx_rows, run.threads)
+                        cache.stats_grad, cache.mode.center, dw, db, dh3, dx_rows, run.threads)
     return (dw, db) if affine else (None, None)
 
 
-def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
+def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
     """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients.
     With ``link``, the group sums and parameter gradients are summed over its ranks.
 
@@ -934,5 +935,6 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None):
     k1, k2, k3 = xp.empty(R), xp.empty(R), xp.empty(R)
     run.K.dx_coefficients(group_g, group_gx, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
                           cache.stats_grad, cache.mode.center, k1, k2, k3)
-    run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, run.threads)
+    run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block,
+                  None if dh3 is None else _shaped(dh3, plan.rows), dx_rows, run.threads)
     return (dw, db) if affine else (None, None)

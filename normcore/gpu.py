@@ -189,16 +189,17 @@ class CudaKernels:
         self._fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
                                                   (dy, x, _i(A), _i(C), _i(rpb), mean, p1, p2))
 
-    def dx_rows(self, dy, x, mean, k1, k2, k3, rpb, dx, threads):
+    def dx_rows(self, dy, x, mean, k1, k2, k3, rpb, dh, dx, threads):
         A, R, S = x.shape
         if x.size == 0:
             return
+        dh = _i(0) if dh is None else dh  # a null pointer: no dh
         if S == 1:
             self._fn("cols", "nc_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                                                    (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
+                                                    (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dh, dx))
         else:
             self._fn("rows", "nc_dx_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
-                                                    (dy, x, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
+                                                    (dy, x, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dh, dx))
 
     def affine_inner(self, x, mean, rstd, rp, w, b, y, threads):
         _, R, S = x.shape
@@ -236,12 +237,13 @@ class CudaKernels:
             (x, residual, h, _i(C), _i(B), _i(J), _i(bool(center)), eps_bits, _i(affine), rp, w, b, mean, var,
              rstd, y))
 
-    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dx, threads):
+    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
         self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                  (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
+                                                  (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2,
+                                                   _i(0) if dh is None else dh, dx))
 
     # -- per-group algebra: array operations on the device (small, O(C + R) each) --------
     def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):
@@ -338,7 +340,7 @@ class CudaKernels:
         self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
         self.affine_rows(x, mean_r, scale, shift, rpb, y.reshape(x.shape), threads)
 
-    def backward_cols(self, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, stats_grad, center, dw, db, dx,
+    def backward_cols(self, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, stats_grad, center, dw, db, dh, dx,
                       threads):
         A, C = x.shape
         dw[...] = 0.0
@@ -355,7 +357,8 @@ class CudaKernels:
             self.gradient_sums(p1, p2, rg, rp, w, has_w, rstd, group_g, group_gx, dw, db)
         k1, k2, k3 = xp.empty(C), xp.empty(C), xp.empty(C)
         self.dx_coefficients(group_g, group_gx, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3)
-        self.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, k1, k2, k3, rpb, dx.reshape(A, C, 1), threads)
+        self.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, k1, k2, k3, rpb,
+                     None if dh is None else dh.reshape(A, C, 1), dx.reshape(A, C, 1), threads)
 
 
 def _xp_of(a):

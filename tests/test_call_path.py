@@ -264,7 +264,7 @@ def _separate_cols_backward(k, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, 
     ks = [np.empty(C) for _ in range(3)]
     k.dx_coefficients(g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, *ks)
     dx = np.empty_like(x)
-    k.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, *ks, rpb, dx.reshape(A, C, 1), 1)
+    k.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, *ks, rpb, None, dx.reshape(A, C, 1), 1)
     return dw, db, dx
 
 
@@ -297,8 +297,8 @@ def test_composed_kernels_equal_their_parts(dtype, A, C, rpb):
                 want_b = _separate_cols_backward(K, dy, x, mean, rstd, rpb, rg, rp, w, has_w, float(A), stats_grad,
                                                  center, n_p)
                 got_b = [np.full(n_p, np.nan), np.full(n_p, np.nan), np.empty_like(x)]
-                kernels.backward_cols(dy, x, mean, rstd, rpb, rg, rp, w, has_w, float(A), stats_grad, center, *got_b,
-                                      1)
+                kernels.backward_cols(dy, x, mean, rstd, rpb, rg, rp, w, has_w, float(A), stats_grad, center,
+                                      got_b[0], got_b[1], None, got_b[2], 1)
                 for a, e in zip(got_b, want_b, strict=True):
                     np.testing.assert_array_equal(a, e)
             # eval: running statistics (two groups per running entry), rows of S elements

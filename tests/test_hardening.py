@@ -306,7 +306,7 @@ def test_every_launch_stays_within_the_device_grid_limits():
     mean = np.empty(R)
     kernels.sums_inner(x, x, mean, mean, np.zeros(R, np.intp), np.empty(S), 1, mean, mean,
                        np.empty((1, S)), np.empty((1, S)), 1)
-    kernels.dx_inner(x, x, mean, mean, np.zeros(R, np.intp), np.empty(S), mean, mean, x, 1)
+    kernels.dx_inner(x, x, mean, mean, np.zeros(R, np.intp), np.empty(S), mean, mean, None, x, 1)
     wide = np.empty((3, 2 ** 24), np.float32)
     p = np.empty((1, 2 ** 24))
     kernels.moments_cols(wide, 3, p, p, 1)

@@ -474,10 +474,13 @@ def test_streamed_layer_norm_rows_equal_the_same_rows_computed_small(build):
     ("layer_norm", (40, 100), {}),              # fused, weight along the rows, lane tails
     ("rms_norm", (6, 2100), {}),                # fused, unpaired last row
     ("group_norm", (4, 8, 9, 9), {"g": 4}),     # fused, per-row weights
-    ("batch_norm", (16, 3, 20), {}),            # separate add pass
+    ("batch_norm", (16, 3, 20), {}),            # separate add pass; dh in the row dx pass
+    ("batch_norm_channels_last", (300, 40), {}),  # column tiles (backward_cols) with dh
+    ("batch_norm_per_activation", (64, 50), {}),
 ])
 def test_add_normalize_is_bitwise_in_every_build(build, mode, shape, sizes, dtype):
-    # the fused kernels' h = x + r and dx + dh round as NumPy's adds, in every build
+    # the fused kernels' h = x + r and dx + dh round as NumPy's adds, in every build; eval
+    # too (running statistics: no gradient through the statistics)
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(15)
     x, r, dy, dh = ((1 + rng.standard_normal(shape)).astype(dt) for _ in range(4))
@@ -490,3 +493,12 @@ def test_add_normalize_is_bitwise_in_every_build(build, mode, shape, sizes, dtyp
     got, want = nc.backward(dy, cache, dh=dh), nc.backward(dy, cache0)
     assert np.array_equal(got[0].view(bits), (want[0] + dh).view(bits))
     assert np.array_equal(got[1], want[1])
+    m = nc.get_mode(mode)
+    if m.running_stats is not None:
+        run = nc.param_shapes(mode, shape, **sizes)["running_mean"]
+        rkw = {"running_mean": np.zeros(run, kw["weight"].dtype), "running_var": np.ones(run, kw["weight"].dtype),
+               "training": False}
+        _, _, cache = nc.add_normalize(x, r, mode, **kw, **rkw)
+        _, cache0 = nc.normalize(x + r, mode, **kw, **rkw)
+        got, want = nc.backward(dy, cache, dh=dh), nc.backward(dy, cache0)
+        assert np.array_equal(got[0].view(bits), (want[0] + dh).view(bits))

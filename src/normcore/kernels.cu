@@ -250,17 +250,30 @@ __global__ void nc_sums_rows(const T* dy, const T* x, i64 rows, i64 R, i64 S, co
     }
 }
 
-// dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r]
+// dx[i] = v, plus dh[i] when dh is not null: after v's rounding to T, in T's own arithmetic
+// (nc_add's), as NumPy's dx + dh
+template <typename T, typename A> __device__ __forceinline__ void nc_st_dh(T* dx, i64 i, A v, const T* dh) {
+    typedef typename nc_own<T>::type F;
+    if (!dh) {
+        nc_st<T, A>(dx, i, v);
+        return;
+    }
+    T t[1];
+    nc_st<T, A>(t, 0, v);
+    nc_st<T, F>(dx, i, nc_ld<T, F>(t, 0) + nc_ld<T, F>(dh, i));
+}
+
+// dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (+ dh)
 template <typename T>
 __global__ void nc_dx_rows(const T* dy, const T* x, i64 rows, i64 R, i64 S, const double* mean,
-                           const double* k1, const double* k2, const double* k3, T* dx) {
+                           const double* k1, const double* k2, const double* k3, const T* dh, T* dx) {
     typedef typename nc_acc<T>::type A;
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const i64 r = row % R;
         const A mu = (A)mean[r], a1 = (A)k1[r], a2 = (A)k2[r], a3 = (A)k3[r];
         const i64 o = row * S;
         for (i64 i = threadIdx.x; i < S; i += blockDim.x)
-            nc_st<T, A>(dx, o + i, nc_ld<T, A>(dy, o + i) * a1 + (nc_ld<T, A>(x, o + i) - mu) * a2 + a3);
+            nc_st_dh<T, A>(dx, o + i, nc_ld<T, A>(dy, o + i) * a1 + (nc_ld<T, A>(x, o + i) - mu) * a2 + a3, dh);
     }
 }
 
@@ -327,19 +340,19 @@ __global__ void nc_param_sums_inner(const T* dy, const T* x, i64 R, i64 S, const
     }
 }
 
-// dx = rstd * (dy * w - c1[r] - (x - mean) * rstd * c2[r])  (parameters along S)
+// dx = rstd * (dy * w - c1[r] - (x - mean) * rstd * c2[r]) (+ dh)  (parameters along S)
 template <typename T>
 __global__ void nc_dx_inner(const T* dy, const T* x, i64 R, i64 S, const double* mean,
                             const double* rstd, const i64* rp, const double* w, const double* c1,
-                            const double* c2, T* dx) {
+                            const double* c2, const T* dh, T* dx) {
     typedef typename nc_acc<T>::type A;
     for (i64 r = blockIdx.x; r < R; r += gridDim.x) {
         const A mu = (A)mean[r], rs = (A)rstd[r], m1 = (A)c1[r], m2 = (A)c2[r];
         const double* wr = w + rp[r];
         const i64 o = r * S;
         for (i64 i = threadIdx.x; i < S; i += blockDim.x)
-            nc_st<T, A>(dx, o + i,
-                        rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - m1 - (nc_ld<T, A>(x, o + i) - mu) * rs * m2));
+            nc_st_dh<T, A>(dx, o + i,
+                           rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - m1 - (nc_ld<T, A>(x, o + i) - mu) * rs * m2), dh);
     }
 }
 
@@ -438,7 +451,7 @@ __global__ void nc_affine_cols(const T* x, i64 Arows, i64 C, i64 rpb, const doub
 
 template <typename T>
 __global__ void nc_dx_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, const double* mean,
-                           const double* k1, const double* k2, const double* k3, T* dx) {
+                           const double* k1, const double* k2, const double* k3, const T* dh, T* dx) {
     typedef typename nc_acc<T>::type A;
     const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
     for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
@@ -446,8 +459,8 @@ __global__ void nc_dx_cols(const T* dy, const T* x, i64 Arows, i64 C, i64 rpb, c
         if (c >= C) continue;
         const A mu = (A)mean[c], a1 = (A)k1[c], a2 = (A)k2[c], a3 = (A)k3[c];
         for (i64 r = r0 + threadIdx.y; r < r1; r += NC_COL_STRIPES)
-            nc_st<T, A>(dx, r * C + c,
-                        nc_ld<T, A>(dy, r * C + c) * a1 + (nc_ld<T, A>(x, r * C + c) - mu) * a2 + a3);
+            nc_st_dh<T, A>(dx, r * C + c,
+                           nc_ld<T, A>(dy, r * C + c) * a1 + (nc_ld<T, A>(x, r * C + c) - mu) * a2 + a3, dh);
     }
 }
 
@@ -546,7 +559,8 @@ __global__ void nc_combine_moments(const double* pmean, const double* pm2, const
     template __global__ void nc_sums_rows<T>(const T*, const T*, i64, i64, i64, const double*,     \
                                              double*, double*);                                    \
     template __global__ void nc_dx_rows<T>(const T*, const T*, i64, i64, i64, const double*,       \
-                                           const double*, const double*, const double*, T*);       \
+                                           const double*, const double*, const double*, const T*,  \
+                                           T*);                                                    \
     template __global__ void nc_affine_inner<T>(const T*, i64, i64, const double*, const double*,  \
                                                 const i64*, const double*, const double*, T*);     \
     template __global__ void nc_row_sums_inner<T>(const T*, const T*, i64, i64, const double*,     \
@@ -557,14 +571,15 @@ __global__ void nc_combine_moments(const double* pmean, const double* pm2, const
                                                     double*);                                      \
     template __global__ void nc_dx_inner<T>(const T*, const T*, i64, i64, const double*,           \
                                             const double*, const i64*, const double*,              \
-                                            const double*, const double*, T*);                     \
+                                            const double*, const double*, const T*, T*);           \
     template __global__ void nc_moments_cols<T>(const T*, i64, i64, i64, double*, double*);        \
     template __global__ void nc_sums_cols<T>(const T*, const T*, i64, i64, i64, const double*,     \
                                              double*, double*);                                    \
     template __global__ void nc_affine_cols<T>(const T*, i64, i64, i64, const double*,             \
                                                const double*, const double*, T*);                  \
     template __global__ void nc_dx_cols<T>(const T*, const T*, i64, i64, i64, const double*,       \
-                                           const double*, const double*, const double*, T*);       \
+                                           const double*, const double*, const double*, const T*,  \
+                                           T*);                                                    \
     template __global__ void nc_normalize_groups<T>(const T*, const T*, T*, i64, i64, i64, i64,    \
                                                     i64, i64, const i64*, const double*,           \
                                                     const double*, double*, double*, double*, T*); \

@@ -651,45 +651,54 @@ cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, P
             dx[a * ld + c] = <floating>(dy[a * ld + c] * k1[c] + (x[a * ld + c] - mean[c]) * k2[c] + k3[c])
 
 
-def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx, int threads):
-    """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,) float64; OUT dx (A, R, S) T:
-    dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (float32 as in affine_rows)."""
+def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh, dx, int threads):
+    """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,) float64, dh (A, R, S) T or None; OUT dx
+    (A, R, S) T: dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (float32 as in
+    affine_rows), plus dh after dx's rounding (as add) when given."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* c1 = <const double*>_in(k1, F64)
     cdef const double* c2 = <const double*>_in(k2, F64)
     cdef const double* c3 = <const double*>_in(k3, F64)
+    cdef const void* pdh = NULL if dh is None else _in(dh, T)
     if T == cnp.NPY_FLOAT32:
         _dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
-                 rows_per_block, <float*>_out(dx, T), threads)
+                 rows_per_block, <const float*>pdh, <float*>_out(dx, T), threads)
     elif T == HALF:
         _dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
-                 rows_per_block, <nc_f16*>_out(dx, T), threads)
+                 rows_per_block, <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
     elif T == BF16:
         _dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
-                 rows_per_block, <nc_bf16*>_out(dx, T), threads)
+                 rows_per_block, <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
     else:
         _dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
-                 rows_per_block, <double*>_out(dx, T), threads)
+                 rows_per_block, <const double*>pdh, <double*>_out(dx, T), threads)
 
 
 cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S,
                    const double* mean, const double* k1, const double* k2, const double* k3,
-                   Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
-    cdef Py_ssize_t i, a, r, t, o
+                   Py_ssize_t rpb, const floating* dh, floating* dx, int threads) noexcept nogil:
+    cdef Py_ssize_t i, a, r, t, o, j, rows, tw
     cdef void* coefs = NULL
     cdef bint nt = _streams(dx, A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
+            rows = _block_rows(i, rpb, A)
             for t in range((R + TILE - 1) // TILE):
                 r = t * TILE
                 o = a * R + r
-                _dx_tile(dy + o, x + o, dx + o, _block_rows(i, rpb, A), R, _block_rows(t, TILE, R),
-                         mean + r, k1 + r, k2 + r, k3 + r, nt)
+                tw = _block_rows(t, TILE, R)
+                # with dh the tile's rows are added to while in cache, so not streamed
+                _dx_tile(dy + o, x + o, dx + o, rows, R, tw, mean + r, k1 + r, k2 + r, k3 + r, nt and dh == NULL)
+                if dh != NULL:
+                    for j in range(rows):
+                        nc_add(dx + o + j * R, dh + o + j * R, dx + o + j * R, tw)
     else:
-        coefs = nc_dx_coefs(mean, k1, k2, k3, R) if floating is not double else NULL  # as in _affine_rows
+        # float32 coefficients made once per channel (as in _affine_rows); with dh, the
+        # pass that adds it makes its own per row
+        coefs = nc_dx_coefs(mean, k1, k2, k3, R) if floating is not double and dh == NULL else NULL
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i // R
             r = i - a * R
@@ -697,7 +706,8 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
                 if coefs != NULL:
                     nc_dx_row_r(dy + i * S, x + i * S, dx + i * S, S, coefs, r, nt)
                     continue
-            _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt, NULL, NULL)
+            _dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt, NULL, NULL,
+                    dh + i * S if dh != NULL else NULL)
         free(coefs)
     if nt:
         nc_sfence()
@@ -1118,10 +1128,12 @@ cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* 
             dx[i] = dx[i] + dh[i]
 
 
-def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, int threads):
+def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dh, dx, int threads):
     """IN dy, x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp, w (P,) float64,
     c1 (R,) group mean of g (0 when not centred), c2 (R,) group mean of g * xhat (0 in
-    eval); OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] - c1[r] - xhat * c2[r])."""
+    eval), dh (1, R, S) T or None; OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] -
+    c1[r] - xhat * c2[r]), plus dh after dx's rounding (as add) when given."""
+    cdef const void* pdh = NULL
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -1131,40 +1143,44 @@ def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dx, int threads):
     cdef const double* q1 = <const double*>_in(c1, F64)
     cdef const double* q2 = <const double*>_in(c2, F64)
     cdef float* wf
+    if dh is not None:
+        pdh = _in(dh, T)
     if T == cnp.NPY_FLOAT32:
         wf = _params_f32(w)
         try:
             _dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
-                      <float*>_out(dx, T), threads)
+                      <const float*>pdh, <float*>_out(dx, T), threads)
         finally:
             free(wf)
     elif T == HALF:
         wf = _params_f32(w)
         try:
             _dx_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
-                      <nc_f16*>_out(dx, T), threads)
+                      <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
         finally:
             free(wf)
     elif T == BF16:
         wf = _params_f32(w)
         try:
             _dx_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
-                      <nc_bf16*>_out(dx, T), threads)
+                      <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
         finally:
             free(wf)
     else:
         _dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, NULL, q1, q2,
-                  <double*>_out(dx, T), threads)
+                  <const double*>pdh, <double*>_out(dx, T), threads)
 
 
 cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean,
                     const double* rstd, const Py_ssize_t* rp, const double* w, const float* wf,
-                    const double* c1, const double* c2, floating* dx, int threads) noexcept nogil:
+                    const double* c1, const double* c2, const floating* dh, floating* dx,
+                    int threads) noexcept nogil:
     cdef Py_ssize_t r
     cdef bint nt = _streams(dx, R * S, sizeof(floating))
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         _dx_inner_row(dy + r * S, x + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r],
-                      wf + rp[r] if wf != NULL else NULL, c1[r], c2[r], nt, NULL, NULL)
+                      wf + rp[r] if wf != NULL else NULL, c1[r], c2[r], nt, NULL, NULL,
+                      dh + r * S if dh != NULL else NULL)
     if nt:
         nc_sfence()
 
@@ -1611,16 +1627,17 @@ def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b
 
 
 def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint has_w, double count,
-                  bint stats_grad, bint center, dw, db, dx, int threads):
+                  bint stats_grad, bint center, dw, db, dh, dx, int threads):
     """IN dy, x (A, C) T (the column strategy), mean, rstd (C,) float64, rg, rp (C,) intp,
     w (P,) any storage type (read only where has_w), count elements per group, stats_grad,
     center; OUT
     dw, db (P,) float64 (empty to skip them), dx (A, C) T: sums_cols, gradient_sums,
-    dx_coefficients and dx_rows in one call."""
+    dx_coefficients and dx_rows (with dh, (A, C) T or None) in one call."""
     cdef Py_ssize_t* d = _shape(x, 2)
     cdef Py_ssize_t A = d[0], C = d[1], P = _shape(dw, 1)[0], k
     cdef Py_ssize_t nb = (A + rows_per_block - 1) // rows_per_block
     cdef int T = _storage(x)
+    cdef const void* pdh = NULL if dh is None else _in(dh, T)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
     cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
@@ -1662,8 +1679,8 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                                P, ow, ob)
             _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
                              k1, k2, k3)
-            _dx_rows(<const float*>pdy, <const float*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <float*>pdx,
-                     threads)
+            _dx_rows(<const float*>pdy, <const float*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
+                     <const float*>pdh, <float*>pdx, threads)
         elif T == HALF:
             if sums:
                 _sums_cols(<const nc_f16*>pdy, <const nc_f16*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
@@ -1672,8 +1689,8 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                                P, ow, ob)
             _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
                              k1, k2, k3)
-            _dx_rows(<const nc_f16*>pdy, <const nc_f16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <nc_f16*>pdx,
-                     threads)
+            _dx_rows(<const nc_f16*>pdy, <const nc_f16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
+                     <const nc_f16*>pdh, <nc_f16*>pdx, threads)
         elif T == BF16:
             if sums:
                 _sums_cols(<const nc_bf16*>pdy, <const nc_bf16*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
@@ -1682,8 +1699,8 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                                P, ow, ob)
             _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
                              k1, k2, k3)
-            _dx_rows(<const nc_bf16*>pdy, <const nc_bf16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <nc_bf16*>pdx,
-                     threads)
+            _dx_rows(<const nc_bf16*>pdy, <const nc_bf16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
+                     <const nc_bf16*>pdh, <nc_bf16*>pdx, threads)
         else:
             if sums:
                 _sums_cols(<const double*>pdy, <const double*>px, A, C, rows_per_block, nb, mu, part_dy, part_dyx,
@@ -1692,8 +1709,8 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                                group_gx, P, ow, ob)
             _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
                              k1, k2, k3)
-            _dx_rows(<const double*>pdy, <const double*>px, A, C, 1, mu, k1, k2, k3, rows_per_block, <double*>pdx,
-                     threads)
+            _dx_rows(<const double*>pdy, <const double*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
+                     <const double*>pdh, <double*>pdx, threads)
     free(work)
 
 
