@@ -165,3 +165,32 @@ def test_h_out_receives_h(mode, shape, sizes):
         assert id(h2) == h1_id and _same(h2, r + x)
         _, h3 = ln.forward_add(x, h2)  # the kept buffer is the residual: a new one
         assert h3 is not h2 and _same(h3, x + (r + x))
+
+
+def test_synchronized_add_normalize_equals_the_whole_batch():
+    # comm=: h is per rank (elementwise), the statistics are the whole batch's; a bad
+    # residual on one rank reaches the other as an error instead of a hang
+    from normcore.testing import assert_close, run_ranks
+    x, r, dy, dh = (RNG.standard_normal((10, 3, 4)).astype(np.float64) for _ in range(4))
+    slices = [slice(0, 4), slice(4, 10)]
+
+    def rank(comm):
+        s = slices[comm.Get_rank()]
+        y, h, cache = nc.add_normalize(x[s], r[s], "batch_norm", comm=comm)
+        return y, h, nc.backward(dy[s], cache, dh=dh[s])[0]
+
+    got = run_ranks(2, rank)
+    y, h, cache = nc.add_normalize(x, r, "batch_norm")
+    dx = nc.backward(dy, cache, dh=dh)[0]
+    assert_close(np.concatenate([g[0] for g in got]), y, np.dtype(np.float64), "y")
+    assert _same(np.concatenate([g[1] for g in got]), h)
+    assert_close(np.concatenate([g[2] for g in got]), dx, np.dtype(np.float64), "dh_total")
+
+    def bad(comm):
+        s = slices[comm.Get_rank()]
+        res = r[s] if comm.Get_rank() == 0 else r[s][:1]
+        return nc.add_normalize(x[s], res, "batch_norm", comm=comm)
+
+    out = run_ranks(2, bad, timeout=10)
+    assert all(isinstance(o, Exception) for o in out)
+    assert isinstance(out[1], ValueError) and "residual" in str(out[1])
