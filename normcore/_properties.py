@@ -271,10 +271,12 @@ def prop_add_normalize(m, data, sizes, last_side=None):
     for k in ("running_mean", "running_var"):
         if k in kw:
             assert np.array_equal(_bits(_host(dev[k])), _bits(plain[k])), k
-    want = _backward(dy, cache0)
-    got = backward(_on_backend(dy), cache, dh=_on_backend(dh))
-    got = tuple(_host(g) for g in got)
-    assert np.array_equal(_bits(got[0]), _bits(want[0] + dh)), "dh_total differs from dx + dh"
+    with np.errstate(over="ignore"):  # a half dweight beyond the format is inf in both: compared as such
+        want = _backward(dy, cache0)
+        got = backward(_on_backend(dy), cache, dh=_on_backend(dh))
+        got = tuple(_host(g) for g in got)
+        want_dx = want[0] + dh
+    assert np.array_equal(_bits(got[0]), _bits(want_dx)), "dh_total differs from dx + dh"
     for a, b in zip(got[1:], want[1:]):
         assert (a is None) == (b is None) and (a is None or np.array_equal(_bits(a), _bits(b)))
 
