@@ -2,7 +2,9 @@
  * storage type of x, y, dy, dx (float, nc_f16, nc_bf16), NC_SUF the names' suffix,
  * NC_LDX(v, p) / NC_STX(p, v) / NC_STREAMX(p, v) a vector of NC_FL elements loaded as
  * float32 / stored with one rounding / streamed, NC_GETX(p, i) / NC_PUTX(p, i, f) one
- * element. The arithmetic is the float32 passes' (simd.h, "float32 elementwise passes"), on
+ * element, NC_STX_PART(p, v, k) the first k lanes of a vector, NC_ROUNDX(v) / NC_ROUNDF(f)
+ * a vector / float rounded to NC_T and widened back (what a store and a load would give).
+ * The arithmetic is the float32 passes' (simd.h, "float32 elementwise passes"), on
  * the values as loaded; weights stay float32. Streamed outputs go out in whole 64-byte
  * lines of their own type (NC_LINE_OF).
  * Every NC_ macro above is undefined at the end, for the next inclusion. */
