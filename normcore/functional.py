@@ -375,7 +375,8 @@ def _fuses_add(call: _Forward, x):
 def add(be, a, b, out=None):
     """``a + b`` (arrays of backend ``be``, one shape and dtype) from the ``add`` kernel:
     rounded as NumPy's ``a + b``, on the backend's threads. Returns ``out`` (C-contiguous,
-    a's shape and dtype, overlapping neither) or a new C-contiguous array.
+    a's shape and dtype; it may be a itself, else it overlaps neither) or a new C-contiguous
+    array.
 
     >>> import numpy as np
     >>> from normcore.backend import CPU
@@ -792,8 +793,8 @@ def _backward(dy, cache, out, link, dh=None):
     dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
     if view is not None:
         dx = dx.reshape(view[0]) if out is None else out
-    if dh is not None:  # dx is C-contiguous in the caller's layout, as dh is read
-        run.K.add(dx, xp.ascontiguousarray(dh), dx, run.threads)
+    if dh is not None:  # a transposing plan: dx (C-contiguous, the caller's layout) += dh
+        add(be, dx, dh, dx)
     pshape = plan.param_shape if view is None else view[1]
     dweight = dbias = None
     if cache.has_weight:

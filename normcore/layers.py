@@ -481,7 +481,7 @@ class _Norm(Layer):
         if self.reuse_buffers:
             inputs = (x,) if residual is None else (x, residual)
             out = self._buffer("_y_buffer", x.shape, x.dtype, *inputs)
-            if residual is not None and isinstance(residual, type(x)) and getattr(residual, "shape", None) == x.shape:
+            if isinstance(residual, type(x)) and residual.shape == x.shape:  # else the call says what is wrong
                 h_out = self._buffer("_h_buffer", x.shape, x.dtype, *inputs)
         got = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x),
                               residual, h_out)

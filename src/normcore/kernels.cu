@@ -95,11 +95,18 @@ template <typename T> struct nc_own { typedef T type; };
 template <> struct nc_own<nc_bf16> { typedef float type; };
 template <> struct nc_own<nc_f16> { typedef float type; };
 
+// out[o] = a[ia] + b[ib] in T's own arithmetic (NumPy's): the one sum nc_add, the residual
+// add of nc_normalize_groups and the dh of the dx kernels share
+template <typename T>
+__device__ __forceinline__ void nc_sum_to(T* out, i64 o, const T* a, i64 ia, const T* b, i64 ib) {
+    typedef typename nc_own<T>::type F;
+    nc_st<T, F>(out, o, nc_ld<T, F>(a, ia) + nc_ld<T, F>(b, ib));
+}
+
 // out = a + b over n elements (out may be a or b): the residual add and dh of add_normalize
 template <typename T> __global__ void nc_add(const T* a, const T* b, i64 n, T* out) {
-    typedef typename nc_own<T>::type F;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        nc_st<T, F>(out, i, nc_ld<T, F>(a, i) + nc_ld<T, F>(b, i));
+        nc_sum_to<T>(out, i, a, i, b, i);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -253,14 +260,13 @@ __global__ void nc_sums_rows(const T* dy, const T* x, i64 rows, i64 R, i64 S, co
 // dx[i] = v, plus dh[i] when dh is not null: after v's rounding to T, in T's own arithmetic
 // (nc_add's), as NumPy's dx + dh
 template <typename T, typename A> __device__ __forceinline__ void nc_st_dh(T* dx, i64 i, A v, const T* dh) {
-    typedef typename nc_own<T>::type F;
     if (!dh) {
         nc_st<T, A>(dx, i, v);
         return;
     }
     T t[1];
     nc_st<T, A>(t, 0, v);
-    nc_st<T, F>(dx, i, nc_ld<T, F>(t, 0) + nc_ld<T, F>(dh, i));
+    nc_sum_to<T>(dx, i, t, 0, dh, i);
 }
 
 // dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (+ dh)
@@ -478,7 +484,6 @@ __global__ void nc_normalize_groups(const T* x0, const T* r, T* h, i64 C, i64 B,
                                     i64 eps_bits, i64 affine, const i64* rp, const double* w, const double* b,
                                     double* mean, double* var, double* rstd, T* y) {
     typedef typename nc_acc<T>::type A;
-    typedef typename nc_own<T>::type F;
     const double eps = __longlong_as_double(eps_bits);
     __shared__ nc_moments shared[32];
     __shared__ double stats[2];
@@ -487,7 +492,7 @@ __global__ void nc_normalize_groups(const T* x0, const T* r, T* h, i64 C, i64 B,
     for (i64 c = blockIdx.x; c < C; c += gridDim.x) {
         if (r) {
             for (i64 i = threadIdx.x; i < B; i += blockDim.x)
-                nc_st<T, F>(h, c * B + i, nc_ld<T, F>(x0, c * B + i) + nc_ld<T, F>(r, c * B + i));
+                nc_sum_to<T>(h, c * B + i, x0, c * B + i, r, c * B + i);
             __syncthreads();  // the block's writes of h are visible to its reads below
         }
         const nc_moments m = nc_block_row_moments(x + c * B, B, shared);

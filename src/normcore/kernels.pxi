@@ -1133,9 +1133,9 @@ def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dh, dx, int threads):
     c1 (R,) group mean of g (0 when not centred), c2 (R,) group mean of g * xhat (0 in
     eval), dh (1, R, S) T or None; OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] -
     c1[r] - xhat * c2[r]), plus dh after dx's rounding (as add) when given."""
-    cdef const void* pdh = NULL
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
+    cdef const void* pdh = NULL if dh is None else _in(dh, T)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
@@ -1143,8 +1143,6 @@ def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dh, dx, int threads):
     cdef const double* q1 = <const double*>_in(c1, F64)
     cdef const double* q2 = <const double*>_in(c2, F64)
     cdef float* wf
-    if dh is not None:
-        pdh = _in(dh, T)
     if T == cnp.NPY_FLOAT32:
         wf = _params_f32(w)
         try:

@@ -707,9 +707,6 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
         ST(t_, v);                                    \
         memcpy((p), t_, (size_t)(k) * sizeof(T));     \
     } while (0)
-#define NC_STX_PART_F32(p, v, k) NC_STX_PART_VIA(float, NC_STOREF, p, v, k)
-#define NC_STX_PART_H16(p, v, k) NC_STX_PART_VIA(nc_f16, nc_st_h16, p, v, k)
-#define NC_STX_PART_B16(p, v, k) NC_STX_PART_VIA(nc_bf16, nc_st_b16, p, v, k)
 
 /* out[i] = SCALAR(i) for i in [0, n), NC_FL lanes at a time through VECTOR(i, v) (which
  * sets v); with nt, the head up to a line-aligned out + i is stored in part vectors
@@ -887,7 +884,7 @@ static inline nc_vf nc_widen_b16(nc_vh h) {
 #define NC_LDX(v, p) NC_LOADF(v, p)
 #define NC_STX(p, v) NC_STOREF(p, v)
 #define NC_STREAMX(p, v) NC_STREAMF(p, v)
-#define NC_STX_PART(p, v, k) NC_STX_PART_F32(p, v, k)
+#define NC_STX_PART(p, v, k) NC_STX_PART_VIA(float, NC_STOREF, p, v, k)
 #define NC_ROUNDX(v) (v)
 #define NC_ROUNDF(f) (f)
 #define NC_GETX(p, i) ((p)[i])
@@ -899,7 +896,7 @@ static inline nc_vf nc_widen_b16(nc_vh h) {
 #define NC_LDX(v, p) ((v) = nc_ld_h16(p))
 #define NC_STX(p, v) nc_st_h16((p), (v))
 #define NC_STREAMX(p, v) nc_stream_h16((p), (v))
-#define NC_STX_PART(p, v, k) NC_STX_PART_H16(p, v, k)
+#define NC_STX_PART(p, v, k) NC_STX_PART_VIA(nc_f16, nc_st_h16, p, v, k)
 #define NC_ROUNDX(v) nc_round_h16(v)
 #define NC_ROUNDF(f) nc_f16_f(nc_f_f16(f))
 #define NC_GETX(p, i) nc_f16_f((p)[i])
@@ -911,7 +908,7 @@ static inline nc_vf nc_widen_b16(nc_vh h) {
 #define NC_LDX(v, p) ((v) = nc_ld_b16(p))
 #define NC_STX(p, v) nc_st_b16((p), (v))
 #define NC_STREAMX(p, v) nc_stream_b16((p), (v))
-#define NC_STX_PART(p, v, k) NC_STX_PART_B16(p, v, k)
+#define NC_STX_PART(p, v, k) NC_STX_PART_VIA(nc_bf16, nc_st_b16, p, v, k)
 #define NC_ROUNDX(v) nc_widen_b16(nc_round_b16(v))
 #define NC_ROUNDF(f) nc_bf16_f(nc_f_bf16(f))
 #define NC_GETX(p, i) nc_bf16_f((p)[i])
