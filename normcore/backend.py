@@ -201,6 +201,7 @@ class Backend:
     place = "CPU"  # for messages: "x is on the CPU"
     fused_forward = True   # K.normalize_groups: one-pass forward of contiguous groups
     fused_backward = True  # K.backward_groups: one-visit training backward (optional)
+    masked_groups = True   # K.masked_normalize_groups / masked_backward_groups (optional)
     array_type = np.ndarray
     array_name = "numpy.ndarray"
 

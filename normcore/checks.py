@@ -239,6 +239,26 @@ def like_x(name, a, shape, dtype, be):
         raise ValueError(f"{name}: expected x's shape {tuple(shape)}, got {a.shape}")
 
 
+def mask(a, shape, be):
+    """``mask=`` must be a boolean array of x's backend whose shape broadcasts to x's
+    ``shape`` by NumPy's rules (a (B, T, 1) mask for a (B, T, C) x).
+
+    >>> mask(np.ones((2, 1), bool), (2, 3), CPU)
+    """
+    if not isinstance(a, be.array_type):
+        move = " (move it with cupy.asarray)" if be.name == "cuda" else ""
+        raise TypeError(f"mask: expected a boolean {be.array_name} like x, got {type_name(a)}{move}")
+    if a.dtype != np.bool_:
+        raise TypeError(f"mask: expected a boolean array (True: counted in the statistics), got dtype {a.dtype}"
+                        "; compare first, e.g. mask=lengths_mask > 0")
+    try:
+        fits = np.broadcast_shapes(a.shape, tuple(shape)) == tuple(shape)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"mask: shape {a.shape} does not broadcast to x's shape {tuple(shape)}")
+
+
 def out(a, shape, dtype, inputs, be=CPU, name="out"):
     """``out=`` (or another output argument ``name``) must be a writeable C-contiguous
     array of the result's shape and dtype that shares no memory with ``inputs`` (backward

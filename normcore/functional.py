@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import checks, sync
+from . import checks, masking, sync
 from .backend import CPU, AffineKind
 from .kernels import GRAIN
 from .checks import describe_mode
@@ -82,7 +82,7 @@ class NormCache:
     """
 
     __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "weight64", "has_weight",
-                 "has_bias", "param_dtype", "stats_grad", "count", "comm", "backend", "view")
+                 "has_bias", "param_dtype", "stats_grad", "count", "comm", "backend", "view", "mask", "counts")
 
     def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_bias, stats_grad, count,
                  comm=None, backend=CPU, param_dtype=None):
@@ -105,6 +105,10 @@ class NormCache:
         # (x shape, parameter shape) the caller sees when a form presented the mode's
         # arrays under other shapes (layer norm over k axes: the mode over their product)
         self.view = None
+        # masked statistics (mask= in training): the uint8 mask in the canonical layout and
+        # the counted elements per group (all ranks); None without a mask
+        self.mask = None
+        self.counts = None
 
     @property
     def shape(self):
@@ -214,15 +218,16 @@ class _Forward(NamedTuple):
     one_pass: bool          # statistics and output from one kernel call (groups, columns)
     residual: object = None  # add_normalize's residual: the input is h = x + residual
     h_out: object = None     # where h is written (add_normalize's h_out), or None
+    mask: object = None      # the caller's boolean mask (checked), or None
 
 
 def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, decay, eps,
-                   unbiased, estimate, out, sizes, link, residual=None, h_out=None) -> _Forward:
+                   unbiased, estimate, out, sizes, link, residual=None, h_out=None, mask=None) -> _Forward:
     """Phase 1: every rule on the arguments (x's array type already checked: ``be``)."""
     training, estimate = bool(training), bool(estimate)
     has_running = running_mean is not None
     key = (mode, x.shape, x.dtype, tuple(sizes.items()), weight is None, bias is None, has_running,
-           running_var is None, training, estimate, link is None, be)
+           running_var is None, training, estimate, link is None, be, mask is None)
     try:
         fixed = _SIGNATURES.get(key)
     except TypeError:  # an unhashable argument: the rules below name it
@@ -230,7 +235,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     plan = None if fixed is None else fixed[1]()  # held weakly: the plan cache decides its life
     if plan is None:
         m, plan, use_batch, one_pass = _check_signature(x, be, mode, weight, bias, running_mean, running_var,
-                                                        training, estimate, sizes, link)
+                                                        training, estimate, sizes, link, mask is not None)
         if key is not None:
             if len(_SIGNATURES) >= _MAX_SIGNATURES:
                 _SIGNATURES.clear()
@@ -253,6 +258,8 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     momentum, keep = checks.running_rate(momentum, decay)
     if residual is not None:
         checks.like_x("residual", residual, x.shape, dtype, be)
+    if mask is not None:
+        checks.mask(mask, x.shape, be)
     if h_out is not None:
         if residual is None:
             raise ValueError("h_out: only add_normalize writes h (no residual was given)")
@@ -280,7 +287,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                     None if bias is None else _flat(bias, be),
                     running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
                     estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
-                    one_pass, residual, h_out)
+                    one_pass, residual, h_out, mask if use_batch else None)
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
@@ -290,7 +297,7 @@ _MAX_SIGNATURES = 1024
 
 
 def _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate, sizes,
-                     link):
+                     link, masked=False):
     """The rules that depend on the call's signature alone; returns (mode, plan, use_batch,
     one_pass)."""
     m = get_mode(mode)
@@ -308,6 +315,8 @@ def _check_signature(x, be, mode, weight, bias, running_mean, running_var, train
     one_pass = (use_batch and not estimate and link is None and be.fused_forward
                 and (plan.strategy is Strategy.GROUPS
                      or (plan.strategy is Strategy.COLUMNS and not plan.param_inner)))
+    if masked and use_batch:  # masked one-pass forward: contiguous groups, where the backend has it
+        one_pass = one_pass and plan.strategy is Strategy.GROUPS and be.masked_groups
     return m, plan, use_batch, one_pass
 
 
@@ -346,8 +355,9 @@ def _forward(call: _Forward, x):
     y_rows = _output(out, plan, call.dtype, xp)
     count = plan.count
     mean = var = rstd = None
+    mask3 = None if call.mask is None else masking.canonical_mask(call.mask, plan, xp, _canonical)
     if call.use_batch:
-        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3)
+        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3, mask3)
         if h3 is not None:
             x = x3 = h3  # what the kernel normalized, and what backward reads
     if call.update:
@@ -360,6 +370,11 @@ def _forward(call: _Forward, x):
                       stats_grad=call.use_batch and not call.estimate, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be,
                       param_dtype=_param_dtype(call))
+    if mask3 is not None:
+        cache.counts = count
+        cache.count = int(run.be.to_host(count).sum())  # (what synchronized ranks agree on)
+        if cache.stats_grad:
+            cache.mask = mask3
     y = _result(y_rows, plan, out, xp)
     if call.residual is None:
         return y, cache
@@ -369,7 +384,8 @@ def _forward(call: _Forward, x):
 def _fuses_add(call: _Forward, x):
     """Whether the residual add joins the one-pass forward: contiguous groups in x's own
     order (layer norm, RMS norm, group norm, instance norm over (N, C, ...))."""
-    return call.one_pass and call.plan.strategy is Strategy.GROUPS and call.plan.perm is None and x.size > 0
+    return (call.one_pass and call.plan.strategy is Strategy.GROUPS and call.plan.perm is None and x.size > 0
+            and call.mask is None)
 
 
 def add(be, a, b, out=None):
@@ -406,13 +422,15 @@ def _empty_forward(call: _Forward, x):
     return y, cache
 
 
-def _batch_statistics(call: _Forward, x3, y_rows, run: _Run, r3=None, h3=None):
+def _batch_statistics(call: _Forward, x3, y_rows, run: _Run, r3=None, h3=None, mask3=None):
     """Phase 2: per-group (mean, var, rstd) of the batch and the elements per group (all
-    ranks'). The one-pass kernel also writes the output (and h = x3 + r3 into h3 when a
-    residual is fused)."""
+    ranks'; with a mask, the (C,) counted elements of each group). The one-pass kernel
+    also writes the output (and h = x3 + r3 into h3 when a residual is fused)."""
     plan, xp = call.plan, run.xp
     C = plan.layout[1]
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
+    if mask3 is not None:
+        return _masked_statistics(call, x3, mask3, y_rows, run, mean, var, rstd)
     if call.one_pass:
         if plan.strategy is Strategy.GROUPS:
             _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3)
@@ -422,8 +440,7 @@ def _batch_statistics(call: _Forward, x3, y_rows, run: _Run, r3=None, h3=None):
     if call.link is not None:
         pmean, pm2, counts, count = sync.synced_moments(
             call.link, lambda: _moments(x3, plan, run), plan, call.mode, call.dtype, call.training, run.be,
-            settings=(("eps", call.eps), ("momentum", call.momentum if call.update else None),
-                      ("unbiased", call.unbiased if call.update else None)))
+            settings=_sync_settings(call))
         _check_count(count, C, call.training, call.mode,
                      f"{plan.shape} on this rank, {count} elements per group on all ranks")
     elif C:
@@ -435,6 +452,57 @@ def _batch_statistics(call: _Forward, x3, y_rows, run: _Run, r3=None, h3=None):
         run.K.finalize_moments(pmean, pm2, counts, float(max(count, 1)), call.mode.center, call.eps,
                                mean, var, rstd)
     return mean, var, rstd, count
+
+
+def _masked_statistics(call: _Forward, x3, mask3, y_rows, run: _Run, mean, var, rstd):
+    """Phase 2 over the counted elements: (mean, var, rstd, counts), counts (C,) per group."""
+    plan, xp = call.plan, run.xp
+    C = plan.layout[1]
+    if call.one_pass:
+        counts = xp.empty(C)
+        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, mask3=mask3, counts=counts)
+    else:
+        if call.link is not None:
+            pmean, pm2, pcount = sync.synced_counted_moments(
+                call.link, lambda: _masked_moments(x3, mask3, plan, run), plan, call.mode, call.dtype,
+                call.training, run.be, settings=_sync_settings(call))
+        else:
+            pmean, pm2, pcount = _masked_moments(x3, mask3, plan, run)
+        counts = masking.finalize_counted(xp, pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd)
+    masking.check_counts(counts, run.be, call.training, call.running_mean is not None,
+                         f"{describe_mode(call.mode)}, x.shape {plan.shape}")
+    return mean, var, rstd, counts
+
+
+def _sync_settings(call: _Forward):
+    """The settings synchronized ranks must share (momentum and unbiased when they update)."""
+    return (("eps", call.eps), ("momentum", call.momentum if call.update else None),
+            ("unbiased", call.unbiased if call.update else None))
+
+
+def _masked_moments(x3, mask3, plan: Plan, run: _Run):
+    """:func:`_moments` over the counted elements: ``(pmean, pm2, pcount)``, (K, C) each."""
+    A, C, B = plan.layout
+    xp = run.xp
+    if plan.strategy is Strategy.SCATTERED:
+        _, R, S = plan.rows
+        parts = [xp.empty((1, R)) for _ in range(3)]
+        run.K.masked_moments_rows(_shaped(x3, plan.rows), _shaped(mask3, plan.rows), *parts, run.threads)
+        return tuple(_by_group(p, plan, xp) for p in parts)
+    if plan.strategy is Strategy.COLUMNS:
+        nb = len(plan.partial_counts)
+        parts = [xp.empty((nb, C)) for _ in range(3)]
+        run.K.masked_moments_cols(x3, mask3, plan.rows_per_block, *parts, run.threads)
+    else:
+        parts = [xp.empty((A, C)) for _ in range(3)]
+        run.K.masked_moments_rows(x3, mask3, *parts, run.threads)
+    return tuple(parts)
+
+
+def _by_group(p, plan: Plan, xp):
+    """Per-row partials of a scattered plan reordered to (partials of a group, C)."""
+    row_shape = plan.elem_shape[:len(plan.scattered)]
+    return xp.ascontiguousarray(p.reshape(row_shape).transpose(plan.scattered)).reshape(-1, plan.layout[1])
 
 
 def _moments(x3, plan: Plan, run: _Run):
@@ -462,17 +530,15 @@ def _scattered_moments(x_rows, plan: Plan, run: _Run):
     xp = run.xp
     pmean, pm2 = xp.empty((1, R)), xp.empty((1, R))
     run.K.moments_rows(x_rows, pmean, pm2, run.threads)
-    row_shape = plan.elem_shape[:len(plan.scattered)]
-
-    def by_group(p):
-        return xp.ascontiguousarray(p.reshape(row_shape).transpose(plan.scattered)).reshape(-1, C)
-
-    return by_group(pmean), by_group(pm2), run.be.constant(plan, "partial counts", lambda: plan.partial_counts)
+    return (_by_group(pmean, plan, xp), _by_group(pm2, plan, xp),
+            run.be.constant(plan, "partial counts", lambda: plan.partial_counts))
 
 
-def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run, r3=None, h3=None):
+def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run, r3=None, h3=None, mask3=None,
+                      counts=None):
     """The one-pass forward of an A == 1 layout (statistics and y; of h3 = x3 + r3 when
-    a residual is given)."""
+    a residual is given; over the counted elements, their number into ``counts``, with
+    ``mask3``)."""
     plan, xp = call.plan, run.xp
     affine = AffineKind.NONE
     w = b = run.dummy(plan, np.dtype(np.float64))
@@ -482,6 +548,10 @@ def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run, r3
         w = xp.ones(P) if call.weight is None else call.weight.astype(np.float64)
         b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
     rp = run.params_ix(plan)
+    if mask3 is not None:
+        run.K.masked_normalize_groups(x3, mask3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps,
+                                      int(affine), rp, w, b, mean, var, rstd, counts, y_rows, run.threads)
+        return
     run.K.normalize_groups(x3, r3, h3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
                            rp, w, b, mean, var, rstd, y_rows, run.threads)
 
@@ -517,7 +587,10 @@ def _update_running(call: _Forward, mean, var, count, run: _Run):
     contiguous copies when the caller's arrays are strided)."""
     plan = call.plan
     rm, rv = _flat(call.running_mean, run.be), _flat(call.running_var, run.be)
-    unbias = count / (count - 1) if call.unbiased else 1.0
+    if isinstance(count, (int, float)):
+        unbias = count / (count - 1) if call.unbiased else 1.0
+    else:  # masked: each group's own count (at least 2: masking.check_counts)
+        var, unbias = (var * (count / (count - 1)) if call.unbiased else var), 1.0
     run.K.update_running(mean, var, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
                          call.keep, unbias, rm, rv, run.xp.empty(2 * rm.size))
     for target, value in ((call.running_mean, rm), (call.running_var, rv)):
@@ -575,20 +648,20 @@ def _per_row(values, plan: Plan, run: _Run):
 
 def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_var=None, training=True,
             momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False, out=None, comm=None,
-            sizes=None, decay=None, residual=None, h_out=None):
+            sizes=None, decay=None, residual=None, h_out=None, mask=None):
     """:func:`normalize` for an ``x`` whose array type the caller has checked (``be`` is
     its backend): the entry of the forms and layers, which check x once themselves. With
     ``residual``, :func:`add_normalize` (returns ``(y, h, cache)``)."""
     sizes = {} if sizes is None else sizes
     if comm is None:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              decay, eps, unbiased, estimate, out, sizes, None, residual, h_out)
+                              decay, eps, unbiased, estimate, out, sizes, None, residual, h_out, mask)
         return _forward(call, x)
     sync.check_comm(comm)  # without a communicator there is no one to tell
     link = sync.Exchange(comm, "forward")
     try:
         call = _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum,
-                              decay, eps, unbiased, estimate, out, sizes, link, residual, h_out)
+                              decay, eps, unbiased, estimate, out, sizes, link, residual, h_out, mask)
         return _forward(call, x)
     except BaseException as e:  # any failure (MemoryError too) reaches the peers, once
         if training or running_mean is None:  # this call exchanges batch statistics
@@ -610,7 +683,7 @@ def _x_backend(x, comm, training, running_mean):
 
 def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
               training=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False,
-              out=None, comm=None, decay=None, **sizes):
+              out=None, comm=None, decay=None, mask=None, **sizes):
     """Normalize ``x`` with a registered mode; return ``(y, cache)`` for :func:`backward`.
 
     Parameters
@@ -648,6 +721,15 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
         the batch and gets the statistics of the whole batch; a rank may hold zero
         samples. One collective per call that computes batch statistics, none in eval mode
         with running statistics; see :mod:`normcore.sync` for the protocol and errors.
+    mask : boolean ndarray broadcasting to x's shape, optional
+        Statistics over the elements where ``mask`` is True only (padding left out: a
+        ``(B, T, 1)`` mask for a ``(B, T, C)`` batch of sequences). y is computed
+        everywhere with its group's statistics, and backward gives the exact gradient of
+        that function (masked-out elements receive only the direct term ``rstd * w * dy``).
+        Running statistics are updated from the masked ones, unbiased by each group's own
+        count; in training with running statistics every group needs two counted elements
+        (ValueError otherwise). A group with no counted element outputs its bias
+        (x̂ = 0) and passes no gradient to x. Unused in eval with running statistics.
     **sizes : int
         Axis sizes, e.g. ``g=32`` for group norm.
 
@@ -666,12 +748,12 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     be = _x_backend(x, comm, training, running_mean)
     return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
-                   unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay)
+                   unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay, mask=mask)
 
 
 def add_normalize(x, residual, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
                   training=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, unbiased=True, estimate=False,
-                  out=None, h_out=None, comm=None, decay=None, **sizes):
+                  out=None, h_out=None, comm=None, decay=None, mask=None, **sizes):
     """The residual add fused with the normalization after it: ``h = x + residual``, then
     :func:`normalize` of h; returns ``(y, h, cache)``.
 
@@ -704,7 +786,7 @@ def add_normalize(x, residual, mode, *, weight=None, bias=None, running_mean=Non
     return forward(x, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
                    unbiased=unbiased, estimate=estimate, out=out, comm=comm, sizes=sizes, decay=decay,
-                   residual=residual, h_out=h_out)
+                   residual=residual, h_out=h_out, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -778,22 +860,24 @@ def _backward(dy, cache, out, link, dh=None):
     dx_rows = _output(None if out is None else _shaped(out, plan.shape), plan, cache.dtype, xp)
     run = _Run.of(be, dy3.size)
     dh3 = None
-    if dh is not None and plan.perm is None and dy3.size:  # added by the dx pass itself
+    masked = cache.mask is not None
+    if dh is not None and plan.perm is None and dy3.size and not masked:  # added by the dx pass itself
         dh3, dh = _canonical(dh.reshape(plan.shape), plan, xp), None
+    one_visit = be.masked_groups if masked else be.fused_backward
     if dy3.size == 0 and link is None:  # nothing flows: zero parameter gradients
         dw = db = xp.zeros(plan.param_size if (cache.has_weight or cache.has_bias) else 0)
-    elif cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and be.fused_backward:
+    elif cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and one_visit:
         dw, db = _backward_one_visit(dy3, cache, dx_rows, run, dh3)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
         dw, db = _backward_inner(_shaped(dy3, plan.rows), cache, dx_rows, run, link, dh3)
-    elif plan.strategy is Strategy.COLUMNS and link is None:
+    elif plan.strategy is Strategy.COLUMNS and link is None and not masked:
         dw, db = _backward_columns(dy3, cache, dx_rows, run, dh3)
     else:
         dw, db = _backward_rows(_shaped(dy3, plan.rows), cache, dx_rows, run, link, dh3)
     dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
     if view is not None:
         dx = dx.reshape(view[0]) if out is None else out
-    if dh is not None:  # a transposing plan: dx (C-contiguous, the caller's layout) += dh
+    if dh is not None:  # a transposing plan or a masked dx: dx (C-contiguous, the caller's layout) += dh
         add(be, dx, dh, dx)
     pshape = plan.param_shape if view is None else view[1]
     dweight = dbias = None
@@ -836,10 +920,15 @@ def _backward_one_visit(dy3, cache, dx_rows, run: _Run, dh3=None):
     partials = (plan.param_blocks, P) if affine is AffineKind.INNER else (1, 1)
     pdw, pdb = xp.zeros(partials), xp.zeros(partials)
     rp = run.params_ix(plan)
-    run.K.backward_groups(dy3, cache.x3, R // C, cache.mode.center, int(affine), rp,
-                          cache.weight_f64() if cache.has_weight else xp.ones(P),
-                          cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
-                          dh3, dx_rows, run.threads)
+    w64 = cache.weight_f64() if cache.has_weight else xp.ones(P)
+    if cache.mask is not None:
+        run.K.masked_backward_groups(dy3, cache.x3, cache.mask, cache.counts, R // C, cache.mode.center,
+                                     int(affine), rp, w64, cache.mean, cache.rstd, plan.groups_per_block,
+                                     row_dy, row_dyx, pdw, pdb, dx_rows, run.threads)
+    else:
+        run.K.backward_groups(dy3, cache.x3, R // C, cache.mode.center, int(affine), rp, w64,
+                              cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
+                              dh3, dx_rows, run.threads)
     if affine is AffineKind.INNER:
         return pdw.sum(axis=0), pdb.sum(axis=0)
     if affine is AffineKind.ROW:
@@ -872,8 +961,13 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
     dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
     if link is not None:
         group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
-    mean_g = _per_row(group_g / cache.count, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
-    mean_gx = _per_row(group_gx / cache.count, plan, run) if cache.stats_grad else xp.zeros(R)
+    n = cache.count if cache.mask is None else masking.safe_counts(cache.counts, xp)
+    mean_g = _per_row(group_g / n, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
+    mean_gx = _per_row(group_gx / n, plan, run) if cache.stats_grad else xp.zeros(R)
+    if cache.mask is not None:
+        run.K.masked_dx_inner(dy_rows, x_rows, _shaped(cache.mask, plan.rows), mean_r, rstd_r, rp, w, mean_g,
+                              mean_gx, dx_rows, run.threads)
+        return dw, db
     run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx,
                    None if dh3 is None else _shaped(dh3, plan.rows), dx_rows, run.threads)
     return dw, db
@@ -934,6 +1028,13 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
         if link is not None:
             group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
     k1, k2, k3 = xp.empty(R), xp.empty(R), xp.empty(R)
+    if cache.mask is not None:  # each group's own count: its sums divided here, the kernel's count 1
+        n = masking.safe_counts(cache.counts, xp)
+        run.K.dx_coefficients(group_g / n, group_gx / n, rg, rp, w, cache.has_weight, cache.rstd, 1.0,
+                              cache.stats_grad, cache.mode.center, k1, k2, k3)
+        run.K.masked_dx_rows(dy_rows, x_rows, _shaped(cache.mask, plan.rows), mean_r, k1, k2, k3,
+                             plan.rows_per_block, dx_rows, run.threads)
+        return (dw, db) if affine else (None, None)
     run.K.dx_coefficients(group_g, group_gx, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
                           cache.stats_grad, cache.mode.center, k1, k2, k3)
     run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block,

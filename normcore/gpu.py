@@ -375,6 +375,7 @@ class CudaBackend(Backend):
     place = "GPU"
     fused_forward = True
     fused_backward = False  # its per-block parameter partials would need one block per group
+    masked_groups = False   # masked statistics take the moments kernels and the dx passes
     array_name = "cupy.ndarray"
 
     def __init__(self):

@@ -74,9 +74,10 @@ def _broadcast(a, axes_text, what, allowed, mode, names, dims):
 
 
 def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, running_var=None,
-                      training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False,
+                      training=True, momentum=0.1, eps=1e-5, unbiased=True, estimate=False, mask=None,
                       **sizes) -> ReferenceResult:
-    """float64 forward of ``mode`` (same keywords as :func:`normcore.normalize`).
+    """float64 forward of ``mode`` (same keywords as :func:`normcore.normalize`; with
+    ``mask``, statistics over its True elements, a group without any giving x̂ = 0).
 
     >>> x = np.arange(6.0).reshape(2, 3)
     >>> reference_forward(x, "layer_norm", eps=0.0).y.round(4)
@@ -90,8 +91,20 @@ def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, run
     has_running = running_mean is not None
     allowed = m.parsed.names
     new_rm = new_rv = None
+    counted = None
     if training or not has_running:
-        if m.center:
+        if mask is not None:
+            counted = np.broadcast_to(np.asarray(mask, bool), x.shape).reshape(dims)
+            n = counted.sum(axis=reduced, keepdims=True).astype(np.float64)  # per group
+            safe = np.maximum(n, 1.0)
+            xc = np.where(counted, xe, 0.0)
+            if m.center:
+                mean = xc.sum(axis=reduced, keepdims=True) / safe
+                var = (np.where(counted, xe - mean, 0.0) ** 2).sum(axis=reduced, keepdims=True) / safe
+            else:
+                mean = np.zeros([1 if i in reduced else d for i, d in enumerate(dims)])
+                var = (xc ** 2).sum(axis=reduced, keepdims=True) / safe
+        elif m.center:
             mean = xe.mean(axis=reduced, keepdims=True)
             var = ((xe - mean) ** 2).mean(axis=reduced, keepdims=True)
         else:
@@ -111,6 +124,8 @@ def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, run
         mean = _broadcast(np.asarray(src_m, dt), m.running_stats, "running_stats", m.parsed.kept, m, names, dims)
         var = _broadcast(np.asarray(src_v, dt), m.running_stats, "running_stats", m.parsed.kept, m, names, dims)
     rstd = 1.0 / np.sqrt(var + eps)
+    if counted is not None:
+        rstd = np.where(n > 0, rstd, 0.0)
     xhat = (xe - mean) * rstd
     w = 1.0 if weight is None else _broadcast(weight, m.params, "params", allowed, m, names, dims)
     b = 0.0 if bias is None else _broadcast(bias, m.params, "params", allowed, m, names, dims)
@@ -119,7 +134,8 @@ def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, run
         new_rm = new_rm.reshape(np.shape(running_mean))
         new_rv = new_rv.reshape(np.shape(running_var))
     stats_grad = (training or not has_running) and not estimate
-    ctx = (m, names, dims, reduced, xhat, rstd, w, weight is not None, bias is not None, x.shape, xe)
+    ctx = (m, names, dims, reduced, xhat, rstd, w, weight is not None, bias is not None, x.shape, xe,
+           None if counted is None else (counted, n))
     return ReferenceResult(y.reshape(x.shape), mean, var, new_rm, new_rv, stats_grad, ctx)
 
 
@@ -131,10 +147,18 @@ def reference_backward(dy, result: ReferenceResult):
     >>> db, dw is None
     (array([2., 2., 2.]), True)
     """
-    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, _ = result.context
+    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, _, masked = result.context
     d = np.asarray(dy, np.float64).reshape(dims)
     g = d * w
-    if result.stats_grad:
+    if result.stats_grad and masked is not None:
+        # y is computed everywhere: the sums run over every element, the counts and the
+        # statistics terms over the counted ones
+        counted, n = masked
+        safe = np.maximum(n, 1.0)
+        mg = g.sum(axis=reduced, keepdims=True) / safe if m.center else 0.0
+        mgx = (g * xhat).sum(axis=reduced, keepdims=True) / safe
+        dx = rstd * (g - np.where(counted, mg + xhat * mgx, 0.0))
+    elif result.stats_grad:
         mg = g.mean(axis=reduced, keepdims=True) if m.center else 0.0
         mgx = (g * xhat).mean(axis=reduced, keepdims=True)
         dx = rstd * (g - mg - xhat * mgx)
@@ -164,7 +188,7 @@ def term_scales(dy, result: ReferenceResult) -> dict:
     |x| * rstd when x sits at an offset far from zero. Comparisons are judged against
     these, never against a hand-widened tolerance.
     """
-    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, xe = result.context
+    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, xe, _ = result.context
     d = np.abs(np.asarray(dy, np.float64).reshape(dims))
     out = {"dx": float((d * np.abs(w) * rstd).max()) if d.size else 0.0, "dweight": 0.0}
     if has_w and d.size:

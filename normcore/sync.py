@@ -139,8 +139,7 @@ def synced_moments(link, local_moments, plan, mode, dtype, training, be, setting
         local = (n, be.to_host(mean), be.to_host(var * n))
     else:
         local = (0, np.zeros(C), np.zeros(C))
-    parts = link.gather((("mode", mode.spec), ("statistics shape", plan.stat_shape),
-                         ("dtype", dtype.name), ("training", bool(training))) + tuple(settings), local)
+    parts = link.gather(_signature(mode, plan, dtype, training, settings, masked=False), local)
     counts = np.array([p[0] for p in parts], np.float64)
     total = int(counts.sum())
     mean, m2 = np.zeros(C), np.zeros(C)
@@ -149,6 +148,29 @@ def synced_moments(link, local_moments, plan, mode, dtype, training, be, setting
                               counts, mean, m2, 1)
     return (be.from_host(mean.reshape(1, C)), be.from_host(m2.reshape(1, C)),
             be.from_host(np.array([float(total)])), total)
+
+
+def _signature(mode, plan, dtype, training, settings, masked):
+    return (("mode", mode.spec), ("statistics shape", plan.stat_shape), ("dtype", dtype.name),
+            ("training", bool(training)), ("mask given", masked)) + tuple(settings)
+
+
+def synced_counted_moments(link, local_moments, plan, mode, dtype, training, be, settings=()):
+    """Masked moments of the batch split across ``link``'s ranks, as ``(pmean, pm2,
+    pcount)`` with one partial row per rank, in rank order, for
+    :func:`normcore.masking.finalize_counted`: each rank sends its per-group (counted
+    elements, mean, centred sum of squares), so counts are global and ranks may mask
+    differently (all ranks pass a mask, or none)."""
+    from .masking import merge_counted
+    C = plan.layout[1]
+    if plan.count and C:
+        mean, m2, n = merge_counted(be.xp, *local_moments())
+        local = (be.to_host(n), be.to_host(mean), be.to_host(m2))
+    else:
+        local = (np.zeros(C), np.zeros(C), np.zeros(C))
+    parts = link.gather(_signature(mode, plan, dtype, training, settings, masked=True), local)
+    pcount, pmean, pm2 = (be.from_host(np.stack([p[i] for p in parts]).reshape(len(parts), C)) for i in range(3))
+    return pmean, pm2, pcount
 
 
 def sum_over_ranks(link, cache, arrays, be):

@@ -850,7 +850,8 @@ cdef void _normalize_groups(const floating* x, const floating* residual, floatin
                             Py_ssize_t B, Py_ssize_t J, bint center,
                             double eps, int affine, const Py_ssize_t* rp, const double* w, const double* bias,
                             const float* wf, const float* bf, double* mean, double* var, double* rstd,
-                            floating* y, int threads, floating* scratch) noexcept nogil:
+                            floating* y, int threads, floating* scratch, const unsigned char* mask=NULL,
+                            double* counts=NULL) noexcept nogil:
     # With a residual, scratch holds B elements per thread: the group's h = x + residual is
     # made there (in L1 for rows up to a few thousand), normalized from there and streamed
     # out to h, so x and residual are read once and h and y written once, without a read
@@ -859,7 +860,7 @@ cdef void _normalize_groups(const floating* x, const floating* residual, floatin
     cdef bint nt = _streams(y, C * B, sizeof(floating))
     cdef bint nt_h = residual != NULL and _streams(h, C * B, sizeof(floating))
     cdef Py_ssize_t c, j, r, o
-    cdef double mu, m2, v, rs
+    cdef double mu, m2, v, rs, n
     cdef const floating* pf
     cdef const floating* g
     cdef floating* stage
@@ -874,13 +875,23 @@ cdef void _normalize_groups(const floating* x, const floating* residual, floatin
             stage = scratch + threadid() * B
             nc_add(g, residual + c * B, stage, B)
             g = stage
-        _row_moments(g, B, &mu, &m2)
-        v = _representable(mu, m2 / B, center)
-        mu = v - v + mu  # NaN with v
-        if not center:
-            v = v + mu * mu
+        n = <double>B
+        if mask != NULL:  # the counted elements' moments; counts[c] of them
+            _row_moments_masked(g, mask + c * B, B, &mu, &m2, &n)
+            counts[c] = n
+        else:
+            _row_moments(g, B, &mu, &m2)
+        if n > 0:
+            v = _representable(mu, m2 / n, center)
+            mu = v - v + mu  # NaN with v
+            if not center:
+                v = v + mu * mu
+                mu = 0.0
+            rs = 1.0 / sqrt(v + eps)
+        else:  # nothing counted: xhat = 0, y the bias
             mu = 0.0
-        rs = 1.0 / sqrt(v + eps)
+            v = 0.0
+            rs = 0.0
         mean[c] = mu
         var[c] = v
         rstd[c] = rs
@@ -960,7 +971,7 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
 cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t c, Py_ssize_t C,
                            Py_ssize_t B, Py_ssize_t J, int affine, const Py_ssize_t* rp, const double* w,
                            const float* wf, double mu, double rs, double m1, double m2, bint nt,
-                           const floating* dh) noexcept nogil:
+                           const floating* dh, const unsigned char* mask=NULL) noexcept nogil:
     # dx of group c from its mean, rstd and the two gradient means m1, m2; plus dh (or
     # NULL) in the same pass, after dx's rounding (as NumPy's dx + dh)
     cdef Py_ssize_t S = B // J
@@ -973,7 +984,13 @@ cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, 
         o = c * B + j * S
         pf = x + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL  # as in _normalize_groups
         pg = dy + o + PF_AHEAD * B if c + PF_AHEAD < C else NULL
-        if affine == NC_AFFINE_INNER:
+        if mask != NULL:  # the statistics terms only where counted
+            g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
+            if affine == NC_AFFINE_INNER:
+                nc_masked_dx_inner_row(dy + o, x + o, mask + o, dx + o, S, mu, rs, w + rp[r], m1, m2)
+            else:
+                nc_masked_dx_row(dy + o, x + o, mask + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1)
+        elif affine == NC_AFFINE_INNER:
             _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
                           wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg,
                           dh + o if dh != NULL else NULL)
@@ -1014,11 +1031,12 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, const floating* dh, floating* dx,
-                           int threads) noexcept nogil:
+                           int threads, const unsigned char* mask=NULL, const double* counts=NULL) noexcept nogil:
+    # mask (or NULL): the statistics terms of dx only where counted, over counts[c] elements
     cdef bint nt = _streams(dx, C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, end
-    cdef double q0, q1, q2, q3
+    cdef double q0, q1, q2, q3, n0, n1
     # two consecutive one-row groups with the same parameters (layer norm) share a pass,
     # which loads and stores their dweight / dbias partials once: the same sums
     cdef bint pairs = J == 1 and affine == NC_AFFINE_INNER
@@ -1030,20 +1048,26 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
             q1 = 0.0
             q2 = 0.0
             q3 = 0.0
+            n0 = <double>B if counts == NULL else counts[c]
+            n1 = <double>B if counts == NULL or c + 1 >= C else counts[c + 1]
+            if n0 == 0.0:  # nothing counted: rstd is 0, and so is every term
+                n0 = 1.0
+            if n1 == 0.0:
+                n1 = 1.0
             if pairs and c + 1 < end and rp[c] == rp[c + 1]:
                 nc_inner_rows2_sums(dy + c * B, dy + (c + 1) * B, w + rp[c], x + c * B, x + (c + 1) * B,
                                     B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
                                     pdw + k * P + rp[c], pdb + k * P + rp[c])
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          (0.0 + q0) / B if center else 0.0, (0.0 + q1 * rstd[c]) / B, nt, dh)
+                          (0.0 + q0) / n0 if center else 0.0, (0.0 + q1 * rstd[c]) / n0, nt, dh, mask)
                 _group_dx(dy, x, dx, c + 1, C, B, J, affine, rp, w, wf, mean[c + 1], rstd[c + 1],
-                          (0.0 + q2) / B if center else 0.0, (0.0 + q3 * rstd[c + 1]) / B, nt, dh)
+                          (0.0 + q2) / n1 if center else 0.0, (0.0 + q3 * rstd[c + 1]) / n1, nt, dh, mask)
                 c = c + 2
             else:
                 _group_sums(dy, x, c, B, J, affine, rp, w, mean[c], rstd[c], t1, t2, pdw + k * P, pdb + k * P,
                             &q0, &q1)
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          q0 / B if center else 0.0, q1 / B, nt, dh)
+                          q0 / n0 if center else 0.0, q1 / n0, nt, dh, mask)
                 c = c + 1
     if nt:
         nc_sfence()
@@ -1710,6 +1734,307 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
             _dx_rows(<const double*>pdy, <const double*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
                      <const double*>pdh, <double*>pdx, threads)
     free(work)
+
+
+# ---------------------------------------------------------------------------------------
+# Masked statistics: a uint8 mask in x's canonical layout (nonzero: counted). Statistics
+# are taken over the counted elements (their count per partial beside them); the sums of
+# backward are the plain ones (y is computed everywhere), and the dx passes add the
+# statistics terms only where counted.
+# ---------------------------------------------------------------------------------------
+
+cdef extern from "simd.h" nogil:
+    void nc_masked_sums(const void* p, const unsigned char* m, Py_ssize_t n, double k, double* s1,
+                        double* s2, double* cnt)
+    void nc_col_masked_sums(const void* x, const unsigned char* m, Py_ssize_t rows, Py_ssize_t ld,
+                            Py_ssize_t tw, const double* k, double* s1, double* s2, double* cnt)
+    void nc_masked_dx_row(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t n,
+                          double mu, double k1, double k2, double k3)
+    void nc_masked_dx_cols(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t rows,
+                           Py_ssize_t ld, Py_ssize_t tw, const void* mu, const void* k1, const void* k2,
+                           const void* k3)
+    void nc_masked_dx_inner_row(const void* dy, const void* x, const unsigned char* m, void* dx,
+                                Py_ssize_t n, double mu, double rs, const double* w, double m1, double m2)
+
+cdef int U8 = cnp.NPY_UINT8
+
+
+cdef inline void _row_moments_masked(const floating* p, const unsigned char* m, Py_ssize_t n,
+                                     double* out_mean, double* out_m2, double* out_n) noexcept nogil:
+    # _row_moments over the counted elements: per chunk, sums shifted by its first counted
+    # element, then Chan merges; a row without counted elements gives (0, 0, 0)
+    cdef Py_ssize_t start = 0, m_len, j
+    cdef double count = 0.0, mean = 0.0, m2 = 0.0, k, s1, s2, c
+    while start < n:
+        m_len = n - start
+        if m_len > CHUNK:
+            m_len = CHUNK
+        j = start
+        while j < start + m_len and m[j] == 0:
+            j = j + 1
+        if j < start + m_len:
+            k = nc_get(p, j)
+            nc_masked_sums(p + start, m + start, m_len, k, &s1, &s2, &c)
+            _merge(&count, &mean, &m2, c, k + s1 / c, _clamp0(s2 - s1 * (s1 / c)))
+        start = start + m_len
+    out_mean[0] = mean
+    out_m2[0] = m2
+    out_n[0] = count
+
+
+def masked_moments_rows(x, mask, pmean, pm2, pcount, int threads):
+    """IN x (A, C, B) T, mask (A, C, B) uint8; OUT pmean, pm2, pcount (A, C) float64: mean,
+    centred sum of squares and number of each row's counted elements (0, 0, 0 for none)."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef double* pm = <double*>_out(pmean, F64)
+    cdef double* p2 = <double*>_out(pm2, F64)
+    cdef double* pn = <double*>_out(pcount, F64)
+    if T == cnp.NPY_FLOAT32:
+        _masked_moments_rows(<const float*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+    elif T == HALF:
+        _masked_moments_rows(<const nc_f16*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+    elif T == BF16:
+        _masked_moments_rows(<const nc_bf16*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+    else:
+        _masked_moments_rows(<const double*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+
+
+cdef void _masked_moments_rows(const floating* x, const unsigned char* m, Py_ssize_t rows, Py_ssize_t B,
+                               double* pmean, double* pm2, double* pcount, int threads) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in prange(rows, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        _row_moments_masked(x + r * B, m + r * B, B, pmean + r, pm2 + r, pcount + r)
+
+
+def masked_moments_cols(x, mask, Py_ssize_t rows_per_block, pmean, pm2, pcount, int threads):
+    """IN x (A, C) T, mask (A, C) uint8; OUT pmean, pm2, pcount (ceil(A / rows_per_block),
+    C) float64: moments and count of each column's counted elements in each row block."""
+    cdef Py_ssize_t* d = _shape(x, 2)
+    cdef Py_ssize_t nb = _shape(pmean, 2)[0]
+    cdef int T = _storage(x)
+    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef double* pm = <double*>_out(pmean, F64)
+    cdef double* p2 = <double*>_out(pm2, F64)
+    cdef double* pn = <double*>_out(pcount, F64)
+    cdef double* shift = _scratch(nb * d[1])
+    try:
+        if T == cnp.NPY_FLOAT32:
+            _masked_moments_cols(<const float*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
+                                 threads)
+        elif T == HALF:
+            _masked_moments_cols(<const nc_f16*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
+                                 threads)
+        elif T == BF16:
+            _masked_moments_cols(<const nc_bf16*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
+                                 threads)
+        else:
+            _masked_moments_cols(<const double*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
+                                 threads)
+    finally:
+        free(shift)
+
+
+cdef void _masked_moments_cols(const floating* x, const unsigned char* m, Py_ssize_t A, Py_ssize_t C,
+                               Py_ssize_t rpb, Py_ssize_t nb, double* pmean, double* pm2, double* pcount,
+                               double* shift, int threads) noexcept nogil:
+    # Each column of a block is shifted by its first counted row there (a member of the
+    # data, as in _tile_col_moments); shift holds those values, one row per block.
+    cdef Py_ssize_t k, c, r, rows, o
+    cdef double s, n
+    for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        o = k * rpb * C
+        rows = _block_rows(k, rpb, A)
+        for c in range(C):
+            r = 0
+            while r < rows and m[o + r * C + c] == 0:
+                r = r + 1
+            shift[k * C + c] = nc_get(x, o + r * C + c) if r < rows else 0.0
+            pmean[k * C + c] = 0.0
+            pm2[k * C + c] = 0.0
+            pcount[k * C + c] = 0.0
+        nc_col_masked_sums(x + o, m + o, rows, C, C, shift + k * C, pmean + k * C, pm2 + k * C, pcount + k * C)
+        for c in range(C):
+            s = pmean[k * C + c]
+            n = pcount[k * C + c]
+            if n > 0:
+                pmean[k * C + c] = shift[k * C + c] + s / n
+                pm2[k * C + c] = _clamp0(pm2[k * C + c] - s * (s / n))
+
+
+def masked_dx_rows(dy, x, mask, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx, int threads):
+    """IN dy, x (A, R, S) T, mask (A, R, S) uint8, mean, k1, k2, k3 (R,) float64; OUT dx
+    (A, R, S) T: dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] where counted, dy * k1[r]
+    elsewhere (float32 and the half types in float, float64 in double)."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* c1 = <const double*>_in(k1, F64)
+    cdef const double* c2 = <const double*>_in(k2, F64)
+    cdef const double* c3 = <const double*>_in(k3, F64)
+    cdef Py_ssize_t R = d[1], i
+    cdef float* cf = NULL
+    try:
+        if T != cnp.NPY_FLOAT64 and d[2] == 1:  # the column tiles' coefficients in float, once
+            cf = <float*>malloc(<size_t>(4 * max(R, 1)) * sizeof(float))
+            if cf == NULL:
+                raise MemoryError()
+            for i in range(R):
+                cf[i] = <float>mu[i]
+                cf[R + i] = <float>c1[i]
+                cf[2 * R + i] = <float>c2[i]
+                cf[3 * R + i] = <float>c3[i]
+        if T == cnp.NPY_FLOAT32:
+            _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, d[0], R, d[2], mu, c1, c2, c3,
+                            cf, rows_per_block, <float*>_out(dx, T), threads)
+        elif T == HALF:
+            _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, d[0], R, d[2], mu, c1, c2,
+                            c3, cf, rows_per_block, <nc_f16*>_out(dx, T), threads)
+        elif T == BF16:
+            _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, d[0], R, d[2], mu, c1, c2,
+                            c3, cf, rows_per_block, <nc_bf16*>_out(dx, T), threads)
+        else:
+            _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, d[0], R, d[2], mu, c1, c2,
+                            c3, NULL, rows_per_block, <double*>_out(dx, T), threads)
+    finally:
+        free(cf)
+
+
+cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned char* m, Py_ssize_t A,
+                          Py_ssize_t R, Py_ssize_t S, const double* mean, const double* k1, const double* k2,
+                          const double* k3, const float* cf, Py_ssize_t rpb, floating* dx,
+                          int threads) noexcept nogil:
+    cdef Py_ssize_t i, a, r, t, o, tw
+    if S == 1:
+        for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+            a = i * rpb
+            for t in range((R + TILE - 1) // TILE):
+                r = t * TILE
+                o = a * R + r
+                tw = _block_rows(t, TILE, R)
+                if floating is double:
+                    nc_masked_dx_cols(dy + o, x + o, m + o, dx + o, _block_rows(i, rpb, A), R, tw, mean + r,
+                                      k1 + r, k2 + r, k3 + r)
+                else:
+                    nc_masked_dx_cols(dy + o, x + o, m + o, dx + o, _block_rows(i, rpb, A), R, tw, cf + r,
+                                      cf + R + r, cf + 2 * R + r, cf + 3 * R + r)
+    else:
+        for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+            r = i % R
+            nc_masked_dx_row(dy + i * S, x + i * S, m + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r])
+
+
+def masked_dx_inner(dy, x, mask, mean, rstd, rp, w, c1, c2, dx, int threads):
+    """IN dy, x (1, R, S) T, mask (1, R, S) uint8, mean, rstd, c1, c2 (R,) float64, rp (R,)
+    intp, w (P,) float64; OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] - (c1[r] +
+    xhat * c2[r])) with the bracket only where counted (in double)."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef const double* q1 = <const double*>_in(c1, F64)
+    cdef const double* q2 = <const double*>_in(c2, F64)
+    if T == cnp.NPY_FLOAT32:
+        _masked_dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1, q2,
+                         <float*>_out(dx, T), threads)
+    elif T == HALF:
+        _masked_dx_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1,
+                         q2, <nc_f16*>_out(dx, T), threads)
+    elif T == BF16:
+        _masked_dx_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1,
+                         q2, <nc_bf16*>_out(dx, T), threads)
+    else:
+        _masked_dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1,
+                         q2, <double*>_out(dx, T), threads)
+
+
+cdef void _masked_dx_inner(const floating* dy, const floating* x, const unsigned char* m, Py_ssize_t R,
+                           Py_ssize_t S, const double* mean, const double* rstd, const Py_ssize_t* rp,
+                           const double* w, const double* c1, const double* c2, floating* dx,
+                           int threads) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        nc_masked_dx_inner_row(dy + r * S, x + r * S, m + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r],
+                               c1[r], c2[r])
+
+
+def masked_normalize_groups(x, mask, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, w,
+                            bias, mean, var, rstd, counts, y, int threads):
+    """normalize_groups (no residual) over the counted elements: IN mask (1, C, B) uint8;
+    OUT counts (C,) float64 counted elements per group, beside mean, var, rstd and y. A
+    group without counted elements gets mean 0, var 0 and rstd 0 (y is its bias)."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef int T = _storage(x)
+    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef const double* pb = <const double*>_in(bias, F64)
+    cdef double* mu = <double*>_out(mean, F64)
+    cdef double* v = <double*>_out(var, F64)
+    cdef double* rs = <double*>_out(rstd, F64)
+    cdef double* n = <double*>_out(counts, F64)
+    cdef float* wf = NULL
+    cdef float* bf = NULL
+    try:
+        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64:
+            wf = _params_f32(w)
+            bf = _params_f32(bias)
+        if T == cnp.NPY_FLOAT32:
+            _normalize_groups(<const float*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps, affine,
+                              p, pw, pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads, NULL, m, n)
+        elif T == HALF:
+            _normalize_groups(<const nc_f16*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
+                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_f16*>_out(y, T), threads, NULL, m, n)
+        elif T == BF16:
+            _normalize_groups(<const nc_bf16*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
+                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_bf16*>_out(y, T), threads, NULL, m, n)
+        else:
+            _normalize_groups(<const double*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
+                              affine, p, pw, pb, NULL, NULL, mu, v, rs, <double*>_out(y, T), threads, NULL, m, n)
+    finally:
+        free(wf)
+        free(bf)
+
+
+def masked_backward_groups(dy, x, mask, counts, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean,
+                           rstd, Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dx, int threads):
+    """backward_groups (no dh) after masked_normalize_groups: IN mask (1, C, B) uint8,
+    counts (C,) float64; the sums are backward_groups' (over every element), the
+    statistics terms of dx divide by counts[c] and apply only where counted."""
+    cdef Py_ssize_t* d = _shape(x, 3)
+    cdef Py_ssize_t P = _shape(pdw, 2)[1]
+    cdef int T = _storage(x)
+    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const double* n = <const double*>_in(counts, F64)
+    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
+    cdef const double* pw = <const double*>_in(w, F64)
+    cdef const double* mu = <const double*>_in(mean, F64)
+    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef double* q1 = <double*>_out(t1, F64)
+    cdef double* q2 = <double*>_out(t2, F64)
+    cdef double* dw = <double*>_out(pdw, F64)
+    cdef double* db = <double*>_out(pdb, F64)
+    if T == cnp.NPY_FLOAT32:
+        _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group, center,
+                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
+                         <float*>_out(dx, T), threads, m, n)
+    elif T == HALF:
+        _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group, center,
+                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
+                         <nc_f16*>_out(dx, T), threads, m, n)
+    elif T == BF16:
+        _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group, center,
+                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
+                         <nc_bf16*>_out(dx, T), threads, m, n)
+    else:
+        _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group, center,
+                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
+                         <double*>_out(dx, T), threads, m, n)
 
 
 cdef extern from *:

@@ -1333,4 +1333,169 @@ static inline int nc_resident(const void* p, ptrdiff_t n) {
 }
 #endif
 
+/* ---- masked statistics ------------------------------------------------------------------
+ * A mask is one byte per element of x's canonical layout; nonzero counts the element.
+ * Reductions select the counted lanes with a bit mask, never multiply by the mask: an
+ * uncounted NaN or inf (padding) must not reach a sum. The elementwise dx passes compute
+ * in float for float32 and the half types (as the plain passes), in double for float64. */
+typedef long long nc_v4l __attribute__((vector_size(NC_DL * 8)));
+typedef unsigned char nc_v4b __attribute__((vector_size(NC_DL)));
+#define NC_LANES_OF(dst, m)                                        \
+    do {                                                           \
+        nc_v4b b_;                                                 \
+        memcpy(&b_, (m), sizeof b_);                               \
+        dst = __builtin_convertvector(b_, nc_v4l) != (nc_v4l){0}; \
+    } while (0)
+
+/* Over the counted elements of p[0:n]: s1 = sum d, s2 = sum d * d with d = p[i] - k, and
+ * their count; lanes and order as NC_SHIFTED_SUMS (k is a counted member: same bound). */
+#define NC_MASKED_SUMS(NAME, T)                                                               \
+    static inline void NAME(const T* p, const unsigned char* m, ptrdiff_t n, double k,         \
+                            double* s1, double* s2, double* cnt) {                             \
+        const nc_v4d kk = (nc_v4d){0} + k;                                                     \
+        nc_v4d a1[NC_ACC], a2[NC_ACC], d;                                                      \
+        nc_v4l ac[NC_ACC], sel;                                                                \
+        ptrdiff_t i = 0;                                                                       \
+        long long c = 0;                                                                       \
+        for (int j = 0; j < NC_ACC; ++j) {                                                     \
+            a1[j] = a2[j] = (nc_v4d){0};                                                       \
+            ac[j] = (nc_v4l){0};                                                               \
+        }                                                                                      \
+        for (; i + NC_ACC * NC_DL <= n; i += NC_ACC * NC_DL) {                                 \
+            _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j) {                         \
+                NC_LOAD4_##T(d, p + i + j * NC_DL);                                            \
+                NC_LANES_OF(sel, m + i + j * NC_DL);                                           \
+                d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                          \
+                a1[j] += d;                                                                    \
+                a2[j] = NC_VFMAD(d, d, a2[j]);                                                 \
+                ac[j] -= sel;                                                                  \
+            }                                                                                  \
+        }                                                                                      \
+        for (; i + NC_DL <= n; i += NC_DL) {                                                   \
+            NC_LOAD4_##T(d, p + i);                                                            \
+            NC_LANES_OF(sel, m + i);                                                           \
+            d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                              \
+            a1[0] += d;                                                                        \
+            a2[0] = NC_VFMAD(d, d, a2[0]);                                                     \
+            ac[0] -= sel;                                                                      \
+        }                                                                                      \
+        double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                   \
+        for (int j = 0; j < NC_ACC; ++j)                                                       \
+            for (int l = 0; l < NC_DL; ++l)                                                    \
+                c += ac[j][l];                                                                 \
+        for (; i < n; ++i)                                                                     \
+            if (m[i]) {                                                                        \
+                const double e = NC_TOD_##T(p[i]) - k;                                         \
+                t1 += e;                                                                       \
+                t2 += e * e;                                                                   \
+                ++c;                                                                           \
+            }                                                                                  \
+        *s1 = t1;                                                                              \
+        *s2 = t2;                                                                              \
+        *cnt = (double)c;                                                                      \
+    }
+NC_MASKED_SUMS(nc_masked_sums_f32, float)
+NC_MASKED_SUMS(nc_masked_sums_f64, double)
+NC_MASKED_SUMS(nc_masked_sums_h16, nc_f16)
+NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
+#define nc_masked_sums(p, ...) NC_BY_TYPE(p, nc_masked_sums)((p), __VA_ARGS__)
+
+/* Column tile (rows, tw), row stride ld: over each column's counted rows, s1[c] += d,
+ * s2[c] += d * d with d = x[r, c] - k[c], cnt[c] += 1; rows in order, as one at a time. */
+#define NC_COL_MASKED_SUMS(NAME, T)                                                            \
+    static inline void NAME(const T* x, const unsigned char* m, ptrdiff_t rows, ptrdiff_t ld,  \
+                            ptrdiff_t tw, const double* k, double* s1, double* s2, double* cnt) { \
+        const nc_v4l one = (nc_v4l)((nc_v4d){0} + 1.0);                                        \
+        ptrdiff_t c;                                                                           \
+        for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                             \
+            nc_v4d kk, a, b, n, d;                                                             \
+            nc_v4l sel;                                                                        \
+            NC_LOAD4_double(kk, k + c);                                                        \
+            NC_LOAD4_double(a, s1 + c);                                                        \
+            NC_LOAD4_double(b, s2 + c);                                                        \
+            NC_LOAD4_double(n, cnt + c);                                                       \
+            for (ptrdiff_t r = 0; r < rows; ++r) {                                             \
+                NC_LOAD4_##T(d, x + r * ld + c);                                               \
+                NC_LANES_OF(sel, m + r * ld + c);                                              \
+                d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                          \
+                a += d;                                                                        \
+                b += d * d;                                                                    \
+                n += (nc_v4d)(sel & one);                                                      \
+            }                                                                                  \
+            NC_STORE4_double(s1 + c, a);                                                       \
+            NC_STORE4_double(s2 + c, b);                                                       \
+            NC_STORE4_double(cnt + c, n);                                                      \
+        }                                                                                      \
+        for (; c < tw; ++c)                                                                    \
+            for (ptrdiff_t r = 0; r < rows; ++r)                                               \
+                if (m[r * ld + c]) {                                                           \
+                    const double e = NC_TOD_##T(x[r * ld + c]) - k[c];                         \
+                    s1[c] += e;                                                                \
+                    s2[c] += e * e;                                                            \
+                    cnt[c] += 1.0;                                                             \
+                }                                                                              \
+    }
+NC_COL_MASKED_SUMS(nc_col_masked_sums_f32, float)
+NC_COL_MASKED_SUMS(nc_col_masked_sums_f64, double)
+NC_COL_MASKED_SUMS(nc_col_masked_sums_h16, nc_f16)
+NC_COL_MASKED_SUMS(nc_col_masked_sums_b16, nc_bf16)
+#define nc_col_masked_sums(x, ...) NC_BY_TYPE(x, nc_col_masked_sums)((x), __VA_ARGS__)
+
+/* Element access in the masked passes' arithmetic A (float, or double for float64). */
+#define NC_LDA_f32(p, i) ((p)[i])
+#define NC_LDA_f64(p, i) ((p)[i])
+#define NC_LDA_h16(p, i) nc_f16_f((p)[i])
+#define NC_LDA_b16(p, i) nc_bf16_f((p)[i])
+#define NC_STA_f32(p, i, v) ((p)[i] = (v))
+#define NC_STA_f64(p, i, v) ((p)[i] = (v))
+#define NC_STA_h16(p, i, v) ((p)[i] = nc_f_f16(v))
+#define NC_STA_b16(p, i, v) ((p)[i] = nc_f_bf16(v))
+
+/* dx = dy * k1 + (counted ? (x - mu) * k2 + k3 : 0): one row with scalar coefficients
+ * (_row), or a column tile with per-column ones in A (_cols). */
+#define NC_MASKED_DX(SUF, T, A)                                                                   \
+    static inline void nc_masked_dx_row_##SUF(const T* dy, const T* x, const unsigned char* m,    \
+                                              T* dx, ptrdiff_t n, double mu, double k1, double k2, \
+                                              double k3) {                                        \
+        const A u = (A)mu, a1 = (A)k1, a2 = (A)k2, a3 = (A)k3;                                    \
+        for (ptrdiff_t i = 0; i < n; ++i) {                                                       \
+            const A t = (NC_LDA_##SUF(x, i) - u) * a2 + a3;                                       \
+            NC_STA_##SUF(dx, i, NC_LDA_##SUF(dy, i) * a1 + (m[i] ? t : (A)0));                    \
+        }                                                                                         \
+    }                                                                                             \
+    static inline void nc_masked_dx_cols_##SUF(const T* dy, const T* x, const unsigned char* m,   \
+                                               T* dx, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,  \
+                                               const A* mu, const A* k1, const A* k2, const A* k3) { \
+        for (ptrdiff_t r = 0; r < rows; ++r) {                                                    \
+            const ptrdiff_t o = r * ld;                                                           \
+            for (ptrdiff_t c = 0; c < tw; ++c) {                                                  \
+                const A t = (NC_LDA_##SUF(x, o + c) - mu[c]) * k2[c] + k3[c];                     \
+                NC_STA_##SUF(dx, o + c, NC_LDA_##SUF(dy, o + c) * k1[c] + (m[o + c] ? t : (A)0)); \
+            }                                                                                     \
+        }                                                                                         \
+    }
+NC_MASKED_DX(f32, float, float)
+NC_MASKED_DX(f64, double, double)
+NC_MASKED_DX(h16, nc_f16, float)
+NC_MASKED_DX(b16, nc_bf16, float)
+#define nc_masked_dx_row(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_row)((dy), __VA_ARGS__)
+#define nc_masked_dx_cols(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_cols)((dy), __VA_ARGS__)
+
+/* Parameters along the row: dx = rs * (dy * w - (counted ? m1 + xhat * m2 : 0)), in double. */
+#define NC_MASKED_DX_INNER(SUF, T)                                                                \
+    static inline void nc_masked_dx_inner_row_##SUF(const T* dy, const T* x, const unsigned char* m, \
+                                                    T* dx, ptrdiff_t n, double mu, double rs,     \
+                                                    const double* w, double m1, double m2) {      \
+        for (ptrdiff_t i = 0; i < n; ++i) {                                                       \
+            const double t = m1 + (NC_TOD_##T(x[i]) - mu) * rs * m2;                              \
+            nc_put_##SUF(dx, i, rs * (NC_TOD_##T(dy[i]) * w[i] - (m[i] ? t : 0.0)));              \
+        }                                                                                         \
+    }
+NC_MASKED_DX_INNER(f32, float)
+NC_MASKED_DX_INNER(f64, double)
+NC_MASKED_DX_INNER(h16, nc_f16)
+NC_MASKED_DX_INNER(b16, nc_bf16)
+#define nc_masked_dx_inner_row(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_inner_row)((dy), __VA_ARGS__)
+
+
 #endif
