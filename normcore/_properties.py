@@ -97,6 +97,17 @@ def _running(data, m, plan, dtype):
             "running_var": rng.uniform(0.25, 4.0, plan.running_shape).astype(dtype)}
 
 
+def _draw_mask(data, shape):
+    """A boolean mask broadcasting to ``shape`` (each axis full or 1, leading axes maybe
+    dropped), of random density: all counted, some, or a few (groups without any
+    counted element included)."""
+    mshape = [d if data.draw(st.booleans(), label="mask axis") else 1 for d in shape]
+    mshape = mshape[data.draw(st.integers(0, len(mshape)), label="mask axes dropped"):]
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="mask seed"))
+    density = data.draw(st.sampled_from([1.0, 0.8, 0.5, 0.2]), label="mask density")
+    return np.asarray(rng.random(mshape) < density)
+
+
 def _draw_call(data, m, sizes, last_side, *, dtypes=DTYPES):
     shape, call_sizes, dtype = data.draw(mode_cases(m, dtypes=dtypes, last_side=last_side, **sizes),
                                          label="case")
@@ -117,6 +128,13 @@ def _draw_call(data, m, sizes, last_side, *, dtypes=DTYPES):
         kw["estimate"] = data.draw(st.booleans(), label="estimate")
     if training and m.running_stats is not None:
         assume(plan.count > 1)
+    if data.draw(st.booleans(), label="masked"):
+        kw["mask"] = _draw_mask(data, shape)
+        if training and "running_mean" in kw:  # two counted per group (else a ValueError, tested apart)
+            dims, reduced = _group_axes(m, shape, call_sizes)
+            counted = np.broadcast_to(kw["mask"], shape).reshape(dims).sum(axis=reduced)
+            assume(counted.size == 0 or counted.min() >= 2)
+        note(f"mask of shape {kw['mask'].shape}, {int(kw['mask'].sum())} of {kw['mask'].size} counted")
     note(f"mode={m!r} shape={shape} dtype={dtype} kw={ {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)} }")
     return x, kw, call_sizes
 
@@ -270,6 +288,43 @@ def prop_add_normalize(m, data, sizes, last_side=None):
         assert (a is None) == (b is None) and (a is None or np.array_equal(_bits(a), _bits(b)))
 
 
+def prop_masked_elements_do_not_count(m, data, sizes, last_side=None):
+    """With a mask, x where it is False (set here to anything, NaN and inf included)
+    changes y only there and the statistics and running statistics not at all, bitwise;
+    with finite values there and dy = 0 there, dx changes only there and the parameter
+    gradients not at all (a NaN there is NaN in y, so in the sum of dy * x̂)."""
+    x, kw, _ = _draw_call(data, m, sizes, last_side)
+    mask = kw.get("mask")
+    assume(mask is not None and not mask.all())
+    free = ~np.broadcast_to(mask, x.shape)
+    finite = data.draw(st.booleans(), label="finite padding")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="padding seed"))
+    values = [-7.0, 250.0, 0.0] if finite else [np.nan, np.inf, -7.0]
+    x2 = np.where(free, rng.choice(np.array(values), size=x.shape), x).astype(x.dtype)
+    first, second = _copy_running(kw), _copy_running(kw)
+    with np.errstate(invalid="ignore", over="ignore"):
+        y, cache = _normalize(x, m, **first)
+        y2, cache2 = _normalize(x2, m, **second)
+    keep = ~free
+    assert np.array_equal(_bits(y[keep]), _bits(y2[keep])), "y changed where the mask is True"
+    stats = [np.asarray(a if isinstance(a, np.ndarray) else a.get()) for a in
+             (cache.mean, cache.rstd, cache2.mean, cache2.rstd)]
+    assert np.array_equal(_bits(stats[0]), _bits(stats[2])) and np.array_equal(_bits(stats[1]), _bits(stats[3])), \
+        "the statistics saw masked-out elements"
+    for k in ("running_mean", "running_var"):
+        if k in kw:
+            assert np.array_equal(_bits(first[k]), _bits(second[k])), k
+    if not finite:
+        return
+    dy = np.where(free, 0, data.draw(float_arrays(x.shape, x.dtype), label="dy")).astype(x.dtype)
+    with np.errstate(over="ignore"):
+        got, got2 = _backward(dy, cache), _backward(dy, cache2)
+    # equal values (a sum of zeros may be +0 or -0 as the products' signs fall)
+    assert np.array_equal(got[0][keep], got2[0][keep]), "dx changed where the mask is True"
+    for a, b in zip(got[1:], got2[1:]):
+        assert (a is None) == (b is None) and (a is None or np.array_equal(a, b))
+
+
 def prop_backward_matches_reference(m, data, sizes, last_side=None):
     """dx, dweight, dbias equal the float64 closed form (training, eval, estimated)."""
     x, kw, call_sizes = _draw_call(data, m, sizes, last_side)
@@ -290,7 +345,7 @@ def prop_backward_matches_reference(m, data, sizes, last_side=None):
     if db is not None:
         assert db.dtype == pdtype
         assert_close(db, rdb, pdtype, "dbias")
-    if m.center and ref.stats_grad:
+    if m.center and ref.stats_grad and "mask" not in kw:
         dims, reduced = _group_axes(m, x.shape, call_sizes)
         sums = dx.astype(np.float64).reshape(dims).sum(axis=reduced)
         scale = max(1.0, terms["dx"]) * math.prod(dims[i] for i in reduced)
@@ -335,7 +390,8 @@ def prop_central_difference(m, data, sizes, last_side=None):
 
 
 PROPERTIES = (prop_forward_matches_reference, prop_normalized_moments, prop_invariances,
-              prop_backward_matches_reference, prop_central_difference, prop_add_normalize)
+              prop_backward_matches_reference, prop_central_difference, prop_add_normalize,
+              prop_masked_elements_do_not_count)
 
 
 def check_mode(mode, *, max_examples=30, last_side=None, backend="cpu", **sizes):

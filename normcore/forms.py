@@ -2,7 +2,8 @@
 
 Keyword names follow PyTorch so that its users know them at once; gradients come from
 :func:`normcore.backward` with the returned cache. Every form takes ``out=`` (see
-:func:`normcore.normalize`).
+:func:`normcore.normalize`), and every form of activations takes ``mask=`` (statistics
+over its True elements; see :func:`normcore.normalize`) and ``residual=``.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _channel_mode(x, channel_axis):
 
 def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                training=False, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, *, channel_axis=1, unbiased=True,
-               out=None, decay=None, residual=None):
+               out=None, decay=None, residual=None, mask=None):
     """Batch norm over every axis but the channel axis; returns ``(y, cache)``.
 
     ``input`` is (N, C, *) or, with ``channel_axis=-1``, (N, *, C). weight, bias and the
@@ -39,7 +40,9 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     running + m * batch); ``decay`` instead is TF/Keras/Flax's (running = d * running +
     (1 - d) * batch); not both.
     ``residual`` (x's shape and dtype): normalize ``h = input + residual`` instead and
-    return ``(y, h, cache)`` (:func:`normcore.add_normalize`).
+    return ``(y, h, cache)`` (:func:`normcore.add_normalize`). ``mask`` (boolean,
+    broadcasting to input): statistics over its True elements only, e.g. a (N, T, 1) mask
+    of the real time steps of a channels-last (N, T, C) batch of padded sequences.
 
     >>> import numpy as np
     >>> x = np.random.default_rng(0).standard_normal((16, 3, 5, 5)).astype(np.float32)
@@ -50,7 +53,7 @@ def batch_norm(input, running_mean=None, running_var=None, weight=None, bias=Non
     mode = _channel_mode(input, channel_axis)
     return forward(input, be, mode, weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=training, momentum=momentum, eps=eps,
-                   unbiased=unbiased, out=out, decay=decay, residual=residual)
+                   unbiased=unbiased, out=out, decay=decay, residual=residual, mask=mask)
 
 
 def normalized_shape_tuple(normalized_shape) -> tuple:
@@ -66,16 +69,19 @@ def normalized_shape_tuple(normalized_shape) -> tuple:
     return shape
 
 
-def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape", residual=None, h_out=None):
+def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape", residual=None, h_out=None,
+              mask=None):
     """Layer norm / RMS norm over the trailing axes ``shape`` of x: the mode ("... d ->
     ...", one parameter axis) on x viewed as (..., prod(shape)), results presented under
     the caller's shapes. x's array type is checked (``be``); a shape mismatch blames
     ``blame`` (the form's normalized_shape, a layer's input). With ``residual``, returns
-    ``(y, h, cache)`` (:func:`normcore.add_normalize`; h into ``h_out`` when given)."""
+    ``(y, h, cache)`` (:func:`normcore.add_normalize`; h into ``h_out`` when given).
+    ``mask`` broadcasts to x (so to the flat view once broadcast)."""
     k = len(shape)
     checks.trailing_shape(blame, x, shape)
     if k == 1:
-        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out, residual=residual, h_out=h_out)
+        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out, residual=residual, h_out=h_out,
+                       mask=mask)
     checks.param("weight", weight, shape, x.dtype, be)
     checks.param("bias", bias, shape, x.dtype, be)
     if out is not None:
@@ -85,19 +91,22 @@ def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shap
     if h_out is not None:
         checks.out(h_out, x.shape, x.dtype, {}, be, name="h_out")  # overlaps: as out's
     flat = x.shape[:x.ndim - k] + (math.prod(shape),)
+    if mask is not None:
+        checks.mask(mask, x.shape, be)
+        mask = be.xp.broadcast_to(mask, x.shape).reshape(flat)
     got = forward(x.reshape(flat), be, mode, eps=eps,
                   weight=None if weight is None else weight.reshape(-1),
                   bias=None if bias is None else bias.reshape(-1),
                   out=None if out is None else out.reshape(flat),
                   residual=None if residual is None else residual.reshape(flat),
-                  h_out=None if h_out is None else h_out.reshape(flat))
+                  h_out=None if h_out is None else h_out.reshape(flat), mask=mask)
     y, cache = viewed(got[0], got[-1], x.shape, shape, out)
     if residual is None:
         return y, cache
     return y, (got[1].reshape(x.shape) if h_out is None else h_out), cache
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, residual=None):
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, residual=None, mask=None):
     """Layer norm over the trailing ``normalized_shape`` axes; returns ``(y, cache)``.
 
     weight and bias have shape ``normalized_shape``.
@@ -110,10 +119,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     """
     be = checks.array("input", input)
     return last_axes(input, be, "layer_norm", normalized_shape_tuple(normalized_shape), weight, bias, eps, out,
-                     residual=residual)
+                     residual=residual, mask=mask)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residual=None):
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residual=None, mask=None):
     """RMS norm, y = x / sqrt(mean(x^2) + eps) * weight, over the trailing axes.
 
     ``eps=None`` uses the machine epsilon of input's dtype (as PyTorch does).
@@ -126,10 +135,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residu
     be = checks.array("input", input)
     shape = normalized_shape_tuple(normalized_shape)
     return last_axes(input, be, "rms_norm", shape, weight, None,
-                     machine_eps(input.dtype) if eps is None else eps, out, residual=residual)
+                     machine_eps(input.dtype) if eps is None else eps, out, residual=residual, mask=mask)
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, residual=None):
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, residual=None, mask=None):
     """Group norm: (N, C, *) with channels split into ``num_groups`` groups; weight (C,).
     ``residual`` (x's shape and dtype): normalize ``h = input + residual`` instead and
     return ``(y, h, cache)`` (:func:`normcore.add_normalize`).
@@ -142,12 +151,12 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None,
     num_groups = checks.positive_int("num_groups", num_groups)
     checks.divides("num_groups", num_groups, "input's channels", input.shape[1])
     return forward(input, be, "group_norm", weight=weight, bias=bias, eps=eps, out=out,
-                   sizes={"g": num_groups}, residual=residual)
+                   sizes={"g": num_groups}, residual=residual, mask=mask)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=checks.DEFAULT_MOMENTUM, eps=1e-5, *, out=None, decay=None,
-                  residual=None):
+                  residual=None, mask=None):
     """Instance norm: statistics per (sample, channel) over the spatial axes of (N, C, *).
 
     Running statistics, when given, are per channel (the batch average of the instance
@@ -163,7 +172,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     checks.min_ndim("input", input, 3, "(N, C, L, ...)")
     return forward(input, be, "instance_norm", weight=weight, bias=bias, running_mean=running_mean,
                    running_var=running_var, training=use_input_stats, momentum=momentum, eps=eps,
-                   out=out, decay=decay, residual=residual)
+                   out=out, decay=decay, residual=residual, mask=mask)
 
 
 def weight_standardize(w, eps=1e-5, *, out=None):

@@ -36,6 +36,8 @@ _FAMILIES = {
     "inner": ("nc_affine_inner", "nc_row_sums_inner", "nc_param_sums_inner", "nc_dx_inner"),
     "groups": ("nc_normalize_groups",),
     "add": ("nc_add",),
+    "masked": ("nc_masked_moments_rows", "nc_masked_moments_cols", "nc_masked_dx_rows", "nc_masked_dx_cols",
+               "nc_masked_dx_inner"),
 }
 # Columns and row stripes per block of the cols family: defined here, passed to the compiler.
 _COL_TILE, _COL_STRIPES = 32, 8
@@ -244,6 +246,39 @@ class CudaKernels:
         self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
                                                   (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2,
                                                    _i(0) if dh is None else dh, dx))
+
+    # -- masked statistics (mask: uint8 in x's canonical layout) ---------------------------
+    def masked_moments_rows(self, x, mask, pmean, pm2, pcount, threads):
+        A, C, B = x.shape
+        if A * C == 0:
+            return
+        self._fn("masked", "nc_masked_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
+                                                            (x, mask, _i(A * C), _i(B), pmean, pm2, pcount))
+
+    def masked_moments_cols(self, x, mask, rpb, pmean, pm2, pcount, threads):
+        A, C = x.shape
+        if A * C == 0:
+            return
+        self._fn("masked", "nc_masked_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
+                                                            (x, mask, _i(A), _i(C), _i(rpb), pmean, pm2, pcount))
+
+    def masked_dx_rows(self, dy, x, mask, mean, k1, k2, k3, rpb, dx, threads):
+        A, R, S = x.shape
+        if x.size == 0:
+            return
+        if S == 1:
+            self._fn("masked", "nc_masked_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
+                                                           (dy, x, mask, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
+        else:
+            self._fn("masked", "nc_masked_dx_rows", x.dtype)(
+                _row_grid(A * R), (_row_block(S),), (dy, x, mask, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
+
+    def masked_dx_inner(self, dy, x, mask, mean, rstd, rp, w, c1, c2, dx, threads):
+        _, R, S = x.shape
+        if x.size == 0:
+            return
+        self._fn("masked", "nc_masked_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
+                                                        (dy, x, mask, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
 
     # -- per-group algebra: array operations on the device (small, O(C + R) each) --------
     def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):

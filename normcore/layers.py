@@ -175,8 +175,8 @@ class Layer:
     def _why_not_affine(self):
         return "normalizes each input with statistics of that input"
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, **kwargs):
+        return self.forward(x, **kwargs)
 
     # -- device --------------------------------------------------------------------
     def to(self, device):
@@ -382,11 +382,20 @@ class _Norm(Layer):
     def _eps(self, x):
         return self.eps
 
-    def forward(self, x):
-        """Normalize ``x`` (same shape and dtype out) and keep the cache for backward."""
-        return self._forward(x, self._check_input(x))
+    def forward(self, x, mask=None):
+        """Normalize ``x`` (same shape and dtype out) and keep the cache for backward.
+        ``mask`` (boolean, broadcasting to x): statistics over its True elements only, the
+        output everywhere (:func:`normcore.normalize`); :meth:`backward` uses it too.
 
-    def forward_add(self, x, residual):
+        >>> import numpy as np
+        >>> import normcore as nc
+        >>> x = np.random.default_rng(0).standard_normal((2, 5, 3)).astype(np.float32)
+        >>> real = np.arange(5)[None, :, None] < np.array([5, 3])[:, None, None]  # lengths 5, 3
+        >>> y = nc.BatchNorm1d(3, channel_axis=-1)(x, mask=real)
+        """
+        return self._forward(x, self._check_input(x), mask=mask)
+
+    def forward_add(self, x, residual, mask=None):
         """``h = x + residual`` (x's dtype, rounded as NumPy's), then the layer's forward of
         h; returns ``(y, h)``. :meth:`backward` with ``dh=`` (the residual stream's
         gradient at h) then returns the gradient with respect to h, so to x and residual.
@@ -400,9 +409,9 @@ class _Norm(Layer):
         >>> y, h = ln.forward_add(x, x)
         >>> dh_total = ln.backward(np.ones_like(y), dh=np.ones_like(h))
         """
-        return self._forward(x, self._check_input(x), residual)
+        return self._forward(x, self._check_input(x), residual, mask)
 
-    def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None):
+    def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None, mask=None):
         track = self.track_running_stats
         return forward(x, be, self._mode, weight=self.weight, bias=self.bias, out=out,
                        running_mean=self.running_mean if track else None,
@@ -410,7 +419,7 @@ class _Norm(Layer):
                        momentum=checks.DEFAULT_MOMENTUM if self.decay is not None else momentum,
                        decay=self.decay, eps=eps, unbiased=self.unbiased,
                        estimate=self._estimate and training, sizes=self._sizes(x), comm=self._comm_or_none(),
-                       residual=residual, h_out=h_out)
+                       residual=residual, h_out=h_out, mask=mask)
 
     def _comm_or_none(self):
         return None
@@ -469,7 +478,7 @@ class _Norm(Layer):
                     "normalizes each input with that input's statistics")
         return super()._why_not_affine()
 
-    def _forward(self, x, be, residual=None):
+    def _forward(self, x, be, residual=None, mask=None):
         """forward for an x that :meth:`_check_input` accepted (``be``: its backend); with
         ``residual``, forward_add's (y, h)."""
         track = self.track_running_stats
@@ -484,7 +493,7 @@ class _Norm(Layer):
             if isinstance(residual, type(x)) and residual.shape == x.shape:  # else the call says what is wrong
                 h_out = self._buffer("_h_buffer", x.shape, x.dtype, *inputs)
         got = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x),
-                              residual, h_out)
+                              residual, h_out, mask)
         if training and track and (x.size or self._comm_or_none() is not None):
             self.num_batches_tracked += 1  # an empty batch (on its own) is not one
         self._cache = got[-1]
@@ -834,10 +843,10 @@ class _LastAxesNorm(_Norm):
         checks.trailing_shape("x", x, self.normalized_shape)
         return be
 
-    def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None):
+    def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None, mask=None):
         # the mode's spec has one parameter axis: last_axes views x as (..., prod(shape))
         return last_axes(x, be, self._mode, self.normalized_shape, self.weight, self.bias, eps, out, blame="x",
-                         residual=residual, h_out=h_out)
+                         residual=residual, h_out=h_out, mask=mask)
 
 
 @document(params=["normalized_shape", "eps", "elementwise_affine", "ln_bias=bias", "dtype", "param_dtype"], attributes=_PARAM_ATTRS, param_shape="normalized_shape")
@@ -1014,16 +1023,17 @@ class BatchChannelNorm(Layer):
     def reuse_buffers(self, value):
         self.batch_norm.reuse_buffers = self.channel_norm.reuse_buffers = bool(value)
 
-    def forward(self, x):
-        """y = channel_norm(batch_norm(x)); x is checked once, for both."""
-        return self._both(x, None)
+    def forward(self, x, mask=None):
+        """y = channel_norm(batch_norm(x)); x is checked once, for both. ``mask``: both
+        statistics over its True elements (see :meth:`BatchNorm2d.forward`)."""
+        return self._both(x, None, mask)
 
-    def forward_add(self, x, residual):
+    def forward_add(self, x, residual, mask=None):
         """``h = x + residual``, then y = channel_norm(batch_norm(h)); returns ``(y, h)``
         (see :meth:`BatchNorm2d.forward_add`)."""
-        return self._both(x, residual)
+        return self._both(x, residual, mask)
 
-    def _both(self, x, residual):
+    def _both(self, x, residual, mask=None):
         be = self.channel_norm._check_input(x)
         bn = self.batch_norm
         saved = None
@@ -1031,9 +1041,9 @@ class BatchChannelNorm(Layer):
             saved = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked, bn._cache)
         try:
             if residual is None:
-                return self.channel_norm._forward(bn._forward(x, be), be)
-            z, h = bn._forward(x, be, residual)
-            return self.channel_norm._forward(z, be), h
+                return self.channel_norm._forward(bn._forward(x, be, mask=mask), be, mask=mask)
+            z, h = bn._forward(x, be, residual, mask)
+            return self.channel_norm._forward(z, be, mask=mask), h
         except BaseException:
             if saved is not None:  # one forward is atomic: undo the first step's update
                 bn.running_mean[...], bn.running_var[...] = saved[0], saved[1]

@@ -28,6 +28,7 @@ class EmulatedCuda(Backend):
     place = "GPU"
     fused_forward = gpu.CudaBackend.fused_forward
     fused_backward = gpu.CudaBackend.fused_backward
+    masked_groups = gpu.CudaBackend.masked_groups
 
     def __init__(self, lib):
         super().__init__()
@@ -49,7 +50,7 @@ class EmulatedCuda(Backend):
                     # RawKernel passes bare pointers: the orchestration must hand over
                     # C-contiguous arrays of the kernel's types
                     assert a.flags.c_contiguous, f"{full}: non-contiguous argument"
-                    assert a.dtype.itemsize in (2, 4, 8), f"{full}: argument of dtype {a.dtype}"
+                    assert a.dtype.itemsize in (2, 4, 8) or a.dtype == np.uint8, f"{full}: argument of dtype {a.dtype}"
                     words.append(a.ctypes.data)
                 else:
                     assert isinstance(a, np.int64), f"{full}: scalar {a!r} is not an int64"

@@ -169,7 +169,7 @@ def test_batch_channel_norm_forward_is_atomic(monkeypatch):
     layer(x)
     before = layer.state_dict()
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise MemoryError("the second step failed")
     monkeypatch.setattr(layer.channel_norm, "_forward", fail)
     with pytest.raises(MemoryError):
@@ -207,7 +207,7 @@ def test_rms_norm_eps_none_is_the_machine_epsilon():
 @pytest.mark.parametrize("call", [lambda **k: nc.normalize(RNG.standard_normal((4, 3)), "batch_norm", **k),
                                   lambda **k: nc.normalize(RNG.standard_normal((2, 4, 3)), "group_norm", g=2, **k),
                                   lambda **k: nc.param_shapes("layer_norm", (4, 3), **k)])
-@pytest.mark.parametrize("kw", [{"trainig": False}, {"mask": np.ones((4, 3))}, {"zz": 3}])
+@pytest.mark.parametrize("kw", [{"trainig": False}, {"padding_mask": np.ones((4, 3))}, {"zz": 3}])
 def test_an_unknown_keyword_is_a_type_error_naming_it(call, kw):
     with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(kw))}'") as info:
         call(**kw)

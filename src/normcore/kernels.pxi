@@ -1751,8 +1751,11 @@ cdef extern from "simd.h" nogil:
     void nc_masked_dx_row(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t n,
                           double mu, double k1, double k2, double k3)
     void nc_masked_dx_cols(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t rows,
-                           Py_ssize_t ld, Py_ssize_t tw, const void* mu, const void* k1, const void* k2,
-                           const void* k3)
+                           Py_ssize_t ld, Py_ssize_t tw, const void* coefs, Py_ssize_t R, Py_ssize_t c0)
+    void* nc_masked_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3,
+                             Py_ssize_t R)
+    void* nc_masked_dx_coefs64(const double* mean, const double* k1, const double* k2, const double* k3,
+                               Py_ssize_t R)
     void nc_masked_dx_inner_row(const void* dy, const void* x, const unsigned char* m, void* dx,
                                 Py_ssize_t n, double mu, double rs, const double* w, double m1, double m2)
 
@@ -1866,7 +1869,7 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, Py_ssi
 def masked_dx_rows(dy, x, mask, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx, int threads):
     """IN dy, x (A, R, S) T, mask (A, R, S) uint8, mean, k1, k2, k3 (R,) float64; OUT dx
     (A, R, S) T: dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] where counted, dy * k1[r]
-    elsewhere (float32 and the half types in float, float64 in double)."""
+    elsewhere, in dx_rows' arithmetic."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
@@ -1874,52 +1877,42 @@ def masked_dx_rows(dy, x, mask, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx,
     cdef const double* c1 = <const double*>_in(k1, F64)
     cdef const double* c2 = <const double*>_in(k2, F64)
     cdef const double* c3 = <const double*>_in(k3, F64)
-    cdef Py_ssize_t R = d[1], i
-    cdef float* cf = NULL
+    cdef void* coefs = NULL
     try:
-        if T != cnp.NPY_FLOAT64 and d[2] == 1:  # the column tiles' coefficients in float, once
-            cf = <float*>malloc(<size_t>(4 * max(R, 1)) * sizeof(float))
-            if cf == NULL:
+        if d[2] == 1:  # the column tiles' coefficients, once
+            coefs = nc_masked_dx_coefs64(mu, c1, c2, c3, d[1]) if T == F64 else \
+                nc_masked_dx_coefs(mu, c1, c2, c3, d[1])
+            if coefs == NULL:
                 raise MemoryError()
-            for i in range(R):
-                cf[i] = <float>mu[i]
-                cf[R + i] = <float>c1[i]
-                cf[2 * R + i] = <float>c2[i]
-                cf[3 * R + i] = <float>c3[i]
         if T == cnp.NPY_FLOAT32:
-            _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, d[0], R, d[2], mu, c1, c2, c3,
-                            cf, rows_per_block, <float*>_out(dx, T), threads)
+            _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2, c3,
+                            coefs, rows_per_block, <float*>_out(dx, T), threads)
         elif T == HALF:
-            _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, d[0], R, d[2], mu, c1, c2,
-                            c3, cf, rows_per_block, <nc_f16*>_out(dx, T), threads)
+            _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2,
+                            c3, coefs, rows_per_block, <nc_f16*>_out(dx, T), threads)
         elif T == BF16:
-            _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, d[0], R, d[2], mu, c1, c2,
-                            c3, cf, rows_per_block, <nc_bf16*>_out(dx, T), threads)
+            _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2,
+                            c3, coefs, rows_per_block, <nc_bf16*>_out(dx, T), threads)
         else:
-            _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, d[0], R, d[2], mu, c1, c2,
-                            c3, NULL, rows_per_block, <double*>_out(dx, T), threads)
+            _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2,
+                            c3, coefs, rows_per_block, <double*>_out(dx, T), threads)
     finally:
-        free(cf)
+        free(coefs)
 
 
 cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned char* m, Py_ssize_t A,
                           Py_ssize_t R, Py_ssize_t S, const double* mean, const double* k1, const double* k2,
-                          const double* k3, const float* cf, Py_ssize_t rpb, floating* dx,
+                          const double* k3, const void* coefs, Py_ssize_t rpb, floating* dx,
                           int threads) noexcept nogil:
-    cdef Py_ssize_t i, a, r, t, o, tw
+    cdef Py_ssize_t i, a, r, t, o
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
             for t in range((R + TILE - 1) // TILE):
                 r = t * TILE
                 o = a * R + r
-                tw = _block_rows(t, TILE, R)
-                if floating is double:
-                    nc_masked_dx_cols(dy + o, x + o, m + o, dx + o, _block_rows(i, rpb, A), R, tw, mean + r,
-                                      k1 + r, k2 + r, k3 + r)
-                else:
-                    nc_masked_dx_cols(dy + o, x + o, m + o, dx + o, _block_rows(i, rpb, A), R, tw, cf + r,
-                                      cf + R + r, cf + 2 * R + r, cf + 3 * R + r)
+                nc_masked_dx_cols(dy + o, x + o, m + o, dx + o, _block_rows(i, rpb, A), R, _block_rows(t, TILE, R),
+                                  coefs, R, r)
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r = i % R

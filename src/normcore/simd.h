@@ -1441,43 +1441,99 @@ NC_COL_MASKED_SUMS(nc_col_masked_sums_h16, nc_f16)
 NC_COL_MASKED_SUMS(nc_col_masked_sums_b16, nc_bf16)
 #define nc_col_masked_sums(x, ...) NC_BY_TYPE(x, nc_col_masked_sums)((x), __VA_ARGS__)
 
-/* Element access in the masked passes' arithmetic A (float, or double for float64). */
-#define NC_LDA_f32(p, i) ((p)[i])
-#define NC_LDA_f64(p, i) ((p)[i])
-#define NC_LDA_h16(p, i) nc_f16_f((p)[i])
-#define NC_LDA_b16(p, i) nc_bf16_f((p)[i])
-#define NC_STA_f32(p, i, v) ((p)[i] = (v))
-#define NC_STA_f64(p, i, v) ((p)[i] = (v))
-#define NC_STA_h16(p, i, v) ((p)[i] = nc_f_f16(v))
-#define NC_STA_b16(p, i, v) ((p)[i] = nc_f_bf16(v))
+/* dx = dy * k1 + (counted ? (x - mu) * k2 + k3 : 0), the plain dx passes' arithmetic
+ * (nc_dx_coef: in the FMA builds float32 with the mean rounded to m, its rounding folded
+ * into a3 and k1 as hi + lo; in the baseline double), on one row with scalar coefficients
+ * (_row) or a column tile with per-column ones (_cols: nc_masked_dx_coefs' R columns,
+ * the tile's first at c0). */
+#if defined(__FMA__)
+typedef float nc_mdx_t;
+#define NC_MDX_STAT(xv, m, a2, a3) NC_FMAF((xv) - (m), (a2), (a3))
+#define NC_MDX(g, h, l, t) NC_FMAF((g), (h), NC_FMAF((g), (l), (t)))
+#define NC_MDX_OF(c) (c).m, (c).h, (c).l, (c).a2, (c).a3
+#else
+typedef double nc_mdx_t;
+#define NC_MDX_STAT(xv, m, a2, a3) (((xv) - (m)) * (a2) + (a3))
+#define NC_MDX(g, h, l, t) ((g) * (h) + (t))
+#define NC_MDX_OF(c) (c).mu, (c).k1, 0.0, (c).k2, (c).k3
+#endif
 
-/* dx = dy * k1 + (counted ? (x - mu) * k2 + k3 : 0): one row with scalar coefficients
- * (_row), or a column tile with per-column ones in A (_cols). */
-#define NC_MASKED_DX(SUF, T, A)                                                                   \
+static inline void* nc_masked_dx_coefs(const double* mean, const double* k1, const double* k2,
+                                       const double* k3, ptrdiff_t R) {
+    nc_mdx_t* c = (nc_mdx_t*)malloc((size_t)(R > 0 ? R : 1) * 5 * sizeof(nc_mdx_t));
+    if (c)
+        for (ptrdiff_t r = 0; r < R; ++r) {
+            const nc_dx_c d = nc_dx_coef(mean[r], k1[r], k2[r], k3[r]);
+            const nc_mdx_t v[5] = {NC_MDX_OF(d)};
+            for (int j = 0; j < 5; ++j)
+                c[j * R + r] = v[j];
+        }
+    return c;
+}
+
+/* the same five arrays in double, for float64 storage (mu, k1, 0, k2, k3) */
+static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, const double* k2,
+                                         const double* k3, ptrdiff_t R) {
+    double* c = (double*)malloc((size_t)(R > 0 ? R : 1) * 5 * sizeof(double));
+    if (c)
+        for (ptrdiff_t r = 0; r < R; ++r) {
+            c[r] = mean[r];
+            c[R + r] = k1[r];
+            c[2 * R + r] = 0.0;
+            c[3 * R + r] = k2[r];
+            c[4 * R + r] = k3[r];
+        }
+    return c;
+}
+
+/* A: the arithmetic; COEF: the row's five coefficients from (mu, k1, k2, k3); STAT, DX as
+ * NC_MDX_STAT, NC_MDX */
+#define NC_MASKED_DX(SUF, T, A, COEF, STAT, DX)                                                   \
     static inline void nc_masked_dx_row_##SUF(const T* dy, const T* x, const unsigned char* m,    \
                                               T* dx, ptrdiff_t n, double mu, double k1, double k2, \
                                               double k3) {                                        \
-        const A u = (A)mu, a1 = (A)k1, a2 = (A)k2, a3 = (A)k3;                                    \
+        A c[5];                                                                                   \
+        COEF(c, mu, k1, k2, k3);                                                                  \
         for (ptrdiff_t i = 0; i < n; ++i) {                                                       \
-            const A t = (NC_LDA_##SUF(x, i) - u) * a2 + a3;                                       \
-            NC_STA_##SUF(dx, i, NC_LDA_##SUF(dy, i) * a1 + (m[i] ? t : (A)0));                    \
+            const A t = STAT((A)NC_TOD_##T(x[i]), c[0], c[3], c[4]);                              \
+            const A g = (A)NC_TOD_##T(dy[i]);                                                     \
+            nc_put_##SUF(dx, i, DX(g, c[1], c[2], m[i] ? t : (A)0));                              \
         }                                                                                         \
     }                                                                                             \
     static inline void nc_masked_dx_cols_##SUF(const T* dy, const T* x, const unsigned char* m,   \
                                                T* dx, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,  \
-                                               const A* mu, const A* k1, const A* k2, const A* k3) { \
+                                               const void* coefs, ptrdiff_t R, ptrdiff_t c0) {     \
+        const A* cm = (const A*)coefs + c0;                                                       \
+        const A *ch = cm + R, *cl = cm + 2 * R, *c2 = cm + 3 * R, *c3 = cm + 4 * R;               \
         for (ptrdiff_t r = 0; r < rows; ++r) {                                                    \
             const ptrdiff_t o = r * ld;                                                           \
             for (ptrdiff_t c = 0; c < tw; ++c) {                                                  \
-                const A t = (NC_LDA_##SUF(x, o + c) - mu[c]) * k2[c] + k3[c];                     \
-                NC_STA_##SUF(dx, o + c, NC_LDA_##SUF(dy, o + c) * k1[c] + (m[o + c] ? t : (A)0)); \
+                const A t = STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]);                   \
+                const A g = (A)NC_TOD_##T(dy[o + c]);                                             \
+                nc_put_##SUF(dx, o + c, DX(g, ch[c], cl[c], m[o + c] ? t : (A)0));                \
             }                                                                                     \
         }                                                                                         \
     }
-NC_MASKED_DX(f32, float, float)
-NC_MASKED_DX(f64, double, double)
-NC_MASKED_DX(h16, nc_f16, float)
-NC_MASKED_DX(b16, nc_bf16, float)
+#define NC_MDX_COEF(c, mu, k1, k2, k3)                       \
+    do {                                                     \
+        const nc_dx_c d_ = nc_dx_coef((mu), (k1), (k2), (k3)); \
+        const nc_mdx_t v_[5] = {NC_MDX_OF(d_)};              \
+        memcpy((c), v_, sizeof v_);                          \
+    } while (0)
+#define NC_MDX64_COEF(c, mu, k1, k2, k3) \
+    do {                                 \
+        (c)[0] = (mu);                   \
+        (c)[1] = (k1);                   \
+        (c)[2] = 0.0;                    \
+        (c)[3] = (k2);                   \
+        (c)[4] = (k3);                   \
+    } while (0)
+#define NC_MDX64_STAT(xv, m, a2, a3) (((xv) - (m)) * (a2) + (a3))
+#define NC_MDX64(g, h, l, t) ((g) * (h) + (t))
+NC_MASKED_DX(f32, float, nc_mdx_t, NC_MDX_COEF, NC_MDX_STAT, NC_MDX)
+NC_MASKED_DX(h16, nc_f16, nc_mdx_t, NC_MDX_COEF, NC_MDX_STAT, NC_MDX)
+NC_MASKED_DX(b16, nc_bf16, nc_mdx_t, NC_MDX_COEF, NC_MDX_STAT, NC_MDX)
+NC_MASKED_DX(f64, double, double, NC_MDX64_COEF, NC_MDX64_STAT, NC_MDX64)
 #define nc_masked_dx_row(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_row)((dy), __VA_ARGS__)
 #define nc_masked_dx_cols(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_cols)((dy), __VA_ARGS__)
 

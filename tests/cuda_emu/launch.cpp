@@ -143,7 +143,9 @@ static std::map<std::string, void*> table() {
     NC_ENTRY(nc_dx_rows, T, tag) NC_ENTRY(nc_affine_inner, T, tag) NC_ENTRY(nc_row_sums_inner, T, tag) \
     NC_ENTRY(nc_param_sums_inner, T, tag) NC_ENTRY(nc_dx_inner, T, tag)                             \
     NC_ENTRY(nc_moments_cols, T, tag) NC_ENTRY(nc_sums_cols, T, tag) NC_ENTRY(nc_affine_cols, T, tag) \
-    NC_ENTRY(nc_dx_cols, T, tag) NC_ENTRY(nc_normalize_groups, T, tag) NC_ENTRY(nc_add, T, tag)
+    NC_ENTRY(nc_dx_cols, T, tag) NC_ENTRY(nc_normalize_groups, T, tag) NC_ENTRY(nc_add, T, tag)          \
+    NC_ENTRY(nc_masked_moments_rows, T, tag) NC_ENTRY(nc_masked_moments_cols, T, tag)               \
+    NC_ENTRY(nc_masked_dx_rows, T, tag) NC_ENTRY(nc_masked_dx_cols, T, tag) NC_ENTRY(nc_masked_dx_inner, T, tag)
     NC_ENTRIES(float, "float")
     NC_ENTRIES(double, "double")
     NC_ENTRIES(nc_f16, "nc_f16")
