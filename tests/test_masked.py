@@ -1,0 +1,297 @@
+"""Masked statistics (mask=): equal to the unmasked statistics of the compacted data, for
+the functional API, the forms, the layers, synchronized ranks and every dtype; the rules
+for groups with too few counted elements; bad masks. The float64 reference, central
+differences and the "masked-out elements never count" property run for every mode in the
+property suite (normcore.testing.check_mode)."""
+import numpy as np
+import pytest
+
+import normcore as nc
+import normcore.functional as F
+from normcore.testing import TOLERANCE, assert_close, run_ranks
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+RNG = np.random.default_rng(21)
+DTYPES = [np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16)]
+
+
+def _lengths_mask(lengths, T):
+    """(B, T, 1) True on the first lengths[b] steps of sequence b."""
+    return (np.arange(T)[None, :] < np.asarray(lengths)[:, None])[:, :, None]
+
+
+def _close(a, b, dtype, what, scale=0.0):
+    assert_close(np.asarray(a, np.float64), np.asarray(b, np.float64), np.dtype(dtype), what, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.name)
+@pytest.mark.parametrize("shape", [(5, 9, 7), (64, 40, 33)])  # small; column blocks and tiles
+def test_batch_norm_over_padded_sequences_is_batch_norm_of_the_real_steps(dtype, shape):
+    B, T, C = shape
+    x = (1 + RNG.standard_normal(shape)).astype(dtype)
+    x[:, -2:] = 1e3  # padding far off the data: any leak shows
+    lengths = RNG.integers(2, T - 1, B)
+    mask = _lengths_mask(lengths, T)
+    pdtype = np.float32 if dtype.itemsize == 2 else dtype
+    w, b = (RNG.standard_normal(C).astype(pdtype) for _ in range(2))
+    run = {"running_mean": np.zeros(C, pdtype), "running_var": np.ones(C, pdtype)}
+    run0 = {k: v.copy() for k, v in run.items()}
+    y, cache = nc.normalize(x, "batch_norm_channels_last", weight=w, bias=b, mask=mask, **run)
+    real = mask[..., 0]
+    y0, cache0 = nc.normalize(x[real], "batch_norm_channels_last", weight=w, bias=b, **run0)
+    _close(y[real], y0, dtype, "y on the real steps")
+    for k in run:
+        _close(run[k], run0[k], pdtype, k)
+    dy = RNG.standard_normal(shape).astype(dtype)
+    dy[~real] = 0  # the loss ignores the padding
+    dx, dw, db = nc.backward(dy, cache)
+    dx0, dw0, db0 = nc.backward(dy[real], cache0)
+    scale = float(np.abs(dy.astype(np.float64)).max() * np.abs(w.astype(np.float64)).max() * cache0.rstd.max())
+    _close(dx[real], dx0, dtype, "dx on the real steps", scale=scale)
+    _close(dw, dw0, pdtype, "dweight", scale=float(np.abs(dw0.astype(np.float64)).max()))
+    _close(db, db0, pdtype, "dbias")
+    # the padding receives only the direct term rstd * w * dy (here 0)
+    assert not np.asarray(dx[~real], np.float64).any()
+
+
+@pytest.mark.parametrize("mode, make", [
+    ("instance_norm", lambda x, L: nc.normalize(x[:, :, :L], "instance_norm")),
+    ("group_norm", lambda x, L: nc.normalize(x[:, :, :L], "group_norm", g=2)),
+    ("layer_norm_channels", None),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_per_sample_statistics_over_variable_lengths(mode, make, dtype):
+    # (B, C, T) audio-like input with a (B, 1, T) lengths mask: each sample's statistics are
+    # those of its own cropped sample
+    B, C, T = 4, 6, 50
+    x = (3 + RNG.standard_normal((B, C, T))).astype(dtype)
+    lengths = [50, 31, 7, 2]
+    mask = (np.arange(T) < np.array(lengths)[:, None])[:, None, :]
+    if make is None:  # a user mode: layer norm over (C, T) of each sample
+        if "user_ct_norm" not in nc.modes():
+            nc.register_mode("user_ct_norm", "n c t -> n")
+        mode, make = "user_ct_norm", lambda x, L: nc.normalize(x[:, :, :L], "user_ct_norm")
+    kw = {"g": 2} if mode == "group_norm" else {}
+    y, cache = nc.normalize(x, mode, mask=mask, **kw)
+    dy = RNG.standard_normal(x.shape).astype(dtype) * mask
+    dx, _, _ = nc.backward(dy, cache)
+    for i, L in enumerate(lengths):
+        yi, ci = make(x[i:i + 1], L)
+        _close(y[i:i + 1, :, :L], yi, dtype, f"y of sample {i}")
+        dxi, _, _ = nc.backward(np.ascontiguousarray(dy[i:i + 1, :, :L]), ci)
+        _close(dx[i:i + 1, :, :L], dxi, dtype, f"dx of sample {i}", scale=float(np.abs(dxi).max()))
+
+
+def test_a_group_without_counted_elements_outputs_its_bias_and_passes_no_gradient():
+    x = RNG.standard_normal((3, 4, 5)).astype(np.float32)
+    mask = np.ones((3, 1, 5), bool)
+    mask[1] = False  # sample 1 has nothing counted
+    w, b = RNG.standard_normal(4).astype(np.float32), RNG.standard_normal(4).astype(np.float32)
+    for mode, kw in (("instance_norm", {}), ("group_norm", {"g": 2})):
+        y, cache = nc.normalize(x, mode, weight=w, bias=b, mask=mask, **kw)
+        np.testing.assert_array_equal(y[1], np.broadcast_to(b[:, None], (4, 5)))
+        dx, dw, db = nc.backward(np.ones_like(y), cache)
+        assert not dx[1].any() and np.isfinite(dx).all()
+        assert np.isfinite(dw).all() and np.isfinite(db).all()
+
+
+def test_training_with_running_statistics_needs_two_counted_per_group():
+    x = RNG.standard_normal((4, 3, 6)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    mask = np.zeros(x.shape, bool)
+    mask[0, :, 0] = True  # one counted element per channel
+    for call in (lambda: nc.normalize(x, "batch_norm", running_mean=rm, running_var=rv, mask=mask),
+                 lambda: nc.BatchNorm1d(3)(x, mask=mask)):
+        with pytest.raises(ValueError, match="mask: group 0 has 1 counted element"):
+            call()
+        assert not rm.any() and (rv == 1).all()  # untouched
+    mask[1, :, 0] = True  # two: fine, and unbiased by 2 / (2 - 1)
+    nc.normalize(x, "batch_norm", running_mean=rm, running_var=rv, momentum=1.0, mask=mask)
+    pair = x[:2, :, 0].astype(np.float64)
+    np.testing.assert_allclose(rv, pair.var(axis=0, ddof=1), rtol=1e-6)
+    # without running statistics one counted element is allowed (variance 0)
+    y, _ = nc.normalize(x, "batch_norm", mask=mask[:1].repeat(4, 0) & (np.arange(4) == 0)[:, None, None])
+    assert np.isfinite(y).all()
+
+
+def test_eval_with_running_statistics_ignores_the_mask():
+    x = RNG.standard_normal((5, 3, 4)).astype(np.float32)
+    run = {"running_mean": RNG.standard_normal(3).astype(np.float32), "running_var": np.ones(3, np.float32)}
+    mask = RNG.random((5, 1, 4)) < 0.5
+    y, cache = nc.normalize(x, "batch_norm", training=False, mask=mask, **run)
+    y0, cache0 = nc.normalize(x, "batch_norm", training=False, **run)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(nc.backward(np.ones_like(y), cache)[0], nc.backward(np.ones_like(y), cache0)[0])
+
+
+def test_estimated_batch_norm_updates_from_the_masked_statistics():
+    x = (2 + RNG.standard_normal((6, 5, 3))).astype(np.float64)
+    mask = _lengths_mask([5, 4, 2, 5, 3, 2], 5)
+    rm, rv = np.zeros(3), np.ones(3)
+    nc.normalize(x, "batch_norm_channels_last", running_mean=rm, running_var=rv, momentum=1.0, estimate=True,
+                 mask=mask)
+    real = x[mask[..., 0]]
+    np.testing.assert_allclose(rm, real.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(rv, real.var(0, ddof=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("form, kw, mshape", [
+    (nc.batch_norm, {"training": True, "channel_axis": -1}, (6, 7, 1)),
+    (nc.layer_norm, {"normalized_shape": (7, 4)}, (6, 1, 1)),
+    (nc.rms_norm, {"normalized_shape": 4}, (6, 7, 1)),
+    (nc.group_norm, {"num_groups": 7}, (6, 7, 4)),
+    (nc.instance_norm, {}, (6, 1, 4)),
+])
+def test_forms_take_mask(form, kw, mshape):
+    shape = (6, 7, 4)
+    x = RNG.standard_normal(shape).astype(np.float32)
+    mask = RNG.random(mshape) < 0.6
+    mask.flat[0] = True
+    y, cache = form(x, **kw, mask=mask)
+    # changing x where not counted leaves y unchanged where counted
+    free = ~np.broadcast_to(mask, shape)
+    x2 = np.where(free, 1e4, x).astype(np.float32)
+    y2, _ = form(x2, **kw, mask=mask)
+    np.testing.assert_array_equal(y[~free], y2[~free])
+    assert nc.backward(np.ones_like(y), cache)[0].shape == shape
+    with pytest.raises(ValueError, match="mask: shape"):
+        form(x, **kw, mask=np.ones((5, 1, 1), bool))
+
+
+@pytest.mark.parametrize("layer, x_shape, mshape", [
+    (lambda: nc.BatchNorm1d(5, channel_axis=-1), (4, 9, 5), (4, 9, 1)),
+    (lambda: nc.BatchNorm2d(3), (4, 3, 5, 5), (4, 1, 5, 5)),
+    (lambda: nc.LayerNorm(5), (4, 9, 5), (4, 9, 1)),
+    (lambda: nc.RMSNorm((9, 5)), (4, 9, 5), (4, 9, 1)),
+    (lambda: nc.GroupNorm(2, 4), (3, 4, 10), (3, 1, 10)),
+    (lambda: nc.InstanceNorm1d(4, track_running_stats=True), (3, 4, 10), (3, 1, 10)),
+    (lambda: nc.BatchChannelNorm(4, 2), (6, 4, 10), (6, 1, 10)),
+    (lambda: nc.EstimatedBatchNorm(4), (6, 4, 10), (6, 1, 10)),
+])
+def test_layers_take_mask_in_forward_and_backward(layer, x_shape, mshape):
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    mask = RNG.random(mshape) < 0.7
+    mask.reshape(mshape[0], -1)[:, :2] = True
+    a, b = layer(), layer()
+    y = a(x, mask=mask)
+    free = ~np.broadcast_to(mask, x_shape)
+    y2 = b.forward(np.where(free, -50, x).astype(np.float32), mask=mask)
+    np.testing.assert_array_equal(y[~free], y2[~free])
+    dy = np.where(free, 0, RNG.standard_normal(x_shape)).astype(np.float32)
+    dx, dx2 = a.backward(dy), b.backward(dy)
+    np.testing.assert_array_equal(dx[~free], dx2[~free])
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(v, b.state_dict()[k], err_msg=k)
+    y3, h = layer().forward_add(x, x, mask=mask)
+    np.testing.assert_array_equal(h, x + x)
+
+
+def test_add_normalize_with_a_mask_is_normalize_of_the_sum():
+    x, r = (RNG.standard_normal((4, 6, 8)).astype(np.float32) for _ in range(2))
+    mask = RNG.random((4, 6, 1)) < 0.6
+    mask[:, :2] = True
+    for mode in ("layer_norm", "batch_norm_channels_last"):
+        y, h, cache = nc.add_normalize(x, r, mode, mask=mask)
+        y0, cache0 = nc.normalize(x + r, mode, mask=mask)
+        np.testing.assert_array_equal(y, y0)
+        dy, dh = RNG.standard_normal((2, 4, 6, 8)).astype(np.float32)
+        np.testing.assert_array_equal(nc.backward(dy, cache, dh=dh)[0], nc.backward(dy, cache0)[0] + dh)
+
+
+@pytest.mark.parametrize("mode", ["batch_norm", "batch_norm_channels_last"])
+def test_synchronized_ranks_may_mask_differently(mode):
+    shape = (7, 3, 6) if mode == "batch_norm" else (7, 6, 3)
+    x = (1 + RNG.standard_normal(shape)).astype(np.float64)
+    mshape = (7, 1, 6) if mode == "batch_norm" else (7, 6, 1)
+    mask = RNG.random(mshape) < 0.6
+    mask[:, ..., :1] = True
+    dy = RNG.standard_normal(shape) * mask
+    rm, rv = np.zeros(3), np.ones(3)
+    y, cache = nc.normalize(x, mode, running_mean=rm, running_var=rv, mask=mask)
+    dx, _, _ = nc.backward(dy, cache)
+    cuts = [slice(0, 3), slice(3, 3), slice(3, 7)]  # one rank holds no samples
+
+    def rank(comm):
+        s = cuts[comm.Get_rank()]
+        rmr, rvr = np.zeros(3), np.ones(3)
+        yr, c = nc.normalize(x[s], mode, running_mean=rmr, running_var=rvr, mask=mask[s], comm=comm)
+        return yr, nc.backward(dy[s], c)[0], rmr, rvr
+
+    out = run_ranks(3, rank)
+    np.testing.assert_allclose(np.concatenate([o[0] for o in out]), y, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([o[1] for o in out]), dx, atol=1e-12)
+    for o in out:
+        np.testing.assert_allclose(o[2], rm, atol=1e-14)
+        np.testing.assert_allclose(o[3], rv, atol=1e-14)
+
+
+def test_synchronized_ranks_must_all_pass_a_mask_or_none():
+    x = RNG.standard_normal((4, 3, 5))
+
+    def rank(comm):
+        m = np.ones((2, 1, 5), bool) if comm.Get_rank() == 0 else None
+        with pytest.raises(ValueError, match="mask given"):
+            nc.normalize(x[:2] if comm.Get_rank() == 0 else x[2:], "batch_norm", mask=m, comm=comm)
+        return True
+
+    assert all(run_ranks(2, rank))
+
+
+def test_sync_batch_norm_layer_takes_a_mask():
+    x = RNG.standard_normal((6, 3, 5)).astype(np.float32)
+    mask = RNG.random((6, 1, 5)) < 0.7
+    mask[..., 0] = True
+    whole = nc.BatchNorm1d(3)
+    y = whole(x, mask=mask)
+
+    def rank(comm):
+        bn = nc.SyncBatchNorm(3, comm=comm)
+        s = slice(0, 2) if comm.Get_rank() == 0 else slice(2, 6)
+        return bn(x[s], mask=mask[s]), bn.running_mean
+
+    (y0, rm0), (y1, rm1) = run_ranks(2, rank)
+    np.testing.assert_allclose(np.concatenate([y0, y1]), y, atol=1e-5)
+    np.testing.assert_allclose(rm0, whole.running_mean, atol=1e-6)
+    np.testing.assert_array_equal(rm0, rm1)
+
+
+@pytest.mark.parametrize("mask, error, match", [
+    (np.ones((4, 3, 5), np.float32), TypeError, "mask: expected a boolean array"),
+    (np.ones((4, 3, 5), np.uint8), TypeError, "mask: expected a boolean array"),
+    ([[True]], TypeError, "mask: expected a boolean numpy.ndarray"),
+    (True, TypeError, "mask: expected a boolean numpy.ndarray"),
+    (np.ones((4, 2, 5), bool), ValueError, r"mask: shape \(4, 2, 5\) does not broadcast to x's shape \(4, 3, 5\)"),
+    (np.ones((2, 4, 3, 5), bool), ValueError, "mask: shape"),
+])
+def test_bad_masks_raise_before_any_write(mask, error, match):
+    x = RNG.standard_normal((4, 3, 5)).astype(np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(error, match=match):
+        nc.normalize(x, "batch_norm", running_mean=rm, running_var=rv, mask=mask)
+    assert not rm.any() and (rv == 1).all()
+    layer = nc.BatchNorm1d(3)
+    with pytest.raises(error, match=match):
+        layer(x, mask=mask)
+    assert layer.num_batches_tracked == 0 and not layer.running_mean.any()
+
+
+def test_a_mask_changes_nothing_when_everything_is_counted():
+    for mode, shape, kw in (("layer_norm", (5, 40), {}), ("batch_norm", (8, 3, 6), {}),
+                            ("batch_norm_channels_last", (300, 20), {}), ("group_norm", (2, 4, 30), {"g": 2})):
+        x = (5 + RNG.standard_normal(shape)).astype(np.float32)
+        y, cache = nc.normalize(x, mode, mask=np.ones(shape, bool), **kw)
+        y0, cache0 = nc.normalize(x, mode, **kw)
+        tol = TOLERANCE[np.dtype(np.float32)]
+        np.testing.assert_allclose(y, y0, rtol=0, atol=3 * tol * np.abs(y0).max())
+        dy = RNG.standard_normal(shape).astype(np.float32)
+        d, d0 = nc.backward(dy, cache)[0], nc.backward(dy, cache0)[0]
+        np.testing.assert_allclose(d, d0, rtol=0, atol=3 * tol * np.abs(d0).max())
+
+
+def test_the_mask_travels_in_the_canonical_layout_as_bytes():
+    from normcore.masking import canonical_mask
+    from normcore.plan import make_plan
+    plan = make_plan(nc.get_mode("batch_norm"), (2, 3, 4))
+    m = canonical_mask(np.array([True, False])[:, None, None], plan, np, F._canonical)
+    assert m.dtype == np.uint8 and m.shape == plan.kernel_shape and m.flags.c_contiguous
+    assert m[0].all() and not m[1].any()
