@@ -35,6 +35,7 @@ class EmulatedCuda(Backend):
         self.K = gpu.CudaKernels(self._lookup)
         self._lib = lib
         self.launches = 0
+        self.launched = set()  # kernel names
         self.dtypes = gpu.storage_dtypes()
 
     def threads_for(self, size):
@@ -60,6 +61,7 @@ class EmulatedCuda(Backend):
                                          (ctypes.c_uint64 * len(words))(*words))
             assert rc == 0, f"unknown kernel {full} or bad argument count"
             self.launches += 1
+            self.launched.add(name)
         return launch
 
 

@@ -64,6 +64,27 @@ def test_emulated_gpu_matches_cpu_across_boundaries(request, mode, shape, sizes,
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode, shape, sizes", BOUNDARY_CASES)
+def test_emulated_gpu_masked_matches_cpu_across_boundaries(request, mode, shape, sizes, dtype):
+    # masks of every density per group (some groups empty), through the masked kernels
+    rng = np.random.default_rng(19)
+    x = (3 + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mask = rng.random(shape) < rng.random(shape[:2] + (1,) * (len(shape) - 2))
+    runs = {}
+    for where in ("cpu", "emulated"):
+        if where == "emulated":
+            be = request.getfixturevalue("emulated_gpu")
+        y, cache = nc.normalize(x, mode, mask=mask, **sizes)
+        runs[where] = (y, nc.backward(dy, cache)[0])
+    assert {"nc_masked_moments_rows", "nc_masked_moments_cols"} & be.launched
+    assert {"nc_masked_dx_rows", "nc_masked_dx_cols", "nc_masked_dx_inner"} & be.launched
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for a, b in zip(runs["emulated"], runs["cpu"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
+
+
 def test_emulated_gpu_float16_layer_norm(emulated_gpu):
     x = (2 + np.random.default_rng(10).standard_normal((8, 300))).astype(np.float16)
     w = np.random.default_rng(11).standard_normal(300).astype(np.float16)

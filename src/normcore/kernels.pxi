@@ -1844,16 +1844,24 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, Py_ssi
                                double* shift, int threads) noexcept nogil:
     # Each column of a block is shifted by its first counted row there (a member of the
     # data, as in _tile_col_moments); shift holds those values, one row per block.
-    cdef Py_ssize_t k, c, r, rows, o
+    cdef Py_ssize_t k, c, r, rows, o, left
     cdef double s, n
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         o = k * rpb * C
         rows = _block_rows(k, rpb, A)
+        for c in range(C):  # pcount: 1 once the column's shift is found (rows in order)
+            shift[k * C + c] = 0.0
+            pcount[k * C + c] = 0.0
+        left = C
+        r = 0
+        while r < rows and left > 0:
+            for c in range(C):
+                if pcount[k * C + c] == 0.0 and m[o + r * C + c] != 0:
+                    pcount[k * C + c] = 1.0
+                    shift[k * C + c] = nc_get(x, o + r * C + c)
+                    left = left - 1
+            r = r + 1
         for c in range(C):
-            r = 0
-            while r < rows and m[o + r * C + c] == 0:
-                r = r + 1
-            shift[k * C + c] = nc_get(x, o + r * C + c) if r < rows else 0.0
             pmean[k * C + c] = 0.0
             pm2[k * C + c] = 0.0
             pcount[k * C + c] = 0.0

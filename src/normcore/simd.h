@@ -1339,13 +1339,27 @@ static inline int nc_resident(const void* p, ptrdiff_t n) {
  * uncounted NaN or inf (padding) must not reach a sum. The elementwise dx passes compute
  * in float for float32 and the half types (as the plain passes), in double for float64. */
 typedef long long nc_v4l __attribute__((vector_size(NC_DL * 8)));
-typedef unsigned char nc_v4b __attribute__((vector_size(NC_DL)));
-#define NC_LANES_OF(dst, m)                                        \
-    do {                                                           \
-        nc_v4b b_;                                                 \
-        memcpy(&b_, (m), sizeof b_);                               \
-        dst = __builtin_convertvector(b_, nc_v4l) != (nc_v4l){0}; \
+/* dst = all ones in the lanes whose mask byte is nonzero (one widening load: GCC's generic
+ * byte-to-quadword conversion goes element by element) */
+#if defined(__AVX512F__)
+#define NC_WIDEN_BYTES(m) ((nc_v4l)_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)(m))))
+#elif defined(__AVX2__)
+#define NC_WIDEN_BYTES(m) ((nc_v4l)_mm256_cvtepu8_epi64(_mm_cvtsi32_si128(nc_load_u32(m))))
+static inline int nc_load_u32(const unsigned char* m) {
+    int v;
+    memcpy(&v, m, sizeof v);
+    return v;
+}
+#endif
+#if defined(__AVX512F__) || defined(__AVX2__)
+#define NC_LANES_OF(dst, m) dst = (NC_WIDEN_BYTES(m) != (nc_v4l){0})
+#else
+#define NC_LANES_OF(dst, m)                       \
+    do {                                          \
+        for (int l_ = 0; l_ < NC_DL; ++l_)        \
+            (dst)[l_] = (m)[l_] ? -1 : 0;         \
     } while (0)
+#endif
 
 /* Over the counted elements of p[0:n]: s1 = sum d, s2 = sum d * d with d = p[i] - k, and
  * their count; lanes and order as NC_SHIFTED_SUMS (k is a counted member: same bound). */
@@ -1406,34 +1420,37 @@ NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
     static inline void NAME(const T* x, const unsigned char* m, ptrdiff_t rows, ptrdiff_t ld,  \
                             ptrdiff_t tw, const double* k, double* s1, double* s2, double* cnt) { \
         const nc_v4l one = (nc_v4l)((nc_v4d){0} + 1.0);                                        \
-        ptrdiff_t c;                                                                           \
-        for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                             \
-            nc_v4d kk, a, b, n, d;                                                             \
-            nc_v4l sel;                                                                        \
-            NC_LOAD4_double(kk, k + c);                                                        \
-            NC_LOAD4_double(a, s1 + c);                                                        \
-            NC_LOAD4_double(b, s2 + c);                                                        \
-            NC_LOAD4_double(n, cnt + c);                                                       \
-            for (ptrdiff_t r = 0; r < rows; ++r) {                                             \
-                NC_LOAD4_##T(d, x + r * ld + c);                                               \
-                NC_LANES_OF(sel, m + r * ld + c);                                              \
-                d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                          \
-                a += d;                                                                        \
-                b += d * d;                                                                    \
-                n += (nc_v4d)(sel & one);                                                      \
-            }                                                                                  \
-            NC_STORE4_double(s1 + c, a);                                                       \
-            NC_STORE4_double(s2 + c, b);                                                       \
-            NC_STORE4_double(cnt + c, n);                                                      \
-        }                                                                                      \
-        for (; c < tw; ++c)                                                                    \
-            for (ptrdiff_t r = 0; r < rows; ++r)                                               \
-                if (m[r * ld + c]) {                                                           \
-                    const double e = NC_TOD_##T(x[r * ld + c]) - k[c];                         \
-                    s1[c] += e;                                                                \
-                    s2[c] += e * e;                                                            \
-                    cnt[c] += 1.0;                                                             \
+        ptrdiff_t r = 0, c;                                                                    \
+        for (; r < rows; r += 2) {                                                             \
+            const int both = r + 1 < rows; /* rows r and r + 1 per load of the accumulators */ \
+            for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                         \
+                nc_v4d kk, a, b, n, d;                                                         \
+                nc_v4l sel;                                                                    \
+                NC_LOAD4_double(kk, k + c);                                                    \
+                NC_LOAD4_double(a, s1 + c);                                                    \
+                NC_LOAD4_double(b, s2 + c);                                                    \
+                NC_LOAD4_double(n, cnt + c);                                                   \
+                for (int j = 0; j <= both; ++j) {                                              \
+                    NC_LOAD4_##T(d, x + (r + j) * ld + c);                                     \
+                    NC_LANES_OF(sel, m + (r + j) * ld + c);                                    \
+                    d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                      \
+                    a += d;                                                                    \
+                    b += d * d;                                                                \
+                    n += (nc_v4d)(sel & one);                                                  \
                 }                                                                              \
+                NC_STORE4_double(s1 + c, a);                                                   \
+                NC_STORE4_double(s2 + c, b);                                                   \
+                NC_STORE4_double(cnt + c, n);                                                  \
+            }                                                                                  \
+            for (; c < tw; ++c)                                                                \
+                for (int j = 0; j <= both; ++j)                                                \
+                    if (m[(r + j) * ld + c]) {                                                 \
+                        const double e = NC_TOD_##T(x[(r + j) * ld + c]) - k[c];               \
+                        s1[c] += e;                                                            \
+                        s2[c] += e * e;                                                        \
+                        cnt[c] += 1.0;                                                         \
+                    }                                                                          \
+        }                                                                                      \
     }
 NC_COL_MASKED_SUMS(nc_col_masked_sums_f32, float)
 NC_COL_MASKED_SUMS(nc_col_masked_sums_f64, double)
