@@ -989,7 +989,8 @@ cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, 
             if affine == NC_AFFINE_INNER:
                 nc_masked_dx_inner_row(dy + o, x + o, mask + o, dx + o, S, mu, rs, w + rp[r], m1, m2)
             else:
-                nc_masked_dx_row(dy + o, x + o, mask + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1)
+                nc_masked_dx_row(dy + o, x + o, mask + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, pf, pg,
+                                 mask + o + PF_AHEAD * B if pf != NULL else NULL)
         elif affine == NC_AFFINE_INNER:
             _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
                           wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg,
@@ -1744,12 +1745,14 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
 # ---------------------------------------------------------------------------------------
 
 cdef extern from "simd.h" nogil:
+    bint nc_any_counted(const unsigned char* m, Py_ssize_t n)
     void nc_masked_sums(const void* p, const unsigned char* m, Py_ssize_t n, double k, double* s1,
                         double* s2, double* cnt)
     void nc_col_masked_sums(const void* x, const unsigned char* m, Py_ssize_t rows, Py_ssize_t ld,
                             Py_ssize_t tw, const double* k, double* s1, double* s2, double* cnt)
     void nc_masked_dx_row(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t n,
-                          double mu, double k1, double k2, double k3)
+                          double mu, double k1, double k2, double k3, const void* pf1, const void* pf2,
+                          const unsigned char* pfm)
     void nc_masked_dx_cols(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t rows,
                            Py_ssize_t ld, Py_ssize_t tw, const void* coefs, Py_ssize_t R, Py_ssize_t c0)
     void* nc_masked_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3,
@@ -1855,11 +1858,12 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, Py_ssi
         left = C
         r = 0
         while r < rows and left > 0:
-            for c in range(C):
-                if pcount[k * C + c] == 0.0 and m[o + r * C + c] != 0:
-                    pcount[k * C + c] = 1.0
-                    shift[k * C + c] = nc_get(x, o + r * C + c)
-                    left = left - 1
+            if nc_any_counted(m + o + r * C, C):
+                for c in range(C):
+                    if pcount[k * C + c] == 0.0 and m[o + r * C + c] != 0:
+                        pcount[k * C + c] = 1.0
+                        shift[k * C + c] = nc_get(x, o + r * C + c)
+                        left = left - 1
             r = r + 1
         for c in range(C):
             pmean[k * C + c] = 0.0
@@ -1924,7 +1928,8 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r = i % R
-            nc_masked_dx_row(dy + i * S, x + i * S, m + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r])
+            nc_masked_dx_row(dy + i * S, x + i * S, m + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r],
+                             NULL, NULL, NULL)
 
 
 def masked_dx_inner(dy, x, mask, mean, rstd, rp, w, c1, c2, dx, int threads):

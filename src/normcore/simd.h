@@ -1361,6 +1361,55 @@ static inline int nc_load_u32(const unsigned char* m) {
     } while (0)
 #endif
 
+/* d = counted lanes ? d - kk : 0 and cnt += the counted lanes (a scalar: NC_MASK_SHIFTED),
+ * or n += 1.0 in the counted lanes (a vector: NC_MASK_SHIFTED_N). AVX-512 selects with a
+ * lane mask register: the widening load, one test and the masked subtraction. */
+#if defined(__AVX512F__)
+#define NC_KMASK_OF(k, m)                                                          \
+    do {                                                                           \
+        const __m512i w_ = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)(m))); \
+        k = _mm512_test_epi64_mask(w_, w_);                                        \
+    } while (0)
+#define NC_MASK_SHIFTED(d, kk, m, cnt)                                          \
+    do {                                                                        \
+        __mmask8 k_;                                                            \
+        NC_KMASK_OF(k_, m);                                                     \
+        (d) = (nc_v4d)_mm512_maskz_sub_pd(k_, (__m512d)(d), (__m512d)(kk));     \
+        (cnt) += __builtin_popcount((unsigned)k_);                              \
+    } while (0)
+#define NC_MASK_SHIFTED_N(d, kk, m, n)                                          \
+    do {                                                                        \
+        __mmask8 k_;                                                            \
+        NC_KMASK_OF(k_, m);                                                     \
+        (d) = (nc_v4d)_mm512_maskz_sub_pd(k_, (__m512d)(d), (__m512d)(kk));     \
+        (n) = (nc_v4d)_mm512_mask_add_pd((__m512d)(n), k_, (__m512d)(n), _mm512_set1_pd(1.0)); \
+    } while (0)
+#else
+#define NC_MASK_SHIFTED(d, kk, m, cnt)                       \
+    do {                                                     \
+        nc_v4l s_;                                           \
+        NC_LANES_OF(s_, m);                                  \
+        (d) = (nc_v4d)((nc_v4l)((d) - (kk)) & s_);           \
+        for (int l_ = 0; l_ < NC_DL; ++l_)                   \
+            (cnt) -= s_[l_];                                 \
+    } while (0)
+#define NC_MASK_SHIFTED_N(d, kk, m, n)                                  \
+    do {                                                                \
+        nc_v4l s_;                                                      \
+        NC_LANES_OF(s_, m);                                             \
+        (d) = (nc_v4d)((nc_v4l)((d) - (kk)) & s_);                      \
+        (n) += (nc_v4d)(s_ & (nc_v4l)((nc_v4d){0} + 1.0));              \
+    } while (0)
+#endif
+
+/* Whether any of the n mask bytes at m is nonzero (a padded row is skipped at this cost). */
+static inline int nc_any_counted(const unsigned char* m, ptrdiff_t n) {
+    unsigned char any = 0;
+    for (ptrdiff_t i = 0; i < n; ++i)
+        any |= m[i];
+    return any != 0;
+}
+
 /* Over the counted elements of p[0:n]: s1 = sum d, s2 = sum d * d with d = p[i] - k, and
  * their count; lanes and order as NC_SHIFTED_SUMS (k is a counted member: same bound). */
 #define NC_MASKED_SUMS(NAME, T)                                                               \
@@ -1368,35 +1417,25 @@ static inline int nc_load_u32(const unsigned char* m) {
                             double* s1, double* s2, double* cnt) {                             \
         const nc_v4d kk = (nc_v4d){0} + k;                                                     \
         nc_v4d a1[NC_ACC], a2[NC_ACC], d;                                                      \
-        nc_v4l ac[NC_ACC], sel;                                                                \
         ptrdiff_t i = 0;                                                                       \
         long long c = 0;                                                                       \
-        for (int j = 0; j < NC_ACC; ++j) {                                                     \
+        for (int j = 0; j < NC_ACC; ++j)                                                       \
             a1[j] = a2[j] = (nc_v4d){0};                                                       \
-            ac[j] = (nc_v4l){0};                                                               \
-        }                                                                                      \
         for (; i + NC_ACC * NC_DL <= n; i += NC_ACC * NC_DL) {                                 \
             _Pragma("GCC unroll 4") for (int j = 0; j < NC_ACC; ++j) {                         \
                 NC_LOAD4_##T(d, p + i + j * NC_DL);                                            \
-                NC_LANES_OF(sel, m + i + j * NC_DL);                                           \
-                d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                          \
+                NC_MASK_SHIFTED(d, kk, m + i + j * NC_DL, c);                                  \
                 a1[j] += d;                                                                    \
                 a2[j] = NC_VFMAD(d, d, a2[j]);                                                 \
-                ac[j] -= sel;                                                                  \
             }                                                                                  \
         }                                                                                      \
         for (; i + NC_DL <= n; i += NC_DL) {                                                   \
             NC_LOAD4_##T(d, p + i);                                                            \
-            NC_LANES_OF(sel, m + i);                                                           \
-            d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                              \
+            NC_MASK_SHIFTED(d, kk, m + i, c);                                                  \
             a1[0] += d;                                                                        \
             a2[0] = NC_VFMAD(d, d, a2[0]);                                                     \
-            ac[0] -= sel;                                                                      \
         }                                                                                      \
         double t1 = NC_ACC_TOTAL(a1), t2 = NC_ACC_TOTAL(a2);                                   \
-        for (int j = 0; j < NC_ACC; ++j)                                                       \
-            for (int l = 0; l < NC_DL; ++l)                                                    \
-                c += ac[j][l];                                                                 \
         for (; i < n; ++i)                                                                     \
             if (m[i]) {                                                                        \
                 const double e = NC_TOD_##T(p[i]) - k;                                         \
@@ -1419,24 +1458,20 @@ NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
 #define NC_COL_MASKED_SUMS(NAME, T)                                                            \
     static inline void NAME(const T* x, const unsigned char* m, ptrdiff_t rows, ptrdiff_t ld,  \
                             ptrdiff_t tw, const double* k, double* s1, double* s2, double* cnt) { \
-        const nc_v4l one = (nc_v4l)((nc_v4d){0} + 1.0);                                        \
         ptrdiff_t r = 0, c;                                                                    \
         for (; r < rows; r += 2) {                                                             \
             const int both = r + 1 < rows; /* rows r and r + 1 per load of the accumulators */ \
             for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                         \
                 nc_v4d kk, a, b, n, d;                                                         \
-                nc_v4l sel;                                                                    \
                 NC_LOAD4_double(kk, k + c);                                                    \
                 NC_LOAD4_double(a, s1 + c);                                                    \
                 NC_LOAD4_double(b, s2 + c);                                                    \
                 NC_LOAD4_double(n, cnt + c);                                                   \
                 for (int j = 0; j <= both; ++j) {                                              \
                     NC_LOAD4_##T(d, x + (r + j) * ld + c);                                     \
-                    NC_LANES_OF(sel, m + (r + j) * ld + c);                                    \
-                    d = (nc_v4d)((nc_v4l)(d - kk) & sel);                                      \
+                    NC_MASK_SHIFTED_N(d, kk, m + (r + j) * ld + c, n);                         \
                     a += d;                                                                    \
                     b += d * d;                                                                \
-                    n += (nc_v4d)(sel & one);                                                  \
                 }                                                                              \
                 NC_STORE4_double(s1 + c, a);                                                   \
                 NC_STORE4_double(s2 + c, b);                                                   \
@@ -1503,18 +1538,40 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
     return c;
 }
 
+/* The row pass runs in runs of NC_MDX_RUN elements (one mask line), each asking for the
+ * same run of a later group's x, dy and mask when given (the one-visit backward's next
+ * groups: its sums phase then finds them in cache). */
+#define NC_MDX_RUN 64
+#ifndef NC_PF_HINT
+#define NC_PF_HINT 2
+#endif
+#define NC_MDX_PREFETCH(a, b, m, size)                                      \
+    do {                                                                    \
+        for (size_t o_ = 0; o_ < NC_MDX_RUN * (size); o_ += 64) {           \
+            __builtin_prefetch((const char*)(a) + o_, 0, NC_PF_HINT);       \
+            __builtin_prefetch((const char*)(b) + o_, 0, NC_PF_HINT);       \
+        }                                                                   \
+        __builtin_prefetch((m), 0, NC_PF_HINT);                             \
+    } while (0)
+
 /* A: the arithmetic; COEF: the row's five coefficients from (mu, k1, k2, k3); STAT, DX as
  * NC_MDX_STAT, NC_MDX */
 #define NC_MASKED_DX(SUF, T, A, COEF, STAT, DX)                                                   \
     static inline void nc_masked_dx_row_##SUF(const T* dy, const T* x, const unsigned char* m,    \
                                               T* dx, ptrdiff_t n, double mu, double k1, double k2, \
-                                              double k3) {                                        \
+                                              double k3, const T* pf1, const T* pf2,              \
+                                              const unsigned char* pfm) {                         \
         A c[5];                                                                                   \
         COEF(c, mu, k1, k2, k3);                                                                  \
-        for (ptrdiff_t i = 0; i < n; ++i) {                                                       \
-            const A t = STAT((A)NC_TOD_##T(x[i]), c[0], c[3], c[4]);                              \
-            const A g = (A)NC_TOD_##T(dy[i]);                                                     \
-            nc_put_##SUF(dx, i, DX(g, c[1], c[2], m[i] ? t : (A)0));                              \
+        for (ptrdiff_t i0 = 0; i0 < n; i0 += NC_MDX_RUN) {                                        \
+            const ptrdiff_t e = i0 + NC_MDX_RUN < n ? i0 + NC_MDX_RUN : n;                        \
+            if (pf1) /* a later group's lines, as the plain passes ask for them */               \
+                NC_MDX_PREFETCH(pf1 + i0, pf2 + i0, pfm + i0, sizeof(T));                         \
+            for (ptrdiff_t i = i0; i < e; ++i) {                                                  \
+                const A t = STAT((A)NC_TOD_##T(x[i]), c[0], c[3], c[4]);                          \
+                const A g = (A)NC_TOD_##T(dy[i]);                                                 \
+                nc_put_##SUF(dx, i, DX(g, c[1], c[2], m[i] ? t : (A)0));                          \
+            }                                                                                     \
         }                                                                                         \
     }                                                                                             \
     static inline void nc_masked_dx_cols_##SUF(const T* dy, const T* x, const unsigned char* m,   \
@@ -1522,6 +1579,7 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
                                                const void* coefs, ptrdiff_t R, ptrdiff_t c0) {     \
         const A* cm = (const A*)coefs + c0;                                                       \
         const A *ch = cm + R, *cl = cm + 2 * R, *c2 = cm + 3 * R, *c3 = cm + 4 * R;               \
+        (void)cl; /* (a lo part only where the scale travels as hi + lo) */                     \
         for (ptrdiff_t r = 0; r < rows; ++r) {                                                    \
             const ptrdiff_t o = r * ld;                                                           \
             for (ptrdiff_t c = 0; c < tw; ++c) {                                                  \
