@@ -989,8 +989,8 @@ cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, 
             if affine == NC_AFFINE_INNER:
                 nc_masked_dx_inner_row(dy + o, x + o, mask + o, dx + o, S, mu, rs, w + rp[r], m1, m2)
             else:
-                nc_masked_dx_row(dy + o, x + o, mask + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, pf, pg,
-                                 mask + o + PF_AHEAD * B if pf != NULL else NULL)
+                nc_masked_dx_row(dy + o, x + o, mask + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf,
+                                 pg, mask + o + PF_AHEAD * B if pf != NULL else NULL)
         elif affine == NC_AFFINE_INNER:
             _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
                           wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg,
@@ -1751,7 +1751,7 @@ cdef extern from "simd.h" nogil:
     void nc_col_masked_sums(const void* x, const unsigned char* m, Py_ssize_t rows, Py_ssize_t ld,
                             Py_ssize_t tw, const double* k, double* s1, double* s2, double* cnt)
     void nc_masked_dx_row(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t n,
-                          double mu, double k1, double k2, double k3, const void* pf1, const void* pf2,
+                          double mu, double k1, double k2, double k3, int nt, const void* pf1, const void* pf2,
                           const unsigned char* pfm)
     void nc_masked_dx_cols(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t rows,
                            Py_ssize_t ld, Py_ssize_t tw, const void* coefs, Py_ssize_t R, Py_ssize_t c0)
@@ -1917,6 +1917,7 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
                           const double* k3, const void* coefs, Py_ssize_t rpb, floating* dx,
                           int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t, o
+    cdef bint nt = S > 1 and _streams(dx, A * R * S, sizeof(floating))
     if S == 1:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
@@ -1928,8 +1929,10 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r = i % R
-            nc_masked_dx_row(dy + i * S, x + i * S, m + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r],
+            nc_masked_dx_row(dy + i * S, x + i * S, m + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt,
                              NULL, NULL, NULL)
+    if nt:
+        nc_sfence()
 
 
 def masked_dx_inner(dy, x, mask, mean, rstd, rp, w, c1, c2, dx, int threads):

@@ -756,6 +756,21 @@ NC_COL_DY_SUMS(nc_col_dy_sums_b16, nc_bf16)
 
 static inline void nc_sfence(void) { _mm_sfence(); }
 
+/* t's lanes whose mask byte (of NC_FL at m) is 0 set to 0: the masked dx passes */
+#if NC_FL == 16
+#define NC_MASKF(t, m)                                                                   \
+    do {                                                                                 \
+        const __m128i b_ = _mm_loadu_si128((const __m128i*)(m));                         \
+        (t) = (nc_vf)_mm512_maskz_mov_ps(_mm_test_epi8_mask(b_, b_), (__m512)(t));       \
+    } while (0)
+#else
+#define NC_MASKF(t, m)                                                                        \
+    do {                                                                                      \
+        const __m256i w_ = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(m)));       \
+        (t) = (nc_vf)_mm256_and_ps((__m256)(t), _mm256_castsi256_ps(_mm256_cmpgt_epi32(w_, _mm256_setzero_si256()))); \
+    } while (0)
+#endif
+
 /* y = (x - mu) * s + t on one row. The per-row float32 coefficients come first (nc_affine_c):
  * made once per channel and shared by its rows where rows are short (nc_affine_coefs). */
 typedef struct { float m, h, l, t; } nc_affine_c;
@@ -1559,9 +1574,10 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
 #define NC_MASKED_DX(SUF, T, A, COEF, STAT, DX)                                                   \
     static inline void nc_masked_dx_row_##SUF(const T* dy, const T* x, const unsigned char* m,    \
                                               T* dx, ptrdiff_t n, double mu, double k1, double k2, \
-                                              double k3, const T* pf1, const T* pf2,              \
+                                              double k3, int nt, const T* pf1, const T* pf2,      \
                                               const unsigned char* pfm) {                         \
         A c[5];                                                                                   \
+        (void)nt; /* (streamed by the vector builds' float32 and half passes) */                 \
         COEF(c, mu, k1, k2, k3);                                                                  \
         for (ptrdiff_t i0 = 0; i0 < n; i0 += NC_MDX_RUN) {                                        \
             const ptrdiff_t e = i0 + NC_MDX_RUN < n ? i0 + NC_MDX_RUN : n;                        \
@@ -1609,7 +1625,24 @@ NC_MASKED_DX(f32, float, nc_mdx_t, NC_MDX_COEF, NC_MDX_STAT, NC_MDX)
 NC_MASKED_DX(h16, nc_f16, nc_mdx_t, NC_MDX_COEF, NC_MDX_STAT, NC_MDX)
 NC_MASKED_DX(b16, nc_bf16, nc_mdx_t, NC_MDX_COEF, NC_MDX_STAT, NC_MDX)
 NC_MASKED_DX(f64, double, double, NC_MDX64_COEF, NC_MDX64_STAT, NC_MDX64)
+#if defined(__FMA__)
+/* the rows of the float32 and half types through simd_pass.h's vector pass */
+#define NC_MASKED_DX_V(SUF, T)                                                                       \
+    static inline void nc_masked_dx_rowv_##SUF(const T* dy, const T* x, const unsigned char* m, T* dx,  \
+                                               ptrdiff_t n, double mu, double k1, double k2, double k3, \
+                                               int nt, const T* pf1, const T* pf2,                      \
+                                               const unsigned char* pfm) {                              \
+        const nc_dx_c c = nc_dx_coef(mu, k1, k2, k3);                                                 \
+        nc_masked_dx_row_v_##SUF(dy, x, m, dx, n, &c, nt, pf1, pf2, pfm);                             \
+    }
+NC_MASKED_DX_V(f32, float)
+NC_MASKED_DX_V(h16, nc_f16)
+NC_MASKED_DX_V(b16, nc_bf16)
+#define nc_masked_dx_rowv_f64 nc_masked_dx_row_f64
+#define nc_masked_dx_row(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_rowv)((dy), __VA_ARGS__)
+#else
 #define nc_masked_dx_row(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_row)((dy), __VA_ARGS__)
+#endif
 #define nc_masked_dx_cols(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_cols)((dy), __VA_ARGS__)
 
 /* Parameters along the row: dx = rs * (dy * w - (counted ? m1 + xhat * m2 : 0)), in double. */

@@ -130,6 +130,31 @@ static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* d
     NC_FN(nc_dx_inner_row_d)(dy, x, dx, n, mu, rs, w, m1, m2, nt, pf1, pf2, NULL);
 }
 
+/* Masked statistics (simd.h, "masked statistics"): dx = dy * k1 + (counted ? (x - mu) * k2
+ * + k3 : 0) on one row, mk one byte per element (NC_MASKF zeroes the uncounted lanes); pfm
+ * (or NULL) a later group's mask, asked for a line per 64 elements */
+static inline void NC_FN(nc_masked_dx_row_v)(const NC_T* dy, const NC_T* x, const unsigned char* mk, NC_T* dx,
+                                             ptrdiff_t n, const nc_dx_c* c, int nt, const NC_T* pf1,
+                                             const NC_T* pf2, const unsigned char* pfm) {
+    const float m = c->m, h = c->h, l = c->l, a2 = c->a2, a3 = c->a3;
+    const nc_vf vm = NC_SPLAT(m), vh = NC_SPLAT(h), vl = NC_SPLAT(l), v2 = NC_SPLAT(a2), v3 = NC_SPLAT(a3);
+    nc_vf g, t;
+#define V(i, v)                                                        \
+    do {                                                               \
+        if (pfm && ((i) & 63) < NC_FL)                                 \
+            __builtin_prefetch(pfm + (i), 0, NC_PF_HINT);              \
+        NC_LDX(g, dy + (i));                                           \
+        NC_LDX(v, x + (i));                                            \
+        t = NC_VFMA(v - vm, v2, v3);                                   \
+        NC_MASKF(t, mk + (i));                                         \
+        v = NC_VFMA(g, vh, NC_VFMA(g, vl, t));                         \
+    } while (0)
+#define S(i) NC_FMAF(NC_GETX(dy, i), h, NC_FMAF(NC_GETX(dy, i), l, mk[i] ? NC_FMAF(NC_GETX(x, i) - m, a2, a3) : 0.0f))
+    NC_PASS(dx, n, nt, pf1, pf2, V, S);
+#undef V
+#undef S
+}
+
 #undef NC_PLUS_DH
 #undef NC_PLUS_DHF
 #undef NC_SCALE2
