@@ -1,7 +1,8 @@
 """Masked statistics: normcore's forward + backward with mask= against the same call
 without a mask (target: masked <= 1.3x unmasked), and against PyTorch CPU (no masked
 normalization there: the masked statistics written with tensor operations under autograd,
-and F.batch_norm / F.group_norm unmasked), interleaved in one process.
+and F.batch_norm / F.group_norm unmasked), in one process: masked and unmasked normcore
+interleaved with each other, then PyTorch's steps interleaved with normcore's masked one.
 
     pip install -e ".[bench]" && pip install torch==2.13.0
     python bench/bench_mask.py --threads 2 [--repeats 15] [--json out.json]
@@ -10,7 +11,9 @@ Cases (float32, weight and bias, training, batch statistics; every call allocate
 outputs): batch norm over (B, T, C) = (64, 512, 256) sequences, channels last, with a
 (B, T, 1) mask of random lengths in [T/4, T]; group norm (32 groups) over (32, 256, 28, 28)
 with a (N, 1, H, W) mask of a random crop per image. One step is the forward and the
-backward (dx, dweight, dbias) from a fixed dy.
+backward (dx, dweight, dbias) from a fixed dy; reported with fresh outputs (every call
+allocates y and dx) and with y and dx written into kept buffers (out=), which takes the
+operating system's page faults on fresh outputs out of the comparison.
 """
 from __future__ import annotations
 
@@ -60,7 +63,20 @@ def _steps(shape, mode, sizes, mask):
         y, cache = nc.normalize(x, mode, **kw)
         return nc.backward(dy, cache)
 
-    fns = {"masked": masked, "unmasked": unmasked}
+    # the same with y and dx written into buffers kept between calls (out=, as layers with
+    # reuse_buffers do): no page faults of fresh outputs in either
+    o_y, o_dx = np.zeros_like(x), np.zeros_like(x)
+
+    def masked_buffers():
+        y, cache = nc.normalize(x, mode, mask=mask, out=o_y, **kw)
+        return nc.backward(dy, cache, out=o_dx)
+
+    def unmasked_buffers():
+        y, cache = nc.normalize(x, mode, out=o_y, **kw)
+        return nc.backward(dy, cache, out=o_dx)
+
+    fns = {"masked": masked, "unmasked": unmasked, "masked buffers": masked_buffers,
+           "unmasked buffers": unmasked_buffers}
     if torch is not None:
         tx = torch.from_numpy(x).requires_grad_()
         tw, tb = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
@@ -105,29 +121,42 @@ def _steps(shape, mode, sizes, mask):
 
 def measure(label, make, threads, repeats):
     shape, mode, sizes, mask, _ = make()
+    fns = _steps(shape, mode, sizes, mask)
     with threadpool_limits(threads):
         if torch is not None:
             torch.set_num_threads(threads)
-        t = interleaved_medians(_steps(shape, mode, sizes, mask), repeats)
+        # the target pair interleaved on its own (PyTorch's steps allocate hundreds of MB
+        # each, which changes what the next call finds in the allocator), then PyTorch's
+        # two beside normcore's masked step
+        t = interleaved_medians({k: fns[k] for k in ("masked", "unmasked", "masked buffers", "unmasked buffers")},
+                                repeats)
+        if torch is not None:
+            t2 = interleaved_medians({k: fns[k] for k in ("masked", "torch masked", "torch unmasked")}, repeats)
+            t.update({k: t2[k] for k in ("torch masked", "torch unmasked")})
+            t["masked (beside torch)"] = t2["masked"]
     row = {"case": label, "shape": list(shape), "mask shape": list(mask.shape),
            "counted": float(np.broadcast_to(mask, shape).mean()), "threads": threads, "dtype": "float32",
-           "masked ms": t["masked"], "unmasked ms": t["unmasked"], "masked / unmasked": t["masked"] / t["unmasked"]}
+           "masked ms": t["masked"], "unmasked ms": t["unmasked"], "masked / unmasked": t["masked"] / t["unmasked"],
+           "masked buffers ms": t["masked buffers"], "unmasked buffers ms": t["unmasked buffers"],
+           "buffers: masked / unmasked": t["masked buffers"] / t["unmasked buffers"]}
     for k in ("torch masked", "torch unmasked"):
         if k in t:
             row[f"{k} ms"] = t[k]
     if "torch masked" in t:
-        row["torch masked / masked"] = t["torch masked"] / t["masked"]
+        row["torch masked / masked"] = t["torch masked"] / t["masked (beside torch)"]
     return row
 
 
 def markdown(rows):
     out = ["| case | shape | mask | counted | threads | masked ms | unmasked ms | masked / unmasked | "
+           "with out= buffers: masked ms | unmasked ms | masked / unmasked | "
            "torch masked ms | torch unmasked ms | torch masked / masked |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['case']} | {tuple(r['shape'])} | {tuple(r['mask shape'])} | {r['counted']:.2f} | "
                    f"{r['threads']} | {r['masked ms']:.2f} | {r['unmasked ms']:.2f} | "
-                   f"{r['masked / unmasked']:.2f} | {r.get('torch masked ms', float('nan')):.2f} | "
+                   f"{r['masked / unmasked']:.2f} | {r['masked buffers ms']:.2f} | {r['unmasked buffers ms']:.2f} | "
+                   f"{r['buffers: masked / unmasked']:.2f} | {r.get('torch masked ms', float('nan')):.2f} | "
                    f"{r.get('torch unmasked ms', float('nan')):.2f} | "
                    f"{r.get('torch masked / masked', float('nan')):.2f} |")
     return "\n".join(out)
