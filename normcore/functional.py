@@ -105,8 +105,8 @@ class NormCache:
         # (x shape, parameter shape) the caller sees when a form presented the mode's
         # arrays under other shapes (layer norm over k axes: the mode over their product)
         self.view = None
-        # masked statistics (mask= in training): the uint8 mask in the canonical layout and
-        # the counted elements per group (all ranks); None without a mask
+        # masked statistics (mask= in training): the mask as the kernels read it
+        # (masking.MaskRows) and the counted elements per group (all ranks); None without
         self.mask = None
         self.counts = None
 
@@ -355,7 +355,7 @@ def _forward(call: _Forward, x):
     y_rows = _output(out, plan, call.dtype, xp)
     count = plan.count
     mean = var = rstd = None
-    mask3 = None if call.mask is None else masking.canonical_mask(call.mask, plan, xp, _canonical)
+    mask3 = None if call.mask is None else masking.mask_rows(call.mask, plan, call.be, _canonical)
     if call.use_batch:
         mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3, mask3)
         if h3 is not None:
@@ -481,22 +481,21 @@ def _sync_settings(call: _Forward):
 
 
 def _masked_moments(x3, mask3, plan: Plan, run: _Run):
-    """:func:`_moments` over the counted elements: ``(pmean, pm2, pcount)``, (K, C) each."""
+    """:func:`_moments` over the counted elements (``mask3``: masking.MaskRows):
+    ``(pmean, pm2, pcount)``, (K, C) each."""
     A, C, B = plan.layout
     xp = run.xp
-    if plan.strategy is Strategy.SCATTERED:
-        _, R, S = plan.rows
-        parts = [xp.empty((1, R)) for _ in range(3)]
-        run.K.masked_moments_rows(_shaped(x3, plan.rows), _shaped(mask3, plan.rows), *parts, run.threads)
-        return tuple(_by_group(p, plan, xp) for p in parts)
+    m = mask3
     if plan.strategy is Strategy.COLUMNS:
-        nb = len(plan.partial_counts)
-        parts = [xp.empty((nb, C)) for _ in range(3)]
-        run.K.masked_moments_cols(x3, mask3, plan.rows_per_block, *parts, run.threads)
-    else:
-        parts = [xp.empty((A, C)) for _ in range(3)]
-        run.K.masked_moments_rows(x3, mask3, *parts, run.threads)
-    return tuple(parts)
+        parts = [xp.empty((len(plan.partial_counts), C)) for _ in range(3)]
+        run.K.masked_moments_cols(x3, m.base, m.offsets, m.step, plan.rows_per_block, *parts, run.threads)
+        return tuple(parts)
+    R = plan.rows[1]
+    scattered = plan.strategy is Strategy.SCATTERED  # per-row partials, regrouped
+    parts = [xp.empty((A, R) if scattered else (A, C)) for _ in range(3)]
+    run.K.masked_moments_rows(_shaped(x3, plan.rows), m.base, m.offsets, m.step, 1 if scattered else R // C,
+                              *parts, run.threads)
+    return tuple(_by_group(p, plan, xp) for p in parts) if scattered else tuple(parts)
 
 
 def _by_group(p, plan: Plan, xp):
@@ -549,8 +548,9 @@ def _normalize_groups(call: _Forward, x3, mean, var, rstd, y_rows, run: _Run, r3
         b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
     rp = run.params_ix(plan)
     if mask3 is not None:
-        run.K.masked_normalize_groups(x3, mask3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps,
-                                      int(affine), rp, w, b, mean, var, rstd, counts, y_rows, run.threads)
+        run.K.masked_normalize_groups(x3, mask3.base, mask3.offsets, mask3.step, plan.rows[1] // plan.layout[1],
+                                      call.mode.center, call.eps, int(affine), rp, w, b, mean, var, rstd, counts,
+                                      y_rows, run.threads)
         return
     run.K.normalize_groups(x3, r3, h3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
                            rp, w, b, mean, var, rstd, y_rows, run.threads)
@@ -921,10 +921,11 @@ def _backward_one_visit(dy3, cache, dx_rows, run: _Run, dh3=None):
     pdw, pdb = xp.zeros(partials), xp.zeros(partials)
     rp = run.params_ix(plan)
     w64 = cache.weight_f64() if cache.has_weight else xp.ones(P)
-    if cache.mask is not None:
-        run.K.masked_backward_groups(dy3, cache.x3, cache.mask, cache.counts, R // C, cache.mode.center,
-                                     int(affine), rp, w64, cache.mean, cache.rstd, plan.groups_per_block,
-                                     row_dy, row_dyx, pdw, pdb, dx_rows, run.threads)
+    m = cache.mask
+    if m is not None:
+        run.K.masked_backward_groups(dy3, cache.x3, m.base, m.offsets, m.step, cache.counts, R // C,
+                                     cache.mode.center, int(affine), rp, w64, cache.mean, cache.rstd,
+                                     plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dx_rows, run.threads)
     else:
         run.K.backward_groups(dy3, cache.x3, R // C, cache.mode.center, int(affine), rp, w64,
                               cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
@@ -964,9 +965,10 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
     n = cache.count if cache.mask is None else masking.safe_counts(cache.counts, xp)
     mean_g = _per_row(group_g / n, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
     mean_gx = _per_row(group_gx / n, plan, run) if cache.stats_grad else xp.zeros(R)
-    if cache.mask is not None:
-        run.K.masked_dx_inner(dy_rows, x_rows, _shaped(cache.mask, plan.rows), mean_r, rstd_r, rp, w, mean_g,
-                              mean_gx, dx_rows, run.threads)
+    m = cache.mask
+    if m is not None:
+        run.K.masked_dx_inner(dy_rows, x_rows, m.base, m.offsets, m.step, mean_r, rstd_r, rp, w, mean_g, mean_gx,
+                              dx_rows, run.threads)
         return dw, db
     run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx,
                    None if dh3 is None else _shaped(dh3, plan.rows), dx_rows, run.threads)
@@ -1032,8 +1034,9 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
         n = masking.safe_counts(cache.counts, xp)
         run.K.dx_coefficients(group_g / n, group_gx / n, rg, rp, w, cache.has_weight, cache.rstd, 1.0,
                               cache.stats_grad, cache.mode.center, k1, k2, k3)
-        run.K.masked_dx_rows(dy_rows, x_rows, _shaped(cache.mask, plan.rows), mean_r, k1, k2, k3,
-                             plan.rows_per_block, dx_rows, run.threads)
+        m = cache.mask
+        run.K.masked_dx_rows(dy_rows, x_rows, m.base, m.offsets, m.step, plan.strategy is Strategy.COLUMNS,
+                             mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, run.threads)
         return (dw, db) if affine else (None, None)
     run.K.dx_coefficients(group_g, group_gx, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
                           cache.stats_grad, cache.mode.center, k1, k2, k3)

@@ -247,38 +247,43 @@ class CudaKernels:
                                                   (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2,
                                                    _i(0) if dh is None else dh, dx))
 
-    # -- masked statistics (mask: uint8 in x's canonical layout) ---------------------------
-    def masked_moments_rows(self, x, mask, pmean, pm2, pcount, threads):
-        A, C, B = x.shape
-        if A * C == 0:
+    # -- masked statistics (mask bytes by rows: m[off[r]], step 0 or 1; masking.MaskRows) --
+    def masked_moments_rows(self, x, mask, moff, mstep, J, pmean, pm2, pcount, threads):
+        A, R, S = x.shape
+        groups = A * (R // max(J, 1))
+        if groups == 0:
             return
-        self._fn("masked", "nc_masked_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
-                                                            (x, mask, _i(A * C), _i(B), pmean, pm2, pcount))
+        self._fn("masked", "nc_masked_moments_rows", x.dtype)(
+            _row_grid(groups), (_row_block(J * S),),
+            (x, mask, moff, _i(mstep), _i(groups), _i(J), _i(S), pmean, pm2, pcount))
 
-    def masked_moments_cols(self, x, mask, rpb, pmean, pm2, pcount, threads):
+    def masked_moments_cols(self, x, mask, moff, mstep, rpb, pmean, pm2, pcount, threads):
         A, C = x.shape
         if A * C == 0:
             return
-        self._fn("masked", "nc_masked_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
-                                                            (x, mask, _i(A), _i(C), _i(rpb), pmean, pm2, pcount))
+        self._fn("masked", "nc_masked_moments_cols", x.dtype)(
+            _col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
+            (x, mask, moff, _i(mstep), _i(A), _i(C), _i(rpb), pmean, pm2, pcount))
 
-    def masked_dx_rows(self, dy, x, mask, mean, k1, k2, k3, rpb, dx, threads):
+    def masked_dx_rows(self, dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rpb, dx, threads):
         A, R, S = x.shape
         if x.size == 0:
             return
-        if S == 1:
-            self._fn("masked", "nc_masked_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                                                           (dy, x, mask, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
+        if cols:
+            self._fn("masked", "nc_masked_dx_cols", x.dtype)(
+                _col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
+                (dy, x, mask, moff, _i(mstep), _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
         else:
             self._fn("masked", "nc_masked_dx_rows", x.dtype)(
-                _row_grid(A * R), (_row_block(S),), (dy, x, mask, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
+                _row_grid(A * R), (_row_block(S),),
+                (dy, x, mask, moff, _i(mstep), _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
 
-    def masked_dx_inner(self, dy, x, mask, mean, rstd, rp, w, c1, c2, dx, threads):
+    def masked_dx_inner(self, dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dx, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
-        self._fn("masked", "nc_masked_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                        (dy, x, mask, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
+        self._fn("masked", "nc_masked_dx_inner", x.dtype)(
+            _row_grid(R), (_row_block(S),), (dy, x, mask, moff, _i(mstep), _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
 
     # -- per-group algebra: array operations on the device (small, O(C + R) each) --------
     def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):

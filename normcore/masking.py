@@ -10,31 +10,108 @@ and the dx passes add the statistics terms where the element was counted:
 with g = w * dy and m the mask. A group with no counted element has rstd 0 (x̂ = 0, y its
 bias) and passes no gradient to x.
 
-The kernels read the mask as one byte per element in x's canonical layout
-(:func:`canonical_mask`); the per-partial counts they return merge here, on either
-backend's array module (:func:`finalize_counted`).
+The kernels read a mask as bytes (nonzero: counted) by rows of their own view of x: rows
+of S elements of the (A, R, S) layout, or of C elements of the column strategy's (A, C).
+:func:`mask_rows` gives, once per (plan, mask shape), where each row's bytes start in the
+caller's own (compact) mask and whether they advance along the row (step 1) or the row
+shares one byte (step 0: a (B, T, 1) mask over a channels-last (B, T, C) batch); so a
+mask that broadcasts is never expanded to x's size. Where no such description exists the
+mask is expanded in the canonical layout (offsets r * S, step 1). The per-partial counts
+the kernels return merge here, on either backend's array module (:func:`finalize_counted`).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-__all__ = ["canonical_mask", "merge_counted", "finalize_counted", "check_counts", "safe_counts"]
+__all__ = ["MaskRows", "mask_rows", "merge_counted", "finalize_counted", "check_counts", "safe_counts"]
 
 
-def canonical_mask(mask, plan, xp, canonical):
-    """``mask`` (boolean, broadcasting to the plan's input shape) as the C-contiguous uint8
-    array of ``plan.kernel_shape`` the kernels read (``canonical`` is functional's layout
-    function).
+class MaskRows(NamedTuple):
+    """A mask as the kernels read it: row r's bytes start at ``base[offsets[r]]`` and
+    advance by ``step`` (0 or 1) per element."""
 
+    base: object     # uint8, C-contiguous: the caller's mask, or its expansion
+    offsets: object  # intp (rows,) on the mask's backend
+    step: int
+
+
+# (plan, mask shape) -> (host offsets, step), or None where the mask must be expanded;
+# bounded like the plan cache's signatures
+_LAYOUTS: dict = {}
+_MAX_LAYOUTS = 256
+
+
+def kernel_rows(plan):
+    """(rows, row length) of the plan's kernels: (A, C) for the column strategy, else
+    (A * R, S)."""
+    from .plan import Strategy
+    A, R, S = plan.rows
+    return (A, R) if plan.strategy is Strategy.COLUMNS else (A * R, S)
+
+
+def _layout(plan, mshape):
+    """Where each kernel row of a mask of shape ``mshape`` (broadcast to the plan's input)
+    starts in the mask's C-ordered elements, and its step; None when the row's elements
+    are neither consecutive nor one."""
+    key = (plan, mshape)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
+    n_rows, length = kernel_rows(plan)
+    flat = np.arange(int(np.prod(mshape)), dtype=np.intp).reshape(mshape)
+    # the mask's element indices seen through the plan's own view of x: splitting axes
+    # and transposing keep a view, so only the row starts are ever materialized
+    e = np.broadcast_to(flat, plan.shape).reshape(plan.elem_shape)
+    if plan.perm is not None:
+        e = e.transpose(plan.perm)
+    tail, size = len(e.shape), 1
+    while tail > 0 and size < length:
+        tail -= 1
+        size *= e.shape[tail]
+    found = None
+    if size == length:
+        strides = [st // e.itemsize for d, st in zip(e.shape[tail:], e.strides[tail:]) if d > 1]
+        dims = [d for d in e.shape[tail:] if d > 1]
+        step = None
+        if all(st == 0 for st in strides):
+            step = 0
+        elif all(st == int(np.prod(dims[i + 1:])) for i, st in enumerate(strides)):
+            step = 1
+        if step is not None:
+            starts = e[(Ellipsis,) + (0,) * (len(e.shape) - tail)]
+            found = (np.ascontiguousarray(starts).reshape(n_rows), step)
+    if len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = found
+    return found
+
+
+def mask_rows(mask, plan, be, canonical):
+    """``mask`` (boolean, broadcasting to the plan's input shape) as :class:`MaskRows`
+    (``canonical`` is functional's layout function, for masks that must be expanded).
+
+    >>> from normcore.backend import CPU
     >>> from normcore.modes import get_mode
     >>> from normcore.plan import make_plan
     >>> from normcore.functional import _canonical
     >>> plan = make_plan(get_mode("batch_norm_channels_last"), (2, 3, 4))
-    >>> canonical_mask(np.array([[True], [False]])[:, None], plan, np, _canonical).shape
-    (6, 4)
+    >>> m = mask_rows(np.array([[True, True, False], [True, False, False]])[..., None], plan, CPU, _canonical)
+    >>> m.offsets.tolist(), m.step
+    ([0, 1, 2, 3, 4, 5], 0)
     """
-    full = mask if mask.shape == plan.shape else xp.broadcast_to(mask, plan.shape)
-    return canonical(full, plan, xp).view(xp.uint8)
+    xp = be.xp
+    mshape = (1,) * (len(plan.shape) - mask.ndim) + tuple(mask.shape)
+    n_rows, length = kernel_rows(plan)
+    layout = None if mask.size == np.prod(plan.shape) else _layout(plan, mshape)
+    if layout is None:  # expanded: the canonical layout, row r at r * length
+        full = mask if mask.shape == plan.shape else xp.broadcast_to(mask, plan.shape)
+        base = canonical(full, plan, xp).view(xp.uint8)
+        offsets = be.constant(plan, "mask rows", lambda: np.arange(n_rows, dtype=np.intp) * length)
+        return MaskRows(base, offsets, 1)
+    host, step = layout
+    base = xp.ascontiguousarray(mask).reshape(-1).view(xp.uint8)
+    return MaskRows(base, be.constant(plan, ("mask rows", mshape), lambda: host), step)
 
 
 def merge_counted(xp, pmean, pm2, pcount):

@@ -288,10 +288,34 @@ def test_a_mask_changes_nothing_when_everything_is_counted():
         np.testing.assert_allclose(d, d0, rtol=0, atol=3 * tol * np.abs(d0).max())
 
 
-def test_the_mask_travels_in_the_canonical_layout_as_bytes():
-    from normcore.masking import canonical_mask
+@pytest.mark.parametrize("mode, shape, mshape, step", [
+    ("batch_norm_channels_last", (4, 5, 6), (4, 5, 1), 0),   # a byte per row of the column layout
+    ("group_norm", (3, 4, 5, 2), (3, 1, 5, 2), 1),           # (N, 1, H, W): each row's bytes in the mask
+    ("layer_norm", (3, 4, 8), (3, 4, 1), 0),
+    ("batch_norm", (3, 4, 5), (1, 4, 5), 1),
+    ("batch_norm", (3, 4, 5), (3, 4, 1), 0),
+])
+def test_a_broadcast_mask_travels_compact(mode, shape, mshape, step):
+    from normcore.backend import CPU
+    from normcore.masking import kernel_rows, mask_rows
+    from normcore.plan import make_plan
+    sizes = {"g": 2} if mode == "group_norm" else {}
+    plan = make_plan(nc.get_mode(mode), shape, sizes)
+    mask = RNG.random(mshape) < 0.5
+    m = mask_rows(mask, plan, CPU, F._canonical)
+    assert m.step == step and m.base.size == mask.size  # never expanded to x's size
+    # every kernel row reads exactly its elements' bytes
+    rows, length = kernel_rows(plan)
+    want = F._canonical(np.broadcast_to(mask, shape), plan).reshape(rows, length)
+    got = m.base[m.offsets[:, None] + m.step * np.arange(length)[None, :]]
+    np.testing.assert_array_equal(got.astype(bool), want)
+
+
+def test_a_mask_of_x_shape_is_read_in_place():
+    from normcore.backend import CPU
+    from normcore.masking import mask_rows
     from normcore.plan import make_plan
     plan = make_plan(nc.get_mode("batch_norm"), (2, 3, 4))
-    m = canonical_mask(np.array([True, False])[:, None, None], plan, np, F._canonical)
-    assert m.dtype == np.uint8 and m.shape == plan.kernel_shape and m.flags.c_contiguous
-    assert m[0].all() and not m[1].any()
+    mask = RNG.random((2, 3, 4)) < 0.5
+    m = mask_rows(mask, plan, CPU, F._canonical)
+    assert m.step == 1 and np.shares_memory(m.base, mask)

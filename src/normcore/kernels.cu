@@ -534,9 +534,11 @@ __global__ void nc_normalize_groups(const T* x0, const T* r, T* h, i64 C, i64 B,
 }
 
 // ---------------------------------------------------------------------------------------
-// Masked statistics: m is one byte per element of x's canonical layout (nonzero: counted).
-// Moments over the counted elements, with their counts; the dx passes add the statistics
-// terms only where counted (the sums of backward are the plain ones: y is everywhere).
+// Masked statistics: mask bytes (nonzero: counted) by rows of the kernel's view of x, as on
+// the CPU (normcore/masking.py): row r's bytes start at m[off[r]] and advance by step (0:
+// one byte for the row). Moments over the counted elements, with their counts; the dx
+// passes add the statistics terms only where counted (the sums of backward are the plain
+// ones: y is everywhere).
 // ---------------------------------------------------------------------------------------
 
 // A thread's (count, mean, m2) of counted elements, shifted by its first counted one.
@@ -549,19 +551,21 @@ __device__ __forceinline__ nc_moments nc_counted(i64 count, A shift, A s1, A s2)
     return r;
 }
 
+// Per group g (rows g * J .. g * J + J - 1 of S elements): block-wide moments of the
+// counted elements.
 template <typename T>
-__global__ void nc_masked_moments_rows(const T* x, const unsigned char* m, i64 rows, i64 S, double* pmean,
-                                       double* pm2, double* pcount) {
+__global__ void nc_masked_moments_rows(const T* x, const unsigned char* m, const i64* off, i64 step, i64 groups,
+                                       i64 J, i64 S, double* pmean, double* pm2, double* pcount) {
     typedef typename nc_acc<T>::type A;
     __shared__ nc_moments shared[32];
-    for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
-        const T* p = x + row * S;
-        const unsigned char* q = m + row * S;
+    for (i64 g = blockIdx.x; g < groups; g += gridDim.x) {
+        const T* p = x + g * J * S;
         A shift = 0, s1 = 0, s2 = 0;
         i64 count = 0;
-        for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
-            if (!q[i]) continue;
-            const A v = nc_ld<T, A>(p, i);
+        for (i64 e = threadIdx.x; e < J * S; e += blockDim.x) {
+            const i64 j = e / S, i = e - j * S;
+            if (!m[off[g * J + j] + i * step]) continue;
+            const A v = nc_ld<T, A>(p, e);
             if (count == 0) shift = v;
             const A d = v - shift;
             s1 += d;
@@ -570,18 +574,18 @@ __global__ void nc_masked_moments_rows(const T* x, const unsigned char* m, i64 r
         }
         const nc_moments r = nc_block_moments(nc_counted(count, shift, s1, s2), shared);
         if (threadIdx.x == 0) {
-            pmean[row] = r.mean;
-            pm2[row] = r.m2;
-            pcount[row] = r.n;
+            pmean[g] = r.mean;
+            pm2[g] = r.m2;
+            pcount[g] = r.n;
         }
     }
 }
 
-// Per (row block, column); each row stripe shifts by its first counted row, and the
-// stripes merge in order.
+// Per (row block, column) of (A, C), row a's bytes at m[off[a]]; each row stripe shifts by
+// its first counted row, and the stripes merge in order.
 template <typename T>
-__global__ void nc_masked_moments_cols(const T* x, const unsigned char* m, i64 Arows, i64 C, i64 rpb,
-                                       double* pmean, double* pm2, double* pcount) {
+__global__ void nc_masked_moments_cols(const T* x, const unsigned char* m, const i64* off, i64 step, i64 Arows,
+                                       i64 C, i64 rpb, double* pmean, double* pm2, double* pcount) {
     typedef typename nc_acc<T>::type A;
     __shared__ nc_moments sh[NC_COL_STRIPES][NC_COL_TILE + 1];
     const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
@@ -592,7 +596,7 @@ __global__ void nc_masked_moments_cols(const T* x, const unsigned char* m, i64 A
         i64 count = 0;
         if (c < C) {
             for (i64 r = r0 + ty; r < r1; r += NC_COL_STRIPES) {
-                if (!m[r * C + c]) continue;
+                if (!m[off[r] + c * step]) continue;
                 const A v = nc_ld<T, A>(x, r * C + c);
                 if (count == 0) shift = v;
                 const A d = v - shift;
@@ -614,28 +618,29 @@ __global__ void nc_masked_moments_cols(const T* x, const unsigned char* m, i64 A
     }
 }
 
-// dx = dy * k1[r] + (counted ? (x - mean[r]) * k2[r] + k3[r] : 0) on (A, R, S), S > 1
+// dx = dy * k1[r] + (counted ? (x - mean[r]) * k2[r] + k3[r] : 0) on (A, R, S), rows of S
 template <typename T>
-__global__ void nc_masked_dx_rows(const T* dy, const T* x, const unsigned char* m, i64 rows, i64 R, i64 S,
-                                  const double* mean, const double* k1, const double* k2, const double* k3,
-                                  T* dx) {
+__global__ void nc_masked_dx_rows(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
+                                  i64 rows, i64 R, i64 S, const double* mean, const double* k1, const double* k2,
+                                  const double* k3, T* dx) {
     typedef typename nc_acc<T>::type A;
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const i64 r = row % R;
         const A mu = (A)mean[r], a1 = (A)k1[r], a2 = (A)k2[r], a3 = (A)k3[r];
         const i64 o = row * S;
+        const unsigned char* mr = m + off[row];
         for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
             const A t = (nc_ld<T, A>(x, o + i) - mu) * a2 + a3;
-            nc_st<T, A>(dx, o + i, nc_ld<T, A>(dy, o + i) * a1 + (m[o + i] ? t : (A)0));
+            nc_st<T, A>(dx, o + i, nc_ld<T, A>(dy, o + i) * a1 + (mr[i * step] ? t : (A)0));
         }
     }
 }
 
-// the same on (A, C), coefficients per column
+// the same on (A, C), coefficients per column, row a's bytes at m[off[a]]
 template <typename T>
-__global__ void nc_masked_dx_cols(const T* dy, const T* x, const unsigned char* m, i64 Arows, i64 C, i64 rpb,
-                                  const double* mean, const double* k1, const double* k2, const double* k3,
-                                  T* dx) {
+__global__ void nc_masked_dx_cols(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
+                                  i64 Arows, i64 C, i64 rpb, const double* mean, const double* k1,
+                                  const double* k2, const double* k3, T* dx) {
     typedef typename nc_acc<T>::type A;
     const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
     for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
@@ -644,24 +649,25 @@ __global__ void nc_masked_dx_cols(const T* dy, const T* x, const unsigned char* 
         const A mu = (A)mean[c], a1 = (A)k1[c], a2 = (A)k2[c], a3 = (A)k3[c];
         for (i64 r = r0 + threadIdx.y; r < r1; r += NC_COL_STRIPES) {
             const A t = (nc_ld<T, A>(x, r * C + c) - mu) * a2 + a3;
-            nc_st<T, A>(dx, r * C + c, nc_ld<T, A>(dy, r * C + c) * a1 + (m[r * C + c] ? t : (A)0));
+            nc_st<T, A>(dx, r * C + c, nc_ld<T, A>(dy, r * C + c) * a1 + (m[off[r] + c * step] ? t : (A)0));
         }
     }
 }
 
 // dx = rstd * (dy * w - (counted ? c1[r] + xhat * c2[r] : 0))  (parameters along S)
 template <typename T>
-__global__ void nc_masked_dx_inner(const T* dy, const T* x, const unsigned char* m, i64 R, i64 S,
-                                   const double* mean, const double* rstd, const i64* rp, const double* w,
-                                   const double* c1, const double* c2, T* dx) {
+__global__ void nc_masked_dx_inner(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
+                                   i64 R, i64 S, const double* mean, const double* rstd, const i64* rp,
+                                   const double* w, const double* c1, const double* c2, T* dx) {
     typedef typename nc_acc<T>::type A;
     for (i64 r = blockIdx.x; r < R; r += gridDim.x) {
         const A mu = (A)mean[r], rs = (A)rstd[r], m1 = (A)c1[r], m2 = (A)c2[r];
         const double* wr = w + rp[r];
         const i64 o = r * S;
+        const unsigned char* mr = m + off[r];
         for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
             const A t = m1 + (nc_ld<T, A>(x, o + i) - mu) * rs * m2;
-            nc_st<T, A>(dx, o + i, rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - (m[o + i] ? t : (A)0)));
+            nc_st<T, A>(dx, o + i, rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - (mr[i * step] ? t : (A)0)));
         }
     }
 }
@@ -722,19 +728,20 @@ __global__ void nc_combine_moments(const double* pmean, const double* pm2, const
                                                     i64, i64, const i64*, const double*,           \
                                                     const double*, double*, double*, double*, T*); \
     template __global__ void nc_add<T>(const T*, const T*, i64, T*);                                \
-    template __global__ void nc_masked_moments_rows<T>(const T*, const unsigned char*, i64, i64, double*, \
-                                                       double*, double*);                          \
-    template __global__ void nc_masked_moments_cols<T>(const T*, const unsigned char*, i64, i64, i64, \
-                                                       double*, double*, double*);                 \
-    template __global__ void nc_masked_dx_rows<T>(const T*, const T*, const unsigned char*, i64, i64, \
-                                                  i64, const double*, const double*, const double*, \
-                                                  const double*, T*);                              \
-    template __global__ void nc_masked_dx_cols<T>(const T*, const T*, const unsigned char*, i64, i64, \
-                                                  i64, const double*, const double*, const double*, \
-                                                  const double*, T*);                              \
-    template __global__ void nc_masked_dx_inner<T>(const T*, const T*, const unsigned char*, i64, i64, \
-                                                   const double*, const double*, const i64*,       \
-                                                   const double*, const double*, const double*, T*);
+    template __global__ void nc_masked_moments_rows<T>(const T*, const unsigned char*, const i64*, i64, i64, \
+                                                       i64, i64, double*, double*, double*);       \
+    template __global__ void nc_masked_moments_cols<T>(const T*, const unsigned char*, const i64*, i64, i64, \
+                                                       i64, i64, double*, double*, double*);       \
+    template __global__ void nc_masked_dx_rows<T>(const T*, const T*, const unsigned char*, const i64*, \
+                                                  i64, i64, i64, i64, const double*, const double*, \
+                                                  const double*, const double*, T*);               \
+    template __global__ void nc_masked_dx_cols<T>(const T*, const T*, const unsigned char*, const i64*, \
+                                                  i64, i64, i64, i64, const double*, const double*, \
+                                                  const double*, const double*, T*);               \
+    template __global__ void nc_masked_dx_inner<T>(const T*, const T*, const unsigned char*, const i64*, \
+                                                   i64, i64, i64, const double*, const double*,    \
+                                                   const i64*, const double*, const double*,       \
+                                                   const double*, T*);
 NC_INSTANTIATE(float)
 NC_INSTANTIATE(double)
 NC_INSTANTIATE(nc_bf16)

@@ -851,7 +851,7 @@ cdef void _normalize_groups(const floating* x, const floating* residual, floatin
                             double eps, int affine, const Py_ssize_t* rp, const double* w, const double* bias,
                             const float* wf, const float* bf, double* mean, double* var, double* rstd,
                             floating* y, int threads, floating* scratch, const unsigned char* mask=NULL,
-                            double* counts=NULL) noexcept nogil:
+                            const Py_ssize_t* moff=NULL, int mstep=0, double* counts=NULL) noexcept nogil:
     # With a residual, scratch holds B elements per thread: the group's h = x + residual is
     # made there (in L1 for rows up to a few thousand), normalized from there and streamed
     # out to h, so x and residual are read once and h and y written once, without a read
@@ -876,8 +876,8 @@ cdef void _normalize_groups(const floating* x, const floating* residual, floatin
             nc_add(g, residual + c * B, stage, B)
             g = stage
         n = <double>B
-        if mask != NULL:  # the counted elements' moments; counts[c] of them
-            _row_moments_masked(g, mask + c * B, B, &mu, &m2, &n)
+        if mask != NULL:  # the counted elements' moments, row by row; counts[c] of them
+            _group_moments_masked(g, mask, moff, mstep, c * J, J, S, &mu, &m2, &n)
             counts[c] = n
         else:
             _row_moments(g, B, &mu, &m2)
@@ -971,7 +971,8 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
 cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t c, Py_ssize_t C,
                            Py_ssize_t B, Py_ssize_t J, int affine, const Py_ssize_t* rp, const double* w,
                            const float* wf, double mu, double rs, double m1, double m2, bint nt,
-                           const floating* dh, const unsigned char* mask=NULL) noexcept nogil:
+                           const floating* dh, const unsigned char* mask=NULL, const Py_ssize_t* moff=NULL,
+                           int mstep=0) noexcept nogil:
     # dx of group c from its mean, rstd and the two gradient means m1, m2; plus dh (or
     # NULL) in the same pass, after dx's rounding (as NumPy's dx + dh)
     cdef Py_ssize_t S = B // J
@@ -987,10 +988,10 @@ cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, 
         if mask != NULL:  # the statistics terms only where counted
             g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
             if affine == NC_AFFINE_INNER:
-                nc_masked_dx_inner_row(dy + o, x + o, mask + o, dx + o, S, mu, rs, w + rp[r], m1, m2)
+                nc_masked_dx_inner_row(dy + o, x + o, mask + moff[r], mstep, dx + o, S, mu, rs, w + rp[r], m1, m2)
             else:
-                nc_masked_dx_row(dy + o, x + o, mask + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf,
-                                 pg, mask + o + PF_AHEAD * B if pf != NULL else NULL)
+                _masked_dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf, pg,
+                               mask + moff[r], mstep, mask + moff[r + PF_AHEAD * J] if pf != NULL else NULL)
         elif affine == NC_AFFINE_INNER:
             _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
                           wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg,
@@ -1032,7 +1033,8 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, const floating* dh, floating* dx,
-                           int threads, const unsigned char* mask=NULL, const double* counts=NULL) noexcept nogil:
+                           int threads, const unsigned char* mask=NULL, const Py_ssize_t* moff=NULL, int mstep=0,
+                           const double* counts=NULL) noexcept nogil:
     # mask (or NULL): the statistics terms of dx only where counted, over counts[c] elements
     cdef bint nt = _streams(dx, C * B, sizeof(floating))
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
@@ -1060,15 +1062,15 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                                     B, mean[c], mean[c + 1], rstd[c], rstd[c + 1], &q0, &q1, &q2, &q3,
                                     pdw + k * P + rp[c], pdb + k * P + rp[c])
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          (0.0 + q0) / n0 if center else 0.0, (0.0 + q1 * rstd[c]) / n0, nt, dh, mask)
+                          (0.0 + q0) / n0 if center else 0.0, (0.0 + q1 * rstd[c]) / n0, nt, dh, mask, moff, mstep)
                 _group_dx(dy, x, dx, c + 1, C, B, J, affine, rp, w, wf, mean[c + 1], rstd[c + 1],
-                          (0.0 + q2) / n1 if center else 0.0, (0.0 + q3 * rstd[c + 1]) / n1, nt, dh, mask)
+                          (0.0 + q2) / n1 if center else 0.0, (0.0 + q3 * rstd[c + 1]) / n1, nt, dh, mask, moff, mstep)
                 c = c + 2
             else:
                 _group_sums(dy, x, c, B, J, affine, rp, w, mean[c], rstd[c], t1, t2, pdw + k * P, pdb + k * P,
                             &q0, &q1)
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
-                          q0 / n0 if center else 0.0, q1 / n0, nt, dh, mask)
+                          q0 / n0 if center else 0.0, q1 / n0, nt, dh, mask, moff, mstep)
                 c = c + 1
     if nt:
         nc_sfence()
@@ -1738,28 +1740,32 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
 
 
 # ---------------------------------------------------------------------------------------
-# Masked statistics: a uint8 mask in x's canonical layout (nonzero: counted). Statistics
-# are taken over the counted elements (their count per partial beside them); the sums of
-# backward are the plain ones (y is computed everywhere), and the dx passes add the
-# statistics terms only where counted.
+# Masked statistics. A mask arrives as bytes (nonzero: counted) by rows of the kernel's view
+# of x (normcore/masking.py): row r's bytes start at mask[moff[r]] and advance by mstep, 1
+# (one byte per element) or 0 (the whole row counted or not). Statistics are taken over the
+# counted elements (their count per partial beside them); the sums of backward are the plain
+# ones (y is computed everywhere), and the dx passes add the statistics terms only where
+# counted. Rows of step 0 take the plain passes, or the direct term alone.
 # ---------------------------------------------------------------------------------------
 
 cdef extern from "simd.h" nogil:
     bint nc_any_counted(const unsigned char* m, Py_ssize_t n)
     void nc_masked_sums(const void* p, const unsigned char* m, Py_ssize_t n, double k, double* s1,
                         double* s2, double* cnt)
-    void nc_col_masked_sums(const void* x, const unsigned char* m, Py_ssize_t rows, Py_ssize_t ld,
-                            Py_ssize_t tw, const double* k, double* s1, double* s2, double* cnt)
+    void nc_col_masked_sums(const void* x, const unsigned char* m, const Py_ssize_t* off, int step,
+                            Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw, const double* k, double* s1,
+                            double* s2, double* cnt)
     void nc_masked_dx_row(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t n,
                           double mu, double k1, double k2, double k3, int nt, const void* pf1, const void* pf2,
                           const unsigned char* pfm)
-    void nc_masked_dx_cols(const void* dy, const void* x, const unsigned char* m, void* dx, Py_ssize_t rows,
-                           Py_ssize_t ld, Py_ssize_t tw, const void* coefs, Py_ssize_t R, Py_ssize_t c0)
+    void nc_masked_dx_cols(const void* dy, const void* x, const unsigned char* m, const Py_ssize_t* off,
+                           int step, void* dx, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw, const void* coefs,
+                           Py_ssize_t R, Py_ssize_t c0)
     void* nc_masked_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3,
                              Py_ssize_t R)
     void* nc_masked_dx_coefs64(const double* mean, const double* k1, const double* k2, const double* k3,
                                Py_ssize_t R)
-    void nc_masked_dx_inner_row(const void* dy, const void* x, const unsigned char* m, void* dx,
+    void nc_masked_dx_inner_row(const void* dy, const void* x, const unsigned char* m, int step, void* dx,
                                 Py_ssize_t n, double mu, double rs, const double* w, double m1, double m2)
 
 cdef int U8 = cnp.NPY_UINT8
@@ -1788,69 +1794,129 @@ cdef inline void _row_moments_masked(const floating* p, const unsigned char* m, 
     out_n[0] = count
 
 
-def masked_moments_rows(x, mask, pmean, pm2, pcount, int threads):
-    """IN x (A, C, B) T, mask (A, C, B) uint8; OUT pmean, pm2, pcount (A, C) float64: mean,
-    centred sum of squares and number of each row's counted elements (0, 0, 0 for none)."""
+cdef inline void _row_moments_step(const floating* p, const unsigned char* m, int step, Py_ssize_t n,
+                                   double* mean, double* m2, double* count) noexcept nogil:
+    # one row of n elements whose mask bytes start at m (step 0: one byte for the row)
+    if step != 0:
+        _row_moments_masked(p, m, n, mean, m2, count)
+    elif m[0] != 0:
+        _row_moments(p, n, mean, m2)
+        count[0] = <double>n
+    else:
+        mean[0] = 0.0
+        m2[0] = 0.0
+        count[0] = 0.0
+
+
+cdef inline void _group_moments_masked(const floating* g, const unsigned char* mask, const Py_ssize_t* moff,
+                                       int mstep, Py_ssize_t r0, Py_ssize_t J, Py_ssize_t S, double* mean,
+                                       double* m2, double* count) noexcept nogil:
+    # the J rows r0.. of S elements at g, their moments merged in order
+    cdef Py_ssize_t j
+    cdef double a, b, k
+    mean[0] = 0.0
+    m2[0] = 0.0
+    count[0] = 0.0
+    for j in range(J):
+        _row_moments_step(g + j * S, mask + moff[r0 + j], mstep, S, &a, &b, &k)
+        _merge(count, mean, m2, k, a, b)
+
+
+cdef inline void _direct_row(const floating* dy, floating* dx, Py_ssize_t n, double k1, bint nt,
+                             const floating* pf1) noexcept nogil:
+    # dx = dy * k1: a row without counted elements (the affine pass on dy)
+    _affine_row(dy, dx, n, 0.0, k1, 0.0, nt, pf1)
+
+
+cdef inline void _masked_dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mu,
+                                double k1, double k2, double k3, bint nt, const floating* pf1,
+                                const floating* pf2, const unsigned char* m, int step,
+                                const unsigned char* pfm) noexcept nogil:
+    # dx = dy * k1 + (counted ? (x - mu) * k2 + k3 : 0) on one row
+    if step == 0:
+        if m[0] != 0:
+            _dx_row(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2)
+        else:
+            _direct_row(dy, dx, n, k1, nt, pf1)
+    else:
+        nc_masked_dx_row(dy, x, m, dx, n, mu, k1, k2, k3, nt, pf1, pf2, pfm)
+
+
+def masked_moments_rows(x, mask, moff, int mstep, Py_ssize_t rows_per_group, pmean, pm2, pcount, int threads):
+    """IN x (A, R, S) T (group c of block a: rows c * J .. c * J + J - 1 of block a, J =
+    rows_per_group), mask uint8 bytes and moff (A * R,) intp, mstep 0 or 1 (see above);
+    OUT pmean, pm2, pcount (A, R / J) float64: mean, centred sum of squares and number of
+    each group's counted elements in each block (0, 0, 0 for none)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef double* pm = <double*>_out(pmean, F64)
     cdef double* p2 = <double*>_out(pm2, F64)
     cdef double* pn = <double*>_out(pcount, F64)
+    cdef Py_ssize_t groups = d[0] * (d[1] // max(rows_per_group, 1))
     if T == cnp.NPY_FLOAT32:
-        _masked_moments_rows(<const float*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+        _masked_moments_rows(<const float*>_in(x, T), m, off, mstep, groups, rows_per_group, d[2], pm, p2, pn,
+                             threads)
     elif T == HALF:
-        _masked_moments_rows(<const nc_f16*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+        _masked_moments_rows(<const nc_f16*>_in(x, T), m, off, mstep, groups, rows_per_group, d[2], pm, p2, pn,
+                             threads)
     elif T == BF16:
-        _masked_moments_rows(<const nc_bf16*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+        _masked_moments_rows(<const nc_bf16*>_in(x, T), m, off, mstep, groups, rows_per_group, d[2], pm, p2, pn,
+                             threads)
     else:
-        _masked_moments_rows(<const double*>_in(x, T), m, d[0] * d[1], d[2], pm, p2, pn, threads)
+        _masked_moments_rows(<const double*>_in(x, T), m, off, mstep, groups, rows_per_group, d[2], pm, p2, pn,
+                             threads)
 
 
-cdef void _masked_moments_rows(const floating* x, const unsigned char* m, Py_ssize_t rows, Py_ssize_t B,
-                               double* pmean, double* pm2, double* pcount, int threads) noexcept nogil:
-    cdef Py_ssize_t r
-    for r in prange(rows, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-        _row_moments_masked(x + r * B, m + r * B, B, pmean + r, pm2 + r, pcount + r)
+cdef void _masked_moments_rows(const floating* x, const unsigned char* m, const Py_ssize_t* off, int step,
+                               Py_ssize_t groups, Py_ssize_t J, Py_ssize_t S, double* pmean, double* pm2,
+                               double* pcount, int threads) noexcept nogil:
+    cdef Py_ssize_t g
+    for g in prange(groups, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+        _group_moments_masked(x + g * J * S, m, off, step, g * J, J, S, pmean + g, pm2 + g, pcount + g)
 
 
-def masked_moments_cols(x, mask, Py_ssize_t rows_per_block, pmean, pm2, pcount, int threads):
-    """IN x (A, C) T, mask (A, C) uint8; OUT pmean, pm2, pcount (ceil(A / rows_per_block),
-    C) float64: moments and count of each column's counted elements in each row block."""
+def masked_moments_cols(x, mask, moff, int mstep, Py_ssize_t rows_per_block, pmean, pm2, pcount, int threads):
+    """IN x (A, C) T, mask uint8 bytes and moff (A,) intp (row a's bytes), mstep; OUT
+    pmean, pm2, pcount (ceil(A / rows_per_block), C) float64: moments and count of each
+    column's counted elements in each row block."""
     cdef Py_ssize_t* d = _shape(x, 2)
     cdef Py_ssize_t nb = _shape(pmean, 2)[0]
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef double* pm = <double*>_out(pmean, F64)
     cdef double* p2 = <double*>_out(pm2, F64)
     cdef double* pn = <double*>_out(pcount, F64)
     cdef double* shift = _scratch(nb * d[1])
     try:
         if T == cnp.NPY_FLOAT32:
-            _masked_moments_cols(<const float*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
-                                 threads)
+            _masked_moments_cols(<const float*>_in(x, T), m, off, mstep, d[0], d[1], rows_per_block, nb, pm, p2,
+                                 pn, shift, threads)
         elif T == HALF:
-            _masked_moments_cols(<const nc_f16*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
-                                 threads)
+            _masked_moments_cols(<const nc_f16*>_in(x, T), m, off, mstep, d[0], d[1], rows_per_block, nb, pm, p2,
+                                 pn, shift, threads)
         elif T == BF16:
-            _masked_moments_cols(<const nc_bf16*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
-                                 threads)
+            _masked_moments_cols(<const nc_bf16*>_in(x, T), m, off, mstep, d[0], d[1], rows_per_block, nb, pm, p2,
+                                 pn, shift, threads)
         else:
-            _masked_moments_cols(<const double*>_in(x, T), m, d[0], d[1], rows_per_block, nb, pm, p2, pn, shift,
-                                 threads)
+            _masked_moments_cols(<const double*>_in(x, T), m, off, mstep, d[0], d[1], rows_per_block, nb, pm, p2,
+                                 pn, shift, threads)
     finally:
         free(shift)
 
 
-cdef void _masked_moments_cols(const floating* x, const unsigned char* m, Py_ssize_t A, Py_ssize_t C,
-                               Py_ssize_t rpb, Py_ssize_t nb, double* pmean, double* pm2, double* pcount,
-                               double* shift, int threads) noexcept nogil:
+cdef void _masked_moments_cols(const floating* x, const unsigned char* m, const Py_ssize_t* off, int step,
+                               Py_ssize_t A, Py_ssize_t C, Py_ssize_t rpb, Py_ssize_t nb, double* pmean,
+                               double* pm2, double* pcount, double* shift, int threads) noexcept nogil:
     # Each column of a block is shifted by its first counted row there (a member of the
     # data, as in _tile_col_moments); shift holds those values, one row per block.
-    cdef Py_ssize_t k, c, r, rows, o, left
+    cdef Py_ssize_t k, c, r, rows, r0, left
     cdef double s, n
+    cdef const unsigned char* mr
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-        o = k * rpb * C
+        r0 = k * rpb
         rows = _block_rows(k, rpb, A)
         for c in range(C):  # pcount: 1 once the column's shift is found (rows in order)
             shift[k * C + c] = 0.0
@@ -1858,18 +1924,26 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, Py_ssi
         left = C
         r = 0
         while r < rows and left > 0:
-            if nc_any_counted(m + o + r * C, C):
+            mr = m + off[r0 + r]
+            if step == 0 and mr[0] != 0:
                 for c in range(C):
-                    if pcount[k * C + c] == 0.0 and m[o + r * C + c] != 0:
+                    if pcount[k * C + c] == 0.0:
                         pcount[k * C + c] = 1.0
-                        shift[k * C + c] = nc_get(x, o + r * C + c)
+                        shift[k * C + c] = nc_get(x, (r0 + r) * C + c)
+                left = 0
+            elif step != 0 and nc_any_counted(mr, C):
+                for c in range(C):
+                    if pcount[k * C + c] == 0.0 and mr[c] != 0:
+                        pcount[k * C + c] = 1.0
+                        shift[k * C + c] = nc_get(x, (r0 + r) * C + c)
                         left = left - 1
             r = r + 1
         for c in range(C):
             pmean[k * C + c] = 0.0
             pm2[k * C + c] = 0.0
             pcount[k * C + c] = 0.0
-        nc_col_masked_sums(x + o, m + o, rows, C, C, shift + k * C, pmean + k * C, pm2 + k * C, pcount + k * C)
+        nc_col_masked_sums(x + r0 * C, m, off + r0, step, rows, C, C, shift + k * C, pmean + k * C, pm2 + k * C,
+                           pcount + k * C)
         for c in range(C):
             s = pmean[k * C + c]
             n = pcount[k * C + c]
@@ -1878,70 +1952,74 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, Py_ssi
                 pm2[k * C + c] = _clamp0(pm2[k * C + c] - s * (s / n))
 
 
-def masked_dx_rows(dy, x, mask, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx, int threads):
-    """IN dy, x (A, R, S) T, mask (A, R, S) uint8, mean, k1, k2, k3 (R,) float64; OUT dx
-    (A, R, S) T: dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] where counted, dy * k1[r]
-    elsewhere, in dx_rows' arithmetic."""
+def masked_dx_rows(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx,
+                   int threads):
+    """IN dy, x (A, R, S) T, mask uint8 bytes with moff and mstep for the kernel's rows
+    (cols: the A rows of R elements of the column strategy, S == 1; else the A * R rows of
+    S), mean, k1, k2, k3 (R,) float64; OUT dx (A, R, S) T: dx = dy * k1[r] + (x - mean[r])
+    * k2[r] + k3[r] where counted, dy * k1[r] elsewhere, in dx_rows' arithmetic."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* c1 = <const double*>_in(k1, F64)
     cdef const double* c2 = <const double*>_in(k2, F64)
     cdef const double* c3 = <const double*>_in(k3, F64)
     cdef void* coefs = NULL
     try:
-        if d[2] == 1:  # the column tiles' coefficients, once
+        if cols:  # the column tiles' coefficients, once
             coefs = nc_masked_dx_coefs64(mu, c1, c2, c3, d[1]) if T == F64 else \
                 nc_masked_dx_coefs(mu, c1, c2, c3, d[1])
             if coefs == NULL:
                 raise MemoryError()
         if T == cnp.NPY_FLOAT32:
-            _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2, c3,
-                            coefs, rows_per_block, <float*>_out(dx, T), threads)
+            _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, off, mstep, cols, d[0], d[1], d[2],
+                            mu, c1, c2, c3, coefs, rows_per_block, <float*>_out(dx, T), threads)
         elif T == HALF:
-            _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2,
-                            c3, coefs, rows_per_block, <nc_f16*>_out(dx, T), threads)
+            _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_f16*>_out(dx, T), threads)
         elif T == BF16:
-            _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2,
-                            c3, coefs, rows_per_block, <nc_bf16*>_out(dx, T), threads)
+            _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_bf16*>_out(dx, T), threads)
         else:
-            _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, d[0], d[1], d[2], mu, c1, c2,
-                            c3, coefs, rows_per_block, <double*>_out(dx, T), threads)
+            _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, off, mstep, cols, d[0], d[1],
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <double*>_out(dx, T), threads)
     finally:
         free(coefs)
 
 
-cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned char* m, Py_ssize_t A,
-                          Py_ssize_t R, Py_ssize_t S, const double* mean, const double* k1, const double* k2,
-                          const double* k3, const void* coefs, Py_ssize_t rpb, floating* dx,
-                          int threads) noexcept nogil:
+cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned char* m, const Py_ssize_t* off,
+                          int step, bint cols, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S, const double* mean,
+                          const double* k1, const double* k2, const double* k3, const void* coefs, Py_ssize_t rpb,
+                          floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t, o
-    cdef bint nt = S > 1 and _streams(dx, A * R * S, sizeof(floating))
-    if S == 1:
+    cdef bint nt = not cols and _streams(dx, A * R * S, sizeof(floating))
+    if cols:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
             for t in range((R + TILE - 1) // TILE):
                 r = t * TILE
                 o = a * R + r
-                nc_masked_dx_cols(dy + o, x + o, m + o, dx + o, _block_rows(i, rpb, A), R, _block_rows(t, TILE, R),
-                                  coefs, R, r)
+                nc_masked_dx_cols(dy + o, x + o, m, off + a, step, dx + o, _block_rows(i, rpb, A), R,
+                                  _block_rows(t, TILE, R), coefs, R, r)
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r = i % R
-            nc_masked_dx_row(dy + i * S, x + i * S, m + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt,
-                             NULL, NULL, NULL)
+            _masked_dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt, NULL, NULL,
+                           m + off[i], step, NULL)
     if nt:
         nc_sfence()
 
 
-def masked_dx_inner(dy, x, mask, mean, rstd, rp, w, c1, c2, dx, int threads):
-    """IN dy, x (1, R, S) T, mask (1, R, S) uint8, mean, rstd, c1, c2 (R,) float64, rp (R,)
-    intp, w (P,) float64; OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] - (c1[r] +
-    xhat * c2[r])) with the bracket only where counted (in double)."""
+def masked_dx_inner(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1, c2, dx, int threads):
+    """IN dy, x (1, R, S) T, mask uint8 bytes with moff (R,) intp and mstep, mean, rstd, c1,
+    c2 (R,) float64, rp (R,) intp, w (P,) float64; OUT dx (1, R, S) T: dx = rstd[r] * (dy *
+    w[rp[r] + s] - (c1[r] + xhat * c2[r])) with the bracket only where counted (in double)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
@@ -1949,37 +2027,39 @@ def masked_dx_inner(dy, x, mask, mean, rstd, rp, w, c1, c2, dx, int threads):
     cdef const double* q1 = <const double*>_in(c1, F64)
     cdef const double* q2 = <const double*>_in(c2, F64)
     if T == cnp.NPY_FLOAT32:
-        _masked_dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1, q2,
-                         <float*>_out(dx, T), threads)
+        _masked_dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs, p,
+                         pw, q1, q2, <float*>_out(dx, T), threads)
     elif T == HALF:
-        _masked_dx_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1,
-                         q2, <nc_f16*>_out(dx, T), threads)
+        _masked_dx_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs,
+                         p, pw, q1, q2, <nc_f16*>_out(dx, T), threads)
     elif T == BF16:
-        _masked_dx_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1,
-                         q2, <nc_bf16*>_out(dx, T), threads)
+        _masked_dx_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs,
+                         p, pw, q1, q2, <nc_bf16*>_out(dx, T), threads)
     else:
-        _masked_dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), m, d[1], d[2], mu, rs, p, pw, q1,
-                         q2, <double*>_out(dx, T), threads)
+        _masked_dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs,
+                         p, pw, q1, q2, <double*>_out(dx, T), threads)
 
 
-cdef void _masked_dx_inner(const floating* dy, const floating* x, const unsigned char* m, Py_ssize_t R,
-                           Py_ssize_t S, const double* mean, const double* rstd, const Py_ssize_t* rp,
-                           const double* w, const double* c1, const double* c2, floating* dx,
+cdef void _masked_dx_inner(const floating* dy, const floating* x, const unsigned char* m, const Py_ssize_t* off,
+                           int step, Py_ssize_t R, Py_ssize_t S, const double* mean, const double* rstd,
+                           const Py_ssize_t* rp, const double* w, const double* c1, const double* c2, floating* dx,
                            int threads) noexcept nogil:
     cdef Py_ssize_t r
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-        nc_masked_dx_inner_row(dy + r * S, x + r * S, m + r * S, dx + r * S, S, mean[r], rstd[r], w + rp[r],
-                               c1[r], c2[r])
+        nc_masked_dx_inner_row(dy + r * S, x + r * S, m + off[r], step, dx + r * S, S, mean[r], rstd[r],
+                               w + rp[r], c1[r], c2[r])
 
 
-def masked_normalize_groups(x, mask, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, w,
-                            bias, mean, var, rstd, counts, y, int threads):
-    """normalize_groups (no residual) over the counted elements: IN mask (1, C, B) uint8;
-    OUT counts (C,) float64 counted elements per group, beside mean, var, rstd and y. A
-    group without counted elements gets mean 0, var 0 and rstd 0 (y is its bias)."""
+def masked_normalize_groups(x, mask, moff, int mstep, Py_ssize_t rows_per_group, bint center, double eps,
+                            int affine, rp, w, bias, mean, var, rstd, counts, y, int threads):
+    """normalize_groups (no residual) over the counted elements: IN mask uint8 bytes, moff
+    (C * J,) intp and mstep for the rows of S; OUT counts (C,) float64 counted elements per
+    group, beside mean, var, rstd and y. A group without counted elements gets mean 0, var
+    0 and rstd 0 (y is its bias)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* pb = <const double*>_in(bias, F64)
@@ -1995,30 +2075,35 @@ def masked_normalize_groups(x, mask, Py_ssize_t rows_per_group, bint center, dou
             bf = _params_f32(bias)
         if T == cnp.NPY_FLOAT32:
             _normalize_groups(<const float*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps, affine,
-                              p, pw, pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads, NULL, m, n)
+                              p, pw, pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads, NULL, m, off, mstep, n)
         elif T == HALF:
             _normalize_groups(<const nc_f16*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
-                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_f16*>_out(y, T), threads, NULL, m, n)
+                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_f16*>_out(y, T), threads, NULL, m, off,
+                              mstep, n)
         elif T == BF16:
             _normalize_groups(<const nc_bf16*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
-                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_bf16*>_out(y, T), threads, NULL, m, n)
+                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_bf16*>_out(y, T), threads, NULL, m, off,
+                              mstep, n)
         else:
             _normalize_groups(<const double*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
-                              affine, p, pw, pb, NULL, NULL, mu, v, rs, <double*>_out(y, T), threads, NULL, m, n)
+                              affine, p, pw, pb, NULL, NULL, mu, v, rs, <double*>_out(y, T), threads, NULL, m, off,
+                              mstep, n)
     finally:
         free(wf)
         free(bf)
 
 
-def masked_backward_groups(dy, x, mask, counts, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean,
-                           rstd, Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dx, int threads):
-    """backward_groups (no dh) after masked_normalize_groups: IN mask (1, C, B) uint8,
-    counts (C,) float64; the sums are backward_groups' (over every element), the
+def masked_backward_groups(dy, x, mask, moff, int mstep, counts, Py_ssize_t rows_per_group, bint center,
+                           int affine, rp, w, mean, rstd, Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dx,
+                           int threads):
+    """backward_groups (no dh) after masked_normalize_groups: IN mask, moff, mstep as
+    there, counts (C,) float64; the sums are backward_groups' (over every element), the
     statistics terms of dx divide by counts[c] and apply only where counted."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t P = _shape(pdw, 2)[1]
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* pw = <const double*>_in(w, F64)
@@ -2031,19 +2116,19 @@ def masked_backward_groups(dy, x, mask, counts, Py_ssize_t rows_per_group, bint 
     if T == cnp.NPY_FLOAT32:
         _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group, center,
                          affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <float*>_out(dx, T), threads, m, n)
+                         <float*>_out(dx, T), threads, m, off, mstep, n)
     elif T == HALF:
         _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group, center,
                          affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <nc_f16*>_out(dx, T), threads, m, n)
+                         <nc_f16*>_out(dx, T), threads, m, off, mstep, n)
     elif T == BF16:
         _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group, center,
                          affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <nc_bf16*>_out(dx, T), threads, m, n)
+                         <nc_bf16*>_out(dx, T), threads, m, off, mstep, n)
     else:
         _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group, center,
                          affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <double*>_out(dx, T), threads, m, n)
+                         <double*>_out(dx, T), threads, m, off, mstep, n)
 
 
 cdef extern from *:

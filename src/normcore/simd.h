@@ -1468,23 +1468,72 @@ NC_MASKED_SUMS(nc_masked_sums_h16, nc_f16)
 NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
 #define nc_masked_sums(p, ...) NC_BY_TYPE(p, nc_masked_sums)((p), __VA_ARGS__)
 
-/* Column tile (rows, tw), row stride ld: over each column's counted rows, s1[c] += d,
- * s2[c] += d * d with d = x[r, c] - k[c], cnt[c] += 1; rows in order, as one at a time. */
+/* Column tile (rows, tw), row stride ld; row r's mask bytes at m + off[r], advancing by
+ * step (0: one byte for the row): over each column's counted rows, s1[c] += d, s2[c] += d * d
+ * with d = x[r, c] - k[c], cnt[c] += 1; rows in order, two per load of the accumulators. */
 #define NC_COL_MASKED_SUMS(NAME, T)                                                            \
-    static inline void NAME(const T* x, const unsigned char* m, ptrdiff_t rows, ptrdiff_t ld,  \
-                            ptrdiff_t tw, const double* k, double* s1, double* s2, double* cnt) { \
-        ptrdiff_t r = 0, c;                                                                    \
-        for (; r < rows; r += 2) {                                                             \
-            const int both = r + 1 < rows; /* rows r and r + 1 per load of the accumulators */ \
-            for (c = 0; c + NC_DL <= tw; c += NC_DL) {                                         \
+    static inline void NAME(const T* x, const unsigned char* m, const ptrdiff_t* off, int step, \
+                            ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw, const double* k,       \
+                            double* s1, double* s2, double* cnt) {                             \
+        const nc_v4d one = (nc_v4d){0} + 1.0;                                                  \
+        for (ptrdiff_t r = 0; r < rows; r += 2) {                                              \
+            const int both = r + 1 < rows;                                                     \
+            const unsigned char* m0 = m + off[r];                                              \
+            const unsigned char* m1 = both ? m + off[r + 1] : m0;                              \
+            const T* x0 = x + r * ld;                                                          \
+            const T* x1 = both ? x0 + ld : x0;                                                 \
+            ptrdiff_t c = 0;                                                                   \
+            if (step == 0) { /* whole rows counted or not: the plain sums of those counted */  \
+                const int f0 = m0[0] != 0, f1 = both && m1[0] != 0;                            \
+                if (!f0 && !f1)                                                                \
+                    continue;                                                                  \
+                for (; c + NC_DL <= tw; c += NC_DL) {                                          \
+                    nc_v4d kk, a, b, n, d;                                                     \
+                    NC_LOAD4_double(kk, k + c);                                                \
+                    NC_LOAD4_double(a, s1 + c);                                                \
+                    NC_LOAD4_double(b, s2 + c);                                                \
+                    NC_LOAD4_double(n, cnt + c);                                               \
+                    if (f0) {                                                                  \
+                        NC_LOAD4_##T(d, x0 + c);                                               \
+                        d -= kk;                                                               \
+                        a += d;                                                                \
+                        b += d * d;                                                            \
+                        n += one;                                                              \
+                    }                                                                          \
+                    if (f1) {                                                                  \
+                        NC_LOAD4_##T(d, x1 + c);                                               \
+                        d -= kk;                                                               \
+                        a += d;                                                                \
+                        b += d * d;                                                            \
+                        n += one;                                                              \
+                    }                                                                          \
+                    NC_STORE4_double(s1 + c, a);                                               \
+                    NC_STORE4_double(s2 + c, b);                                               \
+                    NC_STORE4_double(cnt + c, n);                                              \
+                }                                                                              \
+                for (; c < tw; ++c)                                                            \
+                    for (int j = 0; j < 2; ++j)                                                \
+                        if (j == 0 ? f0 : f1) {                                                \
+                            const double e = NC_TOD_##T((j == 0 ? x0 : x1)[c]) - k[c];         \
+                            s1[c] += e;                                                        \
+                            s2[c] += e * e;                                                    \
+                            cnt[c] += 1.0;                                                     \
+                        }                                                                      \
+                continue;                                                                      \
+            }                                                                                  \
+            for (; c + NC_DL <= tw; c += NC_DL) {                                              \
                 nc_v4d kk, a, b, n, d;                                                         \
                 NC_LOAD4_double(kk, k + c);                                                    \
                 NC_LOAD4_double(a, s1 + c);                                                    \
                 NC_LOAD4_double(b, s2 + c);                                                    \
                 NC_LOAD4_double(n, cnt + c);                                                   \
-                for (int j = 0; j <= both; ++j) {                                              \
-                    NC_LOAD4_##T(d, x + (r + j) * ld + c);                                     \
-                    NC_MASK_SHIFTED_N(d, kk, m + (r + j) * ld + c, n);                         \
+                NC_LOAD4_##T(d, x0 + c);                                                       \
+                NC_MASK_SHIFTED_N(d, kk, m0 + c, n);                                           \
+                a += d;                                                                        \
+                b += d * d;                                                                    \
+                if (both) {                                                                    \
+                    NC_LOAD4_##T(d, x1 + c);                                                   \
+                    NC_MASK_SHIFTED_N(d, kk, m1 + c, n);                                       \
                     a += d;                                                                    \
                     b += d * d;                                                                \
                 }                                                                              \
@@ -1494,8 +1543,8 @@ NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
             }                                                                                  \
             for (; c < tw; ++c)                                                                \
                 for (int j = 0; j <= both; ++j)                                                \
-                    if (m[(r + j) * ld + c]) {                                                 \
-                        const double e = NC_TOD_##T(x[(r + j) * ld + c]) - k[c];               \
+                    if ((j == 0 ? m0 : m1)[c]) {                                               \
+                        const double e = NC_TOD_##T((j == 0 ? x0 : x1)[c]) - k[c];             \
                         s1[c] += e;                                                            \
                         s2[c] += e * e;                                                        \
                         cnt[c] += 1.0;                                                         \
@@ -1591,17 +1640,27 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
         }                                                                                         \
     }                                                                                             \
     static inline void nc_masked_dx_cols_##SUF(const T* dy, const T* x, const unsigned char* m,   \
-                                               T* dx, ptrdiff_t rows, ptrdiff_t ld, ptrdiff_t tw,  \
-                                               const void* coefs, ptrdiff_t R, ptrdiff_t c0) {     \
+                                               const ptrdiff_t* off, int step, T* dx, ptrdiff_t rows, \
+                                               ptrdiff_t ld, ptrdiff_t tw, const void* coefs,      \
+                                               ptrdiff_t R, ptrdiff_t c0) {                        \
         const A* cm = (const A*)coefs + c0;                                                       \
         const A *ch = cm + R, *cl = cm + 2 * R, *c2 = cm + 3 * R, *c3 = cm + 4 * R;               \
         (void)cl; /* (a lo part only where the scale travels as hi + lo) */                     \
         for (ptrdiff_t r = 0; r < rows; ++r) {                                                    \
             const ptrdiff_t o = r * ld;                                                           \
+            const unsigned char* mr = m + off[r] + (step ? c0 : 0);                               \
+            if (step == 0) { /* the row counted, or the direct term alone */                     \
+                for (ptrdiff_t c = 0; c < tw; ++c) {                                              \
+                    const A t = mr[0] ? STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]) : (A)0; \
+                    const A g = (A)NC_TOD_##T(dy[o + c]);                                         \
+                    nc_put_##SUF(dx, o + c, DX(g, ch[c], cl[c], t));                              \
+                }                                                                                 \
+                continue;                                                                         \
+            }                                                                                     \
             for (ptrdiff_t c = 0; c < tw; ++c) {                                                  \
                 const A t = STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]);                   \
                 const A g = (A)NC_TOD_##T(dy[o + c]);                                             \
-                nc_put_##SUF(dx, o + c, DX(g, ch[c], cl[c], m[o + c] ? t : (A)0));                \
+                nc_put_##SUF(dx, o + c, DX(g, ch[c], cl[c], mr[c] ? t : (A)0));                   \
             }                                                                                     \
         }                                                                                         \
     }
@@ -1645,14 +1704,16 @@ NC_MASKED_DX_V(b16, nc_bf16)
 #endif
 #define nc_masked_dx_cols(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_cols)((dy), __VA_ARGS__)
 
-/* Parameters along the row: dx = rs * (dy * w - (counted ? m1 + xhat * m2 : 0)), in double. */
+/* Parameters along the row: dx = rs * (dy * w - (counted ? m1 + xhat * m2 : 0)), in double;
+ * the mask bytes at m advance by step (0: one for the row). */
 #define NC_MASKED_DX_INNER(SUF, T)                                                                \
     static inline void nc_masked_dx_inner_row_##SUF(const T* dy, const T* x, const unsigned char* m, \
-                                                    T* dx, ptrdiff_t n, double mu, double rs,     \
-                                                    const double* w, double m1, double m2) {      \
+                                                    int step, T* dx, ptrdiff_t n, double mu,      \
+                                                    double rs, const double* w, double m1,        \
+                                                    double m2) {                                  \
         for (ptrdiff_t i = 0; i < n; ++i) {                                                       \
             const double t = m1 + (NC_TOD_##T(x[i]) - mu) * rs * m2;                              \
-            nc_put_##SUF(dx, i, rs * (NC_TOD_##T(dy[i]) * w[i] - (m[i] ? t : 0.0)));              \
+            nc_put_##SUF(dx, i, rs * (NC_TOD_##T(dy[i]) * w[i] - (m[i * step] ? t : 0.0)));       \
         }                                                                                         \
     }
 NC_MASKED_DX_INNER(f32, float)

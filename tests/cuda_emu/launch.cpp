@@ -110,6 +110,7 @@ NC_CALL(9, U, U, U, U, U, U, U, U, U)
 NC_CALL(10, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(11, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(12, U, U, U, U, U, U, U, U, U, U, U, U)
+NC_CALL(13, U, U, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(14, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(16, U, U, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
 #define NC_ARGS_4 a[0], a[1], a[2], a[3]
@@ -130,6 +131,7 @@ static void call_kernel() {
         case 10: Call<10>::run(); break;
         case 11: Call<11>::run(); break;
         case 12: Call<12>::run(); break;
+        case 13: Call<13>::run(); break;
         case 14: Call<14>::run(); break;
         case 16: Call<16>::run(); break;
     }
@@ -158,7 +160,7 @@ extern "C" int nc_emu_launch(const char* name, unsigned gx, unsigned gy, unsigne
                              int nargs, const u64* args) {
     static const std::map<std::string, void*> kernels = table();
     auto it = kernels.find(name);
-    if (it == kernels.end() || nargs < 4 || nargs > 16 || (nargs > 12 && nargs != 14 && nargs != 16)) return 1;
+    if (it == kernels.end() || nargs < 4 || nargs > 16 || (nargs > 14 && nargs != 16)) return 1;
     g_kernel = it->second;
     g_args = args;
     g_nargs = nargs;
