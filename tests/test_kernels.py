@@ -502,3 +502,36 @@ def test_add_normalize_is_bitwise_in_every_build(build, mode, shape, sizes, dtyp
         _, cache0 = nc.normalize(x + r, mode, **kw, **rkw)
         got, want = nc.backward(dy, cache, dh=dh), nc.backward(dy, cache0)
         assert np.array_equal(got[0].view(bits), (want[0] + dh).view(bits))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e2, 1e4])
+@pytest.mark.parametrize("name", ACCURACY_MODES)
+def test_masked_float32_within_three_times_the_floor_in_every_build(build, name, offset):
+    # the masked kernels (compact masks of step 0 and 1, and masks of x's shape) keep the
+    # float32 contract of the plain ones, in every build: y, dx, dweight, dbias against
+    # the float64 reference of the masked statistics. dy is 0 where not counted, as from a
+    # loss that ignores the padding: a gradient there adds to sums divided by the counted
+    # elements only, which makes dx a difference of terms up to (elements / counted) times
+    # larger than itself (README, "Masked statistics")
+    mode = nc.get_mode(name)
+    sizes = {"g": 4} if "g k" in mode.spec else {}
+    for shape in ((16, 8, 12), (6, 16, 101)):
+        rng = np.random.default_rng(int(offset) + len(name) + 7)
+        x = (offset + rng.standard_normal(shape)).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        plan = make_plan(mode, shape, sizes)
+        w = rng.standard_normal(plan.param_shape).astype(np.float32)
+        kw = {"weight": w} if mode.center is False else {"weight": w, "bias": rng.standard_normal(w.shape).astype(np.float32)}
+        for mshape in (shape, (shape[0], 1, shape[2]), (shape[0], shape[1], 1), (1,) + shape[1:]):
+            mask = rng.random(mshape) < 0.6
+            mask.reshape(mshape[0], -1)[:, :2] = True
+            y, cache = nc.normalize(x, name, mask=mask, **kw, **sizes)
+            ref = reference_forward(x, name, mask=mask, **kw, **sizes)
+            dy = np.where(mask, dy, 0).astype(np.float32)
+            dx, dw, db = nc.backward(dy, cache)
+            rdx, rdw, rdb = reference_backward(dy, ref)
+            for what, got, want in (("y", y, ref.y), ("dx", dx, rdx), ("dweight", dw, rdw), ("dbias", db, rdb)):
+                if got is None:
+                    continue
+                ratio = float(np.abs(got.astype(np.float64) - want).max()) / _rounding_floor(want)
+                assert ratio <= 3.0, (what, shape, mshape, ratio)
