@@ -10,7 +10,8 @@ interleaved with each other, then PyTorch's steps interleaved with normcore's ma
 Cases (float32, weight and bias, training, batch statistics; every call allocates its
 outputs): batch norm over (B, T, C) = (64, 512, 256) sequences, channels last, with a
 (B, T, 1) mask of random lengths in [T/4, T]; group norm (32 groups) over (32, 256, 28, 28)
-with a (N, 1, H, W) mask of a random crop per image. One step is the forward and the
+with a (N, 1, H, W) mask of a random crop per image; and both with a random mask of x's
+own shape of the same density (a byte per element, the costliest layout). One step is the forward and the
 backward (dx, dweight, dbias) from a fixed dy; reported with fresh outputs (every call
 allocates y and dx) and with y and dx written into kept buffers (out=), which takes the
 operating system's page faults on fresh outputs out of the comparison.
@@ -46,7 +47,18 @@ def _gn_case():
     return (N, C, H, W), "group_norm", {"g": 32}, mask, None
 
 
-CASES = [("BatchNorm (B, T, C)", _bn_case), ("GroupNorm g=32", _gn_case)]
+def _full(make):
+    """The same case with a mask of x's shape (a byte per element, random)."""
+    def case():
+        shape, mode, sizes, mask, axes = make()
+        full = np.random.default_rng(3).random(shape) < float(np.broadcast_to(mask, shape).mean())
+        return shape, mode, sizes, full, axes
+    return case
+
+
+CASES = [("BatchNorm (B, T, C)", _bn_case), ("GroupNorm g=32", _gn_case),
+         ("BatchNorm (B, T, C), mask of x's shape", _full(_bn_case)),
+         ("GroupNorm g=32, mask of x's shape", _full(_gn_case))]
 
 
 def _steps(shape, mode, sizes, mask):
@@ -100,11 +112,11 @@ def _steps(shape, mode, sizes, mask):
             N = shape[0]
 
             def torch_masked():
-                xg = tx.reshape(N, G, -1, shape[2] * shape[3])
-                mg = tm.reshape(N, 1, 1, shape[2] * shape[3])
-                n = mg.sum((2, 3), keepdim=True) * xg.shape[2]
-                mean = (xg * mg).sum((2, 3), keepdim=True) / n
-                var = (((xg - mean) * mg) ** 2).sum((2, 3), keepdim=True) / n
+                xg = tx.reshape(N, G, -1)
+                mg = tm.expand(shape).reshape(N, G, -1)
+                n = mg.sum(2, keepdim=True)
+                mean = (xg * mg).sum(2, keepdim=True) / n
+                var = (((xg - mean) * mg) ** 2).sum(2, keepdim=True) / n
                 y = ((xg - mean) * torch.rsqrt(var + 1e-5)).reshape(shape) * tw[:, None, None] + tb[:, None, None]
                 y.backward(tdy)
                 tx.grad = tw.grad = tb.grad = None

@@ -395,7 +395,10 @@ PROPERTIES = (prop_forward_matches_reference, prop_normalized_moments, prop_inva
 
 
 def check_mode(mode, *, max_examples=30, last_side=None, backend="cpu", **sizes):
-    """Run every property in :data:`PROPERTIES` on ``mode`` (a name or a Mode).
+    """Run every property in :data:`PROPERTIES` on ``mode`` (a name or a Mode): half the
+    calls drawn with a ``mask=`` of random shape (broadcasting to x) and density, compared
+    with the float64 reference of the masked statistics, and the masked-out elements shown
+    not to count.
 
     ``sizes`` fixes axis sizes (e.g. ``g=2``); others are drawn (1 to 4, the last input
     axis up to ``last_side`` when given, to reach long-row code paths). ``backend="cuda"``

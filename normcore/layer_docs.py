@@ -95,7 +95,9 @@ COMMON_NOTES = (
     "``layer.backward(dy)`` needs; backward returns dx and adds the parameter gradients into "
     "``grad_weight`` / ``grad_bias``. ``y, h = layer.forward_add(x, residual)`` normalizes "
     "``h = x + residual`` (:func:`normcore.add_normalize`), and ``layer.backward(dy, dh=dh)`` "
-    "then returns the gradient with respect to h. ``state_dict()`` / ``load_state_dict()`` and "
+    "then returns the gradient with respect to h. ``layer(x, mask=m)`` (a boolean array "
+    "broadcasting to x) takes the statistics over the elements where m is True only, and "
+    "backward uses the same mask (:func:`normcore.normalize`). ``state_dict()`` / ``load_state_dict()`` and "
     "``save(path)`` / ``load(path)`` (``.npz``) hold the parameters and running statistics; "
     "``.cuda()`` / ``.cpu()`` move them (CuPy inputs then).")
 
