@@ -48,7 +48,7 @@ validates the caller's arguments, normcore/functional.py builds the kernels' arr
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 from libc.math cimport NAN, isfinite, sqrt
-from libc.stdlib cimport abort, free, malloc
+from libc.stdlib cimport abort, calloc, free, malloc
 
 cnp.import_array()
 
@@ -90,6 +90,9 @@ cdef enum:
     # the caches a reader would find them in, a normal store's read-for-ownership is waste
     STREAM_BYTES = 8388608
     PF_AHEAD = 2
+    # runs of at least this many wholly counted (or uncounted) rows of a masked column
+    # layout take the plain tile passes (each call makes its tile's coefficients)
+    LIKE_ROWS = 16
 
 # Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
 cdef Py_ssize_t CHUNK = 4096
@@ -1967,35 +1970,63 @@ def masked_dx_rows(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py
     cdef const double* c2 = <const double*>_in(k2, F64)
     cdef const double* c3 = <const double*>_in(k3, F64)
     cdef void* coefs = NULL
+    cdef double* zeros = NULL
     try:
-        if cols:  # the column tiles' coefficients, once
+        if cols:  # the column tiles' coefficients, once (with step 0: zeros for the direct term)
             coefs = nc_masked_dx_coefs64(mu, c1, c2, c3, d[1]) if T == F64 else \
                 nc_masked_dx_coefs(mu, c1, c2, c3, d[1])
-            if coefs == NULL:
+            zeros = <double*>calloc(max(d[1], 1), sizeof(double))
+            if coefs == NULL or zeros == NULL:
                 raise MemoryError()
+
         if T == cnp.NPY_FLOAT32:
             _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, off, mstep, cols, d[0], d[1], d[2],
-                            mu, c1, c2, c3, coefs, rows_per_block, <float*>_out(dx, T), threads)
+                            mu, c1, c2, c3, coefs, zeros, rows_per_block, <float*>_out(dx, T), threads)
         elif T == HALF:
             _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_f16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, zeros, rows_per_block, <nc_f16*>_out(dx, T), threads)
         elif T == BF16:
             _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_bf16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, zeros, rows_per_block, <nc_bf16*>_out(dx, T), threads)
         else:
             _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <double*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, zeros, rows_per_block, <double*>_out(dx, T), threads)
     finally:
         free(coefs)
+        free(zeros)
 
 
 cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned char* m, const Py_ssize_t* off,
                           int step, bint cols, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S, const double* mean,
-                          const double* k1, const double* k2, const double* k3, const void* coefs, Py_ssize_t rpb,
-                          floating* dx, int threads) noexcept nogil:
-    cdef Py_ssize_t i, a, r, t, o
-    cdef bint nt = not cols and _streams(dx, A * R * S, sizeof(floating))
-    if cols:
+                          const double* k1, const double* k2, const double* k3, const void* coefs,
+                          const double* zeros, Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
+    cdef Py_ssize_t i, a, r, t, o, j, e, rows
+    cdef bint nt = _streams(dx, A * R * S, sizeof(floating)) and (step == 0 or not cols)
+    if cols and step == 0:
+        # whole rows counted or not: long runs of like rows through the plain column passes,
+        # dx's or the direct term's (the affine pass on dy); short ones row by row
+        for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
+            a = i * rpb
+            rows = _block_rows(i, rpb, A)
+            j = 0
+            while j < rows:
+                e = j + 1
+                while e < rows and (m[off[a + e]] != 0) == (m[off[a + j]] != 0):
+                    e = e + 1
+                for t in range((R + TILE - 1) // TILE):
+                    r = t * TILE
+                    o = (a + j) * R + r
+                    if e - j < LIKE_ROWS:
+                        nc_masked_dx_cols(dy + o, x + o, m, off + a + j, step, dx + o, e - j, R,
+                                          _block_rows(t, TILE, R), coefs, R, r)
+                    elif m[off[a + j]] != 0:
+                        _dx_tile(dy + o, x + o, dx + o, e - j, R, _block_rows(t, TILE, R), mean + r, k1 + r, k2 + r,
+                                 k3 + r, nt)
+                    else:
+                        _affine_tile(dy + o, dx + o, e - j, R, _block_rows(t, TILE, R), zeros + r, k1 + r, zeros + r,
+                                     nt)
+                j = e
+    elif cols:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
             for t in range((R + TILE - 1) // TILE):

@@ -1468,6 +1468,15 @@ NC_MASKED_SUMS(nc_masked_sums_h16, nc_f16)
 NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
 #define nc_masked_sums(p, ...) NC_BY_TYPE(p, nc_masked_sums)((p), __VA_ARGS__)
 
+/* one row's lanes into the column accumulators a, b, n (kk: the shifts), as one row at a time */
+#define NC_COL_MASKED_ROW(T, px, pm)          \
+    do {                                      \
+        NC_LOAD4_##T(d, (px));                \
+        NC_MASK_SHIFTED_N(d, kk, (pm), n);    \
+        a += d;                               \
+        b += d * d;                           \
+    } while (0)
+
 /* Column tile (rows, tw), row stride ld; row r's mask bytes at m + off[r], advancing by
  * step (0: one byte for the row): over each column's counted rows, s1[c] += d, s2[c] += d * d
  * with d = x[r, c] - k[c], cnt[c] += 1; rows in order, two per load of the accumulators. */
@@ -1521,22 +1530,43 @@ NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
                         }                                                                      \
                 continue;                                                                      \
             }                                                                                  \
+            if (r + 4 <= rows) { /* four rows per load of the accumulators where there are */  \
+                const unsigned char* m2 = m + off[r + 2];                                      \
+                const unsigned char* m3 = m + off[r + 3];                                      \
+                for (; c + NC_DL <= tw; c += NC_DL) {                                          \
+                    nc_v4d kk, a, b, n, d;                                                     \
+                    NC_LOAD4_double(kk, k + c);                                                \
+                    NC_LOAD4_double(a, s1 + c);                                                \
+                    NC_LOAD4_double(b, s2 + c);                                                \
+                    NC_LOAD4_double(n, cnt + c);                                               \
+                    NC_COL_MASKED_ROW(T, x0 + c, m0 + c);                                      \
+                    NC_COL_MASKED_ROW(T, x1 + c, m1 + c);                                      \
+                    NC_COL_MASKED_ROW(T, x1 + ld + c, m2 + c);                                 \
+                    NC_COL_MASKED_ROW(T, x1 + 2 * ld + c, m3 + c);                             \
+                    NC_STORE4_double(s1 + c, a);                                               \
+                    NC_STORE4_double(s2 + c, b);                                               \
+                    NC_STORE4_double(cnt + c, n);                                              \
+                }                                                                              \
+                for (; c < tw; ++c)                                                            \
+                    for (int j = 0; j < 4; ++j)                                                \
+                        if ((m + off[r + j])[c]) {                                             \
+                            const double e = NC_TOD_##T(x0[j * ld + c]) - k[c];                \
+                            s1[c] += e;                                                        \
+                            s2[c] += e * e;                                                    \
+                            cnt[c] += 1.0;                                                     \
+                        }                                                                      \
+                r += 2; /* with the loop's 2: four rows */                                     \
+                continue;                                                                      \
+            }                                                                                  \
             for (; c + NC_DL <= tw; c += NC_DL) {                                              \
                 nc_v4d kk, a, b, n, d;                                                         \
                 NC_LOAD4_double(kk, k + c);                                                    \
                 NC_LOAD4_double(a, s1 + c);                                                    \
                 NC_LOAD4_double(b, s2 + c);                                                    \
                 NC_LOAD4_double(n, cnt + c);                                                   \
-                NC_LOAD4_##T(d, x0 + c);                                                       \
-                NC_MASK_SHIFTED_N(d, kk, m0 + c, n);                                           \
-                a += d;                                                                        \
-                b += d * d;                                                                    \
-                if (both) {                                                                    \
-                    NC_LOAD4_##T(d, x1 + c);                                                   \
-                    NC_MASK_SHIFTED_N(d, kk, m1 + c, n);                                       \
-                    a += d;                                                                    \
-                    b += d * d;                                                                \
-                }                                                                              \
+                NC_COL_MASKED_ROW(T, x0 + c, m0 + c);                                          \
+                if (both)                                                                      \
+                    NC_COL_MASKED_ROW(T, x1 + c, m1 + c);                                      \
                 NC_STORE4_double(s1 + c, a);                                                   \
                 NC_STORE4_double(s2 + c, b);                                                   \
                 NC_STORE4_double(cnt + c, n);                                                  \
