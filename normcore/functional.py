@@ -524,8 +524,7 @@ def _moments(x3, plan: Plan, run: _Run):
 
 def _scattered_moments(x_rows, plan: Plan, run: _Run):
     """Groups whose rows lie apart: per-row partials, reordered to (partials of a group, C)."""
-    _, R, S = plan.rows
-    C = plan.layout[1]
+    R = plan.rows[1]
     xp = run.xp
     pmean, pm2 = xp.empty((1, R)), xp.empty((1, R))
     run.K.moments_rows(x_rows, pmean, pm2, run.threads)

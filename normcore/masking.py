@@ -21,6 +21,7 @@ the kernels return merge here, on either backend's array module (:func:`finalize
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -37,10 +38,10 @@ class MaskRows(NamedTuple):
     step: int
 
 
-# (plan, mask shape) -> (host offsets, step), or None where the mask must be expanded;
-# bounded like the plan cache's signatures
-_LAYOUTS: dict = {}
-_MAX_LAYOUTS = 256
+# plan -> {mask shape: (host offsets, step), or None where the mask must be expanded}; held
+# weakly, so the plan cache decides how long a plan's layouts live
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MAX_LAYOUTS_PER_PLAN = 64
 
 
 def kernel_rows(plan):
@@ -55,9 +56,9 @@ def _layout(plan, mshape):
     """Where each kernel row of a mask of shape ``mshape`` (broadcast to the plan's input)
     starts in the mask's C-ordered elements, and its step; None when the row's elements
     are neither consecutive nor one."""
-    key = (plan, mshape)
-    if key in _LAYOUTS:
-        return _LAYOUTS[key]
+    per_plan = _LAYOUTS.setdefault(plan, {})
+    if mshape in per_plan:
+        return per_plan[mshape]
     n_rows, length = kernel_rows(plan)
     flat = np.arange(int(np.prod(mshape)), dtype=np.intp).reshape(mshape)
     # the mask's element indices seen through the plan's own view of x: splitting axes
@@ -81,9 +82,9 @@ def _layout(plan, mshape):
         if step is not None:
             starts = e[(Ellipsis,) + (0,) * (len(e.shape) - tail)]
             found = (np.ascontiguousarray(starts).reshape(n_rows), step)
-    if len(_LAYOUTS) >= _MAX_LAYOUTS:
-        _LAYOUTS.clear()
-    _LAYOUTS[key] = found
+    if len(per_plan) >= _MAX_LAYOUTS_PER_PLAN:
+        per_plan.clear()
+    per_plan[mshape] = found
     return found
 
 
