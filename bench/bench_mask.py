@@ -43,7 +43,8 @@ def _gn_case():
     rng = np.random.default_rng(1)
     N, C, H, W = 32, 256, 28, 28
     h, w = rng.integers(H // 2, H + 1, N), rng.integers(W // 2, W + 1, N)
-    mask = ((np.arange(H)[None, :, None] < h[:, None, None]) & (np.arange(W)[None, None, :] < w[:, None, None]))[:, None]
+    rows, cols = np.arange(H)[None, :, None] < h[:, None, None], np.arange(W)[None, None, :] < w[:, None, None]
+    mask = (rows & cols)[:, None]
     return (N, C, H, W), "group_norm", {"g": 32}, mask, None
 
 

@@ -2,8 +2,8 @@
 
 Keyword names follow PyTorch so that its users know them at once; gradients come from
 :func:`normcore.backward` with the returned cache. Every form takes ``out=`` (see
-:func:`normcore.normalize`), and every form of activations takes ``mask=`` (statistics
-over its True elements; see :func:`normcore.normalize`) and ``residual=``.
+:func:`normcore.normalize`) and ``mask=`` (statistics over its True elements; see
+:func:`normcore.normalize`); every form of activations takes ``residual=`` too.
 """
 from __future__ import annotations
 
@@ -175,10 +175,12 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                    out=out, decay=decay, residual=residual, mask=mask)
 
 
-def weight_standardize(w, eps=1e-5, *, out=None):
+def weight_standardize(w, eps=1e-5, *, out=None, mask=None):
     """Weight standardization: each output filter w[o] to zero mean, unit (biased) variance.
 
     ``w`` is (O, ...) e.g. a conv kernel (O, I, kH, kW); returns ``(w_hat, cache)``.
+    ``mask`` (boolean, broadcasting to w): each filter's statistics over its True elements
+    only (the weights a pruning mask keeps).
 
     >>> import numpy as np
     >>> w = np.random.default_rng(0).standard_normal((4, 3, 3, 3))
@@ -188,7 +190,7 @@ def weight_standardize(w, eps=1e-5, *, out=None):
     """
     be = checks.array("w", w)
     checks.min_ndim("w", w, 2, "(out, in, ...)")
-    return forward(w, be, "weight_standardize", eps=eps, out=out)
+    return forward(w, be, "weight_standardize", eps=eps, out=out, mask=mask)
 
 
 def weight_standardize_backward(dw_hat, cache, *, out=None):

@@ -47,21 +47,29 @@ def test_emulated_gpu_matches_cpu_across_boundaries(request, mode, shape, sizes,
     if shapes["weight"] is not None:
         kw = {"weight": rng.standard_normal(shapes["weight"]).astype(dtype),
               "bias": rng.standard_normal(shapes["weight"]).astype(dtype)}
-    runs = {}
-    for where in ("cpu", "emulated"):
-        if where == "emulated":
-            request.getfixturevalue("emulated_gpu")  # from here on the CUDA kernels compute
+    def step():
         run = {}
         if shapes["running_mean"] is not None:
             run = {"running_mean": np.zeros(shapes["running_mean"], dtype), "running_var": np.ones(shapes["running_mean"], dtype)}
         y, cache = nc.normalize(x, mode, **kw, **run, **sizes)
-        runs[where] = (y, *nc.backward(dy, cache), *run.values())
+        return (y, *nc.backward(dy, cache), *run.values())
+
+    _emulated_matches_cpu(request, step, dtype)
+
+
+def _emulated_matches_cpu(request, step, dtype):
+    """``step()`` on the CPU, then through the emulated CUDA kernels: the same results
+    within the float type's tolerance. Returns the emulated backend."""
+    cpu = step()
+    be = request.getfixturevalue("emulated_gpu")  # from here on the CUDA kernels compute
+    emulated = step()
     tol = 1e-5 if dtype == np.float32 else 1e-12
-    for a, b in zip(runs["emulated"], runs["cpu"], strict=True):
+    for a, b in zip(emulated, cpu, strict=True):
         if a is None:
             assert b is None
             continue
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
+    return be
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -72,17 +80,13 @@ def test_emulated_gpu_masked_matches_cpu_across_boundaries(request, mode, shape,
     x = (3 + rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     mask = rng.random(shape) < rng.random(shape[:2] + (1,) * (len(shape) - 2))
-    runs = {}
-    for where in ("cpu", "emulated"):
-        if where == "emulated":
-            be = request.getfixturevalue("emulated_gpu")
+    def step():
         y, cache = nc.normalize(x, mode, mask=mask, **sizes)
-        runs[where] = (y, nc.backward(dy, cache)[0])
+        return y, nc.backward(dy, cache)[0]
+
+    be = _emulated_matches_cpu(request, step, dtype)
     assert {"nc_masked_moments_rows", "nc_masked_moments_cols"} & be.launched
     assert {"nc_masked_dx_rows", "nc_masked_dx_cols", "nc_masked_dx_inner"} & be.launched
-    tol = 1e-5 if dtype == np.float32 else 1e-12
-    for a, b in zip(runs["emulated"], runs["cpu"], strict=True):
-        np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
 
 
 def test_emulated_gpu_float16_layer_norm(emulated_gpu):

@@ -136,6 +136,7 @@ def test_estimated_batch_norm_updates_from_the_masked_statistics():
 
 
 @pytest.mark.parametrize("form, kw, mshape", [
+    (nc.weight_standardize, {}, (6, 7, 4)),
     (nc.batch_norm, {"training": True, "channel_axis": -1}, (6, 7, 1)),
     (nc.layer_norm, {"normalized_shape": (7, 4)}, (6, 1, 1)),
     (nc.rms_norm, {"normalized_shape": 4}, (6, 7, 1)),

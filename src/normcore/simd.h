@@ -1468,6 +1468,23 @@ NC_MASKED_SUMS(nc_masked_sums_h16, nc_f16)
 NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
 #define nc_masked_sums(p, ...) NC_BY_TYPE(p, nc_masked_sums)((p), __VA_ARGS__)
 
+/* a wholly counted row's lanes into the column accumulators a, b, n (kk: the shifts) */
+#define NC_COL_COUNTED_ROW(T, px) \
+    do {                          \
+        NC_LOAD4_##T(d, (px));    \
+        d -= kk;                  \
+        a += d;                   \
+        b += d * d;               \
+        n += one;                 \
+    } while (0)
+/* one counted element v of column c (the lane tails) */
+#define NC_COL_COUNTED_1(T, v)                         \
+    do {                                               \
+        const double e_ = NC_TOD_##T(v) - k[c];        \
+        s1[c] += e_;                                   \
+        s2[c] += e_ * e_;                              \
+        cnt[c] += 1.0;                                 \
+    } while (0)
 /* one row's lanes into the column accumulators a, b, n (kk: the shifts), as one row at a time */
 #define NC_COL_MASKED_ROW(T, px, pm)          \
     do {                                      \
@@ -1502,32 +1519,18 @@ NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
                     NC_LOAD4_double(a, s1 + c);                                                \
                     NC_LOAD4_double(b, s2 + c);                                                \
                     NC_LOAD4_double(n, cnt + c);                                               \
-                    if (f0) {                                                                  \
-                        NC_LOAD4_##T(d, x0 + c);                                               \
-                        d -= kk;                                                               \
-                        a += d;                                                                \
-                        b += d * d;                                                            \
-                        n += one;                                                              \
-                    }                                                                          \
-                    if (f1) {                                                                  \
-                        NC_LOAD4_##T(d, x1 + c);                                               \
-                        d -= kk;                                                               \
-                        a += d;                                                                \
-                        b += d * d;                                                            \
-                        n += one;                                                              \
-                    }                                                                          \
+                    if (f0)                                                                    \
+                        NC_COL_COUNTED_ROW(T, x0 + c);                                         \
+                    if (f1)                                                                    \
+                        NC_COL_COUNTED_ROW(T, x1 + c);                                         \
                     NC_STORE4_double(s1 + c, a);                                               \
                     NC_STORE4_double(s2 + c, b);                                               \
                     NC_STORE4_double(cnt + c, n);                                              \
                 }                                                                              \
                 for (; c < tw; ++c)                                                            \
                     for (int j = 0; j < 2; ++j)                                                \
-                        if (j == 0 ? f0 : f1) {                                                \
-                            const double e = NC_TOD_##T((j == 0 ? x0 : x1)[c]) - k[c];         \
-                            s1[c] += e;                                                        \
-                            s2[c] += e * e;                                                    \
-                            cnt[c] += 1.0;                                                     \
-                        }                                                                      \
+                        if (j == 0 ? f0 : f1)                                                  \
+                            NC_COL_COUNTED_1(T, (j == 0 ? x0 : x1)[c]);                        \
                 continue;                                                                      \
             }                                                                                  \
             if (r + 4 <= rows) { /* four rows per load of the accumulators where there are */  \
@@ -1549,12 +1552,8 @@ NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
                 }                                                                              \
                 for (; c < tw; ++c)                                                            \
                     for (int j = 0; j < 4; ++j)                                                \
-                        if ((m + off[r + j])[c]) {                                             \
-                            const double e = NC_TOD_##T(x0[j * ld + c]) - k[c];                \
-                            s1[c] += e;                                                        \
-                            s2[c] += e * e;                                                    \
-                            cnt[c] += 1.0;                                                     \
-                        }                                                                      \
+                        if ((m + off[r + j])[c])                                               \
+                            NC_COL_COUNTED_1(T, x0[j * ld + c]);                               \
                 r += 2; /* with the loop's 2: four rows */                                     \
                 continue;                                                                      \
             }                                                                                  \
@@ -1573,12 +1572,8 @@ NC_MASKED_SUMS(nc_masked_sums_b16, nc_bf16)
             }                                                                                  \
             for (; c < tw; ++c)                                                                \
                 for (int j = 0; j <= both; ++j)                                                \
-                    if ((j == 0 ? m0 : m1)[c]) {                                               \
-                        const double e = NC_TOD_##T((j == 0 ? x0 : x1)[c]) - k[c];             \
-                        s1[c] += e;                                                            \
-                        s2[c] += e * e;                                                        \
-                        cnt[c] += 1.0;                                                         \
-                    }                                                                          \
+                    if ((j == 0 ? m0 : m1)[c])                                                 \
+                        NC_COL_COUNTED_1(T, (j == 0 ? x0 : x1)[c]);                            \
         }                                                                                      \
     }
 NC_COL_MASKED_SUMS(nc_col_masked_sums_f32, float)
