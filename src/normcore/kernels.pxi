@@ -1763,7 +1763,7 @@ cdef extern from "simd.h" nogil:
                           const unsigned char* pfm)
     void nc_masked_dx_cols(const void* dy, const void* x, const unsigned char* m, const Py_ssize_t* off,
                            int step, void* dx, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t tw, const void* coefs,
-                           Py_ssize_t R, Py_ssize_t c0)
+                           Py_ssize_t R, Py_ssize_t c0, int nt)
     void* nc_masked_dx_coefs(const double* mean, const double* k1, const double* k2, const double* k3,
                              Py_ssize_t R)
     void* nc_masked_dx_coefs64(const double* mean, const double* k1, const double* k2, const double* k3,
@@ -2001,7 +2001,7 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
                           const double* k1, const double* k2, const double* k3, const void* coefs,
                           const double* zeros, Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t, o, j, e, rows
-    cdef bint nt = _streams(dx, A * R * S, sizeof(floating)) and (step == 0 or not cols)
+    cdef bint nt = _streams(dx, A * R * S, sizeof(floating))
     if cols and step == 0:
         # whole rows counted or not: long runs of like rows through the plain column passes,
         # dx's or the direct term's (the affine pass on dy); short ones row by row
@@ -2018,7 +2018,7 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
                     o = (a + j) * R + r
                     if e - j < LIKE_ROWS:
                         nc_masked_dx_cols(dy + o, x + o, m, off + a + j, step, dx + o, e - j, R,
-                                          _block_rows(t, TILE, R), coefs, R, r)
+                                          _block_rows(t, TILE, R), coefs, R, r, nt)
                     elif m[off[a + j]] != 0:
                         _dx_tile(dy + o, x + o, dx + o, e - j, R, _block_rows(t, TILE, R), mean + r, k1 + r, k2 + r,
                                  k3 + r, nt)
@@ -2033,7 +2033,7 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
                 r = t * TILE
                 o = a * R + r
                 nc_masked_dx_cols(dy + o, x + o, m, off + a, step, dx + o, _block_rows(i, rpb, A), R,
-                                  _block_rows(t, TILE, R), coefs, R, r)
+                                  _block_rows(t, TILE, R), coefs, R, r, nt)
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r = i % R

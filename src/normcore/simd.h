@@ -1643,6 +1643,8 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
         __builtin_prefetch((m), 0, NC_PF_HINT);                             \
     } while (0)
 
+/* the widest column tile of the masked column pass (kernels.pxi's TILE) */
+#define NC_MDX_ROW_MAX 4096
 /* A: the arithmetic; COEF: the row's five coefficients from (mu, k1, k2, k3); STAT, DX as
  * NC_MDX_STAT, NC_MDX */
 #define NC_MASKED_DX(SUF, T, A, COEF, STAT, DX)                                                   \
@@ -1667,26 +1669,30 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
     static inline void nc_masked_dx_cols_##SUF(const T* dy, const T* x, const unsigned char* m,   \
                                                const ptrdiff_t* off, int step, T* dx, ptrdiff_t rows, \
                                                ptrdiff_t ld, ptrdiff_t tw, const void* coefs,      \
-                                               ptrdiff_t R, ptrdiff_t c0) {                        \
+                                               ptrdiff_t R, ptrdiff_t c0, int nt) {                \
         const A* cm = (const A*)coefs + c0;                                                       \
         const A *ch = cm + R, *cl = cm + 2 * R, *c2 = cm + 3 * R, *c3 = cm + 4 * R;               \
+        T buf[NC_MDX_ROW_MAX]; /* nt: a row made here, then streamed out whole (tw <= the max) */ \
         (void)cl; /* (a lo part only where the scale travels as hi + lo) */                     \
         for (ptrdiff_t r = 0; r < rows; ++r) {                                                    \
             const ptrdiff_t o = r * ld;                                                           \
             const unsigned char* mr = m + off[r] + (step ? c0 : 0);                               \
+            T* out = nt ? buf : dx + o;                                                           \
             if (step == 0) { /* the row counted, or the direct term alone */                     \
                 for (ptrdiff_t c = 0; c < tw; ++c) {                                              \
                     const A t = mr[0] ? STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]) : (A)0; \
                     const A g = (A)NC_TOD_##T(dy[o + c]);                                         \
-                    nc_put_##SUF(dx, o + c, DX(g, ch[c], cl[c], t));                              \
+                    nc_put_##SUF(out, c, DX(g, ch[c], cl[c], t));                                 \
                 }                                                                                 \
-                continue;                                                                         \
+            } else {                                                                              \
+                for (ptrdiff_t c = 0; c < tw; ++c) {                                              \
+                    const A t = STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]);               \
+                    const A g = (A)NC_TOD_##T(dy[o + c]);                                         \
+                    nc_put_##SUF(out, c, DX(g, ch[c], cl[c], mr[c] ? t : (A)0));                  \
+                }                                                                                 \
             }                                                                                     \
-            for (ptrdiff_t c = 0; c < tw; ++c) {                                                  \
-                const A t = STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]);                   \
-                const A g = (A)NC_TOD_##T(dy[o + c]);                                             \
-                nc_put_##SUF(dx, o + c, DX(g, ch[c], cl[c], mr[c] ? t : (A)0));                   \
-            }                                                                                     \
+            if (nt)                                                                               \
+                nc_copy_bytes(buf, dx + o, (size_t)tw * sizeof(T), 1);                            \
         }                                                                                         \
     }
 #define NC_MDX_COEF(c, mu, k1, k2, k3)                       \
