@@ -180,6 +180,44 @@ class Kernels(Protocol):
         sums_cols → gradient_sums → dx_coefficients → dx_rows in one call."""
 
 
+    # -- masked statistics -------------------------------------------------------------------
+    # A mask arrives as uint8 bytes (nonzero: counted) by the kernel's rows (masking.MaskRows):
+    # row r's bytes start at mask[moff[r]] (moff intp) and advance by mstep, 1 or 0 (one byte
+    # for the row). Rows: the A * R rows of S of the (A, R, S) layout, or for the column
+    # strategy the A rows of C of (A, C). The backward's sums are the plain kernels' (y is
+    # computed everywhere); counts per group divide its terms (dx_coefficients with the sums
+    # pre-divided and count 1).
+    def masked_moments_rows(self, x, mask, moff, mstep, rows_per_group, pmean, pm2, pcount, threads):
+        """IN x (A, R, S) T, mask, moff (A * R,), mstep; OUT pmean, pm2, pcount (A, R / J)
+        float64 (J = rows_per_group consecutive rows a group): moments and number of each
+        group's counted elements per block a (0, 0, 0 for none)."""
+
+    def masked_moments_cols(self, x, mask, moff, mstep, rows_per_block, pmean, pm2, pcount, threads):
+        """IN x (A, C) T, mask, moff (A,), mstep; OUT pmean, pm2, pcount (ceil(A / rows_per_block),
+        C) float64: as moments_cols over the counted elements, with their counts."""
+
+    def masked_dx_rows(self, dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rows_per_block, dx, threads):
+        """IN dy, x (A, R, S) T, mask, moff, mstep (cols: the A rows of R, S == 1; else the
+        A * R rows of S), mean, k1, k2, k3 (R,); OUT dx = dy k1 + (x - mean) k2 + k3 where
+        counted, dy k1 elsewhere."""
+
+    def masked_dx_inner(self, dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dx, threads):
+        """IN as dx_inner (no dh) and mask, moff (R,), mstep; OUT dx = rstd (dy w - (c1 + xhat
+        c2)) with the bracket only where counted."""
+
+    def masked_normalize_groups(self, x, mask, moff, mstep, rows_per_group, center, eps, affine, rp, w, b,
+                                mean, var, rstd, counts, y, threads):
+        """normalize_groups (no residual) over the counted elements, moff (C * J,); OUT also
+        counts (C,) float64; a group with none gets mean 0, var 0, rstd 0 (optional:
+        ``masked_groups``)."""
+
+    def masked_backward_groups(self, dy, x, mask, moff, mstep, counts, rows_per_group, center, affine, rp,
+                               w, mean, rstd, groups_per_block, t1, t2, pdw, pdb, dx, threads):
+        """backward_groups (no dh) after masked_normalize_groups: the plain sums, the
+        statistics terms divided by counts[c] and applied where counted (optional:
+        ``masked_groups``)."""
+
+
 def machine_eps(dtype) -> float:
     """Machine epsilon of a float dtype, bfloat16 (ml_dtypes, which NumPy's finfo does not
     know) included.
