@@ -175,6 +175,25 @@ def _parallel_copy(x, threads):
 PAUSE_S = 0.005
 
 
+def table_main(doc, rows_of, markdown, repeats=15):
+    """The command line of the one-table benchmarks (bench_add, bench_half, bench_mask):
+    ``--threads`` (comma-separated), ``--repeats``, ``--json``; prints the build and
+    machine, then ``markdown`` of the rows ``rows_of(threads, repeats)`` gives for each
+    thread count in turn (and writes them to the JSON file)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--threads", default="2")
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--json")
+    a = p.parse_args()
+    rows = [row for t in a.threads.split(",") for row in rows_of(int(t), a.repeats)]
+    print(f"normcore kernels: {VARIANT}; {platform.processor() or platform.machine()}; "
+          f"torch {torch.__version__ if torch else 'absent'}")
+    print(markdown(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def interleaved_medians(fns, repeats):
     """Median ms of each callable, timed round-robin after one warm-up call each, with a
     short pause before every call so that no library's idle spinning threads slow the next."""

@@ -14,18 +14,13 @@ median ms of each, and the ratios half / normcore float32 (target <= 0.7), torch
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-
 import ml_dtypes
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 import normcore as nc
-from normcore.kernels import VARIANT
 
-from bench_cpu import _numpy, _torch, interleaved_medians, torch  # torch: None when absent
+from bench_cpu import _numpy, _torch, interleaved_medians, table_main, torch  # torch: None when absent
 
 # (label, shape, normcore mode, torch kind, NumPy reduce axes)
 CASES = [("BN2d NCHW", (32, 64, 56, 56), "batch_norm", "bn", (0, 2, 3)),
@@ -102,21 +97,8 @@ def markdown(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", default="2")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--json")
-    a = p.parse_args()
-    rows = []
-    for threads in (int(t) for t in a.threads.split(",")):
-        for case in CASES:
-            rows += measure(*case, threads, a.repeats)
-    print(f"normcore kernels: {VARIANT}; {platform.processor() or platform.machine()}; "
-          f"torch {torch.__version__ if torch else 'absent'}")
-    print(markdown(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    table_main(__doc__, lambda threads, repeats: [row for case in CASES for row in measure(*case, threads, repeats)],
+               markdown)
 
 
 if __name__ == "__main__":

@@ -18,17 +18,12 @@ operating system's page faults on fresh outputs out of the comparison.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 import normcore as nc
-from normcore.kernels import VARIANT
 
-from bench_cpu import interleaved_medians, torch  # torch: None when absent
+from bench_cpu import interleaved_medians, table_main, torch  # torch: None when absent
 
 
 def _bn_case():
@@ -176,18 +171,8 @@ def markdown(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", default="2")
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--json")
-    a = p.parse_args()
-    rows = [measure(label, make, int(t), a.repeats) for t in a.threads.split(",") for label, make in CASES]
-    print(f"normcore kernels: {VARIANT}; {platform.processor() or platform.machine()}; "
-          f"torch {torch.__version__ if torch else 'absent'}")
-    print(markdown(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    table_main(__doc__, lambda threads, repeats: [measure(label, make, threads, repeats) for label, make in CASES],
+               markdown)
 
 
 if __name__ == "__main__":

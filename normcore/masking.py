@@ -154,10 +154,11 @@ def check_counts(counts, be, training, has_running, describe):
     fewer, raised before any running statistic is written."""
     if not (training and has_running) or counts.size == 0:
         return
-    low = be.to_host(counts) < 2
+    host = be.to_host(counts)
+    low = host < 2
     if low.any():
         g = int(np.argmax(low))
-        raise ValueError(f"mask: group {g} has {int(be.to_host(counts)[g])} counted element(s); training with "
+        raise ValueError(f"mask: group {g} has {int(host[g])} counted element(s); training with "
                          f"running statistics needs at least 2 per group ({describe})")
 
 

@@ -84,7 +84,7 @@ cdef enum:
     # the accumulators (simd.h); narrower ones row by row (measured on the AVX-512 and AVX2
     # builds: the sweeps are faster from 64 columns up, channels-last backward 1.1x)
     WIDE_REDUCTION = 16
-    TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better)
+    TILE = 4096  # columns per tile in column kernels (measured: wider tiles stream rows better): NC_TILE_MAX
     CACHED_ELEMS = 65536  # elements of a block of rows re-read from L2 by a second pass
     # float32 outputs at least this large are written with streaming stores (simd.h): past
     # the caches a reader would find them in, a normal store's read-for-ownership is waste
@@ -1975,8 +1975,9 @@ def masked_dx_rows(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py
         if cols:  # the column tiles' coefficients, once (with step 0: zeros for the direct term)
             coefs = nc_masked_dx_coefs64(mu, c1, c2, c3, d[1]) if T == F64 else \
                 nc_masked_dx_coefs(mu, c1, c2, c3, d[1])
-            zeros = <double*>calloc(max(d[1], 1), sizeof(double))
-            if coefs == NULL or zeros == NULL:
+            if mstep == 0:
+                zeros = <double*>calloc(max(d[1], 1), sizeof(double))
+            if coefs == NULL or (mstep == 0 and zeros == NULL):
                 raise MemoryError()
 
         if T == cnp.NPY_FLOAT32:

@@ -277,6 +277,9 @@ static inline void nc_copy_bytes(const void* src, void* dst, size_t n, int nt) {
     memcpy(dst, src, n);
 }
 
+/* The widest column tile the kernels pass (kernels.pxi's TILE). */
+#define NC_TILE_MAX 4096
+
 /* Accumulator vectors per sum in the row reductions: enough independent chains to hide the
  * add latency, as many as the build's registers hold. */
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -938,7 +941,6 @@ static inline nc_vf nc_widen_b16(nc_vh h) {
  * their time in lane tails and alignment heads. Along the run the column of a vector's first
  * lane wraps around; the coefficient arrays repeat their first NC_FL columns past tw, so the
  * lanes of any vector starting at a column < tw read contiguous coefficients. */
-#define NC_TILE_MAX 4096
 #define NC_TILE_COEF (NC_TILE_MAX + NC_FL)
 
 /* Fill the repeated tail of a coefficient array of tw columns. */
@@ -1349,41 +1351,19 @@ static inline int nc_resident(const void* p, ptrdiff_t n) {
 #endif
 
 /* ---- masked statistics ------------------------------------------------------------------
- * A mask is one byte per element of x's canonical layout; nonzero counts the element.
- * Reductions select the counted lanes with a bit mask, never multiply by the mask: an
- * uncounted NaN or inf (padding) must not reach a sum. The elementwise dx passes compute
- * in float for float32 and the half types (as the plain passes), in double for float64. */
+ * Mask bytes (nonzero: counted) by the kernel's rows (normcore/masking.py). Reductions select
+ * the counted lanes, never multiply by the mask: an uncounted NaN or inf (padding) must not
+ * reach a sum. The elementwise dx passes compute in float for float32 and the half types
+ * (as the plain passes), in double for float64.
+ * d = counted lanes ? d - kk : 0 and cnt += the counted lanes (a scalar: NC_MASK_SHIFTED),
+ * or n += 1.0 in the counted lanes (a vector: NC_MASK_SHIFTED_N), NC_DL bytes at m. */
 typedef long long nc_v4l __attribute__((vector_size(NC_DL * 8)));
-/* dst = all ones in the lanes whose mask byte is nonzero (one widening load: GCC's generic
- * byte-to-quadword conversion goes element by element) */
 #if defined(__AVX512F__)
-#define NC_WIDEN_BYTES(m) ((nc_v4l)_mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)(m))))
-#elif defined(__AVX2__)
-#define NC_WIDEN_BYTES(m) ((nc_v4l)_mm256_cvtepu8_epi64(_mm_cvtsi32_si128(nc_load_u32(m))))
-static inline int nc_load_u32(const unsigned char* m) {
-    int v;
-    memcpy(&v, m, sizeof v);
-    return v;
-}
-#endif
-#if defined(__AVX512F__) || defined(__AVX2__)
-#define NC_LANES_OF(dst, m) dst = (NC_WIDEN_BYTES(m) != (nc_v4l){0})
-#else
-#define NC_LANES_OF(dst, m)                       \
-    do {                                          \
-        for (int l_ = 0; l_ < NC_DL; ++l_)        \
-            (dst)[l_] = (m)[l_] ? -1 : 0;         \
-    } while (0)
-#endif
-
-/* d = counted lanes ? d - kk : 0 and cnt += the counted lanes (a scalar: NC_MASK_SHIFTED),
- * or n += 1.0 in the counted lanes (a vector: NC_MASK_SHIFTED_N). AVX-512 selects with a
- * lane mask register: the widening load, one test and the masked subtraction. */
-#if defined(__AVX512F__)
-#define NC_KMASK_OF(k, m)                                                          \
-    do {                                                                           \
+/* a lane mask register from one widening load and one test */
+#define NC_KMASK_OF(k, m)                                                              \
+    do {                                                                               \
         const __m512i w_ = _mm512_cvtepu8_epi64(_mm_loadl_epi64((const __m128i*)(m))); \
-        k = _mm512_test_epi64_mask(w_, w_);                                        \
+        k = _mm512_test_epi64_mask(w_, w_);                                            \
     } while (0)
 #define NC_MASK_SHIFTED(d, kk, m, cnt)                                          \
     do {                                                                        \
@@ -1400,6 +1380,23 @@ static inline int nc_load_u32(const unsigned char* m) {
         (n) = (nc_v4d)_mm512_mask_add_pd((__m512d)(n), k_, (__m512d)(n), _mm512_set1_pd(1.0)); \
     } while (0)
 #else
+/* dst = all ones in the lanes whose mask byte is nonzero: AVX2 by one widening load (GCC's
+ * generic byte-to-quadword conversion goes element by element), the baseline per lane */
+#if defined(__AVX2__)
+static inline int nc_load_u32(const unsigned char* m) {
+    int v;
+    memcpy(&v, m, sizeof v);
+    return v;
+}
+#define NC_LANES_OF(dst, m) \
+    dst = ((nc_v4l)_mm256_cvtepu8_epi64(_mm_cvtsi32_si128(nc_load_u32(m))) != (nc_v4l){0})
+#else
+#define NC_LANES_OF(dst, m)                       \
+    do {                                          \
+        for (int l_ = 0; l_ < NC_DL; ++l_)        \
+            (dst)[l_] = (m)[l_] ? -1 : 0;         \
+    } while (0)
+#endif
 #define NC_MASK_SHIFTED(d, kk, m, cnt)                       \
     do {                                                     \
         nc_v4l s_;                                           \
@@ -1643,8 +1640,6 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
         __builtin_prefetch((m), 0, NC_PF_HINT);                             \
     } while (0)
 
-/* the widest column tile of the masked column pass (kernels.pxi's TILE) */
-#define NC_MDX_ROW_MAX 4096
 /* A: the arithmetic; COEF: the row's five coefficients from (mu, k1, k2, k3); STAT, DX as
  * NC_MDX_STAT, NC_MDX */
 #define NC_MASKED_DX(SUF, T, A, COEF, STAT, DX)                                                   \
@@ -1672,7 +1667,7 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
                                                ptrdiff_t R, ptrdiff_t c0, int nt) {                \
         const A* cm = (const A*)coefs + c0;                                                       \
         const A *ch = cm + R, *cl = cm + 2 * R, *c2 = cm + 3 * R, *c3 = cm + 4 * R;               \
-        T buf[NC_MDX_ROW_MAX]; /* nt: a row made here, then streamed out whole (tw <= the max) */ \
+        T buf[NC_TILE_MAX]; /* nt: a row made here, then streamed out whole */                \
         (void)cl; /* (a lo part only where the scale travels as hi + lo) */                     \
         for (ptrdiff_t r = 0; r < rows; ++r) {                                                    \
             const ptrdiff_t o = r * ld;                                                           \
