@@ -25,15 +25,30 @@ __all__ = ["batchnorm_forward", "batchnorm_backward", "batchnorm_backward_alt",
            "spatial_batchnorm_backward", "spatial_groupnorm_forward", "spatial_groupnorm_backward"]
 
 
+def _x(x, ndim, axes):
+    """x must be a float array of ``ndim`` dimensions (``axes`` names them)."""
+    checks.array("x", x)
+    if x.ndim != ndim:
+        raise ValueError(f"x: expected {ndim} dimensions {axes}, got shape {x.shape}")
+
+
+def _params(name, d):
+    """``bn_param`` / ``ln_param`` / ``gn_param`` must be a dict."""
+    if not isinstance(d, dict):
+        raise TypeError(f"{name}: expected a dict, got {checks.type_name(d)}")
+    return d
+
+
 def _batchnorm(x, gamma, beta, bn_param, mode_name, ndim, axes):
+    _params("bn_param", bn_param)
+    if "mode" not in bn_param:
+        raise ValueError("bn_param: needs 'mode' ('train' or 'test')")
     mode = bn_param["mode"]
     if mode not in ("train", "test"):
         raise ValueError(f'Invalid forward batchnorm mode "{mode}"')
     eps = bn_param.get("eps", 1e-5)
     momentum = bn_param.get("momentum", 0.9)
-    checks.array("x", x)
-    if x.ndim != ndim:
-        raise ValueError(f"x: expected {ndim} dimensions {axes}, got shape {x.shape}")
+    _x(x, ndim, axes)
     try:  # the assignment's momentum is a decay: rule on it as such
         checks.momentum(momentum)
     except (TypeError, ValueError) as e:
@@ -76,6 +91,8 @@ def layernorm_forward(x, gamma, beta, ln_param):
 
     >>> out, cache = layernorm_forward(np.eye(3), np.ones(3), np.zeros(3), {})
     """
+    _params("ln_param", ln_param)
+    _x(x, 2, "(N, D)")
     return layer_norm(x, x.shape[-1:], weight=gamma, bias=beta, eps=ln_param.get("eps", 1e-5))
 
 
@@ -104,6 +121,13 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
     >>> x = np.random.default_rng(0).standard_normal((2, 4, 3, 3))
     >>> out, cache = spatial_groupnorm_forward(x, np.ones((1, 4, 1, 1)), np.zeros((1, 4, 1, 1)), 2, {})
     """
+    _params("gn_param", gn_param)
+    _x(x, 4, "(N, C, H, W)")
+    shapes = ((1, x.shape[1], 1, 1), (x.shape[1],))
+    for name, a in (("gamma", gamma), ("beta", beta)):
+        checks.array(name, a)
+        if a.shape not in shapes:
+            raise ValueError(f"{name}: expected shape {shapes[0]} (or {shapes[1]}), got {a.shape}")
     out, cache = group_norm(x, G, weight=np.ascontiguousarray(gamma).reshape(-1),
                             bias=np.ascontiguousarray(beta).reshape(-1), eps=gn_param.get("eps", 1e-5))
     return out, (cache, np.shape(gamma))
@@ -111,6 +135,8 @@ def spatial_groupnorm_forward(x, gamma, beta, G, gn_param):
 
 def spatial_groupnorm_backward(dout, cache):
     """(dx, dgamma, dbeta) of :func:`spatial_groupnorm_forward`; dgamma, dbeta (1, C, 1, 1)."""
+    if not (isinstance(cache, tuple) and len(cache) == 2):
+        raise TypeError(f"cache: expected the cache spatial_groupnorm_forward returned, got {checks.type_name(cache)}")
     norm_cache, param_shape = cache
     dx, dgamma, dbeta = backward(dout, norm_cache)
     return dx, dgamma.reshape(param_shape), dbeta.reshape(param_shape)

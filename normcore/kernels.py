@@ -3,7 +3,7 @@ AVX2 with FMA and F16C (float16 conversions), and the baseline. All come from th
 source (src/normcore/kernels.pxi); within a build results do not depend on the thread count, and across builds they differ
 at most in the last bits, within the float32 accuracy contract (README, Numerics).
 ``NORMCORE_KERNELS=baseline``, ``avx2`` or ``avx512`` forces one (an error when the CPU or
-the installation lacks it); ``auto`` (the default) chooses.
+the installation lacks it); ``auto`` (the default, also when the variable is empty) chooses.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ def available_variants():
 
 
 def _load():
-    wanted = os.environ.get("NORMCORE_KERNELS", "auto")
+    # an empty (or blank) value is unset, as for other such variables
+    wanted = os.environ.get("NORMCORE_KERNELS", "").strip() or "auto"
     names = [name for name, _, _ in VARIANTS]
     if wanted not in names + ["auto"]:
         raise ImportError(f"NORMCORE_KERNELS: expected one of auto, {', '.join(names)}, got {wanted!r}")

@@ -37,6 +37,9 @@ PARAMETERS = {
     "affine_group": ("bool, default True", "Learn a per-group scale ``weight`` and shift ``bias``, shape (G,)."),
     "elementwise_affine": ("bool, default True", "Learn a ``weight`` of shape ``normalized_shape``."),
     "ln_bias": ("bool, default True", "With ``elementwise_affine``, learn a ``bias`` as well."),
+    "bias": ("bool, default True (keyword only)",
+             "With ``affine``, learn the shift ``bias`` as well; False: a scale alone (no ``bias``, no "
+             "``grad_bias``, no ``\"bias\"`` entry in ``state_dict``), as torch's ``bias=False``."),
     "track_running_stats": ("bool, default True",
                             "Keep ``running_mean`` / ``running_var``, updated in training and used "
                             "in eval. False: batch statistics in eval too."),
@@ -87,7 +90,10 @@ NOTES = {
         "In training (``layer.train()``, the default) the output uses each channel's batch mean "
         "and biased batch variance, and ``running_mean`` / ``running_var`` are updated (see "
         "``momentum`` and ``unbiased``); training needs more than one value per channel. In eval "
-        "(``layer.eval()``) the output uses the running statistics."),
+        "(``layer.eval()``) the output uses the running statistics; a layer built with "
+        "``track_running_stats=False`` has none and uses the batch statistics in eval too, as "
+        "torch's layers do (``normcore.normalize(..., training=False)`` without running "
+        "statistics does the same, where ``torch.nn.functional.batch_norm`` raises)."),
 }
 
 COMMON_NOTES = (

@@ -12,8 +12,10 @@ input, or build the layer with the input's dtype. Nothing is cast silently.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
+import threading
 import zipfile
 
 import numpy as np
@@ -35,15 +37,15 @@ _STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"
 _ARRAYS = ("weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var")
 
 
-def _layer_dtype(dtype):
+def _layer_dtype(dtype, name="dtype"):
     expected = "float32, float64, float16 or bfloat16, in native byte order"
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"dtype: expected {expected}, got {dtype!r}") from None
+        raise TypeError(f"{name}: expected {expected}, got {dtype!r}") from None
     if dt.name not in ("float32", "float64", "float16", "bfloat16") or not dt.isnative:
         # a byte-swapped dtype would be refused by every forward: refuse it here
-        raise TypeError(f"dtype: expected {expected}, got {dt.str if not dt.isnative else dt}")
+        raise TypeError(f"{name}: expected {expected}, got {dt.str if not dt.isnative else dt}")
     return dt
 
 
@@ -55,7 +57,7 @@ def _layer_param_dtype(dtype, param_dtype):
     allowed = checks.param_dtypes(dtype)
     if param_dtype is None:
         return allowed[-1]
-    pd = _layer_dtype(param_dtype)
+    pd = _layer_dtype(param_dtype, "param_dtype")
     if pd not in allowed:
         raise TypeError(f"param_dtype: expected {' or '.join(d.name for d in allowed)} "
                         f"(the layer's dtype {dtype}), got {pd}")
@@ -88,12 +90,46 @@ def _host_copy(a):
     return a.get() if backend_of(a).name == "cuda" else np.array(a, copy=True)
 
 
+def _named_init(init, name):
+    """``init`` whose argument errors name ``name`` (the public class called): an inherited
+    ``__init__`` would name the private base it is defined on."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            signature.bind(self, *args, **kwargs)
+        except TypeError as e:
+            raise TypeError(f"{name}(): {e}") from None
+        init(self, *args, **kwargs)
+    return __init__
+
+
+def _residual_given(residual):
+    """forward_add's residual is required, as :func:`normcore.add_normalize`'s is."""
+    if residual is None:
+        raise TypeError("residual: expected an array of x's shape and dtype, got None (use forward)")
+
+
+class _PerThread(threading.local):
+    """What one thread's calls of a layer keep: the cache its next backward consumes and
+    the ``reuse_buffers`` arrays its calls write (``_y_buffer``, ``_h_buffer``, ``_dx_buffer``)."""
+
+    cache = None
+    consumed = False  # the last forward's cache was consumed by a backward
+
+
 class Layer:
     """Base of every layer: train/eval, named parameters and gradients, state_dict and
     ``.npz`` save/load. Attributes ``weight``/``bias`` (with ``grad_weight``/``grad_bias``)
     and ``running_mean``/``running_var``/``num_batches_tracked`` are picked up by name;
     sub-layers come from :meth:`_children`. User modules (a Linear layer, a Sequential
-    container) can subclass it to share the same protocol."""
+    container) can subclass it to share the same protocol.
+
+    Threads: one layer may be called from several threads. Each thread's ``backward``
+    pairs with that thread's last forward (caches and kept buffers are per thread), and the
+    writes to the layer's state (running statistics with ``num_batches_tracked``, the
+    ``+=`` of the gradients) are serialized by the layer's lock, so none is lost."""
 
     #: constructor arguments the repr shows even at their defaults (those torch's repr shows);
     #: the required ones and any given a non-default value are always shown
@@ -110,11 +146,50 @@ class Layer:
             # a communicator is shown by its type, and not kept alive by the repr
             self._init_args = {k: _Shown(type(v).__name__) if k == "comm" and v is not None else v
                                for k, v in list(bound.arguments.items())[1:]}
+        # made here, not in __init__: unpickling and copying call __new__ alone
+        self._lock = threading.RLock()
+        self._tls = _PerThread()
         return self
 
     def __init__(self):
         self.training = True
-        self._cache = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):  # errors name the class called, not a private base
+            cls.__init__ = _named_init(cls.__init__, cls.__name__)
+
+    @property
+    def _cache(self):
+        """The calling thread's last forward's cache (None: none, or consumed by backward)."""
+        return self._tls.cache
+
+    @_cache.setter
+    def _cache(self, value):
+        self._tls.cache = value
+        self._tls.consumed = False
+
+    def _no_forward(self):
+        """The RuntimeError of a backward without a forward to pair with (on this thread)."""
+        name = type(self).__name__
+        if self._tls.consumed:
+            return RuntimeError(f"{name}.backward: this thread's last forward was already consumed by a "
+                                f"backward (a second one would add its gradients again); pass "
+                                f"retain_graph=True to the first backward to call it again, or run forward")
+        return RuntimeError(f"{name}.backward called before forward (on this thread)")
+
+    def __getstate__(self):
+        # the lock and the per-thread record do not pickle: the copy gets fresh ones, and
+        # the calling thread's cache (a pickled layer can still run its backward)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tls")}
+        state["_cache"] = self._tls.cache
+        return state
+
+    def __setstate__(self, state):
+        state = dict(state)
+        cache = state.pop("_cache", None)
+        self.__dict__.update(state)
+        self._tls.cache = cache
 
     def __repr__(self):
         """The class and its constructor arguments: the required ones, those given a
@@ -190,13 +265,13 @@ class Layer:
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device: expected 'cpu' or 'cuda', got {device!r}")
         move = backend_named(device).xp.asarray if device == "cuda" else _host_copy
-        for name in _ARRAYS:
-            value = getattr(self, name, None)
-            if value is not None:
-                setattr(self, name, move(value))
-        for attr in ("_y_buffer", "_dx_buffer"):
-            self.__dict__.pop(attr, None)
-        self._cache = None
+        with self._lock:
+            for name in _ARRAYS:
+                value = getattr(self, name, None)
+                if value is not None:
+                    setattr(self, name, move(value))
+            # every thread's caches and kept buffers (y, h, dx) live on the old device
+            self._tls = _PerThread()
         for child in self._children().values():
             child.to(device)
         return self
@@ -314,13 +389,14 @@ class Layer:
         ValueError naming it; nothing is written unless every entry loads."""
         path = _npz_path(path)
         try:
-            with np.load(path, allow_pickle=False) as data:
-                if not hasattr(data, "files"):
-                    raise ValueError("not an .npz archive")
+            data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy payload: one bare array
+                raise ValueError(f"it holds a single {type(data).__name__} (a .npy payload), not an .npz archive")
+            with data:
                 state = {k: data[k] for k in data.files}
         except FileNotFoundError:
             raise
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        except (ValueError, TypeError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
             raise ValueError(f"path: {path!r} is not a normcore checkpoint (.npz): {e}") from None
         self.load_state_dict(state)
         return self
@@ -363,8 +439,15 @@ class _Norm(Layer):
     def _sizes(self, x) -> dict:
         return _NO_SIZES
 
-    def _check_input(self, x):
-        """Every rule on x for this layer; returns x's backend."""
+    def _features_of(self, x):
+        """(axis, size, what) of the feature axis x must have."""
+        return self._features
+
+    def _check_input(self, x, residual=()):
+        """Every rule on x for this layer (and, from :meth:`forward_add`, that a residual
+        was given); returns x's backend."""
+        if residual is None:
+            _residual_given(residual)
         be = checks.array("x", x)
         if x.dtype != self.dtype:
             raise TypeError(f"x: dtype {x.dtype} does not match the layer's dtype {self.dtype}; "
@@ -372,7 +455,7 @@ class _Norm(Layer):
         if self._ndims is not None and x.ndim not in self._ndims:
             want = " or ".join(f"{d}-D" for d in self._ndims)
             raise ValueError(f"x: {type(self).__name__} expects {want} input, got shape {x.shape}")
-        axis, count, what = self._features
+        axis, count, what = self._features_of(x)
         if axis is not None:
             if x.ndim <= max(axis, -axis - 1) or x.shape[axis] != count:
                 got = x.shape[axis] if x.ndim > max(axis, -axis - 1) else "none"
@@ -409,7 +492,7 @@ class _Norm(Layer):
         >>> y, h = ln.forward_add(x, x)
         >>> dh_total = ln.backward(np.ones_like(y), dh=np.ones_like(h))
         """
-        return self._forward(x, self._check_input(x), residual, mask)
+        return self._forward(x, self._check_input(x, residual), residual, mask)
 
     def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None, mask=None):
         track = self.track_running_stats
@@ -437,10 +520,12 @@ class _Norm(Layer):
         ``BatchNorm2d``, 2 for ``BatchNorm1d`` (pass 3 for (N, C, L)); layers of any rank,
         ``EstimatedBatchNorm`` and ``SyncBatchNorm``, need it); channels-last layers give (C,)
         for any rank.
-        Computed in float64, returned in the layer's dtype. The folded form multiplies x
+        Computed in float64, returned in the layer's ``param_dtype`` (the running
+        statistics' dtype: float32 beside a half-precision layer). The folded form multiplies x
         before it subtracts, so where x sits far from zero its rounding is that of
         ``|x| * scale``, not of the output: less accurate than the layer itself at large
-        offsets (:mod:`normcore.folding`). Layers without running statistics raise ValueError.
+        offsets (:mod:`normcore.folding`). Layers without running statistics, and layers in
+        training mode (call ``.eval()`` first), raise ValueError.
 
         >>> import numpy as np
         >>> import normcore as nc
@@ -455,6 +540,9 @@ class _Norm(Layer):
         """
         if self.running_mean is None:
             return super().fold(ndim)
+        if self.training:  # as torch's fuse_conv_bn_eval: a training layer's output is not this
+            raise ValueError(f"fold: {type(self).__name__} is in training mode, where it normalizes with batch "
+                             f"statistics, not x * scale + shift; call .eval() first")
         scale, shift = folding.fold(self.running_mean, self.running_var, self.weight, self.bias, self.eps,
                                     center=get_mode(self._mode).center)
         shape = self._fold_shape(scale.shape, ndim)
@@ -480,55 +568,96 @@ class _Norm(Layer):
 
     def _forward(self, x, be, residual=None, mask=None):
         """forward for an x that :meth:`_check_input` accepted (``be``: its backend); with
-        ``residual``, forward_add's (y, h)."""
-        track = self.track_running_stats
-        training = self.training
-        momentum = self.momentum
-        if training and track and momentum is None:
-            momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
+        ``residual``, forward_add's (y, h).
+
+        A training call that updates running statistics holds the layer's lock from the
+        update to the new ``num_batches_tracked``, and undoes the update if anything (an
+        error, a ``KeyboardInterrupt``) stops it before its end: the layer is left as it
+        was before the call or as it is after it, never between."""
+        if not (self.training and self.track_running_stats):
+            got = self._run_forward(x, be, residual, mask, self.momentum)
+            self._cache = got[-1]
+            return got[0] if residual is None else (got[0], got[1])
+        with self._lock:
+            saved = (self.running_mean.copy(), self.running_var.copy(), self.num_batches_tracked)
+            try:
+                momentum = self.momentum
+                if momentum is None:
+                    momentum = 1.0 / (self.num_batches_tracked + 1)  # cumulative average
+                got = self._run_forward(x, be, residual, mask, momentum)
+                if x.size or self._comm_or_none() is not None:
+                    self.num_batches_tracked = saved[2] + 1  # an empty batch (on its own) is not one
+                self._cache = got[-1]
+            except BaseException:
+                self._restore(saved)
+                raise
+        return got[0] if residual is None else (got[0], got[1])
+
+    def _restore(self, saved):
+        """Put back the running statistics and count :meth:`_forward` saved."""
+        self.running_mean[...], self.running_var[...] = saved[0], saved[1]
+        self.num_batches_tracked = saved[2]
+
+    def _run_forward(self, x, be, residual, mask, momentum):
         out = h_out = None
         if self.reuse_buffers:
             inputs = (x,) if residual is None else (x, residual)
             out = self._buffer("_y_buffer", x.shape, x.dtype, *inputs)
             if isinstance(residual, type(x)) and residual.shape == x.shape:  # else the call says what is wrong
                 h_out = self._buffer("_h_buffer", x.shape, x.dtype, *inputs)
-        got = self._normalize(x, be, out, training, 0.0 if momentum is None else momentum, self._eps(x),
-                              residual, h_out, mask)
-        if training and track and (x.size or self._comm_or_none() is not None):
-            self.num_batches_tracked += 1  # an empty batch (on its own) is not one
-        self._cache = got[-1]
-        return got[0] if residual is None else (got[0], got[1])
+        return self._normalize(x, be, out, self.training, 0.0 if momentum is None else momentum, self._eps(x),
+                               residual, h_out, mask)
 
-    def backward(self, dy, dh=None):
-        """Return dx for the last forward; add dweight/dbias into grad_weight/grad_bias.
-        ``dh``: a gradient reaching the input by another path (after :meth:`forward_add`,
-        the residual stream's at h), added to dx."""
-        if self._cache is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+    def backward(self, dy, dh=None, *, retain_graph=False):
+        """Return dx for this thread's last forward; add dweight/dbias into grad_weight /
+        grad_bias. ``dh``: a gradient reaching the input by another path (after
+        :meth:`forward_add`, the residual stream's at h), added to dx.
+
+        A backward consumes its forward, as PyTorch's frees its graph: a second backward
+        of the same forward raises RuntimeError (it would add the gradients twice) unless
+        the first was given ``retain_graph=True``."""
+        cache = self._cache
+        if cache is None:
+            raise self._no_forward()
         out = None
         if self.reuse_buffers and hasattr(dy, "shape") and hasattr(dy, "dtype"):
-            out = self._buffer("_dx_buffer", self._cache.shape, self._cache.dtype, dy, self._cache.x3,
+            out = self._buffer("_dx_buffer", cache.shape, cache.dtype, dy, cache.x3,
                                *(() if dh is None or not hasattr(dh, "shape") else (dh,)))
-        dx, dw, db = backward(dy, self._cache, out=out, dh=dh)
-        if dw is not None:
-            self.grad_weight += dw
-        if db is not None:
-            self.grad_bias += db
+        dx, dw, db = backward(dy, cache, out=out, dh=dh)
+        self._accumulate(((self.grad_weight, dw), (self.grad_bias, db)), None if retain_graph else cache)
         return dx
 
+    def _accumulate(self, pairs, consumed):
+        """``grad += d`` for each (grad, d) pair, and the cache ``consumed`` dropped, as one
+        step under the layer's lock (all of it or, when interrupted, none)."""
+        pairs = [(g, d) for g, d in pairs if d is not None]
+        with self._lock:
+            saved = [g.copy() for g, _ in pairs]
+            try:
+                for g, d in pairs:
+                    g += d
+                if consumed is not None and self._tls.cache is consumed:
+                    self._tls.cache, self._tls.consumed = None, True
+            except BaseException:
+                for (g, _), old in zip(pairs, saved):
+                    g[...] = old
+                raise
+
     def _buffer(self, name, shape, dtype, *inputs):
-        """The kept array ``name`` if it still fits and overlaps no input, else a new one."""
+        """This thread's kept array ``name`` if it still fits and overlaps no input, else a
+        new one."""
         xp = backend_of(inputs[0]).xp
-        buf = getattr(self, name, None)
+        tls = self._tls
+        buf = getattr(tls, name, None)
         if buf is None or type(buf) is not type(inputs[0]) or buf.shape != shape or buf.dtype != dtype \
                 or any(xp.may_share_memory(buf, a) for a in inputs):
             buf = xp.empty(shape, dtype)
-            setattr(self, name, buf)
+            setattr(tls, name, buf)
         return buf
 
 
 
-_BN_PARAMS = ["num_features", "eps", "momentum", "affine", "track_running_stats", "channel_axis", "dtype",
+_BN_PARAMS = ["num_features", "eps", "momentum", "affine", "track_running_stats", "channel_axis", "bias", "dtype",
               "param_dtype", "unbiased", "decay"]
 _BN_ATTRS = ["weight", "bias", "grad_weight", "grad_bias", "running_mean", "running_var",
              "num_batches_tracked", "training", "reuse_buffers"]
@@ -539,7 +668,7 @@ class _BatchNorm(_Norm):
     _repr_always = ("eps", "momentum", "affine", "track_running_stats")
 
     def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, track_running_stats=True,
-                 channel_axis=1, *, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
+                 channel_axis=1, *, bias=True, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         num_features = checks.positive_int("num_features", num_features)
         if channel_axis not in (1, -1) or isinstance(channel_axis, bool):
             raise ValueError(f"channel_axis: expected 1 (channels first) or -1 (channels last), got {channel_axis!r}")
@@ -548,7 +677,7 @@ class _BatchNorm(_Norm):
         self.channel_axis = channel_axis
         super().__init__(features=(channel_axis, num_features, "channels (num_features)"),
                          param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
-                         bias=True, track_running_stats=track_running_stats, dtype=dtype, param_dtype=param_dtype,
+                         bias=bias, track_running_stats=track_running_stats, dtype=dtype, param_dtype=param_dtype,
                          unbiased=unbiased, decay=decay)
 
     @property
@@ -625,7 +754,7 @@ class BatchNorm3d(_BatchNorm):
     _ndims = (5,)
 
 
-@document(params=["channels", "eps", "momentum", "affine", "dtype", "param_dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
+@document(params=["channels", "eps", "momentum", "affine", "bias", "dtype", "param_dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
 class EstimatedBatchNorm(_BatchNorm):
     """Estimated batch norm (from Batch-Channel Normalization): normalize with running statistics.
 
@@ -648,14 +777,14 @@ class EstimatedBatchNorm(_BatchNorm):
     """
     _estimate = True
 
-    def __init__(self, channels, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, *, dtype=np.float32, param_dtype=None, unbiased=True,
-                 decay=None):
-        super().__init__(channels, eps=eps, momentum=momentum, affine=affine,
+    def __init__(self, channels, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, *, bias=True, dtype=np.float32,
+                 param_dtype=None, unbiased=True, decay=None):
+        super().__init__(channels, eps=eps, momentum=momentum, affine=affine, bias=bias,
                          track_running_stats=True, dtype=dtype, param_dtype=param_dtype, unbiased=unbiased, decay=decay)
         self.channels = self.num_features
 
 
-@document(params=_BN_PARAMS[:6] + ["comm", "dtype", "param_dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
+@document(params=_BN_PARAMS[:6] + ["comm", "bias", "dtype", "param_dtype", "unbiased", "decay"], attributes=_BN_ATTRS)
 class SyncBatchNorm(_BatchNorm):
     """Batch norm whose statistics span the whole batch split across MPI ranks.
 
@@ -687,8 +816,8 @@ class SyncBatchNorm(_BatchNorm):
     _ndims = None
 
     def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=True, track_running_stats=True,
-                 channel_axis=1, comm=None, *, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                 channel_axis=1, comm=None, *, bias=True, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, bias=bias,
                          track_running_stats=track_running_stats, channel_axis=channel_axis,
                          dtype=dtype, param_dtype=param_dtype, unbiased=unbiased, decay=decay)
         if comm is not None:
@@ -710,12 +839,12 @@ class SyncBatchNorm(_BatchNorm):
     def _comm_or_none(self):
         return self.comm
 
-    def _check_input(self, x):
+    def _check_input(self, x, residual=()):
         # A rejected input still takes part in the exchange its peers are making, carrying
         # the error, so that they raise instead of waiting.
         comm = self.comm
         try:
-            be = super()._check_input(x)
+            be = super()._check_input(x, residual)
             if x.ndim < 2:
                 raise ValueError(f"x: SyncBatchNorm expects input of rank >= 2, got shape {x.shape}")
             return be
@@ -724,18 +853,18 @@ class SyncBatchNorm(_BatchNorm):
                 sync.Exchange(comm, "forward").fail(e)
             raise
 
-    def backward(self, dy, dh=None):
-        """As :meth:`BatchNorm2d.backward`; a backward before any forward still takes part
-        in the peers' exchange, carrying its error."""
+    def backward(self, dy, dh=None, *, retain_graph=False):
+        """As :meth:`BatchNorm2d.backward`; a backward before any forward (or a second one
+        for the same forward) still takes part in the peers' exchange, carrying its error."""
         if self._cache is None:
-            e = RuntimeError("SyncBatchNorm.backward called before forward")
+            e = self._no_forward()
             sync.Exchange(self.comm, "backward").fail(e)
             raise e
-        return super().backward(dy, dh)
+        return super().backward(dy, dh, retain_graph=retain_graph)
 
 
 _IN_PARAMS = ["channels=num_features", "eps", "momentum", "affine_off=affine",
-              "track_running_stats_off=track_running_stats", "dtype", "param_dtype", "unbiased", "decay"]
+              "track_running_stats_off=track_running_stats", "bias", "dtype", "param_dtype", "unbiased", "decay"]
 
 
 class _InstanceNorm(_Norm):
@@ -743,21 +872,38 @@ class _InstanceNorm(_Norm):
     _repr_always = ("eps", "momentum", "affine", "track_running_stats")
 
     def __init__(self, num_features, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, affine=False, track_running_stats=False,
-                 *, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
+                 *, bias=True, dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         num_features = checks.positive_int("num_features", num_features)
         self.num_features = num_features
         self.affine = bool(affine)
         super().__init__(features=(1, num_features, "channels (num_features)"),
                          param_shape=(num_features,), eps=eps, momentum=momentum, affine=affine,
-                         bias=True, track_running_stats=track_running_stats, dtype=dtype, param_dtype=param_dtype,
+                         bias=bias, track_running_stats=track_running_stats, dtype=dtype, param_dtype=param_dtype,
                          unbiased=unbiased, decay=decay)
+
+    def _features_of(self, x):
+        if x.ndim == self._ndims[0]:  # unbatched, (C, *): channels first
+            return (0,) + self._features[1:]
+        return self._features
+
+    def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None, mask=None):
+        if x.ndim != self._ndims[0]:
+            return super()._normalize(x, be, out, training, momentum, eps, residual, h_out, mask)
+        # unbatched input (as torch takes it): a batch of one, presented under x's shape
+        batched = [None if a is None else a[None] if getattr(a, "ndim", None) == x.ndim else a
+                   for a in (x, out, residual, h_out)]
+        got = super()._normalize(batched[0], be, batched[1], training, momentum, eps, batched[2], batched[3], mask)
+        cache = got[-1]
+        cache.view = (x.shape, (self.num_features,))
+        return tuple(a[0] for a in got[:-1]) + (cache,)
 
 
 @document(params=_IN_PARAMS, attributes=_BN_ATTRS)
 class InstanceNorm1d(_InstanceNorm):
     """Instance norm over (N, C, L) input: statistics per sample and channel.
 
-    Input (N, C, L); output of the same shape. Each (sample, channel) is normalized over its
+    Input (N, C, L), or (C, L) unbatched (a batch of one, as torch takes it); output of the
+    same shape. Each (sample, channel) is normalized over its
     L positions. With ``affine=True``, weight and bias (C,). With
     ``track_running_stats=True``, training updates per-channel running statistics (the
     batch average of the per-instance ones, as in PyTorch) and eval uses them; otherwise
@@ -775,14 +921,15 @@ class InstanceNorm1d(_InstanceNorm):
     (True, [16.0, 16.0, 16.0])
     """
     _fold_ndim = 3
-    _ndims = (3,)
+    _ndims = (2, 3)
 
 
 @document(params=_IN_PARAMS, attributes=_BN_ATTRS)
 class InstanceNorm2d(_InstanceNorm):
     """Instance norm over (N, C, H, W) input: statistics per sample and channel.
 
-    Input (N, C, H, W); output of the same shape. Each (sample, channel) is normalized over its
+    Input (N, C, H, W), or (C, H, W) unbatched (a batch of one, as torch takes it); output
+    of the same shape. Each (sample, channel) is normalized over its
     H x W positions. With ``affine=True``, weight and bias (C,). With
     ``track_running_stats=True``, training updates per-channel running statistics (the
     batch average of the per-instance ones, as in PyTorch) and eval uses them; otherwise
@@ -800,14 +947,15 @@ class InstanceNorm2d(_InstanceNorm):
     (True, [32.0, 32.0, 32.0])
     """
     _fold_ndim = 4
-    _ndims = (4,)
+    _ndims = (3, 4)
 
 
 @document(params=_IN_PARAMS, attributes=_BN_ATTRS)
 class InstanceNorm3d(_InstanceNorm):
     """Instance norm over (N, C, D, H, W) input: statistics per sample and channel.
 
-    Input (N, C, D, H, W); output of the same shape. Each (sample, channel) is normalized over its
+    Input (N, C, D, H, W), or (C, D, H, W) unbatched (a batch of one, as torch takes it);
+    output of the same shape. Each (sample, channel) is normalized over its
     D x H x W positions. With ``affine=True``, weight and bias (C,). With
     ``track_running_stats=True``, training updates per-channel running statistics (the
     batch average of the per-instance ones, as in PyTorch) and eval uses them; otherwise
@@ -825,7 +973,7 @@ class InstanceNorm3d(_InstanceNorm):
     (True, [16.0, 16.0, 16.0])
     """
     _fold_ndim = 5
-    _ndims = (5,)
+    _ndims = (4, 5)
 
 
 class _LastAxesNorm(_Norm):
@@ -838,8 +986,8 @@ class _LastAxesNorm(_Norm):
                          eps=eps, momentum=0.1, affine=affine, bias=bias, track_running_stats=False,
                          dtype=dtype, param_dtype=param_dtype)
 
-    def _check_input(self, x):
-        be = super()._check_input(x)
+    def _check_input(self, x, residual=()):
+        be = super()._check_input(x, residual)
         checks.trailing_shape("x", x, self.normalized_shape)
         return be
 
@@ -908,21 +1056,22 @@ class _GroupedNorm(_Norm):
     _ndims = None
     _repr_always = ("eps", "affine")
 
-    def __init__(self, groups, channels, eps, affine, param_shape, dtype, param_dtype, names=("num_groups", "num_channels")):
+    def __init__(self, groups, channels, eps, affine, bias, param_shape, dtype, param_dtype,
+                 names=("num_groups", "num_channels")):
         groups = checks.positive_int(names[0], groups)
         channels = checks.positive_int(names[1], channels)
         checks.divides(names[0], groups, names[1], channels)
         self._groups = groups
         self.affine = bool(affine)
         super().__init__(features=(1, channels, "channels"), param_shape=param_shape, eps=eps,
-                         momentum=0.1, affine=affine, bias=True, track_running_stats=False,
+                         momentum=0.1, affine=affine, bias=bias, track_running_stats=False,
                          dtype=dtype, param_dtype=param_dtype)
 
     def _sizes(self, x):
         return {"g": self._groups}
 
 
-@document(params=["num_groups", "channels=num_channels", "eps", "affine", "dtype", "param_dtype"], attributes=_PARAM_ATTRS)
+@document(params=["num_groups", "channels=num_channels", "eps", "affine", "bias", "dtype", "param_dtype"], attributes=_PARAM_ATTRS)
 class GroupNorm(_GroupedNorm):
     """Group norm over (N, C, *) input: channels split into ``num_groups`` groups.
 
@@ -943,12 +1092,12 @@ class GroupNorm(_GroupedNorm):
     """
     _mode = "group_norm"
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, dtype=np.float32, param_dtype=None):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, bias=True, dtype=np.float32, param_dtype=None):
         self.num_groups, self.num_channels = num_groups, num_channels
-        super().__init__(num_groups, num_channels, eps, affine, (num_channels,), dtype, param_dtype)
+        super().__init__(num_groups, num_channels, eps, affine, bias, (num_channels,), dtype, param_dtype)
 
 
-@document(params=["channels", "num_groups=groups", "eps", "affine_group=affine", "dtype", "param_dtype"], attributes=_PARAM_ATTRS, param_shape="(G,)")
+@document(params=["channels", "num_groups=groups", "eps", "affine_group=affine", "bias", "dtype", "param_dtype"], attributes=_PARAM_ATTRS, param_shape="(G,)")
 class ChannelNorm(_GroupedNorm):
     """Channel norm (from Batch-Channel Normalization): group norm with one weight and bias per group.
 
@@ -968,16 +1117,16 @@ class ChannelNorm(_GroupedNorm):
     """
     _mode = "channel_norm"
 
-    def __init__(self, channels, groups, eps=1e-5, affine=True, *, dtype=np.float32, param_dtype=None):
+    def __init__(self, channels, groups, eps=1e-5, affine=True, *, bias=True, dtype=np.float32, param_dtype=None):
         self.channels, self.groups = channels, groups
-        super().__init__(groups, channels, eps, affine, (groups,), dtype, param_dtype, names=("groups", "channels"))
+        super().__init__(groups, channels, eps, affine, bias, (groups,), dtype, param_dtype, names=("groups", "channels"))
 
 
 class _AnyRankBatchNorm(_BatchNorm):
     _ndims = None
 
 
-@document(params=["channels", "num_groups=groups", "eps", "momentum", "estimate", "dtype", "param_dtype", "unbiased", "decay"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
+@document(params=["channels", "num_groups=groups", "eps", "momentum", "estimate", "bias", "dtype", "param_dtype", "unbiased", "decay"], attributes=["batch_norm", "channel_norm", "training", "reuse_buffers"])
 class BatchChannelNorm(Layer):
     """Batch-channel normalization: (estimated) batch norm, then channel norm, on (N, C, *).
 
@@ -999,17 +1148,14 @@ class BatchChannelNorm(Layer):
 
     _repr_always = ("eps", "momentum", "estimate")
 
-    def __init__(self, channels, groups, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, estimate=True, *, dtype=np.float32, param_dtype=None,
-                 unbiased=True, decay=None):
+    def __init__(self, channels, groups, eps=1e-5, momentum=checks.DEFAULT_MOMENTUM, estimate=True, *, bias=True,
+                 dtype=np.float32, param_dtype=None, unbiased=True, decay=None):
         super().__init__()
         self.channels, self.groups, self.estimate = channels, groups, bool(estimate)
-        self.channel_norm = ChannelNorm(channels, groups, eps=eps, dtype=dtype, param_dtype=param_dtype)
-        if estimate:
-            self.batch_norm = EstimatedBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype, param_dtype=param_dtype,
-                                                 unbiased=unbiased, decay=decay)
-        else:
-            self.batch_norm = _AnyRankBatchNorm(channels, eps=eps, momentum=momentum, dtype=dtype, param_dtype=param_dtype,
-                                                unbiased=unbiased, decay=decay)
+        self.channel_norm = ChannelNorm(channels, groups, eps=eps, bias=bias, dtype=dtype, param_dtype=param_dtype)
+        bn = EstimatedBatchNorm if estimate else _AnyRankBatchNorm
+        self.batch_norm = bn(channels, eps=eps, momentum=momentum, bias=bias, dtype=dtype, param_dtype=param_dtype,
+                             unbiased=unbiased, decay=decay)
 
     def _children(self):
         return {"batch_norm": self.batch_norm, "channel_norm": self.channel_norm}
@@ -1031,32 +1177,51 @@ class BatchChannelNorm(Layer):
     def forward_add(self, x, residual, mask=None):
         """``h = x + residual``, then y = channel_norm(batch_norm(h)); returns ``(y, h)``
         (see :meth:`BatchNorm2d.forward_add`)."""
+        _residual_given(residual)
         return self._both(x, residual, mask)
 
     def _both(self, x, residual, mask=None):
         be = self.channel_norm._check_input(x)
         bn = self.batch_norm
-        saved = None
-        if bn.training and bn.track_running_stats:  # the first step writes state: keep it
-            saved = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked, bn._cache)
-        try:
-            if residual is None:
-                return self.channel_norm._forward(bn._forward(x, be, mask=mask), be, mask=mask)
-            z, h = bn._forward(x, be, residual, mask)
-            return self.channel_norm._forward(z, be, mask=mask), h
-        except BaseException:
-            if saved is not None:  # one forward is atomic: undo the first step's update
-                bn.running_mean[...], bn.running_var[...] = saved[0], saved[1]
-                bn.num_batches_tracked, bn._cache = saved[2], saved[3]
-            raise
+        # one forward is atomic: the second step failing (or interrupted) undoes the
+        # first's update, under the batch norm's lock so no other thread's update is undone
+        with bn._lock:
+            stateful = bn.training and bn.track_running_stats
+            saved = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked) if stateful else None
+            cache = bn._cache
+            try:
+                if residual is None:
+                    return self.channel_norm._forward(bn._forward(x, be, mask=mask), be, mask=mask)
+                z, h = bn._forward(x, be, residual, mask)
+                return self.channel_norm._forward(z, be, mask=mask), h
+            except BaseException:
+                if saved is not None:
+                    bn._restore(saved)
+                bn._cache = cache
+                raise
 
-    def backward(self, dy, dh=None):
+    def backward(self, dy, dh=None, *, retain_graph=False):
         """dx through both sub-layers (plus ``dh``, as :meth:`BatchNorm2d.backward`); their
-        gradients accumulate in the sub-layers."""
-        if self.channel_norm._cache is None:
-            raise RuntimeError("BatchChannelNorm.backward called before forward")
+        gradients accumulate in the sub-layers. Consumes the forward as
+        :meth:`BatchNorm2d.backward` does."""
+        cn, bn = self.channel_norm, self.batch_norm
+        cache, bn_cache = cn._cache, bn._cache
+        if cache is None or bn_cache is None:
+            e = (cn if cache is None else bn)._no_forward()
+            raise RuntimeError(str(e).replace(type(cn if cache is None else bn).__name__, "BatchChannelNorm", 1))
         if dh is not None:  # checked before any gradient is touched
-            checks.like_x("dh", dh, self.channel_norm._cache.shape, self.channel_norm._cache.dtype,
-                          self.channel_norm._cache.backend)
-        # channel_norm.backward validates dy before it touches any gradient.
-        return self.batch_norm.backward(self.channel_norm.backward(dy), dh)
+            checks.like_x("dh", dh, cache.shape, cache.dtype, cache.backend)
+        # channel_norm.backward validates dy before it touches any gradient; if the batch
+        # norm's step then fails, the channel norm's gradients are put back
+        saved = [(g, g.copy()) for g in (cn.grad_weight, cn.grad_bias) if g is not None]
+        try:
+            dz = cn.backward(dy, retain_graph=True)
+            dx = bn.backward(dz, dh, retain_graph=retain_graph)
+        except BaseException:
+            with cn._lock:
+                for g, old in saved:
+                    g[...] = old
+            raise
+        if not retain_graph and cn._cache is cache:
+            cn._tls.cache, cn._tls.consumed = None, True
+        return dx
