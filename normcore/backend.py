@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import enum
 import sys
-import weakref
 from typing import Protocol
 
 import numpy as np
 
 from . import kernels
+from .bounded import PlanArrays
 
 __all__ = ["Backend", "Kernels", "AffineKind", "backend_of", "backend_named", "CPU", "machine_eps",
            "storage_dtypes", "HALF_NAMES", "is_half"]
@@ -247,7 +247,7 @@ class Backend:
         self.xp = np
         self.K = kernels.K
         self.dtypes = storage_dtypes()
-        self._constants = weakref.WeakKeyDictionary()
+        self._constants = PlanArrays(CONSTANT_CACHE_BYTES)
 
     def accepts(self, dtype) -> bool:
         """Whether x may have ``dtype`` here (bfloat16 joins once ml_dtypes is imported)."""
@@ -265,16 +265,10 @@ class Backend:
         return getattr(plan, name)
 
     def constant(self, plan, name, make):
-        """An array that depends on the plan alone, built on the host by ``make()`` once
-        per plan (kept for the plan's lifetime) and placed on this backend."""
-        per_plan = self._constants.get(plan)
-        if per_plan is None:
-            per_plan = self._constants[plan] = {}
-        key = (name, self.device_id())
-        value = per_plan.get(key)
-        if value is None:
-            value = per_plan[key] = self.from_host(make())
-        return value
+        """An array that depends on the plan (and ``name``) alone, built on the host by
+        ``make()`` and placed on this backend; kept while the plan lives, within
+        :data:`CONSTANT_CACHE_BYTES` of such arrays per backend (least recently used out)."""
+        return self._constants.get(plan, (name, self.device_id()), lambda: self.from_host(make()))
 
     def device_id(self):
         """Which device of this backend is current (constants are kept per device)."""
@@ -299,6 +293,10 @@ class Backend:
         # keeps for backward) name the backend instead, and get the process's own
         return backend_named, (self.name,)
 
+
+#: The most bytes of plan-derived arrays (:meth:`Backend.constant`: per-partial counts, a
+#: broadcast mask's row offsets, index arrays copied to a GPU) a backend keeps.
+CONSTANT_CACHE_BYTES = 64 << 20
 
 CPU = Backend()
 

@@ -82,7 +82,8 @@ class NormCache:
     """
 
     __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "weight64", "has_weight",
-                 "has_bias", "param_dtype", "stats_grad", "count", "comm", "backend", "view", "mask", "counts")
+                 "has_bias", "param_dtype", "stats_grad", "count", "comm", "backend", "view", "mask", "counts",
+                 "not_data")
 
     def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_bias, stats_grad, count,
                  comm=None, backend=CPU, param_dtype=None):
@@ -109,6 +110,9 @@ class NormCache:
         # (masking.MaskRows) and the counted elements per group (all ranks); None without
         self.mask = None
         self.counts = None
+        # the caller's mask (broadcasting to plan.shape) whenever one was given, training or
+        # eval: its False positions are not data, and backward leaves them out entirely
+        self.not_data = None
 
     @property
     def shape(self):
@@ -218,7 +222,8 @@ class _Forward(NamedTuple):
     one_pass: bool          # statistics and output from one kernel call (groups, columns)
     residual: object = None  # add_normalize's residual: the input is h = x + residual
     h_out: object = None     # where h is written (add_normalize's h_out), or None
-    mask: object = None      # the caller's boolean mask (checked), or None
+    mask: object = None      # the caller's boolean mask (checked) when the statistics use it, or None
+    given_mask: object = None  # the caller's mask whatever the statistics are (backward's rule)
 
 
 def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, decay, eps,
@@ -287,7 +292,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                     None if bias is None else _flat(bias, be),
                     running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
                     estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
-                    one_pass, residual, h_out, mask if use_batch else None)
+                    one_pass, residual, h_out, mask if use_batch else None, mask)
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
@@ -338,21 +343,25 @@ def _check_count(n, C, training, m: Mode, shape):
 def _forward(call: _Forward, x):
     """Phases 2-5 of a checked call; returns (y, cache), or (y, h, cache) with a residual."""
     plan, xp = call.plan, call.be.xp
+    # A rule that needs the statistics (the ranks' exchange, the masked counts) may still
+    # refuse the call after h or a one-pass y exist: those are then made in arrays of
+    # the call's own and copied to the caller's h_out / out once every rule has passed.
+    late_rules = call.link is not None or (call.mask is not None and _counts_checked(call))
+    h_out = None if late_rules else call.h_out
     r3 = h3 = None
     if call.residual is not None:
         if _fuses_add(call, x):  # h made by the one-pass kernel, group by group
             r3 = _canonical(call.residual, plan, xp)
-            h3 = xp.empty(plan.kernel_shape, call.dtype) if call.h_out is None else \
-                _shaped(call.h_out, plan.kernel_shape)
+            h3 = xp.empty(plan.kernel_shape, call.dtype) if h_out is None else _shaped(h_out, plan.kernel_shape)
         else:  # h first, then the forward of h
-            x = add(call.be, x, call.residual, call.h_out)
+            x = add(call.be, x, call.residual, h_out)
     if x.size == 0 and call.link is None:
         y, cache = _empty_forward(call, x)
-        return (y, cache) if call.residual is None else (y, x, cache)
+        return (y, cache) if call.residual is None else (y, _deliver(x, call.h_out, late_rules), cache)
     x3 = _canonical(x, plan, xp)
     run = _Run.of(call.be, x3.size)
     out = call.out
-    y_rows = _output(out, plan, call.dtype, xp)
+    y_rows = _output(None if late_rules and call.one_pass else out, plan, call.dtype, xp)
     count = plan.count
     mean = var = rstd = None
     mask3 = None if call.mask is None else masking.mask_rows(call.mask, plan, call.be, _canonical)
@@ -375,10 +384,29 @@ def _forward(call: _Forward, x):
         cache.count = int(run.be.to_host(count).sum())  # (what synchronized ranks agree on)
         if cache.stats_grad:
             cache.mask = mask3
+    cache.not_data = call.given_mask
     y = _result(y_rows, plan, out, xp)
+    if out is not None and y is not out:  # made apart (late rules): every rule has passed
+        out[...] = y
+        y = out
     if call.residual is None:
         return y, cache
-    return y, (_shaped(x, plan.shape) if call.h_out is None else call.h_out), cache
+    return y, _deliver(_shaped(x, plan.shape), call.h_out, late_rules), cache
+
+
+def _counts_checked(call: _Forward):
+    """Whether the call's masked counts are ruled on (:func:`normcore.masking.check_counts`)."""
+    return call.training and call.mode.running_stats is not None
+
+
+def _deliver(h, h_out, made_apart):
+    """h as the call returns it: the caller's ``h_out`` when given (a copy of h into it
+    when h was ``made_apart`` from it), else h."""
+    if h_out is None:
+        return h
+    if made_apart:
+        h_out[...] = h
+    return h_out
 
 
 def _fuses_add(call: _Forward, x):
@@ -469,15 +497,25 @@ def _masked_statistics(call: _Forward, x3, mask3, y_rows, run: _Run, mean, var, 
         else:
             pmean, pm2, pcount = _masked_moments(x3, mask3, plan, run)
         counts = masking.finalize_counted(xp, pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd)
-    masking.check_counts(counts, run.be, call.training, call.running_mean is not None,
+    masking.check_counts(counts, run.be, _counts_checked(call), call.update,
                          f"{describe_mode(call.mode)}, x.shape {plan.shape}")
     return mean, var, rstd, counts
 
 
 def _sync_settings(call: _Forward):
-    """The settings synchronized ranks must share (momentum and unbiased when they update)."""
-    return (("eps", call.eps), ("momentum", call.momentum if call.update else None),
-            ("unbiased", call.unbiased if call.update else None))
+    """Every setting synchronized ranks must share, because it changes what they exchange
+    or what they compute from it: the normalization (centring, parameters given and their
+    dtype), eps, estimate, whether running statistics are updated and how (momentum, the
+    exact decay, unbiased).
+    The mode's spec, the statistics shape, x's dtype, training and the mask's presence are
+    in the signature already (:func:`normcore.sync._signature`)."""
+    update = call.update
+    return (("centred", call.mode.center), ("eps", call.eps), ("estimate", call.estimate),
+            ("weight given", call.weight is not None), ("bias given", call.bias is not None),
+            ("parameter dtype", _param_dtype(call).name),
+            ("running statistics updated", update),
+            ("momentum", call.momentum if update else None), ("decay", call.keep if update else None),
+            ("unbiased", call.unbiased if update else None))
 
 
 def _masked_moments(x3, mask3, plan: Plan, run: _Run):
@@ -855,6 +893,9 @@ def _backward(dy, cache, out, link, dh=None):
     view = cache.view
     if view is not None:  # a form's call on reshaped arrays: the mode's shapes inside
         dy = dy.reshape(plan.shape)
+    x3 = cache.x3
+    if cache.not_data is not None and dy.size:
+        dy, x3 = _leave_out(dy, cache, xp)
     dy3 = _canonical(dy, plan, xp)
     dx_rows = _output(None if out is None else _shaped(out, plan.shape), plan, cache.dtype, xp)
     run = _Run.of(be, dy3.size)
@@ -866,13 +907,13 @@ def _backward(dy, cache, out, link, dh=None):
     if dy3.size == 0 and link is None:  # nothing flows: zero parameter gradients
         dw = db = xp.zeros(plan.param_size if (cache.has_weight or cache.has_bias) else 0)
     elif cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and one_visit:
-        dw, db = _backward_one_visit(dy3, cache, dx_rows, run, dh3)
+        dw, db = _backward_one_visit(dy3, x3, cache, dx_rows, run, dh3)
     elif plan.param_inner and (cache.has_weight or cache.has_bias):
-        dw, db = _backward_inner(_shaped(dy3, plan.rows), cache, dx_rows, run, link, dh3)
+        dw, db = _backward_inner(_shaped(dy3, plan.rows), x3, cache, dx_rows, run, link, dh3)
     elif plan.strategy is Strategy.COLUMNS and link is None and not masked:
-        dw, db = _backward_columns(dy3, cache, dx_rows, run, dh3)
+        dw, db = _backward_columns(dy3, x3, cache, dx_rows, run, dh3)
     else:
-        dw, db = _backward_rows(_shaped(dy3, plan.rows), cache, dx_rows, run, link, dh3)
+        dw, db = _backward_rows(_shaped(dy3, plan.rows), x3, cache, dx_rows, run, link, dh3)
     dx = _result(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
     if view is not None:
         dx = dx.reshape(view[0]) if out is None else out
@@ -885,6 +926,21 @@ def _backward(dy, cache, out, link, dh=None):
     if cache.has_bias:
         dbias = (db if len(pshape) == 1 else db.reshape(pshape)).astype(cache.param_dtype)
     return dx, dweight, dbias
+
+
+def _leave_out(dy, cache, xp):
+    """(dy, x3) with the positions the forward's mask left out made inert: dy 0 there and
+    x 0, so that they add exactly nothing to any gradient sum (whatever x holds there, NaN
+    padding included) and receive dx = 0 -- the gradient of the call on ``x[mask]``. dy
+    comes back in the forward input's layout (plan.shape), x3 in the canonical one."""
+    plan = cache.plan
+    mask = cache.not_data
+    dy = xp.where(mask, dy.reshape(plan.shape), xp.zeros((), cache.dtype))
+    if plan.perm is None:  # the canonical layout is a view of plan.shape: broadcast there
+        x = xp.where(mask, cache.x3.reshape(plan.shape), xp.zeros((), cache.dtype))
+        return dy, x.reshape(plan.kernel_shape)
+    counted = _canonical(xp.broadcast_to(mask, plan.shape), plan, xp)
+    return dy, xp.where(counted, cache.x3, xp.zeros((), cache.dtype))
 
 
 def viewed(y, cache, x_shape, param_shape, out=None):
@@ -906,7 +962,7 @@ def _param_grads(cache, run: _Run):
     return run.xp.zeros(P), run.xp.zeros(P)
 
 
-def _backward_one_visit(dy3, cache, dx_rows, run: _Run, dh3=None):
+def _backward_one_visit(dy3, x3, cache, dx_rows, run: _Run, dh3=None):
     """Training backward when every group is contiguous: its sums and its dx (plus dh3
     when given) in one visit."""
     plan, xp = cache.plan, run.xp
@@ -922,11 +978,11 @@ def _backward_one_visit(dy3, cache, dx_rows, run: _Run, dh3=None):
     w64 = cache.weight_f64() if cache.has_weight else xp.ones(P)
     m = cache.mask
     if m is not None:
-        run.K.masked_backward_groups(dy3, cache.x3, m.base, m.offsets, m.step, cache.counts, R // C,
+        run.K.masked_backward_groups(dy3, x3, m.base, m.offsets, m.step, cache.counts, R // C,
                                      cache.mode.center, int(affine), rp, w64, cache.mean, cache.rstd,
                                      plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dx_rows, run.threads)
     else:
-        run.K.backward_groups(dy3, cache.x3, R // C, cache.mode.center, int(affine), rp, w64,
+        run.K.backward_groups(dy3, x3, R // C, cache.mode.center, int(affine), rp, w64,
                               cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
                               dh3, dx_rows, run.threads)
     if affine is AffineKind.INNER:
@@ -940,7 +996,7 @@ def _backward_one_visit(dy3, cache, dx_rows, run: _Run, dh3=None):
     return None, None
 
 
-def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
+def _backward_inner(dy_rows, x3, cache, dx_rows, run: _Run, link=None, dh3=None):
     """Parameters along the rows (layer norm) outside the one-visit case. With ``link``,
     the group sums and parameter gradients are summed over its ranks.
 
@@ -948,7 +1004,7 @@ def _backward_inner(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
     mean_g / mean_gx their group means, per row."""
     plan, xp = cache.plan, run.xp
     R, P = plan.rows[1], plan.param_size
-    x_rows = _shaped(cache.x3, plan.rows)
+    x_rows = _shaped(x3, plan.rows)
     rp = run.ix(plan, "rp")
     mean_r, rstd_r = _per_row(cache.mean, plan, run), _per_row(cache.rstd, plan, run)
     w = cache.weight_f64() if cache.has_weight else xp.ones(P)
@@ -982,7 +1038,7 @@ def _group_totals(values, plan: Plan, run: _Run):
     return run.xp.bincount(run.ix(plan, "rg"), weights=values, minlength=C)
 
 
-def _backward_columns(dy3, cache, dx_rows, run: _Run, dh3=None):
+def _backward_columns(dy3, x3, cache, dx_rows, run: _Run, dh3=None):
     """The column strategy's backward from one kernel call: the column sums, the group
     and parameter sums, the dx coefficients and dx (what _backward_rows does in four)."""
     plan = cache.plan
@@ -990,13 +1046,13 @@ def _backward_columns(dy3, cache, dx_rows, run: _Run, dh3=None):
     P = plan.param_size if affine else 0
     dw, db = run.xp.empty(P), run.xp.empty(P)
     w = _weight_or_dummy(cache, run)
-    run.K.backward_cols(dy3, cache.x3, cache.mean, cache.rstd, plan.rows_per_block,
+    run.K.backward_cols(dy3, x3, cache.mean, cache.rstd, plan.rows_per_block,
                         run.ix(plan, "rg"), run.params_ix(plan), w, cache.has_weight, float(max(cache.count, 1)),
                         cache.stats_grad, cache.mode.center, dw, db, dh3, dx_rows, run.threads)
     return (dw, db) if affine else (None, None)
 
 
-def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
+def _backward_rows(dy_rows, x3, cache, dx_rows, run: _Run, link=None, dh3=None):
     """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients.
     With ``link``, the group sums and parameter gradients are summed over its ranks.
 
@@ -1005,7 +1061,7 @@ def _backward_rows(dy_rows, cache, dx_rows, run: _Run, link=None, dh3=None):
     plan, xp = cache.plan, run.xp
     A, R, S = plan.rows
     C = plan.layout[1]
-    x_rows = _shaped(cache.x3, plan.rows)
+    x_rows = _shaped(x3, plan.rows)
     rg, rp = run.ix(plan, "rg"), run.params_ix(plan)
     mean_r = _per_row(cache.mean, plan, run)
     w = _weight_or_dummy(cache, run)

@@ -18,13 +18,13 @@ True
 from __future__ import annotations
 
 import functools
-import weakref
 from pathlib import Path
 
 import numpy as np
 
 from . import backend
 from .backend import AffineKind, Backend
+from .bounded import PlanArrays
 
 __all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source", "storage_dtypes",
            "compile_options", "kernel_names", "CudaKernels"]
@@ -424,7 +424,7 @@ class CudaBackend(Backend):
         self.K = CudaKernels()
         self.array_type = cupy.ndarray
         self.dtypes = storage_dtypes()
-        self._constants = weakref.WeakKeyDictionary()
+        self._constants = PlanArrays(backend.CONSTANT_CACHE_BYTES)
 
     def threads_for(self, size):
         return 1

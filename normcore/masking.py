@@ -21,10 +21,12 @@ the kernels return merge here, on either backend's array module (:func:`finalize
 """
 from __future__ import annotations
 
-import weakref
+import contextlib
 from typing import NamedTuple
 
 import numpy as np
+
+from .bounded import PlanArrays
 
 __all__ = ["MaskRows", "mask_rows", "merge_counted", "finalize_counted", "check_counts", "safe_counts"]
 
@@ -38,10 +40,10 @@ class MaskRows(NamedTuple):
     step: int
 
 
-# plan -> {mask shape: (host offsets, step), or None where the mask must be expanded}; held
-# weakly, so the plan cache decides how long a plan's layouts live
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MAX_LAYOUTS_PER_PLAN = 64
+# (plan, mask shape) -> (host offsets, step), or None where the mask must be expanded;
+# kept while the plan lives (the plan cache decides), within LAYOUT_CACHE_BYTES in all
+LAYOUT_CACHE_BYTES = 64 << 20
+_LAYOUTS = PlanArrays(LAYOUT_CACHE_BYTES)
 
 
 def kernel_rows(plan):
@@ -56,9 +58,10 @@ def _layout(plan, mshape):
     """Where each kernel row of a mask of shape ``mshape`` (broadcast to the plan's input)
     starts in the mask's C-ordered elements, and its step; None when the row's elements
     are neither consecutive nor one."""
-    per_plan = _LAYOUTS.setdefault(plan, {})
-    if mshape in per_plan:
-        return per_plan[mshape]
+    return _LAYOUTS.get(plan, mshape, lambda: _find_layout(plan, mshape))
+
+
+def _find_layout(plan, mshape):
     n_rows, length = kernel_rows(plan)
     flat = np.arange(int(np.prod(mshape)), dtype=np.intp).reshape(mshape)
     # the mask's element indices seen through the plan's own view of x: splitting axes
@@ -82,9 +85,6 @@ def _layout(plan, mshape):
         if step is not None:
             starts = e[(Ellipsis,) + (0,) * (len(e.shape) - tail)]
             found = (np.ascontiguousarray(starts).reshape(n_rows), step)
-    if len(per_plan) >= _MAX_LAYOUTS_PER_PLAN:
-        per_plan.clear()
-    per_plan[mshape] = found
     return found
 
 
@@ -125,9 +125,21 @@ def merge_counted(xp, pmean, pm2, pcount):
     n = pcount.sum(axis=0)
     if pmean.shape[0] == 1:
         return pmean[0], pm2[0], n
-    mean = (pcount * pmean).sum(axis=0) / xp.maximum(n, 1.0)
-    m2 = pm2.sum(axis=0) + (pcount * (pmean - mean) ** 2).sum(axis=0)
+    with _quiet(xp):
+        # weights <= 1 (no overflow where the mean has none); a partial without elements
+        # adds exactly nothing (not 0 * its deviation squared, inf at means above 1e154);
+        # n d^2 formed as (n d) d, which overflows only where the sum of squares does
+        weight = pcount / xp.maximum(n, 1.0)
+        mean = (weight * pmean).sum(axis=0)
+        d = xp.where(pcount > 0, pmean - mean, 0.0)
+        m2 = pm2.sum(axis=0) + ((pcount * d) * d).sum(axis=0)
     return mean, m2, n
+
+
+def _quiet(xp):
+    """NumPy's floating-point warnings off: a group beyond double's range gets NaN
+    statistics, as documented, without an overflow warning (an error under -W error)."""
+    return np.errstate(all="ignore") if xp is np else contextlib.nullcontext()
 
 
 def finalize_counted(xp, pmean, pm2, pcount, center, eps, mean, var, rstd):
@@ -135,31 +147,37 @@ def finalize_counted(xp, pmean, pm2, pcount, center, eps, mean, var, rstd):
     m2 / n per group (plus mean^2, mean 0, when not ``center``), rstd = 1/sqrt(var + eps);
     a group without counted elements gets mean 0, var 0, rstd 0. Returns n (C,)."""
     mu, m2, n = merge_counted(xp, pmean, pm2, pcount)
-    v = m2 / xp.maximum(n, 1.0)
-    bad = ~(xp.isfinite(mu) & xp.isfinite(v))  # no representable variance: NaN, as the kernels
-    if not center:
-        bad |= ~xp.isfinite(v + mu * mu)
-        v = v + mu * mu
-        mu = xp.zeros_like(mu)
-    counted = n > 0
-    mean[...] = xp.where(bad, np.nan, xp.where(counted, mu, 0.0))
-    var[...] = xp.where(bad, np.nan, xp.where(counted, v, 0.0))
-    rstd[...] = xp.where(counted, 1.0 / xp.sqrt(var + eps), 0.0)
+    with _quiet(xp):
+        v = m2 / xp.maximum(n, 1.0)
+        bad = ~(xp.isfinite(mu) & xp.isfinite(v))  # no representable variance: NaN, as the kernels
+        if not center:
+            bad |= ~xp.isfinite(v + mu * mu)
+            v = v + mu * mu
+            mu = xp.zeros_like(mu)
+        counted = n > 0
+        mean[...] = xp.where(bad, np.nan, xp.where(counted, mu, 0.0))
+        var[...] = xp.where(bad, np.nan, xp.where(counted, v, 0.0))
+        rstd[...] = xp.where(counted, 1.0 / xp.sqrt(var + eps), 0.0)
     return n
 
 
-def check_counts(counts, be, training, has_running, describe):
-    """Training with running statistics needs two counted elements in every group (the
-    unbiased variance divides by n - 1): a ValueError naming the first group that has
-    fewer, raised before any running statistic is written."""
-    if not (training and has_running) or counts.size == 0:
+def check_counts(counts, be, ruled, updates, describe):
+    """The rule on counts that holds with or without a mask: in training, a mode with
+    running statistics (``ruled``) refuses a group with exactly one counted element (its
+    variance is no statistic: unmasked, x.shape's one value per group is refused the
+    same way), and a call that updates running statistics (``updates``; the unbiased
+    variance divides by n - 1) refuses a group with none. A ValueError naming the first
+    such group, raised before any caller-visible array is written. Otherwise a group
+    with no counted element is empty: mean 0, rstd 0."""
+    if not ruled or counts.size == 0:
         return
     host = be.to_host(counts)
-    low = host < 2
+    low = (host < 2) if updates else (host == 1)
     if low.any():
         g = int(np.argmax(low))
-        raise ValueError(f"mask: group {g} has {int(host[g])} counted element(s); training with "
-                         f"running statistics needs at least 2 per group ({describe})")
+        need = "at least 2 per group" if updates else "more than 1 per group (or none)"
+        raise ValueError(f"mask: group {g} has {int(host[g])} counted element(s); training "
+                         f"{'with running statistics ' if updates else ''}needs {need} ({describe})")
 
 
 def safe_counts(counts, xp):

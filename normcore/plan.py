@@ -10,6 +10,8 @@ i.e. A = 1. Plans are cached by (mode, shape, sizes).
 from __future__ import annotations
 
 import enum
+import threading
+import weakref
 from dataclasses import dataclass, fields
 from collections import OrderedDict
 from functools import cached_property, partial
@@ -286,21 +288,39 @@ _PLANS: OrderedDict = OrderedDict()  # key -> (plan, its index bytes when cached
 _plan_bytes = 0
 
 
+# Plans whose index arrays alone pass PLAN_CACHE_BYTES: held weakly, so that while a
+# caller keeps one alive (its cache for backward, the loop's previous step) the next call
+# of that shape reuses it, and once the caller lets go its arrays are freed.
+_LARGE_PLANS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_PLANS_LOCK = threading.RLock()
+
+
 def _cached_plan(mode: Mode, shape: tuple, sizes: tuple) -> Plan:
     global _plan_bytes
     key = (mode, shape, sizes)
-    hit = _PLANS.get(key)
-    if hit is not None:
-        _PLANS.move_to_end(key)
-        return hit[0]
+    with _PLANS_LOCK:
+        hit = _PLANS.get(key)
+        if hit is not None:
+            _PLANS.move_to_end(key)
+            return hit[0]
+        plan = _LARGE_PLANS.get(key)
+        if plan is not None:
+            return plan
     plan = _make_plan(mode, shape, sizes)
     if prod(shape):  # an input with elements needs the arrays: build them now, counted
         plan._index_arrays
     size = plan.index_bytes
-    _PLANS[key] = (plan, size)
-    _plan_bytes += size
-    while len(_PLANS) > 1 and (len(_PLANS) > PLAN_CACHE_ENTRIES or _plan_bytes > PLAN_CACHE_BYTES):
-        _plan_bytes -= _PLANS.popitem(last=False)[1][1]  # the plan just made stays
+    with _PLANS_LOCK:
+        hit = _PLANS.get(key)
+        if hit is not None:  # another thread made it meanwhile
+            return hit[0]
+        if size > PLAN_CACHE_BYTES:
+            _LARGE_PLANS[key] = plan
+            return plan
+        _PLANS[key] = (plan, size)
+        _plan_bytes += size
+        while len(_PLANS) > PLAN_CACHE_ENTRIES or _plan_bytes > PLAN_CACHE_BYTES:
+            _plan_bytes -= _PLANS.popitem(last=False)[1][1]  # oldest first; the plan just made fits
     return plan
 
 

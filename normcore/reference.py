@@ -134,8 +134,9 @@ def reference_forward(x, mode, *, weight=None, bias=None, running_mean=None, run
         new_rm = new_rm.reshape(np.shape(running_mean))
         new_rv = new_rv.reshape(np.shape(running_var))
     stats_grad = (training or not has_running) and not estimate
+    given = None if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape).reshape(dims)
     ctx = (m, names, dims, reduced, xhat, rstd, w, weight is not None, bias is not None, x.shape, xe,
-           None if counted is None else (counted, n))
+           None if counted is None else (counted, n), given)
     return ReferenceResult(y.reshape(x.shape), mean, var, new_rm, new_rv, stats_grad, ctx)
 
 
@@ -147,23 +148,28 @@ def reference_backward(dy, result: ReferenceResult):
     >>> db, dw is None
     (array([2., 2., 2.]), True)
     """
-    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, _, masked = result.context
+    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, _, masked, given = result.context
     d = np.asarray(dy, np.float64).reshape(dims)
+    if given is not None:
+        # masked-out positions are not data: the gradient of the call on x[mask], so they
+        # add nothing to any sum (whatever x and dy hold there) and receive dx = 0
+        d = np.where(given, d, 0.0)
+        xhat = np.where(given, xhat, 0.0)
     g = d * w
     if result.stats_grad and masked is not None:
-        # y is computed everywhere: the sums run over every element, the counts and the
-        # statistics terms over the counted ones
         counted, n = masked
         safe = np.maximum(n, 1.0)
         mg = g.sum(axis=reduced, keepdims=True) / safe if m.center else 0.0
         mgx = (g * xhat).sum(axis=reduced, keepdims=True) / safe
-        dx = rstd * (g - np.where(counted, mg + xhat * mgx, 0.0))
+        dx = rstd * (g - mg - xhat * mgx)
     elif result.stats_grad:
         mg = g.mean(axis=reduced, keepdims=True) if m.center else 0.0
         mgx = (g * xhat).mean(axis=reduced, keepdims=True)
         dx = rstd * (g - mg - xhat * mgx)
     else:
         dx = rstd * g
+    if given is not None:
+        dx = np.where(given, dx, 0.0)
     dweight = dbias = None
     if has_w or has_b:
         members = _members(m.params, m, "params", m.parsed.names, names)
@@ -188,8 +194,10 @@ def term_scales(dy, result: ReferenceResult) -> dict:
     |x| * rstd when x sits at an offset far from zero. Comparisons are judged against
     these, never against a hand-widened tolerance.
     """
-    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, xe, _ = result.context
+    m, names, dims, reduced, xhat, rstd, w, has_w, has_b, shape, xe, _, given = result.context
     d = np.abs(np.asarray(dy, np.float64).reshape(dims))
+    if given is not None:  # left out entirely (reference_backward)
+        d, xe = np.where(given, d, 0.0), np.where(given, xe, 0.0)
     out = {"dx": float((d * np.abs(w) * rstd).max()) if d.size else 0.0, "dweight": 0.0}
     if has_w and d.size:
         members = _members(m.params, m, "params", m.parsed.names, names)

@@ -19,8 +19,9 @@ Protocol
   itself raises its own error. Any failure before or inside the exchange is carried this
   way (a ``MemoryError``, a ``RuntimeError`` such as a backward before any forward), not
   only input errors. Ranks that disagree on the group structure, the dtype, the mode,
-  ``eps``, or (when running statistics are updated) ``momentum`` and ``unbiased`` raise
-  ``ValueError`` on every rank, after the one exchange. Nothing (running statistics included) is written when any rank fails.
+  ``eps``, ``estimate``, the parameters given, whether running statistics are given and
+  updated (and then ``momentum`` / ``decay`` and ``unbiased``) raise ``ValueError`` on
+  every rank, after the one exchange (backward: the parameters given and the mask). Nothing (running statistics included) is written when any rank fails.
 * What cannot be detected: ranks that make *different collective calls* (one in training
   mode with ``comm``, another in eval mode or without ``comm``) wait for each other forever,
   as in any MPI program. Call the layers in the same order on every rank.
@@ -177,6 +178,9 @@ def sum_over_ranks(link, cache, arrays, be):
     """Element-wise sums of ``arrays`` over the ranks, added in rank order on the host so
     that every rank holds the same bits."""
     local = tuple(be.to_host(a) for a in arrays)
-    parts = link.gather((("mode", cache.mode.spec), ("statistics shape", cache.plan.stat_shape),
-                         ("dtype", cache.dtype.name), ("elements per group", cache.count)), local)
+    parts = link.gather((("mode", cache.mode.spec), ("centred", cache.mode.center),
+                         ("statistics shape", cache.plan.stat_shape), ("dtype", cache.dtype.name),
+                         ("elements per group", cache.count), ("weight given", cache.has_weight),
+                         ("bias given", cache.has_bias), ("gradient through the statistics", cache.stats_grad),
+                         ("mask given", cache.mask is not None)), local)
     return tuple(be.from_host(np.sum([p[i] for p in parts], axis=0)) for i in range(len(arrays)))

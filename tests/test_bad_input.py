@@ -132,7 +132,7 @@ def test_half_precision_parameters_are_x_dtype_or_float32():
     # a float32 x keeps the one-dtype rule
     with pytest.raises(TypeError, match=r"^weight: dtype float16 does not match x's dtype float32"):
         nc.normalize(x.astype(np.float32), "batch_norm", weight=w16)
-    with pytest.raises(TypeError, match=r"^x: expected float32 or float64 or float16"):
+    with pytest.raises(TypeError, match=r"^x: expected float32, float64, float16 or bfloat16 \(ml_dtypes.bfloat16\)"):
         nc.normalize(np.ones((2, 4), np.int8), "layer_norm")
 
 

@@ -109,9 +109,18 @@ def test_training_with_running_statistics_needs_two_counted_per_group():
     nc.normalize(x, "batch_norm", running_mean=rm, running_var=rv, momentum=1.0, mask=mask)
     pair = x[:2, :, 0].astype(np.float64)
     np.testing.assert_allclose(rv, pair.var(axis=0, ddof=1), rtol=1e-6)
-    # without running statistics one counted element is allowed (variance 0)
-    y, _ = nc.normalize(x, "batch_norm", mask=mask[:1].repeat(4, 0) & (np.arange(4) == 0)[:, None, None])
+    # without running statistics the rule of an unmasked call holds: one value per group
+    # is refused in training (as nc.normalize(x[:1, :, :1], "batch_norm") is), none is an
+    # empty group, and eval takes either
+    one = mask[:1].repeat(4, 0) & (np.arange(4) == 0)[:, None, None]
+    with pytest.raises(ValueError, match="mask: group 0 has 1 counted element"):
+        nc.normalize(x, "batch_norm", mask=one)
+    with pytest.raises(ValueError, match="more than 1 value per statistics group"):
+        nc.normalize(x[:1, :, :1], "batch_norm")
+    y, _ = nc.normalize(x, "batch_norm", mask=one, training=False)
     assert np.isfinite(y).all()
+    y, _ = nc.normalize(x, "batch_norm", mask=np.zeros_like(one))
+    assert (y == 0).all()
 
 
 def test_eval_with_running_statistics_ignores_the_mask():
@@ -121,7 +130,10 @@ def test_eval_with_running_statistics_ignores_the_mask():
     y, cache = nc.normalize(x, "batch_norm", training=False, mask=mask, **run)
     y0, cache0 = nc.normalize(x, "batch_norm", training=False, **run)
     np.testing.assert_array_equal(y, y0)
-    np.testing.assert_array_equal(nc.backward(np.ones_like(y), cache)[0], nc.backward(np.ones_like(y), cache0)[0])
+    # ... for y; backward still leaves the masked-out positions out (they are not data)
+    counted = np.broadcast_to(mask, x.shape)
+    dy = np.ones_like(y)
+    np.testing.assert_array_equal(nc.backward(dy, cache)[0], np.where(counted, nc.backward(dy, cache0)[0], 0))
 
 
 def test_estimated_batch_norm_updates_from_the_masked_statistics():
@@ -147,7 +159,7 @@ def test_forms_take_mask(form, kw, mshape):
     shape = (6, 7, 4)
     x = RNG.standard_normal(shape).astype(np.float32)
     mask = RNG.random(mshape) < 0.6
-    mask.flat[0] = True
+    mask[..., :2] = True  # two counted per instance: training refuses one (as without a mask)
     y, cache = form(x, **kw, mask=mask)
     # changing x where not counted leaves y unchanged where counted
     free = ~np.broadcast_to(mask, shape)

@@ -200,13 +200,19 @@ cdef inline double _representable(double mean, double var, bint center) noexcept
 
 cdef inline void _merge(double* n, double* mean, double* m2,
                         double nb, double meanb, double m2b) noexcept nogil:
-    # Chan et al.: exact merge of two (count, mean, centered sum of squares) triples.
+    # Chan et al.: exact merge of two (count, mean, centered sum of squares) triples. The
+    # first merge takes b as it is (d would be b's mean itself, whose square may overflow
+    # where the variance does not), and d^2 n nb / tot is formed as (d * g) * d with
+    # g = n nb / tot, which overflows only where the result does.
     cdef double tot = n[0] + nb
     cdef double d = meanb - mean[0]
     if nb == 0:
         return
+    if n[0] == 0:
+        n[0], mean[0], m2[0] = nb, meanb, m2b
+        return
     mean[0] = mean[0] + d * nb / tot
-    m2[0] = m2[0] + m2b + d * d * n[0] * nb / tot
+    m2[0] = m2[0] + m2b + d * (n[0] * nb / tot) * d
     n[0] = tot
 
 
@@ -429,11 +435,11 @@ cdef inline void _combine_tile(const double* pmean, const double* pm2, const dou
     for c in range(tw):
         mean[c] = 0.0
         m2[c] = 0.0
+    # weights counts / total <= 1: the weighted sum of the partial means cannot overflow
+    # where the mean itself does not (count * mean could, for means above 1e300)
     for k in range(K):
         for c in range(tw):
-            mean[c] += counts[k] * pmean[k * ld + c]
-    for c in range(tw):
-        mean[c] /= total
+            mean[c] += counts[k] / total * pmean[k * ld + c]
     for k in range(K):
         for c in range(tw):
             d = pmean[k * ld + c] - mean[c]
@@ -1249,11 +1255,9 @@ cdef void _finalize_moments(const double* pmean, const double* pm2, const double
         for c in range(C):
             mean[c] = 0.0
             var[c] = 0.0
-        for k in range(K):
+        for k in range(K):  # weights <= 1, as in _combine_tile
             for c in range(C):
-                mean[c] += counts[k] * pmean[k * C + c]
-        for c in range(C):
-            mean[c] = mean[c] / total
+                mean[c] += counts[k] / total * pmean[k * C + c]
         for k in range(K):
             for c in range(C):
                 dev = pmean[k * C + c] - mean[c]
