@@ -761,12 +761,15 @@ def normalize(x, mode, *, weight=None, bias=None, running_mean=None, running_var
     mask : boolean ndarray broadcasting to x's shape, optional
         Statistics over the elements where ``mask`` is True only (padding left out: a
         ``(B, T, 1)`` mask for a ``(B, T, C)`` batch of sequences). y is computed
-        everywhere with its group's statistics, and backward gives the exact gradient of
-        that function (masked-out elements receive only the direct term ``rstd * w * dy``).
-        Running statistics are updated from the masked ones, unbiased by each group's own
-        count; in training with running statistics every group needs two counted elements
-        (ValueError otherwise). A group with no counted element outputs its bias
-        (x̂ = 0) and passes no gradient to x. Unused in eval with running statistics.
+        everywhere with its group's statistics; the masked-out positions are not data:
+        backward (in training and eval) gives the gradient of the call on ``x[mask]``, so
+        they add nothing to any gradient sum whatever x and dy hold there, and receive
+        dx = 0. Running statistics are updated from the masked ones, unbiased by each
+        group's own count. In training a mode with running statistics refuses a group
+        with exactly one counted element (as without a mask), and an update of running
+        statistics one with none (ValueError, before anything is written). A group with
+        no counted element outputs its bias (x̂ = 0). In eval with running statistics the
+        mask does not change y.
     **sizes : int
         Axis sizes, e.g. ``g=32`` for group norm.
 

@@ -182,14 +182,14 @@ class Layer:
         # the lock and the per-thread record do not pickle: the copy gets fresh ones, and
         # the calling thread's cache (a pickled layer can still run its backward)
         state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tls")}
-        state["_cache"] = self._tls.cache
+        state["_cache"], state["_consumed"] = self._tls.cache, self._tls.consumed
         return state
 
     def __setstate__(self, state):
         state = dict(state)
-        cache = state.pop("_cache", None)
+        cache, consumed = state.pop("_cache", None), state.pop("_consumed", False)
         self.__dict__.update(state)
-        self._tls.cache = cache
+        self._tls.cache, self._tls.consumed = cache, consumed
 
     def __repr__(self):
         """The class and its constructor arguments: the required ones, those given a

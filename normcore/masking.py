@@ -1,14 +1,16 @@
 """Masked statistics: what ``mask=`` changes between the kernels.
 
 A mask selects, per element, whether it counts in its group's statistics. The output is
-computed everywhere with its group's statistics, so the backward's sums (of dy and
-dy * xhat) run over every element as without a mask; only the counts change, per group,
-and the dx passes add the statistics terms where the element was counted:
+computed everywhere with its group's statistics, but the masked-out positions are not
+data: backward gives the gradient of the call on ``x[mask]`` alone. It makes dy and x inert
+there first (functional's ``_leave_out``: dy 0, x 0), so that they add nothing to any sum
+whatever they hold (NaN padding included) and receive dx = 0; the counts are per group and
+the dx passes add the statistics terms where the element was counted:
 
     dx = rstd * (g - m * (mean(g) + xhat * mean(g * xhat))),   means over the counted n
 
-with g = w * dy and m the mask. A group with no counted element has rstd 0 (x̂ = 0, y its
-bias) and passes no gradient to x.
+with g = w * dy (0 where not counted) and m the mask. A group with no counted element has
+rstd 0 (x̂ = 0, y its bias) and passes no gradient to x.
 
 The kernels read a mask as bytes (nonzero: counted) by rows of their own view of x: rows
 of S elements of the (A, R, S) layout, or of C elements of the column strategy's (A, C).
@@ -126,11 +128,10 @@ def merge_counted(xp, pmean, pm2, pcount):
     if pmean.shape[0] == 1:
         return pmean[0], pm2[0], n
     with _quiet(xp):
-        # weights <= 1 (no overflow where the mean has none); a partial without elements
-        # adds exactly nothing (not 0 * its deviation squared, inf at means above 1e154);
-        # n d^2 formed as (n d) d, which overflows only where the sum of squares does
-        weight = pcount / xp.maximum(n, 1.0)
-        mean = (weight * pmean).sum(axis=0)
+        # a partial without elements adds exactly nothing (not 0 * its deviation squared,
+        # inf at means above 1e154); n d^2 formed as (n d) d, which overflows only where
+        # the sum of squares does
+        mean = (pcount * pmean).sum(axis=0) / xp.maximum(n, 1.0)
         d = xp.where(pcount > 0, pmean - mean, 0.0)
         m2 = pm2.sum(axis=0) + ((pcount * d) * d).sum(axis=0)
     return mean, m2, n

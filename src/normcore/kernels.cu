@@ -681,8 +681,9 @@ __global__ void nc_combine_moments(const double* pmean, const double* pm2, const
     for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += (i64)gridDim.x * blockDim.x) {
         double total = 0.0;
         for (i64 k = 0; k < K; ++k) total += counts[k];
-        double mu = 0.0;  // weights counts / total <= 1: no overflow where the mean has none
-        for (i64 k = 0; k < K; ++k) mu += counts[k] / total * pmean[k * C + c];
+        double s = 0.0;
+        for (i64 k = 0; k < K; ++k) s += counts[k] * pmean[k * C + c];
+        const double mu = s / total;
         double q = 0.0;
         for (i64 k = 0; k < K; ++k) {
             const double d = pmean[k * C + c] - mu;

@@ -435,11 +435,11 @@ cdef inline void _combine_tile(const double* pmean, const double* pm2, const dou
     for c in range(tw):
         mean[c] = 0.0
         m2[c] = 0.0
-    # weights counts / total <= 1: the weighted sum of the partial means cannot overflow
-    # where the mean itself does not (count * mean could, for means above 1e300)
     for k in range(K):
         for c in range(tw):
-            mean[c] += counts[k] / total * pmean[k * ld + c]
+            mean[c] += counts[k] * pmean[k * ld + c]
+    for c in range(tw):
+        mean[c] /= total
     for k in range(K):
         for c in range(tw):
             d = pmean[k * ld + c] - mean[c]
@@ -1255,9 +1255,11 @@ cdef void _finalize_moments(const double* pmean, const double* pm2, const double
         for c in range(C):
             mean[c] = 0.0
             var[c] = 0.0
-        for k in range(K):  # weights <= 1, as in _combine_tile
+        for k in range(K):
             for c in range(C):
-                mean[c] += counts[k] / total * pmean[k * C + c]
+                mean[c] += counts[k] * pmean[k * C + c]
+        for c in range(C):
+            mean[c] = mean[c] / total
         for k in range(K):
             for c in range(C):
                 dev = pmean[k * C + c] - mean[c]
