@@ -141,11 +141,14 @@ class Kernels(Protocol):
         affine_rows in one call (eval mode, estimated batch norm)."""
 
     # -- backward ----------------------------------------------------------------------------
-    def sums_rows(self, dy, x, mean, p1, p2, threads):
-        """IN dy, x (A, R, S) T, mean (R,); OUT p1, p2 (A, R): row sums of dy, dy * (x - mean)."""
+    def sums_rows(self, dy, x, mean, p1, p2, threads, mask=None, moff=None, mstep=0):
+        """IN dy, x (A, R, S) T, mean (R,); OUT p1, p2 (A, R): row sums of dy, dy * (x - mean).
+        mask, moff, mstep (as masked_dx_rows reads them; optional: ``masked_sums``): over the
+        counted elements only, whatever the others hold."""
 
-    def sums_cols(self, dy, x, mean, rows_per_block, p1, p2, threads):
-        """IN dy, x (A, C) T, mean (C,); OUT p1, p2 (ceil(A / rows_per_block), C)."""
+    def sums_cols(self, dy, x, mean, rows_per_block, p1, p2, threads, mask=None, moff=None, mstep=0):
+        """IN dy, x (A, C) T, mean (C,); OUT p1, p2 (ceil(A / rows_per_block), C). mask as in
+        ``sums_rows``, for the A rows of C."""
 
     def gradient_sums(self, p1, p2, rg, rp, w, has_w, rstd, g1, g2, dw, db):
         """IN p1, p2 (K, R), rg, rp (R,), w (P,) T, rstd (C,); OUT g1, g2 (C,) group sums of
@@ -158,9 +161,11 @@ class Kernels(Protocol):
         """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,), dh (A, R, S) T or None; OUT dx = dy k1 +
         (x - mean) k2 + k3, plus dh after dx's rounding (as ``add``) when given."""
 
-    def sums_inner(self, dy, x, mean, rstd, rp, w, rows_per_block, s1, s2, pdw, pdb, threads):
+    def sums_inner(self, dy, x, mean, rstd, rp, w, rows_per_block, s1, s2, pdw, pdb, threads, mask=None,
+                   moff=None, mstep=0):
         """IN dy, x (1, R, S) T, mean, rstd, rp (R,), w (P,) float64; OUT s1, s2 (R,) sums of
-        g = dy w[rp + s] and g xhat; pdw, pdb (ceil(R / rows_per_block), P) zeroed partials."""
+        g = dy w[rp + s] and g xhat; pdw, pdb (ceil(R / rows_per_block), P) zeroed partials.
+        mask as in ``sums_rows``, for the R rows of S."""
 
     def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads):
         """IN dy, x (1, R, S) T, mean, rstd, rp, c1, c2 (R,), w (P,) float64, dh (1, R, S) T or
@@ -199,11 +204,11 @@ class Kernels(Protocol):
     def masked_dx_rows(self, dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rows_per_block, dx, threads):
         """IN dy, x (A, R, S) T, mask, moff, mstep (cols: the A rows of R, S == 1; else the
         A * R rows of S), mean, k1, k2, k3 (R,); OUT dx = dy k1 + (x - mean) k2 + k3 where
-        counted, dy k1 elsewhere."""
+        counted, 0 elsewhere (masked-out positions are not data)."""
 
     def masked_dx_inner(self, dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dx, threads):
         """IN as dx_inner (no dh) and mask, moff (R,), mstep; OUT dx = rstd (dy w - (c1 + xhat
-        c2)) with the bracket only where counted."""
+        c2)) where counted, 0 elsewhere."""
 
     def masked_normalize_groups(self, x, mask, moff, mstep, rows_per_group, center, eps, affine, rp, w, b,
                                 mean, var, rstd, counts, y, threads):
@@ -213,9 +218,9 @@ class Kernels(Protocol):
 
     def masked_backward_groups(self, dy, x, mask, moff, mstep, counts, rows_per_group, center, affine, rp,
                                w, mean, rstd, groups_per_block, t1, t2, pdw, pdb, dx, threads):
-        """backward_groups (no dh) after masked_normalize_groups: the plain sums, the
-        statistics terms divided by counts[c] and applied where counted (optional:
-        ``masked_groups``)."""
+        """backward_groups (no dh) after masked_normalize_groups: the sums over the counted
+        elements, the statistics terms divided by counts[c], dx 0 where not counted
+        (optional: ``masked_groups``)."""
 
 
 def machine_eps(dtype) -> float:
@@ -240,6 +245,7 @@ class Backend:
     fused_forward = True   # K.normalize_groups: one-pass forward of contiguous groups
     fused_backward = True  # K.backward_groups: one-visit training backward (optional)
     masked_groups = True   # K.masked_normalize_groups / masked_backward_groups (optional)
+    masked_sums = True     # K.sums_rows / sums_cols / sums_inner take mask= (optional)
     array_type = np.ndarray
     array_name = "numpy.ndarray"
 

@@ -364,9 +364,12 @@ def _forward(call: _Forward, x):
     y_rows = _output(None if late_rules and call.one_pass else out, plan, call.dtype, xp)
     count = plan.count
     mean = var = rstd = None
-    mask3 = None if call.mask is None else masking.mask_rows(call.mask, plan, call.be, _canonical)
+    # the mask as the kernels read it: for the statistics (call.mask), and for backward
+    # whenever one was given (its masked-out positions are not data, in eval too)
+    mask3 = None if call.given_mask is None else masking.mask_rows(call.given_mask, plan, call.be, _canonical)
     if call.use_batch:
-        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3, mask3)
+        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3,
+                                                   None if call.mask is None else mask3)
         if h3 is not None:
             x = x3 = h3  # what the kernel normalized, and what backward reads
     if call.update:
@@ -379,11 +382,10 @@ def _forward(call: _Forward, x):
                       stats_grad=call.use_batch and not call.estimate, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be,
                       param_dtype=_param_dtype(call))
-    if mask3 is not None:
+    if call.mask is not None:
         cache.counts = count
         cache.count = int(run.be.to_host(count).sum())  # (what synchronized ranks agree on)
-        if cache.stats_grad:
-            cache.mask = mask3
+    cache.mask = mask3
     cache.not_data = call.given_mask
     y = _result(y_rows, plan, out, xp)
     if out is not None and y is not out:  # made apart (late rules): every rule has passed
@@ -897,8 +899,8 @@ def _backward(dy, cache, out, link, dh=None):
     if view is not None:  # a form's call on reshaped arrays: the mode's shapes inside
         dy = dy.reshape(plan.shape)
     x3 = cache.x3
-    if cache.not_data is not None and dy.size:
-        dy, x3 = _leave_out(dy, cache, xp)
+    if cache.not_data is not None and dy.size and not be.masked_sums:
+        dy, x3 = _leave_out(dy, cache, xp)  # the backend's sums read no mask: made inert first
     dy3 = _canonical(dy, plan, xp)
     dx_rows = _output(None if out is None else _shaped(out, plan.shape), plan, cache.dtype, xp)
     run = _Run.of(be, dy3.size)
@@ -929,6 +931,18 @@ def _backward(dy, cache, out, link, dh=None):
     if cache.has_bias:
         dbias = (db if len(pshape) == 1 else db.reshape(pshape)).astype(cache.param_dtype)
     return dx, dweight, dbias
+
+
+def _mask_args(cache, run: _Run):
+    """The sums kernels' mask arguments: the forward's mask where the backend's sums read
+    one (they then leave the masked-out positions out), else none."""
+    m = cache.mask
+    if m is None or not run.be.masked_sums:
+        return _NO_MASK
+    return {"mask": m.base, "moff": m.offsets, "mstep": m.step}
+
+
+_NO_MASK: dict = {}  # read only
 
 
 def _leave_out(dy, cache, xp):
@@ -1015,12 +1029,12 @@ def _backward_inner(dy_rows, x3, cache, dx_rows, run: _Run, link=None, dh3=None)
     row_g, row_gx = xp.empty(R), xp.empty(R)
     pdw, pdb = xp.zeros((nb, P)), xp.zeros((nb, P))
     run.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, plan.rows_per_block, row_g, row_gx,
-                     pdw, pdb, run.threads)
+                     pdw, pdb, run.threads, **_mask_args(cache, run))
     group_g, group_gx = _group_totals(row_g, plan, run), _group_totals(row_gx, plan, run)
     dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
     if link is not None:
         group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
-    n = cache.count if cache.mask is None else masking.safe_counts(cache.counts, xp)
+    n = cache.count if cache.counts is None else masking.safe_counts(cache.counts, xp)
     mean_g = _per_row(group_g / n, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
     mean_gx = _per_row(group_gx / n, plan, run) if cache.stats_grad else xp.zeros(R)
     m = cache.mask
@@ -1076,10 +1090,10 @@ def _backward_rows(dy_rows, x3, cache, dx_rows, run: _Run, link=None, dh3=None):
             nb = len(plan.partial_counts)
             part_dy, part_dyx = xp.empty((nb, R)), xp.empty((nb, R))
             run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, plan.rows_per_block, part_dy,
-                            part_dyx, run.threads)
+                            part_dyx, run.threads, **_mask_args(cache, run))
         else:
             part_dy, part_dyx = xp.empty((A, R)), xp.empty((A, R))
-            run.K.sums_rows(dy_rows, x_rows, mean_r, part_dy, part_dyx, run.threads)
+            run.K.sums_rows(dy_rows, x_rows, mean_r, part_dy, part_dyx, run.threads, **_mask_args(cache, run))
         # partial rows, groups and parameters are summed in a fixed order: deterministic
         # for any thread count
         dw, db = _param_grads(cache, run)
@@ -1089,7 +1103,7 @@ def _backward_rows(dy_rows, x3, cache, dx_rows, run: _Run, link=None, dh3=None):
             group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
     k1, k2, k3 = xp.empty(R), xp.empty(R), xp.empty(R)
     if cache.mask is not None:  # each group's own count: its sums divided here, the kernel's count 1
-        n = masking.safe_counts(cache.counts, xp)
+        n = 1.0 if cache.counts is None else masking.safe_counts(cache.counts, xp)
         run.K.dx_coefficients(group_g / n, group_gx / n, rg, rp, w, cache.has_weight, cache.rstd, 1.0,
                               cache.stats_grad, cache.mode.center, k1, k2, k3)
         m = cache.mask

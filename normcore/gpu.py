@@ -416,6 +416,7 @@ class CudaBackend(Backend):
     fused_forward = True
     fused_backward = False  # its per-block parameter partials would need one block per group
     masked_groups = False   # masked statistics take the moments kernels and the dx passes
+    masked_sums = False     # backward's sums read no mask: dy and x are made inert first
     array_name = "cupy.ndarray"
 
     def __init__(self):

@@ -29,6 +29,7 @@ class EmulatedCuda(Backend):
     fused_forward = gpu.CudaBackend.fused_forward
     fused_backward = gpu.CudaBackend.fused_backward
     masked_groups = gpu.CudaBackend.masked_groups
+    masked_sums = gpu.CudaBackend.masked_sums
 
     def __init__(self, lib):
         super().__init__()

@@ -618,7 +618,8 @@ __global__ void nc_masked_moments_cols(const T* x, const unsigned char* m, const
     }
 }
 
-// dx = dy * k1[r] + (counted ? (x - mean[r]) * k2[r] + k3[r] : 0) on (A, R, S), rows of S
+// dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] where counted, 0 where not (masked-out
+// positions are not data) on (A, R, S), rows of S
 template <typename T>
 __global__ void nc_masked_dx_rows(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
                                   i64 rows, i64 R, i64 S, const double* mean, const double* k1, const double* k2,
@@ -631,7 +632,7 @@ __global__ void nc_masked_dx_rows(const T* dy, const T* x, const unsigned char* 
         const unsigned char* mr = m + off[row];
         for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
             const A t = (nc_ld<T, A>(x, o + i) - mu) * a2 + a3;
-            nc_st<T, A>(dx, o + i, nc_ld<T, A>(dy, o + i) * a1 + (mr[i * step] ? t : (A)0));
+            nc_st<T, A>(dx, o + i, mr[i * step] ? nc_ld<T, A>(dy, o + i) * a1 + t : (A)0);
         }
     }
 }
@@ -649,12 +650,12 @@ __global__ void nc_masked_dx_cols(const T* dy, const T* x, const unsigned char* 
         const A mu = (A)mean[c], a1 = (A)k1[c], a2 = (A)k2[c], a3 = (A)k3[c];
         for (i64 r = r0 + threadIdx.y; r < r1; r += NC_COL_STRIPES) {
             const A t = (nc_ld<T, A>(x, r * C + c) - mu) * a2 + a3;
-            nc_st<T, A>(dx, r * C + c, nc_ld<T, A>(dy, r * C + c) * a1 + (m[off[r] + c * step] ? t : (A)0));
+            nc_st<T, A>(dx, r * C + c, m[off[r] + c * step] ? nc_ld<T, A>(dy, r * C + c) * a1 + t : (A)0);
         }
     }
 }
 
-// dx = rstd * (dy * w - (counted ? c1[r] + xhat * c2[r] : 0))  (parameters along S)
+// dx = rstd * (dy * w - (c1[r] + xhat * c2[r])) where counted, 0 where not (parameters along S)
 template <typename T>
 __global__ void nc_masked_dx_inner(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
                                    i64 R, i64 S, const double* mean, const double* rstd, const i64* rp,
@@ -667,7 +668,7 @@ __global__ void nc_masked_dx_inner(const T* dy, const T* x, const unsigned char*
         const unsigned char* mr = m + off[r];
         for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
             const A t = m1 + (nc_ld<T, A>(x, o + i) - mu) * rs * m2;
-            nc_st<T, A>(dx, o + i, rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - (mr[i * step] ? t : (A)0)));
+            nc_st<T, A>(dx, o + i, mr[i * step] ? rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - t) : (A)0);
         }
     }
 }

@@ -49,6 +49,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 from libc.math cimport NAN, isfinite, sqrt
 from libc.stdlib cimport abort, calloc, free, malloc
+from libc.string cimport memset
 
 cnp.import_array()
 
@@ -93,6 +94,8 @@ cdef enum:
     # runs of at least this many wholly counted (or uncounted) rows of a masked column
     # layout take the plain tile passes (each call makes its tile's coefficients)
     LIKE_ROWS = 16
+    # elements of the stack copies a masked backward sum makes of a row (8 KB each)
+    INERT_ROW = 1024
 
 # Elements per chunk of row moments: bounds the bits a shifted sum can lose (12).
 cdef Py_ssize_t CHUNK = 4096
@@ -548,31 +551,129 @@ cdef inline void _row_sums(const floating* dy, const floating* x, Py_ssize_t n, 
     _dy_sums(dy, NULL, x, n, mu, s1, s2)
 
 
-def sums_rows(dy, x, mean, p1, p2, int threads):
+cdef extern from "simd.h" nogil:
+    void nc_inert_copy(const void* dy, const void* x, const unsigned char* m, Py_ssize_t n, void* bdy, void* bx)
+
+
+cdef inline void _masked_row_sums(const floating* dy, const floating* x, const unsigned char* m, int step,
+                                  Py_ssize_t n, const double* w, double mu, double rs, double* s1, double* s2,
+                                  double* dw, double* db) noexcept nogil:
+    # The backward's row sums over the counted elements only (the others are not data):
+    # s1 = sum g, s2 = sum g * (x - mu), g = dy * w (w NULL: dy); with dw (parameters
+    # along the row, w given) also dw += dy * (x - mu) * rs and db += dy, as
+    # nc_inner_row_sums adds them. A row of step 0 is counted whole or not at all; a row
+    # of step 1 is summed through stack copies with its uncounted lanes made 0.
+    cdef double bdy[INERT_ROW]
+    cdef double bx[INERT_ROW]  # (room for INERT_ROW elements of any storage type)
+    cdef Py_ssize_t start = 0, k
+    cdef double a = 0.0, b = 0.0, t1 = 0.0, t2 = 0.0
+    if step == 0:
+        if m[0] == 0:
+            s1[0] = 0.0
+            s2[0] = 0.0
+        elif dw != NULL:
+            nc_inner_row_sums(dy, w, x, n, mu, rs, s1, s2, dw, db)
+        else:
+            _dy_sums(dy, w, x, n, mu, s1, s2)
+        return
+    while start < n:
+        k = n - start
+        if k > INERT_ROW:
+            k = INERT_ROW
+        nc_inert_copy(dy + start, x + start, m + start, k, <floating*>bdy, <floating*>bx)
+        if dw != NULL:
+            nc_inner_row_sums(<floating*>bdy, w + start, <floating*>bx, k, mu, rs, &a, &b, dw + start, db + start)
+        else:
+            _dy_sums(<floating*>bdy, w, <floating*>bx, k, mu, &a, &b)  # (w NULL here: rows of one parameter)
+        t1 = t1 + a
+        t2 = t2 + b
+        start = start + k
+    s1[0] = t1
+    s2[0] = t2
+
+
+cdef inline void _masked_tile_col_sums(const floating* dy, const floating* x, const unsigned char* m,
+                                       const Py_ssize_t* off, int step, Py_ssize_t c0, Py_ssize_t rows,
+                                       Py_ssize_t ld, Py_ssize_t tw, const double* mean, double* s1,
+                                       double* s2) noexcept nogil:
+    # _tile_col_sums over the counted rows (step 0: runs of whole rows counted, through the
+    # plain sweep) or elements (step 1: each row's tile through stack copies with its
+    # uncounted lanes made 0); row r's mask bytes at m + off[r] (+ c0 when step 1)
+    cdef double bdy[TILE]
+    cdef double bx[TILE]
+    cdef Py_ssize_t r = 0, e, c
+    cdef double g
+    for c in range(tw):
+        s1[c] = 0.0
+        s2[c] = 0.0
+    while r < rows:
+        if step == 0:
+            e = r + 1
+            while e < rows and (m[off[e]] != 0) == (m[off[r]] != 0):
+                e = e + 1
+            if m[off[r]] != 0:
+                if tw >= WIDE_REDUCTION:
+                    nc_col_dy_sums(dy + r * ld, x + r * ld, e - r, ld, tw, mean, s1, s2)
+                else:
+                    while r < e:
+                        for c in range(tw):
+                            g = nc_get(dy, r * ld + c)
+                            s1[c] += g
+                            s2[c] += g * (nc_get(x, r * ld + c) - mean[c])
+                        r = r + 1
+            r = e
+        else:
+            nc_inert_copy(dy + r * ld, x + r * ld, m + off[r] + c0, tw, <floating*>bdy, <floating*>bx)
+            if tw >= WIDE_REDUCTION:
+                nc_col_dy_sums(<floating*>bdy, <floating*>bx, 1, tw, tw, mean, s1, s2)
+            else:
+                for c in range(tw):
+                    g = nc_get(<floating*>bdy, c)
+                    s1[c] += g
+                    s2[c] += g * (nc_get(<floating*>bx, c) - mean[c])
+            r = r + 1
+
+
+def sums_rows(dy, x, mean, p1, p2, int threads, mask=None, moff=None, int mstep=0):
     """IN dy, x (A, R, S) T, mean (R,) float64; OUT p1, p2 (A, R) float64: row sums of dy
-    and of dy * (x - mean)."""
+    and of dy * (x - mean). With mask (uint8 bytes, moff (A * R,) intp and mstep for the
+    rows of S, as masked_dx_rows reads them): over the counted elements only."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef double* q1 = <double*>_out(p1, F64)
     cdef double* q2 = <double*>_out(p2, F64)
+    cdef const unsigned char* m = NULL
+    cdef const Py_ssize_t* off = NULL
+    if mask is not None:
+        m = <const unsigned char*>_in(mask, U8)
+        off = <const Py_ssize_t*>_in(moff, IDX)
     if T == cnp.NPY_FLOAT32:
-        _sums_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+        _sums_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads,
+                   m, off, mstep)
     elif T == HALF:
-        _sums_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+        _sums_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads,
+                   m, off, mstep)
     elif T == BF16:
-        _sums_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+        _sums_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads,
+                   m, off, mstep)
     else:
-        _sums_rows(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads)
+        _sums_rows(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads,
+                   m, off, mstep)
 
 
 cdef void _sums_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S,
-                     const double* mean, double* p1, double* p2, int threads) noexcept nogil:
+                     const double* mean, double* p1, double* p2, int threads, const unsigned char* m=NULL,
+                     const Py_ssize_t* off=NULL, int step=0) noexcept nogil:
     cdef Py_ssize_t i, a, r
     for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         a = i // R
         r = i - a * R
-        _row_sums(dy + i * S, x + i * S, S, mean[r], p1 + i, p2 + i)
+        if m != NULL:
+            _masked_row_sums(dy + i * S, x + i * S, m + off[i], step, S, NULL, mean[r], 0.0, p1 + i, p2 + i,
+                             NULL, NULL)
+        else:
+            _row_sums(dy + i * S, x + i * S, S, mean[r], p1 + i, p2 + i)
 
 
 cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_t rows,
@@ -593,38 +694,50 @@ cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_
             s2[c] += g * (nc_get(x, r * ld + c) - mean[c])
 
 
-def sums_cols(dy, x, mean, Py_ssize_t rows_per_block, p1, p2, int threads):
+def sums_cols(dy, x, mean, Py_ssize_t rows_per_block, p1, p2, int threads, mask=None, moff=None, int mstep=0):
     """IN dy, x (A, C) T, mean (C,) float64; OUT p1, p2 (ceil(A / rows_per_block), C)
-    float64: per block of rows, column sums of dy and of dy * (x - mean)."""
+    float64: per block of rows, column sums of dy and of dy * (x - mean). With mask
+    (uint8 bytes, moff (A,) intp and mstep for the rows of C): over the counted elements."""
     cdef Py_ssize_t* d = _shape(x, 2)
     cdef Py_ssize_t nb = _shape(p1, 2)[0]
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef double* q1 = <double*>_out(p1, F64)
     cdef double* q2 = <double*>_out(p2, F64)
+    cdef const unsigned char* m = NULL
+    cdef const Py_ssize_t* off = NULL
+    if mask is not None:
+        m = <const unsigned char*>_in(mask, U8)
+        off = <const Py_ssize_t*>_in(moff, IDX)
     if T == cnp.NPY_FLOAT32:
         _sums_cols(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], rows_per_block, nb,
-                   mu, q1, q2, threads)
+                   mu, q1, q2, threads, m, off, mstep)
     elif T == HALF:
         _sums_cols(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[0], d[1], rows_per_block, nb,
-                   mu, q1, q2, threads)
+                   mu, q1, q2, threads, m, off, mstep)
     elif T == BF16:
         _sums_cols(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[0], d[1], rows_per_block, nb,
-                   mu, q1, q2, threads)
+                   mu, q1, q2, threads, m, off, mstep)
     else:
         _sums_cols(<const double*>_in(dy, T), <const double*>_in(x, T), d[0], d[1], rows_per_block, nb,
-                   mu, q1, q2, threads)
+                   mu, q1, q2, threads, m, off, mstep)
 
 
 cdef void _sums_cols(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize_t C, Py_ssize_t rpb,
-                     Py_ssize_t nb, const double* mean, double* p1, double* p2, int threads) noexcept nogil:
+                     Py_ssize_t nb, const double* mean, double* p1, double* p2, int threads,
+                     const unsigned char* m=NULL, const Py_ssize_t* off=NULL, int step=0) noexcept nogil:
     cdef Py_ssize_t k, r0, c0, t
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         r0 = k * rpb
         for t in range((C + TILE - 1) // TILE):
             c0 = t * TILE
-            _tile_col_sums(dy + r0 * C + c0, x + r0 * C + c0, _block_rows(k, rpb, A), C,
-                           _block_rows(t, TILE, C), mean + c0, p1 + k * C + c0, p2 + k * C + c0)
+            if m != NULL:
+                _masked_tile_col_sums(dy + r0 * C + c0, x + r0 * C + c0, m, off + r0, step, c0,
+                                      _block_rows(k, rpb, A), C, _block_rows(t, TILE, C), mean + c0,
+                                      p1 + k * C + c0, p2 + k * C + c0)
+            else:
+                _tile_col_sums(dy + r0 * C + c0, x + r0 * C + c0, _block_rows(k, rpb, A), C,
+                               _block_rows(t, TILE, C), mean + c0, p1 + k * C + c0, p2 + k * C + c0)
 
 
 cdef inline void _dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
@@ -1014,9 +1127,11 @@ cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, 
 cdef inline void _group_sums(const floating* dy, const floating* x, Py_ssize_t c, Py_ssize_t B, Py_ssize_t J,
                              int affine, const Py_ssize_t* rp, const double* w, double mu, double rs,
                              double* t1, double* t2, double* dw, double* db, double* a0,
-                             double* a1) noexcept nogil:
+                             double* a1, const unsigned char* mask=NULL, const Py_ssize_t* moff=NULL,
+                             int mstep=0) noexcept nogil:
     # a0, a1 = sums of g and of g * xhat over group c (g = dy * w); its rows' sums in
-    # t1, t2 (affine NONE, ROW) or its dweight / dbias partials added to dw, db (INNER)
+    # t1, t2 (affine NONE, ROW) or its dweight / dbias partials added to dw, db (INNER);
+    # with mask, over the counted elements only
     cdef Py_ssize_t S = B // J
     cdef Py_ssize_t j, r, o
     cdef double g, q1, q2
@@ -1025,7 +1140,18 @@ cdef inline void _group_sums(const floating* dy, const floating* x, Py_ssize_t c
     for j in range(J):
         r = c * J + j
         o = c * B + j * S
-        if affine == NC_AFFINE_INNER:
+        if mask != NULL:
+            if affine == NC_AFFINE_INNER:
+                _masked_row_sums(dy + o, x + o, mask + moff[r], mstep, S, w + rp[r], mu, rs, &q1, &q2,
+                                 dw + rp[r], db + rp[r])
+                a0[0] = a0[0] + q1
+                a1[0] = a1[0] + q2 * rs
+            else:
+                _masked_row_sums(dy + o, x + o, mask + moff[r], mstep, S, NULL, mu, rs, t1 + r, t2 + r, NULL, NULL)
+                g = w[rp[r]] if affine == NC_AFFINE_ROW else 1.0
+                a0[0] = a0[0] + g * t1[r]
+                a1[0] = a1[0] + g * (rs * t2[r])
+        elif affine == NC_AFFINE_INNER:
             # the row sums and its dweight / dbias partials in one pass
             nc_inner_row_sums(dy + o, w + rp[r], x + o, S, mu, rs, &q1, &q2, dw + rp[r], db + rp[r])
             a0[0] = a0[0] + q1
@@ -1051,7 +1177,7 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
     cdef double q0, q1, q2, q3, n0, n1
     # two consecutive one-row groups with the same parameters (layer norm) share a pass,
     # which loads and stores their dweight / dbias partials once: the same sums
-    cdef bint pairs = J == 1 and affine == NC_AFFINE_INNER
+    cdef bint pairs = J == 1 and affine == NC_AFFINE_INNER and mask == NULL
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         c = k * gpb
         end = c + _block_rows(k, gpb, C)
@@ -1077,7 +1203,7 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                 c = c + 2
             else:
                 _group_sums(dy, x, c, B, J, affine, rp, w, mean[c], rstd[c], t1, t2, pdw + k * P, pdb + k * P,
-                            &q0, &q1)
+                            &q0, &q1, mask, moff, mstep)
                 _group_dx(dy, x, dx, c, C, B, J, affine, rp, w, wf, mean[c], rstd[c],
                           q0 / n0 if center else 0.0, q1 / n0, nt, dh, mask, moff, mstep)
                 c = c + 1
@@ -1096,11 +1222,14 @@ cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssiz
         _row_param_sums(dy + i * ld, x + i * ld, tw, mean[i], rstd[i], dw + rp[i] + c0, db + rp[i] + c0)
 
 
-def sums_inner(dy, x, mean, rstd, rp, w, Py_ssize_t rows_per_block, s1, s2, pdw, pdb, int threads):
+def sums_inner(dy, x, mean, rstd, rp, w, Py_ssize_t rows_per_block, s1, s2, pdw, pdb, int threads, mask=None,
+               moff=None, int mstep=0):
     """IN dy, x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp, w (P,) float64;
     OUT s1, s2 (R,) float64 sums of g = dy * w and of g * xhat; pdw, pdb
     (ceil(R / rows_per_block), P) float64 zeroed partial dweight/dbias. One pass over a
-    block of rows: the row sums first, then the block's column tiles while it is in cache."""
+    block of rows: the row sums first, then the block's column tiles while it is in cache.
+    With mask (uint8 bytes, moff (R,) intp and mstep for the rows of S): over the counted
+    elements only, row by row."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t* pd = _shape(pdw, 2)
     cdef int T = _storage(x)
@@ -1112,29 +1241,41 @@ def sums_inner(dy, x, mean, rstd, rp, w, Py_ssize_t rows_per_block, s1, s2, pdw,
     cdef double* q2 = <double*>_out(s2, F64)
     cdef double* dw = <double*>_out(pdw, F64)
     cdef double* db = <double*>_out(pdb, F64)
+    cdef const unsigned char* m = NULL
+    cdef const Py_ssize_t* off = NULL
+    if mask is not None:
+        m = <const unsigned char*>_in(mask, U8)
+        off = <const Py_ssize_t*>_in(moff, IDX)
     if T == cnp.NPY_FLOAT32:
         _sums_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
     elif T == HALF:
         _sums_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
     elif T == BF16:
         _sums_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
     else:
         _sums_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads)
+                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
 
 
 cdef void _sums_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean,
                       const double* rstd, const Py_ssize_t* rp, const double* w, Py_ssize_t rpb,
                       double* s1, double* s2, Py_ssize_t nb, Py_ssize_t P, double* pdw, double* pdb,
-                      int threads) noexcept nogil:
+                      int threads, const unsigned char* m=NULL, const Py_ssize_t* off=NULL,
+                      int step=0) noexcept nogil:
     cdef Py_ssize_t k, r, rows, t, q, sub, in_block
     # sub-blocks of rows small enough to stay in L2 between their two passes
     cdef Py_ssize_t sub_rows = max(1, <Py_ssize_t>CACHED_ELEMS // max(S, 1))
     for k in prange(nb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         in_block = _block_rows(k, rpb, R)
+        if m != NULL:  # over the counted elements: each row's sums and its parameter partials at once
+            for r in range(k * rpb, k * rpb + in_block):
+                _masked_row_sums(dy + r * S, x + r * S, m + off[r], step, S, w + rp[r], mean[r], rstd[r],
+                                 s1 + r, s2 + r, pdw + k * P + rp[r], pdb + k * P + rp[r])
+                s2[r] = s2[r] * rstd[r]
+            continue
         for q in range((in_block + sub_rows - 1) // sub_rows):
             sub = k * rpb + q * sub_rows
             rows = _block_rows(q, sub_rows, in_block)
@@ -1831,22 +1972,24 @@ cdef inline void _group_moments_masked(const floating* g, const unsigned char* m
         _merge(count, mean, m2, k, a, b)
 
 
-cdef inline void _direct_row(const floating* dy, floating* dx, Py_ssize_t n, double k1, bint nt,
-                             const floating* pf1) noexcept nogil:
-    # dx = dy * k1: a row without counted elements (the affine pass on dy)
-    _affine_row(dy, dx, n, 0.0, k1, 0.0, nt, pf1)
+cdef inline void _zero_rows(floating* dx, Py_ssize_t rows, Py_ssize_t ld, Py_ssize_t n) noexcept nogil:
+    # dx = 0 on rows without counted elements: they are not data (+0 is all-zero bits in
+    # every storage type)
+    cdef Py_ssize_t r
+    for r in range(rows):
+        memset(dx + r * ld, 0, n * sizeof(floating))
 
 
 cdef inline void _masked_dx_row(const floating* dy, const floating* x, floating* dx, Py_ssize_t n, double mu,
                                 double k1, double k2, double k3, bint nt, const floating* pf1,
                                 const floating* pf2, const unsigned char* m, int step,
                                 const unsigned char* pfm) noexcept nogil:
-    # dx = dy * k1 + (counted ? (x - mu) * k2 + k3 : 0) on one row
+    # dx = dy * k1 + (x - mu) * k2 + k3 where counted, 0 where not, on one row
     if step == 0:
         if m[0] != 0:
             _dx_row(dy, x, dx, n, mu, k1, k2, k3, nt, pf1, pf2)
         else:
-            _direct_row(dy, dx, n, k1, nt, pf1)
+            _zero_rows(dx, 1, n, n)
     else:
         nc_masked_dx_row(dy, x, m, dx, n, mu, k1, k2, k3, nt, pf1, pf2, pfm)
 
@@ -1966,7 +2109,7 @@ def masked_dx_rows(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py
     """IN dy, x (A, R, S) T, mask uint8 bytes with moff and mstep for the kernel's rows
     (cols: the A rows of R elements of the column strategy, S == 1; else the A * R rows of
     S), mean, k1, k2, k3 (R,) float64; OUT dx (A, R, S) T: dx = dy * k1[r] + (x - mean[r])
-    * k2[r] + k3[r] where counted, dy * k1[r] elsewhere, in dx_rows' arithmetic."""
+    * k2[r] + k3[r] where counted, 0 elsewhere (not data), in dx_rows' arithmetic."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
@@ -1976,42 +2119,38 @@ def masked_dx_rows(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py
     cdef const double* c2 = <const double*>_in(k2, F64)
     cdef const double* c3 = <const double*>_in(k3, F64)
     cdef void* coefs = NULL
-    cdef double* zeros = NULL
     try:
-        if cols:  # the column tiles' coefficients, once (with step 0: zeros for the direct term)
+        if cols:  # the column tiles' coefficients, once
             coefs = nc_masked_dx_coefs64(mu, c1, c2, c3, d[1]) if T == F64 else \
                 nc_masked_dx_coefs(mu, c1, c2, c3, d[1])
-            if mstep == 0:
-                zeros = <double*>calloc(max(d[1], 1), sizeof(double))
-            if coefs == NULL or (mstep == 0 and zeros == NULL):
+            if coefs == NULL:
                 raise MemoryError()
 
         if T == cnp.NPY_FLOAT32:
             _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, off, mstep, cols, d[0], d[1], d[2],
-                            mu, c1, c2, c3, coefs, zeros, rows_per_block, <float*>_out(dx, T), threads)
+                            mu, c1, c2, c3, coefs, rows_per_block, <float*>_out(dx, T), threads)
         elif T == HALF:
             _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, zeros, rows_per_block, <nc_f16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_f16*>_out(dx, T), threads)
         elif T == BF16:
             _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, zeros, rows_per_block, <nc_bf16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_bf16*>_out(dx, T), threads)
         else:
             _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, zeros, rows_per_block, <double*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <double*>_out(dx, T), threads)
     finally:
         free(coefs)
-        free(zeros)
 
 
 cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned char* m, const Py_ssize_t* off,
                           int step, bint cols, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S, const double* mean,
                           const double* k1, const double* k2, const double* k3, const void* coefs,
-                          const double* zeros, Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
+                          Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t i, a, r, t, o, j, e, rows
     cdef bint nt = _streams(dx, A * R * S, sizeof(floating))
     if cols and step == 0:
-        # whole rows counted or not: long runs of like rows through the plain column passes,
-        # dx's or the direct term's (the affine pass on dy); short ones row by row
+        # whole rows counted or not: long runs of like rows through the plain column pass
+        # (or zeroed: rows left out); short ones row by row
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
             rows = _block_rows(i, rpb, A)
@@ -2030,8 +2169,7 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
                         _dx_tile(dy + o, x + o, dx + o, e - j, R, _block_rows(t, TILE, R), mean + r, k1 + r, k2 + r,
                                  k3 + r, nt)
                     else:
-                        _affine_tile(dy + o, dx + o, e - j, R, _block_rows(t, TILE, R), zeros + r, k1 + r, zeros + r,
-                                     nt)
+                        _zero_rows(dx + o, e - j, R, _block_rows(t, TILE, R))
                 j = e
     elif cols:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
@@ -2135,8 +2273,9 @@ def masked_backward_groups(dy, x, mask, moff, int mstep, counts, Py_ssize_t rows
                            int affine, rp, w, mean, rstd, Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dx,
                            int threads):
     """backward_groups (no dh) after masked_normalize_groups: IN mask, moff, mstep as
-    there, counts (C,) float64; the sums are backward_groups' (over every element), the
-    statistics terms of dx divide by counts[c] and apply only where counted."""
+    there, counts (C,) float64; the sums run over the counted elements only (the others
+    are not data), the statistics terms of dx divide by counts[c], and dx is 0 where not
+    counted."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t P = _shape(pdw, 2)[1]
     cdef int T = _storage(x)

@@ -1414,6 +1414,27 @@ static inline int nc_load_u32(const unsigned char* m) {
     } while (0)
 #endif
 
+/* The backward's masked-out positions are not data: dy and x copied with the lanes whose
+ * mask byte is 0 set to +0 (all-zero bits in every storage type), so that the plain sums
+ * of dy and dy * (x - mu) over the copy add exactly nothing for them, whatever they held
+ * (NaN padding included). Both values are loaded unconditionally: the select vectorizes. */
+#define NC_INERT_COPY(NAME, T)                                                              \
+    static inline void NAME(const T* dy, const T* x, const unsigned char* m, ptrdiff_t n,    \
+                            T* bdy, T* bx) {                                                  \
+        T z;                                                                                  \
+        memset(&z, 0, sizeof z);                                                              \
+        for (ptrdiff_t i = 0; i < n; ++i) {                                                   \
+            const T g = dy[i], v = x[i];                                                      \
+            bdy[i] = m[i] ? g : z;                                                            \
+            bx[i] = m[i] ? v : z;                                                             \
+        }                                                                                     \
+    }
+NC_INERT_COPY(nc_inert_copy_f32, float)
+NC_INERT_COPY(nc_inert_copy_f64, double)
+NC_INERT_COPY(nc_inert_copy_h16, nc_f16)
+NC_INERT_COPY(nc_inert_copy_b16, nc_bf16)
+#define nc_inert_copy(dy, ...) NC_BY_TYPE(dy, nc_inert_copy)((dy), __VA_ARGS__)
+
 /* Whether any of the n mask bytes at m is nonzero (a padded row is skipped at this cost). */
 static inline int nc_any_counted(const unsigned char* m, ptrdiff_t n) {
     unsigned char any = 0;
@@ -1657,7 +1678,7 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
             for (ptrdiff_t i = i0; i < e; ++i) {                                                  \
                 const A t = STAT((A)NC_TOD_##T(x[i]), c[0], c[3], c[4]);                          \
                 const A g = (A)NC_TOD_##T(dy[i]);                                                 \
-                nc_put_##SUF(dx, i, DX(g, c[1], c[2], m[i] ? t : (A)0));                          \
+                nc_put_##SUF(dx, i, m[i] ? DX(g, c[1], c[2], t) : (A)0);                          \
             }                                                                                     \
         }                                                                                         \
     }                                                                                             \
@@ -1673,17 +1694,17 @@ static inline void* nc_masked_dx_coefs64(const double* mean, const double* k1, c
             const ptrdiff_t o = r * ld;                                                           \
             const unsigned char* mr = m + off[r] + (step ? c0 : 0);                               \
             T* out = nt ? buf : dx + o;                                                           \
-            if (step == 0) { /* the row counted, or the direct term alone */                     \
+            if (step == 0) { /* the row counted, or left out: dx 0 */                           \
                 for (ptrdiff_t c = 0; c < tw; ++c) {                                              \
-                    const A t = mr[0] ? STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]) : (A)0; \
+                    const A t = STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]);               \
                     const A g = (A)NC_TOD_##T(dy[o + c]);                                         \
-                    nc_put_##SUF(out, c, DX(g, ch[c], cl[c], t));                                 \
+                    nc_put_##SUF(out, c, mr[0] ? DX(g, ch[c], cl[c], t) : (A)0);                  \
                 }                                                                                 \
             } else {                                                                              \
                 for (ptrdiff_t c = 0; c < tw; ++c) {                                              \
                     const A t = STAT((A)NC_TOD_##T(x[o + c]), cm[c], c2[c], c3[c]);               \
                     const A g = (A)NC_TOD_##T(dy[o + c]);                                         \
-                    nc_put_##SUF(out, c, DX(g, ch[c], cl[c], mr[c] ? t : (A)0));                  \
+                    nc_put_##SUF(out, c, mr[c] ? DX(g, ch[c], cl[c], t) : (A)0);                  \
                 }                                                                                 \
             }                                                                                     \
             if (nt)                                                                               \
@@ -1730,8 +1751,8 @@ NC_MASKED_DX_V(b16, nc_bf16)
 #endif
 #define nc_masked_dx_cols(dy, ...) NC_BY_TYPE(dy, nc_masked_dx_cols)((dy), __VA_ARGS__)
 
-/* Parameters along the row: dx = rs * (dy * w - (counted ? m1 + xhat * m2 : 0)), in double;
- * the mask bytes at m advance by step (0: one for the row). */
+/* Parameters along the row: dx = rs * (dy * w - (m1 + xhat * m2)) where counted, 0 where
+ * not, in double; the mask bytes at m advance by step (0: one for the row). */
 #define NC_MASKED_DX_INNER(SUF, T)                                                                \
     static inline void nc_masked_dx_inner_row_##SUF(const T* dy, const T* x, const unsigned char* m, \
                                                     int step, T* dx, ptrdiff_t n, double mu,      \
@@ -1739,7 +1760,7 @@ NC_MASKED_DX_V(b16, nc_bf16)
                                                     double m2) {                                  \
         for (ptrdiff_t i = 0; i < n; ++i) {                                                       \
             const double t = m1 + (NC_TOD_##T(x[i]) - mu) * rs * m2;                              \
-            nc_put_##SUF(dx, i, rs * (NC_TOD_##T(dy[i]) * w[i] - (m[i * step] ? t : 0.0)));       \
+            nc_put_##SUF(dx, i, m[i * step] ? rs * (NC_TOD_##T(dy[i]) * w[i] - t) : 0.0);         \
         }                                                                                         \
     }
 NC_MASKED_DX_INNER(f32, float)

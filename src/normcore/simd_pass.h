@@ -130,9 +130,10 @@ static inline void NC_FN(nc_dx_inner_row)(const NC_T* dy, const NC_T* x, NC_T* d
     NC_FN(nc_dx_inner_row_d)(dy, x, dx, n, mu, rs, w, m1, m2, nt, pf1, pf2, NULL);
 }
 
-/* Masked statistics (simd.h, "masked statistics"): dx = dy * k1 + (counted ? (x - mu) * k2
- * + k3 : 0) on one row, mk one byte per element (NC_MASKF zeroes the uncounted lanes); pfm
- * (or NULL) a later group's mask, asked for a line per 64 elements */
+/* Masked statistics (simd.h, "masked statistics"): dx = dy * k1 + (x - mu) * k2 + k3 where
+ * counted and 0 where not (masked-out positions are not data), on one row, mk one byte per
+ * element (NC_MASKF zeroes the uncounted lanes); pfm (or NULL) a later group's mask, asked
+ * for a line per 64 elements */
 static inline void NC_FN(nc_masked_dx_row_v)(const NC_T* dy, const NC_T* x, const unsigned char* mk, NC_T* dx,
                                              ptrdiff_t n, const nc_dx_c* c, int nt, const NC_T* pf1,
                                              const NC_T* pf2, const unsigned char* pfm) {
@@ -146,10 +147,10 @@ static inline void NC_FN(nc_masked_dx_row_v)(const NC_T* dy, const NC_T* x, cons
         NC_LDX(g, dy + (i));                                           \
         NC_LDX(v, x + (i));                                            \
         t = NC_VFMA(v - vm, v2, v3);                                   \
-        NC_MASKF(t, mk + (i));                                         \
         v = NC_VFMA(g, vh, NC_VFMA(g, vl, t));                         \
+        NC_MASKF(v, mk + (i));                                         \
     } while (0)
-#define S(i) NC_FMAF(NC_GETX(dy, i), h, NC_FMAF(NC_GETX(dy, i), l, mk[i] ? NC_FMAF(NC_GETX(x, i) - m, a2, a3) : 0.0f))
+#define S(i) (mk[i] ? NC_FMAF(NC_GETX(dy, i), h, NC_FMAF(NC_GETX(dy, i), l, NC_FMAF(NC_GETX(x, i) - m, a2, a3))) : 0.0f)
     NC_PASS(dx, n, nt, pf1, pf2, V, S);
 #undef V
 #undef S
