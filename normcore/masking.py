@@ -2,10 +2,11 @@
 
 A mask selects, per element, whether it counts in its group's statistics. The output is
 computed everywhere with its group's statistics, but the masked-out positions are not
-data: backward gives the gradient of the call on ``x[mask]`` alone. It makes dy and x inert
-there first (functional's ``_leave_out``: dy 0, x 0), so that they add nothing to any sum
-whatever they hold (NaN padding included) and receive dx = 0; the counts are per group and
-the dx passes add the statistics terms where the element was counted:
+data: backward gives the gradient of the call on ``x[mask]`` alone. Its sums run over the
+counted elements only (kernels that take ``mask=``; a backend whose sums read no mask gets
+dy and x made inert first, functional's ``_leave_out``), so masked-out positions add
+nothing whatever they hold (NaN padding included), and the dx passes write 0 there; the
+counts are per group and the dx passes add the statistics terms where counted:
 
     dx = rstd * (g - m * (mean(g) + xhat * mean(g * xhat))),   means over the counted n
 
