@@ -86,9 +86,3 @@ class PlanArrays:
             for key in keys:
                 _, size = self._lru.pop((pid, key), (None, 0))
                 self.bytes -= size
-
-    def clear(self):
-        with self._lock:
-            self._lru.clear()
-            self._keys.clear()
-            self.bytes = 0

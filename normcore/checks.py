@@ -54,15 +54,19 @@ def array(name, a, dtype=None, be=None):
             move = "; convert it with numpy.asarray"
         raise TypeError(f"{name}: expected a {be.array_name} like x (x is on the {be.place}), "
                         f"got {type_name(a)}{move}")
-    if type(a) is not be.array_type and isinstance(a, np.ma.MaskedArray):
-        raise TypeError(f"{name}: masked arrays are not supported (the mask would be ignored); "
-                        f"pass {name}.filled(...) or the unmasked values")
+    _not_masked_array(name, a, be, f"pass {name}.filled(...) or the unmasked values")
     if not be.accepts(a.dtype):
         # every storage dtype, whether or not ml_dtypes (bfloat16's provider) is imported yet
         raise TypeError(f"{name}: expected {STORAGE_NAMES} on the {be.place}, got dtype {a.dtype}")
     if dtype is not None and a.dtype != dtype:
         raise TypeError(f"{name}: dtype {a.dtype} does not match x's dtype {dtype}")
     return be
+
+
+def _not_masked_array(name, a, be, advice):
+    """A numpy.ma array is refused: its own mask would be ignored."""
+    if type(a) is not be.array_type and isinstance(a, np.ma.MaskedArray):
+        raise TypeError(f"{name}: masked arrays are not supported (their own mask would be ignored); {advice}")
 
 
 _F32 = np.dtype(np.float32)
@@ -254,9 +258,7 @@ def mask(a, shape, be):
     if not isinstance(a, be.array_type):
         move = " (move it with cupy.asarray)" if be.name == "cuda" else ""
         raise TypeError(f"mask: expected a boolean {be.array_name} like x, got {type_name(a)}{move}")
-    if type(a) is not be.array_type and isinstance(a, np.ma.MaskedArray):
-        raise TypeError("mask: masked arrays are not supported (their own mask would be ignored); pass a "
-                        "plain boolean array, e.g. mask=~m.mask or mask=m.filled(False)")
+    _not_masked_array("mask", a, be, "pass a plain boolean array, e.g. mask=~m.mask or mask=m.filled(False)")
     if a.dtype != np.bool_:
         raise TypeError(f"mask: expected a boolean array (True: counted in the statistics), got dtype {a.dtype}"
                         "; compare first, e.g. mask=lengths_mask > 0")

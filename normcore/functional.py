@@ -106,8 +106,8 @@ class NormCache:
         # (x shape, parameter shape) the caller sees when a form presented the mode's
         # arrays under other shapes (layer norm over k axes: the mode over their product)
         self.view = None
-        # masked statistics (mask= in training): the mask as the kernels read it
-        # (masking.MaskRows) and the counted elements per group (all ranks); None without
+        # mask=: the mask as the kernels read it (masking.MaskRows), and, where the
+        # statistics were masked, the counted elements per group (all ranks); None without
         self.mask = None
         self.counts = None
         # the caller's mask (broadcasting to plan.shape) whenever one was given, training or
@@ -222,8 +222,12 @@ class _Forward(NamedTuple):
     one_pass: bool          # statistics and output from one kernel call (groups, columns)
     residual: object = None  # add_normalize's residual: the input is h = x + residual
     h_out: object = None     # where h is written (add_normalize's h_out), or None
-    mask: object = None      # the caller's boolean mask (checked) when the statistics use it, or None
-    given_mask: object = None  # the caller's mask whatever the statistics are (backward's rule)
+    given_mask: object = None  # the caller's boolean mask (checked), or None: backward's rule
+
+    @property
+    def mask(self):
+        """The mask the batch statistics use: the caller's, unless none are computed."""
+        return self.given_mask if self.use_batch else None
 
 
 def _check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, decay, eps,
@@ -292,7 +296,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                     None if bias is None else _flat(bias, be),
                     running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
                     estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
-                    one_pass, residual, h_out, mask if use_batch else None, mask)
+                    one_pass, residual, h_out, mask)
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
@@ -508,8 +512,7 @@ def _sync_settings(call: _Forward):
     """Every setting synchronized ranks must share, because it changes what they exchange
     or what they compute from it: the normalization (centring, parameters given and their
     dtype), eps, estimate, whether running statistics are updated and how (momentum, the
-    exact decay, unbiased).
-    The mode's spec, the statistics shape, x's dtype, training and the mask's presence are
+    exact decay, unbiased). The mode's spec, the statistics shape, x's dtype, training and the mask's presence are
     in the signature already (:func:`normcore.sync._signature`)."""
     update = call.update
     return (("centred", call.mode.center), ("eps", call.eps), ("estimate", call.estimate),

@@ -169,14 +169,20 @@ class Layer:
         self._tls.cache = value
         self._tls.consumed = False
 
-    def _no_forward(self):
-        """The RuntimeError of a backward without a forward to pair with (on this thread)."""
-        name = type(self).__name__
+    def _no_forward(self, name=None):
+        """The RuntimeError of a backward without a forward to pair with (on this thread),
+        naming ``name`` (the layer's class by default)."""
+        name = name or type(self).__name__
         if self._tls.consumed:
             return RuntimeError(f"{name}.backward: this thread's last forward was already consumed by a "
                                 f"backward (a second one would add its gradients again); pass "
                                 f"retain_graph=True to the first backward to call it again, or run forward")
         return RuntimeError(f"{name}.backward called before forward (on this thread)")
+
+    def _consume(self, cache):
+        """This thread's cache dropped as consumed, if it is still ``cache``."""
+        if self._tls.cache is cache:
+            self._tls.cache, self._tls.consumed = None, True
 
     def __getstate__(self):
         # the lock and the per-thread record do not pickle: the copy gets fresh ones, and
@@ -446,8 +452,7 @@ class _Norm(Layer):
     def _check_input(self, x, residual=()):
         """Every rule on x for this layer (and, from :meth:`forward_add`, that a residual
         was given); returns x's backend."""
-        if residual is None:
-            _residual_given(residual)
+        _residual_given(residual)
         be = checks.array("x", x)
         if x.dtype != self.dtype:
             raise TypeError(f"x: dtype {x.dtype} does not match the layer's dtype {self.dtype}; "
@@ -579,7 +584,7 @@ class _Norm(Layer):
             self._cache = got[-1]
             return got[0] if residual is None else (got[0], got[1])
         with self._lock:
-            saved = (self.running_mean.copy(), self.running_var.copy(), self.num_batches_tracked)
+            saved = self._snapshot()
             try:
                 momentum = self.momentum
                 if momentum is None:
@@ -593,8 +598,12 @@ class _Norm(Layer):
                 raise
         return got[0] if residual is None else (got[0], got[1])
 
+    def _snapshot(self):
+        """The running statistics and count a training forward may have to put back."""
+        return self.running_mean.copy(), self.running_var.copy(), self.num_batches_tracked
+
     def _restore(self, saved):
-        """Put back the running statistics and count :meth:`_forward` saved."""
+        """Put back what :meth:`_snapshot` saved."""
         self.running_mean[...], self.running_var[...] = saved[0], saved[1]
         self.num_batches_tracked = saved[2]
 
@@ -636,8 +645,8 @@ class _Norm(Layer):
             try:
                 for g, d in pairs:
                     g += d
-                if consumed is not None and self._tls.cache is consumed:
-                    self._tls.cache, self._tls.consumed = None, True
+                if consumed is not None:
+                    self._consume(consumed)
             except BaseException:
                 for (g, _), old in zip(pairs, saved):
                     g[...] = old
@@ -1187,7 +1196,7 @@ class BatchChannelNorm(Layer):
         # first's update, under the batch norm's lock so no other thread's update is undone
         with bn._lock:
             stateful = bn.training and bn.track_running_stats
-            saved = (bn.running_mean.copy(), bn.running_var.copy(), bn.num_batches_tracked) if stateful else None
+            saved = bn._snapshot() if stateful else None
             cache = bn._cache
             try:
                 if residual is None:
@@ -1207,8 +1216,7 @@ class BatchChannelNorm(Layer):
         cn, bn = self.channel_norm, self.batch_norm
         cache, bn_cache = cn._cache, bn._cache
         if cache is None or bn_cache is None:
-            e = (cn if cache is None else bn)._no_forward()
-            raise RuntimeError(str(e).replace(type(cn if cache is None else bn).__name__, "BatchChannelNorm", 1))
+            raise (cn if cache is None else bn)._no_forward("BatchChannelNorm")
         if dh is not None:  # checked before any gradient is touched
             checks.like_x("dh", dh, cache.shape, cache.dtype, cache.backend)
         # channel_norm.backward validates dy before it touches any gradient; if the batch
@@ -1222,6 +1230,6 @@ class BatchChannelNorm(Layer):
                 for g, old in saved:
                     g[...] = old
             raise
-        if not retain_graph and cn._cache is cache:
-            cn._tls.cache, cn._tls.consumed = None, True
+        if not retain_graph:
+            cn._consume(cache)
         return dx

@@ -602,7 +602,6 @@ cdef inline void _masked_tile_col_sums(const floating* dy, const floating* x, co
     cdef double bdy[TILE]
     cdef double bx[TILE]
     cdef Py_ssize_t r = 0, e, c
-    cdef double g
     for c in range(tw):
         s1[c] = 0.0
         s2[c] = 0.0
@@ -612,25 +611,11 @@ cdef inline void _masked_tile_col_sums(const floating* dy, const floating* x, co
             while e < rows and (m[off[e]] != 0) == (m[off[r]] != 0):
                 e = e + 1
             if m[off[r]] != 0:
-                if tw >= WIDE_REDUCTION:
-                    nc_col_dy_sums(dy + r * ld, x + r * ld, e - r, ld, tw, mean, s1, s2)
-                else:
-                    while r < e:
-                        for c in range(tw):
-                            g = nc_get(dy, r * ld + c)
-                            s1[c] += g
-                            s2[c] += g * (nc_get(x, r * ld + c) - mean[c])
-                        r = r + 1
+                _col_dy_sums(dy + r * ld, x + r * ld, e - r, ld, tw, mean, s1, s2)
             r = e
         else:
             nc_inert_copy(dy + r * ld, x + r * ld, m + off[r] + c0, tw, <floating*>bdy, <floating*>bx)
-            if tw >= WIDE_REDUCTION:
-                nc_col_dy_sums(<floating*>bdy, <floating*>bx, 1, tw, tw, mean, s1, s2)
-            else:
-                for c in range(tw):
-                    g = nc_get(<floating*>bdy, c)
-                    s1[c] += g
-                    s2[c] += g * (nc_get(<floating*>bx, c) - mean[c])
+            _col_dy_sums(<floating*>bdy, <floating*>bx, 1, tw, tw, mean, s1, s2)
             r = r + 1
 
 
@@ -676,14 +661,11 @@ cdef void _sums_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssi
             _row_sums(dy + i * S, x + i * S, S, mean[r], p1 + i, p2 + i)
 
 
-cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_t rows,
-                                Py_ssize_t ld, Py_ssize_t tw, const double* mean,
-                                double* s1, double* s2) noexcept nogil:
+cdef inline void _col_dy_sums(const floating* dy, const floating* x, Py_ssize_t rows, Py_ssize_t ld,
+                              Py_ssize_t tw, const double* mean, double* s1, double* s2) noexcept nogil:
+    # s1[c] += dy, s2[c] += dy * (x - mean[c]) over the rows, added to what s1, s2 hold
     cdef Py_ssize_t r, c
     cdef double g
-    for c in range(tw):
-        s1[c] = 0.0
-        s2[c] = 0.0
     if tw >= WIDE_REDUCTION:  # simd.h: several rows per load and store of the accumulators
         nc_col_dy_sums(dy, x, rows, ld, tw, mean, s1, s2)
         return
@@ -692,6 +674,16 @@ cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_
             g = nc_get(dy, r * ld + c)
             s1[c] += g
             s2[c] += g * (nc_get(x, r * ld + c) - mean[c])
+
+
+cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_t rows,
+                                Py_ssize_t ld, Py_ssize_t tw, const double* mean,
+                                double* s1, double* s2) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(tw):
+        s1[c] = 0.0
+        s2[c] = 0.0
+    _col_dy_sums(dy, x, rows, ld, tw, mean, s1, s2)
 
 
 def sums_cols(dy, x, mean, Py_ssize_t rows_per_block, p1, p2, int threads, mask=None, moff=None, int mstep=0):
