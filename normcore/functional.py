@@ -33,6 +33,7 @@ from .kernels import GRAIN
 from .checks import describe_mode
 from .modes import Mode, get_mode
 from .plan import Plan, Strategy, make_plan
+from .route import Capabilities, Route, resolve
 
 __all__ = ["normalize", "add_normalize", "backward", "NormCache"]
 
@@ -83,10 +84,10 @@ class NormCache:
 
     __slots__ = ("mode", "plan", "x3", "dtype", "mean", "rstd", "weight", "weight64", "has_weight",
                  "has_bias", "param_dtype", "stats_grad", "count", "comm", "backend", "view", "mask", "counts",
-                 "not_data")
+                 "not_data", "route")
 
     def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_bias, stats_grad, count,
-                 comm=None, backend=CPU, param_dtype=None):
+                 comm=None, backend=CPU, param_dtype=None, route=None):
         self.mode = mode
         self.plan = plan
         self.x3 = x3                # the input in the canonical layout, plan.kernel_shape
@@ -113,6 +114,7 @@ class NormCache:
         # the caller's mask (broadcasting to plan.shape) whenever one was given, training or
         # eval: its False positions are not data, and backward leaves them out entirely
         self.not_data = None
+        self.route = route          # the forward's route: which backward runs (None: empty)
 
     @property
     def shape(self):
@@ -219,7 +221,7 @@ class _Forward(NamedTuple):
     link: object            # sync.Exchange when the batch statistics are synchronized
     use_batch: bool         # batch statistics are computed (training, or no running ones)
     update: bool            # the running statistics are written
-    one_pass: bool          # statistics and output from one kernel call (groups, columns)
+    route: Route            # the kernels the call runs (normcore.route)
     residual: object = None  # add_normalize's residual: the input is h = x + residual
     h_out: object = None     # where h is written (add_normalize's h_out), or None
     given_mask: object = None  # the caller's boolean mask (checked), or None: backward's rule
@@ -236,21 +238,22 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
     training, estimate = bool(training), bool(estimate)
     has_running = running_mean is not None
     key = (mode, x.shape, x.dtype, tuple(sizes.items()), weight is None, bias is None, has_running,
-           running_var is None, training, estimate, link is None, be, mask is None)
+           running_var is None, training, estimate, link is None, be, mask is None, residual is None)
     try:
         fixed = _SIGNATURES.get(key)
     except TypeError:  # an unhashable argument: the rules below name it
         fixed = key = None
     plan = None if fixed is None else fixed[1]()  # held weakly: the plan cache decides its life
     if plan is None:
-        m, plan, use_batch, one_pass = _check_signature(x, be, mode, weight, bias, running_mean, running_var,
-                                                        training, estimate, sizes, link, mask is not None)
+        m, plan, use_batch, route = _check_signature(x, be, mode, weight, bias, running_mean, running_var,
+                                                     training, estimate, sizes, link, mask is not None,
+                                                     residual is not None)
         if key is not None:
             if len(_SIGNATURES) >= _MAX_SIGNATURES:
                 _SIGNATURES.clear()
-            _SIGNATURES[key] = (m, weakref.ref(plan), use_batch, one_pass)
+            _SIGNATURES[key] = (m, weakref.ref(plan), use_batch, route)
     else:
-        m, _, use_batch, one_pass = fixed
+        m, _, use_batch, route = fixed
     dtype = x.dtype
     for name, a, shape in (("weight", weight, plan.param_shape), ("bias", bias, plan.param_shape),
                            ("running_mean", running_mean, plan.running_shape),
@@ -295,8 +298,7 @@ def _check_forward(x, be, mode, weight, bias, running_mean, running_var, trainin
                     None if weight is None else _flat(weight, be),
                     None if bias is None else _flat(bias, be),
                     running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
-                    estimate, out, link, use_batch, training and has_running and plan.layout[1] > 0,
-                    one_pass, residual, h_out, mask)
+                    estimate, out, link, use_batch, route.update, route, residual, h_out, mask)
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
@@ -306,9 +308,9 @@ _MAX_SIGNATURES = 1024
 
 
 def _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate, sizes,
-                     link, masked=False):
+                     link, masked=False, residual=False):
     """The rules that depend on the call's signature alone; returns (mode, plan, use_batch,
-    one_pass)."""
+    route)."""
     m = get_mode(mode)
     if link is not None:
         sync.check_batch_mode(m, x)
@@ -321,12 +323,11 @@ def _check_signature(x, be, mode, weight, bias, running_mean, running_var, train
     if has_running and m.running_stats is None:
         raise ValueError(f"running_mean: {describe_mode(m)} keeps no running statistics")
     use_batch = training or not has_running
-    one_pass = (use_batch and not estimate and link is None and be.fused_forward
-                and (plan.strategy is Strategy.GROUPS
-                     or (plan.strategy is Strategy.COLUMNS and not plan.param_inner)))
-    if masked and use_batch:  # masked one-pass forward: contiguous groups, where the backend has it
-        one_pass = one_pass and plan.strategy is Strategy.GROUPS and be.masked_groups
-    return m, plan, use_batch, one_pass
+    route = resolve(plan, Capabilities.of(be), center=m.center, use_batch=use_batch, estimate=estimate,
+                    update=training and has_running and plan.layout[1] > 0, synced=link is not None,
+                    masked=masked, residual=residual, affine=weight is not None or bias is not None,
+                    counts_ruled=training and m.running_stats is not None)
+    return m, plan, use_batch, route
 
 
 def _flat(a, be):
@@ -346,26 +347,25 @@ def _check_count(n, C, training, m: Mode, shape):
 
 def _forward(call: _Forward, x):
     """Phases 2-5 of a checked call; returns (y, cache), or (y, h, cache) with a residual."""
-    plan, xp = call.plan, call.be.xp
+    plan, xp, route = call.plan, call.be.xp, call.route
     # A rule that needs the statistics (the ranks' exchange, the masked counts) may still
     # refuse the call after h or a one-pass y exist: those are then made in arrays of
     # the call's own and copied to the caller's h_out / out once every rule has passed.
-    late_rules = call.link is not None or (call.mask is not None and _counts_checked(call))
+    late_rules = route.late_rules
     h_out = None if late_rules else call.h_out
     r3 = h3 = None
-    if call.residual is not None:
-        if _fuses_add(call, x):  # h made by the one-pass kernel, group by group
-            r3 = _canonical(call.residual, plan, xp)
-            h3 = xp.empty(plan.kernel_shape, call.dtype) if h_out is None else _shaped(h_out, plan.kernel_shape)
-        else:  # h first, then the forward of h
-            x = add(call.be, x, call.residual, h_out)
-    if x.size == 0 and call.link is None:
+    if route.residual == "fused":  # h made by the one-pass kernel, group by group
+        r3 = _canonical(call.residual, plan, xp)
+        h3 = xp.empty(plan.kernel_shape, call.dtype) if h_out is None else _shaped(h_out, plan.kernel_shape)
+    elif route.residual == "add":  # h first, then the forward of h
+        x = add(call.be, x, call.residual, h_out)
+    if route.empty:
         y, cache = _empty_forward(call, x)
         return (y, cache) if call.residual is None else (y, _deliver(x, call.h_out, late_rules), cache)
     x3 = _canonical(x, plan, xp)
     run = _Run.of(call.be, x3.size)
     out = call.out
-    y_rows = _output(None if late_rules and call.one_pass else out, plan, call.dtype, xp)
+    y_rows = _output(None if late_rules and route.output is None else out, plan, call.dtype, xp)
     count = plan.count
     mean = var = rstd = None
     # the mask as the kernels read it: for the statistics (call.mask), and for backward
@@ -376,16 +376,16 @@ def _forward(call: _Forward, x):
                                                    None if call.mask is None else mask3)
         if h3 is not None:
             x = x3 = h3  # what the kernel normalized, and what backward reads
-    if call.update:
+    if route.update:
         _update_running(call, mean, var, count, run)
-    if not call.use_batch or call.estimate:
+    if route.output in ("running", "running inner"):
         mean, var, rstd = _apply_running(call, x3, y_rows, run)
-    elif not call.one_pass:
+    elif route.output is not None:
         _apply(call, _shaped(x3, plan.rows), mean, rstd, y_rows, run)
     cache = NormCache(call.mode, plan, x3, call.dtype, mean, rstd, call.weight, call.bias is not None,
                       stats_grad=call.use_batch and not call.estimate, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be,
-                      param_dtype=_param_dtype(call))
+                      param_dtype=_param_dtype(call), route=route)
     if call.mask is not None:
         cache.counts = count
         cache.count = int(run.be.to_host(count).sum())  # (what synchronized ranks agree on)
@@ -400,11 +400,6 @@ def _forward(call: _Forward, x):
     return y, _deliver(_shaped(x, plan.shape), call.h_out, late_rules), cache
 
 
-def _counts_checked(call: _Forward):
-    """Whether the call's masked counts are ruled on (:func:`normcore.masking.check_counts`)."""
-    return call.training and call.mode.running_stats is not None
-
-
 def _deliver(h, h_out, made_apart):
     """h as the call returns it: the caller's ``h_out`` when given (a copy of h into it
     when h was ``made_apart`` from it), else h."""
@@ -413,13 +408,6 @@ def _deliver(h, h_out, made_apart):
     if made_apart:
         h_out[...] = h
     return h_out
-
-
-def _fuses_add(call: _Forward, x):
-    """Whether the residual add joins the one-pass forward: contiguous groups in x's own
-    order (layer norm, RMS norm, group norm, instance norm over (N, C, ...))."""
-    return (call.one_pass and call.plan.strategy is Strategy.GROUPS and call.plan.perm is None and x.size > 0
-            and call.mask is None)
 
 
 def add(be, a, b, out=None):
@@ -463,15 +451,16 @@ def _batch_statistics(call: _Forward, x3, y_rows, run: _Run, r3=None, h3=None, m
     plan, xp = call.plan, run.xp
     C = plan.layout[1]
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
-    if mask3 is not None:
+    statistics = call.route.statistics
+    if call.route.masked:
         return _masked_statistics(call, x3, mask3, y_rows, run, mean, var, rstd)
-    if call.one_pass:
-        if plan.strategy is Strategy.GROUPS:
-            _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3)
-        else:
-            _normalize_columns(call, x3, mean, var, rstd, y_rows, run)
+    if statistics == "groups":
+        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3)
         return mean, var, rstd, plan.count
-    if call.link is not None:
+    if statistics == "columns":
+        _normalize_columns(call, x3, mean, var, rstd, y_rows, run)
+        return mean, var, rstd, plan.count
+    if call.route.synced:
         pmean, pm2, counts, count = sync.synced_moments(
             call.link, lambda: _moments(x3, plan, run), plan, call.mode, call.dtype, call.training, run.be,
             settings=_sync_settings(call))
@@ -492,18 +481,18 @@ def _masked_statistics(call: _Forward, x3, mask3, y_rows, run: _Run, mean, var, 
     """Phase 2 over the counted elements: (mean, var, rstd, counts), counts (C,) per group."""
     plan, xp = call.plan, run.xp
     C = plan.layout[1]
-    if call.one_pass:
+    if call.route.statistics == "groups":
         counts = xp.empty(C)
         _normalize_groups(call, x3, mean, var, rstd, y_rows, run, mask3=mask3, counts=counts)
     else:
-        if call.link is not None:
+        if call.route.synced:
             pmean, pm2, pcount = sync.synced_counted_moments(
                 call.link, lambda: _masked_moments(x3, mask3, plan, run), plan, call.mode, call.dtype,
                 call.training, run.be, settings=_sync_settings(call))
         else:
             pmean, pm2, pcount = _masked_moments(x3, mask3, plan, run)
         counts = masking.finalize_counted(xp, pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd)
-    masking.check_counts(counts, run.be, _counts_checked(call), call.update,
+    masking.check_counts(counts, run.be, call.route.counts_ruled, call.update,
                          f"{describe_mode(call.mode)}, x.shape {plan.shape}")
     return mean, var, rstd, counts
 
@@ -902,23 +891,23 @@ def _backward(dy, cache, out, link, dh=None):
     if view is not None:  # a form's call on reshaped arrays: the mode's shapes inside
         dy = dy.reshape(plan.shape)
     x3 = cache.x3
-    if cache.not_data is not None and dy.size and not be.masked_sums:
+    route = cache.route
+    strategy = "empty" if route is None else route.backward
+    if strategy != "empty" and route.leave_out:
         dy, x3 = _leave_out(dy, cache, xp)  # the backend's sums read no mask: made inert first
     dy3 = _canonical(dy, plan, xp)
     dx_rows = _output(None if out is None else _shaped(out, plan.shape), plan, cache.dtype, xp)
     run = _Run.of(be, dy3.size)
     dh3 = None
-    masked = cache.mask is not None
-    if dh is not None and plan.perm is None and dy3.size and not masked:  # added by the dx pass itself
+    if dh is not None and strategy != "empty" and route.dh_in_dx:  # added by the dx pass itself
         dh3, dh = _canonical(dh.reshape(plan.shape), plan, xp), None
-    one_visit = be.masked_groups if masked else be.fused_backward
-    if dy3.size == 0 and link is None:  # nothing flows: zero parameter gradients
+    if strategy == "empty":  # nothing flows: zero parameter gradients
         dw = db = xp.zeros(plan.param_size if (cache.has_weight or cache.has_bias) else 0)
-    elif cache.stats_grad and plan.strategy is Strategy.GROUPS and link is None and one_visit:
+    elif strategy == "one visit":
         dw, db = _backward_one_visit(dy3, x3, cache, dx_rows, run, dh3)
-    elif plan.param_inner and (cache.has_weight or cache.has_bias):
+    elif strategy == "inner":
         dw, db = _backward_inner(_shaped(dy3, plan.rows), x3, cache, dx_rows, run, link, dh3)
-    elif plan.strategy is Strategy.COLUMNS and link is None and not masked:
+    elif strategy == "columns":
         dw, db = _backward_columns(dy3, x3, cache, dx_rows, run, dh3)
     else:
         dw, db = _backward_rows(_shaped(dy3, plan.rows), x3, cache, dx_rows, run, link, dh3)

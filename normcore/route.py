@@ -1,0 +1,190 @@
+"""Which kernels a call runs: decided once per call signature, as one :class:`Route`.
+
+A call signature is what the route depends on and nothing else: the mode and its plan (x's
+shape, the sizes), the flags (training, estimate, running statistics updated), which
+optional arguments are present (weight or bias, mask, residual, a communicator) and what
+the backend offers (:class:`Capabilities`). :func:`resolve` turns it into a frozen
+``Route``; :mod:`normcore.functional` keeps it with the plan for the signature, executes
+its steps and decides nothing else per call. :meth:`Route.kernels` lists the contract
+entries each phase runs (the route snapshot test keeps that list for every built-in mode).
+
+Forward steps, in order: ``residual`` (h = x + residual: fused into the statistics pass, or
+an add pass of its own first), ``statistics`` (the batch statistics: with the output in
+one pass, or as moments merged afterwards), ``update`` (the running statistics), ``output``
+(y, where the statistics pass did not write it). Backward: one ``backward`` strategy, and
+where ``dh`` joins (in the dx pass, or an add pass after it).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .plan import Plan, Strategy
+
+__all__ = ["Capabilities", "Route", "resolve"]
+
+
+class Capabilities(NamedTuple):
+    """The optional entries of the kernel contract a backend implements."""
+
+    fused_forward: bool = True   # normalize_groups / normalize_cols: statistics and y in one pass
+    fused_backward: bool = True  # backward_groups: one visit per group in training backward
+    masked_groups: bool = True   # masked_normalize_groups / masked_backward_groups
+    masked_sums: bool = True     # the sums kernels take mask=
+
+    @classmethod
+    def of(cls, be) -> "Capabilities":
+        """The capabilities backend ``be`` declares (its class attributes of these names)."""
+        return cls(*(bool(getattr(be, f)) for f in cls._fields))
+
+
+class Route(NamedTuple):
+    """The steps one call signature runs (see the module docstring)."""
+
+    empty: bool             # x has no elements (and nothing is exchanged): no kernel runs
+    residual: str | None    # None, "fused" (by the statistics pass) or "add" (a pass first)
+    statistics: str | None  # None (running statistics only), "groups", "columns" (one pass
+    #                         writing y too) or "moments" (moments, then finalized)
+    masked: bool            # the batch statistics count the mask's True elements only
+    synced: bool            # the moments are exchanged with the other ranks
+    counts_ruled: bool      # the masked counts are ruled on (masking.check_counts)
+    late_rules: bool        # a rule needs the statistics: y and h made apart, copied after
+    update: bool            # the running statistics are written
+    output: str | None      # None (the statistics pass wrote y), "rows", "inner",
+    #                         "running" (from running statistics) or "running inner"
+    affine: bool            # a weight or a bias was given
+    stats_grad: bool        # backward: the gradient flows through the batch statistics
+    backward: str           # "empty", "one visit", "inner", "columns" or "rows"
+    mask_given: bool        # backward leaves the mask's False positions out
+    leave_out: bool         # ... through inert copies of dy and x (no masked sums)
+    dh_in_dx: bool          # backward's dh joins the dx pass (else an add pass after)
+
+    def kernels(self, plan: Plan, dh: bool = False) -> dict:
+        """``{"forward": [...], "backward": [...]}``: the contract entries each phase
+        calls, in order (``dh``: backward is given one)."""
+        return {"forward": _forward_kernels(self, plan), "backward": _backward_kernels(self, plan, dh)}
+
+
+def resolve(plan: Plan, caps: Capabilities, *, center: bool, use_batch: bool, estimate: bool,
+            update: bool, synced: bool, masked: bool, residual: bool, affine: bool,
+            counts_ruled: bool) -> Route:
+    """The route of one call signature.
+
+    ``use_batch``: batch statistics are computed (training, or no running statistics);
+    ``update``: the running statistics are written; ``synced``: the batch statistics are
+    exchanged (a communicator, batch statistics); ``masked``: a mask was given;
+    ``affine``: a weight or a bias was given; ``counts_ruled``: masked counts are ruled on
+    (training, a mode with running statistics).
+
+    >>> from normcore.plan import make_plan
+    >>> from normcore.modes import get_mode
+    >>> plan = make_plan(get_mode("batch_norm"), (8, 4))
+    >>> r = resolve(plan, Capabilities(), center=True, use_batch=True, estimate=False, update=True,
+    ...             synced=False, masked=False, residual=False, affine=True, counts_ruled=True)
+    >>> r.kernels(plan)["forward"]
+    ['normalize_cols', 'update_running']
+    """
+    strategy = plan.strategy
+    synced = synced and use_batch  # eval with running statistics exchanges nothing
+    empty = _size(plan) == 0 and not synced
+    stats_masked = masked and use_batch
+    one_pass = (use_batch and not estimate and not synced and caps.fused_forward
+                and (strategy is Strategy.GROUPS or (strategy is Strategy.COLUMNS and not plan.param_inner)))
+    if stats_masked:  # the masked one pass takes contiguous groups, where the backend has it
+        one_pass = one_pass and strategy is Strategy.GROUPS and caps.masked_groups
+    statistics = None
+    if use_batch:
+        statistics = ("groups" if strategy is Strategy.GROUPS else "columns") if one_pass else "moments"
+    residual_step = None
+    if residual:
+        fused = one_pass and strategy is Strategy.GROUPS and plan.perm is None and not empty and not stats_masked
+        residual_step = "fused" if fused else "add"
+    if not use_batch or estimate:
+        output = "running inner" if plan.param_inner and affine else "running"
+    elif one_pass:
+        output = None
+    else:
+        output = "inner" if plan.param_inner and affine else "rows"
+    stats_grad = use_batch and not estimate
+    one_visit = caps.masked_groups if masked else caps.fused_backward
+    if empty:
+        backward = "empty"
+    elif stats_grad and strategy is Strategy.GROUPS and not synced and one_visit:
+        backward = "one visit"
+    elif plan.param_inner and affine:
+        backward = "inner"
+    elif strategy is Strategy.COLUMNS and not synced and not masked:
+        backward = "columns"
+    else:
+        backward = "rows"
+    return Route(empty=empty, residual=residual_step, statistics=statistics if not empty else None,
+                 masked=stats_masked, synced=synced, counts_ruled=stats_masked and counts_ruled,
+                 late_rules=synced or (stats_masked and counts_ruled),
+                 update=update, output=output if not empty else None, affine=affine, stats_grad=stats_grad,
+                 backward=backward, mask_given=masked, leave_out=masked and not caps.masked_sums,
+                 dh_in_dx=plan.perm is None and _size(plan) > 0 and not masked)
+
+
+def _size(plan: Plan) -> int:
+    n = 1
+    for d in plan.shape:
+        n *= d
+    return n
+
+
+_ONE_PASS = {"groups": "normalize_groups", "columns": "normalize_cols"}
+
+
+def _forward_kernels(r: Route, plan: Plan) -> list:
+    ks = []
+    if r.residual == "add":
+        ks.append("add")
+    if r.statistics in ("groups", "columns"):
+        ks.append(("masked_" if r.masked else "") + _ONE_PASS[r.statistics])
+    elif r.statistics == "moments":
+        kind = "cols" if plan.strategy is Strategy.COLUMNS else "rows"
+        ks.append(("masked_moments_" if r.masked else "moments_") + kind)
+        if r.synced and not r.masked:  # this rank's moments merged before they travel
+            ks.append("finalize_moments")
+        if r.synced:  # the ranks' merged in rank order on the host (sync.synced_moments)
+            ks.append("(exchange)")
+        if not r.masked:  # masked moments merge on the array module (masking.finalize_counted)
+            ks.append("finalize_moments")
+    if r.update:
+        ks.append("update_running")
+    if r.output in ("running", "running inner"):
+        ks += ["running_statistics", "affine_inner"] if r.output == "running inner" else ["normalize_running"]
+    elif r.output == "inner":
+        ks.append("affine_inner")
+    elif r.output == "rows":
+        ks += ["row_coefficients", "affine_rows"]
+    return ks
+
+
+def _backward_kernels(r: Route, plan: Plan, dh: bool) -> list:
+    ks = []
+    b = r.backward
+    if b == "empty":
+        return ks
+    if r.leave_out:
+        ks.append("(inert copies)")
+    masked = r.mask_given
+    if b == "one visit":
+        ks.append("masked_backward_groups" if masked else "backward_groups")
+        if r.affine and not plan.param_inner:
+            ks.append("gradient_sums")
+    elif b == "inner":
+        ks.append("sums_inner")
+        if r.synced:
+            ks.append("(exchange)")
+        ks.append("masked_dx_inner" if masked else "dx_inner")
+    elif b == "columns":
+        ks.append("backward_cols")
+    else:
+        if r.stats_grad or r.affine or r.synced:  # else no sum is read: dx = dy * rstd
+            ks += ["sums_cols" if plan.strategy is Strategy.COLUMNS else "sums_rows", "gradient_sums"]
+        if r.synced:
+            ks.append("(exchange)")
+        ks += ["dx_coefficients", "masked_dx_rows" if masked else "dx_rows"]
+    if dh and not r.dh_in_dx:
+        ks.append("add")
+    return ks
