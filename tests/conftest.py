@@ -1,4 +1,7 @@
-"""Shared fixtures: ``emulated_gpu`` runs the GPU path's CUDA kernels on the host.
+"""Shared fixtures: ``emulated_gpu`` runs the GPU path's CUDA kernels on the host; and
+which tests are ``slow`` (``pytest -m "not slow"`` leaves them out): Hypothesis tests,
+the emulator's, the MPI, demo, README and fresh-interpreter modules, and tests marked so
+by hand (subprocesses, compilers, real signals).
 
 kernels.cu is compiled with g++ against tests/cuda_emu/emu.h (each CUDA thread a
 coroutine, real barriers and warp shuffles) and driven through the very same
@@ -89,3 +92,16 @@ def emulated_gpu(emulated_cuda_lib, monkeypatch):
     monkeypatch.setattr(normcore.checks, "backend_of", pick)
     monkeypatch.setattr(normcore.layers, "backend_of", pick)
     yield be
+
+
+# whole modules of property runs, MPI launches, fresh interpreters and the demo
+_SLOW_MODULES = {"test_properties.py", "test_gpu_emulated.py", "test_mpi.py", "test_demo.py", "test_readme.py",
+                 "test_newcomer.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "obj", None)
+        if (item.path.name in _SLOW_MODULES or getattr(fn, "is_hypothesis_test", False)
+                or {"emulated_gpu", "emulated_cuda_lib"} & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)

@@ -41,6 +41,7 @@ def test_cuda_source_defines_every_launched_kernel():
     assert "#include" not in src  # NVRTC compiles it with no include path
 
 
+@pytest.mark.slow  # a fresh interpreter or compiler
 def test_importing_normcore_does_not_import_cupy():
     code = "import sys, normcore; normcore.BatchNorm2d(3); assert 'cupy' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -63,6 +64,7 @@ def test_cpu_inputs_reject_other_array_types():
         nc.normalize([[1.0, 2.0]], "layer_norm")
 
 
+@pytest.mark.slow  # a fresh interpreter or compiler
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_sources_compile_with_nvcc(tmp_path, arch):

@@ -41,6 +41,7 @@ def test_the_widest_build_the_cpu_has_is_chosen():
     assert backend.CPU.K is kernels.K
 
 
+@pytest.mark.slow  # a fresh interpreter or compiler
 @pytest.mark.parametrize("name", NAMES)
 def test_normcore_kernels_forces_a_build_in_a_fresh_process(name):
     code = "import normcore.kernels as k; print(k.VARIANT, k.K.__name__)"
@@ -53,6 +54,7 @@ def test_normcore_kernels_forces_a_build_in_a_fresh_process(name):
         assert "cannot run that build" in out.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter or compiler
 def test_normcore_kernels_rejects_an_unknown_build():
     env = dict(os.environ, NORMCORE_KERNELS="sse9")
     out = subprocess.run([sys.executable, "-c", "import normcore"], capture_output=True, text=True, env=env)

@@ -176,6 +176,7 @@ SAVE_SCRIPT = textwrap.dedent("""
     ("nc.BatchChannelNorm(4, 2)", (4, 4, 3)),
     ("nc.InstanceNorm1d(3, affine=True, track_running_stats=True)", (4, 3, 6)),
 ])
+@pytest.mark.slow  # a fresh interpreter or compiler
 def test_train_save_load_in_fresh_process_is_bit_identical(tmp_path, ctor, shape):
     layer = eval(ctor)
     for _ in range(3):

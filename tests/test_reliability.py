@@ -552,6 +552,7 @@ def test_fold_of_a_half_layer_returns_its_param_dtype():
     assert "param_dtype" in nc.BatchNorm2d.fold.__doc__
 
 
+@pytest.mark.slow  # a fresh interpreter or compiler
 def test_an_empty_normcore_kernels_variable_is_the_default():
     env = dict(os.environ, NORMCORE_KERNELS="")
     code = "import normcore.kernels as k; print(k.VARIANT == k.available_variants()[0])"
@@ -661,6 +662,7 @@ def test_one_value_per_group_in_training_is_refused_with_or_without_a_mask(mode)
 
 # -- 16. the dtype error, whatever has been imported --------------------------------------------
 
+@pytest.mark.slow  # a fresh interpreter or compiler
 def test_the_dtype_error_lists_bfloat16_before_ml_dtypes_is_imported():
     code = ("import sys, numpy as np, normcore as nc\n"
             "assert 'ml_dtypes' not in sys.modules\n"
