@@ -13,7 +13,8 @@ import numpy as np
 
 from . import checks
 from .backend import machine_eps
-from .functional import backward, forward, viewed
+from .cache import viewed
+from .functional import backward, forward
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
            "weight_standardize", "weight_standardize_backward"]

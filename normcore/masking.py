@@ -4,7 +4,7 @@ A mask selects, per element, whether it counts in its group's statistics. The ou
 computed everywhere with its group's statistics, but the masked-out positions are not
 data: backward gives the gradient of the call on ``x[mask]`` alone. Its sums run over the
 counted elements only (kernels that take ``mask=``; a backend whose sums read no mask gets
-dy and x made inert first, functional's ``_leave_out``), so masked-out positions add
+dy and x made inert first, backward_route's ``_leave_out``), so masked-out positions add
 nothing whatever they hold (NaN padding included), and the dx passes write 0 there; the
 counts are per group and the dx passes add the statistics terms where counted:
 
@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .bounded import PlanArrays
+from .layout import canonical
 
 __all__ = ["MaskRows", "mask_rows", "merge_counted", "finalize_counted", "check_counts", "safe_counts"]
 
@@ -91,16 +92,14 @@ def _find_layout(plan, mshape):
     return found
 
 
-def mask_rows(mask, plan, be, canonical):
-    """``mask`` (boolean, broadcasting to the plan's input shape) as :class:`MaskRows`
-    (``canonical`` is functional's layout function, for masks that must be expanded).
+def mask_rows(mask, plan, be):
+    """``mask`` (boolean, broadcasting to the plan's input shape) as :class:`MaskRows`.
 
     >>> from normcore.backend import CPU
     >>> from normcore.modes import get_mode
     >>> from normcore.plan import make_plan
-    >>> from normcore.functional import _canonical
     >>> plan = make_plan(get_mode("batch_norm_channels_last"), (2, 3, 4))
-    >>> m = mask_rows(np.array([[True, True, False], [True, False, False]])[..., None], plan, CPU, _canonical)
+    >>> m = mask_rows(np.array([[True, True, False], [True, False, False]])[..., None], plan, CPU)
     >>> m.offsets.tolist(), m.step
     ([0, 1, 2, 3, 4, 5], 0)
     """

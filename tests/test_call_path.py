@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
-from normcore import checks, functional, gpu
+from normcore import checks, gpu, signature
 from normcore.kernels import K
 from normcore.reference import reference_backward, reference_forward
 
@@ -131,11 +131,11 @@ def test_multi_axis_layer_norm_through_the_one_axis_mode():
 
 
 def test_signature_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(functional, "_MAX_SIGNATURES", 8)
-    functional._SIGNATURES.clear()
+    monkeypatch.setattr(signature, "_MAX_SIGNATURES", 8)
+    signature._SIGNATURES.clear()
     for n in range(2, 40):
         nc.normalize(x32(n, 3), "batch_norm")
-    assert 0 < len(functional._SIGNATURES) <= 8
+    assert 0 < len(signature._SIGNATURES) <= 8
 
 
 def test_kernels_refuse_arrays_outside_their_contract():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
-import normcore.functional as F
+from normcore.layout import canonical
 from normcore.testing import TOLERANCE, assert_close, run_ranks
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -315,11 +315,11 @@ def test_a_broadcast_mask_travels_compact(mode, shape, mshape, step):
     sizes = {"g": 2} if mode == "group_norm" else {}
     plan = make_plan(nc.get_mode(mode), shape, sizes)
     mask = RNG.random(mshape) < 0.5
-    m = mask_rows(mask, plan, CPU, F._canonical)
+    m = mask_rows(mask, plan, CPU)
     assert m.step == step and m.base.size == mask.size  # never expanded to x's size
     # every kernel row reads exactly its elements' bytes
     rows, length = kernel_rows(plan)
-    want = F._canonical(np.broadcast_to(mask, shape), plan).reshape(rows, length)
+    want = canonical(np.broadcast_to(mask, shape), plan).reshape(rows, length)
     got = m.base[m.offsets[:, None] + m.step * np.arange(length)[None, :]]
     np.testing.assert_array_equal(got.astype(bool), want)
 
@@ -330,5 +330,5 @@ def test_a_mask_of_x_shape_is_read_in_place():
     from normcore.plan import make_plan
     plan = make_plan(nc.get_mode("batch_norm"), (2, 3, 4))
     mask = RNG.random((2, 3, 4)) < 0.5
-    m = mask_rows(mask, plan, CPU, F._canonical)
+    m = mask_rows(mask, plan, CPU)
     assert m.step == 1 and np.shares_memory(m.base, mask)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
-from normcore import cs231n, functional, plan as plan_module
+from normcore import cs231n, forward_route, plan as plan_module
 from normcore.backend import CPU
 from normcore.testing import run_ranks
 
@@ -316,14 +316,14 @@ def test_a_forward_interrupted_anywhere_leaves_the_layer_as_before(monkeypatch, 
     x = _x(shape, offset=3.0)
     layer(_x(shape))  # a first step: state and a cache to keep
     before, cache = _state(layer), _cache_of(layer)
-    real = getattr(functional, where)
+    real = getattr(forward_route, where)
     hits = []
 
     def interrupted(*args, **kwargs):
         result = real(*args, **kwargs)
         hits.append(1)
         raise _Stop  # as a KeyboardInterrupt arriving right after this step
-    monkeypatch.setattr(functional, where, interrupted)
+    monkeypatch.setattr(forward_route, where, interrupted)
     try:
         layer(x)
     except _Stop:

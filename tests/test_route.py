@@ -152,10 +152,10 @@ def test_capabilities_are_read_from_the_backend():
 
 
 def test_one_signature_resolves_its_route_once(monkeypatch):
-    from normcore import functional
+    from normcore import signature
     calls = []
-    real = functional.resolve
-    monkeypatch.setattr(functional, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = signature.resolve
+    monkeypatch.setattr(signature, "resolve", lambda *a, **k: calls.append(1) or real(*a, **k))
     x = np.random.default_rng(1).standard_normal((5, 7, 3)).astype(np.float32)  # a new signature
     for _ in range(3):
         normcore.normalize(x, "layer_norm")

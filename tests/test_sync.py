@@ -237,8 +237,8 @@ def test_missing_rank_breaks_the_barrier_instead_of_hanging():
 @pytest.mark.parametrize("where", ["forward", "backward"])
 def test_any_failure_on_one_rank_reaches_every_rank(where, monkeypatch):
     # not only input errors: a MemoryError in a kernel is carried through the exchange too
-    from normcore import functional
-    real = functional._moments if where == "forward" else functional._backward_rows
+    from normcore import backward_route, forward_route
+    real = forward_route._moments if where == "forward" else backward_route._backward_rows
     state = {}
 
     def rank(comm):
@@ -252,7 +252,10 @@ def test_any_failure_on_one_rank_reaches_every_rank(where, monkeypatch):
             raise MemoryError("out of memory on this rank")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(functional, "_moments" if where == "forward" else "_backward_rows", by_rank)
+    if where == "forward":
+        monkeypatch.setattr(forward_route, "_moments", by_rank)
+    else:
+        monkeypatch.setattr(backward_route, "_backward_rows", by_rank)
     out = run_ranks(2, rank, timeout=10)
     assert isinstance(out[1], MemoryError)
     assert isinstance(out[0], nc.SyncError) and "MemoryError" in str(out[0]) and "rank 1 of 2" in str(out[0])

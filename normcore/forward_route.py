@@ -1,0 +1,314 @@
+"""The forward phases of a checked call (:class:`normcore.signature.Call`), as its route
+says: batch statistics (one pass, moments, masked or synchronized) → running-statistics
+update → the statistics the output uses (batch, running or estimated) → apply; and the
+cache backward reads."""
+from __future__ import annotations
+
+from math import prod
+
+import numpy as np
+
+from . import masking, sync
+from .backend import AffineKind
+from .cache import NormCache
+from .checks import describe_mode
+from .layout import Run, add, by_group, canonical, flat, in_caller_layout, output_rows, per_row, shaped
+from .plan import Plan, Strategy
+from .signature import Call, check_count, param_dtype_of
+
+__all__ = ["run_forward"]
+
+
+def run_forward(call: Call, x):
+    """Phases 2-5 of a checked call; returns (y, cache), or (y, h, cache) with a residual."""
+    plan, xp, route = call.plan, call.be.xp, call.route
+    # A rule that needs the statistics (the ranks' exchange, the masked counts) may still
+    # refuse the call after h or a one-pass y exist: those are then made in arrays of
+    # the call's own and copied to the caller's h_out / out once every rule has passed.
+    late_rules = route.late_rules
+    h_out = None if late_rules else call.h_out
+    r3 = h3 = None
+    if route.residual == "fused":  # h made by the one-pass kernel, group by group
+        r3 = canonical(call.residual, plan, xp)
+        h3 = xp.empty(plan.kernel_shape, call.dtype) if h_out is None else shaped(h_out, plan.kernel_shape)
+    elif route.residual == "add":  # h first, then the forward of h
+        x = add(call.be, x, call.residual, h_out)
+    if route.empty:
+        y, cache = _empty_forward(call, x)
+        return (y, cache) if call.residual is None else (y, _deliver(x, call.h_out, late_rules), cache)
+    x3 = canonical(x, plan, xp)
+    run = Run.of(call.be, x3.size)
+    out = call.out
+    y_rows = output_rows(None if late_rules and route.output is None else out, plan, call.dtype, xp)
+    count = plan.count
+    mean = var = rstd = None
+    # the mask as the kernels read it: for the statistics (call.mask), and for backward
+    # whenever one was given (its masked-out positions are not data, in eval too)
+    mask3 = None if call.given_mask is None else masking.mask_rows(call.given_mask, plan, call.be)
+    if call.use_batch:
+        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3,
+                                                   None if call.mask is None else mask3)
+        if h3 is not None:
+            x = x3 = h3  # what the kernel normalized, and what backward reads
+    if route.update:
+        _update_running(call, mean, var, count, run)
+    if route.output in ("running", "running inner"):
+        mean, var, rstd = _apply_running(call, x3, y_rows, run)
+    elif route.output is not None:
+        _apply(call, shaped(x3, plan.rows), mean, rstd, y_rows, run)
+    cache = NormCache(call.mode, plan, x3, call.dtype, mean, rstd, call.weight, call.bias is not None,
+                      stats_grad=call.use_batch and not call.estimate, count=count,
+                      comm=None if call.link is None else call.link.comm, backend=call.be,
+                      param_dtype=param_dtype_of(call), route=route)
+    if call.mask is not None:
+        cache.counts = count
+        cache.count = int(run.be.to_host(count).sum())  # (what synchronized ranks agree on)
+    cache.mask = mask3
+    cache.not_data = call.given_mask
+    y = in_caller_layout(y_rows, plan, out, xp)
+    if out is not None and y is not out:  # made apart (late rules): every rule has passed
+        out[...] = y
+        y = out
+    if call.residual is None:
+        return y, cache
+    return y, _deliver(shaped(x, plan.shape), call.h_out, late_rules), cache
+
+
+def _deliver(h, h_out, made_apart):
+    """h as the call returns it: the caller's ``h_out`` when given (a copy of h into it
+    when h was ``made_apart`` from it), else h."""
+    if h_out is None:
+        return h
+    if made_apart:
+        h_out[...] = h
+    return h_out
+
+
+def _empty_forward(call: Call, x):
+    """An input without elements (as PyTorch): an empty output, the running statistics
+    untouched, statistics that do not exist (NaN; a zero-stride view where the groups are
+    many), and a cache whose backward gives an empty dx and zero parameter gradients."""
+    plan, xp = call.plan, call.be.xp
+    y = xp.empty(x.shape, call.dtype) if call.out is None else call.out
+    C = prod(plan.stat_shape)  # (the layout's C of an empty axis can read 1)
+    nan = xp.full(C, np.nan) if C <= 65536 else xp.broadcast_to(xp.asarray(np.nan), (C,))
+    cache = NormCache(call.mode, plan, canonical(x, plan, xp), call.dtype, nan, nan, call.weight,
+                      call.bias is not None, stats_grad=False, count=0, backend=call.be,
+                      param_dtype=param_dtype_of(call))
+    return y, cache
+
+
+def _batch_statistics(call: Call, x3, y_rows, run: Run, r3=None, h3=None, mask3=None):
+    """Phase 2: per-group (mean, var, rstd) of the batch and the elements per group (all
+    ranks'; with a mask, the (C,) counted elements of each group). The one-pass kernel
+    also writes the output (and h = x3 + r3 into h3 when a residual is fused)."""
+    plan, xp = call.plan, run.xp
+    C = plan.layout[1]
+    mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
+    statistics = call.route.statistics
+    if call.route.masked:
+        return _masked_statistics(call, x3, mask3, y_rows, run, mean, var, rstd)
+    if statistics == "groups":
+        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3)
+        return mean, var, rstd, plan.count
+    if statistics == "columns":
+        _normalize_columns(call, x3, mean, var, rstd, y_rows, run)
+        return mean, var, rstd, plan.count
+    if call.route.synced:
+        pmean, pm2, counts, count = sync.synced_moments(
+            call.link, lambda: _moments(x3, plan, run), plan, call.mode, call.dtype, call.training, run.be,
+            settings=_sync_settings(call))
+        check_count(count, C, call.training, call.mode,
+                     f"{plan.shape} on this rank, {count} elements per group on all ranks")
+    elif C:
+        pmean, pm2, counts = _moments(x3, plan, run)
+        count = plan.count
+    else:
+        return mean, var, rstd, plan.count
+    if C:
+        run.K.finalize_moments(pmean, pm2, counts, float(max(count, 1)), call.mode.center, call.eps,
+                               mean, var, rstd)
+    return mean, var, rstd, count
+
+
+def _masked_statistics(call: Call, x3, mask3, y_rows, run: Run, mean, var, rstd):
+    """Phase 2 over the counted elements: (mean, var, rstd, counts), counts (C,) per group."""
+    plan, xp = call.plan, run.xp
+    C = plan.layout[1]
+    if call.route.statistics == "groups":
+        counts = xp.empty(C)
+        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, mask3=mask3, counts=counts)
+    else:
+        if call.route.synced:
+            pmean, pm2, pcount = sync.synced_counted_moments(
+                call.link, lambda: _masked_moments(x3, mask3, plan, run), plan, call.mode, call.dtype,
+                call.training, run.be, settings=_sync_settings(call))
+        else:
+            pmean, pm2, pcount = _masked_moments(x3, mask3, plan, run)
+        counts = masking.finalize_counted(xp, pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd)
+    masking.check_counts(counts, run.be, call.route.counts_ruled, call.update,
+                         f"{describe_mode(call.mode)}, x.shape {plan.shape}")
+    return mean, var, rstd, counts
+
+
+def _sync_settings(call: Call):
+    """Every setting synchronized ranks must share, because it changes what they exchange
+    or what they compute from it: the normalization (centring, parameters given and their
+    dtype), eps, estimate, whether running statistics are updated and how (momentum, the
+    exact decay, unbiased). The mode's spec, the statistics shape, x's dtype, training and the mask's presence are
+    in the signature already (:func:`normcore.sync._signature`)."""
+    update = call.update
+    return (("centred", call.mode.center), ("eps", call.eps), ("estimate", call.estimate),
+            ("weight given", call.weight is not None), ("bias given", call.bias is not None),
+            ("parameter dtype", param_dtype_of(call).name),
+            ("running statistics updated", update),
+            ("momentum", call.momentum if update else None), ("decay", call.keep if update else None),
+            ("unbiased", call.unbiased if update else None))
+
+
+def _masked_moments(x3, mask3, plan: Plan, run: Run):
+    """:func:`_moments` over the counted elements (``mask3``: masking.MaskRows):
+    ``(pmean, pm2, pcount)``, (K, C) each."""
+    A, C, B = plan.layout
+    xp = run.xp
+    m = mask3
+    if plan.strategy is Strategy.COLUMNS:
+        parts = [xp.empty((len(plan.partial_counts), C)) for _ in range(3)]
+        run.K.masked_moments_cols(x3, m.base, m.offsets, m.step, plan.rows_per_block, *parts, run.threads)
+        return tuple(parts)
+    R = plan.rows[1]
+    scattered = plan.strategy is Strategy.SCATTERED  # per-row partials, regrouped
+    parts = [xp.empty((A, R) if scattered else (A, C)) for _ in range(3)]
+    run.K.masked_moments_rows(shaped(x3, plan.rows), m.base, m.offsets, m.step, 1 if scattered else R // C,
+                              *parts, run.threads)
+    return tuple(by_group(p, plan, xp) for p in parts) if scattered else tuple(parts)
+
+
+def _moments(x3, plan: Plan, run: Run):
+    """Partial moments of the groups, ``(pmean, pm2, counts)``: (K, C) partial means and
+    centred sums of squares over counts[k] elements each, from one compiled pass over x."""
+    A, C, B = plan.layout
+    xp = run.xp
+    strategy = plan.strategy
+    if strategy is Strategy.SCATTERED:
+        return _scattered_moments(shaped(x3, plan.rows), plan, run)
+    if strategy is Strategy.COLUMNS:
+        nb = len(plan.partial_counts)
+        pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
+        run.K.moments_cols(x3, plan.rows_per_block, pmean, pm2, run.threads)
+    else:
+        pmean, pm2 = xp.empty((A, C)), xp.empty((A, C))
+        run.K.moments_rows(x3, pmean, pm2, run.threads)
+    return pmean, pm2, run.be.constant(plan, "partial counts", lambda: plan.partial_counts)
+
+
+def _scattered_moments(x_rows, plan: Plan, run: Run):
+    """Groups whose rows lie apart: per-row partials, reordered to (partials of a group, C)."""
+    R = plan.rows[1]
+    xp = run.xp
+    pmean, pm2 = xp.empty((1, R)), xp.empty((1, R))
+    run.K.moments_rows(x_rows, pmean, pm2, run.threads)
+    return (by_group(pmean, plan, xp), by_group(pm2, plan, xp),
+            run.be.constant(plan, "partial counts", lambda: plan.partial_counts))
+
+
+def _normalize_groups(call: Call, x3, mean, var, rstd, y_rows, run: Run, r3=None, h3=None, mask3=None,
+                      counts=None):
+    """The one-pass forward of an A == 1 layout (statistics and y; of h3 = x3 + r3 when
+    a residual is given; over the counted elements, their number into ``counts``, with
+    ``mask3``)."""
+    plan, xp = call.plan, run.xp
+    affine = AffineKind.NONE
+    w = b = run.dummy(plan, np.dtype(np.float64))
+    if call.weight is not None or call.bias is not None:
+        affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
+        P = plan.param_size
+        w = xp.ones(P) if call.weight is None else call.weight.astype(np.float64)
+        b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
+    rp = run.params_ix(plan)
+    if mask3 is not None:
+        run.K.masked_normalize_groups(x3, mask3.base, mask3.offsets, mask3.step, plan.rows[1] // plan.layout[1],
+                                      call.mode.center, call.eps, int(affine), rp, w, b, mean, var, rstd, counts,
+                                      y_rows, run.threads)
+        return
+    run.K.normalize_groups(x3, r3, h3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
+                           rp, w, b, mean, var, rstd, y_rows, run.threads)
+
+
+def _normalize_columns(call: Call, x3, mean, var, rstd, y_rows, run: Run):
+    """The column strategy's forward from one kernel call: moments, their finalization,
+    the per-column coefficients and y."""
+    plan = call.plan
+    w, b = _params_or_dummies(call, run)
+    run.K.normalize_cols(x3, plan.rows_per_block, call.mode.center, call.eps, run.ix(plan, "rg"),
+                         run.params_ix(plan), w, b, call.weight is not None, call.bias is not None, mean, var,
+                         rstd, y_rows, run.threads)
+
+
+def _params_or_dummies(call: Call, run: Run):
+    """(weight, bias) as the row kernels read them: absent ones replaced by a placeholder
+    of the other's dtype (the kernels read both in one)."""
+    w, b = call.weight, call.bias
+    if w is None or b is None:
+        dummy = run.dummy(call.plan, param_dtype_of(call))
+        return (dummy if w is None else w), (dummy if b is None else b)
+    return w, b
+
+
+def _update_running(call: Call, mean, var, count, run: Run):
+    """Phase 3: running = keep * running + momentum * batch, in place (through
+    contiguous copies when the caller's arrays are strided)."""
+    plan = call.plan
+    rm, rv = flat(call.running_mean, run.be), flat(call.running_var, run.be)
+    if isinstance(count, (int, float)):
+        unbias = count / (count - 1) if call.unbiased else 1.0
+    else:  # masked: each group's own count (at least 2: masking.check_counts)
+        var, unbias = (var * (count / (count - 1)) if call.unbiased else var), 1.0
+    run.K.update_running(mean, var, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
+                         call.keep, unbias, rm, rv, run.xp.empty(2 * rm.size))
+    for target, value in ((call.running_mean, rm), (call.running_var, rv)):
+        if not target.flags.c_contiguous:  # flat copied it
+            target[...] = value.reshape(target.shape)
+
+
+def _apply_running(call: Call, x3, y_rows, run: Run):
+    """Phases 4 and 5 without batch statistics (eval) or for estimated batch norm (after
+    the update): per-group statistics from the stored running ones, and y from them."""
+    plan, xp = call.plan, run.xp
+    C = plan.layout[1]
+    mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
+    rm, rv = flat(call.running_mean, run.be), flat(call.running_var, run.be)
+    if plan.param_inner and (call.weight is not None or call.bias is not None):
+        if C:
+            run.K.running_statistics(rm, rv, run.ix(plan, "rc"), call.eps, mean, var, rstd)
+        _apply(call, shaped(x3, plan.rows), mean, rstd, y_rows, run)
+    else:  # one scale and shift per row: one kernel call
+        w, b = _params_or_dummies(call, run)
+        x_rows = x3 if x3.ndim == 2 else shaped(x3, plan.rows)  # the kernel takes columns as (A, C)
+        run.K.normalize_running(x_rows, rm, rv, run.ix(plan, "rc"), call.eps, run.ix(plan, "rg"),
+                                run.params_ix(plan), w, b, call.weight is not None, call.bias is not None,
+                                plan.rows_per_block, mean, var, rstd, y_rows, run.threads)
+    return mean, var, rstd
+
+
+def _apply(call: Call, x_rows, mean, rstd, y_rows, run: Run):
+    """Phase 5: y from the per-group statistics, on the (A, R, S) view."""
+    plan, xp = call.plan, run.xp
+    w, b = call.weight, call.bias
+    R = plan.rows[1]
+    rg = run.ix(plan, "rg")
+    if plan.param_inner and (w is not None or b is not None):
+        P = plan.param_size
+        mean_r, rstd_r = per_row(mean, plan, run), per_row(rstd, plan, run)
+        run.K.affine_inner(x_rows, mean_r, rstd_r, run.ix(plan, "rp"),
+                           xp.ones(P) if w is None else w.astype(np.float64),
+                           xp.zeros(P) if b is None else b.astype(np.float64), y_rows, run.threads)
+        return
+    # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
+    # and shift = b per row: one subtract and one multiply-add per element (float32 inputs:
+    # in float32, within the accuracy contract; see simd.h).
+    mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
+    w_, b_ = _params_or_dummies(call, run)
+    run.K.row_coefficients(mean, rstd, rg, run.params_ix(plan), w_, b_, w is not None, b is not None,
+                           mean_r, scale, shift)
+    run.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, run.threads)
