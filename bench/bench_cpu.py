@@ -18,8 +18,9 @@ Absolute times drift on shared machines; read the ratios.
 ``--small`` times what dominates small inputs, the fixed work of a call: a layer's training
 forward + backward and its eval forward, float32, one thread, on the shapes of a small
 network (a batch of 64 through 128-1024 features), for the normcore layer, the
-hand-written NumPy a NumPy user would write (batch statistics, running-statistics update,
-closed-form backward) and torch.nn's module with autograd; interleaved, the minimum over
+hand-written NumPy a careful NumPy user would write (one centring pass, the running
+statistics updated in place, the closed-form backward, eval as
+``(x - rm) * (w / sqrt(rv + eps)) + b``) and torch.nn's module with autograd; interleaved, the minimum over
 repeats of the mean of many calls.
 """
 from __future__ import annotations
@@ -137,7 +138,7 @@ def _torch(x_np, kind, channels, dtype=None, bn_param_dtype=None):
 
 
 def _numpy(x, axes, kind):
-    """What a NumPy user writes: mean/var with keepdims, then the closed-form backward."""
+    """What a careful NumPy user writes: one centring pass, then the closed-form backward."""
     view = x.reshape(x.shape[0], 32, -1) if kind == "gn" else x
     axes = (2,) if kind == "gn" else axes
     w = np.ones([1 if i in axes else s for i, s in enumerate(view.shape)], x.dtype)
@@ -146,9 +147,9 @@ def _numpy(x, axes, kind):
     xhat = (view - mean) * rstd
     dy = np.ones_like(view)
 
-    def fwd():
-        m = view.mean(axis=axes, keepdims=True)
-        return (view - m) / np.sqrt(view.var(axis=axes, keepdims=True) + 1e-5) * w
+    def fwd():  # one centring pass; the scale formed on the statistics, one multiply over x
+        xc = view - view.mean(axis=axes, keepdims=True)
+        return xc * (w / np.sqrt(np.mean(xc * xc, axis=axes, keepdims=True) + 1e-5))
 
     def bwd():
         g = dy * w
@@ -261,7 +262,12 @@ SMALL_CASES = [(64, 128), (64, 512), (256, 1024), (64, 16, 8, 8), (64, 32, 4, 4)
 
 
 def _numpy_batch_norm(x, momentum=0.1, eps=1e-5):
-    """A NumPy user's batch norm layer: (train forward + backward, eval forward)."""
+    """A careful NumPy user's batch norm layer: (train forward + backward, eval forward).
+
+    One centring pass (the variance from the centred x, reused for x̂), the running
+    statistics updated in place, the closed-form backward from the two sums it needs, and
+    eval as ``(x - rm) * (w / sqrt(rv + eps)) + b`` (the scale formed on C values, not on x).
+    """
     C = x.shape[1]
     axes = (0,) if x.ndim == 2 else (0,) + tuple(range(2, x.ndim))
     shape = (1, C) + (1,) * (x.ndim - 2)
@@ -272,21 +278,22 @@ def _numpy_batch_norm(x, momentum=0.1, eps=1e-5):
 
     def train():
         mu = x.mean(axis=axes, keepdims=True)
-        var = x.var(axis=axes, keepdims=True)
+        xc = x - mu
+        var = np.mean(xc * xc, axis=axes, keepdims=True)
         rstd = 1.0 / np.sqrt(var + eps)
-        xhat = (x - mu) * rstd
-        rm[...] = (1 - momentum) * rm + momentum * mu
-        rv[...] = (1 - momentum) * rv + momentum * var * (n / (n - 1))
-        y = gamma * xhat + beta
+        xhat = xc * rstd
+        np.multiply(rm, 1 - momentum, out=rm)
+        rm[...] += momentum * mu
+        np.multiply(rv, 1 - momentum, out=rv)
+        rv[...] += (momentum * n / (n - 1)) * var
+        y = xhat * gamma + beta
         dbeta = dy.sum(axis=axes)
         dgamma = (dy * xhat).sum(axis=axes)
-        g = dy * gamma
-        dx = rstd / n * (n * g - g.sum(axis=axes, keepdims=True)
-                         - xhat * (g * xhat).sum(axis=axes, keepdims=True))
+        dx = (gamma * rstd / n) * (n * dy - dbeta.reshape(shape) - xhat * dgamma.reshape(shape))
         return y, dx, dgamma, dbeta
 
     def infer():
-        return (x - rm) / np.sqrt(rv + eps) * gamma + beta
+        return (x - rm) * (gamma / np.sqrt(rv + eps)) + beta
 
     return train, infer
 
