@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import os
 
+from .plan import GRAIN  # below it a kernel runs on one thread (see there)
+
 __all__ = ["K", "VARIANT", "VARIANTS", "available_variants", "set_num_threads", "get_num_threads",
            "threads_for"]
 
@@ -81,10 +83,6 @@ def _not_built_message():
 K, VARIANT = _load()
 
 
-# Below this many elements a kernel runs on one thread: the work (tens of microseconds)
-# does not repay waking a team, and OpenMP workers busy-waiting after it would compete
-# with the caller's BLAS threads between calls (small-batch training interleaves both).
-GRAIN = 1 << 18
 
 _requested = None  # set_num_threads; None: OpenMP's limit
 

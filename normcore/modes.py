@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .checks import axis_size
+from .values import axis_size
 from .spec import ELLIPSIS, SpecError, parse_axes, parse_spec
 
 __all__ = ["Mode", "register_mode", "modes", "get_mode"]

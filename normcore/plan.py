@@ -19,14 +19,19 @@ from math import prod
 
 import numpy as np
 
-from . import checks
-from .kernels import GRAIN
 from .modes import Mode
 from .spec import ELLIPSIS, parse_axes
+from .values import axis_size, describe_mode
 
 __all__ = ["Plan", "Strategy", "make_plan", "param_shapes"]
 
 # Rows per block of column reductions, and the most blocks of rows for parameter partials.
+# Below this many elements a kernel runs on one thread: the work (tens of microseconds)
+# does not repay waking a team, and OpenMP workers busy-waiting after it would compete
+# with the caller's BLAS threads between calls (small-batch training interleaves both).
+# The planner reads it too: a one-thread input takes the tallest blocks.
+GRAIN = 1 << 18
+
 _BLOCK_ROWS = 128
 _MIN_BLOCK_ROWS = 64
 PARAM_BLOCKS = 16
@@ -456,12 +461,12 @@ def make_plan(mode: Mode, shape, sizes=None) -> Plan:
         if k not in names or k == ELLIPSIS:
             # the keywords a call takes beyond its own are axis sizes: any other name is a
             # misspelt or unsupported argument, reported as Python reports one
-            raise TypeError(f"unexpected keyword argument {k!r} ({checks.describe_mode(mode)} has no axis "
+            raise TypeError(f"unexpected keyword argument {k!r} ({describe_mode(mode)} has no axis "
                             f"{k!r}; the extra keywords are axis sizes: {', '.join(n for n in names if n != ELLIPSIS)})")
-        size = checks.axis_size(k, v)
+        size = axis_size(k, v)
         if k in merged and merged[k] != size:
             raise ValueError(f"sizes: {k}={size} conflicts with {k}={merged[k]} fixed by "
-                             f"{checks.describe_mode(mode)}")
+                             f"{describe_mode(mode)}")
         merged[k] = size
     return _cached_plan(mode, tuple(int(s) for s in shape), tuple(sorted(merged.items())))
 

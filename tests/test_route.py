@@ -162,3 +162,17 @@ def test_one_signature_resolves_its_route_once(monkeypatch):
     assert len(calls) == 1
     normcore.add_normalize(x, x, "layer_norm")  # a residual is another signature
     assert len(calls) == 2
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_the_spec_registry_planner_and_router_import_without_the_compiled_kernels():
+    import subprocess
+    import sys
+    code = ("import sys, types; pkg = types.ModuleType('normcore'); "
+            f"pkg.__path__ = [{str(Path(normcore.__file__).parent)!r}]; sys.modules['normcore'] = pkg; "
+            "import normcore.spec, normcore.modes, normcore.plan, normcore.route; "
+            "from normcore.plan import make_plan; make_plan(normcore.modes.get_mode('group_norm'), (2, 8, 3), {'g': 4}); "
+            "print(sorted(m for m in sys.modules if m.startswith('normcore')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "kernels" not in out.stdout and "backend" not in out.stdout, out.stdout
