@@ -7,14 +7,12 @@ Keyword names follow PyTorch so that its users know them at once; gradients come
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
 from . import checks
 from .backend import machine_eps
-from .cache import viewed
-from .functional import backward, forward
+from .functional import backward, forward, over_trailing_axes
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm",
            "weight_standardize", "weight_standardize_backward"]
@@ -70,43 +68,6 @@ def normalized_shape_tuple(normalized_shape) -> tuple:
     return shape
 
 
-def last_axes(x, be, mode, shape, weight, bias, eps, out, blame="normalized_shape", residual=None, h_out=None,
-              mask=None):
-    """Layer norm / RMS norm over the trailing axes ``shape`` of x: the mode ("... d ->
-    ...", one parameter axis) on x viewed as (..., prod(shape)), results presented under
-    the caller's shapes. x's array type is checked (``be``); a shape mismatch blames
-    ``blame`` (the form's normalized_shape, a layer's input). With ``residual``, returns
-    ``(y, h, cache)`` (:func:`normcore.add_normalize`; h into ``h_out`` when given).
-    ``mask`` broadcasts to x (so to the flat view once broadcast)."""
-    k = len(shape)
-    checks.trailing_shape(blame, x, shape)
-    if k == 1:
-        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out, residual=residual, h_out=h_out,
-                       mask=mask)
-    checks.param("weight", weight, shape, x.dtype, be)
-    checks.param("bias", bias, shape, x.dtype, be)
-    if out is not None:
-        checks.out(out, x.shape, x.dtype, {}, be)  # overlaps: checked by forward on the views
-    if residual is not None:
-        checks.like_x("residual", residual, x.shape, x.dtype, be)
-    if h_out is not None:
-        checks.out(h_out, x.shape, x.dtype, {}, be, name="h_out")  # overlaps: as out's
-    flat = x.shape[:x.ndim - k] + (math.prod(shape),)
-    if mask is not None:
-        checks.mask(mask, x.shape, be)
-        mask = be.xp.broadcast_to(mask, x.shape).reshape(flat)
-    got = forward(x.reshape(flat), be, mode, eps=eps,
-                  weight=None if weight is None else weight.reshape(-1),
-                  bias=None if bias is None else bias.reshape(-1),
-                  out=None if out is None else out.reshape(flat),
-                  residual=None if residual is None else residual.reshape(flat),
-                  h_out=None if h_out is None else h_out.reshape(flat), mask=mask)
-    y, cache = viewed(got[0], got[-1], x.shape, shape, out)
-    if residual is None:
-        return y, cache
-    return y, (got[1].reshape(x.shape) if h_out is None else h_out), cache
-
-
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None, residual=None, mask=None):
     """Layer norm over the trailing ``normalized_shape`` axes; returns ``(y, cache)``.
 
@@ -119,8 +80,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, out
     >>> y, cache = layer_norm(x, (8,))
     """
     be = checks.array("input", input)
-    return last_axes(input, be, "layer_norm", normalized_shape_tuple(normalized_shape), weight, bias, eps, out,
-                     residual=residual, mask=mask)
+    shape = normalized_shape_tuple(normalized_shape)
+    checks.trailing_shape("normalized_shape", input, shape)
+    return over_trailing_axes(input, be, "layer_norm", shape, weight, bias, eps, out,
+                              residual=residual, mask=mask)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residual=None, mask=None):
@@ -135,8 +98,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, out=None, residu
     """
     be = checks.array("input", input)
     shape = normalized_shape_tuple(normalized_shape)
-    return last_axes(input, be, "rms_norm", shape, weight, None,
-                     machine_eps(input.dtype) if eps is None else eps, out, residual=residual, mask=mask)
+    checks.trailing_shape("normalized_shape", input, shape)
+    return over_trailing_axes(input, be, "rms_norm", shape, weight, None,
+                              machine_eps(input.dtype) if eps is None else eps, out, residual=residual, mask=mask)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None, residual=None, mask=None):

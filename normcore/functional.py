@@ -24,9 +24,11 @@ Numerics
 """
 from __future__ import annotations
 
+from math import prod
+
 from . import checks, sync
 from .backward_route import run_backward
-from .cache import NormCache
+from .cache import NormCache, viewed
 from .forward_route import run_forward
 from .signature import check_backward, check_forward
 
@@ -54,6 +56,50 @@ def forward(x, be, mode, *, weight=None, bias=None, running_mean=None, running_v
         if training or running_mean is None:  # this call exchanges batch statistics
             link.fail(e)
         raise
+
+
+def over_trailing_axes(x, be, mode, shape, weight, bias, eps, out, residual=None, h_out=None, mask=None):
+    """:func:`forward` of layer norm / RMS norm over the trailing axes ``shape`` of x (which
+    the caller has checked x ends with): the mode ("... d -> ...", one parameter axis) on x
+    viewed as (..., prod(shape)), results presented under the caller's shapes. With
+    ``residual``, returns ``(y, h, cache)`` (h into ``h_out`` when given). ``mask``
+    broadcasts to x (so to the flat view once broadcast).
+
+    Shapes: x (..., *shape); weight, bias ``shape``; y (and h) x's.
+
+    >>> import numpy as np
+    >>> from normcore.backend import CPU
+    >>> x = np.random.default_rng(0).standard_normal((2, 3, 4), dtype=np.float32)
+    >>> y, cache = over_trailing_axes(x, CPU, "layer_norm", (3, 4), None, None, 1e-5, None)
+    >>> y.shape, cache.saved_mean.shape
+    ((2, 3, 4), (2,))
+    """
+    k = len(shape)
+    if k == 1:
+        return forward(x, be, mode, weight=weight, bias=bias, eps=eps, out=out, residual=residual, h_out=h_out,
+                       mask=mask)
+    checks.param("weight", weight, shape, x.dtype, be)
+    checks.param("bias", bias, shape, x.dtype, be)
+    if out is not None:
+        checks.out(out, x.shape, x.dtype, {}, be)  # overlaps: checked by forward on the views
+    if residual is not None:
+        checks.like_x("residual", residual, x.shape, x.dtype, be)
+    if h_out is not None:
+        checks.out(h_out, x.shape, x.dtype, {}, be, name="h_out")  # overlaps: as out's
+    flat = x.shape[:x.ndim - k] + (prod(shape),)
+    if mask is not None:
+        checks.mask(mask, x.shape, be)
+        mask = be.xp.broadcast_to(mask, x.shape).reshape(flat)
+    got = forward(x.reshape(flat), be, mode, eps=eps,
+                  weight=None if weight is None else weight.reshape(-1),
+                  bias=None if bias is None else bias.reshape(-1),
+                  out=None if out is None else out.reshape(flat),
+                  residual=None if residual is None else residual.reshape(flat),
+                  h_out=None if h_out is None else h_out.reshape(flat), mask=mask)
+    y, cache = viewed(got[0], got[-1], x.shape, shape, out)
+    if residual is None:
+        return y, cache
+    return y, (got[1].reshape(x.shape) if h_out is None else h_out), cache
 
 
 def _x_backend(x, comm, training, running_mean):

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import normcore.checks
-import normcore.layers
+import normcore.layer_base
+import normcore.norm_layer
 from normcore import gpu
 from normcore.backend import Backend
 
@@ -90,7 +91,8 @@ def emulated_gpu(emulated_cuda_lib, monkeypatch):
     be = EmulatedCuda(emulated_cuda_lib)
     pick = lambda a: be  # noqa: E731
     monkeypatch.setattr(normcore.checks, "backend_of", pick)
-    monkeypatch.setattr(normcore.layers, "backend_of", pick)
+    monkeypatch.setattr(normcore.norm_layer, "backend_of", pick)
+    monkeypatch.setattr(normcore.layer_base, "backend_of", pick)
     yield be
 
 
