@@ -16,7 +16,7 @@ from .values import (DEFAULT_MOMENTUM, _default_momentum, axis_size, describe_mo
                      eps, min_ndim, momentum, positive_int, running_rate, trailing_shape, type_name)
 
 __all__ = ["array", "param", "param_dtypes", "same_dtype", "positive_int", "axis_size", "divides", "eps", "momentum", "running_rate",
-           "DEFAULT_MOMENTUM", "out", "disjoint",
+           "DEFAULT_MOMENTUM", "out", "apart", "disjoint",
            "min_ndim", "describe_mode", "type_name"]
 
 
@@ -148,6 +148,24 @@ def out(a, shape, dtype, inputs, be=CPU, name="out"):
     for other_name, other in inputs.items():
         if be.xp.may_share_memory(a, other):
             raise ValueError(f"{name}: must not share memory with {other_name}")
+
+
+def apart(*arrays) -> bool:
+    """Whether the arrays given (None entries skipped) are distinct objects that each own
+    their memory, so that none can overlap another: the common case, which then needs no
+    memory test (:func:`disjoint` decides the others).
+
+    >>> a, b = np.zeros(3), np.zeros(3)
+    >>> apart(a, None, b), apart(a, a), apart(a, a[1:])
+    (True, False, False)
+    """
+    seen = set()
+    for a in arrays:
+        if a is not None:
+            if a.base is not None or id(a) in seen:
+                return False
+            seen.add(id(a))
+    return True
 
 
 def disjoint(written, read, be=CPU):

@@ -102,7 +102,8 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
         checks.out(h_out, x.shape, dtype, {}, be, name="h_out")
     if out is not None:
         checks.out(out, x.shape, dtype, {}, be)  # its overlaps: disjoint, below
-    if out is not None or h_out is not None or (has_running and training):
+    if (out is not None or h_out is not None or (has_running and training)) and not checks.apart(
+            out, h_out, x, residual, weight, bias, running_mean, running_var):
         # every array the call writes is apart from every other it touches: y written over
         # weight or a running statistic, or a running statistic over x, would be read back
         # changed (backward reads x)
