@@ -13,6 +13,7 @@ partial-result contracts on machines without a GPU; it does not replace running 
 import ctypes
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ from normcore import gpu
 from normcore.backend import Backend
 
 EMU = Path(__file__).parent / "cuda_emu"
+
+# the test modules import their shared cases (layer_cases.py) from this folder
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 class EmulatedCuda(Backend):

@@ -1,10 +1,15 @@
 """Every bad input raises ValueError/TypeError naming the argument and changes nothing."""
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import normcore as nc
+from layer_cases import _x
+from normcore import cs231n
 
 RNG = np.random.default_rng(0)
 
@@ -264,3 +269,251 @@ def test_load_state_dict_checks_everything_first():
     with pytest.raises(ValueError, match=r"^state: missing keys \['running_mean'\]"):
         bn.load_state_dict(state)
     assert_unchanged(bn, before)
+
+
+# -- construction-time rules ----------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [">f4", "<f8" if np.little_endian is False else ">f8", "nope", "int32", object])
+@pytest.mark.parametrize("make", [lambda d: nc.BatchNorm2d(3, dtype=d), lambda d: nc.LayerNorm(4, dtype=d),
+                                  lambda d: nc.GroupNorm(2, 4, dtype=d), lambda d: nc.BatchChannelNorm(4, 2, dtype=d)])
+def test_layers_refuse_dtypes_they_cannot_run(make, dtype):
+    with pytest.raises(TypeError, match="^dtype: expected"):
+        make(dtype)
+
+
+@pytest.mark.parametrize("make", [lambda: nc.BatchNorm1d(3, eps=None), lambda: nc.LayerNorm(4, eps=None),
+                                  lambda: nc.GroupNorm(2, 4, eps=None), lambda: nc.InstanceNorm1d(3, eps=None),
+                                  lambda: nc.BatchChannelNorm(4, 2, eps=None)])
+def test_eps_none_is_refused_at_construction(make):
+    with pytest.raises(TypeError, match="^eps"):
+        make()
+
+
+def test_rms_norm_eps_none_is_the_machine_epsilon():
+    x = RNG.standard_normal((3, 4)).astype(np.float32)
+    want, _ = nc.normalize(x, "rms_norm", eps=float(np.finfo(np.float32).eps))
+    np.testing.assert_array_equal(nc.RMSNorm(4, eps=None)(x), want)
+
+
+# -- keywords and sizes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [lambda **k: nc.normalize(RNG.standard_normal((4, 3)), "batch_norm", **k),
+                                  lambda **k: nc.normalize(RNG.standard_normal((2, 4, 3)), "group_norm", g=2, **k),
+                                  lambda **k: nc.param_shapes("layer_norm", (4, 3), **k)])
+@pytest.mark.parametrize("kw", [{"trainig": False}, {"padding_mask": np.ones((4, 3))}, {"zz": 3}])
+def test_an_unknown_keyword_is_a_type_error_naming_it(call, kw):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(kw))}'") as info:
+        call(**kw)
+    assert "array(" not in str(info.value)
+
+
+def test_a_size_that_is_not_an_int_is_not_dumped():
+    with pytest.raises(ValueError, match="^sizes: g must be a positive int, got numpy.ndarray$"):
+        nc.normalize(RNG.standard_normal((2, 4, 3)), "group_norm", g=np.ones(1000))
+
+
+def test_a_call_cannot_resize_a_registered_mode():
+    if "fixed_heads" not in nc.modes():
+        nc.register_mode("fixed_heads", "b t (h d) -> b h", params="(h d)", h=2)
+    x = RNG.standard_normal((2, 3, 8))
+    y, _ = nc.normalize(x, "fixed_heads", h=2)  # the fixed value itself is fine
+    with pytest.raises(ValueError, match="^sizes: h=4 conflicts with h=2"):
+        nc.normalize(x, "fixed_heads", h=4)
+    with pytest.raises(ValueError, match="^sizes: h=4 conflicts"):
+        nc.param_shapes("fixed_heads", x.shape, h=4)
+
+
+@pytest.mark.parametrize("spec", ["n c -> n c", "n ... -> n ...", "(a b) c -> a b c", "n (g k) -> n g k"])
+def test_a_spec_that_reduces_nothing_is_refused(spec):
+    with pytest.raises(nc.SpecError, match="reduces no axis"):
+        nc.Mode(spec)
+
+
+@pytest.mark.parametrize("spec, params", [("n c -> n", "n"), ("n c h -> n", "n c"), ("(n m) c -> n m", "m"),
+                                          ("n c ... -> n c", "n")])
+def test_parameters_on_the_kept_batch_axis_are_refused(spec, params):
+    with pytest.raises(nc.SpecError, match="leading axis"):
+        nc.Mode(spec, params=params)
+
+
+def test_parameters_on_a_reduced_leading_axis_are_fine():
+    y, _ = nc.normalize(RNG.standard_normal(5), nc.Mode("a -> ", params="a"), weight=np.ones(5))
+    assert y.shape == (5,)
+
+
+# -- arrays a call writes never overlap what it reads --------------------------------------
+
+def _overlap_cases():
+    x = RNG.standard_normal((8, 3)).astype(np.float32)
+    rm, rv, w = np.zeros(3, np.float32), np.ones(3, np.float32), np.ones(3, np.float32)
+    buf = np.zeros(30, np.float32)
+    out = np.empty(24, np.float32)
+    return [
+        ("same running arrays", x, dict(running_mean=rm, running_var=rm), "running_mean"),
+        ("overlapping running arrays", x, dict(running_mean=buf[:3], running_var=buf[2:5]), "running_mean"),
+        ("running mean a view of x", x, dict(running_mean=x[0], running_var=rv), "running_mean"),
+        ("running var a view of x", x, dict(running_mean=rm, running_var=x.reshape(-1)[3:6]), "running_var"),
+        ("running mean is the weight", x, dict(running_mean=w, running_var=rv, weight=w), "running_mean"),
+        ("out over the weight", x, dict(weight=out[:3], out=out.reshape(8, 3)), "out"),
+        ("out over the running var", x, dict(running_mean=rm, running_var=out[:3], out=out.reshape(8, 3)), "out"),
+    ]
+
+
+@pytest.mark.parametrize("label, x, kw, blamed", _overlap_cases(), ids=[c[0] for c in _overlap_cases()])
+@pytest.mark.parametrize("mode", ["batch_norm", "batch_norm_channels_last"])
+def test_overlapping_written_arrays_are_refused_before_anything_is_written(label, x, kw, blamed, mode):
+    before = {k: v.copy() for k, v in kw.items()}
+    x_before = x.copy()
+    with pytest.raises(ValueError, match=f"^{blamed}: must not"):
+        nc.normalize(x, mode, **kw)
+    np.testing.assert_array_equal(x, x_before)
+    for k, v in before.items():
+        if k != "out":
+            np.testing.assert_array_equal(kw[k], v, err_msg=k)
+
+
+def test_overlap_rules_hold_at_the_form_and_layer_entries():
+    x = RNG.standard_normal((8, 3)).astype(np.float32)
+    rm = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="^running_mean: must not be the same array as running_var"):
+        nc.batch_norm(x, rm, rm, training=True)
+    layer = nc.BatchNorm1d(3)
+    layer.running_var = layer.running_mean
+    with pytest.raises(ValueError, match="^running_mean: must not"):
+        layer(x)
+    assert layer.num_batches_tracked == 0
+    w = np.ones((3, 4), np.float32)
+    out = np.empty(8 * 12, np.float32)
+    with pytest.raises(ValueError, match="^out: must not"):
+        nc.layer_norm(RNG.standard_normal((8, 3, 4)).astype(np.float32), (3, 4), weight=out[:12].reshape(3, 4),
+                      out=out.reshape(8, 3, 4))
+    # eval reads the running statistics only: the same array twice is fine there
+    y, _ = nc.normalize(x, "batch_norm", running_mean=rm, running_var=np.ones(3, np.float32) + rm * 0, training=False)
+    assert y.shape == x.shape
+
+
+def test_backward_out_must_not_overlap_the_weight():
+    x = RNG.standard_normal((8, 3)).astype(np.float32)
+    buf = np.ones(24, np.float32)
+    y, cache = nc.normalize(x, "batch_norm", weight=buf[:3])
+    with pytest.raises(ValueError, match="^out: must not share memory with weight"):
+        nc.backward(np.ones_like(y), cache, out=buf.reshape(8, 3))
+
+
+# -- messages that name the argument --------------------------------------------------------
+
+X45 = np.ones((4, 5), np.float32)
+
+
+@pytest.mark.parametrize("call, exc, pattern", [
+    (lambda: nc.LayerNorm(None), TypeError, "^normalized_shape: expected an int or a sequence"),
+    (lambda: nc.LayerNorm(3.5), TypeError, "^normalized_shape: expected an int or a sequence"),
+    (lambda: nc.RMSNorm("ab"), TypeError, "^normalized_shape: expected an int or a sequence"),
+    (lambda: nc.layer_norm(X45, "ab"), TypeError, "^normalized_shape"),
+    (lambda: nc.layer_norm(X45, None), TypeError, "^normalized_shape"),
+    (lambda: nc.layer_norm(X45, 5.0), TypeError, "^normalized_shape"),
+    (lambda: nc.layer_norm(X45, (5.7,)), TypeError, "^normalized_shape: expected a positive int, got float 5.7"),
+    (lambda: nc.Mode(["n", "c"]), TypeError, "^spec: expected a str"),
+    (lambda: nc.Mode("n c -> c", sizes=3), TypeError, "^sizes: expected a dict"),
+    (lambda: nc.Mode("n c -> c", sizes=[("c", 2, 3)]), TypeError, "^sizes: expected a dict"),
+    (lambda: nc.Mode("n c -> c", sizes={"z": 2}), ValueError, "^sizes: axis 'z'"),
+    (lambda: nc.BatchNorm2d(3, dtype="nope"), TypeError, "^dtype: expected"),
+    (lambda: cs231n.batchnorm_forward([[1.0, 2.0], [3.0, 4.0]], np.ones(2), np.zeros(2), {"mode": "train"}),
+     TypeError, "^x: expected a numpy.ndarray"),
+    (lambda: cs231n.batchnorm_forward(np.ones(3), np.ones(3), np.zeros(3), {"mode": "train"}),
+     ValueError, "^x: expected 2 dimensions"),
+    (lambda: cs231n.spatial_batchnorm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), {"mode": "train"}),
+     ValueError, "^x: expected"),
+    (lambda: cs231n.batchnorm_forward(np.ones((4, 3)), np.ones(3), np.zeros(3), {"mode": "train", "momentum": 1.5}),
+     ValueError, r"^bn_param\['momentum'\]: expected a float in \[0, 1\], got 1.5"),
+])
+def test_messages_name_the_argument(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_mode_sizes_as_a_dict_are_kept_as_pairs():
+    m = nc.Mode("n (g k) -> n g", sizes={"g": 2})
+    assert m.sizes == (("g", 2),) and hash(m) == hash(nc.Mode("n (g k) -> n g", sizes=(("g", 2),)))
+    y, _ = nc.normalize(np.ones((3, 4)), m)
+    assert y.shape == (3, 4)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself
+def test_out_may_be_an_ndarray_subclass():
+    x = RNG.standard_normal((4, 5)).astype(np.float32)
+    out = np.matrix(np.zeros((4, 5), np.float32))
+    y, cache = nc.normalize(x, "layer_norm", out=out)
+    assert y is out
+    np.testing.assert_array_equal(np.asarray(y), nc.normalize(x, "layer_norm")[0])
+
+
+def test_load_of_a_npy_payload_names_the_path(tmp_path):
+    path = tmp_path / "w.npz"
+    with open(path, "wb") as f:
+        np.save(f, np.ones(3))
+    with pytest.raises(ValueError, match=r"w\.npz.* is not a normcore checkpoint.*\.npy payload"):
+        nc.BatchNorm1d(3).load(path)
+
+
+def test_a_list_where_an_array_is_needed_advises_numpy():
+    y, cache = nc.normalize(_x((2, 3)), "layer_norm")
+    with pytest.raises(TypeError, match="^dy: expected a numpy.ndarray.*got list; convert it with numpy.asarray"):
+        nc.backward([[1.0, 2.0, 3.0]] * 2, cache)
+    with pytest.raises(TypeError, match="numpy.asarray"):
+        nc.normalize(_x((2, 3)), "layer_norm", weight=[1.0, 2.0, 3.0])
+
+
+def test_param_dtype_errors_name_param_dtype():
+    with pytest.raises(TypeError, match="^param_dtype: expected"):
+        nc.BatchNorm2d(3, dtype=np.float16, param_dtype=">f4")
+    with pytest.raises(TypeError, match="^dtype: expected"):
+        nc.BatchNorm2d(3, dtype=">f4")
+
+
+@pytest.mark.parametrize("bad", [[[1.0, 2.0]], (1.0, 2.0), None, 3.0], ids=["list", "tuple", "None", "scalar"])
+@pytest.mark.parametrize("call", [
+    lambda x: cs231n.batchnorm_forward(x, np.ones(2), np.zeros(2), {"mode": "train"}),
+    lambda x: cs231n.layernorm_forward(x, np.ones(2), np.zeros(2), {}),
+    lambda x: cs231n.spatial_batchnorm_forward(x, np.ones(2), np.zeros(2), {"mode": "train"}),
+    lambda x: cs231n.spatial_groupnorm_forward(x, np.ones((1, 2, 1, 1)), np.zeros((1, 2, 1, 1)), 1, {}),
+], ids=["batchnorm", "layernorm", "spatial_batchnorm", "spatial_groupnorm"])
+def test_cs231n_forwards_name_a_bad_x(call, bad):
+    with pytest.raises(TypeError, match="^x: expected a numpy.ndarray"):
+        call(bad)
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda: cs231n.spatial_groupnorm_forward(np.ones((2, 4)), np.ones((1, 4, 1, 1)), np.zeros((1, 4, 1, 1)), 2, {}),
+     r"^x: expected 4 dimensions \(N, C, H, W\), got shape \(2, 4\)"),
+    (lambda: cs231n.layernorm_forward(np.ones((2, 3, 4)), np.ones(4), np.zeros(4), {}),
+     r"^x: expected 2 dimensions \(N, D\)"),
+    (lambda: cs231n.spatial_groupnorm_forward(np.ones((2, 4, 3, 3)), np.ones((1, 3, 1, 1)), np.zeros((1, 4, 1, 1)), 2, {}),
+     "^gamma: expected shape"),
+    (lambda: cs231n.batchnorm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), None), "^bn_param: expected a dict"),
+    (lambda: cs231n.batchnorm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), {}), "^bn_param: needs 'mode'"),
+    (lambda: cs231n.layernorm_forward(np.ones((2, 3)), np.ones(3), np.zeros(3), None), "^ln_param: expected a dict"),
+    (lambda: cs231n.spatial_groupnorm_backward(np.ones((2, 4, 3, 3)), None), "^cache: expected"),
+])
+def test_cs231n_names_the_bad_argument(call, pattern):
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        call()
+
+
+# -- the dtype error, whatever has been imported --------------------------------------------
+
+@pytest.mark.slow  # a fresh interpreter or compiler
+def test_the_dtype_error_lists_bfloat16_before_ml_dtypes_is_imported():
+    code = ("import sys, numpy as np, normcore as nc\n"
+            "assert 'ml_dtypes' not in sys.modules\n"
+            "try:\n    nc.normalize(np.ones((2, 3), np.int32), 'layer_norm')\n"
+            "except TypeError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(nc.__file__))))
+    assert "bfloat16" in out.stdout, out.stdout + out.stderr
+
+
+def test_layer_docs_state_what_eval_without_running_statistics_does():
+    for cls in (nc.BatchNorm1d, nc.BatchNorm2d, nc.BatchNorm3d):
+        assert "track_running_stats=False`` has none and uses the batch statistics in eval" in \
+            " ".join(cls.__doc__.split())

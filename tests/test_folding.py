@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
+from layer_cases import _OneRank
 
 RNG = np.random.default_rng(11)
 
@@ -127,3 +128,18 @@ def test_fold_into_rejects_mismatches():
         nc.fold_into(np.ones((4, 3), np.float32), None, nc.LayerNorm(4), axis=0)
     with pytest.raises(TypeError, match="norm: expected a normalization layer"):
         nc.fold_into(np.ones((4, 3), np.float32), None, "bn", axis=0)
+
+
+# -- folding needs eval mode ----------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: nc.BatchNorm2d(3), lambda: nc.EstimatedBatchNorm(3),
+                                  lambda: nc.InstanceNorm2d(3, track_running_stats=True),
+                                  lambda: nc.SyncBatchNorm(3, comm=_OneRank())])
+def test_folding_a_training_layer_is_refused(make):
+    layer = make()
+    with pytest.raises(ValueError, match=r"training mode.*call \.eval\(\) first"):
+        layer.fold(ndim=4)
+    with pytest.raises(ValueError, match=r"call \.eval\(\) first"):
+        nc.fold_into(np.ones((3, 2, 3, 3), np.float32), None, layer, axis=0)
+    layer.eval().fold(ndim=4)
+    nc.fold_into(np.ones((3, 2, 3, 3), np.float32), None, layer, axis=0)

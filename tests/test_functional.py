@@ -1,13 +1,16 @@
 """The call path's seams: one rule one message at every entry, x checked once per public
 call, the kernel contract's per-group algebra on both backends, param_shapes, the
-signature cache, and multi-axis layer norm through the one-axis mode."""
+signature cache, multi-axis layer norm through the one-axis mode, inputs without elements,
+and rules that refuse a call before its first write."""
 import numpy as np
 import pytest
 
 import normcore as nc
+from layer_cases import _x
 from normcore import checks, gpu, signature
 from normcore.kernels import K
 from normcore.reference import reference_backward, reference_forward
+from normcore.testing import run_ranks
 
 RNG = np.random.default_rng(5)
 
@@ -316,3 +319,98 @@ def test_composed_kernels_equal_their_parts(dtype, A, C, rpb):
             kernels.normalize_running(x3, rm, rv, rc, 1e-3, rg, rp, w, b, has_w, has_b, rpb, *got, 1)
             for a, e in zip(got, stats + [want_y], strict=True):
                 np.testing.assert_array_equal(a, e)
+
+
+# -- inputs without elements ----------------------------------------------------------------
+
+EMPTY = [("batch_norm", (4, 0, 5), {}), ("batch_norm", (0, 3), {}), ("batch_norm", (0, 3, 4), {}),
+         ("batch_norm_channels_last", (4, 5, 0), {}), ("batch_norm_channels_last", (0, 5, 3), {}),
+         ("batch_norm_per_activation", (0, 4), {}), ("weight_standardize", (0, 3), {}),
+         ("group_norm", (0, 4, 3), {"g": 2}), ("group_norm", (2, 0, 3), {"g": 2}), ("instance_norm", (0, 3, 4), {}),
+         ("layer_norm", (0, 4), {}), ("layer_norm", (3, 0), {}), ("rms_norm", (2, 0), {})]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode, shape, sizes", EMPTY)
+def test_empty_in_empty_out(mode, shape, sizes, dtype):
+    ps = nc.param_shapes(mode, shape, **sizes)
+    kw = {}
+    if ps["weight"] is not None:
+        kw["weight"], kw["bias"] = np.ones(ps["weight"], dtype), np.zeros(ps["weight"], dtype)
+    if ps["running_mean"] is not None:
+        kw["running_mean"], kw["running_var"] = np.zeros(ps["running_mean"], dtype), np.ones(ps["running_mean"], dtype)
+    x = np.empty(shape, dtype)
+    for training in (True, False):
+        y, cache = nc.normalize(x, mode, training=training, **kw, **sizes)
+        assert y.shape == shape and y.dtype == dtype
+        dx, dw, db = nc.backward(np.empty(shape, dtype), cache)
+        assert dx.shape == shape
+        for g in (dw, db):
+            if "weight" in kw:
+                assert g.shape == kw["weight"].shape and not g.any()
+        if "running_mean" in kw:
+            assert not kw["running_mean"].any() and (kw["running_var"] == 1).all()
+
+
+def test_empty_input_with_huge_group_counts_allocates_nothing():
+    # every group count divides an empty axis: the plan must not build per-group indices
+    y, cache = nc.group_norm(np.zeros((2, 0, 3), np.float32), 2 ** 40)
+    assert y.shape == (2, 0, 3)
+    dx, dw, db = nc.backward(y, cache)
+    assert dx.shape == (2, 0, 3)
+
+
+def test_empty_batch_leaves_a_layer_untouched():
+    layer = nc.BatchNorm2d(3)
+    y = layer(np.empty((0, 3, 4, 4), np.float32))
+    assert y.shape == (0, 3, 4, 4) and layer.num_batches_tracked == 0
+    assert layer.backward(y).shape == y.shape and not layer.grad_weight.any()
+    np.testing.assert_array_equal(layer.running_var, np.ones(3))
+
+
+# -- every refusing rule before the first write ---------------------------------------------
+
+def test_a_masked_call_refused_by_the_counts_rule_writes_no_output():
+    x = _x((4, 3, 6))
+    mask = np.zeros(x.shape, bool)
+    mask[0, :, 0] = True  # one counted element per channel
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    out, h_out = np.full_like(x, 7.0), np.full_like(x, 7.0)
+    for call in (lambda: nc.normalize(x, "batch_norm", running_mean=rm, running_var=rv, mask=mask, out=out),
+                 lambda: nc.add_normalize(x, x, "batch_norm", running_mean=rm, running_var=rv, mask=mask, out=out,
+                                          h_out=h_out),
+                 lambda: nc.add_normalize(x, x, "instance_norm", mask=mask, out=out, h_out=h_out)):
+        with pytest.raises(ValueError, match="mask: group"):
+            call()
+        assert (out == 7).all() and (h_out == 7).all() and not rm.any() and (rv == 1).all()
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: nc.BatchNorm1d(3), (4, 3, 6)),
+                                         (lambda: nc.InstanceNorm1d(3), (4, 3, 6)),
+                                         (lambda: nc.BatchChannelNorm(3, 1), (4, 3, 6))])
+def test_a_refused_layer_call_keeps_what_the_last_call_returned(make, shape):
+    layer = make()
+    layer.reuse_buffers = True
+    x = _x(shape)
+    y, h = layer.forward_add(x, x)
+    kept_y, kept_h = y.copy(), h.copy()
+    mask = np.zeros(shape, bool)
+    mask[0, :, 0] = True
+    with pytest.raises(ValueError, match="mask: group"):
+        layer.forward_add(x, x, mask=mask)
+    np.testing.assert_array_equal(y, kept_y)
+    np.testing.assert_array_equal(h, kept_h)
+
+
+def test_synchronized_ranks_that_disagree_write_no_h_out():
+    x = _x((8, 3, 4))
+
+    def rank(comm):
+        r = comm.Get_rank()
+        part = x[:4] if r == 0 else x[4:]
+        h_out = np.full_like(part, 7.0)
+        with pytest.raises(ValueError, match="ranks disagree"):
+            nc.add_normalize(part, part, "batch_norm", comm=comm, eps=1e-5 if r == 0 else 1e-3, h_out=h_out)
+        return h_out
+
+    assert all((h == 7).all() for h in run_ranks(2, rank, timeout=10))

@@ -11,12 +11,11 @@
   half precision, and SyncBatchNorm on CuPy arrays. Skipped elsewhere, with the reason.
 """
 import os
-from pathlib import Path
-
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +309,54 @@ def test_cuda_backend_implements_the_kernel_contract():
     assert declared - optional <= {n for n in dir(gpu.CudaKernels) if not n.startswith("_")}
     src = _cuda_text("kernels.cu")
     assert "#define NC_COL_TILE" not in src  # the tile constants come from gpu.compile_options()
+
+
+# -- GPU launch geometry (no GPU needed) ------------------------------------------------------
+
+RNG = np.random.default_rng(12)
+
+
+def test_every_launch_stays_within_the_device_grid_limits():
+    from normcore import gpu
+    seen = []
+    kernels = gpu.CudaKernels(lambda family, name, dtype: lambda grid, block, args: seen.append((name, grid, block)))
+    S, R = 2 ** 25, 1  # a layer norm over 33.5M elements: ceil(S / 256) > 65535
+    x = np.empty((1, R, S), np.float32)  # never touched: the launches only read shapes
+    mean = np.empty(R)
+    kernels.sums_inner(x, x, mean, mean, np.zeros(R, np.intp), np.empty(S), 1, mean, mean,
+                       np.empty((1, S)), np.empty((1, S)), 1)
+    kernels.dx_inner(x, x, mean, mean, np.zeros(R, np.intp), np.empty(S), mean, mean, None, x, 1)
+    wide = np.empty((3, 2 ** 24), np.float32)
+    p = np.empty((1, 2 ** 24))
+    kernels.moments_cols(wide, 3, p, p, 1)
+    kernels.sums_cols(wide, wide, np.empty(2 ** 24), 3, p, p, 1)
+    assert seen
+    for name, grid, block in seen:
+        grid = tuple(grid) + (1, 1)
+        assert 1 <= grid[0] < 2 ** 31 and 1 <= grid[1] <= 65535, (name, grid)
+        assert 1 <= np.prod(block) <= 1024, (name, block)
+
+
+def test_capped_grids_still_cover_every_element(emulated_gpu, monkeypatch):
+    # with the grid's y extent capped at 1, the kernels stride over what it leaves out
+    from normcore import gpu
+    monkeypatch.setattr(gpu, "_MAX_GRID_Y", 1)
+    for mode, shape in (("layer_norm", (5, 700)), ("batch_norm_channels_last", (9, 300))):
+        x = RNG.standard_normal(shape)
+        w = RNG.standard_normal(shape[-1])
+        y, cache = nc.normalize(x, mode, weight=w, bias=np.zeros_like(w))
+        dy = RNG.standard_normal(shape)
+        monkeypatch.setattr(gpu, "_MAX_GRID_Y", 65535)
+        with monkeypatch.context() as m:
+            m.setattr(normcore_checks(), "backend_of", lambda a: nc.backend.CPU)
+            want_y, want_cache = nc.normalize(x, mode, weight=w, bias=np.zeros_like(w))
+            want = nc.backward(dy, want_cache)
+        monkeypatch.setattr(gpu, "_MAX_GRID_Y", 1)
+        np.testing.assert_allclose(y, want_y, rtol=1e-12, atol=1e-12)
+        for a, b in zip(nc.backward(dy, cache), want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def normcore_checks():
+    from normcore import checks
+    return checks

@@ -1,12 +1,13 @@
-"""The compiled path itself: layouts, threads, strides, empty inputs, large offsets."""
+"""The compiled path itself: layouts, threads (a forked child too), strides, empty inputs,
+large offsets."""
 import os
 import subprocess
 import sys
 
-import ml_dtypes
 import numpy as np
 import pytest
 
+import ml_dtypes
 import normcore as nc
 from normcore import backend, kernels
 from normcore.plan import make_plan
@@ -537,3 +538,33 @@ def test_masked_float32_within_three_times_the_floor_in_every_build(build, name,
                     continue
                 ratio = float(np.abs(got.astype(np.float64) - want).max()) / _rounding_floor(want)
                 assert ratio <= 3.0, (what, shape, mshape, ratio)
+
+
+# -- fork --------------------------------------------------------------------------------------
+
+def _normalize_in_child(queue):
+    x = np.random.default_rng(7).standard_normal((64, 32, 16, 16)).astype(np.float32)
+    layer = nc.BatchNorm2d(32)
+    y = layer(x)
+    queue.put((nc.get_num_threads(), y.tobytes(), layer.backward(np.ones_like(y)).tobytes()))
+
+
+def test_a_forked_child_computes_instead_of_hanging():
+    import multiprocessing
+    x = np.random.default_rng(7).standard_normal((64, 32, 16, 16)).astype(np.float32)  # 2**19 elements
+    nc.normalize(x, "batch_norm")  # the parent's OpenMP team now exists
+    layer = nc.BatchNorm2d(32)
+    y = layer(x)
+    dx = layer.backward(np.ones_like(y))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_normalize_in_child, args=(queue,))
+    child.start()
+    try:  # read before joining: a child blocks on exit until its queued data is read
+        threads, y_child, dx_child = queue.get(timeout=60)
+    except Exception:
+        child.kill()
+        pytest.fail("the forked child hung in a kernel")
+    child.join(10)
+    assert threads == 1 and child.exitcode == 0
+    assert y_child == y.tobytes() and dx_child == dx.tobytes()  # bitwise: any thread count

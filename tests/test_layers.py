@@ -1,4 +1,5 @@
-"""Layer behaviour: running statistics, train/eval, gradient accumulation, save/load."""
+"""Layer behaviour: running statistics, train/eval, gradient accumulation, save/load, bias=False,
+unbatched instance norm, and errors that name the public class."""
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
+from layer_cases import _OneRank, _x, _state, _same_state
 
 RNG = np.random.default_rng(1)
 
@@ -203,3 +205,118 @@ def test_train_save_load_in_fresh_process_is_bit_identical(tmp_path, ctor, shape
     assert y2.dtype == y.dtype
     assert np.array_equal(y, y2)
     assert layer.state_dict().keys() == dict(np.load(tmp_path / "model.npz")).keys()
+
+
+# -- small contracts ----------------------------------------------------------------------
+
+def test_to_drops_every_kept_buffer():
+    ln = nc.LayerNorm(5)
+    ln.reuse_buffers = True
+    x = _x((3, 5))
+    y, h = ln.forward_add(x, x)
+    dx = ln.backward(np.ones_like(y))
+    ln.to("cpu")
+    y2, h2 = ln.forward_add(x, x)
+    dx2 = ln.backward(np.ones_like(y))
+    assert y2 is not y and h2 is not h and dx2 is not dx
+    with pytest.raises(RuntimeError, match="before forward"):
+        ln.to("cpu").backward(np.ones_like(y))
+
+
+def test_fold_of_a_half_layer_returns_its_param_dtype():
+    bn = nc.BatchNorm2d(3, dtype=np.float16).eval()
+    scale, shift = bn.fold()
+    assert scale.dtype == shift.dtype == bn.param_dtype == np.float32
+    assert "param_dtype" in nc.BatchNorm2d.fold.__doc__
+
+
+@pytest.mark.slow  # a fresh interpreter or compiler
+def test_an_empty_normcore_kernels_variable_is_the_default():
+    env = dict(os.environ, NORMCORE_KERNELS="")
+    code = "import normcore.kernels as k; print(k.VARIANT == k.available_variants()[0])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(nc.__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+# -- bias=False ---------------------------------------------------------------------------
+
+BIAS_LAYERS = [
+    (lambda **k: nc.BatchNorm1d(4, **k), (8, 4)), (lambda **k: nc.BatchNorm2d(4, **k), (6, 4, 3, 3)),
+    (lambda **k: nc.BatchNorm3d(4, **k), (4, 4, 2, 2, 2)), (lambda **k: nc.GroupNorm(2, 4, **k), (6, 4, 5)),
+    (lambda **k: nc.InstanceNorm1d(4, affine=True, **k), (6, 4, 5)),
+    (lambda **k: nc.InstanceNorm2d(4, affine=True, track_running_stats=True, **k), (6, 4, 3, 3)),
+    (lambda **k: nc.InstanceNorm3d(4, affine=True, **k), (3, 4, 2, 2, 2)),
+    (lambda **k: nc.ChannelNorm(4, 2, **k), (6, 4, 5)), (lambda **k: nc.EstimatedBatchNorm(4, **k), (6, 4, 5)),
+    (lambda **k: nc.SyncBatchNorm(4, comm=_OneRank(), **k), (6, 4, 5)),
+    (lambda **k: nc.LayerNorm(5, **k), (6, 4, 5)),
+]
+
+
+
+@pytest.mark.parametrize("make, shape", BIAS_LAYERS)
+def test_bias_false_gives_a_scale_alone(make, shape):
+    layer, full = make(bias=False), make()
+    assert layer.bias is None and layer.grad_bias is None and layer.weight is not None
+    assert "bias" not in layer.state_dict() and "bias" in full.state_dict()
+    assert "bias=False" in repr(layer)
+    x, dy = _x(shape, offset=1.0), _x(shape)
+    y, y_full = layer(x), full(x)
+    np.testing.assert_array_equal(y, y_full)  # the bias is zero at construction
+    np.testing.assert_array_equal(layer.backward(dy), full.backward(dy))
+    np.testing.assert_array_equal(layer.grad_weight, full.grad_weight)
+    if getattr(layer, "running_mean", None) is not None:
+        layer.eval()
+        layer.weight[...] = 2.0
+        scale, shift = layer.fold(ndim=len(shape)) if layer._fold_ndim is None else layer.fold()
+        np.testing.assert_allclose(x * scale + shift, layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_channel_norm_bias_false():
+    bcn = nc.BatchChannelNorm(4, 2, bias=False)
+    assert bcn.batch_norm.bias is None and bcn.channel_norm.bias is None
+    assert not any(k.endswith("bias") for k in bcn.state_dict())
+    y = bcn(_x((6, 4, 5)))
+    bcn.backward(np.ones_like(y))
+
+
+# -- instance norm without the batch axis -------------------------------------------------
+
+@pytest.mark.parametrize("cls, shape", [(nc.InstanceNorm1d, (3, 7)), (nc.InstanceNorm2d, (3, 4, 5)),
+                                        (nc.InstanceNorm3d, (3, 2, 3, 4))])
+@pytest.mark.parametrize("kw", [{}, {"affine": True}, {"affine": True, "track_running_stats": True}])
+def test_instance_norm_takes_unbatched_input_as_a_batch_of_one(cls, shape, kw):
+    one, batch = cls(3, **kw), cls(3, **kw)
+    x, dy = _x(shape, offset=2.0), _x(shape)
+    y = one(x)
+    assert y.shape == shape
+    np.testing.assert_array_equal(y, batch(x[None])[0])
+    np.testing.assert_array_equal(one.backward(dy), batch.backward(dy[None])[0])
+    assert _same_state(_state(one), _state(batch))
+    y, h = one.forward_add(x, x)
+    assert h.shape == shape and np.array_equal(h, x + x)
+    np.testing.assert_array_equal(y, batch.forward_add(x[None], x[None])[0][0])
+    mask = np.ones(shape[1:], bool)
+    mask.flat[0] = False
+    np.testing.assert_array_equal(one(x, mask=mask), batch(x[None], mask=mask)[0])
+    one.eval(), batch.eval()
+    np.testing.assert_array_equal(one(x), batch(x[None])[0])
+    with pytest.raises(ValueError, match="expects"):
+        one(x[0])
+
+
+def test_only_instance_norm_takes_unbatched_input():
+    with pytest.raises(ValueError, match="BatchNorm2d expects 4-D input"):
+        nc.BatchNorm2d(3)(_x((3, 4, 5)))
+    with pytest.raises(ValueError, match="expected 3 channels .* on axis 0"):
+        nc.InstanceNorm2d(3)(_x((4, 4, 5)))
+
+
+# -- errors name the public class --------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [getattr(nc, n) for n in nc.layers.__all__])
+def test_a_misspelled_keyword_names_the_public_class(cls):
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\): got an unexpected keyword argument 'epss'"):
+        cls(4, 2, epss=1e-3) if cls in (nc.GroupNorm, nc.ChannelNorm, nc.BatchChannelNorm) else cls(4, epss=1e-3)
+    with pytest.raises(TypeError, match=rf"^{cls.__name__}\(\): missing a required argument"):
+        cls()

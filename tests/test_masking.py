@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import normcore as nc
+from layer_cases import _x
 from normcore.layout import canonical
 from normcore.testing import TOLERANCE, assert_close, run_ranks
 
@@ -332,3 +333,90 @@ def test_a_mask_of_x_shape_is_read_in_place():
     mask = RNG.random((2, 3, 4)) < 0.5
     m = mask_rows(mask, plan, CPU)
     assert m.step == 1 and np.shares_memory(m.base, mask)
+
+
+# -- numpy.ma masks -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda x, m: nc.normalize(x, "batch_norm", mask=m),
+    lambda x, m: nc.add_normalize(x, x, "layer_norm", mask=m),
+    lambda x, m: nc.layer_norm(x, 5, mask=m),
+    lambda x, m: nc.BatchNorm1d(3)(x, mask=m),
+    lambda x, m: nc.LayerNorm(5).forward_add(x, x, mask=m),
+    lambda x, m: nc.BatchChannelNorm(3, 1)(x, mask=m),
+], ids=["normalize", "add_normalize", "form", "layer", "layer-add", "BatchChannelNorm"])
+def test_a_numpy_ma_mask_is_refused_naming_mask(call):
+    x = _x((4, 3, 5))
+    m = np.ma.masked_array(np.ones((4, 3, 5), bool), mask=np.zeros((4, 3, 5), bool))
+    with pytest.raises(TypeError, match="^mask: masked arrays are not supported"):
+        call(x, m)
+
+
+# -- NaN padding never reaches a gradient -------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode, shape, mshape, sizes", [
+    ("batch_norm_channels_last", (4, 9, 5), (4, 9, 1), {}),
+    ("batch_norm", (4, 3, 9), (4, 1, 9), {}),
+    ("batch_norm", (40, 3), (40, 1), {}),
+    ("layer_norm", (4, 9), (4, 9), {}),
+    ("group_norm", (3, 4, 10), (3, 1, 10), {"g": 2}),
+    ("instance_norm", (3, 4, 10), (3, 1, 10), {}),
+    ("rms_norm", (4, 9), (4, 9), {}),
+])
+@pytest.mark.parametrize("training", [True, False])
+def test_nan_padding_never_reaches_a_gradient(mode, shape, mshape, sizes, dtype, training):
+    x = _x(shape, dtype, offset=1.0)
+    mask = RNG.random(mshape) < 0.7
+    mask[..., :3] = True
+    free = ~np.broadcast_to(mask, shape)
+    padded = np.where(free, np.nan, x).astype(dtype)
+    padded[free & (RNG.random(shape) < 0.3)] = np.inf
+    shapes = nc.param_shapes(mode, shape, **sizes)
+    kw = {"weight": _x(shapes["weight"], dtype), "bias": _x(shapes["weight"], dtype)} if shapes["weight"] else {}
+    run = lambda: ({"running_mean": np.zeros(shapes["running_mean"], dtype),  # noqa: E731
+                    "running_var": np.ones(shapes["running_mean"], dtype)} if shapes["running_mean"] else {})
+    if not training and not shapes["running_mean"]:
+        pytest.skip("no running statistics: eval is training's computation")
+    dy = _x(shape, dtype)
+    for dy_padding in (0.0, np.nan):
+        dy2 = np.where(free, dy_padding, dy).astype(dtype)
+        with np.errstate(invalid="ignore"):
+            y, cache = nc.normalize(padded, mode, mask=mask, training=training, **kw, **run(), **sizes)
+        dx, dw, db = nc.backward(dy2, cache)
+        y0, cache0 = nc.normalize(x, mode, mask=mask, training=training, **kw, **run(), **sizes)
+        dx0, dw0, db0 = nc.backward(dy, cache0)
+        assert np.isfinite(y[~free]).all() and (dx[free] == 0).all()
+        np.testing.assert_array_equal(dx[~free], dx0[~free])
+        for a, b in ((dw, dw0), (db, db0)):
+            assert a is None or (np.isfinite(a).all() and np.array_equal(a, b))
+
+
+def test_masked_batch_norm_gradients_equal_those_of_the_counted_elements_alone():
+    x = _x((4, 10, 8), np.float64)
+    mask = (np.arange(10)[None, :] < np.array([10, 7, 3, 5])[:, None])[:, :, None]
+    padded = np.where(mask, x, np.nan)
+    w, b = _x(8, np.float64), _x(8, np.float64)
+    dy = _x(x.shape, np.float64)
+    y, cache = nc.normalize(padded, "batch_norm_channels_last", weight=w, bias=b, mask=mask)
+    dx, dw, db = nc.backward(dy, cache)
+    real = mask[..., 0]
+    y1, c1 = nc.normalize(x[real], "batch_norm_channels_last", weight=w, bias=b)
+    dx1, dw1, db1 = nc.backward(dy[real], c1)
+    np.testing.assert_allclose(y[real], y1, atol=1e-12)
+    np.testing.assert_allclose(dx[real], dx1, atol=1e-12)
+    np.testing.assert_allclose(dw, dw1, atol=1e-12)
+    np.testing.assert_allclose(db, db1, atol=1e-12)
+    assert (dx[~real] == 0).all()
+
+
+def test_nan_padding_through_the_emulated_cuda_kernels(emulated_gpu):
+    x = _x((4, 9, 5), np.float32)
+    mask = RNG.random((4, 9, 1)) < 0.6
+    mask[:, :2] = True
+    padded = np.where(mask, x, np.nan).astype(np.float32)
+    y, cache = nc.normalize(padded, "batch_norm_channels_last", weight=np.ones(5, np.float32),
+                            bias=np.zeros(5, np.float32), mask=mask)
+    dx, dw, db = nc.backward(np.where(np.broadcast_to(mask, x.shape), 1.0, np.nan).astype(np.float32), cache)
+    assert np.isfinite(dw).all() and np.isfinite(db).all() and np.isfinite(dx).all()
+    assert (dx[~np.broadcast_to(mask, x.shape)] == 0).all()

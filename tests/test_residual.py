@@ -3,11 +3,13 @@ x + residual bitwise, y and every gradient are normalize's of h bitwise (dx + dh
 input's gradient), through the fused one-visit kernels and the separate add alike; bad
 residuals and dh raise before anything is written. (The Hypothesis property
 prop_add_normalize runs on every mode in test_properties and on the emulated GPU.)"""
-import ml_dtypes
 import numpy as np
 import pytest
 
+import ml_dtypes
 import normcore as nc
+from layer_cases import _x, LAYERS, IDS, _state, _same_state
+from normcore.testing import run_ranks
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 RNG = np.random.default_rng(14)
@@ -194,3 +196,27 @@ def test_synchronized_add_normalize_equals_the_whole_batch():
     out = run_ranks(2, bad, timeout=10)
     assert all(isinstance(o, Exception) for o in out)
     assert isinstance(out[1], ValueError) and "residual" in str(out[1])
+
+
+# -- forward_add with a missing residual ---------------------------------------------------
+
+@pytest.mark.parametrize("name, make, shape", LAYERS, ids=IDS)
+def test_forward_add_refuses_a_missing_residual(name, make, shape):
+    layer = make()
+    before = _state(layer)
+    with pytest.raises(TypeError, match="^residual: expected an array of x's shape and dtype, got None"):
+        layer.forward_add(_x(shape), None)
+    assert _same_state(before, _state(layer))
+    with pytest.raises(TypeError, match="^residual: expected an array"):
+        nc.add_normalize(_x(shape), None, "layer_norm")
+
+
+def test_sync_batch_norm_forward_add_refuses_a_missing_residual_on_every_rank():
+    def rank(comm):
+        bn = nc.SyncBatchNorm(3, comm=comm)
+        x = _x((4, 3, 2))
+        return bn.forward_add(x, None if comm.Get_rank() == 1 else x)
+
+    out = run_ranks(2, rank, timeout=10)
+    assert isinstance(out[1], TypeError) and "residual" in str(out[1])
+    assert isinstance(out[0], nc.SyncError) and "residual" in str(out[0])

@@ -1,8 +1,10 @@
-"""The decay-style running-average convention (decay=), beside PyTorch's momentum."""
+"""Running statistics: the decay-style running-average convention (decay=) beside PyTorch's
+momentum, and the one counts rule for a group in training, with a mask or without."""
 import numpy as np
 import pytest
 
 import normcore as nc
+from layer_cases import _x
 from normcore import cs231n
 
 RNG = np.random.default_rng(21)
@@ -90,3 +92,22 @@ def test_cs231n_momentum_is_a_decay():
     cs231n.batchnorm_forward(x, np.ones(4), np.zeros(4), bn_param)
     np.testing.assert_allclose(bn_param["running_mean"], 0.9 + 0.1 * x.mean(axis=0), rtol=1e-14)
     np.testing.assert_allclose(bn_param["running_var"], 0.9 + 0.1 * x.var(axis=0), rtol=1e-14)
+
+
+# -- one counts rule, with a mask or without ----------------------------------------------
+
+@pytest.mark.parametrize("mode", ["batch_norm", "instance_norm"])
+def test_one_value_per_group_in_training_is_refused_with_or_without_a_mask(mode):
+    x = _x((4, 3, 6))
+    with pytest.raises(ValueError, match="more than 1 value per statistics group"):
+        nc.normalize(x[:1, :, :1] if mode == "batch_norm" else x[:, :, :1], mode)
+    mask = np.zeros(x.shape, bool)
+    mask[0, :, 0] = True
+    if mode == "instance_norm":
+        mask[:, :, 0] = True
+    with pytest.raises(ValueError, match="counted element"):
+        nc.normalize(x, mode, mask=mask)
+    with pytest.raises(ValueError, match="counted element"):
+        (nc.BatchNorm1d(3, track_running_stats=False) if mode == "batch_norm" else nc.InstanceNorm1d(3))(x, mask=mask)
+    nc.normalize(x, mode, mask=mask, training=False)  # eval has no such rule
+    nc.normalize(x, "layer_norm", mask=mask)  # nor a mode without running statistics

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normcore as nc
+from layer_cases import _x
 from normcore.reference import reference_backward, reference_forward
 from normcore.testing import assert_close, run_ranks
 
@@ -290,3 +291,68 @@ def test_ranks_that_disagree_on_settings_raise_on_every_rank(setting, values):
     out = run_ranks(2, rank, timeout=10)
     for e in out:
         assert isinstance(e, ValueError) and "ranks disagree" in str(e) and setting in str(e)
+
+
+# -- synchronized ranks that disagree -----------------------------------------------------
+
+RUN = {"running_mean": None, "running_var": None}
+
+
+@pytest.mark.parametrize("setting, values", [
+    ("estimate", (True, False)),
+    ("eps", (1e-5, 1e-3)),
+    ("momentum", (0.1, 0.2)),
+    ("decay", (None, 0.9)),
+    ("unbiased", (True, False)),
+    ("weight", (True, False)),
+    ("bias", (True, False)),
+    ("running", (True, False)),
+    ("mask", (True, False)),
+    ("training", (True, False)),
+])
+def test_synchronized_ranks_that_disagree_on_a_setting_raise_on_every_rank(setting, values):
+    x = _x((8, 3, 4))
+
+    def rank(comm):
+        r = comm.Get_rank()
+        v = values[r]
+        kw = {"running_mean": np.zeros(3, np.float32), "running_var": np.ones(3, np.float32),
+              "weight": np.ones(3, np.float32), "bias": np.zeros(3, np.float32)}
+        if setting in ("weight", "bias") and not v:
+            del kw[setting]
+        elif setting == "running" and not v:
+            del kw["running_mean"], kw["running_var"]
+        elif setting == "mask":
+            kw["mask"] = np.ones((4, 1, 4), bool) if v else None
+        elif setting == "decay":
+            kw["momentum" if v is None else "decay"] = 0.1 if v is None else v
+        elif setting == "training":
+            kw["training"] = v
+            if not v:
+                del kw["running_mean"], kw["running_var"]  # eval without running ones still exchanges
+        elif setting not in ("running", "weight", "bias"):
+            kw[setting] = v
+        state = (kw.get("running_mean", np.zeros(3)).copy(),)
+        try:
+            nc.normalize(x[:4] if r == 0 else x[4:], "batch_norm", comm=comm, **kw)
+        except ValueError as e:
+            assert "running_mean" not in kw or np.array_equal(kw["running_mean"], state[0])
+            return e
+        return None
+
+    out = run_ranks(2, rank, timeout=10)
+    assert all(isinstance(e, ValueError) and "ranks disagree" in str(e) for e in out), out
+
+
+def test_synchronized_backward_ranks_that_disagree_on_parameters_raise():
+    x = _x((8, 3, 4))
+
+    def rank(comm):
+        r = comm.Get_rank()
+        kw = {"weight": np.ones(3, np.float32)} if r == 0 else {}
+        y, cache = nc.normalize(x[:4] if r == 0 else x[4:], "batch_norm", comm=comm,
+                                bias=np.zeros(3, np.float32), **kw)
+        return y, cache
+
+    out = run_ranks(2, rank, timeout=10)  # the forward's settings differ already
+    assert all(isinstance(e, ValueError) and "weight given" in str(e) for e in out)
