@@ -79,12 +79,18 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
     else:
         m, _, use_batch, route = fixed
     dtype = x.dtype
+    arrays = be.array_type
+    # the common case of checks.param inline (an array of x's backend, dtype and the shape),
+    # the rule itself where it is not
     for name, a, shape in (("weight", weight, plan.param_shape), ("bias", bias, plan.param_shape),
                            ("running_mean", running_mean, plan.running_shape),
                            ("running_var", running_var, plan.running_shape)):
-        checks.param(name, a, shape, dtype, be)
-    checks.same_dtype("weight", weight, "bias", bias)
-    checks.same_dtype("running_mean", running_mean, "running_var", running_var)
+        if a is not None and not (type(a) is arrays and a.dtype == dtype and a.shape == shape):
+            checks.param(name, a, shape, dtype, be)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        checks.same_dtype("weight", weight, "bias", bias)
+    if has_running and running_mean.dtype != running_var.dtype:
+        checks.same_dtype("running_mean", running_mean, "running_var", running_var)
     if has_running:
         if training:
             for name, a in (("running_mean", running_mean), ("running_var", running_var)):
@@ -113,12 +119,8 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
                         {"x": x, "residual": residual, "weight": weight, "bias": bias,
                          "running_mean": None if writes_running else running_mean,
                          "running_var": None if writes_running else running_var}, be)
-    if estimate and not (has_running and training):
-        raise ValueError("estimate: needs running_mean and running_var and training=True")
     if not use_batch:
         link = None  # eval with running statistics: nothing to exchange
-    if link is None and plan.count <= 1 and x.size:  # synchronized: checked once all ranks' counts are known
-        check_count(plan.count, plan.layout[1], training, m, x.shape)
     return Call(m, plan, be, dtype,
                     None if weight is None else flat(weight, be),
                     None if bias is None else flat(bias, be),
@@ -149,7 +151,12 @@ def _check_signature(x, be, mode, weight, bias, running_mean, running_var, train
         raise ValueError("running_mean/running_var: give both or neither")
     if has_running and m.running_stats is None:
         raise ValueError(f"running_mean: {describe_mode(m)} keeps no running statistics")
+    if estimate and not (has_running and training):
+        raise ValueError("estimate: needs running_mean and running_var and training=True")
     use_batch = training or not has_running
+    if (link is None or not use_batch) and plan.count <= 1 and x.size:
+        # (synchronized: checked once all ranks' counts are known)
+        check_count(plan.count, plan.layout[1], training, m, x.shape)
     route = resolve(plan, Capabilities.of(be), center=m.center, use_batch=use_batch, estimate=estimate,
                     update=training and has_running and plan.layout[1] > 0, synced=link is not None,
                     masked=masked, residual=residual, affine=weight is not None or bias is not None,
