@@ -80,14 +80,26 @@ class Kernels(Protocol):
     ``threads``. OUT arrays are fully written unless marked "zeroed" (the caller zeroes).
     The elementwise outputs (y, dx) are written through their data alone, their shape
     unread: any C-contiguous array of the right size will do (the caller's, unreshaped).
+
+    Masks are optional keyword arguments of the entries that read them, never entries of
+    their own: ``mask`` uint8 bytes (nonzero: counted) by the kernel's rows
+    (masking.MaskRows), row r's bytes starting at ``mask[moff[r]]`` (moff intp) and
+    advancing by ``mstep``, 1 or 0 (one byte for the row). Rows: the A * R rows of S of the
+    (A, R, S) layout, or for the column strategy the A rows of C of (A, C). A masked entry
+    leaves the masked-out positions out of every sum and writes dx = 0 there (they are not
+    data); counts per group divide the backward's terms (dx_coefficients with the sums
+    pre-divided and count 1). Masked dx passes take no dh.
     """
 
     # -- statistics ------------------------------------------------------------------------
-    def moments_rows(self, x, pmean, pm2, threads):
-        """IN x (A, C, B) T; OUT pmean, pm2 (A, C): mean and centred sum of squares of each row."""
+    def moments_rows(self, x, pmean, pm2, threads, *, mask=None, moff=None, mstep=0, rows_per_group=1, pcount=None):
+        """IN x (A, C, B) T; OUT pmean, pm2 (A, C): mean and centred sum of squares of each row.
+        With mask (moff (A * C,)): per group of J = rows_per_group consecutive rows, over
+        the counted elements, OUT pmean, pm2, pcount (A, C / J) (0, 0, 0 for none)."""
 
-    def moments_cols(self, x, rows_per_block, pmean, pm2, threads):
-        """IN x (A, C) T; OUT pmean, pm2 (ceil(A / rows_per_block), C): per row block."""
+    def moments_cols(self, x, rows_per_block, pmean, pm2, threads, *, mask=None, moff=None, mstep=0, pcount=None):
+        """IN x (A, C) T; OUT pmean, pm2 (ceil(A / rows_per_block), C): per row block. With
+        mask (moff (A,)): over the counted elements, their number into pcount (same shape)."""
 
     def combine_moments(self, pmean, pm2, counts, mean, m2, threads):
         """IN pmean, pm2 (K, C), counts (K,); OUT mean, m2 (C,): exact merge in order."""
@@ -122,11 +134,13 @@ class Kernels(Protocol):
         OUT y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + b[rp[r] + s]."""
 
     def normalize_groups(self, x, residual, h, rows_per_group, center, eps, affine, rp, w, b, mean, var,
-                         rstd, y, threads):
+                         rstd, y, threads, *, mask=None, moff=None, mstep=0, counts=None):
         """IN x (1, C, B) T, residual (1, C, B) T or None, rp (C * J,), w, b (P,) float64,
         affine an AffineKind; OUT h (1, C, B) T (None without a residual), mean, var, rstd
         (C,), y (1, C, B): statistics and output in one visit per group, of h = x + residual
-        (as ``add``) when a residual is given."""
+        (as ``add``) when a residual is given. With mask (moff (C * J,), no residual): over
+        the counted elements, OUT also counts (C,); a group with none gets mean 0, var 0,
+        rstd 0 (optional: ``masked_groups``)."""
 
     def normalize_cols(self, x, rows_per_block, center, eps, rg, rp, w, b, has_w, has_b, mean, var, rstd, y,
                        threads):
@@ -143,7 +157,7 @@ class Kernels(Protocol):
     # -- backward ----------------------------------------------------------------------------
     def sums_rows(self, dy, x, mean, p1, p2, threads, mask=None, moff=None, mstep=0):
         """IN dy, x (A, R, S) T, mean (R,); OUT p1, p2 (A, R): row sums of dy, dy * (x - mean).
-        mask, moff, mstep (as masked_dx_rows reads them; optional: ``masked_sums``): over the
+        mask, moff, mstep (as dx_rows reads them; optional: ``masked_sums``): over the
         counted elements only, whatever the others hold."""
 
     def sums_cols(self, dy, x, mean, rows_per_block, p1, p2, threads, mask=None, moff=None, mstep=0):
@@ -157,9 +171,11 @@ class Kernels(Protocol):
     def dx_coefficients(self, g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3):
         """IN g1, g2 (C,), rg, rp (R,), w (P,) T, rstd (C,); OUT k1, k2, k3 (R,) of dx_rows."""
 
-    def dx_rows(self, dy, x, mean, k1, k2, k3, rows_per_block, dh, dx, threads):
+    def dx_rows(self, dy, x, mean, k1, k2, k3, rows_per_block, dh, dx, threads, *, mask=None, moff=None, mstep=0,
+                cols=False):
         """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,), dh (A, R, S) T or None; OUT dx = dy k1 +
-        (x - mean) k2 + k3, plus dh after dx's rounding (as ``add``) when given."""
+        (x - mean) k2 + k3, plus dh after dx's rounding (as ``add``) when given. With mask
+        (cols: the A rows of R, S == 1; else the A * R rows of S): 0 where not counted."""
 
     def sums_inner(self, dy, x, mean, rstd, rp, w, rows_per_block, s1, s2, pdw, pdb, threads, mask=None,
                    moff=None, mstep=0):
@@ -167,16 +183,21 @@ class Kernels(Protocol):
         g = dy w[rp + s] and g xhat; pdw, pdb (ceil(R / rows_per_block), P) zeroed partials.
         mask as in ``sums_rows``, for the R rows of S."""
 
-    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads):
+    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads, *, mask=None, moff=None, mstep=0):
         """IN dy, x (1, R, S) T, mean, rstd, rp, c1, c2 (R,), w (P,) float64, dh (1, R, S) T or
-        None; OUT dx = rstd (dy w - c1 - xhat c2), plus dh as in ``dx_rows``."""
+        None; OUT dx = rstd (dy w - c1 - xhat c2), plus dh as in ``dx_rows``. With mask
+        (moff (R,)): 0 where not counted."""
 
     def backward_groups(self, dy, x, rows_per_group, center, affine, rp, w, mean, rstd,
-                        groups_per_block, t1, t2, pdw, pdb, dh, dx, threads):
+                        groups_per_block, t1, t2, pdw, pdb, dh, dx, threads, *, mask=None, moff=None, mstep=0,
+                        counts=None):
         """IN dy, x (1, C, B) T, rp (C * J,), w (P,) float64, mean, rstd (C,), dh (1, C, B)
         T or None; OUT t1, t2 (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P)
         zeroed partials (INNER), dx (1, C, B), plus dh when given (as ``add``, after dx's
-        rounding): training backward in one visit per group (optional: ``fused_backward``)."""
+        rounding): training backward in one visit per group (optional: ``fused_backward``).
+        With mask (as normalize_groups took it, counts from it; no dh): the sums over the
+        counted elements, the statistics terms divided by counts[c] (optional:
+        ``masked_groups``)."""
 
     def backward_cols(self, dy, x, mean, rstd, rows_per_block, rg, rp, w, has_w, count, stats_grad, center,
                       dw, db, dh, dx, threads):
@@ -184,43 +205,6 @@ class Kernels(Protocol):
         skipped), dx (A, C) (plus dh, (A, C) T or None): the column strategy's backward,
         sums_cols → gradient_sums → dx_coefficients → dx_rows in one call."""
 
-
-    # -- masked statistics -------------------------------------------------------------------
-    # A mask arrives as uint8 bytes (nonzero: counted) by the kernel's rows (masking.MaskRows):
-    # row r's bytes start at mask[moff[r]] (moff intp) and advance by mstep, 1 or 0 (one byte
-    # for the row). Rows: the A * R rows of S of the (A, R, S) layout, or for the column
-    # strategy the A rows of C of (A, C). The backward's sums are the plain kernels' (y is
-    # computed everywhere); counts per group divide its terms (dx_coefficients with the sums
-    # pre-divided and count 1).
-    def masked_moments_rows(self, x, mask, moff, mstep, rows_per_group, pmean, pm2, pcount, threads):
-        """IN x (A, R, S) T, mask, moff (A * R,), mstep; OUT pmean, pm2, pcount (A, R / J)
-        float64 (J = rows_per_group consecutive rows a group): moments and number of each
-        group's counted elements per block a (0, 0, 0 for none)."""
-
-    def masked_moments_cols(self, x, mask, moff, mstep, rows_per_block, pmean, pm2, pcount, threads):
-        """IN x (A, C) T, mask, moff (A,), mstep; OUT pmean, pm2, pcount (ceil(A / rows_per_block),
-        C) float64: as moments_cols over the counted elements, with their counts."""
-
-    def masked_dx_rows(self, dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rows_per_block, dx, threads):
-        """IN dy, x (A, R, S) T, mask, moff, mstep (cols: the A rows of R, S == 1; else the
-        A * R rows of S), mean, k1, k2, k3 (R,); OUT dx = dy k1 + (x - mean) k2 + k3 where
-        counted, 0 elsewhere (masked-out positions are not data)."""
-
-    def masked_dx_inner(self, dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dx, threads):
-        """IN as dx_inner (no dh) and mask, moff (R,), mstep; OUT dx = rstd (dy w - (c1 + xhat
-        c2)) where counted, 0 elsewhere."""
-
-    def masked_normalize_groups(self, x, mask, moff, mstep, rows_per_group, center, eps, affine, rp, w, b,
-                                mean, var, rstd, counts, y, threads):
-        """normalize_groups (no residual) over the counted elements, moff (C * J,); OUT also
-        counts (C,) float64; a group with none gets mean 0, var 0, rstd 0 (optional:
-        ``masked_groups``)."""
-
-    def masked_backward_groups(self, dy, x, mask, moff, mstep, counts, rows_per_group, center, affine, rp,
-                               w, mean, rstd, groups_per_block, t1, t2, pdw, pdb, dx, threads):
-        """backward_groups (no dh) after masked_normalize_groups: the sums over the counted
-        elements, the statistics terms divided by counts[c], dx 0 where not counted
-        (optional: ``masked_groups``)."""
 
 
 def machine_eps(dtype) -> float:
@@ -244,7 +228,7 @@ class Backend:
     place = "CPU"  # for messages: "x is on the CPU"
     fused_forward = True   # K.normalize_groups: one-pass forward of contiguous groups
     fused_backward = True  # K.backward_groups: one-visit training backward (optional)
-    masked_groups = True   # K.masked_normalize_groups / masked_backward_groups (optional)
+    masked_groups = True   # K.normalize_groups / backward_groups take mask= (optional)
     masked_sums = True     # K.sums_rows / sums_cols / sums_inner take mask= (optional)
     array_type = np.ndarray
     array_name = "numpy.ndarray"

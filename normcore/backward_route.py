@@ -57,7 +57,7 @@ def _mask_args(cache, run: Run):
     m = cache.mask
     if m is None or not run.be.masked_sums:
         return _NO_MASK
-    return {"mask": m.base, "moff": m.offsets, "mstep": m.step}
+    return m.kernel_args()
 
 
 _NO_MASK: dict = {}  # read only
@@ -104,14 +104,9 @@ def _backward_one_visit(dy3, x3, cache, dx_rows, run: Run, dh3=None):
     rp = run.params_ix(plan)
     w64 = cache.weight_f64() if cache.has_weight else xp.ones(P)
     m = cache.mask
-    if m is not None:
-        run.K.masked_backward_groups(dy3, x3, m.base, m.offsets, m.step, cache.counts, R // C,
-                                     cache.mode.center, int(affine), rp, w64, cache.mean, cache.rstd,
-                                     plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dx_rows, run.threads)
-    else:
-        run.K.backward_groups(dy3, x3, R // C, cache.mode.center, int(affine), rp, w64,
-                              cache.mean, cache.rstd, plan.groups_per_block, row_dy, row_dyx, pdw, pdb,
-                              dh3, dx_rows, run.threads)
+    masked = _NO_MASK if m is None else dict(m.kernel_args(), counts=cache.counts)
+    run.K.backward_groups(dy3, x3, R // C, cache.mode.center, int(affine), rp, w64, cache.mean, cache.rstd,
+                          plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dh3, dx_rows, run.threads, **masked)
     if affine is AffineKind.INNER:
         return pdw.sum(axis=0), pdb.sum(axis=0)
     if affine is AffineKind.ROW:
@@ -147,13 +142,9 @@ def _backward_inner(dy_rows, x3, cache, dx_rows, run: Run, link=None, dh3=None):
     n = cache.count if cache.counts is None else masking.safe_counts(cache.counts, xp)
     mean_g = per_row(group_g / n, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
     mean_gx = per_row(group_gx / n, plan, run) if cache.stats_grad else xp.zeros(R)
-    m = cache.mask
-    if m is not None:
-        run.K.masked_dx_inner(dy_rows, x_rows, m.base, m.offsets, m.step, mean_r, rstd_r, rp, w, mean_g, mean_gx,
-                              dx_rows, run.threads)
-        return dw, db
     run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx,
-                   None if dh3 is None else shaped(dh3, plan.rows), dx_rows, run.threads)
+                   None if dh3 is None else shaped(dh3, plan.rows), dx_rows, run.threads,
+                   **(_NO_MASK if cache.mask is None else cache.mask.kernel_args()))
     return dw, db
 
 
@@ -208,9 +199,8 @@ def _backward_rows(dy_rows, x3, cache, dx_rows, run: Run, link=None, dh3=None):
         n = 1.0 if cache.counts is None else masking.safe_counts(cache.counts, xp)
         run.K.dx_coefficients(group_g / n, group_gx / n, rg, rp, w, cache.has_weight, cache.rstd, 1.0,
                               cache.stats_grad, cache.mode.center, k1, k2, k3)
-        m = cache.mask
-        run.K.masked_dx_rows(dy_rows, x_rows, m.base, m.offsets, m.step, plan.strategy is Strategy.COLUMNS,
-                             mean_r, k1, k2, k3, plan.rows_per_block, dx_rows, run.threads)
+        run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, None, dx_rows, run.threads,
+                      cols=plan.strategy is Strategy.COLUMNS, **cache.mask.kernel_args())
         return (dw, db) if affine else (None, None)
     run.K.dx_coefficients(group_g, group_gx, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
                           cache.stats_grad, cache.mode.center, k1, k2, k3)

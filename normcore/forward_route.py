@@ -174,13 +174,14 @@ def _masked_moments(x3, mask3, plan: Plan, run: Run):
     m = mask3
     if plan.strategy is Strategy.COLUMNS:
         parts = [xp.empty((len(plan.partial_counts), C)) for _ in range(3)]
-        run.K.masked_moments_cols(x3, m.base, m.offsets, m.step, plan.rows_per_block, *parts, run.threads)
+        run.K.moments_cols(x3, plan.rows_per_block, parts[0], parts[1], run.threads, pcount=parts[2],
+                           **m.kernel_args())
         return tuple(parts)
     R = plan.rows[1]
     scattered = plan.strategy is Strategy.SCATTERED  # per-row partials, regrouped
     parts = [xp.empty((A, R) if scattered else (A, C)) for _ in range(3)]
-    run.K.masked_moments_rows(shaped(x3, plan.rows), m.base, m.offsets, m.step, 1 if scattered else R // C,
-                              *parts, run.threads)
+    run.K.moments_rows(shaped(x3, plan.rows), parts[0], parts[1], run.threads,
+                       rows_per_group=1 if scattered else R // C, pcount=parts[2], **m.kernel_args())
     return tuple(by_group(p, plan, xp) for p in parts) if scattered else tuple(parts)
 
 
@@ -225,14 +226,9 @@ def _normalize_groups(call: Call, x3, mean, var, rstd, y_rows, run: Run, r3=None
         P = plan.param_size
         w = xp.ones(P) if call.weight is None else call.weight.astype(np.float64)
         b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
-    rp = run.params_ix(plan)
-    if mask3 is not None:
-        run.K.masked_normalize_groups(x3, mask3.base, mask3.offsets, mask3.step, plan.rows[1] // plan.layout[1],
-                                      call.mode.center, call.eps, int(affine), rp, w, b, mean, var, rstd, counts,
-                                      y_rows, run.threads)
-        return
+    masked = {} if mask3 is None else dict(mask3.kernel_args(), counts=counts)
     run.K.normalize_groups(x3, r3, h3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
-                           rp, w, b, mean, var, rstd, y_rows, run.threads)
+                           run.params_ix(plan), w, b, mean, var, rstd, y_rows, run.threads, **masked)
 
 
 def _normalize_columns(call: Call, x3, mean, var, rstd, y_rows, run: Run):

@@ -145,16 +145,30 @@ class CudaKernels:
     def _fn(self, family, name, dtype):
         return self._lookup(family, name, np.dtype(dtype).name)
 
-    def moments_rows(self, x, pmean, pm2, threads):
+    # masks are bytes by rows, m[off[r]] with step 0 or 1 (masking.MaskRows): moments and dx
+    # passes take them as optional arguments
+    def moments_rows(self, x, pmean, pm2, threads, *, mask=None, moff=None, mstep=0, rows_per_group=1, pcount=None):
         A, C, B = x.shape
+        if mask is not None:
+            groups = A * (C // max(rows_per_group, 1))
+            if groups:
+                self._fn("masked", "nc_masked_moments_rows", x.dtype)(
+                    _row_grid(groups), (_row_block(rows_per_group * B),),
+                    (x, mask, moff, _i(mstep), _i(groups), _i(rows_per_group), _i(B), pmean, pm2, pcount))
+            return
         if A * C == 0:
             return
         self._fn("rows", "nc_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
                                                      (x, _i(A * C), _i(B), pmean, pm2))
 
-    def moments_cols(self, x, rpb, pmean, pm2, threads):
+    def moments_cols(self, x, rpb, pmean, pm2, threads, *, mask=None, moff=None, mstep=0, pcount=None):
         A, C = x.shape
         if A * C == 0:
+            return
+        if mask is not None:
+            self._fn("masked", "nc_masked_moments_cols", x.dtype)(
+                _col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
+                (x, mask, moff, _i(mstep), _i(A), _i(C), _i(rpb), pmean, pm2, pcount))
             return
         self._fn("cols", "nc_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
                                                      (x, _i(A), _i(C), _i(rpb), pmean, pm2))
@@ -191,9 +205,21 @@ class CudaKernels:
         self._fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
                                                   (dy, x, _i(A), _i(C), _i(rpb), mean, p1, p2))
 
-    def dx_rows(self, dy, x, mean, k1, k2, k3, rpb, dh, dx, threads):
+    def dx_rows(self, dy, x, mean, k1, k2, k3, rpb, dh, dx, threads, *, mask=None, moff=None, mstep=0, cols=False):
         A, R, S = x.shape
         if x.size == 0:
+            return
+        if mask is not None:
+            if dh is not None:
+                raise ValueError("dh: the masked dx pass adds no dh")
+            if cols:
+                self._fn("masked", "nc_masked_dx_cols", x.dtype)(
+                    _col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
+                    (dy, x, mask, moff, _i(mstep), _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
+            else:
+                self._fn("masked", "nc_masked_dx_rows", x.dtype)(
+                    _row_grid(A * R), (_row_block(S),),
+                    (dy, x, mask, moff, _i(mstep), _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
             return
         dh = _i(0) if dh is None else dh  # a null pointer: no dh
         if S == 1:
@@ -227,7 +253,10 @@ class CudaKernels:
             return
         self._fn("add", "nc_add", a.dtype)((int(min(-(-n // 256), 1 << 16)),), (256,), (a, b, _i(n), out))
 
-    def normalize_groups(self, x, residual, h, J, center, eps, affine, rp, w, b, mean, var, rstd, y, threads):
+    def normalize_groups(self, x, residual, h, J, center, eps, affine, rp, w, b, mean, var, rstd, y, threads, *,
+                         mask=None, moff=None, mstep=0, counts=None):
+        if mask is not None:  # (CudaBackend.masked_groups is False: routes take the moments instead)
+            raise NotImplementedError("normalize_groups: the CUDA kernels take no mask here")
         _, C, B = x.shape
         if x.size == 0:
             return
@@ -239,51 +268,20 @@ class CudaKernels:
             (x, residual, h, _i(C), _i(B), _i(J), _i(bool(center)), eps_bits, _i(affine), rp, w, b, mean, var,
              rstd, y))
 
-    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads):
+    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads, *, mask=None, moff=None, mstep=0):
         _, R, S = x.shape
         if x.size == 0:
+            return
+        if mask is not None:
+            if dh is not None:
+                raise ValueError("dh: the masked dx pass adds no dh")
+            self._fn("masked", "nc_masked_dx_inner", x.dtype)(
+                _row_grid(R), (_row_block(S),),
+                (dy, x, mask, moff, _i(mstep), _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
             return
         self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
                                                   (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2,
                                                    _i(0) if dh is None else dh, dx))
-
-    # -- masked statistics (mask bytes by rows: m[off[r]], step 0 or 1; masking.MaskRows) --
-    def masked_moments_rows(self, x, mask, moff, mstep, J, pmean, pm2, pcount, threads):
-        A, R, S = x.shape
-        groups = A * (R // max(J, 1))
-        if groups == 0:
-            return
-        self._fn("masked", "nc_masked_moments_rows", x.dtype)(
-            _row_grid(groups), (_row_block(J * S),),
-            (x, mask, moff, _i(mstep), _i(groups), _i(J), _i(S), pmean, pm2, pcount))
-
-    def masked_moments_cols(self, x, mask, moff, mstep, rpb, pmean, pm2, pcount, threads):
-        A, C = x.shape
-        if A * C == 0:
-            return
-        self._fn("masked", "nc_masked_moments_cols", x.dtype)(
-            _col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
-            (x, mask, moff, _i(mstep), _i(A), _i(C), _i(rpb), pmean, pm2, pcount))
-
-    def masked_dx_rows(self, dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rpb, dx, threads):
-        A, R, S = x.shape
-        if x.size == 0:
-            return
-        if cols:
-            self._fn("masked", "nc_masked_dx_cols", x.dtype)(
-                _col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                (dy, x, mask, moff, _i(mstep), _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
-        else:
-            self._fn("masked", "nc_masked_dx_rows", x.dtype)(
-                _row_grid(A * R), (_row_block(S),),
-                (dy, x, mask, moff, _i(mstep), _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
-
-    def masked_dx_inner(self, dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dx, threads):
-        _, R, S = x.shape
-        if x.size == 0:
-            return
-        self._fn("masked", "nc_masked_dx_inner", x.dtype)(
-            _row_grid(R), (_row_block(S),), (dy, x, mask, moff, _i(mstep), _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
 
     # -- per-group algebra: array operations on the device (small, O(C + R) each) --------
     def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):

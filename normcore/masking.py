@@ -43,6 +43,10 @@ class MaskRows(NamedTuple):
     offsets: object  # intp (rows,) on the mask's backend
     step: int
 
+    def kernel_args(self) -> dict:
+        """The keyword arguments with which a kernel entry reads this mask."""
+        return {"mask": self.base, "moff": self.offsets, "mstep": self.step}
+
 
 # (plan, mask shape) -> (host offsets, step), or None where the mask must be expanded;
 # kept while the plan lives (the plan cache decides), within LAYOUT_CACHE_BYTES in all

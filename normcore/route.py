@@ -28,7 +28,7 @@ class Capabilities(NamedTuple):
 
     fused_forward: bool = True   # normalize_groups / normalize_cols: statistics and y in one pass
     fused_backward: bool = True  # backward_groups: one visit per group in training backward
-    masked_groups: bool = True   # masked_normalize_groups / masked_backward_groups
+    masked_groups: bool = True   # normalize_groups / backward_groups take mask=
     masked_sums: bool = True     # the sums kernels take mask=
 
     @classmethod
@@ -38,7 +38,8 @@ class Capabilities(NamedTuple):
 
 
 class Route(NamedTuple):
-    """The steps one call signature runs (see the module docstring)."""
+    """The steps one call signature runs (see the module docstring); :meth:`kernels` names
+    each entry, with " (mask)" where it reads the mask."""
 
     empty: bool             # x has no elements (and nothing is exchanged): no kernel runs
     residual: str | None    # None, "fused" (by the statistics pass) or "add" (a pass first)
@@ -139,10 +140,10 @@ def _forward_kernels(r: Route, plan: Plan) -> list:
     if r.residual == "add":
         ks.append("add")
     if r.statistics in ("groups", "columns"):
-        ks.append(("masked_" if r.masked else "") + _ONE_PASS[r.statistics])
+        ks.append(_ONE_PASS[r.statistics] + (" (mask)" if r.masked else ""))
     elif r.statistics == "moments":
         kind = "cols" if plan.strategy is Strategy.COLUMNS else "rows"
-        ks.append(("masked_moments_" if r.masked else "moments_") + kind)
+        ks.append("moments_" + kind + (" (mask)" if r.masked else ""))
         if r.synced and not r.masked:  # this rank's moments merged before they travel
             ks.append("finalize_moments")
         if r.synced:  # the ranks' merged in rank order on the host (sync.synced_moments)
@@ -168,23 +169,24 @@ def _backward_kernels(r: Route, plan: Plan, dh: bool) -> list:
     if r.leave_out:
         ks.append("(inert copies)")
     masked = r.mask_given
+    sums_mask = " (mask)" if masked and not r.leave_out else ""  # the sums read the mask themselves
     if b == "one visit":
-        ks.append("masked_backward_groups" if masked else "backward_groups")
+        ks.append("backward_groups" + (" (mask)" if masked else ""))
         if r.affine and not plan.param_inner:
             ks.append("gradient_sums")
     elif b == "inner":
-        ks.append("sums_inner")
+        ks.append("sums_inner" + sums_mask)
         if r.synced:
             ks.append("(exchange)")
-        ks.append("masked_dx_inner" if masked else "dx_inner")
+        ks.append("dx_inner" + (" (mask)" if masked else ""))
     elif b == "columns":
         ks.append("backward_cols")
     else:
         if r.stats_grad or r.affine or r.synced:  # else no sum is read: dx = dy * rstd
-            ks += ["sums_cols" if plan.strategy is Strategy.COLUMNS else "sums_rows", "gradient_sums"]
+            ks += [("sums_cols" if plan.strategy is Strategy.COLUMNS else "sums_rows") + sums_mask, "gradient_sums"]
         if r.synced:
             ks.append("(exchange)")
-        ks += ["dx_coefficients", "masked_dx_rows" if masked else "dx_rows"]
+        ks += ["dx_coefficients", "dx_rows" + (" (mask)" if masked else "")]
     if dh and not r.dh_in_dx:
         ks.append("add")
     return ks

@@ -304,9 +304,10 @@ def test_cuda_backend_implements_the_kernel_contract():
     declared = {n for n in vars(Kernels) if not n.startswith("_")}
     assert declared <= {n for n in dir(nc.kernels.K) if not n.startswith("_")}
     optional = set() if gpu.CudaBackend.fused_backward else {"backward_groups"}
-    if not gpu.CudaBackend.masked_groups:
-        optional |= {"masked_normalize_groups", "masked_backward_groups"}
     assert declared - optional <= {n for n in dir(gpu.CudaKernels) if not n.startswith("_")}
+    # a mask is an optional argument of the entries that read it, never an entry of its own
+    for kernels in (Kernels, nc.kernels.K, gpu.CudaKernels):
+        assert not [n for n in dir(kernels) if "masked" in n], kernels
     src = _cuda_text("kernels.cu")
     assert "#define NC_COL_TILE" not in src  # the tile constants come from gpu.compile_options()
 

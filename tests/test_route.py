@@ -54,7 +54,7 @@ class _Recorder:
             return f
 
         def call(*args, **kwargs):
-            self.calls.append(name)
+            self.calls.append(name + (" (mask)" if kwargs.get("mask") is not None else ""))
             return f(*args, **kwargs)
         return call
 

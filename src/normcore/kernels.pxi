@@ -325,9 +325,14 @@ cdef void _add(const floating* a, const floating* b, floating* out, Py_ssize_t n
         nc_add(a + o, b + o, out + o, _block_rows(k, CACHED_ELEMS, n))
 
 
-def moments_rows(x, pmean, pm2, int threads):
+def moments_rows(x, pmean, pm2, int threads, *, mask=None, moff=None, int mstep=0, Py_ssize_t rows_per_group=1,
+                 pcount=None):
     """IN x (A, C, B) T; OUT pmean, pm2 (A, C) float64: mean and centred sum of squares of
-    each row."""
+    each row. With ``mask`` (uint8 bytes, moff (A * R,) intp and mstep as the masked dx
+    passes read them): over the counted elements of each group of ``rows_per_group`` rows
+    only, OUT pmean, pm2, pcount (A, R / J) float64 (0, 0, 0 for a group with none)."""
+    if mask is not None:
+        return _masked_moments_rows_entry(x, mask, moff, mstep, rows_per_group, pmean, pm2, pcount, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef double* pm = <double*>_out(pmean, F64)
@@ -377,9 +382,13 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
         m2[c] = _clamp0(m2[c] - s * (s / rows))
 
 
-def moments_cols(x, Py_ssize_t rows_per_block, pmean, pm2, int threads):
+def moments_cols(x, Py_ssize_t rows_per_block, pmean, pm2, int threads, *, mask=None, moff=None, int mstep=0,
+                 pcount=None):
     """IN x (A, C) T; OUT pmean, pm2 (ceil(A / rows_per_block), C) float64: moments of
-    each column over each block of rows."""
+    each column over each block of rows. With ``mask`` (moff (A,): row a's bytes): over the
+    counted elements only, their number per block and column into pcount (same shape)."""
+    if mask is not None:
+        return _masked_moments_cols_entry(x, mask, moff, mstep, rows_per_block, pmean, pm2, pcount, threads)
     cdef Py_ssize_t* d = _shape(x, 2)
     cdef Py_ssize_t nb = _shape(pmean, 2)[0]
     cdef int T = _storage(x)
@@ -622,7 +631,7 @@ cdef inline void _masked_tile_col_sums(const floating* dy, const floating* x, co
 def sums_rows(dy, x, mean, p1, p2, int threads, mask=None, moff=None, int mstep=0):
     """IN dy, x (A, R, S) T, mean (R,) float64; OUT p1, p2 (A, R) float64: row sums of dy
     and of dy * (x - mean). With mask (uint8 bytes, moff (A * R,) intp and mstep for the
-    rows of S, as masked_dx_rows reads them): over the counted elements only."""
+    rows of S, as dx_rows reads them): over the counted elements only."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -765,10 +774,17 @@ cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, P
             dx[a * ld + c] = <floating>(dy[a * ld + c] * k1[c] + (x[a * ld + c] - mean[c]) * k2[c] + k3[c])
 
 
-def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh, dx, int threads):
+def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh, dx, int threads, *, mask=None, moff=None,
+            int mstep=0, bint cols=False):
     """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,) float64, dh (A, R, S) T or None; OUT dx
     (A, R, S) T: dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (float32 as in
-    affine_rows), plus dh after dx's rounding (as add) when given."""
+    affine_rows), plus dh after dx's rounding (as add) when given. With ``mask`` (moff,
+    mstep for the kernel's rows: ``cols``, the A rows of R elements of the column strategy,
+    S == 1; else the A * R rows of S): dx where counted, 0 elsewhere (not data); no dh."""
+    if mask is not None:
+        if dh is not None:
+            raise ValueError("dh: the masked dx pass adds no dh")
+        return _masked_dx_rows_entry(dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rows_per_block, dx, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -908,16 +924,24 @@ cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const dou
 
 
 def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, w,
-                     bias, mean, var, rstd, y, int threads):
+                     bias, mean, var, rstd, y, int threads, *, mask=None, moff=None, int mstep=0, counts=None):
     """IN x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), residual
     (1, C, B) T or None, rp (C * J,) intp parameter offset of each row, w, bias (P,)
     float64, affine an nc_affine_kind (contract.h); OUT h (1, C, B) T (with residual; else
     None), mean (C,) (0 when not centred), var (C,) (mean square when not centred), rstd
     (C,) float64 and y (1, C, B) T: statistics of each group, then its rows normalized, as
     the separate kernels do, while the group is in cache. With a residual the group
-    normalized is h = x + residual (as add), made in the same visit."""
+    normalized is h = x + residual (as add), made in the same visit. With ``mask`` (uint8
+    bytes, moff (C * J,) intp and mstep for the rows of S; no residual): over the counted
+    elements only, OUT counts (C,) float64 counted elements per group; a group without
+    counted elements gets mean 0, var 0 and rstd 0 (y is its bias)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
+    if mask is not None and residual is not None:
+        raise ValueError("residual: the masked one-pass forward adds no residual")
+    cdef const unsigned char* m = NULL if mask is None else <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = NULL if mask is None else <const Py_ssize_t*>_in(moff, IDX)
+    cdef double* n = NULL if mask is None else <double*>_out(counts, F64)
     cdef const void* pr = NULL if residual is None else _in(residual, T)
     cdef void* ph = NULL if residual is None else _out(h, T)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
@@ -941,19 +965,19 @@ def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, dou
         if T == cnp.NPY_FLOAT32:
             _normalize_groups(<const float*>_in(x, T), <const float*>pr, <float*>ph, d[1], d[2], rows_per_group,
                               center, eps, affine, p, pw, pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads,
-                              <float*>scratch)
+                              <float*>scratch, m, off, mstep, n)
         elif T == HALF:
             _normalize_groups(<const nc_f16*>_in(x, T), <const nc_f16*>pr, <nc_f16*>ph, d[1], d[2],
                               rows_per_group, center, eps, affine, p, pw, pb, wf, bf, mu, v, rs,
-                              <nc_f16*>_out(y, T), threads, <nc_f16*>scratch)
+                              <nc_f16*>_out(y, T), threads, <nc_f16*>scratch, m, off, mstep, n)
         elif T == BF16:
             _normalize_groups(<const nc_bf16*>_in(x, T), <const nc_bf16*>pr, <nc_bf16*>ph, d[1], d[2],
                               rows_per_group, center, eps, affine, p, pw, pb, wf, bf, mu, v, rs,
-                              <nc_bf16*>_out(y, T), threads, <nc_bf16*>scratch)
+                              <nc_bf16*>_out(y, T), threads, <nc_bf16*>scratch, m, off, mstep, n)
         else:
             _normalize_groups(<const double*>_in(x, T), <const double*>pr, <double*>ph, d[1], d[2],
                               rows_per_group, center, eps, affine, p, pw, pb, NULL, NULL, mu, v, rs,
-                              <double*>_out(y, T), threads, <double*>scratch)
+                              <double*>_out(y, T), threads, <double*>scratch, m, off, mstep, n)
     finally:
         free(wf)
         free(bf)
@@ -1038,17 +1062,26 @@ cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize
 
 
 def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean, rstd,
-                    Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dh, dx, int threads):
+                    Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dh, dx, int threads, *, mask=None, moff=None,
+                    int mstep=0, counts=None):
     """IN dy, x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp
     (C * J,) intp, w (P,) float64, mean, rstd (C,) float64, affine an nc_affine_kind;
     OUT t1, t2 (C * J,) float64 row sums of dy and dy * (x - mean) (affine NONE, ROW),
     pdw, pdb (ceil(C / groups_per_block), P) float64 zeroed partials (INNER), dx
     (1, C, B) T. Training-mode backward in one visit per group: the group's sums, then its
     dx while dy and x are still in cache (same formulas as dx_rows / dx_inner). dh (1, C,
-    B) T or None: added to dx (as add, after dx's rounding) in the same visit."""
+    B) T or None: added to dx (as add, after dx's rounding) in the same visit. With
+    ``mask`` (moff, mstep as normalize_groups takes them, counts (C,) float64 from it; no
+    dh): the sums run over the counted elements only (the others are not data), the
+    statistics terms of dx divide by counts[c], and dx is 0 where not counted."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t P = _shape(pdw, 2)[1]
     cdef int T = _storage(x)
+    if mask is not None and dh is not None:
+        raise ValueError("dh: the masked one-visit backward adds no dh")
+    cdef const unsigned char* m = NULL if mask is None else <const unsigned char*>_in(mask, U8)
+    cdef const Py_ssize_t* off = NULL if mask is None else <const Py_ssize_t*>_in(moff, IDX)
+    cdef const double* n = NULL if mask is None else <const double*>_in(counts, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -1060,24 +1093,24 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
     cdef float* wf = NULL
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
     try:
-        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64:
+        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64 and mask is None:  # (the masked pass reads w)
             wf = _params_f32(w)
         if T == cnp.NPY_FLOAT32:
             _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const float*>pdh, <float*>_out(dx, T), threads)
+                             <const float*>pdh, <float*>_out(dx, T), threads, m, off, mstep, n)
         elif T == HALF:
             _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
+                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads, m, off, mstep, n)
         elif T == BF16:
             _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
+                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads, m, off, mstep, n)
         else:
             _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group,
                              center, affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const double*>pdh, <double*>_out(dx, T), threads)
+                             <const double*>pdh, <double*>_out(dx, T), threads, m, off, mstep, n)
     finally:
         free(wf)
 
@@ -1297,11 +1330,15 @@ cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* 
             dx[i] = dx[i] + dh[i]
 
 
-def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dh, dx, int threads):
+def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dh, dx, int threads, *, mask=None, moff=None, int mstep=0):
     """IN dy, x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp, w (P,) float64,
     c1 (R,) group mean of g (0 when not centred), c2 (R,) group mean of g * xhat (0 in
     eval), dh (1, R, S) T or None; OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] -
     c1[r] - xhat * c2[r]), plus dh after dx's rounding (as add) when given."""
+    if mask is not None:  # (moff, mstep for the rows of S): dx where counted, 0 elsewhere; no dh
+        if dh is not None:
+            raise ValueError("dh: the masked dx pass adds no dh")
+        return _masked_dx_inner_entry(dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dx, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
@@ -1986,7 +2023,7 @@ cdef inline void _masked_dx_row(const floating* dy, const floating* x, floating*
         nc_masked_dx_row(dy, x, m, dx, n, mu, k1, k2, k3, nt, pf1, pf2, pfm)
 
 
-def masked_moments_rows(x, mask, moff, int mstep, Py_ssize_t rows_per_group, pmean, pm2, pcount, int threads):
+cdef _masked_moments_rows_entry(x, mask, moff, int mstep, Py_ssize_t rows_per_group, pmean, pm2, pcount, int threads):
     """IN x (A, R, S) T (group c of block a: rows c * J .. c * J + J - 1 of block a, J =
     rows_per_group), mask uint8 bytes and moff (A * R,) intp, mstep 0 or 1 (see above);
     OUT pmean, pm2, pcount (A, R / J) float64: mean, centred sum of squares and number of
@@ -2021,7 +2058,7 @@ cdef void _masked_moments_rows(const floating* x, const unsigned char* m, const 
         _group_moments_masked(x + g * J * S, m, off, step, g * J, J, S, pmean + g, pm2 + g, pcount + g)
 
 
-def masked_moments_cols(x, mask, moff, int mstep, Py_ssize_t rows_per_block, pmean, pm2, pcount, int threads):
+cdef _masked_moments_cols_entry(x, mask, moff, int mstep, Py_ssize_t rows_per_block, pmean, pm2, pcount, int threads):
     """IN x (A, C) T, mask uint8 bytes and moff (A,) intp (row a's bytes), mstep; OUT
     pmean, pm2, pcount (ceil(A / rows_per_block), C) float64: moments and count of each
     column's counted elements in each row block."""
@@ -2096,7 +2133,7 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, const 
                 pm2[k * C + c] = _clamp0(pm2[k * C + c] - s * (s / n))
 
 
-def masked_dx_rows(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx,
+cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx,
                    int threads):
     """IN dy, x (A, R, S) T, mask uint8 bytes with moff and mstep for the kernel's rows
     (cols: the A rows of R elements of the column strategy, S == 1; else the A * R rows of
@@ -2180,7 +2217,7 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
         nc_sfence()
 
 
-def masked_dx_inner(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1, c2, dx, int threads):
+cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1, c2, dx, int threads):
     """IN dy, x (1, R, S) T, mask uint8 bytes with moff (R,) intp and mstep, mean, rstd, c1,
     c2 (R,) float64, rp (R,) intp, w (P,) float64; OUT dx (1, R, S) T: dx = rstd[r] * (dy *
     w[rp[r] + s] - (c1[r] + xhat * c2[r])) with the bracket only where counted (in double)."""
@@ -2216,88 +2253,6 @@ cdef void _masked_dx_inner(const floating* dy, const floating* x, const unsigned
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         nc_masked_dx_inner_row(dy + r * S, x + r * S, m + off[r], step, dx + r * S, S, mean[r], rstd[r],
                                w + rp[r], c1[r], c2[r])
-
-
-def masked_normalize_groups(x, mask, moff, int mstep, Py_ssize_t rows_per_group, bint center, double eps,
-                            int affine, rp, w, bias, mean, var, rstd, counts, y, int threads):
-    """normalize_groups (no residual) over the counted elements: IN mask uint8 bytes, moff
-    (C * J,) intp and mstep for the rows of S; OUT counts (C,) float64 counted elements per
-    group, beside mean, var, rstd and y. A group without counted elements gets mean 0, var
-    0 and rstd 0 (y is its bias)."""
-    cdef Py_ssize_t* d = _shape(x, 3)
-    cdef int T = _storage(x)
-    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
-    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
-    cdef const double* pb = <const double*>_in(bias, F64)
-    cdef double* mu = <double*>_out(mean, F64)
-    cdef double* v = <double*>_out(var, F64)
-    cdef double* rs = <double*>_out(rstd, F64)
-    cdef double* n = <double*>_out(counts, F64)
-    cdef float* wf = NULL
-    cdef float* bf = NULL
-    try:
-        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64:
-            wf = _params_f32(w)
-            bf = _params_f32(bias)
-        if T == cnp.NPY_FLOAT32:
-            _normalize_groups(<const float*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps, affine,
-                              p, pw, pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads, NULL, m, off, mstep, n)
-        elif T == HALF:
-            _normalize_groups(<const nc_f16*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
-                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_f16*>_out(y, T), threads, NULL, m, off,
-                              mstep, n)
-        elif T == BF16:
-            _normalize_groups(<const nc_bf16*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
-                              affine, p, pw, pb, wf, bf, mu, v, rs, <nc_bf16*>_out(y, T), threads, NULL, m, off,
-                              mstep, n)
-        else:
-            _normalize_groups(<const double*>_in(x, T), NULL, NULL, d[1], d[2], rows_per_group, center, eps,
-                              affine, p, pw, pb, NULL, NULL, mu, v, rs, <double*>_out(y, T), threads, NULL, m, off,
-                              mstep, n)
-    finally:
-        free(wf)
-        free(bf)
-
-
-def masked_backward_groups(dy, x, mask, moff, int mstep, counts, Py_ssize_t rows_per_group, bint center,
-                           int affine, rp, w, mean, rstd, Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dx,
-                           int threads):
-    """backward_groups (no dh) after masked_normalize_groups: IN mask, moff, mstep as
-    there, counts (C,) float64; the sums run over the counted elements only (the others
-    are not data), the statistics terms of dx divide by counts[c], and dx is 0 where not
-    counted."""
-    cdef Py_ssize_t* d = _shape(x, 3)
-    cdef Py_ssize_t P = _shape(pdw, 2)[1]
-    cdef int T = _storage(x)
-    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
-    cdef const double* n = <const double*>_in(counts, F64)
-    cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef const double* rs = <const double*>_in(rstd, F64)
-    cdef double* q1 = <double*>_out(t1, F64)
-    cdef double* q2 = <double*>_out(t2, F64)
-    cdef double* dw = <double*>_out(pdw, F64)
-    cdef double* db = <double*>_out(pdb, F64)
-    if T == cnp.NPY_FLOAT32:
-        _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <float*>_out(dx, T), threads, m, off, mstep, n)
-    elif T == HALF:
-        _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <nc_f16*>_out(dx, T), threads, m, off, mstep, n)
-    elif T == BF16:
-        _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <nc_bf16*>_out(dx, T), threads, m, off, mstep, n)
-    else:
-        _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group, center,
-                         affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, NULL,
-                         <double*>_out(dx, T), threads, m, off, mstep, n)
 
 
 cdef extern from *:
