@@ -138,9 +138,9 @@ class Kernels(Protocol):
         """IN x (1, C, B) T, residual (1, C, B) T or None, rp (C * J,), w, b (P,) float64,
         affine an AffineKind; OUT h (1, C, B) T (None without a residual), mean, var, rstd
         (C,), y (1, C, B): statistics and output in one visit per group, of h = x + residual
-        (as ``add``) when a residual is given. With mask (moff (C * J,), no residual): over
-        the counted elements, OUT also counts (C,); a group with none gets mean 0, var 0,
-        rstd 0 (optional: ``masked_groups``)."""
+        (as ``add``) when a residual is given. With mask (moff (C * J,)): over the counted
+        elements (of h with a residual), OUT also counts (C,); a group with none gets mean
+        0, var 0, rstd 0 (optional: ``masked_groups``)."""
 
     def normalize_cols(self, x, rows_per_block, center, eps, rg, rp, w, b, has_w, has_b, mean, var, rstd, y,
                        threads):

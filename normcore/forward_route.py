@@ -107,7 +107,7 @@ def _batch_statistics(call: Call, x3, y_rows, run: Run, r3=None, h3=None, mask3=
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
     statistics = call.route.statistics
     if call.route.masked:
-        return _masked_statistics(call, x3, mask3, y_rows, run, mean, var, rstd)
+        return _masked_statistics(call, x3, mask3, y_rows, run, mean, var, rstd, r3, h3)
     if statistics == "groups":
         _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3)
         return mean, var, rstd, plan.count
@@ -131,13 +131,13 @@ def _batch_statistics(call: Call, x3, y_rows, run: Run, r3=None, h3=None, mask3=
     return mean, var, rstd, count
 
 
-def _masked_statistics(call: Call, x3, mask3, y_rows, run: Run, mean, var, rstd):
+def _masked_statistics(call: Call, x3, mask3, y_rows, run: Run, mean, var, rstd, r3=None, h3=None):
     """Phase 2 over the counted elements: (mean, var, rstd, counts), counts (C,) per group."""
     plan, xp = call.plan, run.xp
     C = plan.layout[1]
     if call.route.statistics == "groups":
         counts = xp.empty(C)
-        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, mask3=mask3, counts=counts)
+        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3, mask3=mask3, counts=counts)
     else:
         if call.route.synced:
             pmean, pm2, pcount = sync.synced_counted_moments(

@@ -97,7 +97,7 @@ def resolve(plan: Plan, caps: Capabilities, *, center: bool, use_batch: bool, es
         statistics = ("groups" if strategy is Strategy.GROUPS else "columns") if one_pass else "moments"
     residual_step = None
     if residual:
-        fused = one_pass and strategy is Strategy.GROUPS and plan.perm is None and not empty and not stats_masked
+        fused = one_pass and strategy is Strategy.GROUPS and plan.perm is None and not empty
         residual_step = "fused" if fused else "add"
     if not use_batch or estimate:
         output = "running inner" if plan.param_inner and affine else "running"

@@ -200,16 +200,31 @@ def test_layers_take_mask_in_forward_and_backward(layer, x_shape, mshape):
     np.testing.assert_array_equal(h, x + x)
 
 
-def test_add_normalize_with_a_mask_is_normalize_of_the_sum():
+@pytest.mark.parametrize("mode, sizes, running", [("layer_norm", {}, False), ("batch_norm_channels_last", {}, False),
+                                                  ("rms_norm", {}, False), ("group_norm", {"g": 3}, False),
+                                                  ("instance_norm", {}, True), ("instance_norm", {}, False)])
+@pytest.mark.parametrize("h_out", [False, True])
+def test_add_normalize_with_a_mask_is_normalize_of_the_sum(mode, sizes, running, h_out):
+    # the masked one-pass forward makes h itself where groups are contiguous (layer, RMS,
+    # group, instance norm), a pass of its own first elsewhere: the same bits either way
     x, r = (RNG.standard_normal((4, 6, 8)).astype(np.float32) for _ in range(2))
     mask = RNG.random((4, 6, 1)) < 0.6
     mask[:, :2] = True
-    for mode in ("layer_norm", "batch_norm_channels_last"):
-        y, h, cache = nc.add_normalize(x, r, mode, mask=mask)
-        y0, cache0 = nc.normalize(x + r, mode, mask=mask)
-        np.testing.assert_array_equal(y, y0)
-        dy, dh = RNG.standard_normal((2, 4, 6, 8)).astype(np.float32)
-        np.testing.assert_array_equal(nc.backward(dy, cache, dh=dh)[0], nc.backward(dy, cache0)[0] + dh)
+    stats = {}
+    if running:  # training with running statistics: the counts rule runs after h is made
+        mask = RNG.random(x.shape) < 0.7  # (each group needs two counted elements)
+        mask[..., :2] = True
+        C = x.shape[1]
+        stats = {"running_mean": np.zeros(C, np.float32), "running_var": np.ones(C, np.float32)}
+    kept = np.full_like(x, np.nan) if h_out else None
+    y, h, cache = nc.add_normalize(x, r, mode, mask=mask, h_out=kept, **sizes,
+                                   **{k: v.copy() for k, v in stats.items()})
+    y0, cache0 = nc.normalize(x + r, mode, mask=mask, **sizes, **{k: v.copy() for k, v in stats.items()})
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(h, x + r)
+    assert (h is kept) == h_out
+    dy, dh = RNG.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    np.testing.assert_array_equal(nc.backward(dy, cache, dh=dh)[0], nc.backward(dy, cache0)[0] + dh)
 
 
 @pytest.mark.parametrize("mode", ["batch_norm", "batch_norm_channels_last"])

@@ -932,13 +932,11 @@ def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, dou
     (C,) float64 and y (1, C, B) T: statistics of each group, then its rows normalized, as
     the separate kernels do, while the group is in cache. With a residual the group
     normalized is h = x + residual (as add), made in the same visit. With ``mask`` (uint8
-    bytes, moff (C * J,) intp and mstep for the rows of S; no residual): over the counted
+    bytes, moff (C * J,) intp and mstep for the rows of S; of h with a residual): over the counted
     elements only, OUT counts (C,) float64 counted elements per group; a group without
     counted elements gets mean 0, var 0 and rstd 0 (y is its bias)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    if mask is not None and residual is not None:
-        raise ValueError("residual: the masked one-pass forward adds no residual")
     cdef const unsigned char* m = NULL if mask is None else <const unsigned char*>_in(mask, U8)
     cdef const Py_ssize_t* off = NULL if mask is None else <const Py_ssize_t*>_in(moff, IDX)
     cdef double* n = NULL if mask is None else <double*>_out(counts, F64)
