@@ -195,9 +195,9 @@ class Kernels(Protocol):
         T or None; OUT t1, t2 (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P)
         zeroed partials (INNER), dx (1, C, B), plus dh when given (as ``add``, after dx's
         rounding): training backward in one visit per group (optional: ``fused_backward``).
-        With mask (as normalize_groups took it, counts from it; no dh): the sums over the
-        counted elements, the statistics terms divided by counts[c] (optional:
-        ``masked_groups``)."""
+        With mask (as normalize_groups took it, counts from it; dh still added): the sums
+        over the counted elements, the statistics terms divided by counts[c], dx 0 where not
+        counted before dh (optional: ``masked_groups``)."""
 
     def backward_cols(self, dy, x, mean, rstd, rows_per_block, rg, rp, w, has_w, count, stats_grad, center,
                       dw, db, dh, dx, threads):

@@ -122,7 +122,7 @@ def resolve(plan: Plan, caps: Capabilities, *, center: bool, use_batch: bool, es
                  late_rules=synced or (stats_masked and counts_ruled),
                  update=update, output=output if not empty else None, affine=affine, stats_grad=stats_grad,
                  backward=backward, mask_given=masked, leave_out=masked and not caps.masked_sums,
-                 dh_in_dx=plan.perm is None and _size(plan) > 0 and not masked)
+                 dh_in_dx=plan.perm is None and _size(plan) > 0 and (not masked or backward == "one visit"))
 
 
 def _size(plan: Plan) -> int:

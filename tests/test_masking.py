@@ -204,10 +204,12 @@ def test_layers_take_mask_in_forward_and_backward(layer, x_shape, mshape):
                                                   ("rms_norm", {}, False), ("group_norm", {"g": 3}, False),
                                                   ("instance_norm", {}, True), ("instance_norm", {}, False)])
 @pytest.mark.parametrize("h_out", [False, True])
-def test_add_normalize_with_a_mask_is_normalize_of_the_sum(mode, sizes, running, h_out):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_add_normalize_with_a_mask_is_normalize_of_the_sum(mode, sizes, running, h_out, dtype):
     # the masked one-pass forward makes h itself where groups are contiguous (layer, RMS,
-    # group, instance norm), a pass of its own first elsewhere: the same bits either way
-    x, r = (RNG.standard_normal((4, 6, 8)).astype(np.float32) for _ in range(2))
+    # group, instance norm), a pass of its own first elsewhere, and the masked one-visit
+    # backward adds dh to each row it writes: the same bits as the separate passes
+    x, r = (RNG.standard_normal((4, 6, 8)).astype(dtype) for _ in range(2))
     mask = RNG.random((4, 6, 1)) < 0.6
     mask[:, :2] = True
     stats = {}
@@ -215,7 +217,7 @@ def test_add_normalize_with_a_mask_is_normalize_of_the_sum(mode, sizes, running,
         mask = RNG.random(x.shape) < 0.7  # (each group needs two counted elements)
         mask[..., :2] = True
         C = x.shape[1]
-        stats = {"running_mean": np.zeros(C, np.float32), "running_var": np.ones(C, np.float32)}
+        stats = {"running_mean": np.zeros(C, dtype), "running_var": np.ones(C, dtype)}
     kept = np.full_like(x, np.nan) if h_out else None
     y, h, cache = nc.add_normalize(x, r, mode, mask=mask, h_out=kept, **sizes,
                                    **{k: v.copy() for k, v in stats.items()})
@@ -223,7 +225,7 @@ def test_add_normalize_with_a_mask_is_normalize_of_the_sum(mode, sizes, running,
     np.testing.assert_array_equal(y, y0)
     np.testing.assert_array_equal(h, x + r)
     assert (h is kept) == h_out
-    dy, dh = RNG.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    dy, dh = RNG.standard_normal((2, 4, 6, 8)).astype(dtype)
     np.testing.assert_array_equal(nc.backward(dy, cache, dh=dh)[0], nc.backward(dy, cache0)[0] + dh)
 
 

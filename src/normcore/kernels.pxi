@@ -1069,14 +1069,12 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
     (1, C, B) T. Training-mode backward in one visit per group: the group's sums, then its
     dx while dy and x are still in cache (same formulas as dx_rows / dx_inner). dh (1, C,
     B) T or None: added to dx (as add, after dx's rounding) in the same visit. With
-    ``mask`` (moff, mstep as normalize_groups takes them, counts (C,) float64 from it; no
-    dh): the sums run over the counted elements only (the others are not data), the
+    ``mask`` (moff, mstep as normalize_groups takes them, counts (C,) float64 from it; dh
+    added everywhere, to the 0 of a masked-out position too): the sums run over the counted elements only (the others are not data), the
     statistics terms of dx divide by counts[c], and dx is 0 where not counted."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t P = _shape(pdw, 2)[1]
     cdef int T = _storage(x)
-    if mask is not None and dh is not None:
-        raise ValueError("dh: the masked one-visit backward adds no dh")
     cdef const unsigned char* m = NULL if mask is None else <const unsigned char*>_in(mask, U8)
     cdef const Py_ssize_t* off = NULL if mask is None else <const Py_ssize_t*>_in(moff, IDX)
     cdef const double* n = NULL if mask is None else <const double*>_in(counts, F64)
@@ -1137,6 +1135,8 @@ cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, 
             else:
                 _masked_dx_row(dy + o, x + o, dx + o, S, mu, rs * g, -rs * rs * m2, -rs * m1, nt, pf, pg,
                                mask + moff[r], mstep, mask + moff[r + PF_AHEAD * J] if pf != NULL else NULL)
+            if dh != NULL:  # the row just written, still in cache: + dh after dx's rounding, as add
+                nc_add(dx + o, dh + o, dx + o, S)
         elif affine == NC_AFFINE_INNER:
             _dx_inner_row(dy + o, x + o, dx + o, S, mu, rs, w + rp[r],
                           wf + rp[r] if wf != NULL else NULL, m1, m2, nt, pf, pg,
@@ -1194,7 +1194,8 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            int threads, const unsigned char* mask=NULL, const Py_ssize_t* moff=NULL, int mstep=0,
                            const double* counts=NULL) noexcept nogil:
     # mask (or NULL): the statistics terms of dx only where counted, over counts[c] elements
-    cdef bint nt = _streams(dx, C * B, sizeof(floating))
+    # (a masked row with dh reads its dx back to add dh: not streamed past the cache)
+    cdef bint nt = _streams(dx, C * B, sizeof(floating)) and not (mask != NULL and dh != NULL)
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
     cdef Py_ssize_t k, c, end
     cdef double q0, q1, q2, q3, n0, n1
