@@ -4,6 +4,7 @@ process (separate runs drift 10-40 % on a shared machine; calls alternating do n
     git worktree add /tmp/before <commit> && (cd /tmp/before && python setup.py build_ext --inplace)
     python bench/ab.py /tmp/before --threads 1,2
     python bench/ab.py /tmp/before --small      # the small calls of bench_cpu.py --small
+    python bench/ab.py /tmp/before --masked-add # a padded batch through the residual stream
 
 The other checkout's package is copied under another name (its imports are relative), so
 both load side by side. For each large case and pass it prints the median milliseconds of
@@ -60,6 +61,28 @@ def _calls(nc, x, mode, sizes):
     return calls
 
 
+# padded sequences through a residual stream: (batch, tokens, features), the last quarter of
+# the tokens masked out; add_normalize then backward with dh, into kept buffers
+MASKED_ADD_CASES = [("LN masked + residual", (64, 128, 768), "layer_norm", {}),
+                    ("LN masked + residual", (16, 512, 1024), "layer_norm", {}),
+                    ("GN masked + residual", (32, 64, 28 * 28), "group_norm", {"g": 8})]
+
+
+def _masked_add_calls(nc, x, mode, sizes):
+    rng = np.random.default_rng(1)
+    r, dy, dh = (rng.standard_normal(x.shape).astype(x.dtype) for _ in range(3))
+    mask = np.ones(x.shape[:2] + (1,), bool)
+    mask[:, x.shape[1] * 3 // 4:] = False
+    P = x.shape[1] if mode == "group_norm" else x.shape[-1]
+    w, b = np.ones(P, x.dtype), np.zeros(P, x.dtype)
+    y, h, dx = (np.empty_like(x) for _ in range(3))
+
+    def step():
+        _, _, cache = nc.add_normalize(x, r, mode, weight=w, bias=b, mask=mask, out=y, h_out=h, **sizes)
+        nc.backward(dy, cache, dh=dh, out=dx)
+    return {"fwd+bwd": step}
+
+
 def small(other, repeats=7, calls=1000):
     """Layer training step (forward + backward) and eval forward of both builds, float32,
     1 thread, alternating: the minimum over ``repeats`` of the mean of ``calls`` calls, µs."""
@@ -86,6 +109,7 @@ def main():
     p.add_argument("--threads", default="1,2")
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--small", action="store_true", help="small layer calls, 1 thread")
+    p.add_argument("--masked-add", action="store_true", help="masked add_normalize + backward with dh")
     args = p.parse_args()
     other = load_other(args.other)
     if args.small:
@@ -97,10 +121,11 @@ def main():
     print("| case | shape | threads | pass | other ms | this ms | other ÷ this |\n|---|---|---|---|---|---|---|")
     for threads in (int(t) for t in args.threads.split(",")):
         with threadpool_limits(threads, user_api="openmp"):
-            for label, shape, mode, sizes in CASES:
+            for label, shape, mode, sizes in (MASKED_ADD_CASES if args.masked_add else CASES):
                 x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+                make = _masked_add_calls if args.masked_add else _calls
                 fns = {(who, k): f for who, nc in (("other", other), ("this", normcore))
-                       for k, f in _calls(nc, x, mode, sizes).items()}
+                       for k, f in make(nc, x, mode, sizes).items()}
                 for f in fns.values():
                     f()
                 times = {k: [] for k in fns}
@@ -111,7 +136,7 @@ def main():
                         f()
                         times[k].append((time.perf_counter() - t0) * 1e3)
                 med = {k: statistics.median(v) for k, v in times.items()}
-                for step in ("fwd", "bwd", "infer"):
+                for step in ("fwd", "bwd", "infer", "fwd+bwd"):
                     if ("this", step) in med:
                         a, b = med[("other", step)], med[("this", step)]
                         print(f"| {label} | {shape} | {threads} | {step} | {a:.2f} | {b:.2f} | {a / b:.2f} |",
