@@ -18,14 +18,14 @@ def run_backward(dy, cache, out, link, dh=None):
         dy = dy.reshape(plan.shape)
     x3 = cache.x3
     route = cache.route
-    strategy = "empty" if route is None else route.backward
-    if strategy != "empty" and route.leave_out:
+    strategy = route.backward
+    if route.leave_out:
         dy, x3 = _leave_out(dy, cache, xp)  # the backend's sums read no mask: made inert first
     dy3 = canonical(dy, plan, xp)
     dx_rows = output_rows(None if out is None else shaped(out, plan.shape), plan, cache.dtype, xp)
     run = Run.of(be, dy3.size)
     dh3 = None
-    if dh is not None and strategy != "empty" and route.dh_in_dx:  # added by the dx pass itself
+    if dh is not None and route.dh_in_dx:  # added by the dx pass itself
         dh3, dh = canonical(dh.reshape(plan.shape), plan, xp), None
     if strategy == "empty":  # nothing flows: zero parameter gradients
         dw = db = xp.zeros(plan.param_size if (cache.has_weight or cache.has_bias) else 0)
@@ -55,7 +55,7 @@ def _mask_args(cache, run: Run):
     """The sums kernels' mask arguments: the forward's mask where the backend's sums read
     one (they then leave the masked-out positions out), else none."""
     m = cache.mask
-    if m is None or not run.be.masked_sums:
+    if m is None or cache.route.leave_out:
         return _NO_MASK
     return m.kernel_args()
 

@@ -49,7 +49,7 @@ class NormCache:
         # the caller's mask (broadcasting to plan.shape) whenever one was given, training or
         # eval: its False positions are not data, and backward leaves them out entirely
         self.not_data = None
-        self.route = route          # the forward's route: which backward runs (None: empty)
+        self.route = route          # the forward's route: which backward runs
 
     @property
     def shape(self):

@@ -42,12 +42,11 @@ def run_forward(call: Call, x):
     y_rows = output_rows(None if late_rules and route.output is None else out, plan, call.dtype, xp)
     count = plan.count
     mean = var = rstd = None
-    # the mask as the kernels read it: for the statistics (call.mask), and for backward
+    # the mask as the kernels read it: for the statistics (route.masked), and for backward
     # whenever one was given (its masked-out positions are not data, in eval too)
     mask3 = None if call.given_mask is None else masking.mask_rows(call.given_mask, plan, call.be)
-    if call.use_batch:
-        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3,
-                                                   None if call.mask is None else mask3)
+    if route.statistics is not None:
+        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3, mask3)
         if h3 is not None:
             x = x3 = h3  # what the kernel normalized, and what backward reads
     if route.update:
@@ -57,10 +56,10 @@ def run_forward(call: Call, x):
     elif route.output is not None:
         _apply(call, shaped(x3, plan.rows), mean, rstd, y_rows, run)
     cache = NormCache(call.mode, plan, x3, call.dtype, mean, rstd, call.weight, call.bias is not None,
-                      stats_grad=call.use_batch and not call.estimate, count=count,
+                      stats_grad=route.stats_grad, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be,
                       param_dtype=param_dtype_of(call), route=route)
-    if call.mask is not None:
+    if route.masked:
         cache.counts = count
         cache.count = int(run.be.to_host(count).sum())  # (what synchronized ranks agree on)
     cache.mask = mask3
@@ -94,7 +93,7 @@ def _empty_forward(call: Call, x):
     nan = xp.full(C, np.nan) if C <= 65536 else xp.broadcast_to(xp.asarray(np.nan), (C,))
     cache = NormCache(call.mode, plan, canonical(x, plan, xp), call.dtype, nan, nan, call.weight,
                       call.bias is not None, stats_grad=False, count=0, backend=call.be,
-                      param_dtype=param_dtype_of(call))
+                      param_dtype=param_dtype_of(call), route=call.route)
     return y, cache
 
 
@@ -146,7 +145,7 @@ def _masked_statistics(call: Call, x3, mask3, y_rows, run: Run, mean, var, rstd,
         else:
             pmean, pm2, pcount = _masked_moments(x3, mask3, plan, run)
         counts = masking.finalize_counted(xp, pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd)
-    masking.check_counts(counts, run.be, call.route.counts_ruled, call.update,
+    masking.check_counts(counts, run.be, call.route.counts_ruled, call.route.update,
                          f"{describe_mode(call.mode)}, x.shape {plan.shape}")
     return mean, var, rstd, counts
 
@@ -157,7 +156,7 @@ def _sync_settings(call: Call):
     dtype), eps, estimate, whether running statistics are updated and how (momentum, the
     exact decay, unbiased). The mode's spec, the statistics shape, x's dtype, training and the mask's presence are
     in the signature already (:func:`normcore.sync._signature`)."""
-    update = call.update
+    update = call.route.update
     return (("centred", call.mode.center), ("eps", call.eps), ("estimate", call.estimate),
             ("weight given", call.weight is not None), ("bias given", call.bias is not None),
             ("parameter dtype", param_dtype_of(call).name),

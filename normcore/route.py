@@ -16,6 +16,7 @@ where ``dh`` joins (in the dx pass, or an add pass after it).
 """
 from __future__ import annotations
 
+from math import prod
 from typing import NamedTuple
 
 from .plan import Plan, Strategy
@@ -48,7 +49,6 @@ class Route(NamedTuple):
     masked: bool            # the batch statistics count the mask's True elements only
     synced: bool            # the moments are exchanged with the other ranks
     counts_ruled: bool      # the masked counts are ruled on (masking.check_counts)
-    late_rules: bool        # a rule needs the statistics: y and h made apart, copied after
     update: bool            # the running statistics are written
     output: str | None      # None (the statistics pass wrote y), "rows", "inner",
     #                         "running" (from running statistics) or "running inner"
@@ -59,13 +59,19 @@ class Route(NamedTuple):
     leave_out: bool         # ... through inert copies of dy and x (no masked sums)
     dh_in_dx: bool          # backward's dh joins the dx pass (else an add pass after)
 
+    @property
+    def late_rules(self) -> bool:
+        """A rule needs the statistics (the ranks' exchange, the masked counts): y and h are
+        made apart and copied to the caller's arrays once it has passed."""
+        return self.synced or self.counts_ruled
+
     def kernels(self, plan: Plan, dh: bool = False) -> dict:
         """``{"forward": [...], "backward": [...]}``: the contract entries each phase
         calls, in order (``dh``: backward is given one)."""
         return {"forward": _forward_kernels(self, plan), "backward": _backward_kernels(self, plan, dh)}
 
 
-def resolve(plan: Plan, caps: Capabilities, *, center: bool, use_batch: bool, estimate: bool,
+def resolve(plan: Plan, caps: Capabilities, *, use_batch: bool, estimate: bool,
             update: bool, synced: bool, masked: bool, residual: bool, affine: bool,
             counts_ruled: bool) -> Route:
     """The route of one call signature.
@@ -79,14 +85,14 @@ def resolve(plan: Plan, caps: Capabilities, *, center: bool, use_batch: bool, es
     >>> from normcore.plan import make_plan
     >>> from normcore.modes import get_mode
     >>> plan = make_plan(get_mode("batch_norm"), (8, 4))
-    >>> r = resolve(plan, Capabilities(), center=True, use_batch=True, estimate=False, update=True,
+    >>> r = resolve(plan, Capabilities(), use_batch=True, estimate=False, update=True,
     ...             synced=False, masked=False, residual=False, affine=True, counts_ruled=True)
     >>> r.kernels(plan)["forward"]
     ['normalize_cols', 'update_running']
     """
     strategy = plan.strategy
     synced = synced and use_batch  # eval with running statistics exchanges nothing
-    empty = _size(plan) == 0 and not synced
+    empty = prod(plan.shape) == 0 and not synced
     stats_masked = masked and use_batch
     one_pass = (use_batch and not estimate and not synced and caps.fused_forward
                 and (strategy is Strategy.GROUPS or (strategy is Strategy.COLUMNS and not plan.param_inner)))
@@ -119,17 +125,9 @@ def resolve(plan: Plan, caps: Capabilities, *, center: bool, use_batch: bool, es
         backward = "rows"
     return Route(empty=empty, residual=residual_step, statistics=statistics if not empty else None,
                  masked=stats_masked, synced=synced, counts_ruled=stats_masked and counts_ruled,
-                 late_rules=synced or (stats_masked and counts_ruled),
                  update=update, output=output if not empty else None, affine=affine, stats_grad=stats_grad,
-                 backward=backward, mask_given=masked, leave_out=masked and not caps.masked_sums,
-                 dh_in_dx=plan.perm is None and _size(plan) > 0 and (not masked or backward == "one visit"))
-
-
-def _size(plan: Plan) -> int:
-    n = 1
-    for d in plan.shape:
-        n *= d
-    return n
+                 backward=backward, mask_given=masked, leave_out=masked and not caps.masked_sums and not empty,
+                 dh_in_dx=plan.perm is None and prod(plan.shape) > 0 and (not masked or backward == "one visit"))
 
 
 _ONE_PASS = {"groups": "normalize_groups", "columns": "normalize_cols"}

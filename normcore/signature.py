@@ -43,17 +43,11 @@ class Call(NamedTuple):
     estimate: bool
     out: object
     link: object            # sync.Exchange when the batch statistics are synchronized
-    use_batch: bool         # batch statistics are computed (training, or no running ones)
-    update: bool            # the running statistics are written
     route: Route            # the kernels the call runs (normcore.route)
     residual: object = None  # add_normalize's residual: the input is h = x + residual
     h_out: object = None     # where h is written (add_normalize's h_out), or None
-    given_mask: object = None  # the caller's boolean mask (checked), or None: backward's rule
-
-    @property
-    def mask(self):
-        """The mask the batch statistics use: the caller's, unless none are computed."""
-        return self.given_mask if self.use_batch else None
+    given_mask: object = None  # the caller's boolean mask (checked), or None (route.masked:
+    #                            the batch statistics use it; backward leaves it out always)
 
 
 def check_forward(x, be, mode, weight, bias, running_mean, running_var, training, momentum, decay, eps,
@@ -69,15 +63,14 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
         fixed = key = None
     plan = None if fixed is None else fixed[1]()  # held weakly: the plan cache decides its life
     if plan is None:
-        m, plan, use_batch, route = _check_signature(x, be, mode, weight, bias, running_mean, running_var,
-                                                     training, estimate, sizes, link, mask is not None,
-                                                     residual is not None)
+        m, plan, route = _check_signature(x, be, mode, weight, bias, running_mean, running_var, training,
+                                          estimate, sizes, link, mask is not None, residual is not None)
         if key is not None:
             if len(_SIGNATURES) >= _MAX_SIGNATURES:
                 _SIGNATURES.clear()
-            _SIGNATURES[key] = (m, weakref.ref(plan), use_batch, route)
+            _SIGNATURES[key] = (m, weakref.ref(plan), route)
     else:
-        m, _, use_batch, route = fixed
+        m, _, route = fixed
     dtype = x.dtype
     arrays = be.array_type
     # the common case of checks.param inline (an array of x's backend, dtype and the shape),
@@ -119,13 +112,12 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
                         {"x": x, "residual": residual, "weight": weight, "bias": bias,
                          "running_mean": None if writes_running else running_mean,
                          "running_var": None if writes_running else running_var}, be)
-    if not use_batch:
-        link = None  # eval with running statistics: nothing to exchange
     return Call(m, plan, be, dtype,
-                    None if weight is None else flat(weight, be),
-                    None if bias is None else flat(bias, be),
-                    running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
-                    estimate, out, link, use_batch, route.update, route, residual, h_out, mask)
+                None if weight is None else flat(weight, be),
+                None if bias is None else flat(bias, be),
+                running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
+                estimate, out, link if route.synced else None,  # (eval with running statistics: no exchange)
+                route, residual, h_out, mask)
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the
@@ -138,8 +130,7 @@ _MAX_SIGNATURES = 1024
 
 def _check_signature(x, be, mode, weight, bias, running_mean, running_var, training, estimate, sizes,
                      link, masked=False, residual=False):
-    """The rules that depend on the call's signature alone; returns (mode, plan, use_batch,
-    route)."""
+    """The rules that depend on the call's signature alone; returns (mode, plan, route)."""
     m = get_mode(mode)
     if link is not None:
         sync.check_batch_mode(m, x)
@@ -157,11 +148,11 @@ def _check_signature(x, be, mode, weight, bias, running_mean, running_var, train
     if (link is None or not use_batch) and plan.count <= 1 and x.size:
         # (synchronized: checked once all ranks' counts are known)
         check_count(plan.count, plan.layout[1], training, m, x.shape)
-    route = resolve(plan, Capabilities.of(be), center=m.center, use_batch=use_batch, estimate=estimate,
+    route = resolve(plan, Capabilities.of(be), use_batch=use_batch, estimate=estimate,
                     update=training and has_running and plan.layout[1] > 0, synced=link is not None,
                     masked=masked, residual=residual, affine=weight is not None or bias is not None,
                     counts_ruled=training and m.running_stats is not None)
-    return m, plan, use_batch, route
+    return m, plan, route
 
 
 def _plan(mode: Mode, x, sizes) -> Plan:
