@@ -72,18 +72,12 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
     else:
         m, _, route = fixed
     dtype = x.dtype
-    arrays = be.array_type
-    # the common case of checks.param inline (an array of x's backend, dtype and the shape),
-    # the rule itself where it is not
     for name, a, shape in (("weight", weight, plan.param_shape), ("bias", bias, plan.param_shape),
                            ("running_mean", running_mean, plan.running_shape),
                            ("running_var", running_var, plan.running_shape)):
-        if a is not None and not (type(a) is arrays and a.dtype == dtype and a.shape == shape):
-            checks.param(name, a, shape, dtype, be)
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        checks.same_dtype("weight", weight, "bias", bias)
-    if has_running and running_mean.dtype != running_var.dtype:
-        checks.same_dtype("running_mean", running_mean, "running_var", running_var)
+        checks.param(name, a, shape, dtype, be)
+    checks.same_dtype("weight", weight, "bias", bias)
+    checks.same_dtype("running_mean", running_mean, "running_var", running_var)
     if has_running:
         if training:
             for name, a in (("running_mean", running_mean), ("running_var", running_var)):
