@@ -932,8 +932,8 @@ def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, dou
     (C,) float64 and y (1, C, B) T: statistics of each group, then its rows normalized, as
     the separate kernels do, while the group is in cache. With a residual the group
     normalized is h = x + residual (as add), made in the same visit. With ``mask`` (uint8
-    bytes, moff (C * J,) intp and mstep for the rows of S; of h with a residual): over the counted
-    elements only, OUT counts (C,) float64 counted elements per group; a group without
+    bytes, moff (C * J,) intp and mstep for the rows of S): over the counted elements (of h
+    with a residual) only, OUT counts (C,) float64 counted elements per group; a group without
     counted elements gets mean 0, var 0 and rstd 0 (y is its bias)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
@@ -1069,9 +1069,10 @@ def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, r
     (1, C, B) T. Training-mode backward in one visit per group: the group's sums, then its
     dx while dy and x are still in cache (same formulas as dx_rows / dx_inner). dh (1, C,
     B) T or None: added to dx (as add, after dx's rounding) in the same visit. With
-    ``mask`` (moff, mstep as normalize_groups takes them, counts (C,) float64 from it; dh
-    added everywhere, to the 0 of a masked-out position too): the sums run over the counted elements only (the others are not data), the
-    statistics terms of dx divide by counts[c], and dx is 0 where not counted."""
+    ``mask`` (moff, mstep as normalize_groups takes them, counts (C,) float64 from it): the
+    sums run over the counted elements only (the others are not data), the statistics
+    terms of dx divide by counts[c], and dx is 0 where not counted (then dh is added
+    everywhere, to those zeros too)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t P = _shape(pdw, 2)[1]
     cdef int T = _storage(x)
