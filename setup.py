@@ -55,6 +55,9 @@ AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-ffp-contract=off"]
 # GCC keeps 256-bit vectors on AVX-512 targets unless told to prefer 512
 AVX512_FLAGS = AVX2_FLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=512"]
 VARIANT_FLAGS = {"_kernels": [], "_kernels_avx2": AVX2_FLAGS, "_kernels_avx512": AVX512_FLAGS}
+# Compiled once, for the baseline: the route programs' interpreter and the warm layer call
+# (normcore._steady), which call the kernels of whichever build was chosen.
+STEADY = "_steady"
 
 
 class BuildExt(build_ext):
@@ -63,7 +66,7 @@ class BuildExt(build_ext):
         x86 = platform.machine().lower() in ("x86_64", "amd64")
         kept = []
         for ext in self.extensions:
-            flags = VARIANT_FLAGS[ext.name.rsplit(".", 1)[-1]]
+            flags = VARIANT_FLAGS.get(ext.name.rsplit(".", 1)[-1], [])
             if flags and not (x86 and _accepts(self.compiler, flags)):
                 print(f"normcore: the compiler or platform does not take {' '.join(flags)}; no {ext.name} build")
                 continue
@@ -91,7 +94,7 @@ extensions = [
         include_dirs=[np.get_include(), "src/normcore"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
-    for name in VARIANT_FLAGS
+    for name in [*VARIANT_FLAGS, STEADY]
 ]
 
 setup(

@@ -2,7 +2,9 @@
 dx coefficients → dx, or one visit per group; dh added by the dx pass or after it."""
 from __future__ import annotations
 
-from . import masking, sync
+import numpy as np
+
+from . import _steady, masking, program, sync
 from .backend import AffineKind
 from .layout import Run, add, canonical, group_totals, in_caller_layout, output_rows, per_row, shaped
 from .plan import Strategy
@@ -16,6 +18,13 @@ def run_backward(dy, cache, out, link, dh=None):
     view = cache.view
     if view is not None:  # a form's call on reshaped arrays: the mode's shapes inside
         dy = dy.reshape(plan.shape)
+    ps = cache.programs
+    if ps is not None and _programs_take(ps, dy, dh, out):
+        dx, dw, db = _steady.run_backward(cache, dy, None if dh is None else dh.reshape(plan.shape),
+                                          None if out is None else shaped(out, plan.shape))
+        if view is not None:
+            dx = dx.reshape(view[0]) if out is None else out
+        return (dx,) + _param_gradients(cache, dw, db)
     x3 = cache.x3
     route = cache.route
     strategy = route.backward
@@ -42,13 +51,27 @@ def run_backward(dy, cache, out, link, dh=None):
         dx = dx.reshape(view[0]) if out is None else out
     if dh is not None:  # a transposing plan or a masked dx: dx (C-contiguous, the caller's layout) += dh
         add(be, dx, dh, dx)
-    pshape = plan.param_shape if view is None else view[1]
+    return (dx,) + _param_gradients(cache, dw, db)
+
+
+def _param_gradients(cache, dw, db):
+    """(dweight, dbias) from the (P,) float64 sums: the parameters' shape and dtype, None
+    for one the forward did not have."""
+    pshape = cache.plan.param_shape if cache.view is None else cache.view[1]
     dweight = dbias = None
     if cache.has_weight:
         dweight = (dw if len(pshape) == 1 else dw.reshape(pshape)).astype(cache.param_dtype)
     if cache.has_bias:
         dbias = (db if len(pshape) == 1 else db.reshape(pshape)).astype(cache.param_dtype)
-    return dx, dweight, dbias
+    return dweight, dbias
+
+
+def _programs_take(ps, dy, dh, out) -> bool:
+    """Whether the forward's programs (normcore.program) run this backward: the arrays as
+    the kernels read them, a program for dh when one is given."""
+    return (program.ENABLED and type(dy) is np.ndarray and dy.flags.c_contiguous
+            and (dh is None or (ps.backward_dh is not None and type(dh) is np.ndarray and dh.flags.c_contiguous))
+            and (out is None or type(out) is np.ndarray))
 
 
 def _mask_args(cache, run: Run):

@@ -8,7 +8,7 @@ from math import prod
 
 import numpy as np
 
-from . import masking, sync
+from . import _steady, masking, program, sync
 from .backend import AffineKind
 from .cache import NormCache
 from .checks import describe_mode
@@ -21,6 +21,11 @@ __all__ = ["run_forward"]
 
 def run_forward(call: Call, x):
     """Phases 2-5 of a checked call; returns (y, cache), or (y, h, cache) with a residual."""
+    ps = call.programs
+    if ps is not None and _programs_take(call, ps, x):
+        return _steady.run_forward(ps, call.plan, x, call.weight, call.bias, call.running_mean, call.running_var,
+                                   call.eps, call.momentum, 0.0 if call.keep is None else call.keep, call.unbiased,
+                                   call.out)
     plan, xp, route = call.plan, call.be.xp, call.route
     # A rule that needs the statistics (the ranks' exchange, the masked counts) may still
     # refuse the call after h or a one-pass y exist: those are then made in arrays of
@@ -71,6 +76,15 @@ def run_forward(call: Call, x):
     if call.residual is None:
         return y, cache
     return y, _deliver(shaped(x, plan.shape), call.h_out, late_rules), cache
+
+
+def _programs_take(call: Call, ps, x) -> bool:
+    """Whether the signature's programs (normcore.program) run this call: they take x and
+    the running statistics as the kernels read them (no copies) and one parameter dtype."""
+    return (program.ENABLED and type(x) is np.ndarray and x.flags.c_contiguous
+            and ps.param_dtype == param_dtype_of(call)
+            and (call.running_mean is None or (call.running_mean.ndim == 1 and call.running_mean.flags.c_contiguous
+                                               and call.running_var.ndim == 1 and call.running_var.flags.c_contiguous)))
 
 
 def _deliver(h, h_out, made_apart):

@@ -168,7 +168,8 @@ class Layer:
     def __getstate__(self):
         # the lock and the per-thread record do not pickle: the copy gets fresh ones, and
         # the calling thread's cache (a pickled layer can still run its backward)
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tls")}
+        # (nor does the warm call's memo, normcore._steady: a copy's first call makes its own)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tls", "_steady")}
         state["_cache"], state["_consumed"] = self._tls.cache, self._tls.consumed
         return state
 
@@ -261,6 +262,7 @@ class Layer:
                     setattr(self, name, move(value))
             # every thread's caches and kept buffers (y, h, dx) live on the old device
             self._tls = _PerThread()
+            self.__dict__.pop("_steady", None)
         for child in self._children().values():
             child.to(device)
         return self

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import checks, folding
+from . import _steady, checks, folding
 from .backend import backend_of
 from .functional import backward, forward
 from .layer_base import Layer, _layer_dtype, _layer_param_dtype
@@ -96,6 +96,10 @@ class _Norm(Layer):
         >>> real = np.arange(5)[None, :, None] < np.array([5, 3])[:, None, None]  # lengths 5, 3
         >>> y = nc.BatchNorm1d(3, channel_axis=-1)(x, mask=real)
         """
+        if mask is None:
+            y = _steady.layer_forward(self, x)  # a warm call: compiled, or None
+            if y is not None:
+                return y
         return self._forward(x, self._check_input(x), mask=mask)
 
     def forward_add(self, x, residual, mask=None):
@@ -197,6 +201,8 @@ class _Norm(Layer):
         if not (self.training and self.track_running_stats):
             got = self._run_forward(x, be, residual, mask, self.momentum)
             self._cache = got[-1]
+            if residual is None and mask is None:
+                self._remember(x, got[-1])
             return got[0] if residual is None else (got[0], got[1])
         with self._lock:
             saved = self._snapshot()
@@ -211,7 +217,29 @@ class _Norm(Layer):
             except BaseException:
                 self._restore(saved)
                 raise
+        if residual is None and mask is None:
+            self._remember(x, got[-1])
         return got[0] if residual is None else (got[0], got[1])
+
+    def _remember(self, x, cache):
+        """After a call the signature's programs ran: keep what the next warm calls of this
+        layer check against (:func:`normcore._steady.layer_forward`), or drop it."""
+        ps = cache.programs
+        if ps is None or self.reuse_buffers or self._comm_or_none() is not None or type(x) is not np.ndarray:
+            _steady.forget(self)
+            return
+        update = ps.route.update
+        if self.decay is not None:
+            momentum, keep = checks.running_rate(checks.DEFAULT_MOMENTUM, self.decay)
+        elif self.momentum is None:
+            momentum = keep = None  # the cumulative average: from num_batches_tracked per call
+        else:
+            momentum, keep = checks.running_rate(self.momentum, None)
+        track = self.track_running_stats
+        _steady.remember(self, ps, cache.plan, cache.view, x, self.training, self.weight, self.bias,
+                         self.running_mean if track else None, self.running_var if track else None, update,
+                         self.eps, self.momentum, self.decay, self.unbiased, track, checks.eps(self._eps(x)),
+                         momentum, keep)
 
     def _snapshot(self):
         """The running statistics and count a training forward may have to put back."""
@@ -219,7 +247,9 @@ class _Norm(Layer):
 
     def _restore(self, saved):
         """Put back what :meth:`_snapshot` saved."""
-        self.running_mean[...], self.running_var[...] = saved[0], saved[1]
+        for a, old in ((self.running_mean, saved[0]), (self.running_var, saved[1])):
+            if a.flags.writeable:  # (a read-only one was not written; the call's error says so)
+                a[...] = old
         self.num_batches_tracked = saved[2]
 
     def _run_forward(self, x, be, residual, mask, momentum):
@@ -240,6 +270,9 @@ class _Norm(Layer):
         A backward consumes its forward, as PyTorch's frees its graph: a second backward
         of the same forward raises RuntimeError (it would add the gradients twice) unless
         the first was given ``retain_graph=True``."""
+        dx = _steady.layer_backward(self, dy, dh, retain_graph)  # a warm call's: compiled, or None
+        if dx is not None:
+            return dx
         cache = self._cache
         if cache is None:
             raise self._no_forward()

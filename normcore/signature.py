@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import checks, sync
+from . import checks, program, sync
 from .checks import describe_mode
 from .layout import flat
 from .modes import Mode, get_mode
@@ -44,6 +44,7 @@ class Call(NamedTuple):
     out: object
     link: object            # sync.Exchange when the batch statistics are synchronized
     route: Route            # the kernels the call runs (normcore.route)
+    programs: object        # the route as programs (normcore.program), or None: run step by step
     residual: object = None  # add_normalize's residual: the input is h = x + residual
     h_out: object = None     # where h is written (add_normalize's h_out), or None
     given_mask: object = None  # the caller's boolean mask (checked), or None (route.masked:
@@ -62,15 +63,13 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
     except TypeError:  # an unhashable argument: the rules below name it
         fixed = key = None
     plan = None if fixed is None else fixed[1]()  # held weakly: the plan cache decides its life
-    if plan is None:
+    programs = None if fixed is None else fixed[3]()
+    fresh = plan is None or (programs is None and fixed[4])
+    if fresh:
         m, plan, route = _check_signature(x, be, mode, weight, bias, running_mean, running_var, training,
                                           estimate, sizes, link, mask is not None, residual is not None)
-        if key is not None:
-            if len(_SIGNATURES) >= _MAX_SIGNATURES:
-                _SIGNATURES.clear()
-            _SIGNATURES[key] = (m, weakref.ref(plan), route)
     else:
-        m, _, route = fixed
+        m, _, route = fixed[:3]
     dtype = x.dtype
     for name, a, shape in (("weight", weight, plan.param_shape), ("bias", bias, plan.param_shape),
                            ("running_mean", running_mean, plan.running_shape),
@@ -106,12 +105,25 @@ def check_forward(x, be, mode, weight, bias, running_mean, running_var, training
                         {"x": x, "residual": residual, "weight": weight, "bias": bias,
                          "running_mean": None if writes_running else running_mean,
                          "running_var": None if writes_running else running_var}, be)
+    if fresh:  # the route as programs, kept with the plan (and held weakly here, as the plan is)
+        given = weight if weight is not None else bias
+        programs = program.programs_for(plan, route, be, m, dtype, dtype if given is None else given.dtype,
+                                        weight is not None, bias is not None)
+        if key is not None:
+            if len(_SIGNATURES) >= _MAX_SIGNATURES:
+                _SIGNATURES.clear()
+            _SIGNATURES[key] = (m, weakref.ref(plan), route, _NONE if programs is None else weakref.ref(programs),
+                                programs is not None)
     return Call(m, plan, be, dtype,
                 None if weight is None else flat(weight, be),
                 None if bias is None else flat(bias, be),
                 running_mean, running_var, training, momentum, keep, eps, bool(unbiased),
                 estimate, out, link if route.synced else None,  # (eval with running statistics: no exchange)
-                route, residual, h_out, mask)
+                route, programs, residual, h_out, mask)
+
+
+def _NONE():
+    return None
 
 
 # What a call's signature (mode, x's shape and dtype, sizes, which arguments are given, the

@@ -12,7 +12,8 @@ import pytest
 
 import normcore as nc
 from layer_cases import _x, LAYERS, IDS, _state, _same_state, _grads
-from normcore import forward_route
+from normcore import forward_route, program
+from normcore.backend import CPU
 from normcore.testing import run_ranks
 
 RNG = np.random.default_rng(12)
@@ -197,6 +198,7 @@ class _Stop(BaseException):
 @pytest.mark.parametrize("where", ["_update_running", "_apply", "_apply_running", "NormCache"])
 @pytest.mark.parametrize("name, make, shape", [c for c in LAYERS if "Norm" in c[0]], ids=IDS)
 def test_a_forward_interrupted_anywhere_leaves_the_layer_as_before(monkeypatch, name, make, shape, where):
+    monkeypatch.setattr(program, "ENABLED", False)  # the route executors' steps (programs: below)
     layer = make()
     x = _x(shape, offset=3.0)
     layer(_x(shape))  # a first step: state and a cache to keep
@@ -216,6 +218,44 @@ def test_a_forward_interrupted_anywhere_leaves_the_layer_as_before(monkeypatch, 
     monkeypatch.undo()
     if not hits:
         pytest.skip(f"{name}'s training forward does not pass through {where}")
+    assert _same_state(before, _state(layer)), "running statistics changed by an interrupted call"
+    assert _cache_of(layer) is cache
+
+
+@pytest.mark.parametrize("after", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("name, make, shape", [c for c in LAYERS if "Norm" in c[0]], ids=IDS)
+def test_a_warm_forward_interrupted_after_any_kernel_leaves_the_layer_as_before(monkeypatch, name, make, shape,
+                                                                                after):
+    layer = make()
+    layer(_x(shape))
+    layer(_x(shape))  # warm: the compiled call runs the next one
+    before, cache = _state(layer), _cache_of(layer)
+    calls = []
+
+    class Interrupting:
+        def __init__(self, K):
+            self._K = K
+
+        def __getattr__(self, name):
+            f = getattr(self._K, name)
+            if not callable(f):
+                return f
+
+            def call(*args, **kwargs):
+                result = f(*args, **kwargs)
+                calls.append(name)
+                if len(calls) == after + 1:
+                    raise _Stop  # right after this kernel has written what it writes
+                return result
+            return call
+    monkeypatch.setattr(CPU, "K", Interrupting(CPU.K))
+    try:
+        layer(_x(shape, offset=3.0))
+    except _Stop:
+        pass
+    monkeypatch.undo()
+    if len(calls) <= after:
+        pytest.skip(f"{name}'s training forward runs {len(calls)} kernels")
     assert _same_state(before, _state(layer)), "running statistics changed by an interrupted call"
     assert _cache_of(layer) is cache
 
