@@ -25,7 +25,7 @@ def run_forward(call: Call, x):
     if ps is not None and _programs_take(call, ps, x):
         return _steady.run_forward(ps, call.plan, x, call.weight, call.bias, call.running_mean, call.running_var,
                                    call.eps, call.momentum, 0.0 if call.keep is None else call.keep, call.unbiased,
-                                   call.out)
+                                   call.out, call.residual, call.h_out)
     plan, xp, route = call.plan, call.be.xp, call.route
     # A rule that needs the statistics (the ranks' exchange, the masked counts) may still
     # refuse the call after h or a one-pass y exist: those are then made in arrays of
@@ -81,7 +81,9 @@ def run_forward(call: Call, x):
 def _programs_take(call: Call, ps, x) -> bool:
     """Whether the signature's programs (normcore.program) run this call: they take x and
     the running statistics as the kernels read them (no copies) and one parameter dtype."""
+    r = call.residual
     return (program.ENABLED and type(x) is np.ndarray and x.flags.c_contiguous
+            and (r is None or (type(r) is np.ndarray and r.flags.c_contiguous))
             and ps.param_dtype == param_dtype_of(call)
             and (call.running_mean is None or (call.running_mean.ndim == 1 and call.running_mean.flags.c_contiguous
                                                and call.running_var.ndim == 1 and call.running_var.flags.c_contiguous)))

@@ -169,7 +169,7 @@ class Layer:
         # the lock and the per-thread record do not pickle: the copy gets fresh ones, and
         # the calling thread's cache (a pickled layer can still run its backward)
         # (nor does the warm call's memo, normcore._steady: a copy's first call makes its own)
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tls", "_steady")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_tls", "_steady", "_steady_add")}
         state["_cache"], state["_consumed"] = self._tls.cache, self._tls.consumed
         return state
 
@@ -263,6 +263,7 @@ class Layer:
             # every thread's caches and kept buffers (y, h, dx) live on the old device
             self._tls = _PerThread()
             self.__dict__.pop("_steady", None)
+            self.__dict__.pop("_steady_add", None)
         for child in self._children().values():
             child.to(device)
         return self

@@ -116,6 +116,10 @@ class _Norm(Layer):
         >>> y, h = ln.forward_add(x, x)
         >>> dh_total = ln.backward(np.ones_like(y), dh=np.ones_like(h))
         """
+        if mask is None and residual is not None:
+            got = _steady.layer_forward(self, x, residual)  # a warm call: compiled, or None
+            if got is not None:
+                return got
         return self._forward(x, self._check_input(x, residual), residual, mask)
 
     def _normalize(self, x, be, out, training, momentum, eps, residual=None, h_out=None, mask=None):
@@ -201,8 +205,8 @@ class _Norm(Layer):
         if not (self.training and self.track_running_stats):
             got = self._run_forward(x, be, residual, mask, self.momentum)
             self._cache = got[-1]
-            if residual is None and mask is None:
-                self._remember(x, got[-1])
+            if mask is None:
+                self._remember(x, got[-1], residual is not None)
             return got[0] if residual is None else (got[0], got[1])
         with self._lock:
             saved = self._snapshot()
@@ -217,16 +221,17 @@ class _Norm(Layer):
             except BaseException:
                 self._restore(saved)
                 raise
-        if residual is None and mask is None:
-            self._remember(x, got[-1])
+        if mask is None:
+            self._remember(x, got[-1], residual is not None)
         return got[0] if residual is None else (got[0], got[1])
 
-    def _remember(self, x, cache):
+    def _remember(self, x, cache, residual):
         """After a call the signature's programs ran: keep what the next warm calls of this
-        layer check against (:func:`normcore._steady.layer_forward`), or drop it."""
+        layer (forward, or forward_add with ``residual``) check against
+        (:func:`normcore._steady.layer_forward`), or drop it."""
         ps = cache.programs
         if ps is None or self.reuse_buffers or self._comm_or_none() is not None or type(x) is not np.ndarray:
-            _steady.forget(self)
+            _steady.forget(self, residual)
             return
         update = ps.route.update
         if self.decay is not None:
@@ -236,7 +241,7 @@ class _Norm(Layer):
         else:
             momentum, keep = checks.running_rate(self.momentum, None)
         track = self.track_running_stats
-        _steady.remember(self, ps, cache.plan, cache.view, x, self.training, self.weight, self.bias,
+        _steady.remember(self, residual, ps, cache.plan, cache.view, x, self.training, self.weight, self.bias,
                          self.running_mean if track else None, self.running_var if track else None, update,
                          self.eps, self.momentum, self.decay, self.unbiased, track, checks.eps(self._eps(x)),
                          momentum, keep)

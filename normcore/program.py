@@ -4,7 +4,7 @@ and constants) and run by the compiled interpreter (:mod:`normcore._steady`) for
 call of the signature, the layers' warm calls included.
 
 :func:`programs_for` builds them for the routes of the common calls on the CPU -- no mask,
-residual, communicator or transposing plan; groups contiguous, columns or rows (not
+communicator or transposing plan, a residual only where the statistics pass adds it; groups contiguous, columns or rows (not
 scattered) -- and returns None for the others, which the route executors run
 step by step. Both give bitwise the same results (tests/test_program.py compares them for
 every built-in mode).
@@ -41,15 +41,15 @@ class Reg(int):
     """A register number in a call's arguments (a plain int there is a constant)."""
 
 
-X, W, B, RM, RV, EPS, MOMENTUM, KEEP, UNBIAS, THREADS, DY, DH, MEAN, RSTD, X3, OUT, DW, DB = (
+X, W, B, RM, RV, EPS, MOMENTUM, KEEP, UNBIAS, THREADS, DY, DH, MEAN, RSTD, X3, OUT, DW, DB, RESIDUAL, H = (
     Reg(REGISTERS[n]) for n in ("x", "weight", "bias", "running_mean", "running_var", "eps", "momentum", "keep",
                                 "unbias", "threads", "dy", "dh", "mean", "rstd", "x3", "out", "dweight",
-                                "dbias"))
+                                "dbias", "residual", "h"))
 
 
 def covers(plan: Plan, route: Route, be) -> bool:
     """Whether :func:`programs_for` builds programs for this signature."""
-    return (be is CPU and not route.empty and route.residual is None and not route.mask_given
+    return (be is CPU and not route.empty and route.residual in (None, "fused") and not route.mask_given
             and not route.synced and plan.perm is None and plan.strategy is not Strategy.SCATTERED
             and (route.backward != "rows" or plan.strategy is not Strategy.COLUMNS)
             and route.backward in ("one visit", "columns", "rows"))
@@ -81,14 +81,18 @@ class _Builder:
         self.steps.append(Step("zeros" if zeros else "empty", r, shape=shape, dtype=dtype))
         return r
 
-    def output(self, dtype):
-        """OUT: the caller's array, else a new one of x's shape (the kernels write its data)."""
-        self.steps.append(Step("output", OUT, shape=self.plan.shape, dtype=dtype))
-        return OUT
+    def output(self, dtype, reg=OUT):
+        """OUT (or H): the caller's array, else a new one of x's shape (the kernels write
+        its data)."""
+        self.steps.append(Step("output", reg, shape=self.plan.shape, dtype=dtype))
+        return reg
 
     def view(self, src, shape, shape_of_src, out=None):
-        """``src`` as ``shape`` (src itself when it has that shape already)."""
+        """``src`` as ``shape`` (src itself when it has that shape already, in ``out`` when
+        given)."""
         if tuple(shape) == tuple(shape_of_src):
+            if out is not None:
+                self.steps.append(Step("alias", out, src))
             return src
         r = self.reg() if out is None else out
         self.steps.append(Step("view", r, src, shape=shape))
@@ -160,7 +164,13 @@ def _forward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b):
     where mean / rstd are the registers of the statistics the output used."""
     A, C, _ = plan.layout
     R = plan.rows[1]
-    x3 = b.view(X, plan.kernel_shape, plan.shape, out=X3)
+    r3 = h3 = None
+    if route.residual == "fused":  # the statistics pass makes h = x + residual: what backward reads
+        x_in = b.view(X, plan.kernel_shape, plan.shape)
+        r3 = b.view(RESIDUAL, plan.kernel_shape, plan.shape)
+        h3 = x3 = b.view(b.output(dtype, H), plan.kernel_shape, plan.shape, out=X3)
+    else:
+        x_in = x3 = b.view(X, plan.kernel_shape, plan.shape, out=X3)
     y = b.output(dtype)
     mean = var = rstd = None
     if route.statistics is not None:
@@ -173,7 +183,7 @@ def _forward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b):
         if has_w or has_b:
             affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
             w, bias = _weights64(b, has_w, has_b)
-        b.call("normalize_groups", x3, None, None, R // C, mode.center, EPS, int(affine), b.params_ix(), w, bias,
+        b.call("normalize_groups", x_in, r3, h3, R // C, mode.center, EPS, int(affine), b.params_ix(), w, bias,
                mean, var, rstd, y, THREADS)
     elif route.statistics == "columns":
         w, bias = _weight_args(b, param_dtype, has_w, has_b)

@@ -26,7 +26,7 @@ def _same(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
 
 
-VARIANTS = ["train", "train, no parameters", "eval", "estimate", "dh", "out"]
+VARIANTS = ["train", "train, no parameters", "eval", "estimate", "dh", "out", "residual", "residual, h_out"]
 
 
 def _applies(mode, variant):
@@ -34,6 +34,11 @@ def _applies(mode, variant):
     if variant in ("eval", "estimate") and m.running_stats is None:
         return False
     return not (variant == "train, no parameters" and m.params is None)
+
+
+def _fused(cache):
+    """Whether the call's statistics pass added its residual (the programs' residual)."""
+    return cache.route.residual == "fused"
 
 
 def _call(mode, shape, sizes, variant, dtype, seed=0):
@@ -55,14 +60,21 @@ def _call(mode, shape, sizes, variant, dtype, seed=0):
         kw["running_mean"], kw["running_var"] = running
     kw["training"] = variant != "eval"
     kw["estimate"] = variant == "estimate"
-    out = np.empty(shape, dtype) if variant == "out" else None
-    y, cache = normcore.normalize(x, mode, out=out, **kw)
-    dh = rng.standard_normal(shape).astype(dtype) if variant == "dh" else None
+    out = np.empty(shape, dtype) if variant in ("out", "residual, h_out") else None
+    h = None
+    if variant.startswith("residual"):
+        h_out = np.empty(shape, dtype) if variant == "residual, h_out" else None
+        y, h, cache = normcore.add_normalize(x, rng.standard_normal(shape).astype(dtype), mode, out=out,
+                                             h_out=h_out, **kw)
+        assert h_out is None or h is h_out
+    else:
+        y, cache = normcore.normalize(x, mode, out=out, **kw)
+    dh = rng.standard_normal(shape).astype(dtype) if variant in ("dh", "residual") else None
     dx_out = np.empty(shape, dtype) if variant == "out" else None
     dx, dw, db = normcore.backward(dy, cache, dh=dh, out=dx_out)
-    if out is not None:
-        assert y is out and dx is dx_out
-    return y, cache, dx, dw, db, running
+    assert out is None or y is out
+    assert dx_out is None or dx is dx_out
+    return y, cache, dx, dw, db, running + (() if h is None else (h,))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16], ids=["f32", "f64", "f16"])
@@ -72,7 +84,9 @@ def test_programs_give_the_route_executors_results_bitwise(mode, shape, sizes, d
         if not _applies(mode, variant):
             continue
         got = _call(mode, shape, sizes, variant, dtype)
-        assert got[1].programs is not None, (mode, variant)  # every one of these is a program's
+        # every one of these is a program's (a residual: where the statistics pass adds it)
+        assert (got[1].programs is not None) == (not variant.startswith("residual") or _fused(got[1])), \
+            (mode, variant)
         monkeypatch.setattr(program, "ENABLED", False)
         want = _call(mode, shape, sizes, variant, dtype)
         monkeypatch.setattr(program, "ENABLED", True)
@@ -80,8 +94,9 @@ def test_programs_give_the_route_executors_results_bitwise(mode, shape, sizes, d
         for name, a, b in zip(("y", "", "dx", "dweight", "dbias"), got, want):
             if name:
                 assert _same(a, b), (mode, variant, name)
+        assert len(got[5]) == len(want[5])
         for a, b in zip(got[5], want[5]):
-            assert _same(a, b), (mode, variant, "running statistics")
+            assert _same(a, b), (mode, variant, "running statistics, h")
         for name in ("mean", "rstd", "x3"):
             assert _same(getattr(got[1], name), getattr(want[1], name)), (mode, variant, name)
         assert got[1].count == want[1].count and got[1].shape == want[1].shape
@@ -130,6 +145,49 @@ def test_a_warm_layer_call_gives_the_python_paths_results_bitwise(name, make, sh
     for i, (a, b) in enumerate(zip(fast, slow)):
         assert _same(a, b), (name, i)
     assert _same_state(fast_state, slow_state)
+
+
+ADD_LAYERS = [("LayerNorm", lambda: normcore.LayerNorm((3, 5)), (6, 3, 5)),
+              ("RMSNorm", lambda: normcore.RMSNorm(6), (5, 6)),
+              ("GroupNorm", lambda: normcore.GroupNorm(2, 4), (6, 4, 7)),
+              ("InstanceNorm2d", lambda: normcore.InstanceNorm2d(4, affine=True, track_running_stats=True),
+               (6, 4, 5, 5)),
+              ("BatchNorm1d", lambda: normcore.BatchNorm1d(4), (8, 4))]  # (the last: h made apart)
+
+
+@pytest.mark.parametrize("name, make, shape", ADD_LAYERS, ids=[c[0] for c in ADD_LAYERS])
+def test_a_warm_forward_add_gives_the_python_paths_results_bitwise(name, make, shape, monkeypatch):
+    rng = np.random.default_rng(8)
+    xs = [(1.0 + rng.standard_normal(shape)).astype(np.float32) for _ in range(4)]
+    rs = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+    dys = [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
+
+    def steps(layer):
+        outs = []
+        for x, r, dy in zip(xs, rs, dys):
+            y, h = layer.forward_add(x, r)
+            outs += [y, h, layer.backward(dy, dh=dy), layer(x), layer.backward(dy)]
+            outs.extend(g.copy() for g in _grads(layer))
+        return outs, _state(layer)
+    fast, fast_state = steps(make())
+    monkeypatch.setattr(program, "ENABLED", False)
+    slow, slow_state = steps(make())
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert _same(a, b), (name, i)
+    assert _same_state(fast_state, slow_state)
+
+
+def test_a_warm_forward_add_refuses_a_bad_residual():
+    x = np.random.default_rng(9).standard_normal((4, 6)).astype(np.float32)
+    ln = normcore.LayerNorm(6)
+    ln.forward_add(x, x), ln.forward_add(x, x)
+    assert "_steady_add" in ln.__dict__
+    with pytest.raises(TypeError, match="residual"):
+        ln.forward_add(x, None)
+    with pytest.raises(ValueError, match="residual"):
+        ln.forward_add(x, x[:, :3])
+    with pytest.raises(TypeError, match="residual"):
+        ln.forward_add(x, x.astype(np.float64))
 
 
 def _warm(layer, x):

@@ -115,8 +115,10 @@ def _lines(backend_name):
             for phase in ("forward", "backward"):
                 assert [k for k in listed[phase] if not k.startswith("(")] == called[phase], \
                     (mode, shape, variant, phase)
+            # (program: the call ran as the signature's programs, normcore.program)
             lines.append(f"{backend_name:4} {mode} {shape} [{variant}]: forward {' '.join(listed['forward'])}"
-                         f" | backward {' '.join(listed['backward'])}")
+                         f" | backward {' '.join(listed['backward'])}"
+                         + (" | program" if cache.programs is not None else ""))
     return lines
 
 

@@ -43,16 +43,18 @@ cdef enum:
     R_DH = 11        # backward's dh in the plan's shape, or None
     R_MEAN = 12      # the statistics the output used, (C,) float64
     R_RSTD = 13
-    R_X3 = 14        # x in the canonical layout (what backward reads); None: x itself
+    R_X3 = 14        # x in the canonical layout (what backward reads: h with a residual)
     R_OUT = 15       # y (forward) or dx (backward): the caller's array, or made by the program
     R_DW = 16        # backward: dweight, dbias (P,) float64, or None
     R_DB = 17
-    N_FIXED = 18
+    R_RESIDUAL = 18  # forward's residual in the plan's shape, or None
+    R_H = 19         # h = x + residual: the caller's h_out, or made by the program
+    N_FIXED = 20
 
 REGISTERS = {"x": R_X, "weight": R_W, "bias": R_B, "running_mean": R_RM, "running_var": R_RV,
              "eps": R_EPS, "momentum": R_MOMENTUM, "keep": R_KEEP, "unbias": R_UNBIAS,
              "threads": R_THREADS, "dy": R_DY, "dh": R_DH, "mean": R_MEAN, "rstd": R_RSTD, "x3": R_X3,
-             "out": R_OUT, "dweight": R_DW, "dbias": R_DB}
+             "out": R_OUT, "dweight": R_DW, "dbias": R_DB, "residual": R_RESIDUAL, "h": R_H}
 FIXED_REGISTERS = N_FIXED
 
 cdef enum:
@@ -64,9 +66,10 @@ cdef enum:
     OP_SUM0 = 5      # reg[out] = reg[src].sum(axis=0)
     OP_WIDEN = 6     # reg[out] = reg[src].astype(float64)
     OP_TAKE = 7      # reg[out] = reg[src][index]
+    OP_ALIAS = 8     # reg[out] = reg[src]
 
 OPS = {"empty": OP_EMPTY, "zeros": OP_ZEROS, "output": OP_OUTPUT, "view": OP_VIEW, "call": OP_CALL,
-       "sum0": OP_SUM0, "widen": OP_WIDEN, "take": OP_TAKE}
+       "sum0": OP_SUM0, "widen": OP_WIDEN, "take": OP_TAKE, "alias": OP_ALIAS}
 
 DEF MAX_ARGS = 24
 DEF MAX_DIMS = 8
@@ -182,6 +185,8 @@ cdef class Program:
                 regs[s.out] = cnp.PyArray_Cast(<cnp.ndarray>regs[s.src], cnp.NPY_DOUBLE)
             elif s.op == OP_TAKE:
                 regs[s.out] = _take(<cnp.ndarray>regs[s.src], s.index, 0, NULL, cnp.NPY_RAISE)
+            elif s.op == OP_ALIAS:
+                regs[s.out] = regs[s.src]
         return 0
 
     def __call__(self, list regs):
@@ -198,7 +203,7 @@ cdef class Programs:
 
     cdef readonly Program forward, backward, backward_dh
     cdef readonly object mode, route, dtype, param_dtype, count, be
-    cdef readonly bint has_weight, has_bias, stats_grad, small
+    cdef readonly bint has_weight, has_bias, stats_grad, small, residual
     cdef readonly Py_ssize_t size
     cdef readonly double unbias     # count / (count - 1): the unbiased update's factor
     cdef readonly int mean_reg, rstd_reg
@@ -209,6 +214,7 @@ cdef class Programs:
         self.be, self.mode, self.route, self.dtype, self.param_dtype = be, mode, route, dtype, param_dtype
         self.count, self.has_weight, self.has_bias = count, has_weight, has_bias
         self.stats_grad = route.stats_grad
+        self.residual = route.residual is not None
         self.size, self.small, self.unbias = size, small, unbias
         self.forward, self.backward, self.backward_dh = forward, backward, backward_dh
         self.mean_reg, self.rstd_reg = mean_reg, rstd_reg
@@ -254,7 +260,7 @@ cdef class NormCache:
     def __init__(self, mode, plan, x3, dtype, mean, rstd, weight, has_bias, stats_grad, count, comm=None,
                  backend=None, param_dtype=None, route=None):
         if backend is None:
-            from normcore.backend import CPU
+            from .backend import CPU
             backend = CPU
         self.mode, self.plan, self.x3, self.dtype = mode, plan, x3, dtype
         self.mean, self.rstd, self.weight = mean, rstd, weight
@@ -310,31 +316,33 @@ def _rebuild_cache(fixed, state):
 # -- running a signature's programs --------------------------------------------------------
 
 cdef tuple _forward(Programs ps, plan, x, w, b, rm, rv, double eps, double momentum, double keep, bint unbiased,
-                    out):
-    """(y, cache) of the forward program (x in the plan's shape, C-contiguous)."""
+                    out, residual, h_out):
+    """(y, h, cache) of the forward program (x, residual in the plan's shape,
+    C-contiguous; h None without a residual)."""
     cdef Program p = ps.forward
     cdef list regs = [None] * p.nregs
     regs[R_X], regs[R_W], regs[R_B], regs[R_RM], regs[R_RV] = x, w, b, rm, rv
     regs[R_EPS], regs[R_MOMENTUM], regs[R_KEEP] = eps, momentum, keep
     regs[R_UNBIAS] = ps.unbias if unbiased else 1.0
     regs[R_THREADS] = ps.threads()
-    regs[R_OUT] = out
+    regs[R_OUT], regs[R_RESIDUAL], regs[R_H] = out, residual, h_out
     p.run(regs)
     cdef NormCache c = NormCache.__new__(NormCache)
-    x3 = regs[R_X3]
-    c.mode, c.plan, c.x3, c.dtype = ps.mode, plan, x if x3 is None else x3, ps.dtype
+    c.mode, c.plan, c.x3, c.dtype = ps.mode, plan, regs[R_X3], ps.dtype
     c.mean, c.rstd, c.weight = regs[ps.mean_reg], regs[ps.rstd_reg], w
     c.has_weight, c.has_bias, c.param_dtype, c.stats_grad = ps.has_weight, ps.has_bias, ps.param_dtype, ps.stats_grad
     c.count, c.backend, c.route, c.programs = ps.count, ps.be, ps.route, ps
-    return regs[R_OUT], c
+    return regs[R_OUT], regs[R_H], c
 
 
 def run_forward(Programs ps, plan, x, w, b, rm, rv, double eps, double momentum, double keep, bint unbiased,
-                out=None):
-    """``(y, cache)`` of one call by its signature's programs: x (the plan's shape) and out
-    C-contiguous numpy arrays, w, b, rm, rv 1-D and C-contiguous (or None), every rule
-    already checked."""
-    return _forward(ps, plan, x, w, b, rm, rv, eps, momentum, keep, unbiased, out)
+                out=None, residual=None, h_out=None):
+    """``(y, cache)`` of one call by its signature's programs, ``(y, h, cache)`` for a
+    signature with a residual: x, residual (the plan's shape), out and h_out C-contiguous
+    numpy arrays, w, b, rm, rv 1-D and C-contiguous (or None), every rule already
+    checked."""
+    got = _forward(ps, plan, x, w, b, rm, rv, eps, momentum, keep, unbiased, out, residual, h_out)
+    return got if ps.residual else (got[0], got[2])
 
 
 cdef tuple _backward(NormCache cache, dy, dh, out):
@@ -476,31 +484,39 @@ cdef inline bint _running_ok(Memo m, a):
     return not m.update or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a)
 
 
-def remember(layer, Programs ps, plan, view, x, training, weight, bias, running_mean, running_var, update,
-             eps_obj, momentum_obj, decay_obj, unbiased_obj, track_obj, eps, momentum, keep):
-    """Keep on ``layer`` the memo its next warm calls check against (see :class:`Memo`):
-    called by the layer's Python path after a call its signature's programs ran."""
-    layer.__dict__["_steady"] = Memo(ps, plan, view, x, training, weight, bias, running_mean, running_var,
-                                     update, eps_obj, momentum_obj, decay_obj, unbiased_obj, track_obj, eps,
-                                     momentum, keep)
+def remember(layer, bint residual, Programs ps, plan, view, x, training, weight, bias, running_mean, running_var,
+             update, eps_obj, momentum_obj, decay_obj, unbiased_obj, track_obj, eps, momentum, keep):
+    """Keep on ``layer`` the memo its next warm calls check against (see :class:`Memo`),
+    one for forward and one for forward_add (``residual``): called by the layer's Python
+    path after a call its signature's programs ran."""
+    layer.__dict__[_MEMO[residual]] = Memo(ps, plan, view, x, training, weight, bias, running_mean, running_var,
+                                            update, eps_obj, momentum_obj, decay_obj, unbiased_obj, track_obj,
+                                            eps, momentum, keep)
 
 
-def forget(layer):
-    """Drop ``layer``'s memo (its next call takes the Python path)."""
-    layer.__dict__.pop("_steady", None)
+_MEMO = ("_steady", "_steady_add")
 
 
-def layer_forward(layer, x):
-    """A layer's forward of ``x`` (no mask, no residual) when its memo covers the call:
-    y, with the cache kept for this thread's backward, the running statistics and
-    ``num_batches_tracked`` updated as the Python path does (under the layer's lock, put
-    back if anything interrupts it); ``None`` otherwise, having changed nothing."""
+def forget(layer, bint residual):
+    """Drop ``layer``'s memo for forward or forward_add (its next such call takes the
+    Python path)."""
+    layer.__dict__.pop(_MEMO[residual], None)
+
+
+def layer_forward(layer, x, residual=None):
+    """A layer's forward of ``x`` (no mask), or with ``residual`` its forward_add, when its
+    memo covers the call: y (or (y, h)), with the cache kept for this thread's backward,
+    the running statistics and ``num_batches_tracked`` updated as the Python path does
+    (under the layer's lock, put back if anything interrupts it); ``None`` otherwise,
+    having changed nothing."""
     cdef dict d = layer.__dict__
-    memo = d.get("_steady")
+    memo = d.get(_MEMO[residual is not None])
     if memo is None:
         return None
     cdef Memo m = <Memo>memo
     if not _is_array(x, m.descr, m.nd, m.dims):
+        return None
+    if residual is not None and not _is_array(residual, m.descr, m.nd, m.dims):
         return None
     if (d.get("training") is True) != m.training:
         return None
@@ -513,15 +529,19 @@ def layer_forward(layer, x):
             d.get("track_running_stats") is not m.track_obj or layer.reuse_buffers:
         return None
     if m.update and (_overlap(rm, rv) or _overlap(rm, x) or _overlap(rv, x) or _overlap(rm, w) or _overlap(rv, w)
-                     or _overlap(rm, b) or _overlap(rv, b)):
+                     or _overlap(rm, b) or _overlap(rv, b) or _overlap(rm, residual) or _overlap(rv, residual)):
         return None  # the Python path names the overlap
-    xv = x if m.view is None else _reshaped(x, m.plan_shape)
+    xv, rv_ = x, residual
+    if m.view is not None:
+        xv = _reshaped(x, m.plan_shape)
+        if residual is not None:
+            rv_ = _reshaped(residual, m.plan_shape)
     wf, bf = _flat(w), _flat(b)
     cdef tuple got
     cdef NormCache c
     tls = d["_tls"]
     if not m.update:
-        got = _forward(m.ps, m.plan, xv, wf, bf, rm, rv, m.eps, m.momentum, m.keep, m.unbiased, None)
+        got = _forward(m.ps, m.plan, xv, wf, bf, rm, rv, m.eps, m.momentum, m.keep, m.unbiased, None, rv_, None)
     else:
         lock = d["_lock"]
         lock.acquire()
@@ -535,9 +555,10 @@ def layer_forward(layer, x):
                 if m.cumulative:  # as the Python path: 1 / (num_batches_tracked + 1), keep = 1 - it
                     momentum = 1.0 / (nbt + 1)
                     got = _forward(m.ps, m.plan, xv, wf, bf, rm, rv, m.eps, momentum, 1.0 - momentum, m.unbiased,
-                                   None)
+                                   None, rv_, None)
                 else:
-                    got = _forward(m.ps, m.plan, xv, wf, bf, rm, rv, m.eps, m.momentum, m.keep, m.unbiased, None)
+                    got = _forward(m.ps, m.plan, xv, wf, bf, rm, rv, m.eps, m.momentum, m.keep, m.unbiased, None,
+                                   rv_, None)
                 layer.num_batches_tracked = nbt + 1
             except BaseException:
                 memcpy(cnp.PyArray_DATA(<cnp.ndarray>rm), cnp.PyArray_DATA(<cnp.ndarray>m.saved_mean),
@@ -548,14 +569,16 @@ def layer_forward(layer, x):
                 raise
         finally:
             lock.release()
-    c = <NormCache>got[1]
-    y = got[0]
+    c = <NormCache>got[2]
+    y, h = got[0], got[1]
     if m.view is not None:
         c.view = m.view
         y = _reshaped(y, m.view[0])
+        if h is not None:
+            h = _reshaped(h, m.view[0])
     tls.cache = c
     tls.consumed = False
-    return y
+    return y if residual is None else (y, h)
 
 
 cdef inline bint _grad_ok(g, cnp.PyArray_Descr* descr, shape):
