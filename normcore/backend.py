@@ -81,14 +81,20 @@ class Kernels(Protocol):
     The elementwise outputs (y, dx) are written through their data alone, their shape
     unread: any C-contiguous array of the right size will do (the caller's, unreshaped).
 
+    Every group has a count: ``counts`` (C,) float64, the elements behind each group's
+    statistics -- a constant vector (``layout.group_counts``) for an unmasked call, the
+    counted elements of a masked one -- and ``pcount`` (K, C) the elements behind each
+    partial. The statistics algebra (finalize, running update, dx coefficients) takes them
+    whatever they hold: a mask changes the counts, never the entries. A group with count
+    0 has mean 0, var 0 and rstd 0 (its terms vanish; the dividing count reads as 1).
+
     Masks are optional keyword arguments of the entries that read them, never entries of
     their own: ``mask`` uint8 bytes (nonzero: counted) by the kernel's rows
     (masking.MaskRows), row r's bytes starting at ``mask[moff[r]]`` (moff intp) and
     advancing by ``mstep``, 1 or 0 (one byte for the row). Rows: the A * R rows of S of the
     (A, R, S) layout, or for the column strategy the A rows of C of (A, C). A masked entry
     leaves the masked-out positions out of every sum and writes dx = 0 there (they are not
-    data); counts per group divide the backward's terms (dx_coefficients with the sums
-    pre-divided and count 1). Masked dx passes take no dh.
+    data), then adds dh everywhere when one is given.
     """
 
     # -- statistics ------------------------------------------------------------------------
@@ -101,21 +107,21 @@ class Kernels(Protocol):
         """IN x (A, C) T; OUT pmean, pm2 (ceil(A / rows_per_block), C): per row block. With
         mask (moff (A,)): over the counted elements, their number into pcount (same shape)."""
 
-    def combine_moments(self, pmean, pm2, counts, mean, m2, threads):
-        """IN pmean, pm2 (K, C), counts (K,); OUT mean, m2 (C,): exact merge in order."""
-
-    def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):
-        """IN pmean, pm2 (K, C), counts (K,); OUT mean, var, rstd (C,): partials merged,
-        var = m2 / count (plus mean^2, mean set to 0, when not ``center``), rstd = 1/sqrt(var + eps)."""
+    def finalize_moments(self, pmean, pm2, pcount, center, eps, mean, var, rstd, *, counts=None):
+        """IN pmean, pm2, pcount (K, C); OUT mean, var, rstd (C,), and counts (C,) when given:
+        the partials merged exactly in order (an empty one adds nothing), var = m2 / n (plus
+        mean^2, mean set to 0, when not ``center``), rstd = 1/sqrt(var + eps), n = the sum
+        of pcount (0: mean, var, rstd 0)."""
 
     def running_statistics(self, running_mean, running_var, rc, eps, mean, var, rstd):
         """IN running_mean, running_var (E,) T, rc (C,); OUT mean, var, rstd (C,)."""
 
-    def update_running(self, mean, var, rc, groups_per_running, momentum, keep, unbias,
+    def update_running(self, mean, var, counts, rc, groups_per_running, momentum, keep, unbiased,
                        running_mean, running_var, scratch):
-        """IN mean, var (C,), rc (C,); IN/OUT running_mean, running_var (E,) T; scratch (2E,):
-        running = keep * running + momentum * (average of the entry's groups; var * unbias);
-        keep is 1 - momentum, or the caller's decay exactly."""
+        """IN mean, var, counts (C,), rc (C,); IN/OUT running_mean, running_var (E,) T; scratch
+        (2E,): running = keep * running + momentum * (average of the entry's groups; each
+        var times n / (n - 1) when ``unbiased``); keep is 1 - momentum, or the caller's decay
+        exactly."""
 
     # -- elementwise -------------------------------------------------------------------------
     def add(self, a, b, out, threads):
@@ -168,14 +174,15 @@ class Kernels(Protocol):
         """IN p1, p2 (K, R), rg, rp (R,), w (P,) T, rstd (C,); OUT g1, g2 (C,) group sums of
         w dy and w dy xhat; dw, db (P,) zeroed, or empty to skip them."""
 
-    def dx_coefficients(self, g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3):
-        """IN g1, g2 (C,), rg, rp (R,), w (P,) T, rstd (C,); OUT k1, k2, k3 (R,) of dx_rows."""
+    def dx_coefficients(self, g1, g2, counts, rg, rp, w, has_w, rstd, stats_grad, center, k1, k2, k3):
+        """IN g1, g2, counts (C,), rg, rp (R,), w (P,) T, rstd (C,); OUT k1, k2, k3 (R,) of
+        dx_rows (the group means of g and g xhat over counts)."""
 
     def dx_rows(self, dy, x, mean, k1, k2, k3, rows_per_block, dh, dx, threads, *, mask=None, moff=None, mstep=0,
                 cols=False):
         """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,), dh (A, R, S) T or None; OUT dx = dy k1 +
         (x - mean) k2 + k3, plus dh after dx's rounding (as ``add``) when given. With mask
-        (cols: the A rows of R, S == 1; else the A * R rows of S): 0 where not counted."""
+        (cols: the A rows of R, S == 1; else the A * R rows of S): 0 where not counted, then dh."""
 
     def sums_inner(self, dy, x, mean, rstd, rp, w, rows_per_block, s1, s2, pdw, pdb, threads, mask=None,
                    moff=None, mstep=0):
@@ -186,22 +193,20 @@ class Kernels(Protocol):
     def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads, *, mask=None, moff=None, mstep=0):
         """IN dy, x (1, R, S) T, mean, rstd, rp, c1, c2 (R,), w (P,) float64, dh (1, R, S) T or
         None; OUT dx = rstd (dy w - c1 - xhat c2), plus dh as in ``dx_rows``. With mask
-        (moff (R,)): 0 where not counted."""
+        (moff (R,)): 0 where not counted, then dh."""
 
-    def backward_groups(self, dy, x, rows_per_group, center, affine, rp, w, mean, rstd,
-                        groups_per_block, t1, t2, pdw, pdb, dh, dx, threads, *, mask=None, moff=None, mstep=0,
-                        counts=None):
-        """IN dy, x (1, C, B) T, rp (C * J,), w (P,) float64, mean, rstd (C,), dh (1, C, B)
-        T or None; OUT t1, t2 (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P)
+    def backward_groups(self, dy, x, rows_per_group, center, affine, rp, w, mean, rstd, counts,
+                        groups_per_block, t1, t2, pdw, pdb, dh, dx, threads, *, mask=None, moff=None, mstep=0):
+        """IN dy, x (1, C, B) T, rp (C * J,), w (P,) float64, mean, rstd, counts (C,), dh
+        (1, C, B) T or None; OUT t1, t2 (C * J,) row sums (affine NONE/ROW), pdw, pdb (blocks, P)
         zeroed partials (INNER), dx (1, C, B), plus dh when given (as ``add``, after dx's
         rounding): training backward in one visit per group (optional: ``fused_backward``).
-        With mask (as normalize_groups took it, counts from it; dh still added): the sums
-        over the counted elements, the statistics terms divided by counts[c], dx 0 where not
-        counted before dh (optional: ``masked_groups``)."""
+        With mask (as normalize_groups took it, counts from it): the sums over the counted
+        elements, dx 0 where not counted, then dh (optional: ``masked_groups``)."""
 
-    def backward_cols(self, dy, x, mean, rstd, rows_per_block, rg, rp, w, has_w, count, stats_grad, center,
+    def backward_cols(self, dy, x, mean, rstd, counts, rows_per_block, rg, rp, w, has_w, stats_grad, center,
                       dw, db, dh, dx, threads):
-        """IN dy, x (A, C) T, mean, rstd (C,), rg, rp (C,), w (P,) T; OUT dw, db (P,) (empty:
+        """IN dy, x (A, C) T, mean, rstd, counts (C,), rg, rp (C,), w (P,) T; OUT dw, db (P,) (empty:
         skipped), dx (A, C) (plus dh, (A, C) T or None): the column strategy's backward,
         sums_cols → gradient_sums → dx_coefficients → dx_rows in one call."""
 

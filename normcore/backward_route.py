@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _steady, masking, program, sync
+from . import _steady, program, sync
 from .backend import AffineKind
 from .layout import Run, add, canonical, group_totals, in_caller_layout, output_rows, per_row, shaped
 from .plan import Strategy
@@ -49,7 +49,7 @@ def run_backward(dy, cache, out, link, dh=None):
     dx = in_caller_layout(dx_rows, plan, out if out is None or view is None else out.reshape(plan.shape), xp)
     if view is not None:
         dx = dx.reshape(view[0]) if out is None else out
-    if dh is not None:  # a transposing plan or a masked dx: dx (C-contiguous, the caller's layout) += dh
+    if dh is not None:  # a transposing plan: dx (C-contiguous, the caller's layout) += dh
         add(be, dx, dh, dx)
     return (dx,) + _param_gradients(cache, dw, db)
 
@@ -126,10 +126,10 @@ def _backward_one_visit(dy3, x3, cache, dx_rows, run: Run, dh3=None):
     pdw, pdb = xp.zeros(partials), xp.zeros(partials)
     rp = run.params_ix(plan)
     w64 = cache.weight_f64() if cache.has_weight else xp.ones(P)
-    m = cache.mask
-    masked = _NO_MASK if m is None else dict(m.kernel_args(), counts=cache.counts)
+    masked = _NO_MASK if cache.mask is None else cache.mask.kernel_args()
     run.K.backward_groups(dy3, x3, R // C, cache.mode.center, int(affine), rp, w64, cache.mean, cache.rstd,
-                          plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dh3, dx_rows, run.threads, **masked)
+                          cache.counts, plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dh3, dx_rows, run.threads,
+                          **masked)
     if affine is AffineKind.INNER:
         return pdw.sum(axis=0), pdb.sum(axis=0)
     if affine is AffineKind.ROW:
@@ -162,7 +162,7 @@ def _backward_inner(dy_rows, x3, cache, dx_rows, run: Run, link=None, dh3=None):
     dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
     if link is not None:
         group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
-    n = cache.count if cache.counts is None else masking.safe_counts(cache.counts, xp)
+    n = xp.maximum(cache.counts, 1.0)  # a group without elements has rstd 0: any divisor will do
     mean_g = per_row(group_g / n, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
     mean_gx = per_row(group_gx / n, plan, run) if cache.stats_grad else xp.zeros(R)
     run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx,
@@ -179,9 +179,9 @@ def _backward_columns(dy3, x3, cache, dx_rows, run: Run, dh3=None):
     P = plan.param_size if affine else 0
     dw, db = run.xp.empty(P), run.xp.empty(P)
     w = _weight_or_dummy(cache, run)
-    run.K.backward_cols(dy3, x3, cache.mean, cache.rstd, plan.rows_per_block,
-                        run.ix(plan, "rg"), run.params_ix(plan), w, cache.has_weight, float(max(cache.count, 1)),
-                        cache.stats_grad, cache.mode.center, dw, db, dh3, dx_rows, run.threads)
+    run.K.backward_cols(dy3, x3, cache.mean, cache.rstd, cache.counts, plan.rows_per_block, run.ix(plan, "rg"),
+                        run.params_ix(plan), w, cache.has_weight, cache.stats_grad, cache.mode.center, dw, db, dh3,
+                        dx_rows, run.threads)
     return (dw, db) if affine else (None, None)
 
 
@@ -218,13 +218,12 @@ def _backward_rows(dy_rows, x3, cache, dx_rows, run: Run, link=None, dh3=None):
         if link is not None:
             group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
     k1, k2, k3 = xp.empty(R), xp.empty(R), xp.empty(R)
-    if cache.mask is not None:  # each group's own count: its sums divided here, the kernel's count 1
-        n = 1.0 if cache.counts is None else masking.safe_counts(cache.counts, xp)
-        run.K.dx_coefficients(group_g / n, group_gx / n, rg, rp, w, cache.has_weight, cache.rstd, 1.0,
-                              cache.stats_grad, cache.mode.center, k1, k2, k3)
-        run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, None, dx_rows, run.threads,
-                      cols=plan.strategy is Strategy.COLUMNS, **cache.mask.kernel_args())
-        return (dw, db) if affine else (None, None)
+    run.K.dx_coefficients(group_g, group_gx, cache.counts, rg, rp, w, cache.has_weight, cache.rstd, cache.stats_grad,
+                          cache.mode.center, k1, k2, k3)
+    masked = _NO_MASK if cache.mask is None else dict(cache.mask.kernel_args(), cols=plan.strategy is Strategy.COLUMNS)
+    run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block,
+                  None if dh3 is None else shaped(dh3, plan.rows), dx_rows, run.threads, **masked)
+    return (dw, db) if affine else (None, None)
     run.K.dx_coefficients(group_g, group_gx, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
                           cache.stats_grad, cache.mode.center, k1, k2, k3)
     run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block,

@@ -12,7 +12,8 @@ from . import _steady, masking, program, sync
 from .backend import AffineKind
 from .cache import NormCache
 from .checks import describe_mode
-from .layout import Run, add, by_group, canonical, flat, in_caller_layout, output_rows, per_row, shaped
+from .layout import (Run, add, by_group, canonical, flat, group_counts, in_caller_layout, output_rows,
+                     partial_counts, per_row, shaped)
 from .plan import Plan, Strategy
 from .signature import Call, check_count, param_dtype_of
 
@@ -45,17 +46,17 @@ def run_forward(call: Call, x):
     run = Run.of(call.be, x3.size)
     out = call.out
     y_rows = output_rows(None if late_rules and route.output is None else out, plan, call.dtype, xp)
-    count = plan.count
+    counts, count = group_counts(plan, call.be), plan.count
     mean = var = rstd = None
     # the mask as the kernels read it: for the statistics (route.masked), and for backward
     # whenever one was given (its masked-out positions are not data, in eval too)
     mask3 = None if call.given_mask is None else masking.mask_rows(call.given_mask, plan, call.be)
     if route.statistics is not None:
-        mean, var, rstd, count = _batch_statistics(call, x3, y_rows, run, r3, h3, mask3)
+        mean, var, rstd, counts, count = _batch_statistics(call, x3, y_rows, run, r3, h3, mask3)
         if h3 is not None:
             x = x3 = h3  # what the kernel normalized, and what backward reads
     if route.update:
-        _update_running(call, mean, var, count, run)
+        _update_running(call, mean, var, counts, run)
     if route.output in ("running", "running inner"):
         mean, var, rstd = _apply_running(call, x3, y_rows, run)
     elif route.output is not None:
@@ -64,9 +65,7 @@ def run_forward(call: Call, x):
                       stats_grad=route.stats_grad, count=count,
                       comm=None if call.link is None else call.link.comm, backend=call.be,
                       param_dtype=param_dtype_of(call), route=route)
-    if route.masked:
-        cache.counts = count
-        cache.count = int(run.be.to_host(count).sum())  # (what synchronized ranks agree on)
+    cache.counts = counts
     cache.mask = mask3
     cache.not_data = call.given_mask
     y = in_caller_layout(y_rows, plan, out, xp)
@@ -114,56 +113,37 @@ def _empty_forward(call: Call, x):
 
 
 def _batch_statistics(call: Call, x3, y_rows, run: Run, r3=None, h3=None, mask3=None):
-    """Phase 2: per-group (mean, var, rstd) of the batch and the elements per group (all
-    ranks'; with a mask, the (C,) counted elements of each group). The one-pass kernel
-    also writes the output (and h = x3 + r3 into h3 when a residual is fused)."""
-    plan, xp = call.plan, run.xp
+    """Phase 2: per-group (mean, var, rstd) of the batch, the (C,) elements of each group
+    (all ranks'; with a mask, the counted ones) and their number as ranks agree on it
+    (elements per group; with a mask, all counted elements). The one-pass kernel also
+    writes the output (and h = x3 + r3 into h3 when a residual is fused)."""
+    plan, xp, route = call.plan, run.xp, call.route
     C = plan.layout[1]
     mean, var, rstd = xp.empty(C), xp.empty(C), xp.empty(C)
-    statistics = call.route.statistics
-    if call.route.masked:
-        return _masked_statistics(call, x3, mask3, y_rows, run, mean, var, rstd, r3, h3)
-    if statistics == "groups":
-        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3)
-        return mean, var, rstd, plan.count
-    if statistics == "columns":
+    counts, count = group_counts(plan, run.be), plan.count
+    if route.masked or route.synced:
+        counts = xp.empty(C)  # the kernels count
+    if route.statistics == "groups":
+        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3, mask3, counts)
+    elif route.statistics == "columns":
         _normalize_columns(call, x3, mean, var, rstd, y_rows, run)
-        return mean, var, rstd, plan.count
-    if call.route.synced:
-        pmean, pm2, counts, count = sync.synced_moments(
-            call.link, lambda: _moments(x3, plan, run), plan, call.mode, call.dtype, call.training, run.be,
-            settings=_sync_settings(call))
-        check_count(count, C, call.training, call.mode,
-                     f"{plan.shape} on this rank, {count} elements per group on all ranks")
+    elif route.synced:
+        pmean, pm2, pcount, count = sync.synced_moments(
+            call.link, lambda: _moments(x3, plan, run, mask3), plan, call.mode, call.dtype, call.training, run.be,
+            masked=route.masked, settings=_sync_settings(call))
+        run.K.finalize_moments(pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd, counts=counts)
+        if not route.masked:
+            check_count(count, C, call.training, call.mode,
+                        f"{plan.shape} on this rank, {count} elements per group on all ranks")
     elif C:
-        pmean, pm2, counts = _moments(x3, plan, run)
-        count = plan.count
-    else:
-        return mean, var, rstd, plan.count
-    if C:
-        run.K.finalize_moments(pmean, pm2, counts, float(max(count, 1)), call.mode.center, call.eps,
-                               mean, var, rstd)
-    return mean, var, rstd, count
-
-
-def _masked_statistics(call: Call, x3, mask3, y_rows, run: Run, mean, var, rstd, r3=None, h3=None):
-    """Phase 2 over the counted elements: (mean, var, rstd, counts), counts (C,) per group."""
-    plan, xp = call.plan, run.xp
-    C = plan.layout[1]
-    if call.route.statistics == "groups":
-        counts = xp.empty(C)
-        _normalize_groups(call, x3, mean, var, rstd, y_rows, run, r3, h3, mask3=mask3, counts=counts)
-    else:
-        if call.route.synced:
-            pmean, pm2, pcount = sync.synced_counted_moments(
-                call.link, lambda: _masked_moments(x3, mask3, plan, run), plan, call.mode, call.dtype,
-                call.training, run.be, settings=_sync_settings(call))
-        else:
-            pmean, pm2, pcount = _masked_moments(x3, mask3, plan, run)
-        counts = masking.finalize_counted(xp, pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd)
-    masking.check_counts(counts, run.be, call.route.counts_ruled, call.route.update,
-                         f"{describe_mode(call.mode)}, x.shape {plan.shape}")
-    return mean, var, rstd, counts
+        pmean, pm2, pcount = _moments(x3, plan, run, mask3)
+        run.K.finalize_moments(pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd,
+                               counts=counts if route.masked else None)
+    if route.masked:
+        masking.check_counts(counts, run.be, route.counts_ruled, route.update,
+                             f"{describe_mode(call.mode)}, x.shape {plan.shape}")
+        count = int(run.be.to_host(counts).sum())
+    return mean, var, rstd, counts, count
 
 
 def _sync_settings(call: Call):
@@ -181,51 +161,33 @@ def _sync_settings(call: Call):
             ("unbiased", call.unbiased if update else None))
 
 
-def _masked_moments(x3, mask3, plan: Plan, run: Run):
-    """:func:`_moments` over the counted elements (``mask3``: masking.MaskRows):
-    ``(pmean, pm2, pcount)``, (K, C) each."""
+def _moments(x3, plan: Plan, run: Run, mask3=None):
+    """Partial moments of the groups, ``(pmean, pm2, pcount)``: (K, C) partial means and
+    centred sums of squares over pcount elements each, from one compiled pass over x (over
+    the counted elements with ``mask3``, masking.MaskRows, which also counts them)."""
     A, C, B = plan.layout
     xp = run.xp
-    m = mask3
+    masked = {} if mask3 is None else mask3.kernel_args()
+    pcount = partial_counts(plan, run.be) if mask3 is None else None
     if plan.strategy is Strategy.COLUMNS:
-        parts = [xp.empty((len(plan.partial_counts), C)) for _ in range(3)]
-        run.K.moments_cols(x3, plan.rows_per_block, parts[0], parts[1], run.threads, pcount=parts[2],
-                           **m.kernel_args())
-        return tuple(parts)
+        parts = [xp.empty((len(plan.partial_counts), C)) for _ in range(2 if mask3 is None else 3)]
+        if mask3 is not None:
+            masked["pcount"] = parts[2]
+        run.K.moments_cols(x3, plan.rows_per_block, parts[0], parts[1], run.threads, **masked)
+        return parts[0], parts[1], parts[2] if pcount is None else pcount
     R = plan.rows[1]
     scattered = plan.strategy is Strategy.SCATTERED  # per-row partials, regrouped
-    parts = [xp.empty((A, R) if scattered else (A, C)) for _ in range(3)]
-    run.K.moments_rows(shaped(x3, plan.rows), parts[0], parts[1], run.threads,
-                       rows_per_group=1 if scattered else R // C, pcount=parts[2], **m.kernel_args())
-    return tuple(by_group(p, plan, xp) for p in parts) if scattered else tuple(parts)
-
-
-def _moments(x3, plan: Plan, run: Run):
-    """Partial moments of the groups, ``(pmean, pm2, counts)``: (K, C) partial means and
-    centred sums of squares over counts[k] elements each, from one compiled pass over x."""
-    A, C, B = plan.layout
-    xp = run.xp
-    strategy = plan.strategy
-    if strategy is Strategy.SCATTERED:
-        return _scattered_moments(shaped(x3, plan.rows), plan, run)
-    if strategy is Strategy.COLUMNS:
-        nb = len(plan.partial_counts)
-        pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
-        run.K.moments_cols(x3, plan.rows_per_block, pmean, pm2, run.threads)
-    else:
-        pmean, pm2 = xp.empty((A, C)), xp.empty((A, C))
-        run.K.moments_rows(x3, pmean, pm2, run.threads)
-    return pmean, pm2, run.be.constant(plan, "partial counts", lambda: plan.partial_counts)
-
-
-def _scattered_moments(x_rows, plan: Plan, run: Run):
-    """Groups whose rows lie apart: per-row partials, reordered to (partials of a group, C)."""
-    R = plan.rows[1]
-    xp = run.xp
-    pmean, pm2 = xp.empty((1, R)), xp.empty((1, R))
-    run.K.moments_rows(x_rows, pmean, pm2, run.threads)
-    return (by_group(pmean, plan, xp), by_group(pm2, plan, xp),
-            run.be.constant(plan, "partial counts", lambda: plan.partial_counts))
+    parts = [xp.empty((A, R) if scattered else (A, C)) for _ in range(2 if mask3 is None else 3)]
+    x_in = x3
+    if mask3 is not None:  # the mask's rows: J = R / C of them per group
+        masked.update(pcount=parts[2], rows_per_group=1 if scattered else R // C)
+        x_in = shaped(x3, plan.rows)
+    elif scattered:
+        x_in = shaped(x3, plan.rows)
+    run.K.moments_rows(x_in, parts[0], parts[1], run.threads, **masked)
+    if scattered:
+        parts = [by_group(p, plan, xp) for p in parts]
+    return parts[0], parts[1], parts[2] if pcount is None else pcount
 
 
 def _normalize_groups(call: Call, x3, mean, var, rstd, y_rows, run: Run, r3=None, h3=None, mask3=None,
@@ -266,17 +228,13 @@ def _params_or_dummies(call: Call, run: Run):
     return w, b
 
 
-def _update_running(call: Call, mean, var, count, run: Run):
+def _update_running(call: Call, mean, var, counts, run: Run):
     """Phase 3: running = keep * running + momentum * batch, in place (through
     contiguous copies when the caller's arrays are strided)."""
     plan = call.plan
     rm, rv = flat(call.running_mean, run.be), flat(call.running_var, run.be)
-    if isinstance(count, (int, float)):
-        unbias = count / (count - 1) if call.unbiased else 1.0
-    else:  # masked: each group's own count (at least 2: masking.check_counts)
-        var, unbias = (var * (count / (count - 1)) if call.unbiased else var), 1.0
-    run.K.update_running(mean, var, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
-                         call.keep, unbias, rm, rv, run.xp.empty(2 * rm.size))
+    run.K.update_running(mean, var, counts, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
+                         call.keep, call.unbiased, rm, rv, run.xp.empty(2 * rm.size))
     for target, value in ((call.running_mean, rm), (call.running_var, rv)):
         if not target.flags.c_contiguous:  # flat copied it
             target[...] = value.reshape(target.shape)

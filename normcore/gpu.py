@@ -173,12 +173,12 @@ class CudaKernels:
         self._fn("cols", "nc_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
                                                      (x, _i(A), _i(C), _i(rpb), pmean, pm2))
 
-    def combine_moments(self, pmean, pm2, counts, mean, m2, threads):
+    def _combine(self, pmean, pm2, pcount, mean, m2, n):
+        """(K, C) partials merged per column, in order, a partial without elements adding
+        nothing: mean, m2 and the elements n (C,) each."""
         K, C = pmean.shape
-        if C == 0:
-            return
         self._fn("merge", "nc_combine_moments", np.float64)((int(min(-(-C // 256), 4096)),), (256,),
-                                                          (pmean, pm2, counts, _i(K), _i(C), mean, m2))
+                                                          (pmean, pm2, pcount, _i(K), _i(C), mean, m2, n))
 
     def affine_rows(self, x, mean, scale, shift, rpb, y, threads):
         A, R, S = x.shape
@@ -209,19 +209,17 @@ class CudaKernels:
         A, R, S = x.shape
         if x.size == 0:
             return
+        dh = _i(0) if dh is None else dh  # a null pointer: no dh
         if mask is not None:
-            if dh is not None:
-                raise ValueError("dh: the masked dx pass adds no dh")
             if cols:
                 self._fn("masked", "nc_masked_dx_cols", x.dtype)(
                     _col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                    (dy, x, mask, moff, _i(mstep), _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dx))
+                    (dy, x, mask, moff, _i(mstep), _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dh, dx))
             else:
                 self._fn("masked", "nc_masked_dx_rows", x.dtype)(
                     _row_grid(A * R), (_row_block(S),),
-                    (dy, x, mask, moff, _i(mstep), _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dx))
+                    (dy, x, mask, moff, _i(mstep), _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dh, dx))
             return
-        dh = _i(0) if dh is None else dh  # a null pointer: no dh
         if S == 1:
             self._fn("cols", "nc_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
                                                     (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dh, dx))
@@ -272,29 +270,28 @@ class CudaKernels:
         _, R, S = x.shape
         if x.size == 0:
             return
+        dh = _i(0) if dh is None else dh  # a null pointer: no dh
         if mask is not None:
-            if dh is not None:
-                raise ValueError("dh: the masked dx pass adds no dh")
             self._fn("masked", "nc_masked_dx_inner", x.dtype)(
                 _row_grid(R), (_row_block(S),),
-                (dy, x, mask, moff, _i(mstep), _i(R), _i(S), mean, rstd, rp, w, c1, c2, dx))
+                (dy, x, mask, moff, _i(mstep), _i(R), _i(S), mean, rstd, rp, w, c1, c2, dh, dx))
             return
         self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                  (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2,
-                                                   _i(0) if dh is None else dh, dx))
+                                                  (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dh, dx))
 
     # -- per-group algebra: array operations on the device (small, O(C + R) each) --------
-    def finalize_moments(self, pmean, pm2, counts, count, center, eps, mean, var, rstd):
+    def finalize_moments(self, pmean, pm2, pcount, center, eps, mean, var, rstd, *, counts=None):
         K, C = pmean.shape
         if C == 0:
             return
         xp = _xp_of(pmean)
         if K == 1:
-            mu, m2 = pmean[0], pm2[0]
+            mu, m2, n = pmean[0], pm2[0], pcount[0]
         else:
-            mu, m2 = xp.empty(C), xp.empty(C)
-            self.combine_moments(pmean, pm2, counts, mu, m2, 1)
-        v = m2 / count
+            mu, m2, n = xp.empty(C), xp.empty(C), xp.empty(C)
+            self._combine(pmean, pm2, pcount, mu, m2, n)
+        counted = n > 0
+        v = m2 / xp.where(counted, n, 1.0)
         # no representable variance (overflow): NaN, as the CPU kernels
         bad = ~(xp.isfinite(mu) & xp.isfinite(v))
         if not center:
@@ -304,9 +301,12 @@ class CudaKernels:
         if not center:
             v = v + mu * mu
             mu = xp.where(bad, np.nan, 0.0)
-        mean[...] = mu
-        var[...] = v
-        rstd[...] = 1.0 / xp.sqrt(v + eps)
+        # a group without elements: mean 0, var 0, rstd 0 (and no 1 / sqrt(0) taken for it)
+        mean[...] = xp.where(counted, mu, 0.0)
+        var[...] = xp.where(counted, v, 0.0)
+        rstd[...] = xp.where(counted, 1.0 / xp.sqrt(xp.where(counted, v, 1.0) + eps), 0.0)
+        if counts is not None:
+            counts[...] = n
 
     def running_statistics(self, running_mean, running_var, rc, eps, mean, var, rstd):
         xp = _xp_of(mean)
@@ -314,11 +314,12 @@ class CudaKernels:
         var[...] = running_var.astype(np.float64)[rc]
         rstd[...] = 1.0 / xp.sqrt(var + eps)
 
-    def update_running(self, mean, var, rc, groups_per_running, momentum, keep, unbias, running_mean,
+    def update_running(self, mean, var, counts, rc, groups_per_running, momentum, keep, unbiased, running_mean,
                        running_var, scratch):
         xp = _xp_of(mean)
         E = running_mean.shape[0]
         sm = xp.bincount(rc, weights=mean, minlength=E)
+        unbias = xp.where(counts > 1, counts / (counts - 1), 1.0) if unbiased else 1.0
         sv = xp.bincount(rc, weights=var * unbias, minlength=E)
         if groups_per_running != 1.0:
             sm, sv = sm / groups_per_running, sv / groups_per_running
@@ -342,11 +343,13 @@ class CudaKernels:
         g1[...] = xp.bincount(rg, weights=gamma * t1, minlength=C)
         g2[...] = xp.bincount(rg, weights=gamma * (rs * t2), minlength=C)
 
-    def dx_coefficients(self, g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3):
+    def dx_coefficients(self, g1, g2, counts, rg, rp, w, has_w, rstd, stats_grad, center, k1, k2, k3):
+        xp = _xp_of(g1)
         rs = rstd[rg]
+        n = xp.where(counts != 0, counts, 1.0)  # a group without elements has rstd 0
         k1[...] = rs * w.astype(np.float64)[rp] if has_w else rs
-        k2[...] = -rs * rs * (g2 / count)[rg] if stats_grad else 0.0
-        k3[...] = -rs * (g1 / count)[rg] if stats_grad and center else 0.0
+        k2[...] = -rs * rs * (g2 / n)[rg] if stats_grad else 0.0
+        k3[...] = -rs * (g1 / n)[rg] if stats_grad and center else 0.0
 
 
     # -- composed calls: the same sequences as the CPU's composed kernels ----------------
@@ -356,11 +359,11 @@ class CudaKernels:
             return
         xp = _xp_of(x)
         nb = -(-A // rpb)
-        counts = np.full(nb, float(rpb))
+        counts = np.full((nb, C), float(rpb))
         counts[-1] = A - rpb * (nb - 1)
         pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
         self.moments_cols(x, rpb, pmean, pm2, threads)
-        self.finalize_moments(pmean, pm2, xp.asarray(counts), float(max(A, 1)), center, eps, mean, var, rstd)
+        self.finalize_moments(pmean, pm2, xp.asarray(counts), center, eps, mean, var, rstd)
         mean_r, scale, shift = xp.empty(C), xp.empty(C), xp.empty(C)
         self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
         self.affine_rows(x.reshape(A, C, 1), mean_r, scale, shift, rpb, y.reshape(A, C, 1), threads)
@@ -378,7 +381,7 @@ class CudaKernels:
         self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
         self.affine_rows(x, mean_r, scale, shift, rpb, y.reshape(x.shape), threads)
 
-    def backward_cols(self, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, stats_grad, center, dw, db, dh, dx,
+    def backward_cols(self, dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad, center, dw, db, dh, dx,
                       threads):
         A, C = x.shape
         dw[...] = 0.0
@@ -394,7 +397,7 @@ class CudaKernels:
             group_g, group_gx = xp.empty(C), xp.empty(C)
             self.gradient_sums(p1, p2, rg, rp, w, has_w, rstd, group_g, group_gx, dw, db)
         k1, k2, k3 = xp.empty(C), xp.empty(C), xp.empty(C)
-        self.dx_coefficients(group_g, group_gx, rg, rp, w, has_w, rstd, count, stats_grad, center, k1, k2, k3)
+        self.dx_coefficients(group_g, group_gx, counts, rg, rp, w, has_w, rstd, stats_grad, center, k1, k2, k3)
         self.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, k1, k2, k3, rpb,
                      None if dh is None else dh.reshape(A, C, 1), dx.reshape(A, C, 1), threads)
 

@@ -13,7 +13,7 @@ from .kernels import GRAIN
 from .plan import Plan
 
 __all__ = ["Run", "shaped", "canonical", "output_rows", "from_canonical", "in_caller_layout", "flat",
-           "by_group", "per_row", "group_totals", "add"]
+           "by_group", "per_row", "group_totals", "add", "group_counts", "partial_counts"]
 
 
 class Run:
@@ -50,6 +50,25 @@ class Run:
 
 
 _SERIAL: dict = {}
+
+
+def group_counts(plan: Plan, be):
+    """(C,) float64: the elements of each statistics group -- the counts of an unmasked
+    call (a masked one counts its own), kept per plan on ``be``."""
+    return be.constant(plan, "group counts", lambda: _fixed(np.full(plan.layout[1], float(plan.count))))
+
+
+def partial_counts(plan: Plan, be):
+    """(K, C) float64: the elements behind each of the plan's partial moments (row blocks
+    of the column strategy, rows of the rows strategy, a group's rows when scattered), per
+    group -- as the masked moments kernels count them."""
+    return be.constant(plan, "partial counts",
+                       lambda: _fixed(np.repeat(plan.partial_counts[:, None], plan.layout[1], axis=1)))
+
+
+def _fixed(a):
+    a.setflags(write=False)
+    return a
 
 
 def shaped(a, shape):

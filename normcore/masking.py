@@ -19,12 +19,12 @@ of S elements of the (A, R, S) layout, or of C elements of the column strategy's
 caller's own (compact) mask and whether they advance along the row (step 1) or the row
 shares one byte (step 0: a (B, T, 1) mask over a channels-last (B, T, C) batch); so a
 mask that broadcasts is never expanded to x's size. Where no such description exists the
-mask is expanded in the canonical layout (offsets r * S, step 1). The per-partial counts
-the kernels return merge here, on either backend's array module (:func:`finalize_counted`).
+mask is expanded in the canonical layout (offsets r * S, step 1). The counts per partial
+that the masked kernels return merge in the kernels' ``finalize_moments``, as the constant
+counts of an unmasked call do: a masked call differs in its counts alone.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import numpy as np
@@ -32,7 +32,7 @@ import numpy as np
 from .bounded import PlanArrays
 from .layout import canonical
 
-__all__ = ["MaskRows", "mask_rows", "merge_counted", "finalize_counted", "check_counts", "safe_counts"]
+__all__ = ["MaskRows", "mask_rows", "check_counts"]
 
 
 class MaskRows(NamedTuple):
@@ -121,51 +121,6 @@ def mask_rows(mask, plan, be):
     return MaskRows(base, be.constant(plan, ("mask rows", mshape), lambda: host), step)
 
 
-def merge_counted(xp, pmean, pm2, pcount):
-    """Per group (column) of (K, C) partials, each over its own count: ``(mean, m2, n)``,
-    the exact merge over the partial means (partials without elements contribute nothing).
-
-    >>> merge_counted(np, np.array([[1.0], [4.0]]), np.array([[0.0], [2.0]]), np.array([[1.0], [2.0]]))
-    (array([3.]), array([8.]), array([3.]))
-    """
-    n = pcount.sum(axis=0)
-    if pmean.shape[0] == 1:
-        return pmean[0], pm2[0], n
-    with _quiet(xp):
-        # a partial without elements adds exactly nothing (not 0 * its deviation squared,
-        # inf at means above 1e154); n d^2 formed as (n d) d, which overflows only where
-        # the sum of squares does
-        mean = (pcount * pmean).sum(axis=0) / xp.maximum(n, 1.0)
-        d = xp.where(pcount > 0, pmean - mean, 0.0)
-        m2 = pm2.sum(axis=0) + ((pcount * d) * d).sum(axis=0)
-    return mean, m2, n
-
-
-def _quiet(xp):
-    """NumPy's floating-point warnings off: a group beyond double's range gets NaN
-    statistics, as documented, without an overflow warning (an error under -W error)."""
-    return np.errstate(all="ignore") if xp is np else contextlib.nullcontext()
-
-
-def finalize_counted(xp, pmean, pm2, pcount, center, eps, mean, var, rstd):
-    """The counted version of the kernels' ``finalize_moments``: partials merged, var =
-    m2 / n per group (plus mean^2, mean 0, when not ``center``), rstd = 1/sqrt(var + eps);
-    a group without counted elements gets mean 0, var 0, rstd 0. Returns n (C,)."""
-    mu, m2, n = merge_counted(xp, pmean, pm2, pcount)
-    with _quiet(xp):
-        v = m2 / xp.maximum(n, 1.0)
-        bad = ~(xp.isfinite(mu) & xp.isfinite(v))  # no representable variance: NaN, as the kernels
-        if not center:
-            bad |= ~xp.isfinite(v + mu * mu)
-            v = v + mu * mu
-            mu = xp.zeros_like(mu)
-        counted = n > 0
-        mean[...] = xp.where(bad, np.nan, xp.where(counted, mu, 0.0))
-        var[...] = xp.where(bad, np.nan, xp.where(counted, v, 0.0))
-        rstd[...] = xp.where(counted, 1.0 / xp.sqrt(var + eps), 0.0)
-    return n
-
-
 def check_counts(counts, be, ruled, updates, describe):
     """The rule on counts that holds with or without a mask: in training, a mode with
     running statistics (``ruled``) refuses a group with exactly one counted element (its
@@ -183,9 +138,3 @@ def check_counts(counts, be, ruled, updates, describe):
         need = "at least 2 per group" if updates else "more than 1 per group (or none)"
         raise ValueError(f"mask: group {g} has {int(host[g])} counted element(s); training "
                          f"{'with running statistics ' if updates else ''}needs {need} ({describe})")
-
-
-def safe_counts(counts, xp):
-    """Counts as divisors: a group without counted elements divides by 1 (its rstd is 0,
-    so every term it feeds is 0 anyway)."""
-    return xp.maximum(counts, 1.0)

@@ -29,6 +29,7 @@ import numpy as np
 from ._steady import FIXED_REGISTERS, REGISTERS, Program, Programs, Step
 from .backend import CPU, AffineKind
 from .plan import GRAIN, Plan, Strategy
+from .layout import group_counts, partial_counts
 from .route import Route
 
 __all__ = ["programs_for", "ENABLED"]
@@ -41,9 +42,9 @@ class Reg(int):
     """A register number in a call's arguments (a plain int there is a constant)."""
 
 
-X, W, B, RM, RV, EPS, MOMENTUM, KEEP, UNBIAS, THREADS, DY, DH, MEAN, RSTD, X3, OUT, DW, DB, RESIDUAL, H = (
+X, W, B, RM, RV, EPS, MOMENTUM, KEEP, UNBIASED, THREADS, DY, DH, MEAN, RSTD, X3, OUT, DW, DB, RESIDUAL, H = (
     Reg(REGISTERS[n]) for n in ("x", "weight", "bias", "running_mean", "running_var", "eps", "momentum", "keep",
-                                "unbias", "threads", "dy", "dh", "mean", "rstd", "x3", "out", "dweight",
+                                "unbiased", "threads", "dy", "dh", "mean", "rstd", "x3", "out", "dweight",
                                 "dbias", "residual", "h"))
 
 
@@ -141,9 +142,8 @@ def _build(plan, route, be, mode, dtype, param_dtype, has_w, has_b) -> Programs:
     bwd_dh = _backward(_Builder(be, plan), plan, route, mode, dtype, param_dtype, has_w, has_b, True) \
         if route.dh_in_dx else None
     size = int(np.prod(plan.kernel_shape))
-    count = plan.count
-    return Programs(be, mode, route, dtype, param_dtype, count, has_w, has_b, size, size < GRAIN,
-                    count / (count - 1) if count > 1 else 1.0, fwd, bwd, bwd_dh, int(mean), int(rstd))
+    return Programs(be, mode, route, dtype, param_dtype, plan.count, group_counts(plan, be), has_w, has_b, size,
+                    size < GRAIN, fwd, bwd, bwd_dh, int(mean), int(rstd))
 
 
 def _weight_args(b: _Builder, param_dtype, has_w, has_b):
@@ -196,12 +196,11 @@ def _forward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b):
             b.call("moments_cols", x3, plan.rows_per_block, pmean, pm2, THREADS)
         else:
             b.call("moments_rows", x3, pmean, pm2, THREADS)
-        counts = b.be.constant(plan, "partial counts", lambda: plan.partial_counts)
-        b.call("finalize_moments", pmean, pm2, counts, float(max(plan.count, 1)), mode.center, EPS, mean, var, rstd)
+        b.call("finalize_moments", pmean, pm2, partial_counts(plan, b.be), mode.center, EPS, mean, var, rstd)
     if route.update:
         E = int(np.prod(plan.running_shape))
-        b.call("update_running", mean, var, b.ix("rc"), float(plan.groups_per_running), MOMENTUM, KEEP, UNBIAS,
-               RM, RV, b.empty((2 * E,)))
+        b.call("update_running", mean, var, group_counts(plan, b.be), b.ix("rc"), float(plan.groups_per_running),
+               MOMENTUM, KEEP, UNBIASED, RM, RV, b.empty((2 * E,)))
     rows = []  # x3 as (A, R, S), viewed once where a step needs it
 
     def x_rows():
@@ -237,7 +236,7 @@ def _backward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b, 
     dh3 = b.view(DH, plan.kernel_shape, plan.shape) if dh else None
     dx = b.output(dtype)
     affine = has_w or has_b
-    count = float(max(plan.count, 1))
+    counts = group_counts(plan, b.be)
     if route.backward == "one visit":
         kind = AffineKind.NONE
         if affine:
@@ -247,7 +246,7 @@ def _backward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b, 
         partials = (plan.param_blocks, P) if kind is AffineKind.INNER else (1, 1)
         pdw, pdb = b.empty(partials, zeros=True), b.empty(partials, zeros=True)
         w64 = b.widen(W) if has_w else np.ones(P)
-        b.call("backward_groups", dy3, X3, R // C, mode.center, int(kind), b.params_ix(), w64, MEAN, RSTD,
+        b.call("backward_groups", dy3, X3, R // C, mode.center, int(kind), b.params_ix(), w64, MEAN, RSTD, counts,
                plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dh3, dx, THREADS)
         if kind is AffineKind.INNER:
             b.sum0(pdw, DW)
@@ -262,8 +261,8 @@ def _backward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b, 
         dw = b.empty((P,), out=DW if affine else None)
         db = b.empty((P,), out=DB if affine else None)
         w, _ = _weight_args(b, param_dtype, has_w, has_b)
-        b.call("backward_cols", dy3, X3, MEAN, RSTD, plan.rows_per_block, b.ix("rg"), b.params_ix(), w, has_w, count,
-               route.stats_grad, mode.center, dw, db, dh3, dx, THREADS)
+        b.call("backward_cols", dy3, X3, MEAN, RSTD, counts, plan.rows_per_block, b.ix("rg"), b.params_ix(), w,
+               has_w, route.stats_grad, mode.center, dw, db, dh3, dx, THREADS)
     else:  # "rows", of the rows or groups strategy
         dy_rows = b.view(dy3, plan.rows, plan.kernel_shape)
         x_rows = b.view(X3, plan.rows, plan.kernel_shape)
@@ -280,7 +279,7 @@ def _backward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b, 
             b.call("gradient_sums", part_dy, part_dyx, b.ix("rg"), b.params_ix(), w, has_w, RSTD, group_g, group_gx,
                    dw, db)
         k1, k2, k3 = (b.empty((R,)) for _ in range(3))
-        b.call("dx_coefficients", group_g, group_gx, b.ix("rg"), b.params_ix(), w, has_w, RSTD, count,
+        b.call("dx_coefficients", group_g, group_gx, counts, b.ix("rg"), b.params_ix(), w, has_w, RSTD,
                route.stats_grad, mode.center, k1, k2, k3)
         dh_rows = None if dh3 is None else b.view(dh3, plan.rows, plan.kernel_shape)
         b.call("dx_rows", dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dh_rows, dx, THREADS)

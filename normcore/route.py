@@ -127,7 +127,7 @@ def resolve(plan: Plan, caps: Capabilities, *, use_batch: bool, estimate: bool,
                  masked=stats_masked, synced=synced, counts_ruled=stats_masked and counts_ruled,
                  update=update, output=output if not empty else None, affine=affine, stats_grad=stats_grad,
                  backward=backward, mask_given=masked, leave_out=masked and not caps.masked_sums and not empty,
-                 dh_in_dx=plan.perm is None and prod(plan.shape) > 0 and (not masked or backward == "one visit"))
+                 dh_in_dx=plan.perm is None and prod(plan.shape) > 0)
 
 
 _ONE_PASS = {"groups": "normalize_groups", "columns": "normalize_cols"}
@@ -142,12 +142,9 @@ def _forward_kernels(r: Route, plan: Plan) -> list:
     elif r.statistics == "moments":
         kind = "cols" if plan.strategy is Strategy.COLUMNS else "rows"
         ks.append("moments_" + kind + (" (mask)" if r.masked else ""))
-        if r.synced and not r.masked:  # this rank's moments merged before they travel
-            ks.append("finalize_moments")
-        if r.synced:  # the ranks' merged in rank order on the host (sync.synced_moments)
-            ks.append("(exchange)")
-        if not r.masked:  # masked moments merge on the array module (masking.finalize_counted)
-            ks.append("finalize_moments")
+        if r.synced:  # this rank's moments merged before they travel, the ranks' after
+            ks += ["finalize_moments", "(exchange)"]
+        ks.append("finalize_moments")
     if r.update:
         ks.append("update_running")
     if r.output in ("running", "running inner"):

@@ -124,54 +124,35 @@ def check_batch_mode(mode, x):
                          "is no batch to synchronize; pass comm only to modes that reduce over it")
 
 
-def synced_moments(link, local_moments, plan, mode, dtype, training, be, settings=()):
-    """Moments of the batch split across ``link``'s ranks, as ``(pmean, pm2, counts,
-    count)`` with one partial: each rank's (count, mean, centred sum of squares) per group,
-    merged in rank order in float64 by the same exact merge as the partials of one
-    process. ``local_moments()`` gives this rank's partials. The few numbers per group
-    travel through host memory (GPU arrays included)."""
-    from .backend import CPU
+def synced_moments(link, local_moments, plan, mode, dtype, training, be, masked, settings=()):
+    """Moments of the batch split across ``link``'s ranks, as ``(pmean, pm2, pcount,
+    total)`` with one partial row (C,) per rank, in rank order, for the kernels'
+    ``finalize_moments`` to merge (exactly, in float64, as the partials of one process:
+    every rank gets the same bits): each rank's per-group elements, mean and centred sum
+    of squares, its own partials merged first by ``local_moments()``'s finalize. Without a
+    mask a rank's elements per group are one number and ``total`` is their sum over the
+    ranks; with one, each rank counts per group (ranks may mask differently; all pass a
+    mask, or none) and ``total`` is None. The few numbers per group travel through host
+    memory (GPU arrays included)."""
     C = plan.layout[1]
-    n = plan.count
-    if n and C:
-        pmean, pm2, counts = local_moments()
-        mean, var, rstd = be.xp.empty(C), be.xp.empty(C), be.xp.empty(C)
-        be.K.finalize_moments(pmean, pm2, counts, float(n), True, 1.0, mean, var, rstd)
-        local = (n, be.to_host(mean), be.to_host(var * n))
+    if plan.count and C:
+        pmean, pm2, pcount = local_moments()
+        mean, var, rstd, n = (be.xp.empty(C) for _ in range(4))
+        be.K.finalize_moments(pmean, pm2, pcount, True, 1.0, mean, var, rstd, counts=n)
+        n = be.to_host(n) if masked else plan.count
+        local = (n, be.to_host(mean), be.to_host(var) * n)
     else:
-        local = (0, np.zeros(C), np.zeros(C))
-    parts = link.gather(_signature(mode, plan, dtype, training, settings, masked=False), local)
-    counts = np.array([p[0] for p in parts], np.float64)
-    total = int(counts.sum())
-    mean, m2 = np.zeros(C), np.zeros(C)
-    if total and C:
-        CPU.K.combine_moments(np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts]),
-                              counts, mean, m2, 1)
-    return (be.from_host(mean.reshape(1, C)), be.from_host(m2.reshape(1, C)),
-            be.from_host(np.array([float(total)])), total)
+        local = (np.zeros(C) if masked else 0, np.zeros(C), np.zeros(C))
+    parts = link.gather(_signature(mode, plan, dtype, training, settings, masked=masked), local)
+    pcount = np.stack([np.broadcast_to(np.asarray(p[0], np.float64), (C,)) for p in parts])
+    pmean, pm2 = np.stack([p[1] for p in parts]), np.stack([p[2] for p in parts])
+    total = None if masked else int(sum(p[0] for p in parts))
+    return be.from_host(pmean), be.from_host(pm2), be.from_host(pcount), total
 
 
 def _signature(mode, plan, dtype, training, settings, masked):
     return (("mode", mode.spec), ("statistics shape", plan.stat_shape), ("dtype", dtype.name),
             ("training", bool(training)), ("mask given", masked)) + tuple(settings)
-
-
-def synced_counted_moments(link, local_moments, plan, mode, dtype, training, be, settings=()):
-    """Masked moments of the batch split across ``link``'s ranks, as ``(pmean, pm2,
-    pcount)`` with one partial row per rank, in rank order, for
-    :func:`normcore.masking.finalize_counted`: each rank sends its per-group (counted
-    elements, mean, centred sum of squares), so counts are global and ranks may mask
-    differently (all ranks pass a mask, or none)."""
-    from .masking import merge_counted
-    C = plan.layout[1]
-    if plan.count and C:
-        mean, m2, n = merge_counted(be.xp, *local_moments())
-        local = (be.to_host(n), be.to_host(mean), be.to_host(m2))
-    else:
-        local = (np.zeros(C), np.zeros(C), np.zeros(C))
-    parts = link.gather(_signature(mode, plan, dtype, training, settings, masked=True), local)
-    pcount, pmean, pm2 = (be.from_host(np.stack([p[i] for p in parts]).reshape(len(parts), C)) for i in range(3))
-    return pmean, pm2, pcount
 
 
 def sum_over_ranks(link, cache, arrays, be):

@@ -157,22 +157,25 @@ def test_kernels_refuse_arrays_outside_their_contract():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_per_group_algebra_agrees_between_backends(dtype):
     # The CPU kernels and the CUDA backend's device-array version of the same contract,
-    # both on NumPy arrays here.
+    # both on NumPy arrays here; one group has no elements (counts 0: mean, var, rstd 0).
     cuda = gpu.CudaKernels(lambda *a: (lambda grid, block, args: None))
     C, R, K_, E, P = 6, 12, 4, 3, 5
     pmean, pm2 = RNG.standard_normal((K_, C)), RNG.uniform(0.5, 2, (K_, C))
-    counts = np.array([3.0, 3.0, 3.0, 2.0])
+    pcount = np.array([[3.0, 3.0, 5.0, 2.0, 0.0, 3.0]])
     rg, rp, rc = np.repeat(np.arange(C), 2), RNG.integers(0, P, R), np.arange(C) % E
     w, b = RNG.standard_normal(P).astype(dtype), RNG.standard_normal(P).astype(dtype)
     outs = {}
     for name, k in (("cpu", K), ("cuda", cuda)):
         res = []
         for center in (True, False):
-            mean, var, rstd = np.empty(C), np.empty(C), np.empty(C)
-            k.finalize_moments(pmean[:1], pm2[:1], counts[:1], 3.0, center, 1e-3, mean, var, rstd)
-            res += [mean, var, rstd]
-        rm, rv = np.zeros(E, dtype), np.ones(E, dtype)
-        k.update_running(mean, var, rc, 2.0, 0.25, 0.75, 1.5, rm, rv, np.empty(2 * E))
+            mean, var, rstd, n = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
+            k.finalize_moments(pmean[:1], pm2[:1], pcount, center, 1e-3, mean, var, rstd, counts=n)
+            res += [mean, var, rstd, n]
+        assert mean[4] == var[4] == rstd[4] == 0.0
+        for unbiased in (True, False):
+            rm, rv = np.zeros(E, dtype), np.ones(E, dtype)
+            k.update_running(mean, var, pcount[0], rc, 2.0, 0.25, 0.75, unbiased, rm, rv, np.empty(2 * E))
+            res += [rm, rv]
         stats = [np.empty(C) for _ in range(3)]
         k.running_statistics(rm, rv, rc, 1e-3, *stats)
         coeffs = [np.empty(R) for _ in range(3)]
@@ -181,17 +184,38 @@ def test_per_group_algebra_agrees_between_backends(dtype):
         k.gradient_sums(RNG.standard_normal((K_, R)) * 0 + pmean[:, :1], pm2[:, :1] + np.zeros((K_, R)),
                         rg, rp, w, True, rstd, g1, g2, dw, db)
         ks = [np.empty(R) for _ in range(3)]
-        k.dx_coefficients(g1, g2, rg, rp, w, True, rstd, 7.0, True, True, *ks)
-        outs[name] = res + [rm, rv] + stats + coeffs + [g1, g2, dw, db] + ks
+        k.dx_coefficients(g1, g2, pcount[0], rg, rp, w, True, rstd, True, True, *ks)
+        outs[name] = res + stats + coeffs + [g1, g2, dw, db] + ks
     for a, b_ in zip(outs["cpu"], outs["cuda"], strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-13, atol=1e-13)
-    # finalize with K > 1 partials goes through combine_moments on the GPU; compare the CPU
-    # finalize with the CPU merge it must equal
-    mean, var, rstd, mu, m2 = (np.empty(C) for _ in range(5))
-    K.finalize_moments(pmean, pm2, counts, counts.sum(), True, 0.0, mean, var, rstd)
-    K.combine_moments(pmean, pm2, counts, mu, m2, 1)
-    np.testing.assert_array_equal(mean, mu)
-    np.testing.assert_array_equal(var, m2 / counts.sum())
+
+
+def test_finalize_merges_counted_partials_exactly_in_order():
+    # K > 1 partials, each over its own count (a mask's; one partial and one group empty):
+    # the two-pass merge over the partial means, in partial order, an empty partial adding
+    # nothing even where its stored mean is far from the group's
+    C, K_ = 5, 4
+    pmean, pm2 = RNG.standard_normal((K_, C)) + 10, RNG.uniform(0.5, 2, (K_, C))
+    pcount = RNG.integers(1, 6, (K_, C)).astype(np.float64)
+    pcount[1, 2] = 0.0
+    pmean[1, 2], pm2[1, 2] = 1e200, 0.0
+    pcount[:, 4] = 0.0
+    mean, var, rstd, n = (np.empty(C) for _ in range(4))
+    K.finalize_moments(pmean, pm2, pcount, True, 0.0, mean, var, rstd, counts=n)
+    for c in range(C):
+        tot = s = 0.0
+        for k in range(K_):
+            tot += pcount[k, c]
+            s += pcount[k, c] * pmean[k, c]
+        if tot == 0:
+            assert mean[c] == var[c] == rstd[c] == n[c] == 0.0
+            continue
+        mu, q = s / tot, 0.0
+        for k in range(K_):
+            if pcount[k, c]:
+                d = pmean[k, c] - mu
+                q += pm2[k, c] + pcount[k, c] * d * d
+        assert (mean[c], var[c], n[c]) == (mu, q / tot, tot)
 
 
 @pytest.mark.parametrize("mode, shape, sizes", [("batch_norm", (6, 4, 5), {}), ("group_norm", (3, 4, 5), {"g": 2}),
@@ -244,12 +268,12 @@ def test_ndarray_subclasses_are_read_as_arrays():
 def _separate_cols_forward(k, x, rpb, center, eps, rg, rp, w, b, has_w, has_b):
     A, C = x.shape
     nb = -(-A // rpb)
-    counts = np.full(nb, float(rpb))
+    counts = np.full((nb, C), float(rpb))
     counts[-1] = A - rpb * (nb - 1)
     pmean, pm2 = np.empty((nb, C)), np.empty((nb, C))
     k.moments_cols(x, rpb, pmean, pm2, 1)
     mean, var, rstd = np.empty(C), np.empty(C), np.empty(C)
-    k.finalize_moments(pmean, pm2, counts, float(A), center, eps, mean, var, rstd)
+    k.finalize_moments(pmean, pm2, counts, center, eps, mean, var, rstd)
     mean_r, scale, shift = np.empty(C), np.empty(C), np.empty(C)
     k.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
     y = np.empty_like(x)
@@ -257,7 +281,7 @@ def _separate_cols_forward(k, x, rpb, center, eps, rg, rp, w, b, has_w, has_b):
     return mean, var, rstd, y
 
 
-def _separate_cols_backward(k, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, stats_grad, center, P):
+def _separate_cols_backward(k, dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad, center, P):
     A, C = x.shape
     nb = -(-A // rpb)
     p1, p2 = np.empty((nb, C)), np.empty((nb, C))
@@ -265,7 +289,7 @@ def _separate_cols_backward(k, dy, x, mean, rstd, rpb, rg, rp, w, has_w, count, 
     g1, g2, dw, db = np.empty(C), np.empty(C), np.zeros(P), np.zeros(P)
     k.gradient_sums(p1, p2, rg, rp, w, has_w, rstd, g1, g2, dw, db)
     ks = [np.empty(C) for _ in range(3)]
-    k.dx_coefficients(g1, g2, rg, rp, w, has_w, rstd, count, stats_grad, center, *ks)
+    k.dx_coefficients(g1, g2, counts, rg, rp, w, has_w, rstd, stats_grad, center, *ks)
     dx = np.empty_like(x)
     k.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, *ks, rpb, None, dx.reshape(A, C, 1), 1)
     return dw, db, dx
@@ -297,10 +321,11 @@ def test_composed_kernels_equal_their_parts(dtype, A, C, rpb):
             mean, _, rstd, _ = want
             for stats_grad in (True, False):
                 n_p = P if (has_w or has_b) else 0
-                want_b = _separate_cols_backward(K, dy, x, mean, rstd, rpb, rg, rp, w, has_w, float(A), stats_grad,
+                counts = np.full(C, float(A))
+                want_b = _separate_cols_backward(K, dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad,
                                                  center, n_p)
                 got_b = [np.full(n_p, np.nan), np.full(n_p, np.nan), np.empty_like(x)]
-                kernels.backward_cols(dy, x, mean, rstd, rpb, rg, rp, w, has_w, float(A), stats_grad, center,
+                kernels.backward_cols(dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad, center,
                                       got_b[0], got_b[1], None, got_b[2], 1)
                 for a, e in zip(got_b, want_b, strict=True):
                     np.testing.assert_array_equal(a, e)

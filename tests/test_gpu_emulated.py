@@ -89,6 +89,19 @@ def test_emulated_gpu_masked_matches_cpu_across_boundaries(request, mode, shape,
     assert {"nc_masked_dx_rows", "nc_masked_dx_cols", "nc_masked_dx_inner"} & be.launched
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("mode, shape, sizes", BOUNDARY_CASES)
+def test_emulated_gpu_masked_dx_adds_dh_in_its_own_pass(emulated_gpu, mode, shape, sizes, dtype):
+    # the masked dx kernels add dh after dx's rounding: the same bits as dx + dh
+    rng = np.random.default_rng(23)
+    x = (3 + rng.standard_normal(shape)).astype(dtype)
+    dy, dh = rng.standard_normal((2,) + shape).astype(dtype)
+    mask = rng.random(shape) < 0.7
+    y, cache = nc.normalize(x, mode, mask=mask, **sizes)
+    assert cache.route.dh_in_dx
+    np.testing.assert_array_equal(nc.backward(dy, cache, dh=dh)[0], nc.backward(dy, cache)[0] + dh)
+
+
 def test_emulated_gpu_float16_layer_norm(emulated_gpu):
     x = (2 + np.random.default_rng(10).standard_normal((8, 300))).astype(np.float16)
     w = np.random.default_rng(11).standard_normal(300).astype(np.float16)

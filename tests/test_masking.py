@@ -437,3 +437,42 @@ def test_nan_padding_through_the_emulated_cuda_kernels(emulated_gpu):
     dx, dw, db = nc.backward(np.where(np.broadcast_to(mask, x.shape), 1.0, np.nan).astype(np.float32), cache)
     assert np.isfinite(dw).all() and np.isfinite(db).all() and np.isfinite(dx).all()
     assert (dx[~np.broadcast_to(mask, x.shape)] == 0).all()
+
+
+MASKED_DH_CASES = [
+    ("batch_norm", (8, 6), {}, (8, 6)),                       # columns, a byte per element
+    ("batch_norm", (300, 40), {}, (300, 1)),                  # column tiles, a byte per row
+    ("batch_norm", (4, 3, 5, 6), {}, (4, 3, 5, 6)),           # rows of S
+    ("batch_norm", (4, 3, 5, 6), {}, (4, 1, 1, 1)),           # rows of S, a byte per row
+    ("batch_norm_channels_last", (4, 5, 3), {}, (4, 5, 1)),
+    ("layer_norm", (4, 5, 6), {}, (4, 5, 6)),
+    ("rms_norm", (4, 6), {}, (4, 6)),
+    ("group_norm", (4, 6, 5), {"g": 3}, (4, 6, 5)),
+    ("instance_norm", (4, 3, 5, 6), {}, (4, 3, 5, 6)),
+]
+
+
+@pytest.mark.parametrize("mode, shape, sizes, mshape", MASKED_DH_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_masked_dx_adds_dh_in_its_own_pass(mode, shape, sizes, mshape, dtype):
+    # every masked backward route adds dh while it writes dx (no add pass after): the same
+    # bits as dx + dh, and the counts the statistics divide by are the counted elements
+    x = (3 + RNG.standard_normal(shape)).astype(dtype)
+    mask = RNG.random(mshape) < 0.7
+    mask.reshape(-1)[:2] = True
+    y, cache = nc.normalize(x, mode, mask=mask, **sizes)
+    assert cache.route.dh_in_dx
+    assert "add" not in cache.route.kernels(cache.plan, dh=True)["backward"]
+    dy, dh = RNG.standard_normal((2,) + shape).astype(dtype)
+    np.testing.assert_array_equal(nc.backward(dy, cache, dh=dh)[0], nc.backward(dy, cache)[0] + dh)
+    counted = np.broadcast_to(mask, shape)
+    from normcore.layout import canonical
+    want = canonical(counted, cache.plan).reshape(cache.plan.layout).sum(axis=(0, 2))
+    np.testing.assert_array_equal(cache.counts, want)
+
+
+@pytest.mark.parametrize("mode, shape, sizes, mshape", MASKED_DH_CASES[:3] + MASKED_DH_CASES[5:6])
+def test_an_unmasked_call_counts_every_element_of_its_groups(mode, shape, sizes, mshape):
+    _, cache = nc.normalize(RNG.standard_normal(shape).astype(np.float32), mode, **sizes)
+    assert cache.counts.dtype == np.float64 and cache.counts.shape == (cache.plan.layout[1],)
+    assert (cache.counts == cache.plan.count).all()

@@ -37,7 +37,7 @@ cdef enum:
     R_EPS = 5
     R_MOMENTUM = 6
     R_KEEP = 7
-    R_UNBIAS = 8
+    R_UNBIASED = 8   # the unbiased running variance: a bool
     R_THREADS = 9
     R_DY = 10        # backward: dy in the plan's shape
     R_DH = 11        # backward's dh in the plan's shape, or None
@@ -52,7 +52,7 @@ cdef enum:
     N_FIXED = 20
 
 REGISTERS = {"x": R_X, "weight": R_W, "bias": R_B, "running_mean": R_RM, "running_var": R_RV,
-             "eps": R_EPS, "momentum": R_MOMENTUM, "keep": R_KEEP, "unbias": R_UNBIAS,
+             "eps": R_EPS, "momentum": R_MOMENTUM, "keep": R_KEEP, "unbiased": R_UNBIASED,
              "threads": R_THREADS, "dy": R_DY, "dh": R_DH, "mean": R_MEAN, "rstd": R_RSTD, "x3": R_X3,
              "out": R_OUT, "dweight": R_DW, "dbias": R_DB, "residual": R_RESIDUAL, "h": R_H}
 FIXED_REGISTERS = N_FIXED
@@ -202,20 +202,19 @@ cdef class Programs:
     what their cache records: built by :func:`normcore.program.programs_for`."""
 
     cdef readonly Program forward, backward, backward_dh
-    cdef readonly object mode, route, dtype, param_dtype, count, be
+    cdef readonly object mode, route, dtype, param_dtype, count, counts, be
     cdef readonly bint has_weight, has_bias, stats_grad, small, residual
     cdef readonly Py_ssize_t size
-    cdef readonly double unbias     # count / (count - 1): the unbiased update's factor
     cdef readonly int mean_reg, rstd_reg
     cdef object __weakref__
 
-    def __init__(self, be, mode, route, dtype, param_dtype, count, has_weight, has_bias, size, small, unbias,
+    def __init__(self, be, mode, route, dtype, param_dtype, count, counts, has_weight, has_bias, size, small,
                  forward, backward, backward_dh, mean_reg=R_MEAN, rstd_reg=R_RSTD):
         self.be, self.mode, self.route, self.dtype, self.param_dtype = be, mode, route, dtype, param_dtype
-        self.count, self.has_weight, self.has_bias = count, has_weight, has_bias
+        self.count, self.counts, self.has_weight, self.has_bias = count, counts, has_weight, has_bias
         self.stats_grad = route.stats_grad
         self.residual = route.residual is not None
-        self.size, self.small, self.unbias = size, small, unbias
+        self.size, self.small = size, small
         self.forward, self.backward, self.backward_dh = forward, backward, backward_dh
         self.mean_reg, self.rstd_reg = mean_reg, rstd_reg
 
@@ -242,15 +241,18 @@ cdef class NormCache:
     # dweight and dbias have the parameters' dtype (x's, or float32 beside a half x)
     cdef public object param_dtype
     cdef public bint stats_grad    # gradients flow through batch statistics
-    cdef public object count       # elements per group, all ranks
+    # elements per group as synchronized ranks agree on them (with a mask: all counted ones)
+    cdef public object count
     cdef public object comm        # communicator the statistics were synchronized over
     cdef public object backend     # where x3 and the statistics live
     # (x shape, parameter shape) the caller sees when a form presented the mode's arrays
     # under other shapes (layer norm over k axes: the mode over their product)
     cdef public object view
-    # mask=: the mask as the kernels read it (masking.MaskRows), and, where the statistics
-    # were masked, the counted elements per group (all ranks); None without
-    cdef public object mask, counts
+    # mask=: the mask as the kernels read it (masking.MaskRows), or None
+    cdef public object mask
+    # (C,) float64 elements of each group behind the statistics (all ranks; where they were
+    # masked, the counted ones): what the dx terms divide by
+    cdef public object counts
     # the caller's mask (broadcasting to plan.shape) whenever one was given, training or
     # eval: its False positions are not data, and backward leaves them out entirely
     cdef public object not_data
@@ -323,7 +325,7 @@ cdef tuple _forward(Programs ps, plan, x, w, b, rm, rv, double eps, double momen
     cdef list regs = [None] * p.nregs
     regs[R_X], regs[R_W], regs[R_B], regs[R_RM], regs[R_RV] = x, w, b, rm, rv
     regs[R_EPS], regs[R_MOMENTUM], regs[R_KEEP] = eps, momentum, keep
-    regs[R_UNBIAS] = ps.unbias if unbiased else 1.0
+    regs[R_UNBIASED] = unbiased
     regs[R_THREADS] = ps.threads()
     regs[R_OUT], regs[R_RESIDUAL], regs[R_H] = out, residual, h_out
     p.run(regs)
@@ -331,7 +333,7 @@ cdef tuple _forward(Programs ps, plan, x, w, b, rm, rv, double eps, double momen
     c.mode, c.plan, c.x3, c.dtype = ps.mode, plan, regs[R_X3], ps.dtype
     c.mean, c.rstd, c.weight = regs[ps.mean_reg], regs[ps.rstd_reg], w
     c.has_weight, c.has_bias, c.param_dtype, c.stats_grad = ps.has_weight, ps.has_bias, ps.param_dtype, ps.stats_grad
-    c.count, c.backend, c.route, c.programs = ps.count, ps.be, ps.route, ps
+    c.count, c.counts, c.backend, c.route, c.programs = ps.count, ps.counts, ps.be, ps.route, ps
     return regs[R_OUT], regs[R_H], c
 
 

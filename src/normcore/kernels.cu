@@ -623,7 +623,7 @@ __global__ void nc_masked_moments_cols(const T* x, const unsigned char* m, const
 template <typename T>
 __global__ void nc_masked_dx_rows(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
                                   i64 rows, i64 R, i64 S, const double* mean, const double* k1, const double* k2,
-                                  const double* k3, T* dx) {
+                                  const double* k3, const T* dh, T* dx) {
     typedef typename nc_acc<T>::type A;
     for (i64 row = blockIdx.x; row < rows; row += gridDim.x) {
         const i64 r = row % R;
@@ -632,7 +632,7 @@ __global__ void nc_masked_dx_rows(const T* dy, const T* x, const unsigned char* 
         const unsigned char* mr = m + off[row];
         for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
             const A t = (nc_ld<T, A>(x, o + i) - mu) * a2 + a3;
-            nc_st<T, A>(dx, o + i, mr[i * step] ? nc_ld<T, A>(dy, o + i) * a1 + t : (A)0);
+            nc_st_dh<T, A>(dx, o + i, mr[i * step] ? nc_ld<T, A>(dy, o + i) * a1 + t : (A)0, dh);
         }
     }
 }
@@ -641,7 +641,7 @@ __global__ void nc_masked_dx_rows(const T* dy, const T* x, const unsigned char* 
 template <typename T>
 __global__ void nc_masked_dx_cols(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
                                   i64 Arows, i64 C, i64 rpb, const double* mean, const double* k1,
-                                  const double* k2, const double* k3, T* dx) {
+                                  const double* k2, const double* k3, const T* dh, T* dx) {
     typedef typename nc_acc<T>::type A;
     const i64 k = blockIdx.x, r0 = k * rpb, r1 = nc_min(Arows, r0 + rpb);
     for (i64 tile = blockIdx.y; tile * NC_COL_TILE < C; tile += gridDim.y) {
@@ -650,7 +650,7 @@ __global__ void nc_masked_dx_cols(const T* dy, const T* x, const unsigned char* 
         const A mu = (A)mean[c], a1 = (A)k1[c], a2 = (A)k2[c], a3 = (A)k3[c];
         for (i64 r = r0 + threadIdx.y; r < r1; r += NC_COL_STRIPES) {
             const A t = (nc_ld<T, A>(x, r * C + c) - mu) * a2 + a3;
-            nc_st<T, A>(dx, r * C + c, m[off[r] + c * step] ? nc_ld<T, A>(dy, r * C + c) * a1 + t : (A)0);
+            nc_st_dh<T, A>(dx, r * C + c, m[off[r] + c * step] ? nc_ld<T, A>(dy, r * C + c) * a1 + t : (A)0, dh);
         }
     }
 }
@@ -659,7 +659,7 @@ __global__ void nc_masked_dx_cols(const T* dy, const T* x, const unsigned char* 
 template <typename T>
 __global__ void nc_masked_dx_inner(const T* dy, const T* x, const unsigned char* m, const i64* off, i64 step,
                                    i64 R, i64 S, const double* mean, const double* rstd, const i64* rp,
-                                   const double* w, const double* c1, const double* c2, T* dx) {
+                                   const double* w, const double* c1, const double* c2, const T* dh, T* dx) {
     typedef typename nc_acc<T>::type A;
     for (i64 r = blockIdx.x; r < R; r += gridDim.x) {
         const A mu = (A)mean[r], rs = (A)rstd[r], m1 = (A)c1[r], m2 = (A)c2[r];
@@ -668,7 +668,7 @@ __global__ void nc_masked_dx_inner(const T* dy, const T* x, const unsigned char*
         const unsigned char* mr = m + off[r];
         for (i64 i = threadIdx.x; i < S; i += blockDim.x) {
             const A t = m1 + (nc_ld<T, A>(x, o + i) - mu) * rs * m2;
-            nc_st<T, A>(dx, o + i, mr[i * step] ? rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - t) : (A)0);
+            nc_st_dh<T, A>(dx, o + i, mr[i * step] ? rs * (nc_ld<T, A>(dy, o + i) * (A)wr[i] - t) : (A)0, dh);
         }
     }
 }
@@ -677,21 +677,25 @@ __global__ void nc_masked_dx_inner(const T* dy, const T* x, const unsigned char*
 // Merge of K partial moments per column (two-pass over the partial means, fixed order)
 // ---------------------------------------------------------------------------------------
 
-__global__ void nc_combine_moments(const double* pmean, const double* pm2, const double* counts,
-                                   i64 K, i64 C, double* mean, double* m2) {
+__global__ void nc_combine_moments(const double* pmean, const double* pm2, const double* pcount,
+                                   i64 K, i64 C, double* mean, double* m2, double* n) {
+    // pcount (K, C): the elements behind each partial; one without elements adds nothing
     for (i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += (i64)gridDim.x * blockDim.x) {
-        double total = 0.0;
-        for (i64 k = 0; k < K; ++k) total += counts[k];
-        double s = 0.0;
-        for (i64 k = 0; k < K; ++k) s += counts[k] * pmean[k * C + c];
-        const double mu = s / total;
+        double total = 0.0, s = 0.0;
+        for (i64 k = 0; k < K; ++k) {
+            total += pcount[k * C + c];
+            s += pcount[k * C + c] * pmean[k * C + c];
+        }
+        const double mu = total != 0.0 ? s / total : 0.0;
         double q = 0.0;
         for (i64 k = 0; k < K; ++k) {
+            if (pcount[k * C + c] == 0.0) continue;
             const double d = pmean[k * C + c] - mu;
-            q += pm2[k * C + c] + counts[k] * d * d;
+            q += pm2[k * C + c] + pcount[k * C + c] * d * d;
         }
         mean[c] = mu;
         m2[c] = q;
+        n[c] = total;
     }
 }
 
@@ -735,14 +739,14 @@ __global__ void nc_combine_moments(const double* pmean, const double* pm2, const
                                                        i64, i64, double*, double*, double*);       \
     template __global__ void nc_masked_dx_rows<T>(const T*, const T*, const unsigned char*, const i64*, \
                                                   i64, i64, i64, i64, const double*, const double*, \
-                                                  const double*, const double*, T*);               \
+                                                  const double*, const double*, const T*, T*);     \
     template __global__ void nc_masked_dx_cols<T>(const T*, const T*, const unsigned char*, const i64*, \
                                                   i64, i64, i64, i64, const double*, const double*, \
-                                                  const double*, const double*, T*);               \
+                                                  const double*, const double*, const T*, T*);     \
     template __global__ void nc_masked_dx_inner<T>(const T*, const T*, const unsigned char*, const i64*, \
                                                    i64, i64, i64, const double*, const double*,    \
                                                    const i64*, const double*, const double*,       \
-                                                   const double*, T*);
+                                                   const double*, const T*, T*);
 NC_INSTANTIATE(float)
 NC_INSTANTIATE(double)
 NC_INSTANTIATE(nc_bf16)

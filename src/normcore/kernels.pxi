@@ -415,49 +415,6 @@ cdef void _moments_cols(const floating* x, Py_ssize_t A, Py_ssize_t C, Py_ssize_
                               pmean + k * C + c0, pm2 + k * C + c0)
 
 
-def combine_moments(pmean, pm2, counts, mean, m2, int threads):
-    """IN pmean, pm2 (K, C), counts (K,) float64; OUT mean, m2 (C,): exact merge of K
-    partials per column, the two-pass formula over the partial means,
-    mean = sum(n_k mean_k) / N, m2 = sum(m2_k + n_k (mean_k - mean)^2), in a fixed order.
-    (Chan's pairwise merge gives the same result but divides twice per partial.)"""
-    cdef Py_ssize_t* d = _shape(pmean, 2)
-    cdef Py_ssize_t K = d[0], C = d[1], k
-    cdef const double* n = <const double*>_in(counts, F64)
-    cdef double total = 0.0
-    for k in range(K):
-        total = total + n[k]
-    _combine_moments(<const double*>_in(pmean, F64), <const double*>_in(pm2, F64), n, K, C, total,
-                     <double*>_out(mean, F64), <double*>_out(m2, F64), threads)
-
-
-cdef void _combine_moments(const double* pmean, const double* pm2, const double* counts, Py_ssize_t K,
-                           Py_ssize_t C, double total, double* mean, double* m2, int threads) noexcept nogil:
-    cdef Py_ssize_t t
-    # column tiles in parallel; within a tile the partial rows are read contiguously
-    for t in prange((C + TILE - 1) // TILE, schedule='static', num_threads=threads, use_threads_if=threads > 1):
-        _combine_tile(pmean + t * TILE, pm2 + t * TILE, counts, K, C, _block_rows(t, TILE, C), total,
-                      mean + t * TILE, m2 + t * TILE)
-
-
-cdef inline void _combine_tile(const double* pmean, const double* pm2, const double* counts,
-                               Py_ssize_t K, Py_ssize_t ld, Py_ssize_t tw, double total,
-                               double* mean, double* m2) noexcept nogil:
-    cdef Py_ssize_t k, c
-    cdef double d
-    for c in range(tw):
-        mean[c] = 0.0
-        m2[c] = 0.0
-    for k in range(K):
-        for c in range(tw):
-            mean[c] += counts[k] * pmean[k * ld + c]
-    for c in range(tw):
-        mean[c] /= total
-    for k in range(K):
-        for c in range(tw):
-            d = pmean[k * ld + c] - mean[c]
-            m2[c] += pm2[k * ld + c] + counts[k] * d * d
-
-
 # ---------------------------------------------------------------------------------------
 # Elementwise passes and backward sums on the (A, R, S) layout, one scale/shift per row
 # ---------------------------------------------------------------------------------------
@@ -780,11 +737,11 @@ def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh, dx, int thre
     (A, R, S) T: dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (float32 as in
     affine_rows), plus dh after dx's rounding (as add) when given. With ``mask`` (moff,
     mstep for the kernel's rows: ``cols``, the A rows of R elements of the column strategy,
-    S == 1; else the A * R rows of S): dx where counted, 0 elsewhere (not data); no dh."""
+    S == 1; else the A * R rows of S): dx where counted, 0 elsewhere (not data), then dh
+    everywhere when given."""
     if mask is not None:
-        if dh is not None:
-            raise ValueError("dh: the masked dx pass adds no dh")
-        return _masked_dx_rows_entry(dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rows_per_block, dx, threads)
+        return _masked_dx_rows_entry(dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rows_per_block, dh, dx,
+                                     threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -1059,26 +1016,27 @@ cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize
         db[i] += g
 
 
-def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean, rstd,
+def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean, rstd, counts,
                     Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dh, dx, int threads, *, mask=None, moff=None,
-                    int mstep=0, counts=None):
+                    int mstep=0):
     """IN dy, x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp
-    (C * J,) intp, w (P,) float64, mean, rstd (C,) float64, affine an nc_affine_kind;
+    (C * J,) intp, w (P,) float64, mean, rstd, counts (C,) float64 (the elements of each
+    group; 0 reads as 1: such a group's rstd is 0), affine an nc_affine_kind;
     OUT t1, t2 (C * J,) float64 row sums of dy and dy * (x - mean) (affine NONE, ROW),
     pdw, pdb (ceil(C / groups_per_block), P) float64 zeroed partials (INNER), dx
     (1, C, B) T. Training-mode backward in one visit per group: the group's sums, then its
     dx while dy and x are still in cache (same formulas as dx_rows / dx_inner). dh (1, C,
     B) T or None: added to dx (as add, after dx's rounding) in the same visit. With
-    ``mask`` (moff, mstep as normalize_groups takes them, counts (C,) float64 from it): the
-    sums run over the counted elements only (the others are not data), the statistics
-    terms of dx divide by counts[c], and dx is 0 where not counted (then dh is added
+    ``mask`` (moff, mstep as normalize_groups takes them, counts from it): the
+    sums run over the counted elements only (the others are not data), and dx is 0 where
+    not counted (then dh is added
     everywhere, to those zeros too)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef Py_ssize_t P = _shape(pdw, 2)[1]
     cdef int T = _storage(x)
     cdef const unsigned char* m = NULL if mask is None else <const unsigned char*>_in(mask, U8)
     cdef const Py_ssize_t* off = NULL if mask is None else <const Py_ssize_t*>_in(moff, IDX)
-    cdef const double* n = NULL if mask is None else <const double*>_in(counts, F64)
+    cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -1192,9 +1150,9 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
                            const double* mean,
                            const double* rstd, Py_ssize_t gpb, double* t1, double* t2, Py_ssize_t P,
                            double* pdw, double* pdb, const floating* dh, floating* dx,
-                           int threads, const unsigned char* mask=NULL, const Py_ssize_t* moff=NULL, int mstep=0,
-                           const double* counts=NULL) noexcept nogil:
-    # mask (or NULL): the statistics terms of dx only where counted, over counts[c] elements
+                           int threads, const unsigned char* mask, const Py_ssize_t* moff, int mstep,
+                           const double* counts) noexcept nogil:
+    # the statistics terms of dx over counts[c] elements; mask (or NULL): only where counted
     # (a masked row with dh reads its dx back to add dh: not streamed past the cache)
     cdef bint nt = _streams(dx, C * B, sizeof(floating)) and not (mask != NULL and dh != NULL)
     cdef Py_ssize_t nb = (C + gpb - 1) // gpb
@@ -1211,8 +1169,8 @@ cdef void _backward_groups(const floating* dy, const floating* x, Py_ssize_t C, 
             q1 = 0.0
             q2 = 0.0
             q3 = 0.0
-            n0 = <double>B if counts == NULL else counts[c]
-            n1 = <double>B if counts == NULL or c + 1 >= C else counts[c + 1]
+            n0 = counts[c]
+            n1 = counts[c + 1] if c + 1 < C else 1.0
             if n0 == 0.0:  # nothing counted: rstd is 0, and so is every term
                 n0 = 1.0
             if n1 == 0.0:
@@ -1335,10 +1293,8 @@ def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dh, dx, int threads, *, mask=None
     c1 (R,) group mean of g (0 when not centred), c2 (R,) group mean of g * xhat (0 in
     eval), dh (1, R, S) T or None; OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] -
     c1[r] - xhat * c2[r]), plus dh after dx's rounding (as add) when given."""
-    if mask is not None:  # (moff, mstep for the rows of S): dx where counted, 0 elsewhere; no dh
-        if dh is not None:
-            raise ValueError("dh: the masked dx pass adds no dh")
-        return _masked_dx_inner_entry(dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dx, threads)
+    if mask is not None:  # (moff, mstep for the rows of S): dx where counted, 0 elsewhere, then dh
+        return _masked_dx_inner_entry(dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dh, dx, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
@@ -1395,48 +1351,68 @@ cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssiz
 # array operations (which dominate small inputs); serial, in a fixed order.
 # ---------------------------------------------------------------------------------------
 
-def finalize_moments(pmean, pm2, counts, double count, bint center, double eps, mean, var, rstd):
-    """IN pmean, pm2 (K, C) partial means and centred sums of squares, counts (K,)
-    elements behind each, count = their sum (all float64); OUT mean (C,) (0 when not
-    centred), var (C,) biased variance (mean square when not centred), rstd (C,)
-    1 / sqrt(var + eps). Partials merge as in combine_moments (K == 1 passes through),
-    then the count divides, the non-centred transform applies (var + mean^2: the mean of
-    squares without cancellation) and rstd is taken."""
+def finalize_moments(pmean, pm2, pcount, bint center, double eps, mean, var, rstd, *, counts=None):
+    """IN pmean, pm2 (K, C) partial means and centred sums of squares, pcount (K, C)
+    elements behind each (all float64); OUT mean (C,) (0 when not centred), var (C,) biased
+    variance (mean square when not centred), rstd (C,) 1 / sqrt(var + eps), and counts (C,)
+    the elements of each group when given. Partials merge exactly, in order, by the
+    two-pass formula over the partial means, mean = sum(n_k mean_k) / n, m2 = sum(m2_k +
+    n_k (mean_k - mean)^2), a partial without elements adding nothing (K == 1 passes
+    through); then n divides, the non-centred transform applies (var + mean^2: the mean of
+    squares without cancellation) and rstd is taken. A group without elements gets mean 0,
+    var 0, rstd 0."""
     cdef Py_ssize_t* d = _shape(pmean, 2)
     _finalize_moments(<const double*>_in(pmean, F64), <const double*>_in(pm2, F64),
-                      <const double*>_in(counts, F64), d[0], d[1], count, center, eps,
-                      <double*>_out(mean, F64), <double*>_out(var, F64), <double*>_out(rstd, F64))
+                      <const double*>_in(pcount, F64), d[1], 1, d[0], d[1], center, eps,
+                      <double*>_out(mean, F64), <double*>_out(var, F64), <double*>_out(rstd, F64),
+                      NULL if counts is None else <double*>_out(counts, F64))
 
 
-cdef void _finalize_moments(const double* pmean, const double* pm2, const double* counts, Py_ssize_t K,
-                            Py_ssize_t C, double count, bint center, double eps, double* mean, double* var,
-                            double* rstd) noexcept nogil:
-    # Partials are read row by row (k outer): K rows C apart, walked down a column, would
-    # map to a few cache sets when C * 8 is a multiple of 4096. mean and var accumulate.
+cdef void _finalize_moments(const double* pmean, const double* pm2, const double* pcount, Py_ssize_t ks,
+                            Py_ssize_t cs, Py_ssize_t K, Py_ssize_t C, bint center, double eps, double* mean,
+                            double* var, double* rstd, double* counts) noexcept nogil:
+    # The count of partial k, group c is pcount[k * ks + c * cs]: (C, 1) for a (K, C) array,
+    # (1, 0) for one count per partial (the composed calls' row blocks). Partials are read
+    # row by row (k outer): K rows C apart, walked down a column, would map to a few cache
+    # sets when C * 8 is a multiple of 4096. mean, var and the totals (in rstd until the
+    # end) accumulate.
     cdef Py_ssize_t k, c
-    cdef double dev, v, mu, total = 0.0
-    for k in range(K):
-        total = total + counts[k]
+    cdef double dev, v, mu, n
     if K == 1:
         for c in range(C):
             mean[c] = pmean[c]
             var[c] = pm2[c]
+            rstd[c] = pcount[c * cs]
     else:
         for c in range(C):
             mean[c] = 0.0
             var[c] = 0.0
+            rstd[c] = 0.0
         for k in range(K):
             for c in range(C):
-                mean[c] += counts[k] * pmean[k * C + c]
+                n = pcount[k * ks + c * cs]
+                rstd[c] = rstd[c] + n
+                mean[c] += n * pmean[k * C + c]
         for c in range(C):
-            mean[c] = mean[c] / total
+            if rstd[c] != 0.0:
+                mean[c] = mean[c] / rstd[c]
         for k in range(K):
             for c in range(C):
-                dev = pmean[k * C + c] - mean[c]
-                var[c] += pm2[k * C + c] + counts[k] * dev * dev
+                n = pcount[k * ks + c * cs]
+                if n != 0.0:  # (an empty partial adds exactly nothing, at any mean)
+                    dev = pmean[k * C + c] - mean[c]
+                    var[c] += pm2[k * C + c] + n * dev * dev
     for c in range(C):
+        n = rstd[c]
+        if counts != NULL:
+            counts[c] = n
+        if n == 0.0:  # nothing counted: an empty group
+            mean[c] = 0.0
+            var[c] = 0.0
+            rstd[c] = 0.0
+            continue
         mu = mean[c]
-        v = _representable(mu, var[c] / count, center)
+        v = _representable(mu, var[c] / n, center)
         if not center:
             v = v + mu * mu
             mean[c] = 0.0
@@ -1446,36 +1422,38 @@ cdef void _finalize_moments(const double* pmean, const double* pm2, const double
         rstd[c] = 1.0 / sqrt(v + eps)
 
 
-def update_running(mean, var, rc, double groups_per_running, double momentum, double keep, double unbias,
-                   running_mean, running_var, scratch):
-    """IN mean, var (C,) float64 batch statistics per group, rc (C,) intp running entry of
-    each group; IN/OUT running_mean, running_var (E,) T; scratch (2E,) float64:
+def update_running(mean, var, counts, rc, double groups_per_running, double momentum, double keep,
+                   bint unbiased, running_mean, running_var, scratch):
+    """IN mean, var, counts (C,) float64 batch statistics and elements of each group, rc (C,)
+    intp running entry of each group; IN/OUT running_mean, running_var (E,) T; scratch
+    (2E,) float64:
     running = keep * running + momentum * batch (keep: 1 - momentum, or the caller's decay
     exactly), each entry's batch value the
-    average over its groups (summed in group order), the variance times ``unbias``
-    (n / (n - 1), or 1 for the biased one); evaluated in double, stored once."""
+    average over its groups (summed in group order), each group's variance times n / (n - 1)
+    when ``unbiased`` (n its count; 1 for n <= 1); evaluated in double, stored once."""
     cdef Py_ssize_t C = _shape(mean, 1)[0], E = _shape(running_mean, 1)[0]
     cdef int T = _storage(running_mean)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* v = <const double*>_in(var, F64)
+    cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* c = <const Py_ssize_t*>_in(rc, IDX)
     cdef double* work = <double*>_out(scratch, F64)
     if T == cnp.NPY_FLOAT32:
-        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <float*>_out(running_mean, T),
+        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <float*>_out(running_mean, T),
                         <float*>_out(running_var, T), E, work)
     elif T == HALF:
-        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <nc_f16*>_out(running_mean, T),
+        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <nc_f16*>_out(running_mean, T),
                         <nc_f16*>_out(running_var, T), E, work)
     elif T == BF16:
-        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <nc_bf16*>_out(running_mean, T),
+        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <nc_bf16*>_out(running_mean, T),
                         <nc_bf16*>_out(running_var, T), E, work)
     else:
-        _update_running(mu, v, c, C, groups_per_running, momentum, keep, unbias, <double*>_out(running_mean, T),
+        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <double*>_out(running_mean, T),
                         <double*>_out(running_var, T), E, work)
 
 
-cdef void _update_running(const double* mean, const double* var, const Py_ssize_t* rc, Py_ssize_t C,
-                          double groups_per_running, double momentum, double keep, double unbias,
+cdef void _update_running(const double* mean, const double* var, const double* counts, const Py_ssize_t* rc,
+                          Py_ssize_t C, double groups_per_running, double momentum, double keep, bint unbiased,
                           floating* running_mean,
                           floating* running_var, Py_ssize_t E, double* scratch) noexcept nogil:
     cdef Py_ssize_t c, e
@@ -1486,7 +1464,7 @@ cdef void _update_running(const double* mean, const double* var, const Py_ssize_
         sv[e] = 0.0
     for c in range(C):
         sm[rc[c]] += mean[c]
-        sv[rc[c]] += var[c] * unbias
+        sv[rc[c]] += var[c] * (counts[c] / (counts[c] - 1.0) if unbiased and counts[c] > 1.0 else 1.0)
     for e in range(E):
         if groups_per_running != 1.0:
             sm[e] = sm[e] / groups_per_running
@@ -1631,11 +1609,11 @@ cdef void _gradient_sums(const double* p1, const double* p2, Py_ssize_t K, Py_ss
     free(tot)
 
 
-def dx_coefficients(g1, g2, rg, rp, w, bint has_w, rstd, double count, bint stats_grad, bint center,
+def dx_coefficients(g1, g2, counts, rg, rp, w, bint has_w, rstd, bint stats_grad, bint center,
                     k1, k2, k3):
-    """IN g1, g2 (C,) float64 group sums of g = w * dy and g * xhat, rg, rp (R,) intp,
-    w (P,) T (read only where has_w), rstd (C,) float64, count elements per group (all
-    ranks), stats_grad (gradients flow through the statistics), center; OUT k1, k2, k3
+    """IN g1, g2 (C,) float64 group sums of g = w * dy and g * xhat, counts (C,) float64
+    elements of each group (all ranks; 0 reads as 1: such a group's rstd is 0), rg, rp
+    (R,) intp, w (P,) T (read only where has_w), rstd (C,) float64, stats_grad (gradients flow through the statistics), center; OUT k1, k2, k3
     (R,) float64, the coefficients of dx_rows:
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with xhat = (x - mean) * rstd,
     regrouped as dy * k1 + (x - mean) * k2 + k3."""
@@ -1643,6 +1621,7 @@ def dx_coefficients(g1, g2, rg, rp, w, bint has_w, rstd, double count, bint stat
     cdef int T = _storage(w)
     cdef const double* q1 = <const double*>_in(g1, F64)
     cdef const double* q2 = <const double*>_in(g2, F64)
+    cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* rs = <const double*>_in(rstd, F64)
@@ -1650,25 +1629,26 @@ def dx_coefficients(g1, g2, rg, rp, w, bint has_w, rstd, double count, bint stat
     cdef double* o2 = <double*>_out(k2, F64)
     cdef double* o3 = <double*>_out(k3, F64)
     if T == cnp.NPY_FLOAT32:
-        _dx_coefficients(q1, q2, g, p, <const float*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+        _dx_coefficients(q1, q2, n, g, p, <const float*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
     elif T == HALF:
-        _dx_coefficients(q1, q2, g, p, <const nc_f16*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+        _dx_coefficients(q1, q2, n, g, p, <const nc_f16*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
     elif T == BF16:
-        _dx_coefficients(q1, q2, g, p, <const nc_bf16*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+        _dx_coefficients(q1, q2, n, g, p, <const nc_bf16*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
     else:
-        _dx_coefficients(q1, q2, g, p, <const double*>_in(w, T), has_w, rs, R, count, stats_grad, center, o1, o2, o3)
+        _dx_coefficients(q1, q2, n, g, p, <const double*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
 
 
-cdef void _dx_coefficients(const double* g1, const double* g2, const Py_ssize_t* rg, const Py_ssize_t* rp,
-                           const floating* w, bint has_w, const double* rstd, Py_ssize_t R, double count,
+cdef void _dx_coefficients(const double* g1, const double* g2, const double* counts, const Py_ssize_t* rg,
+                           const Py_ssize_t* rp, const floating* w, bint has_w, const double* rstd, Py_ssize_t R,
                            bint stats_grad, bint center, double* k1, double* k2, double* k3) noexcept nogil:
     cdef Py_ssize_t r
-    cdef double rs
+    cdef double rs, n
     for r in range(R):
         rs = rstd[rg[r]]
+        n = counts[rg[r]] if counts[rg[r]] != 0.0 else 1.0
         k1[r] = rs * (nc_get(w, rp[r]) if has_w else 1.0)
-        k2[r] = -rs * rs * (g2[rg[r]] / count) if stats_grad else 0.0
-        k3[r] = -rs * (g1[rg[r]] / count) if stats_grad and center else 0.0
+        k2[r] = -rs * rs * (g2[rg[r]] / n) if stats_grad else 0.0
+        k3[r] = -rs * (g1[rg[r]] / n) if stats_grad and center else 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -1748,22 +1728,22 @@ def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp
     with nogil:
         if T == cnp.NPY_FLOAT32:
             _moments_cols(<const float*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
-            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _finalize_moments(pmean, pm2, counts, 1, 0, nb, C, center, eps, mu, v, rs, NULL)
             _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
             _affine_rows(<const float*>px, A, C, 1, pmean, scale, shift, rows_per_block, <float*>py, threads)
         elif T == HALF:
             _moments_cols(<const nc_f16*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
-            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _finalize_moments(pmean, pm2, counts, 1, 0, nb, C, center, eps, mu, v, rs, NULL)
             _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
             _affine_rows(<const nc_f16*>px, A, C, 1, pmean, scale, shift, rows_per_block, <nc_f16*>py, threads)
         elif T == BF16:
             _moments_cols(<const nc_bf16*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
-            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _finalize_moments(pmean, pm2, counts, 1, 0, nb, C, center, eps, mu, v, rs, NULL)
             _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
             _affine_rows(<const nc_bf16*>px, A, C, 1, pmean, scale, shift, rows_per_block, <nc_bf16*>py, threads)
         else:
             _moments_cols(<const double*>px, A, C, rows_per_block, nb, pmean, pm2, threads)
-            _finalize_moments(pmean, pm2, counts, nb, C, <double>max(A, 1), center, eps, mu, v, rs)
+            _finalize_moments(pmean, pm2, counts, 1, 0, nb, C, center, eps, mu, v, rs, NULL)
             _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
             _affine_rows(<const double*>px, A, C, 1, pmean, scale, shift, rows_per_block, <double*>py, threads)
     free(work)
@@ -1830,11 +1810,10 @@ def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b
     free(work)
 
 
-def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint has_w, double count,
+def backward_cols(dy, x, mean, rstd, counts, Py_ssize_t rows_per_block, rg, rp, w, bint has_w,
                   bint stats_grad, bint center, dw, db, dh, dx, int threads):
-    """IN dy, x (A, C) T (the column strategy), mean, rstd (C,) float64, rg, rp (C,) intp,
-    w (P,) any storage type (read only where has_w), count elements per group, stats_grad,
-    center; OUT
+    """IN dy, x (A, C) T (the column strategy), mean, rstd, counts (C,) float64, rg, rp (C,)
+    intp, w (P,) any storage type (read only where has_w), stats_grad, center; OUT
     dw, db (P,) float64 (empty to skip them), dx (A, C) T: sums_cols, gradient_sums,
     dx_coefficients and dx_rows (with dh, (A, C) T or None) in one call."""
     cdef Py_ssize_t* d = _shape(x, 2)
@@ -1844,6 +1823,7 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef double* ow = <double*>_out(dw, F64)
@@ -1881,7 +1861,7 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                            threads)
                 _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g, group_gx,
                                P, ow, ob)
-            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
+            _dx_coefficients(group_g, group_gx, n, g, p, pw, has_w, rs, C, stats_grad, center,
                              k1, k2, k3)
             _dx_rows(<const float*>pdy, <const float*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
                      <const float*>pdh, <float*>pdx, threads)
@@ -1891,7 +1871,7 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                            threads)
                 _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g, group_gx,
                                P, ow, ob)
-            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
+            _dx_coefficients(group_g, group_gx, n, g, p, pw, has_w, rs, C, stats_grad, center,
                              k1, k2, k3)
             _dx_rows(<const nc_f16*>pdy, <const nc_f16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
                      <const nc_f16*>pdh, <nc_f16*>pdx, threads)
@@ -1901,7 +1881,7 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                            threads)
                 _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g, group_gx,
                                P, ow, ob)
-            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
+            _dx_coefficients(group_g, group_gx, n, g, p, pw, has_w, rs, C, stats_grad, center,
                              k1, k2, k3)
             _dx_rows(<const nc_bf16*>pdy, <const nc_bf16*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
                      <const nc_bf16*>pdh, <nc_bf16*>pdx, threads)
@@ -1911,7 +1891,7 @@ def backward_cols(dy, x, mean, rstd, Py_ssize_t rows_per_block, rg, rp, w, bint 
                            threads)
                 _gradient_sums(part_dy, part_dyx, nb, C, g, p, pw, has_w, rs, C, group_g,
                                group_gx, P, ow, ob)
-            _dx_coefficients(group_g, group_gx, g, p, pw, has_w, rs, C, count, stats_grad, center,
+            _dx_coefficients(group_g, group_gx, n, g, p, pw, has_w, rs, C, stats_grad, center,
                              k1, k2, k3)
             _dx_rows(<const double*>pdy, <const double*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
                      <const double*>pdh, <double*>pdx, threads)
@@ -2133,14 +2113,16 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, const 
                 pm2[k * C + c] = _clamp0(pm2[k * C + c] - s * (s / n))
 
 
-cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py_ssize_t rows_per_block, dx,
-                   int threads):
+cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh,
+                           dx, int threads):
     """IN dy, x (A, R, S) T, mask uint8 bytes with moff and mstep for the kernel's rows
     (cols: the A rows of R elements of the column strategy, S == 1; else the A * R rows of
     S), mean, k1, k2, k3 (R,) float64; OUT dx (A, R, S) T: dx = dy * k1[r] + (x - mean[r])
-    * k2[r] + k3[r] where counted, 0 elsewhere (not data), in dx_rows' arithmetic."""
+    * k2[r] + k3[r] where counted, 0 elsewhere (not data), in dx_rows' arithmetic; plus dh
+    (A, R, S) T or None after dx's rounding (as add), row by row while in cache."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
+    cdef const void* pdh = NULL if dh is None else _in(dh, T)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
     cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -2157,16 +2139,16 @@ cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2
 
         if T == cnp.NPY_FLOAT32:
             _masked_dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), m, off, mstep, cols, d[0], d[1], d[2],
-                            mu, c1, c2, c3, coefs, rows_per_block, <float*>_out(dx, T), threads)
+                            mu, c1, c2, c3, coefs, rows_per_block, <const float*>pdh, <float*>_out(dx, T), threads)
         elif T == HALF:
             _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_f16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
         elif T == BF16:
             _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <nc_bf16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
         else:
             _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <double*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const double*>pdh, <double*>_out(dx, T), threads)
     finally:
         free(coefs)
 
@@ -2174,9 +2156,10 @@ cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2
 cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned char* m, const Py_ssize_t* off,
                           int step, bint cols, Py_ssize_t A, Py_ssize_t R, Py_ssize_t S, const double* mean,
                           const double* k1, const double* k2, const double* k3, const void* coefs,
-                          Py_ssize_t rpb, floating* dx, int threads) noexcept nogil:
-    cdef Py_ssize_t i, a, r, t, o, j, e, rows
-    cdef bint nt = _streams(dx, A * R * S, sizeof(floating))
+                          Py_ssize_t rpb, const floating* dh, floating* dx, int threads) noexcept nogil:
+    cdef Py_ssize_t i, a, r, t, o, j, e, q, rows, tw
+    # with dh, each tile or row is added to while in cache, so not streamed
+    cdef bint nt = _streams(dx, A * R * S, sizeof(floating)) and dh == NULL
     if cols and step == 0:
         # whole rows counted or not: long runs of like rows through the plain column pass
         # (or zeroed: rows left out); short ones row by row
@@ -2191,38 +2174,48 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
                 for t in range((R + TILE - 1) // TILE):
                     r = t * TILE
                     o = (a + j) * R + r
+                    tw = _block_rows(t, TILE, R)
                     if e - j < LIKE_ROWS:
-                        nc_masked_dx_cols(dy + o, x + o, m, off + a + j, step, dx + o, e - j, R,
-                                          _block_rows(t, TILE, R), coefs, R, r, nt)
+                        nc_masked_dx_cols(dy + o, x + o, m, off + a + j, step, dx + o, e - j, R, tw, coefs, R, r, nt)
                     elif m[off[a + j]] != 0:
-                        _dx_tile(dy + o, x + o, dx + o, e - j, R, _block_rows(t, TILE, R), mean + r, k1 + r, k2 + r,
-                                 k3 + r, nt)
+                        _dx_tile(dy + o, x + o, dx + o, e - j, R, tw, mean + r, k1 + r, k2 + r, k3 + r, nt)
                     else:
-                        _zero_rows(dx + o, e - j, R, _block_rows(t, TILE, R))
+                        _zero_rows(dx + o, e - j, R, tw)
+                    if dh != NULL:
+                        for q in range(e - j):
+                            nc_add(dx + o + q * R, dh + o + q * R, dx + o + q * R, tw)
                 j = e
     elif cols:
         for i in prange((A + rpb - 1) // rpb, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             a = i * rpb
+            rows = _block_rows(i, rpb, A)
             for t in range((R + TILE - 1) // TILE):
                 r = t * TILE
                 o = a * R + r
-                nc_masked_dx_cols(dy + o, x + o, m, off + a, step, dx + o, _block_rows(i, rpb, A), R,
-                                  _block_rows(t, TILE, R), coefs, R, r, nt)
+                tw = _block_rows(t, TILE, R)
+                nc_masked_dx_cols(dy + o, x + o, m, off + a, step, dx + o, rows, R, tw, coefs, R, r, nt)
+                if dh != NULL:
+                    for q in range(rows):
+                        nc_add(dx + o + q * R, dh + o + q * R, dx + o + q * R, tw)
     else:
         for i in prange(A * R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
             r = i % R
             _masked_dx_row(dy + i * S, x + i * S, dx + i * S, S, mean[r], k1[r], k2[r], k3[r], nt, NULL, NULL,
                            m + off[i], step, NULL)
+            if dh != NULL:
+                nc_add(dx + i * S, dh + i * S, dx + i * S, S)
     if nt:
         nc_sfence()
 
 
-cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1, c2, dx, int threads):
+cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1, c2, dh, dx, int threads):
     """IN dy, x (1, R, S) T, mask uint8 bytes with moff (R,) intp and mstep, mean, rstd, c1,
     c2 (R,) float64, rp (R,) intp, w (P,) float64; OUT dx (1, R, S) T: dx = rstd[r] * (dy *
-    w[rp[r] + s] - (c1[r] + xhat * c2[r])) with the bracket only where counted (in double)."""
+    w[rp[r] + s] - (c1[r] + xhat * c2[r])) with the bracket only where counted (in double);
+    plus dh (1, R, S) T or None after dx's rounding (as add), row by row while in cache."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
+    cdef const void* pdh = NULL if dh is None else _in(dh, T)
     cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
     cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
     cdef const double* mu = <const double*>_in(mean, F64)
@@ -2233,26 +2226,28 @@ cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1,
     cdef const double* q2 = <const double*>_in(c2, F64)
     if T == cnp.NPY_FLOAT32:
         _masked_dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs, p,
-                         pw, q1, q2, <float*>_out(dx, T), threads)
+                         pw, q1, q2, <const float*>pdh, <float*>_out(dx, T), threads)
     elif T == HALF:
         _masked_dx_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs,
-                         p, pw, q1, q2, <nc_f16*>_out(dx, T), threads)
+                         p, pw, q1, q2, <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
     elif T == BF16:
         _masked_dx_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs,
-                         p, pw, q1, q2, <nc_bf16*>_out(dx, T), threads)
+                         p, pw, q1, q2, <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
     else:
         _masked_dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs,
-                         p, pw, q1, q2, <double*>_out(dx, T), threads)
+                         p, pw, q1, q2, <const double*>pdh, <double*>_out(dx, T), threads)
 
 
 cdef void _masked_dx_inner(const floating* dy, const floating* x, const unsigned char* m, const Py_ssize_t* off,
                            int step, Py_ssize_t R, Py_ssize_t S, const double* mean, const double* rstd,
-                           const Py_ssize_t* rp, const double* w, const double* c1, const double* c2, floating* dx,
-                           int threads) noexcept nogil:
+                           const Py_ssize_t* rp, const double* w, const double* c1, const double* c2,
+                           const floating* dh, floating* dx, int threads) noexcept nogil:
     cdef Py_ssize_t r
     for r in prange(R, schedule='static', num_threads=threads, use_threads_if=threads > 1):
         nc_masked_dx_inner_row(dy + r * S, x + r * S, m + off[r], step, dx + r * S, S, mean[r], rstd[r],
                                w + rp[r], c1[r], c2[r])
+        if dh != NULL:
+            nc_add(dx + r * S, dh + r * S, dx + r * S, S)
 
 
 cdef extern from *:

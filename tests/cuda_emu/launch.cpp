@@ -112,6 +112,7 @@ NC_CALL(11, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(12, U, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(13, U, U, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(14, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
+NC_CALL(15, U, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
 NC_CALL(16, U, U, U, U, U, U, U, U, U, U, U, U, U, U, U, U)
 #define NC_ARGS_4 a[0], a[1], a[2], a[3]
 #define NC_ARGS_5 NC_ARGS_4, a[4]
@@ -133,6 +134,7 @@ static void call_kernel() {
         case 12: Call<12>::run(); break;
         case 13: Call<13>::run(); break;
         case 14: Call<14>::run(); break;
+        case 15: Call<15>::run(); break;
         case 16: Call<16>::run(); break;
     }
 }
@@ -160,7 +162,7 @@ extern "C" int nc_emu_launch(const char* name, unsigned gx, unsigned gy, unsigne
                              int nargs, const u64* args) {
     static const std::map<std::string, void*> kernels = table();
     auto it = kernels.find(name);
-    if (it == kernels.end() || nargs < 4 || nargs > 16 || (nargs > 14 && nargs != 16)) return 1;
+    if (it == kernels.end() || nargs < 4 || nargs > 16) return 1;
     g_kernel = it->second;
     g_args = args;
     g_nargs = nargs;
