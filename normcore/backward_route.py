@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import _steady, program, sync
-from .backend import AffineKind
 from .layout import Run, add, canonical, group_totals, in_caller_layout, output_rows, per_row, shaped
 from .plan import Strategy
 
@@ -74,16 +73,10 @@ def _programs_take(ps, dy, dh, out) -> bool:
             and (out is None or type(out) is np.ndarray))
 
 
-def _mask_args(cache, run: Run):
-    """The sums kernels' mask arguments: the forward's mask where the backend's sums read
-    one (they then leave the masked-out positions out), else none."""
-    m = cache.mask
-    if m is None or cache.route.leave_out:
-        return _NO_MASK
-    return m.kernel_args()
-
-
-_NO_MASK: dict = {}  # read only
+def _sums_mask(cache):
+    """The sums kernels' mask: the forward's where the backend's sums read one (they then
+    leave the masked-out positions out), else none."""
+    return None if cache.route.leave_out else cache.mask
 
 
 def _leave_out(dy, cache, xp):
@@ -101,15 +94,14 @@ def _leave_out(dy, cache, xp):
     return dy, xp.where(counted, cache.x3, xp.zeros((), cache.dtype))
 
 
-def _weight_or_dummy(cache, run: Run):
-    """The forward's weight as the row kernels read it, a placeholder when there was none."""
-    return cache.weight if cache.has_weight else run.dummy(cache.plan, cache.param_dtype)
-
-
 def _param_grads(cache, run: Run):
-    """Zeroed (P,) dweight/dbias accumulators, or empty ones when forward had no parameters."""
-    P = cache.plan.param_size if (cache.has_weight or cache.has_bias) else 0
-    return run.xp.zeros(P), run.xp.zeros(P)
+    """Zeroed (2, P) dweight / dbias accumulators; (2, 0) when forward had no parameters."""
+    return run.xp.zeros((2, cache.plan.param_size if (cache.has_weight or cache.has_bias) else 0))
+
+
+def _gradients(param_grads, cache):
+    """(dweight, dbias) sums from the (2, P) accumulators, None without parameters."""
+    return (param_grads[0], param_grads[1]) if (cache.has_weight or cache.has_bias) else (None, None)
 
 
 def _backward_one_visit(dy3, x3, cache, dx_rows, run: Run, dh3=None):
@@ -117,27 +109,24 @@ def _backward_one_visit(dy3, x3, cache, dx_rows, run: Run, dh3=None):
     when given) in one visit."""
     plan, xp = cache.plan, run.xp
     R, C = plan.rows[1], plan.layout[1]
-    affine = AffineKind.NONE
-    if cache.has_weight or cache.has_bias:
-        affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
-    P = plan.param_size if affine else 1
-    row_dy, row_dyx = xp.empty(R), xp.empty(R)
-    partials = (plan.param_blocks, P) if affine is AffineKind.INNER else (1, 1)
-    pdw, pdb = xp.zeros(partials), xp.zeros(partials)
+    affine = cache.has_weight or cache.has_bias
+    inner = affine and plan.param_inner
+    if inner:
+        sums = {"part_grads": xp.zeros((2, plan.param_blocks, plan.param_size))}
+    else:
+        sums = {"row_sums": xp.empty((2, R))}
     rp = run.params_ix(plan)
-    w64 = cache.weight_f64() if cache.has_weight else xp.ones(P)
-    masked = _NO_MASK if cache.mask is None else cache.mask.kernel_args()
-    run.K.backward_groups(dy3, x3, R // C, cache.mode.center, int(affine), rp, w64, cache.mean, cache.rstd,
-                          cache.counts, plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dh3, dx_rows, run.threads,
-                          **masked)
-    if affine is AffineKind.INNER:
-        return pdw.sum(axis=0), pdb.sum(axis=0)
-    if affine is AffineKind.ROW:
-        dw, db = _param_grads(cache, run)
-        w = _weight_or_dummy(cache, run)
-        run.K.gradient_sums(row_dy.reshape(1, R), row_dyx.reshape(1, R), run.ix(plan, "rg"), rp, w, cache.has_weight,
-                            cache.rstd, xp.empty(C), xp.empty(C), dw, db)
-        return dw, db
+    run.K.backward_groups(dy=dy3, x=x3, rows_per_group=R // C, center=cache.mode.center, rp=rp, weight=cache.weight,
+                          mean=cache.mean, rstd=cache.rstd, counts=cache.counts, groups_per_block=plan.groups_per_block,
+                          dx=dx_rows, threads=run.threads, dh=dh3, mask=cache.mask, **sums)
+    if inner:
+        grads = sums["part_grads"].sum(axis=1)
+        return grads[0], grads[1]
+    if affine:
+        grads = _param_grads(cache, run)
+        run.K.gradient_sums(sums=sums["row_sums"].reshape(2, 1, R), rg=run.ix(plan, "rg"), rp=rp, weight=cache.weight,
+                            rstd=cache.rstd, group_sums=xp.empty((2, C)), param_grads=grads)
+        return grads[0], grads[1]
     return None, None
 
 
@@ -145,87 +134,85 @@ def _backward_inner(dy_rows, x3, cache, dx_rows, run: Run, link=None, dh3=None):
     """Parameters along the rows (layer norm) outside the one-visit case. With ``link``,
     the group sums and parameter gradients are summed over its ranks.
 
-    Sums: row_g / row_gx per row, group_g / group_gx per group, of g = w * dy and g * xhat;
-    mean_g / mean_gx their group means, per row."""
+    Sums: row_sums per row, group_sums per group, of g = w * dy and g * xhat;
+    group_means their group means, per row."""
     plan, xp = cache.plan, run.xp
     R, P = plan.rows[1], plan.param_size
     x_rows = shaped(x3, plan.rows)
     rp = run.ix(plan, "rp")
     mean_r, rstd_r = per_row(cache.mean, plan, run), per_row(cache.rstd, plan, run)
-    w = cache.weight_f64() if cache.has_weight else xp.ones(P)
     nb = max(1, -(-R // plan.rows_per_block))
-    row_g, row_gx = xp.empty(R), xp.empty(R)
-    pdw, pdb = xp.zeros((nb, P)), xp.zeros((nb, P))
-    run.K.sums_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, plan.rows_per_block, row_g, row_gx,
-                     pdw, pdb, run.threads, **_mask_args(cache, run))
-    group_g, group_gx = group_totals(row_g, plan, run), group_totals(row_gx, plan, run)
-    dw, db = pdw.sum(axis=0), pdb.sum(axis=0)
+    row_sums, part_grads = xp.empty((2, R)), xp.zeros((2, nb, P))
+    run.K.sums_inner(dy=dy_rows, x=x_rows, row_mean=mean_r, row_rstd=rstd_r, rp=rp, weight=cache.weight,
+                     rows_per_block=plan.rows_per_block, row_sums=row_sums, part_grads=part_grads, threads=run.threads,
+                     mask=_sums_mask(cache))
+    group_sums = xp.stack([group_totals(row_sums[0], plan, run), group_totals(row_sums[1], plan, run)])
+    grads = part_grads.sum(axis=1)
     if link is not None:
-        group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
+        group_sums, grads = sync.sum_over_ranks(link, cache, (group_sums, grads), run.be)
     n = xp.maximum(cache.counts, 1.0)  # a group without elements has rstd 0: any divisor will do
-    mean_g = per_row(group_g / n, plan, run) if cache.stats_grad and cache.mode.center else xp.zeros(R)
-    mean_gx = per_row(group_gx / n, plan, run) if cache.stats_grad else xp.zeros(R)
-    run.K.dx_inner(dy_rows, x_rows, mean_r, rstd_r, rp, w, mean_g, mean_gx,
-                   None if dh3 is None else shaped(dh3, plan.rows), dx_rows, run.threads,
-                   **(_NO_MASK if cache.mask is None else cache.mask.kernel_args()))
-    return dw, db
+    group_means = xp.zeros((2, R))
+    if cache.stats_grad:
+        if cache.mode.center:
+            group_means[0] = per_row(group_sums[0] / n, plan, run)
+        group_means[1] = per_row(group_sums[1] / n, plan, run)
+    run.K.dx_inner(dy=dy_rows, x=x_rows, row_mean=mean_r, row_rstd=rstd_r, rp=rp, weight=cache.weight,
+                   group_means=group_means, dx=dx_rows, threads=run.threads,
+                   dh=None if dh3 is None else shaped(dh3, plan.rows), mask=cache.mask)
+    return grads[0], grads[1]
 
 
 def _backward_columns(dy3, x3, cache, dx_rows, run: Run, dh3=None):
     """The column strategy's backward from one kernel call: the column sums, the group
     and parameter sums, the dx coefficients and dx (what _backward_rows does in four)."""
     plan = cache.plan
-    affine = cache.has_weight or cache.has_bias
-    P = plan.param_size if affine else 0
-    dw, db = run.xp.empty(P), run.xp.empty(P)
-    w = _weight_or_dummy(cache, run)
-    run.K.backward_cols(dy3, x3, cache.mean, cache.rstd, cache.counts, plan.rows_per_block, run.ix(plan, "rg"),
-                        run.params_ix(plan), w, cache.has_weight, cache.stats_grad, cache.mode.center, dw, db, dh3,
-                        dx_rows, run.threads)
-    return (dw, db) if affine else (None, None)
+    grads = _param_grads(cache, run)
+    run.K.backward_cols(dy=dy3, x=x3, mean=cache.mean, rstd=cache.rstd, counts=cache.counts,
+                        rows_per_block=plan.rows_per_block, rg=run.ix(plan, "rg"), rp=run.params_ix(plan),
+                        weight=cache.weight, stats_grad=cache.stats_grad, center=cache.mode.center, param_grads=grads,
+                        dx=dx_rows, threads=run.threads, dh=dh3)
+    return _gradients(grads, cache)
 
 
 def _backward_rows(dy_rows, x3, cache, dx_rows, run: Run, link=None, dh3=None):
-    """One scale per row: dx = dy * k1 + (x - mean) * k2 + k3 with per-row coefficients.
-    With ``link``, the group sums and parameter gradients are summed over its ranks.
+    """One scale per row: dx = dy * dy_scale + (x - mean) * xc_scale + dx_shift with
+    per-row coefficients. With ``link``, the group sums and parameter gradients are summed
+    over its ranks.
 
-    Sums: part_dy / part_dyx are partial row sums of dy and dy * (x - mean); group_g /
-    group_gx the group sums of g = w * dy and g * xhat."""
+    Sums: the partial row sums of dy and dy * (x - mean), then group_sums, the group sums
+    of g = w * dy and g * xhat."""
     plan, xp = cache.plan, run.xp
     A, R, S = plan.rows
     C = plan.layout[1]
     x_rows = shaped(x3, plan.rows)
     rg, rp = run.ix(plan, "rg"), run.params_ix(plan)
     mean_r = per_row(cache.mean, plan, run)
-    w = _weight_or_dummy(cache, run)
     affine = cache.has_weight or cache.has_bias
-    dw = db = None
-    group_g = group_gx = cache.rstd  # unread when no gradient flows through the statistics
+    grads = None
+    group_sums = xp.zeros((2, C))  # unread when no gradient flows through the statistics
     if cache.stats_grad or affine or link is not None:
         if plan.strategy is Strategy.COLUMNS:
-            nb = len(plan.partial_counts)
-            part_dy, part_dyx = xp.empty((nb, R)), xp.empty((nb, R))
-            run.K.sums_cols(dy_rows.reshape(A, R), x_rows.reshape(A, R), mean_r, plan.rows_per_block, part_dy,
-                            part_dyx, run.threads, **_mask_args(cache, run))
+            sums = xp.empty((2, len(plan.partial_counts), R))
+            run.K.sums_cols(dy=dy_rows.reshape(A, R), x=x_rows.reshape(A, R), row_mean=mean_r,
+                            rows_per_block=plan.rows_per_block, sum_dy=sums[0], sum_dy_xc=sums[1],
+                            threads=run.threads, mask=_sums_mask(cache))
         else:
-            part_dy, part_dyx = xp.empty((A, R)), xp.empty((A, R))
-            run.K.sums_rows(dy_rows, x_rows, mean_r, part_dy, part_dyx, run.threads, **_mask_args(cache, run))
+            sums = xp.empty((2, A, R))
+            run.K.sums_rows(dy=dy_rows, x=x_rows, row_mean=mean_r, sum_dy=sums[0], sum_dy_xc=sums[1],
+                            threads=run.threads, mask=_sums_mask(cache))
         # partial rows, groups and parameters are summed in a fixed order: deterministic
         # for any thread count
-        dw, db = _param_grads(cache, run)
-        group_g, group_gx = xp.empty(C), xp.empty(C)
-        run.K.gradient_sums(part_dy, part_dyx, rg, rp, w, cache.has_weight, cache.rstd, group_g, group_gx, dw, db)
+        grads = _param_grads(cache, run)
+        run.K.gradient_sums(sums=sums, rg=rg, rp=rp, weight=cache.weight, rstd=cache.rstd, group_sums=group_sums,
+                            param_grads=grads)
         if link is not None:
-            group_g, group_gx, dw, db = sync.sum_over_ranks(link, cache, (group_g, group_gx, dw, db), run.be)
-    k1, k2, k3 = xp.empty(R), xp.empty(R), xp.empty(R)
-    run.K.dx_coefficients(group_g, group_gx, cache.counts, rg, rp, w, cache.has_weight, cache.rstd, cache.stats_grad,
-                          cache.mode.center, k1, k2, k3)
-    masked = _NO_MASK if cache.mask is None else dict(cache.mask.kernel_args(), cols=plan.strategy is Strategy.COLUMNS)
-    run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block,
-                  None if dh3 is None else shaped(dh3, plan.rows), dx_rows, run.threads, **masked)
-    return (dw, db) if affine else (None, None)
-    run.K.dx_coefficients(group_g, group_gx, rg, rp, w, cache.has_weight, cache.rstd, float(max(cache.count, 1)),
-                          cache.stats_grad, cache.mode.center, k1, k2, k3)
-    run.K.dx_rows(dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block,
-                  None if dh3 is None else shaped(dh3, plan.rows), dx_rows, run.threads)
-    return (dw, db) if affine else (None, None)
+            group_sums, grads = sync.sum_over_ranks(link, cache, (group_sums, grads), run.be)
+    dy_scale, xc_scale, dx_shift = xp.empty(R), xp.empty(R), xp.empty(R)
+    run.K.dx_coefficients(group_sums=group_sums, counts=cache.counts, rg=rg, rp=rp, weight=cache.weight,
+                          rstd=cache.rstd, stats_grad=cache.stats_grad, center=cache.mode.center, dy_scale=dy_scale,
+                          xc_scale=xc_scale, dx_shift=dx_shift)
+    run.K.dx_rows(dy=dy_rows, x=x_rows, row_mean=mean_r, dy_scale=dy_scale, xc_scale=xc_scale, dx_shift=dx_shift,
+                  rows_per_block=plan.rows_per_block, dx=dx_rows, threads=run.threads,
+                  dh=None if dh3 is None else shaped(dh3, plan.rows), mask=cache.mask,
+                  cols=plan.strategy is Strategy.COLUMNS)
+    return _gradients(grads, cache) if grads is not None else (None, None)

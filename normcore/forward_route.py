@@ -131,14 +131,15 @@ def _batch_statistics(call: Call, x3, y_rows, run: Run, r3=None, h3=None, mask3=
         pmean, pm2, pcount, count = sync.synced_moments(
             call.link, lambda: _moments(x3, plan, run, mask3), plan, call.mode, call.dtype, call.training, run.be,
             masked=route.masked, settings=_sync_settings(call))
-        run.K.finalize_moments(pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd, counts=counts)
+        run.K.finalize_moments(part_mean=pmean, part_m2=pm2, part_count=pcount, center=call.mode.center, eps=call.eps,
+                               mean=mean, var=var, rstd=rstd, counts=counts)
         if not route.masked:
             check_count(count, C, call.training, call.mode,
                         f"{plan.shape} on this rank, {count} elements per group on all ranks")
     elif C:
         pmean, pm2, pcount = _moments(x3, plan, run, mask3)
-        run.K.finalize_moments(pmean, pm2, pcount, call.mode.center, call.eps, mean, var, rstd,
-                               counts=counts if route.masked else None)
+        run.K.finalize_moments(part_mean=pmean, part_m2=pm2, part_count=pcount, center=call.mode.center, eps=call.eps,
+                               mean=mean, var=var, rstd=rstd, counts=counts if route.masked else None)
     if route.masked:
         masking.check_counts(counts, run.be, route.counts_ruled, route.update,
                              f"{describe_mode(call.mode)}, x.shape {plan.shape}")
@@ -167,27 +168,23 @@ def _moments(x3, plan: Plan, run: Run, mask3=None):
     the counted elements with ``mask3``, masking.MaskRows, which also counts them)."""
     A, C, B = plan.layout
     xp = run.xp
-    masked = {} if mask3 is None else mask3.kernel_args()
-    pcount = partial_counts(plan, run.be) if mask3 is None else None
     if plan.strategy is Strategy.COLUMNS:
         parts = [xp.empty((len(plan.partial_counts), C)) for _ in range(2 if mask3 is None else 3)]
-        if mask3 is not None:
-            masked["pcount"] = parts[2]
-        run.K.moments_cols(x3, plan.rows_per_block, parts[0], parts[1], run.threads, **masked)
-        return parts[0], parts[1], parts[2] if pcount is None else pcount
-    R = plan.rows[1]
-    scattered = plan.strategy is Strategy.SCATTERED  # per-row partials, regrouped
-    parts = [xp.empty((A, R) if scattered else (A, C)) for _ in range(2 if mask3 is None else 3)]
-    x_in = x3
-    if mask3 is not None:  # the mask's rows: J = R / C of them per group
-        masked.update(pcount=parts[2], rows_per_group=1 if scattered else R // C)
-        x_in = shaped(x3, plan.rows)
-    elif scattered:
-        x_in = shaped(x3, plan.rows)
-    run.K.moments_rows(x_in, parts[0], parts[1], run.threads, **masked)
-    if scattered:
-        parts = [by_group(p, plan, xp) for p in parts]
-    return parts[0], parts[1], parts[2] if pcount is None else pcount
+        run.K.moments_cols(x=x3, rows_per_block=plan.rows_per_block, part_mean=parts[0], part_m2=parts[1],
+                           threads=run.threads, mask=mask3, part_count=parts[2] if mask3 is not None else None)
+    else:
+        R = plan.rows[1]
+        scattered = plan.strategy is Strategy.SCATTERED  # per-row partials, regrouped
+        parts = [xp.empty((A, R) if scattered else (A, C)) for _ in range(2 if mask3 is None else 3)]
+        if mask3 is None:
+            run.K.moments_rows(x=shaped(x3, plan.rows) if scattered else x3, part_mean=parts[0], part_m2=parts[1],
+                               threads=run.threads)
+        else:  # the mask's rows: J = R / C of them per group
+            run.K.moments_rows(x=shaped(x3, plan.rows), part_mean=parts[0], part_m2=parts[1], threads=run.threads,
+                               mask=mask3, rows_per_group=1 if scattered else R // C, part_count=parts[2])
+        if scattered:
+            parts = [by_group(p, plan, xp) for p in parts]
+    return parts[0], parts[1], parts[2] if mask3 is not None else partial_counts(plan, run.be)
 
 
 def _normalize_groups(call: Call, x3, mean, var, rstd, y_rows, run: Run, r3=None, h3=None, mask3=None,
@@ -195,37 +192,25 @@ def _normalize_groups(call: Call, x3, mean, var, rstd, y_rows, run: Run, r3=None
     """The one-pass forward of an A == 1 layout (statistics and y; of h3 = x3 + r3 when
     a residual is given; over the counted elements, their number into ``counts``, with
     ``mask3``)."""
-    plan, xp = call.plan, run.xp
+    plan = call.plan
     affine = AffineKind.NONE
-    w = b = run.dummy(plan, np.dtype(np.float64))
     if call.weight is not None or call.bias is not None:
         affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
-        P = plan.param_size
-        w = xp.ones(P) if call.weight is None else call.weight.astype(np.float64)
-        b = xp.zeros(P) if call.bias is None else call.bias.astype(np.float64)
-    masked = {} if mask3 is None else dict(mask3.kernel_args(), counts=counts)
-    run.K.normalize_groups(x3, r3, h3, plan.rows[1] // plan.layout[1], call.mode.center, call.eps, int(affine),
-                           run.params_ix(plan), w, b, mean, var, rstd, y_rows, run.threads, **masked)
+    extra = {} if r3 is None else {"residual": r3, "h": h3}
+    if mask3 is not None:
+        extra.update(mask=mask3, counts=counts)
+    run.K.normalize_groups(x=x3, rows_per_group=plan.rows[1] // plan.layout[1], center=call.mode.center, eps=call.eps,
+                           affine=int(affine), rp=run.params_ix(plan), weight=call.weight, bias=call.bias, mean=mean,
+                           var=var, rstd=rstd, y=y_rows, threads=run.threads, **extra)
 
 
 def _normalize_columns(call: Call, x3, mean, var, rstd, y_rows, run: Run):
     """The column strategy's forward from one kernel call: moments, their finalization,
     the per-column coefficients and y."""
     plan = call.plan
-    w, b = _params_or_dummies(call, run)
-    run.K.normalize_cols(x3, plan.rows_per_block, call.mode.center, call.eps, run.ix(plan, "rg"),
-                         run.params_ix(plan), w, b, call.weight is not None, call.bias is not None, mean, var,
-                         rstd, y_rows, run.threads)
-
-
-def _params_or_dummies(call: Call, run: Run):
-    """(weight, bias) as the row kernels read them: absent ones replaced by a placeholder
-    of the other's dtype (the kernels read both in one)."""
-    w, b = call.weight, call.bias
-    if w is None or b is None:
-        dummy = run.dummy(call.plan, param_dtype_of(call))
-        return (dummy if w is None else w), (dummy if b is None else b)
-    return w, b
+    run.K.normalize_cols(x=x3, rows_per_block=plan.rows_per_block, center=call.mode.center, eps=call.eps,
+                         rg=run.ix(plan, "rg"), rp=run.params_ix(plan), weight=call.weight, bias=call.bias, mean=mean,
+                         var=var, rstd=rstd, y=y_rows, threads=run.threads)
 
 
 def _update_running(call: Call, mean, var, counts, run: Run):
@@ -233,8 +218,9 @@ def _update_running(call: Call, mean, var, counts, run: Run):
     contiguous copies when the caller's arrays are strided)."""
     plan = call.plan
     rm, rv = flat(call.running_mean, run.be), flat(call.running_var, run.be)
-    run.K.update_running(mean, var, counts, run.ix(plan, "rc"), float(plan.groups_per_running), call.momentum,
-                         call.keep, call.unbiased, rm, rv, run.xp.empty(2 * rm.size))
+    run.K.update_running(mean=mean, var=var, counts=counts, rc=run.ix(plan, "rc"),
+                         groups_per_running=float(plan.groups_per_running), momentum=call.momentum, keep=call.keep,
+                         unbiased=call.unbiased, running_mean=rm, running_var=rv)
     for target, value in ((call.running_mean, rm), (call.running_var, rv)):
         if not target.flags.c_contiguous:  # flat copied it
             target[...] = value.reshape(target.shape)
@@ -249,14 +235,15 @@ def _apply_running(call: Call, x3, y_rows, run: Run):
     rm, rv = flat(call.running_mean, run.be), flat(call.running_var, run.be)
     if plan.param_inner and (call.weight is not None or call.bias is not None):
         if C:
-            run.K.running_statistics(rm, rv, run.ix(plan, "rc"), call.eps, mean, var, rstd)
+            run.K.running_statistics(running_mean=rm, running_var=rv, rc=run.ix(plan, "rc"), eps=call.eps, mean=mean,
+                                     var=var, rstd=rstd)
         _apply(call, shaped(x3, plan.rows), mean, rstd, y_rows, run)
     else:  # one scale and shift per row: one kernel call
-        w, b = _params_or_dummies(call, run)
         x_rows = x3 if x3.ndim == 2 else shaped(x3, plan.rows)  # the kernel takes columns as (A, C)
-        run.K.normalize_running(x_rows, rm, rv, run.ix(plan, "rc"), call.eps, run.ix(plan, "rg"),
-                                run.params_ix(plan), w, b, call.weight is not None, call.bias is not None,
-                                plan.rows_per_block, mean, var, rstd, y_rows, run.threads)
+        run.K.normalize_running(x=x_rows, running_mean=rm, running_var=rv, rc=run.ix(plan, "rc"), eps=call.eps,
+                                rg=run.ix(plan, "rg"), rp=run.params_ix(plan), weight=call.weight, bias=call.bias,
+                                rows_per_block=plan.rows_per_block, mean=mean, var=var, rstd=rstd, y=y_rows,
+                                threads=run.threads)
     return mean, var, rstd
 
 
@@ -265,19 +252,15 @@ def _apply(call: Call, x_rows, mean, rstd, y_rows, run: Run):
     plan, xp = call.plan, run.xp
     w, b = call.weight, call.bias
     R = plan.rows[1]
-    rg = run.ix(plan, "rg")
     if plan.param_inner and (w is not None or b is not None):
-        P = plan.param_size
-        mean_r, rstd_r = per_row(mean, plan, run), per_row(rstd, plan, run)
-        run.K.affine_inner(x_rows, mean_r, rstd_r, run.ix(plan, "rp"),
-                           xp.ones(P) if w is None else w.astype(np.float64),
-                           xp.zeros(P) if b is None else b.astype(np.float64), y_rows, run.threads)
+        run.K.affine_inner(x=x_rows, row_mean=per_row(mean, plan, run), row_rstd=per_row(rstd, plan, run),
+                           rp=run.ix(plan, "rp"), weight=w, bias=b, y=y_rows, threads=run.threads)
         return
     # y = (x - mean) * rstd * w + b = (x - mean) * scale + shift, with scale = rstd * w
     # and shift = b per row: one subtract and one multiply-add per element (float32 inputs:
     # in float32, within the accuracy contract; see simd.h).
-    mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
-    w_, b_ = _params_or_dummies(call, run)
-    run.K.row_coefficients(mean, rstd, rg, run.params_ix(plan), w_, b_, w is not None, b is not None,
-                           mean_r, scale, shift)
-    run.K.affine_rows(x_rows, mean_r, scale, shift, plan.rows_per_block, y_rows, run.threads)
+    row_mean, row_scale, row_shift = xp.empty(R), xp.empty(R), xp.empty(R)
+    run.K.row_coefficients(mean=mean, rstd=rstd, rg=run.ix(plan, "rg"), rp=run.params_ix(plan), weight=w, bias=b,
+                           row_mean=row_mean, row_scale=row_scale, row_shift=row_shift)
+    run.K.affine_rows(x=x_rows, row_mean=row_mean, row_scale=row_scale, row_shift=row_shift,
+                      rows_per_block=plan.rows_per_block, y=y_rows, threads=run.threads)

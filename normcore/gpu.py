@@ -25,6 +25,7 @@ import numpy as np
 from . import backend
 from .backend import AffineKind, Backend
 from .bounded import PlanArrays
+from .composites import Composites
 
 __all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source", "storage_dtypes",
            "compile_options", "kernel_names", "CudaKernels"]
@@ -135,9 +136,10 @@ def _col_grid(A, C, rpb):
     return (int(max(1, nb)), int(max(1, min(-(-C // _COL_TILE), _MAX_GRID_Y))))
 
 
-class CudaKernels:
-    """Same names and arguments as normcore._kernels (``threads`` is ignored); launches
-    go through ``lookup(family, name, dtype_name) -> kernel(grid, block, args)``."""
+class CudaKernels(Composites):
+    """Same names and arguments as normcore._kernels (``threads`` is ignored; the composed
+    entries are :class:`normcore.composites.Composites`'); launches go through
+    ``lookup(family, name, dtype_name) -> kernel(grid, block, args)``."""
 
     def __init__(self, lookup=_cupy_kernel):
         self._lookup = lookup
@@ -145,33 +147,34 @@ class CudaKernels:
     def _fn(self, family, name, dtype):
         return self._lookup(family, name, np.dtype(dtype).name)
 
-    # masks are bytes by rows, m[off[r]] with step 0 or 1 (masking.MaskRows): moments and dx
-    # passes take them as optional arguments
-    def moments_rows(self, x, pmean, pm2, threads, *, mask=None, moff=None, mstep=0, rows_per_group=1, pcount=None):
+    # masks are masking.MaskRows: bytes by rows, base[offsets[r]] with step 0 or 1
+    def moments_rows(self, *, x, part_mean, part_m2, threads, mask=None, rows_per_group=1, part_count=None):
         A, C, B = x.shape
         if mask is not None:
             groups = A * (C // max(rows_per_group, 1))
             if groups:
                 self._fn("masked", "nc_masked_moments_rows", x.dtype)(
                     _row_grid(groups), (_row_block(rows_per_group * B),),
-                    (x, mask, moff, _i(mstep), _i(groups), _i(rows_per_group), _i(B), pmean, pm2, pcount))
+                    (x, mask.base, mask.offsets, _i(mask.step), _i(groups), _i(rows_per_group), _i(B), part_mean,
+                     part_m2, part_count))
             return
         if A * C == 0:
             return
         self._fn("rows", "nc_moments_rows", x.dtype)(_row_grid(A * C), (_row_block(B),),
-                                                     (x, _i(A * C), _i(B), pmean, pm2))
+                                                     (x, _i(A * C), _i(B), part_mean, part_m2))
 
-    def moments_cols(self, x, rpb, pmean, pm2, threads, *, mask=None, moff=None, mstep=0, pcount=None):
+    def moments_cols(self, *, x, rows_per_block, part_mean, part_m2, threads, mask=None, part_count=None):
         A, C = x.shape
         if A * C == 0:
             return
+        rpb = rows_per_block
         if mask is not None:
             self._fn("masked", "nc_masked_moments_cols", x.dtype)(
                 _col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
-                (x, mask, moff, _i(mstep), _i(A), _i(C), _i(rpb), pmean, pm2, pcount))
+                (x, mask.base, mask.offsets, _i(mask.step), _i(A), _i(C), _i(rpb), part_mean, part_m2, part_count))
             return
         self._fn("cols", "nc_moments_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
-                                                     (x, _i(A), _i(C), _i(rpb), pmean, pm2))
+                                                     (x, _i(A), _i(C), _i(rpb), part_mean, part_m2))
 
     def _combine(self, pmean, pm2, pcount, mean, m2, n):
         """(K, C) partials merged per column, in order, a partial without elements adding
@@ -180,79 +183,96 @@ class CudaKernels:
         self._fn("merge", "nc_combine_moments", np.float64)((int(min(-(-C // 256), 4096)),), (256,),
                                                           (pmean, pm2, pcount, _i(K), _i(C), mean, m2, n))
 
-    def affine_rows(self, x, mean, scale, shift, rpb, y, threads):
+    def affine_rows(self, *, x, row_mean, row_scale, row_shift, rows_per_block, y, threads):
         A, R, S = x.shape
         if x.size == 0:
             return
         if S == 1:
-            self._fn("cols", "nc_affine_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                                                        (x, _i(A), _i(R), _i(rpb), mean, scale, shift, y))
+            self._fn("cols", "nc_affine_cols", x.dtype)(
+                _col_grid(A, R, rows_per_block), (_COL_TILE, _COL_STRIPES),
+                (x, _i(A), _i(R), _i(rows_per_block), row_mean, row_scale, row_shift, y))
         else:
             self._fn("rows", "nc_affine_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
-                                                        (x, _i(A * R), _i(R), _i(S), mean, scale, shift, y))
+                                                        (x, _i(A * R), _i(R), _i(S), row_mean, row_scale, row_shift,
+                                                         y))
 
-    def sums_rows(self, dy, x, mean, p1, p2, threads):
+    def sums_rows(self, *, dy, x, row_mean, sum_dy, sum_dy_xc, threads, mask=None):
         A, R, S = x.shape
+        if mask is not None:  # (CudaBackend.masked_sums is False: routes make dy and x inert instead)
+            raise NotImplementedError("sums_rows: the CUDA kernels take no mask here")
         if A * R == 0:
             return
         self._fn("rows", "nc_sums_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
-                                                  (dy, x, _i(A * R), _i(R), _i(S), mean, p1, p2))
+                                                  (dy, x, _i(A * R), _i(R), _i(S), row_mean, sum_dy, sum_dy_xc))
 
-    def sums_cols(self, dy, x, mean, rpb, p1, p2, threads):
+    def sums_cols(self, *, dy, x, row_mean, rows_per_block, sum_dy, sum_dy_xc, threads, mask=None):
         A, C = x.shape
+        if mask is not None:
+            raise NotImplementedError("sums_cols: the CUDA kernels take no mask here")
         if A * C == 0:
             return
-        self._fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rpb), (_COL_TILE, _COL_STRIPES),
-                                                  (dy, x, _i(A), _i(C), _i(rpb), mean, p1, p2))
+        self._fn("cols", "nc_sums_cols", x.dtype)(_col_grid(A, C, rows_per_block), (_COL_TILE, _COL_STRIPES),
+                                                  (dy, x, _i(A), _i(C), _i(rows_per_block), row_mean, sum_dy,
+                                                   sum_dy_xc))
 
-    def dx_rows(self, dy, x, mean, k1, k2, k3, rpb, dh, dx, threads, *, mask=None, moff=None, mstep=0, cols=False):
+    def dx_rows(self, *, dy, x, row_mean, dy_scale, xc_scale, dx_shift, rows_per_block, dx, threads, dh=None,
+                mask=None, cols=False):
         A, R, S = x.shape
         if x.size == 0:
             return
+        rpb = rows_per_block
         dh = _i(0) if dh is None else dh  # a null pointer: no dh
+        coefs = (row_mean, dy_scale, xc_scale, dx_shift)
         if mask is not None:
+            m = (mask.base, mask.offsets, _i(mask.step))
             if cols:
                 self._fn("masked", "nc_masked_dx_cols", x.dtype)(
-                    _col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                    (dy, x, mask, moff, _i(mstep), _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dh, dx))
+                    _col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES), (dy, x) + m + (_i(A), _i(R), _i(rpb)) + coefs
+                    + (dh, dx))
             else:
                 self._fn("masked", "nc_masked_dx_rows", x.dtype)(
-                    _row_grid(A * R), (_row_block(S),),
-                    (dy, x, mask, moff, _i(mstep), _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dh, dx))
+                    _row_grid(A * R), (_row_block(S),), (dy, x) + m + (_i(A * R), _i(R), _i(S)) + coefs + (dh, dx))
             return
         if S == 1:
             self._fn("cols", "nc_dx_cols", x.dtype)(_col_grid(A, R, rpb), (_COL_TILE, _COL_STRIPES),
-                                                    (dy, x, _i(A), _i(R), _i(rpb), mean, k1, k2, k3, dh, dx))
+                                                    (dy, x, _i(A), _i(R), _i(rpb)) + coefs + (dh, dx))
         else:
             self._fn("rows", "nc_dx_rows", x.dtype)(_row_grid(A * R), (_row_block(S),),
-                                                    (dy, x, _i(A * R), _i(R), _i(S), mean, k1, k2, k3, dh, dx))
+                                                    (dy, x, _i(A * R), _i(R), _i(S)) + coefs + (dh, dx))
 
-    def affine_inner(self, x, mean, rstd, rp, w, b, y, threads):
+    def affine_inner(self, *, x, row_mean, row_rstd, rp, weight=None, bias=None, y, threads):
         _, R, S = x.shape
         if x.size == 0:
             return
+        w, b = _params64(weight, bias, rp, S)
         self._fn("inner", "nc_affine_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                      (x, _i(R), _i(S), mean, rstd, rp, w, b, y))
+                                                      (x, _i(R), _i(S), row_mean, row_rstd, rp, w, b, y))
 
-    def sums_inner(self, dy, x, mean, rstd, rp, w, rpb, s1, s2, pdw, pdb, threads):
+    def sums_inner(self, *, dy, x, row_mean, row_rstd, rp, weight=None, rows_per_block, row_sums, part_grads,
+                   threads, mask=None):
         _, R, S = x.shape
+        if mask is not None:
+            raise NotImplementedError("sums_inner: the CUDA kernels take no mask here")
         if x.size == 0:
             return
+        _, nb, P = part_grads.shape
+        w, _ = _params64(weight, None, rp, S, P)
         self._fn("inner", "nc_row_sums_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                        (dy, x, _i(R), _i(S), mean, rstd, rp, w, s1, s2))
-        nb, P = pdw.shape
+                                                        (dy, x, _i(R), _i(S), row_mean, row_rstd, rp, w, row_sums[0],
+                                                         row_sums[1]))
         grid = (int(nb), int(max(1, min(-(-S // 256), _MAX_GRID_Y))))  # the kernel strides over the rest
         self._fn("inner", "nc_param_sums_inner", x.dtype)(
-            grid, (256,), (dy, x, _i(R), _i(S), mean, rstd, rp, _i(rpb), _i(P), pdw, pdb))
+            grid, (256,), (dy, x, _i(R), _i(S), row_mean, row_rstd, rp, _i(rows_per_block), _i(P), part_grads[0],
+                           part_grads[1]))
 
-    def add(self, a, b, out, threads):
+    def add(self, *, a, b, out, threads):
         n = a.size
         if n == 0:
             return
         self._fn("add", "nc_add", a.dtype)((int(min(-(-n // 256), 1 << 16)),), (256,), (a, b, _i(n), out))
 
-    def normalize_groups(self, x, residual, h, J, center, eps, affine, rp, w, b, mean, var, rstd, y, threads, *,
-                         mask=None, moff=None, mstep=0, counts=None):
+    def normalize_groups(self, *, x, rows_per_group, center, eps, affine, rp, weight=None, bias=None, mean, var,
+                         rstd, y, threads, residual=None, h=None, mask=None, counts=None):
         if mask is not None:  # (CudaBackend.masked_groups is False: routes take the moments instead)
             raise NotImplementedError("normalize_groups: the CUDA kernels take no mask here")
         _, C, B = x.shape
@@ -261,35 +281,41 @@ class CudaKernels:
         eps_bits = np.float64(eps).view(np.int64)  # kernels take 64-bit integers and pointers
         if residual is None:  # null pointers: no residual add
             residual = h = _i(0)
+        w = b = _i(0)  # unread with affine NONE
+        if affine != AffineKind.NONE:
+            w, b = _params64(weight, bias, rp, B // rows_per_group)
         self._fn("groups", "nc_normalize_groups", x.dtype)(
             _row_grid(C), (_row_block(B),),
-            (x, residual, h, _i(C), _i(B), _i(J), _i(bool(center)), eps_bits, _i(affine), rp, w, b, mean, var,
-             rstd, y))
+            (x, residual, h, _i(C), _i(B), _i(rows_per_group), _i(bool(center)), eps_bits, _i(affine), rp, w, b,
+             mean, var, rstd, y))
 
-    def dx_inner(self, dy, x, mean, rstd, rp, w, c1, c2, dh, dx, threads, *, mask=None, moff=None, mstep=0):
+    def dx_inner(self, *, dy, x, row_mean, row_rstd, rp, weight=None, group_means, dx, threads, dh=None, mask=None):
         _, R, S = x.shape
         if x.size == 0:
             return
+        w, _ = _params64(weight, None, rp, S)
         dh = _i(0) if dh is None else dh  # a null pointer: no dh
         if mask is not None:
             self._fn("masked", "nc_masked_dx_inner", x.dtype)(
                 _row_grid(R), (_row_block(S),),
-                (dy, x, mask, moff, _i(mstep), _i(R), _i(S), mean, rstd, rp, w, c1, c2, dh, dx))
+                (dy, x, mask.base, mask.offsets, _i(mask.step), _i(R), _i(S), row_mean, row_rstd, rp, w,
+                 group_means[0], group_means[1], dh, dx))
             return
         self._fn("inner", "nc_dx_inner", x.dtype)(_row_grid(R), (_row_block(S),),
-                                                  (dy, x, _i(R), _i(S), mean, rstd, rp, w, c1, c2, dh, dx))
+                                                  (dy, x, _i(R), _i(S), row_mean, row_rstd, rp, w, group_means[0],
+                                                   group_means[1], dh, dx))
 
     # -- per-group algebra: array operations on the device (small, O(C + R) each) --------
-    def finalize_moments(self, pmean, pm2, pcount, center, eps, mean, var, rstd, *, counts=None):
-        K, C = pmean.shape
+    def finalize_moments(self, *, part_mean, part_m2, part_count, center, eps, mean, var, rstd, counts=None):
+        K, C = part_mean.shape
         if C == 0:
             return
-        xp = _xp_of(pmean)
+        xp = _xp_of(part_mean)
         if K == 1:
-            mu, m2, n = pmean[0], pm2[0], pcount[0]
+            mu, m2, n = part_mean[0], part_m2[0], part_count[0]
         else:
             mu, m2, n = xp.empty(C), xp.empty(C), xp.empty(C)
-            self._combine(pmean, pm2, pcount, mu, m2, n)
+            self._combine(part_mean, part_m2, part_count, mu, m2, n)
         counted = n > 0
         v = m2 / xp.where(counted, n, 1.0)
         # no representable variance (overflow): NaN, as the CPU kernels
@@ -308,14 +334,14 @@ class CudaKernels:
         if counts is not None:
             counts[...] = n
 
-    def running_statistics(self, running_mean, running_var, rc, eps, mean, var, rstd):
+    def running_statistics(self, *, running_mean, running_var, rc, eps, mean, var, rstd):
         xp = _xp_of(mean)
         mean[...] = running_mean.astype(np.float64)[rc]
         var[...] = running_var.astype(np.float64)[rc]
         rstd[...] = 1.0 / xp.sqrt(var + eps)
 
-    def update_running(self, mean, var, counts, rc, groups_per_running, momentum, keep, unbiased, running_mean,
-                       running_var, scratch):
+    def update_running(self, *, mean, var, counts, rc, groups_per_running, momentum, keep, unbiased, running_mean,
+                       running_var):
         xp = _xp_of(mean)
         E = running_mean.shape[0]
         sm = xp.bincount(rc, weights=mean, minlength=E)
@@ -326,80 +352,46 @@ class CudaKernels:
         running_mean[...] = keep * running_mean.astype(np.float64) + momentum * sm
         running_var[...] = keep * running_var.astype(np.float64) + momentum * sv
 
-    def row_coefficients(self, mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift):
-        mean_r[...] = mean[rg]
-        scale[...] = rstd[rg] * w.astype(np.float64)[rp] if has_w else rstd[rg]
-        shift[...] = b.astype(np.float64)[rp] if has_b else 0.0
+    def row_coefficients(self, *, mean, rstd, rg, rp, weight=None, bias=None, row_mean, row_scale, row_shift):
+        row_mean[...] = mean[rg]
+        row_scale[...] = rstd[rg] * weight.astype(np.float64)[rp] if weight is not None else rstd[rg]
+        row_shift[...] = bias.astype(np.float64)[rp] if bias is not None else 0.0
 
-    def gradient_sums(self, p1, p2, rg, rp, w, has_w, rstd, g1, g2, dw, db):
-        xp = _xp_of(p1)
-        C, P = g1.shape[0], dw.shape[0]
-        t1, t2 = p1.sum(axis=0), p2.sum(axis=0)
+    def gradient_sums(self, *, sums, rg, rp, weight=None, rstd, group_sums, param_grads):
+        xp = _xp_of(sums)
+        C, P = group_sums.shape[1], param_grads.shape[1]
+        t1, t2 = sums[0].sum(axis=0), sums[1].sum(axis=0)
         rs = rstd[rg]
         if P:
-            dw += xp.bincount(rp, weights=rs * t2, minlength=P)
-            db += xp.bincount(rp, weights=t1, minlength=P)
-        gamma = w.astype(np.float64)[rp] if has_w else 1.0
-        g1[...] = xp.bincount(rg, weights=gamma * t1, minlength=C)
-        g2[...] = xp.bincount(rg, weights=gamma * (rs * t2), minlength=C)
+            param_grads[0] += xp.bincount(rp, weights=rs * t2, minlength=P)
+            param_grads[1] += xp.bincount(rp, weights=t1, minlength=P)
+        gamma = weight.astype(np.float64)[rp] if weight is not None else 1.0
+        group_sums[0] = xp.bincount(rg, weights=gamma * t1, minlength=C)
+        group_sums[1] = xp.bincount(rg, weights=gamma * (rs * t2), minlength=C)
 
-    def dx_coefficients(self, g1, g2, counts, rg, rp, w, has_w, rstd, stats_grad, center, k1, k2, k3):
-        xp = _xp_of(g1)
+    def dx_coefficients(self, *, group_sums, counts, rg, rp, weight=None, rstd, stats_grad, center, dy_scale,
+                        xc_scale, dx_shift):
+        xp = _xp_of(group_sums)
         rs = rstd[rg]
         n = xp.where(counts != 0, counts, 1.0)  # a group without elements has rstd 0
-        k1[...] = rs * w.astype(np.float64)[rp] if has_w else rs
-        k2[...] = -rs * rs * (g2 / n)[rg] if stats_grad else 0.0
-        k3[...] = -rs * (g1 / n)[rg] if stats_grad and center else 0.0
+        dy_scale[...] = rs * weight.astype(np.float64)[rp] if weight is not None else rs
+        xc_scale[...] = -rs * rs * (group_sums[1] / n)[rg] if stats_grad else 0.0
+        dx_shift[...] = -rs * (group_sums[0] / n)[rg] if stats_grad and center else 0.0
 
 
-    # -- composed calls: the same sequences as the CPU's composed kernels ----------------
-    def normalize_cols(self, x, rpb, center, eps, rg, rp, w, b, has_w, has_b, mean, var, rstd, y, threads):
-        A, C = x.shape
-        if C == 0:
-            return
-        xp = _xp_of(x)
-        nb = -(-A // rpb)
-        counts = np.full((nb, C), float(rpb))
-        counts[-1] = A - rpb * (nb - 1)
-        pmean, pm2 = xp.empty((nb, C)), xp.empty((nb, C))
-        self.moments_cols(x, rpb, pmean, pm2, threads)
-        self.finalize_moments(pmean, pm2, xp.asarray(counts), center, eps, mean, var, rstd)
-        mean_r, scale, shift = xp.empty(C), xp.empty(C), xp.empty(C)
-        self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
-        self.affine_rows(x.reshape(A, C, 1), mean_r, scale, shift, rpb, y.reshape(A, C, 1), threads)
-
-    def normalize_running(self, x, running_mean, running_var, rc, eps, rg, rp, w, b, has_w, has_b, rpb,
-                          mean, var, rstd, y, threads):
-        if mean.shape[0] == 0:
-            return
-        xp = _xp_of(x)
-        if x.ndim == 2:
-            x = x.reshape(x.shape + (1,))
-        R = x.shape[1]
-        self.running_statistics(running_mean, running_var, rc, eps, mean, var, rstd)
-        mean_r, scale, shift = xp.empty(R), xp.empty(R), xp.empty(R)
-        self.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
-        self.affine_rows(x, mean_r, scale, shift, rpb, y.reshape(x.shape), threads)
-
-    def backward_cols(self, dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad, center, dw, db, dh, dx,
-                      threads):
-        A, C = x.shape
-        dw[...] = 0.0
-        db[...] = 0.0
-        if C == 0:
-            return
-        xp = _xp_of(x)
-        group_g = group_gx = rstd  # unread when no sums are taken
-        if stats_grad or dw.shape[0] > 0:
-            nb = -(-A // rpb)
-            p1, p2 = xp.empty((nb, C)), xp.empty((nb, C))
-            self.sums_cols(dy, x, mean, rpb, p1, p2, threads)
-            group_g, group_gx = xp.empty(C), xp.empty(C)
-            self.gradient_sums(p1, p2, rg, rp, w, has_w, rstd, group_g, group_gx, dw, db)
-        k1, k2, k3 = xp.empty(C), xp.empty(C), xp.empty(C)
-        self.dx_coefficients(group_g, group_gx, counts, rg, rp, w, has_w, rstd, stats_grad, center, k1, k2, k3)
-        self.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, k1, k2, k3, rpb,
-                     None if dh is None else dh.reshape(A, C, 1), dx.reshape(A, C, 1), threads)
+def _params64(weight, bias, rp, S, P=None):
+    """(weight, bias) as the double vectors the inner and group kernels read: an absent
+    weight as ones, an absent bias as zeros (of the other's length, else P, else max(rp) +
+    S)."""
+    given = weight if weight is not None else bias
+    xp = _xp_of(rp)
+    if given is not None:
+        P = given.shape[0]
+    elif P is None:
+        P = int(rp.max()) + S if rp.size else 0
+    w = weight.astype(np.float64) if weight is not None else xp.ones(P)
+    b = bias.astype(np.float64) if bias is not None else xp.zeros(P)
+    return w, b
 
 
 def _xp_of(a):

@@ -44,9 +44,6 @@ class Run:
         """rp, or (no parameters) any index of the right length: it is never read then."""
         return self.be.index(plan, "rp" if plan.rp is not None else "rg")
 
-    def dummy(self, plan, dtype):
-        """A one-element array standing in for an absent weight or bias (never read)."""
-        return self.be.constant(plan, ("dummy", dtype), lambda: np.zeros(1, dtype))
 
 
 _SERIAL: dict = {}
@@ -156,5 +153,5 @@ def add(be, a, b, out=None):
     if out is None:
         out = xp.empty(a.shape, a.dtype)
     run = Run.of(be, a.size)
-    run.K.add(a, b, out, run.threads)
+    run.K.add(a=a, b=b, out=out, threads=run.threads)
     return out

@@ -36,16 +36,12 @@ __all__ = ["MaskRows", "mask_rows", "check_counts"]
 
 
 class MaskRows(NamedTuple):
-    """A mask as the kernels read it: row r's bytes start at ``base[offsets[r]]`` and
-    advance by ``step`` (0 or 1) per element."""
+    """A mask as the kernels read it (their ``mask`` argument): row r's bytes start at
+    ``base[offsets[r]]`` and advance by ``step`` (0 or 1) per element."""
 
     base: object     # uint8, C-contiguous: the caller's mask, or its expansion
     offsets: object  # intp (rows,) on the mask's backend
     step: int
-
-    def kernel_args(self) -> dict:
-        """The keyword arguments with which a kernel entry reads this mask."""
-        return {"mask": self.base, "moff": self.offsets, "mstep": self.step}
 
 
 # (plan, mask shape) -> (host offsets, step), or None where the mask must be expanded;

@@ -4,9 +4,10 @@ and constants) and run by the compiled interpreter (:mod:`normcore._steady`) for
 call of the signature, the layers' warm calls included.
 
 :func:`programs_for` builds them for the routes of the common calls on the CPU -- no mask,
-communicator or transposing plan, a residual only where the statistics pass adds it; groups contiguous, columns or rows (not
-scattered) -- and returns None for the others, which the route executors run
-step by step. Both give bitwise the same results (tests/test_program.py compares them for
+communicator or transposing plan, a residual only where the statistics pass adds it;
+groups contiguous, columns or rows (not scattered) -- and returns None for the others,
+which the route executors run step by step. The entries are called by keyword, as the
+contract has them. Both give bitwise the same results (tests/test_program.py compares them for
 every built-in mode).
 
 >>> import numpy as np
@@ -99,11 +100,6 @@ class _Builder:
         self.steps.append(Step("view", r, src, shape=shape))
         return r
 
-    def widen(self, src) -> Reg:
-        r = self.reg()
-        self.steps.append(Step("widen", r, src))
-        return r
-
     def per_row(self, values) -> Reg:
         """Per-group (C,) values spread to rows (themselves when each row is its group)."""
         C = self.plan.layout[1]
@@ -113,13 +109,26 @@ class _Builder:
         self.steps.append(Step("take", r, values, index=self.ix("rg")))
         return r
 
-    def call(self, name, *args, out=-1):
+    def call(self, name, **kwargs):
+        """The entry ``name`` called with these keyword arguments (a Reg: that register)."""
+        args = list(kwargs.values())
         slots = [(i, int(a)) for i, a in enumerate(args) if isinstance(a, Reg)]
-        self.steps.append(Step("call", out, name=name, args=[None if isinstance(a, Reg) else a for a in args],
-                               slots=slots))
+        self.steps.append(Step("call", -1, name=name, args=[None if isinstance(a, Reg) else a for a in args],
+                               slots=slots, keywords=tuple(kwargs)))
 
-    def sum0(self, src, out):
-        self.steps.append(Step("sum0", out, src))
+    def sum0(self, src, out, axis=0):
+        self.steps.append(Step("sum0", out, src, axis=axis))
+
+    def sum_of(self, src, axis) -> Reg:
+        r = self.reg()
+        self.sum0(src, r, axis)
+        return r
+
+    def part(self, src, item, out=None) -> Reg:
+        """One of the arrays stacked in ``src`` (a view)."""
+        r = self.reg() if out is None else out
+        self.steps.append(Step("part", r, src, item=item))
+        return r
 
     # the plan's constants, as the route executors take them
     def ix(self, name):
@@ -127,10 +136,6 @@ class _Builder:
 
     def params_ix(self):
         return self.be.index(self.plan, "rp" if self.plan.rp is not None else "rg")
-
-    def dummy(self, dtype):
-        dtype = np.dtype(dtype)
-        return self.be.constant(self.plan, ("dummy", dtype), lambda: np.zeros(1, dtype))
 
     def program(self) -> Program:
         return Program(self.be, self.steps, self.n)
@@ -144,19 +149,6 @@ def _build(plan, route, be, mode, dtype, param_dtype, has_w, has_b) -> Programs:
     size = int(np.prod(plan.kernel_shape))
     return Programs(be, mode, route, dtype, param_dtype, plan.count, group_counts(plan, be), has_w, has_b, size,
                     size < GRAIN, fwd, bwd, bwd_dh, int(mean), int(rstd))
-
-
-def _weight_args(b: _Builder, param_dtype, has_w, has_b):
-    """(w, b) as the row kernels read them: the arrays, an absent one a placeholder of the
-    other's dtype."""
-    dummy = b.dummy(param_dtype)
-    return (W if has_w else dummy), (B if has_b else dummy)
-
-
-def _weights64(b: _Builder, has_w, has_b):
-    """(w, b) in float64, as the group and inner kernels read them: ones / zeros when absent."""
-    P = b.plan.param_size
-    return (b.widen(W) if has_w else np.ones(P)), (b.widen(B) if has_b else np.zeros(P))
 
 
 def _forward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b):
@@ -177,30 +169,32 @@ def _forward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b):
         mean, var, rstd = MEAN, b.reg(), RSTD
         for r in (mean, var, rstd):
             b.empty((C,), out=r)
+    w = W if has_w else None
+    bias = B if has_b else None
     if route.statistics == "groups":
         affine = AffineKind.NONE
-        w = bias = b.dummy(np.float64)
         if has_w or has_b:
             affine = AffineKind.INNER if plan.param_inner else AffineKind.ROW
-            w, bias = _weights64(b, has_w, has_b)
-        b.call("normalize_groups", x_in, r3, h3, R // C, mode.center, EPS, int(affine), b.params_ix(), w, bias,
-               mean, var, rstd, y, THREADS)
+        extra = {} if r3 is None else {"residual": r3, "h": h3}
+        b.call("normalize_groups", x=x_in, rows_per_group=R // C, center=mode.center, eps=EPS, affine=int(affine),
+               rp=b.params_ix(), weight=w, bias=bias, mean=mean, var=var, rstd=rstd, y=y, threads=THREADS, **extra)
     elif route.statistics == "columns":
-        w, bias = _weight_args(b, param_dtype, has_w, has_b)
-        b.call("normalize_cols", x3, plan.rows_per_block, mode.center, EPS, b.ix("rg"), b.params_ix(), w, bias,
-               has_w, has_b, mean, var, rstd, y, THREADS)
+        b.call("normalize_cols", x=x3, rows_per_block=plan.rows_per_block, center=mode.center, eps=EPS, rg=b.ix("rg"),
+               rp=b.params_ix(), weight=w, bias=bias, mean=mean, var=var, rstd=rstd, y=y, threads=THREADS)
     elif route.statistics == "moments":
         K = len(plan.partial_counts) if plan.strategy is Strategy.COLUMNS else A
         pmean, pm2 = b.empty((K, C)), b.empty((K, C))
         if plan.strategy is Strategy.COLUMNS:
-            b.call("moments_cols", x3, plan.rows_per_block, pmean, pm2, THREADS)
+            b.call("moments_cols", x=x3, rows_per_block=plan.rows_per_block, part_mean=pmean, part_m2=pm2,
+                   threads=THREADS)
         else:
-            b.call("moments_rows", x3, pmean, pm2, THREADS)
-        b.call("finalize_moments", pmean, pm2, partial_counts(plan, b.be), mode.center, EPS, mean, var, rstd)
+            b.call("moments_rows", x=x3, part_mean=pmean, part_m2=pm2, threads=THREADS)
+        b.call("finalize_moments", part_mean=pmean, part_m2=pm2, part_count=partial_counts(plan, b.be),
+               center=mode.center, eps=EPS, mean=mean, var=var, rstd=rstd)
     if route.update:
-        E = int(np.prod(plan.running_shape))
-        b.call("update_running", mean, var, group_counts(plan, b.be), b.ix("rc"), float(plan.groups_per_running),
-               MOMENTUM, KEEP, UNBIASED, RM, RV, b.empty((2 * E,)))
+        b.call("update_running", mean=mean, var=var, counts=group_counts(plan, b.be), rc=b.ix("rc"),
+               groups_per_running=float(plan.groups_per_running), momentum=MOMENTUM, keep=KEEP, unbiased=UNBIASED,
+               running_mean=RM, running_var=RV)
     rows = []  # x3 as (A, R, S), viewed once where a step needs it
 
     def x_rows():
@@ -210,22 +204,29 @@ def _forward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b):
     if route.output in ("running", "running inner"):
         mean, var, rstd = (b.empty((C,)) for _ in range(3))
         if route.output == "running inner":
-            b.call("running_statistics", RM, RV, b.ix("rc"), EPS, mean, var, rstd)
+            b.call("running_statistics", running_mean=RM, running_var=RV, rc=b.ix("rc"), eps=EPS, mean=mean, var=var,
+                   rstd=rstd)
         else:
-            w, bias = _weight_args(b, param_dtype, has_w, has_b)
             kernel_x = x3 if len(plan.kernel_shape) == 2 else x_rows()  # the kernel takes columns as (A, C)
-            b.call("normalize_running", kernel_x, RM, RV, b.ix("rc"), EPS, b.ix("rg"), b.params_ix(), w, bias,
-                   has_w, has_b, plan.rows_per_block, mean, var, rstd, y, THREADS)
+            b.call("normalize_running", x=kernel_x, running_mean=RM, running_var=RV, rc=b.ix("rc"), eps=EPS,
+                   rg=b.ix("rg"), rp=b.params_ix(), weight=w, bias=bias, rows_per_block=plan.rows_per_block,
+                   mean=mean, var=var, rstd=rstd, y=y, threads=THREADS)
     if route.output in ("inner", "running inner"):
-        w, bias = _weights64(b, has_w, has_b)
-        b.call("affine_inner", x_rows(), b.per_row(mean), b.per_row(rstd), b.ix("rp"), w, bias, y, THREADS)
+        b.call("affine_inner", x=x_rows(), row_mean=b.per_row(mean), row_rstd=b.per_row(rstd), rp=b.ix("rp"),
+               weight=w, bias=bias, y=y, threads=THREADS)
     elif route.output == "rows":
-        w, bias = _weight_args(b, param_dtype, has_w, has_b)
-        mean_r, scale, shift = (b.empty((R,)) for _ in range(3))
-        b.call("row_coefficients", mean, rstd, b.ix("rg"), b.params_ix(), w, bias, has_w, has_b, mean_r, scale,
-               shift)
-        b.call("affine_rows", x_rows(), mean_r, scale, shift, plan.rows_per_block, y, THREADS)
+        row_mean, row_scale, row_shift = (b.empty((R,)) for _ in range(3))
+        b.call("row_coefficients", mean=mean, rstd=rstd, rg=b.ix("rg"), rp=b.params_ix(), weight=w, bias=bias,
+               row_mean=row_mean, row_scale=row_scale, row_shift=row_shift)
+        b.call("affine_rows", x=x_rows(), row_mean=row_mean, row_scale=row_scale, row_shift=row_shift,
+               rows_per_block=plan.rows_per_block, y=y, threads=THREADS)
     return b.program(), mean, rstd
+
+
+def _split_grads(b: _Builder, grads):
+    """The (2, P) parameter gradients as the dweight / dbias registers."""
+    b.part(grads, 0, out=DW)
+    b.part(grads, 1, out=DB)
 
 
 def _backward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b, dh):
@@ -233,54 +234,57 @@ def _backward(b: _Builder, plan, route, mode, dtype, param_dtype, has_w, has_b, 
     A, C, _ = plan.layout
     R = plan.rows[1]
     dy3 = b.view(DY, plan.kernel_shape, plan.shape)
-    dh3 = b.view(DH, plan.kernel_shape, plan.shape) if dh else None
+    extra = {"dh": b.view(DH, plan.kernel_shape, plan.shape)} if dh else {}
     dx = b.output(dtype)
     affine = has_w or has_b
+    w = W if has_w else None
     counts = group_counts(plan, b.be)
+    P = plan.param_size if affine else 0
     if route.backward == "one visit":
-        kind = AffineKind.NONE
-        if affine:
-            kind = AffineKind.INNER if plan.param_inner else AffineKind.ROW
-        P = plan.param_size if affine else 1
-        row_dy, row_dyx = b.empty((R,)), b.empty((R,))
-        partials = (plan.param_blocks, P) if kind is AffineKind.INNER else (1, 1)
-        pdw, pdb = b.empty(partials, zeros=True), b.empty(partials, zeros=True)
-        w64 = b.widen(W) if has_w else np.ones(P)
-        b.call("backward_groups", dy3, X3, R // C, mode.center, int(kind), b.params_ix(), w64, MEAN, RSTD, counts,
-               plan.groups_per_block, row_dy, row_dyx, pdw, pdb, dh3, dx, THREADS)
-        if kind is AffineKind.INNER:
-            b.sum0(pdw, DW)
-            b.sum0(pdb, DB)
-        elif kind is AffineKind.ROW:
-            dw, db = b.empty((P,), out=DW, zeros=True), b.empty((P,), out=DB, zeros=True)
-            w, _ = _weight_args(b, param_dtype, has_w, has_b)
-            b.call("gradient_sums", b.view(row_dy, (1, R), (R,)), b.view(row_dyx, (1, R), (R,)), b.ix("rg"),
-                   b.params_ix(), w, has_w, RSTD, b.empty((C,)), b.empty((C,)), dw, db)
+        inner = affine and plan.param_inner
+        if inner:
+            grads = b.empty((2, plan.param_blocks, P), zeros=True)
+            extra["part_grads"] = grads
+        else:
+            row_sums = b.empty((2, R))
+            extra["row_sums"] = row_sums
+        b.call("backward_groups", dy=dy3, x=X3, rows_per_group=R // C, center=mode.center, rp=b.params_ix(),
+               weight=w, mean=MEAN, rstd=RSTD, counts=counts, groups_per_block=plan.groups_per_block, dx=dx,
+               threads=THREADS, **extra)
+        if inner:
+            _split_grads(b, b.sum_of(grads, axis=1))
+        elif affine:
+            grads = b.empty((2, P), zeros=True)
+            b.call("gradient_sums", sums=b.view(row_sums, (2, 1, R), (2, R)), rg=b.ix("rg"), rp=b.params_ix(),
+                   weight=w, rstd=RSTD, group_sums=b.empty((2, C)), param_grads=grads)
+            _split_grads(b, grads)
     elif route.backward == "columns":
-        P = plan.param_size if affine else 0
-        dw = b.empty((P,), out=DW if affine else None)
-        db = b.empty((P,), out=DB if affine else None)
-        w, _ = _weight_args(b, param_dtype, has_w, has_b)
-        b.call("backward_cols", dy3, X3, MEAN, RSTD, counts, plan.rows_per_block, b.ix("rg"), b.params_ix(), w,
-               has_w, route.stats_grad, mode.center, dw, db, dh3, dx, THREADS)
+        grads = b.empty((2, P), zeros=True)
+        b.call("backward_cols", dy=dy3, x=X3, mean=MEAN, rstd=RSTD, counts=counts, rows_per_block=plan.rows_per_block,
+               rg=b.ix("rg"), rp=b.params_ix(), weight=w, stats_grad=route.stats_grad, center=mode.center,
+               param_grads=grads, dx=dx, threads=THREADS, **extra)
+        if affine:
+            _split_grads(b, grads)
     else:  # "rows", of the rows or groups strategy
         dy_rows = b.view(dy3, plan.rows, plan.kernel_shape)
         x_rows = b.view(X3, plan.rows, plan.kernel_shape)
         mean_r = b.per_row(MEAN)
-        w, _ = _weight_args(b, param_dtype, has_w, has_b)
-        group_g = group_gx = RSTD  # unread when no gradient flows through the statistics
+        group_sums = b.empty((2, C), zeros=True)  # unread when no gradient flows through the statistics
         if route.stats_grad or affine:
-            part_dy, part_dyx = b.empty((A, R)), b.empty((A, R))
-            b.call("sums_rows", dy_rows, x_rows, mean_r, part_dy, part_dyx, THREADS)
-            P = plan.param_size if affine else 0
-            dw = b.empty((P,), out=DW if affine else None, zeros=True)
-            db = b.empty((P,), out=DB if affine else None, zeros=True)
-            group_g, group_gx = b.empty((C,)), b.empty((C,))
-            b.call("gradient_sums", part_dy, part_dyx, b.ix("rg"), b.params_ix(), w, has_w, RSTD, group_g, group_gx,
-                   dw, db)
-        k1, k2, k3 = (b.empty((R,)) for _ in range(3))
-        b.call("dx_coefficients", group_g, group_gx, counts, b.ix("rg"), b.params_ix(), w, has_w, RSTD,
-               route.stats_grad, mode.center, k1, k2, k3)
-        dh_rows = None if dh3 is None else b.view(dh3, plan.rows, plan.kernel_shape)
-        b.call("dx_rows", dy_rows, x_rows, mean_r, k1, k2, k3, plan.rows_per_block, dh_rows, dx, THREADS)
+            sums = b.empty((2, A, R))
+            b.call("sums_rows", dy=dy_rows, x=x_rows, row_mean=mean_r, sum_dy=b.part(sums, 0),
+                   sum_dy_xc=b.part(sums, 1), threads=THREADS)
+            grads = b.empty((2, P), zeros=True)
+            b.call("gradient_sums", sums=sums, rg=b.ix("rg"), rp=b.params_ix(), weight=w, rstd=RSTD,
+                   group_sums=group_sums, param_grads=grads)
+            if affine:
+                _split_grads(b, grads)
+        dy_scale, xc_scale, dx_shift = (b.empty((R,)) for _ in range(3))
+        b.call("dx_coefficients", group_sums=group_sums, counts=counts, rg=b.ix("rg"), rp=b.params_ix(), weight=w,
+               rstd=RSTD, stats_grad=route.stats_grad, center=mode.center, dy_scale=dy_scale, xc_scale=xc_scale,
+               dx_shift=dx_shift)
+        if dh:
+            extra["dh"] = b.view(extra["dh"], plan.rows, plan.kernel_shape)
+        b.call("dx_rows", dy=dy_rows, x=x_rows, row_mean=mean_r, dy_scale=dy_scale, xc_scale=xc_scale,
+               dx_shift=dx_shift, rows_per_block=plan.rows_per_block, dx=dx, threads=THREADS, **extra)
     return b.program()

@@ -138,7 +138,8 @@ def synced_moments(link, local_moments, plan, mode, dtype, training, be, masked,
     if plan.count and C:
         pmean, pm2, pcount = local_moments()
         mean, var, rstd, n = (be.xp.empty(C) for _ in range(4))
-        be.K.finalize_moments(pmean, pm2, pcount, True, 1.0, mean, var, rstd, counts=n)
+        be.K.finalize_moments(part_mean=pmean, part_m2=pm2, part_count=pcount, center=True, eps=1.0, mean=mean,
+                              var=var, rstd=rstd, counts=n)
         n = be.to_host(n) if masked else plan.count
         local = (n, be.to_host(mean), be.to_host(var) * n)
     else:

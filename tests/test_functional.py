@@ -144,48 +144,62 @@ def test_signature_cache_is_bounded(monkeypatch):
 def test_kernels_refuse_arrays_outside_their_contract():
     x = np.ones((2, 3, 1), np.float32)
     m = np.zeros(3)
+    def affine(mean=m, y=None):
+        K.affine_rows(x=x, row_mean=mean, row_scale=m, row_shift=m, rows_per_block=1,
+                      y=np.empty_like(x) if y is None else y, threads=1)
     with pytest.raises(TypeError, match="kernel argument"):
-        K.affine_rows(x, m.astype(np.float32), m, m, 1, np.empty_like(x), 1)
+        affine(mean=m.astype(np.float32))
     with pytest.raises(TypeError, match="kernel argument"):
-        K.affine_rows(x, m, m, m, 1, np.empty((2, 6, 1), np.float32)[:, ::2], 1)
+        affine(y=np.empty((2, 6, 1), np.float32)[:, ::2])
     read_only = np.empty_like(x)
     read_only.setflags(write=False)
     with pytest.raises(TypeError, match="writeable"):
-        K.affine_rows(x, m, m, m, 1, read_only, 1)
+        affine(y=read_only)
+    with pytest.raises(TypeError, match="positional"):  # every argument by name
+        K.affine_rows(x, m, m, m, 1, np.empty_like(x), 1)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_per_group_algebra_agrees_between_backends(dtype):
+@pytest.mark.parametrize("given", ["both", "weight", "bias", "none"])
+def test_per_group_algebra_agrees_between_backends(dtype, given):
     # The CPU kernels and the CUDA backend's device-array version of the same contract,
-    # both on NumPy arrays here; one group has no elements (counts 0: mean, var, rstd 0).
+    # both on NumPy arrays here; one group has no elements (counts 0: mean, var, rstd 0);
+    # absent parameters are None for both
     cuda = gpu.CudaKernels(lambda *a: (lambda grid, block, args: None))
     C, R, K_, E, P = 6, 12, 4, 3, 5
     pmean, pm2 = RNG.standard_normal((K_, C)), RNG.uniform(0.5, 2, (K_, C))
     pcount = np.array([[3.0, 3.0, 5.0, 2.0, 0.0, 3.0]])
     rg, rp, rc = np.repeat(np.arange(C), 2), RNG.integers(0, P, R), np.arange(C) % E
     w, b = RNG.standard_normal(P).astype(dtype), RNG.standard_normal(P).astype(dtype)
+    w = w if given in ("both", "weight") else None
+    b = b if given in ("both", "bias") else None
     outs = {}
     for name, k in (("cpu", K), ("cuda", cuda)):
         res = []
         for center in (True, False):
             mean, var, rstd, n = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
-            k.finalize_moments(pmean[:1], pm2[:1], pcount, center, 1e-3, mean, var, rstd, counts=n)
+            k.finalize_moments(part_mean=pmean[:1], part_m2=pm2[:1], part_count=pcount, center=center, eps=1e-3,
+                               mean=mean, var=var, rstd=rstd, counts=n)
             res += [mean, var, rstd, n]
         assert mean[4] == var[4] == rstd[4] == 0.0
         for unbiased in (True, False):
             rm, rv = np.zeros(E, dtype), np.ones(E, dtype)
-            k.update_running(mean, var, pcount[0], rc, 2.0, 0.25, 0.75, unbiased, rm, rv, np.empty(2 * E))
+            k.update_running(mean=mean, var=var, counts=pcount[0], rc=rc, groups_per_running=2.0, momentum=0.25,
+                             keep=0.75, unbiased=unbiased, running_mean=rm, running_var=rv)
             res += [rm, rv]
         stats = [np.empty(C) for _ in range(3)]
-        k.running_statistics(rm, rv, rc, 1e-3, *stats)
+        k.running_statistics(running_mean=rm, running_var=rv, rc=rc, eps=1e-3, mean=stats[0], var=stats[1],
+                             rstd=stats[2])
         coeffs = [np.empty(R) for _ in range(3)]
-        k.row_coefficients(mean, rstd, rg, rp, w, b, True, True, *coeffs)
-        g1, g2, dw, db = np.empty(C), np.empty(C), np.zeros(P), np.zeros(P)
-        k.gradient_sums(RNG.standard_normal((K_, R)) * 0 + pmean[:, :1], pm2[:, :1] + np.zeros((K_, R)),
-                        rg, rp, w, True, rstd, g1, g2, dw, db)
+        k.row_coefficients(mean=mean, rstd=rstd, rg=rg, rp=rp, weight=w, bias=b, row_mean=coeffs[0],
+                           row_scale=coeffs[1], row_shift=coeffs[2])
+        group_sums, grads = np.empty((2, C)), np.zeros((2, P))
+        sums = np.stack([RNG.standard_normal((K_, R)) * 0 + pmean[:, :1], pm2[:, :1] + np.zeros((K_, R))])
+        k.gradient_sums(sums=sums, rg=rg, rp=rp, weight=w, rstd=rstd, group_sums=group_sums, param_grads=grads)
         ks = [np.empty(R) for _ in range(3)]
-        k.dx_coefficients(g1, g2, pcount[0], rg, rp, w, True, rstd, True, True, *ks)
-        outs[name] = res + stats + coeffs + [g1, g2, dw, db] + ks
+        k.dx_coefficients(group_sums=group_sums, counts=pcount[0], rg=rg, rp=rp, weight=w, rstd=rstd, stats_grad=True,
+                          center=True, dy_scale=ks[0], xc_scale=ks[1], dx_shift=ks[2])
+        outs[name] = res + stats + coeffs + [group_sums, grads] + ks
     for a, b_ in zip(outs["cpu"], outs["cuda"], strict=True):
         np.testing.assert_allclose(a, b_, rtol=1e-13, atol=1e-13)
 
@@ -201,7 +215,8 @@ def test_finalize_merges_counted_partials_exactly_in_order():
     pmean[1, 2], pm2[1, 2] = 1e200, 0.0
     pcount[:, 4] = 0.0
     mean, var, rstd, n = (np.empty(C) for _ in range(4))
-    K.finalize_moments(pmean, pm2, pcount, True, 0.0, mean, var, rstd, counts=n)
+    K.finalize_moments(part_mean=pmean, part_m2=pm2, part_count=pcount, center=True, eps=0.0, mean=mean, var=var,
+                       rstd=rstd, counts=n)
     for c in range(C):
         tot = s = 0.0
         for k in range(K_):
@@ -265,68 +280,78 @@ def test_ndarray_subclasses_are_read_as_arrays():
     np.testing.assert_array_equal(nc.backward(dy, cache)[0], nc.backward(np.matrix(dy), cache_m)[0])
 
 
-def _separate_cols_forward(k, x, rpb, center, eps, rg, rp, w, b, has_w, has_b):
+def _separate_cols_forward(k, x, rpb, center, eps, rg, rp, w, b):
     A, C = x.shape
     nb = -(-A // rpb)
     counts = np.full((nb, C), float(rpb))
     counts[-1] = A - rpb * (nb - 1)
     pmean, pm2 = np.empty((nb, C)), np.empty((nb, C))
-    k.moments_cols(x, rpb, pmean, pm2, 1)
+    k.moments_cols(x=x, rows_per_block=rpb, part_mean=pmean, part_m2=pm2, threads=1)
     mean, var, rstd = np.empty(C), np.empty(C), np.empty(C)
-    k.finalize_moments(pmean, pm2, counts, center, eps, mean, var, rstd)
-    mean_r, scale, shift = np.empty(C), np.empty(C), np.empty(C)
-    k.row_coefficients(mean, rstd, rg, rp, w, b, has_w, has_b, mean_r, scale, shift)
+    k.finalize_moments(part_mean=pmean, part_m2=pm2, part_count=counts, center=center, eps=eps, mean=mean, var=var,
+                       rstd=rstd)
+    coefs = [np.empty(C) for _ in range(3)]
+    k.row_coefficients(mean=mean, rstd=rstd, rg=rg, rp=rp, weight=w, bias=b, row_mean=coefs[0], row_scale=coefs[1],
+                       row_shift=coefs[2])
     y = np.empty_like(x)
-    k.affine_rows(x.reshape(A, C, 1), mean_r, scale, shift, rpb, y.reshape(A, C, 1), 1)
+    k.affine_rows(x=x.reshape(A, C, 1), row_mean=coefs[0], row_scale=coefs[1], row_shift=coefs[2], rows_per_block=rpb,
+                  y=y.reshape(A, C, 1), threads=1)
     return mean, var, rstd, y
 
 
-def _separate_cols_backward(k, dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad, center, P):
+def _separate_cols_backward(k, dy, x, mean, rstd, counts, rpb, rg, rp, w, stats_grad, center, P):
     A, C = x.shape
     nb = -(-A // rpb)
-    p1, p2 = np.empty((nb, C)), np.empty((nb, C))
-    k.sums_cols(dy, x, mean, rpb, p1, p2, 1)
-    g1, g2, dw, db = np.empty(C), np.empty(C), np.zeros(P), np.zeros(P)
-    k.gradient_sums(p1, p2, rg, rp, w, has_w, rstd, g1, g2, dw, db)
+    sums = np.empty((2, nb, C))
+    k.sums_cols(dy=dy, x=x, row_mean=mean, rows_per_block=rpb, sum_dy=sums[0], sum_dy_xc=sums[1], threads=1)
+    group_sums, grads = np.empty((2, C)), np.zeros((2, P))
+    k.gradient_sums(sums=sums, rg=rg, rp=rp, weight=w, rstd=rstd, group_sums=group_sums, param_grads=grads)
     ks = [np.empty(C) for _ in range(3)]
-    k.dx_coefficients(g1, g2, counts, rg, rp, w, has_w, rstd, stats_grad, center, *ks)
+    k.dx_coefficients(group_sums=group_sums, counts=counts, rg=rg, rp=rp, weight=w, rstd=rstd, stats_grad=stats_grad,
+                      center=center, dy_scale=ks[0], xc_scale=ks[1], dx_shift=ks[2])
     dx = np.empty_like(x)
-    k.dx_rows(dy.reshape(A, C, 1), x.reshape(A, C, 1), mean, *ks, rpb, None, dx.reshape(A, C, 1), 1)
-    return dw, db, dx
+    k.dx_rows(dy=dy.reshape(A, C, 1), x=x.reshape(A, C, 1), row_mean=mean, dy_scale=ks[0], xc_scale=ks[1],
+              dx_shift=ks[2], rows_per_block=rpb, dx=dx.reshape(A, C, 1), threads=1)
+    return grads, dx
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("A, C, rpb", [(7, 5, 3), (64, 9, 64), (130, 3, 64)])
 def test_composed_kernels_equal_their_parts(dtype, A, C, rpb):
     # normalize_cols / backward_cols / normalize_running run the separate kernels' building
-    # blocks in one call: bitwise the same results, on the CPU and in the CUDA backend's
-    # composition (on NumPy arrays here, through the CPU kernels it composes)
-    class Composed(gpu.CudaKernels):
-        def __getattribute__(self, name):
-            own = ("normalize_cols", "normalize_running", "backward_cols")
-            return object.__getattribute__(self, name) if name in own else getattr(K, name)
+    # blocks in one call: bitwise the same results, on the CPU and in the shared
+    # composition every other backend inherits (normcore.composites, over the CPU
+    # primitives here)
+    from normcore.composites import Composites
+
+    class Composed(Composites):
+        def __getattr__(self, name):
+            return getattr(K, name)
 
     x = (RNG.standard_normal((A, C)) * 3 + 100).astype(dtype)
     dy = RNG.standard_normal((A, C)).astype(dtype)
     P = C // 2 + 1
     rg, rp = np.arange(C), np.arange(C) // 2
-    w, b = RNG.standard_normal(P).astype(dtype), RNG.standard_normal(P).astype(dtype)
+    w_, b_ = RNG.standard_normal(P).astype(dtype), RNG.standard_normal(P).astype(dtype)
     for kernels in (K, Composed()):
-        for center, has_w, has_b in ((True, True, True), (False, True, False), (True, False, False)):
-            want = _separate_cols_forward(K, x, rpb, center, 1e-3, rg, rp, w, b, has_w, has_b)
+        for center, has_w, has_b in ((True, True, True), (False, True, False), (True, False, False),
+                                     (True, False, True)):
+            w, b = (w_ if has_w else None), (b_ if has_b else None)
+            want = _separate_cols_forward(K, x, rpb, center, 1e-3, rg, rp, w, b)
             got = [np.empty(C), np.empty(C), np.empty(C), np.empty_like(x)]
-            kernels.normalize_cols(x, rpb, center, 1e-3, rg, rp, w, b, has_w, has_b, *got, 1)
+            kernels.normalize_cols(x=x, rows_per_block=rpb, center=center, eps=1e-3, rg=rg, rp=rp, weight=w, bias=b,
+                                   mean=got[0], var=got[1], rstd=got[2], y=got[3], threads=1)
             for a, e in zip(got, want, strict=True):
                 np.testing.assert_array_equal(a, e)
             mean, _, rstd, _ = want
             for stats_grad in (True, False):
                 n_p = P if (has_w or has_b) else 0
                 counts = np.full(C, float(A))
-                want_b = _separate_cols_backward(K, dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad,
-                                                 center, n_p)
-                got_b = [np.full(n_p, np.nan), np.full(n_p, np.nan), np.empty_like(x)]
-                kernels.backward_cols(dy, x, mean, rstd, counts, rpb, rg, rp, w, has_w, stats_grad, center,
-                                      got_b[0], got_b[1], None, got_b[2], 1)
+                want_b = _separate_cols_backward(K, dy, x, mean, rstd, counts, rpb, rg, rp, w, stats_grad, center, n_p)
+                got_b = [np.full((2, n_p), np.nan), np.empty_like(x)]
+                kernels.backward_cols(dy=dy, x=x, mean=mean, rstd=rstd, counts=counts, rows_per_block=rpb, rg=rg, rp=rp,
+                                      weight=w, stats_grad=stats_grad, center=center, param_grads=got_b[0],
+                                      dx=got_b[1], threads=1)
                 for a, e in zip(got_b, want_b, strict=True):
                     np.testing.assert_array_equal(a, e)
             # eval: running statistics (two groups per running entry), rows of S elements
@@ -335,13 +360,18 @@ def test_composed_kernels_equal_their_parts(dtype, A, C, rpb):
             rc = np.arange(C) // 2
             x3 = np.repeat(x[:, :, None], S, axis=2) + np.arange(S, dtype=dtype)
             stats = [np.empty(C) for _ in range(3)]
-            K.running_statistics(rm, rv, rc, 1e-3, *stats)
+            K.running_statistics(running_mean=rm, running_var=rv, rc=rc, eps=1e-3, mean=stats[0], var=stats[1],
+                                 rstd=stats[2])
             coeffs = [np.empty(C) for _ in range(3)]
-            K.row_coefficients(stats[0], stats[2], rg, rp, w, b, has_w, has_b, *coeffs)
+            K.row_coefficients(mean=stats[0], rstd=stats[2], rg=rg, rp=rp, weight=w, bias=b, row_mean=coeffs[0],
+                               row_scale=coeffs[1], row_shift=coeffs[2])
             want_y = np.empty_like(x3)
-            K.affine_rows(x3, *coeffs, rpb, want_y, 1)
+            K.affine_rows(x=x3, row_mean=coeffs[0], row_scale=coeffs[1], row_shift=coeffs[2], rows_per_block=rpb,
+                          y=want_y, threads=1)
             got = [np.empty(C), np.empty(C), np.empty(C), np.empty_like(x3)]
-            kernels.normalize_running(x3, rm, rv, rc, 1e-3, rg, rp, w, b, has_w, has_b, rpb, *got, 1)
+            kernels.normalize_running(x=x3, running_mean=rm, running_var=rv, rc=rc, eps=1e-3, rg=rg, rp=rp, weight=w,
+                                      bias=b, rows_per_block=rpb, mean=got[0], var=got[1], rstd=got[2], y=got[3],
+                                      threads=1)
             for a, e in zip(got, stats + [want_y], strict=True):
                 np.testing.assert_array_equal(a, e)
 

@@ -312,6 +312,28 @@ def test_cuda_backend_implements_the_kernel_contract():
     assert "#define NC_COL_TILE" not in src  # the tile constants come from gpu.compile_options()
 
 
+def test_every_backend_takes_the_contract_entries_by_the_same_names():
+    # keyword-only entries, the same names and defaults on the CPU kernels, the CUDA
+    # backend and the shared composites: a swapped or misspelt argument is an error
+    import inspect
+    from normcore.backend import Kernels
+    from normcore.composites import Composites
+
+    def params(f, skip_self):
+        ps = list(inspect.signature(f).parameters.values())[1 if skip_self else 0:]
+        assert all(p.kind is p.KEYWORD_ONLY for p in ps), f
+        return [(p.name, p.default) for p in ps]
+    optional = set() if gpu.CudaBackend.fused_backward else {"backward_groups"}
+    for name in (n for n in vars(Kernels) if not n.startswith("_")):
+        want = params(getattr(Kernels, name), True)
+        assert params(getattr(nc.kernels.K, name), False) == want, name
+        if name not in optional:
+            assert params(getattr(gpu.CudaKernels, name), True) == want, name
+        if name in vars(Composites):
+            assert params(getattr(Composites, name), True) == want, name
+    assert {"normalize_cols", "normalize_running", "backward_cols"} <= set(vars(Composites))
+
+
 # -- GPU launch geometry (no GPU needed) ------------------------------------------------------
 
 RNG = np.random.default_rng(12)
@@ -324,13 +346,15 @@ def test_every_launch_stays_within_the_device_grid_limits():
     S, R = 2 ** 25, 1  # a layer norm over 33.5M elements: ceil(S / 256) > 65535
     x = np.empty((1, R, S), np.float32)  # never touched: the launches only read shapes
     mean = np.empty(R)
-    kernels.sums_inner(x, x, mean, mean, np.zeros(R, np.intp), np.empty(S), 1, mean, mean,
-                       np.empty((1, S)), np.empty((1, S)), 1)
-    kernels.dx_inner(x, x, mean, mean, np.zeros(R, np.intp), np.empty(S), mean, mean, None, x, 1)
+    rp, w = np.zeros(R, np.intp), np.empty(S)
+    kernels.sums_inner(dy=x, x=x, row_mean=mean, row_rstd=mean, rp=rp, weight=w, rows_per_block=1,
+                       row_sums=np.empty((2, R)), part_grads=np.empty((2, 1, S)), threads=1)
+    kernels.dx_inner(dy=x, x=x, row_mean=mean, row_rstd=mean, rp=rp, weight=w, group_means=np.empty((2, R)), dx=x,
+                     threads=1)
     wide = np.empty((3, 2 ** 24), np.float32)
     p = np.empty((1, 2 ** 24))
-    kernels.moments_cols(wide, 3, p, p, 1)
-    kernels.sums_cols(wide, wide, np.empty(2 ** 24), 3, p, p, 1)
+    kernels.moments_cols(x=wide, rows_per_block=3, part_mean=p, part_m2=p, threads=1)
+    kernels.sums_cols(dy=wide, x=wide, row_mean=np.empty(2 ** 24), rows_per_block=3, sum_dy=p, sum_dy_xc=p, threads=1)
     assert seen
     for name, grid, block in seen:
         grid = tuple(grid) + (1, 1)

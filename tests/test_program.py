@@ -276,8 +276,8 @@ def test_an_interrupted_warm_forward_leaves_the_layer_as_before(monkeypatch):
             if name != "update_running":
                 return f
 
-            def update_then_fail(*args):
-                f(*args)  # the running statistics are written, then the call is interrupted
+            def update_then_fail(**kwargs):
+                f(**kwargs)  # the running statistics are written, then the call is interrupted
                 raise KeyboardInterrupt
             return update_then_fail
 

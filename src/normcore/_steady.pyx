@@ -3,7 +3,7 @@
 cache record, and a layer's steady-state forward and backward.
 
 A :class:`Program` is a frozen list of steps over numbered registers -- allocate, view,
-call a contract entry with registers in some argument positions, sum, widen -- built once
+call a contract entry (by keyword) with registers in some arguments, sum, take -- built once
 per call signature by :mod:`normcore.program` from the plan and the route, and run here
 for every call of that signature. The kernels are looked up on ``backend.K`` (bound once,
 again only when ``K`` is replaced), so a program runs whatever contract the backend holds.
@@ -19,8 +19,7 @@ raises what it raises) as for a first call.
 import numpy as np
 
 cimport numpy as cnp
-from cpython.ref cimport Py_INCREF
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
+from cpython.object cimport PyObject
 from libc.string cimport memcpy
 
 cnp.import_array()
@@ -62,17 +61,22 @@ cdef enum:
     OP_ZEROS = 1     # reg[out] = zeros(shape, dtype)
     OP_OUTPUT = 2    # reg[out] = empty(shape, dtype) unless the caller put an array there
     OP_VIEW = 3      # reg[out] = reg[src].reshape(shape), or None when reg[src] is None
-    OP_CALL = 4      # reg[out] = K.<entry>(*args), registers in some positions
-    OP_SUM0 = 5      # reg[out] = reg[src].sum(axis=0)
-    OP_WIDEN = 6     # reg[out] = reg[src].astype(float64)
+    OP_CALL = 4      # reg[out] = K.<entry>(**args), registers in some of them
+    OP_SUM0 = 5      # reg[out] = reg[src].sum(axis=0), or along ``axis``
     OP_TAKE = 7      # reg[out] = reg[src][index]
     OP_ALIAS = 8     # reg[out] = reg[src]
+    OP_PART = 9      # reg[out] = reg[src][item]: one of stacked arrays (a view)
 
 OPS = {"empty": OP_EMPTY, "zeros": OP_ZEROS, "output": OP_OUTPUT, "view": OP_VIEW, "call": OP_CALL,
-       "sum0": OP_SUM0, "widen": OP_WIDEN, "take": OP_TAKE, "alias": OP_ALIAS}
+       "sum0": OP_SUM0, "take": OP_TAKE, "alias": OP_ALIAS, "part": OP_PART}
 
 DEF MAX_ARGS = 24
 DEF MAX_DIMS = 8
+
+cdef extern from "Python.h":
+    object PySequence_GetItem(object o, Py_ssize_t i)
+    # the keyword call without a dict: the entries take every argument by name
+    object PyObject_Vectorcall(object callable, PyObject** args, size_t nargsf, object kwnames)
 
 cdef extern from "numpy/arrayobject.h":
     # numpy's declarations type ``out`` as an ndarray, which cannot be NULL (none given)
@@ -85,16 +89,18 @@ cdef class Step:
     dtype an allocation or view takes, the entry and argument template of a call (an
     ``int`` register number where ``regs`` says so, else the constant itself)."""
 
-    cdef int op, out, src, nd, typenum, nargs
+    cdef int op, out, src, nd, typenum, nargs, axis
+    cdef Py_ssize_t item
     cdef cnp.npy_intp dims[MAX_DIMS]
     cdef int regs[MAX_ARGS]
     cdef readonly object name
     cdef object func
     cdef tuple template
+    cdef readonly tuple keywords   # the call's argument names, in the template's order
     cdef object index
 
     def __init__(self, op, int out, int src=-1, shape=(), dtype=np.float64, name=None, args=(), slots=(),
-                 index=None):
+                 index=None, keywords=(), int axis=0, Py_ssize_t item=0):
         self.op = OPS[op]
         self.out, self.src = out, src
         shape = tuple(shape)
@@ -109,6 +115,10 @@ cdef class Step:
         if len(self.template) > MAX_ARGS:
             raise ValueError(f"args: at most {MAX_ARGS}, got {len(self.template)}")
         self.nargs = len(self.template)
+        self.keywords = tuple(keywords)
+        if self.op == OP_CALL and len(self.keywords) != self.nargs:
+            raise ValueError(f"keywords: one per argument ({self.nargs}), got {len(self.keywords)}")
+        self.axis, self.item = axis, item
         for i in range(self.nargs):
             self.regs[i] = -1
         for i, r in slots:
@@ -151,18 +161,16 @@ cdef class Program:
         cdef Step s
         cdef Py_ssize_t i
         cdef int r
-        cdef tuple args
+        cdef PyObject* argv[MAX_ARGS]
         cdef cnp.PyArray_Dims shape
         self._bind()
         for s in self.steps:
             if s.op == OP_CALL:
-                args = PyTuple_New(s.nargs)
+                # borrowed: the template and the registers hold every argument for the call
                 for i in range(s.nargs):
                     r = s.regs[i]
-                    v = s.template[i] if r < 0 else regs[r]
-                    Py_INCREF(v)
-                    PyTuple_SET_ITEM(args, i, v)
-                got = s.func(*args)
+                    argv[i] = <PyObject*>(s.template[i] if r < 0 else regs[r])
+                got = PyObject_Vectorcall(s.func, argv, 0, s.keywords)
                 if s.out >= 0:
                     regs[s.out] = got
             elif s.op == OP_EMPTY:
@@ -180,13 +188,13 @@ cdef class Program:
                     shape.ptr, shape.len = s.dims, s.nd
                     regs[s.out] = cnp.PyArray_Newshape(<cnp.ndarray>a, &shape, cnp.NPY_CORDER)
             elif s.op == OP_SUM0:
-                regs[s.out] = _sum(<cnp.ndarray>regs[s.src], 0, cnp.NPY_DOUBLE, NULL)
-            elif s.op == OP_WIDEN:
-                regs[s.out] = cnp.PyArray_Cast(<cnp.ndarray>regs[s.src], cnp.NPY_DOUBLE)
+                regs[s.out] = _sum(<cnp.ndarray>regs[s.src], s.axis, cnp.NPY_DOUBLE, NULL)
             elif s.op == OP_TAKE:
                 regs[s.out] = _take(<cnp.ndarray>regs[s.src], s.index, 0, NULL, cnp.NPY_RAISE)
             elif s.op == OP_ALIAS:
                 regs[s.out] = regs[s.src]
+            elif s.op == OP_PART:
+                regs[s.out] = PySequence_GetItem(regs[s.src], s.item)
         return 0
 
     def __call__(self, list regs):
@@ -236,7 +244,6 @@ cdef class NormCache:
     cdef public object mean        # (C,) float64 mean used to normalize (0 when not centred)
     cdef public object rstd        # (C,) float64 1 / sqrt(var + eps)
     cdef public object weight      # (P,) weight in its own dtype, or None
-    cdef public object weight64    # the same in float64, made when a kernel needs it
     cdef public bint has_weight, has_bias
     # dweight and dbias have the parameters' dtype (x's, or float32 beside a half x)
     cdef public object param_dtype
@@ -293,15 +300,9 @@ cdef class NormCache:
         :attr:`saved_mean`."""
         return self.rstd.reshape(self.plan.stat_shape)
 
-    def weight_f64(self):
-        """The forward's weight in float64 (made once)."""
-        if self.weight64 is None:
-            self.weight64 = self.weight.astype(np.float64)
-        return self.weight64
-
     def __reduce__(self):
         # a copy runs its backward on the Python path: programs stay with their process
-        state = (self.x3, self.mean, self.rstd, self.weight, self.weight64, self.has_weight, self.has_bias,
+        state = (self.x3, self.mean, self.rstd, self.weight, self.has_weight, self.has_bias,
                  self.view, self.mask, self.counts, self.not_data)
         return _rebuild_cache, ((self.mode, self.plan, self.dtype, self.param_dtype, self.stats_grad,
                                  self.count, self.comm, self.backend, self.route), state)
@@ -310,7 +311,7 @@ cdef class NormCache:
 def _rebuild_cache(fixed, state):
     cdef NormCache c = NormCache.__new__(NormCache)
     c.mode, c.plan, c.dtype, c.param_dtype, c.stats_grad, c.count, c.comm, c.backend, c.route = fixed
-    (c.x3, c.mean, c.rstd, c.weight, c.weight64, c.has_weight, c.has_bias, c.view, c.mask, c.counts,
+    (c.x3, c.mean, c.rstd, c.weight, c.has_weight, c.has_bias, c.view, c.mask, c.counts,
      c.not_data) = state
     return c
 

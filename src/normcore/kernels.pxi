@@ -153,17 +153,104 @@ cdef inline int _storage(object a) except -1:
     return cnp.NPY_FLOAT64
 
 
-cdef inline float* _params_f32(object a) except NULL:
-    # float32 copy of a float64 parameter vector for the float32 passes; the caller frees it
-    cdef float* out = nc_to_f32(<const double*>_in(a, cnp.NPY_FLOAT64), _shape(a, 1)[0])
+# shorthands for the contract's fixed dtypes
+cdef int F64 = cnp.NPY_FLOAT64
+cdef int IDX = cnp.NPY_INTP
+cdef int U8 = cnp.NPY_UINT8
+
+
+cdef struct nc_mask:
+    const unsigned char* bytes   # NULL: no mask
+    const Py_ssize_t* off
+    int step
+
+
+cdef inline int _mask_of(object mask, nc_mask* m) except -1:
+    # a masking.MaskRows (base bytes, row offsets, step) or None
+    if mask is None:
+        m.bytes, m.off, m.step = NULL, NULL, 0
+        return 0
+    base, offsets, step = mask
+    m.bytes = <const unsigned char*>_in(base, U8)
+    m.off = <const Py_ssize_t*>_in(offsets, IDX)
+    m.step = step
+    return 0
+
+
+# Parameters arrive in their own storage dtype (x's, or float32 beside a half x), or None
+# when absent. The kernels read them as double (and the float32 passes as float32):
+# borrowed where the caller's array already is one, else widened or narrowed into
+# scratch of the call's own; an absent weight reads as ones, an absent bias as zeros.
+cdef struct nc_params:
+    const double* w
+    const double* b
+    const float* wf      # float32 views: only when asked for
+    const float* bf
+    bint has_w, has_b
+    Py_ssize_t size
+    void* own[4]
+
+
+cdef int _params_of(object weight, object bias, Py_ssize_t P, bint f32, nc_params* p) except -1:
+    # P: the parameters' length (read from weight or bias when given; else the caller's)
+    p.own[0] = p.own[1] = p.own[2] = p.own[3] = NULL
+    p.wf = p.bf = NULL
+    p.has_w, p.has_b = weight is not None, bias is not None
+    if weight is not None:
+        P = _shape(weight, 1)[0]
+    elif bias is not None:
+        P = _shape(bias, 1)[0]
+    p.size = P
+    p.w = _as_double(weight, P, 1.0, &p.own[0])
+    p.b = _as_double(bias, P, 0.0, &p.own[1])
+    if f32:
+        p.wf = _as_float(weight, p.w, P, &p.own[2])
+        p.bf = _as_float(bias, p.b, P, &p.own[3])
+    return 0
+
+
+cdef inline void _params_free(nc_params* p) noexcept:
+    cdef int i
+    for i in range(4):
+        free(p.own[i])
+        p.own[i] = NULL
+
+
+cdef const double* _as_double(object a, Py_ssize_t P, double fill, void** own) except NULL:
+    cdef double* out
+    cdef Py_ssize_t i
+    if a is not None and cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == F64:
+        return <const double*>_in(a, F64)
+    out = <double*>malloc(max(P, 1) * sizeof(double))
+    if out == NULL:
+        raise MemoryError("normcore: no memory for the parameters in double")
+    own[0] = out
+    if a is None:
+        for i in range(P):
+            out[i] = fill
+        return out
+    return _widen(a, out)
+
+
+cdef const float* _as_float(object a, const double* wide, Py_ssize_t P, void** own) except NULL:
+    cdef float* out
+    if a is not None and cnp.PyArray_Check(a) and cnp.PyArray_TYPE(<cnp.ndarray>a) == cnp.NPY_FLOAT32:
+        return <const float*>_in(a, cnp.NPY_FLOAT32)
+    out = nc_to_f32(wide, P)
     if out == NULL:
         raise MemoryError("normcore: no memory for a float32 copy of the parameters")
+    own[0] = out
     return out
 
 
-# shorthands for the contract's two fixed dtypes
-cdef int F64 = cnp.NPY_FLOAT64
-cdef int IDX = cnp.NPY_INTP
+cdef Py_ssize_t _inner_size(object rp, Py_ssize_t S) except -1:
+    # the parameters rows of S read at offsets rp: max(rp) + S
+    cdef Py_ssize_t R = _shape(rp, 1)[0], r, top = 0
+    cdef const Py_ssize_t* o = <const Py_ssize_t*>_in(rp, IDX)
+    for r in range(R):
+        if o[r] > top:
+            top = o[r]
+    return top + S if R else 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,7 +386,7 @@ cdef inline void _row_moments(const floating* p, Py_ssize_t n,
 # Forward statistics on the (A, C, B) layout
 # ---------------------------------------------------------------------------------------
 
-def add(a, b, out, int threads):
+def add(*, a, b, out, int threads):
     """IN a, b (n,) T; OUT out (n,) T: out = a + b, rounded as NumPy's a + b (the half
     types through float32); out may be a or b. Any shapes of n elements, C-contiguous."""
     cdef int T = _storage(a)
@@ -325,18 +412,19 @@ cdef void _add(const floating* a, const floating* b, floating* out, Py_ssize_t n
         nc_add(a + o, b + o, out + o, _block_rows(k, CACHED_ELEMS, n))
 
 
-def moments_rows(x, pmean, pm2, int threads, *, mask=None, moff=None, int mstep=0, Py_ssize_t rows_per_group=1,
-                 pcount=None):
-    """IN x (A, C, B) T; OUT pmean, pm2 (A, C) float64: mean and centred sum of squares of
-    each row. With ``mask`` (uint8 bytes, moff (A * R,) intp and mstep as the masked dx
-    passes read them): over the counted elements of each group of ``rows_per_group`` rows
-    only, OUT pmean, pm2, pcount (A, R / J) float64 (0, 0, 0 for a group with none)."""
+def moments_rows(*, x, part_mean, part_m2, int threads, mask=None, Py_ssize_t rows_per_group=1, part_count=None):
+    """IN x (A, C, B) T; OUT part_mean, part_m2 (A, C) float64: mean and centred sum of
+    squares of each row. With ``mask`` (masking.MaskRows for the A * R rows of x viewed
+    as (A, R, S)): over the counted elements of each group of ``rows_per_group`` rows
+    only, OUT part_mean, part_m2, part_count (A, R / J) float64 (0, 0, 0 for a group
+    with none)."""
     if mask is not None:
-        return _masked_moments_rows_entry(x, mask, moff, mstep, rows_per_group, pmean, pm2, pcount, threads)
+        return _masked_moments_rows_entry(x, mask.base, mask.offsets, mask.step, rows_per_group, part_mean,
+                                          part_m2, part_count, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    cdef double* pm = <double*>_out(pmean, F64)
-    cdef double* p2 = <double*>_out(pm2, F64)
+    cdef double* pm = <double*>_out(part_mean, F64)
+    cdef double* p2 = <double*>_out(part_m2, F64)
     if T == cnp.NPY_FLOAT32:
         _moments_rows(<const float*>_in(x, T), d[0] * d[1], d[2], pm, p2, threads)
     elif T == HALF:
@@ -382,18 +470,19 @@ cdef inline void _tile_col_moments(const floating* x, Py_ssize_t rows, Py_ssize_
         m2[c] = _clamp0(m2[c] - s * (s / rows))
 
 
-def moments_cols(x, Py_ssize_t rows_per_block, pmean, pm2, int threads, *, mask=None, moff=None, int mstep=0,
-                 pcount=None):
-    """IN x (A, C) T; OUT pmean, pm2 (ceil(A / rows_per_block), C) float64: moments of
-    each column over each block of rows. With ``mask`` (moff (A,): row a's bytes): over the
-    counted elements only, their number per block and column into pcount (same shape)."""
+def moments_cols(*, x, Py_ssize_t rows_per_block, part_mean, part_m2, int threads, mask=None, part_count=None):
+    """IN x (A, C) T; OUT part_mean, part_m2 (ceil(A / rows_per_block), C) float64:
+    moments of each column over each block of rows. With ``mask`` (masking.MaskRows for
+    the A rows of C): over the counted elements only, their number per block and column
+    into part_count (same shape)."""
     if mask is not None:
-        return _masked_moments_cols_entry(x, mask, moff, mstep, rows_per_block, pmean, pm2, pcount, threads)
+        return _masked_moments_cols_entry(x, mask.base, mask.offsets, mask.step, rows_per_block, part_mean,
+                                          part_m2, part_count, threads)
     cdef Py_ssize_t* d = _shape(x, 2)
-    cdef Py_ssize_t nb = _shape(pmean, 2)[0]
+    cdef Py_ssize_t nb = _shape(part_mean, 2)[0]
     cdef int T = _storage(x)
-    cdef double* pm = <double*>_out(pmean, F64)
-    cdef double* p2 = <double*>_out(pm2, F64)
+    cdef double* pm = <double*>_out(part_mean, F64)
+    cdef double* p2 = <double*>_out(part_m2, F64)
     if T == cnp.NPY_FLOAT32:
         _moments_cols(<const float*>_in(x, T), d[0], d[1], rows_per_block, nb, pm, p2, threads)
     elif T == HALF:
@@ -449,8 +538,8 @@ cdef inline void _affine_tile(const floating* x, floating* y, Py_ssize_t rows, P
             y[a * ld + c] = <floating>((x[a * ld + c] - mean[c]) * scale[c] + shift[c])
 
 
-def affine_rows(x, mean, scale, shift, Py_ssize_t rows_per_block, y, int threads):
-    """IN x (A, R, S) T, mean, scale, shift (R,) float64; OUT y (A, R, S) T:
+def affine_rows(*, x, row_mean, row_scale, row_shift, Py_ssize_t rows_per_block, y, int threads):
+    """IN x (A, R, S) T, row_mean, row_scale, row_shift (R,) float64; OUT y (A, R, S) T:
     y = (x - mean[r]) * scale[r] + shift[r] (float32 within the accuracy contract, see
     simd.h); ``rows_per_block`` cuts the rows of the S == 1 (column) layout.
 
@@ -459,9 +548,9 @@ def affine_rows(x, mean, scale, shift, Py_ssize_t rows_per_block, y, int threads
     """
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef const double* sc = <const double*>_in(scale, F64)
-    cdef const double* sh = <const double*>_in(shift, F64)
+    cdef const double* mu = <const double*>_in(row_mean, F64)
+    cdef const double* sc = <const double*>_in(row_scale, F64)
+    cdef const double* sh = <const double*>_in(row_shift, F64)
     if T == cnp.NPY_FLOAT32:
         _affine_rows(<const float*>_in(x, T), d[0], d[1], d[2], mu, sc, sh, rows_per_block,
                      <float*>_out(y, T), threads)
@@ -585,20 +674,20 @@ cdef inline void _masked_tile_col_sums(const floating* dy, const floating* x, co
             r = r + 1
 
 
-def sums_rows(dy, x, mean, p1, p2, int threads, mask=None, moff=None, int mstep=0):
-    """IN dy, x (A, R, S) T, mean (R,) float64; OUT p1, p2 (A, R) float64: row sums of dy
-    and of dy * (x - mean). With mask (uint8 bytes, moff (A * R,) intp and mstep for the
-    rows of S, as dx_rows reads them): over the counted elements only."""
+def sums_rows(*, dy, x, row_mean, sum_dy, sum_dy_xc, int threads, mask=None):
+    """IN dy, x (A, R, S) T, row_mean (R,) float64; OUT sum_dy, sum_dy_xc (A, R) float64:
+    row sums of dy and of dy * (x - mean). With ``mask`` (masking.MaskRows for the A * R
+    rows of S, as dx_rows reads it): over the counted elements only."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef double* q1 = <double*>_out(p1, F64)
-    cdef double* q2 = <double*>_out(p2, F64)
-    cdef const unsigned char* m = NULL
-    cdef const Py_ssize_t* off = NULL
-    if mask is not None:
-        m = <const unsigned char*>_in(mask, U8)
-        off = <const Py_ssize_t*>_in(moff, IDX)
+    cdef const double* mu = <const double*>_in(row_mean, F64)
+    cdef double* q1 = <double*>_out(sum_dy, F64)
+    cdef double* q2 = <double*>_out(sum_dy_xc, F64)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const unsigned char* m = mk.bytes
+    cdef const Py_ssize_t* off = mk.off
+    cdef int mstep = mk.step
     if T == cnp.NPY_FLOAT32:
         _sums_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, q1, q2, threads,
                    m, off, mstep)
@@ -652,21 +741,21 @@ cdef inline void _tile_col_sums(const floating* dy, const floating* x, Py_ssize_
     _col_dy_sums(dy, x, rows, ld, tw, mean, s1, s2)
 
 
-def sums_cols(dy, x, mean, Py_ssize_t rows_per_block, p1, p2, int threads, mask=None, moff=None, int mstep=0):
-    """IN dy, x (A, C) T, mean (C,) float64; OUT p1, p2 (ceil(A / rows_per_block), C)
-    float64: per block of rows, column sums of dy and of dy * (x - mean). With mask
-    (uint8 bytes, moff (A,) intp and mstep for the rows of C): over the counted elements."""
+def sums_cols(*, dy, x, row_mean, Py_ssize_t rows_per_block, sum_dy, sum_dy_xc, int threads, mask=None):
+    """IN dy, x (A, C) T, row_mean (C,) float64; OUT sum_dy, sum_dy_xc (ceil(A /
+    rows_per_block), C) float64: per block of rows, column sums of dy and of dy * (x -
+    mean). With ``mask`` (masking.MaskRows for the A rows of C): over the counted elements."""
     cdef Py_ssize_t* d = _shape(x, 2)
-    cdef Py_ssize_t nb = _shape(p1, 2)[0]
+    cdef Py_ssize_t nb = _shape(sum_dy, 2)[0]
     cdef int T = _storage(x)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef double* q1 = <double*>_out(p1, F64)
-    cdef double* q2 = <double*>_out(p2, F64)
-    cdef const unsigned char* m = NULL
-    cdef const Py_ssize_t* off = NULL
-    if mask is not None:
-        m = <const unsigned char*>_in(mask, U8)
-        off = <const Py_ssize_t*>_in(moff, IDX)
+    cdef const double* mu = <const double*>_in(row_mean, F64)
+    cdef double* q1 = <double*>_out(sum_dy, F64)
+    cdef double* q2 = <double*>_out(sum_dy_xc, F64)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const unsigned char* m = mk.bytes
+    cdef const Py_ssize_t* off = mk.off
+    cdef int mstep = mk.step
     if T == cnp.NPY_FLOAT32:
         _sums_cols(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], rows_per_block, nb,
                    mu, q1, q2, threads, m, off, mstep)
@@ -731,23 +820,23 @@ cdef inline void _dx_tile(const floating* dy, const floating* x, floating* dx, P
             dx[a * ld + c] = <floating>(dy[a * ld + c] * k1[c] + (x[a * ld + c] - mean[c]) * k2[c] + k3[c])
 
 
-def dx_rows(dy, x, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh, dx, int threads, *, mask=None, moff=None,
-            int mstep=0, bint cols=False):
-    """IN dy, x (A, R, S) T, mean, k1, k2, k3 (R,) float64, dh (A, R, S) T or None; OUT dx
-    (A, R, S) T: dx = dy * k1[r] + (x - mean[r]) * k2[r] + k3[r] (float32 as in
-    affine_rows), plus dh after dx's rounding (as add) when given. With ``mask`` (moff,
-    mstep for the kernel's rows: ``cols``, the A rows of R elements of the column strategy,
-    S == 1; else the A * R rows of S): dx where counted, 0 elsewhere (not data), then dh
-    everywhere when given."""
+def dx_rows(*, dy, x, row_mean, dy_scale, xc_scale, dx_shift, Py_ssize_t rows_per_block, dx, int threads, dh=None,
+            mask=None, bint cols=False):
+    """IN dy, x (A, R, S) T, row_mean, dy_scale, xc_scale, dx_shift (R,) float64, dh
+    (A, R, S) T or None; OUT dx (A, R, S) T: dx = dy * dy_scale[r] + (x - mean[r]) *
+    xc_scale[r] + dx_shift[r] (float32 as in affine_rows), plus dh after dx's rounding (as
+    add) when given. With ``mask`` (masking.MaskRows for the kernel's rows: ``cols``, the
+    A rows of R elements of the column strategy, S == 1; else the A * R rows of S): dx
+    where counted, 0 elsewhere (not data), then dh everywhere when given."""
     if mask is not None:
-        return _masked_dx_rows_entry(dy, x, mask, moff, mstep, cols, mean, k1, k2, k3, rows_per_block, dh, dx,
-                                     threads)
+        return _masked_dx_rows_entry(dy, x, mask.base, mask.offsets, mask.step, cols, row_mean, dy_scale,
+                                     xc_scale, dx_shift, rows_per_block, dh, dx, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef const double* c1 = <const double*>_in(k1, F64)
-    cdef const double* c2 = <const double*>_in(k2, F64)
-    cdef const double* c3 = <const double*>_in(k3, F64)
+    cdef const double* mu = <const double*>_in(row_mean, F64)
+    cdef const double* c1 = <const double*>_in(dy_scale, F64)
+    cdef const double* c2 = <const double*>_in(xc_scale, F64)
+    cdef const double* c3 = <const double*>_in(dx_shift, F64)
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
     if T == cnp.NPY_FLOAT32:
         _dx_rows(<const float*>_in(dy, T), <const float*>_in(x, T), d[0], d[1], d[2], mu, c1, c2, c3,
@@ -808,7 +897,7 @@ cdef void _dx_rows(const floating* dy, const floating* x, Py_ssize_t A, Py_ssize
 cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n, double mu,
                                    double rs, const double* w, const double* b, const float* wf,
                                    const float* bf, bint nt, const floating* pf) noexcept nogil:
-    # wf, bf: float32 copies of w, b for the float32 pass (see _params_f32)
+    # wf, bf: float32 views of w, b for the float32 pass (see _params_of)
     cdef Py_ssize_t i
     if floating is not double:
         nc_affine_inner_row(x, y, n, mu, rs, wf, bf, nt, pf)
@@ -817,49 +906,31 @@ cdef inline void _affine_inner_row(const floating* x, floating* y, Py_ssize_t n,
         y[i] = <floating>((x[i] - mu) * rs * w[i] + b[i])
 
 
-def affine_inner(x, mean, rstd, rp, w, bias, y, int threads):
-    """IN x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp offset of row r's
-    parameters, w, bias (P,) float64; OUT y (1, R, S) T:
-    y = (x - mean[r]) * rstd[r] * w[rp[r] + s] + bias[rp[r] + s]."""
+def affine_inner(*, x, row_mean, row_rstd, rp, weight=None, bias=None, y, int threads):
+    """IN x (1, R, S) T, row_mean, row_rstd (R,) float64, rp (R,) intp offset of row r's
+    parameters, weight, bias (P,) in their own dtype or None (ones, zeros); OUT y (1, R, S)
+    T: y = (x - mean[r]) * rstd[r] * weight[rp[r] + s] + bias[rp[r] + s]."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const double* mu = <const double*>_in(row_mean, F64)
+    cdef const double* rs = <const double*>_in(row_rstd, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
-    cdef const double* pb = <const double*>_in(bias, F64)
-    cdef float* wf = NULL
-    cdef float* bf = NULL
-    if T == cnp.NPY_FLOAT32:
-        try:
-            wf = _params_f32(w)
-            bf = _params_f32(bias)
-            _affine_inner(<const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <float*>_out(y, T),
-                          threads)
-        finally:
-            free(wf)
-            free(bf)
-    elif T == HALF:
-        try:
-            wf = _params_f32(w)
-            bf = _params_f32(bias)
-            _affine_inner(<const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <nc_f16*>_out(y, T),
-                          threads)
-        finally:
-            free(wf)
-            free(bf)
-    elif T == BF16:
-        try:
-            wf = _params_f32(w)
-            bf = _params_f32(bias)
-            _affine_inner(<const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, wf, bf, <nc_bf16*>_out(y, T),
-                          threads)
-        finally:
-            free(wf)
-            free(bf)
-    else:
-        _affine_inner(<const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, pb, NULL, NULL, <double*>_out(y, T),
-                      threads)
+    cdef void* py = _out(y, T)
+    cdef const void* px = _in(x, T)
+    cdef nc_params q
+    try:
+        _params_of(weight, bias, 0 if weight is not None or bias is not None else _inner_size(rp, d[2]),
+                   T != F64, &q)
+        if T == cnp.NPY_FLOAT32:
+            _affine_inner(<const float*>px, d[1], d[2], mu, rs, p, q.w, q.b, q.wf, q.bf, <float*>py, threads)
+        elif T == HALF:
+            _affine_inner(<const nc_f16*>px, d[1], d[2], mu, rs, p, q.w, q.b, q.wf, q.bf, <nc_f16*>py, threads)
+        elif T == BF16:
+            _affine_inner(<const nc_bf16*>px, d[1], d[2], mu, rs, p, q.w, q.b, q.wf, q.bf, <nc_bf16*>py, threads)
+        else:
+            _affine_inner(<const double*>px, d[1], d[2], mu, rs, p, q.w, q.b, NULL, NULL, <double*>py, threads)
+    finally:
+        _params_free(&q)
 
 
 cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean, const double* rstd,
@@ -880,33 +951,41 @@ cdef void _affine_inner(const floating* x, Py_ssize_t R, Py_ssize_t S, const dou
 # ---------------------------------------------------------------------------------------
 
 
-def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, w,
-                     bias, mean, var, rstd, y, int threads, *, mask=None, moff=None, int mstep=0, counts=None):
-    """IN x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), residual
-    (1, C, B) T or None, rp (C * J,) intp parameter offset of each row, w, bias (P,)
-    float64, affine an nc_affine_kind (contract.h); OUT h (1, C, B) T (with residual; else
-    None), mean (C,) (0 when not centred), var (C,) (mean square when not centred), rstd
-    (C,) float64 and y (1, C, B) T: statistics of each group, then its rows normalized, as
-    the separate kernels do, while the group is in cache. With a residual the group
-    normalized is h = x + residual (as add), made in the same visit. With ``mask`` (uint8
-    bytes, moff (C * J,) intp and mstep for the rows of S): over the counted elements (of h
-    with a residual) only, OUT counts (C,) float64 counted elements per group; a group without
-    counted elements gets mean 0, var 0 and rstd 0 (y is its bias)."""
+def normalize_groups(*, x, Py_ssize_t rows_per_group, bint center, double eps, int affine, rp, weight=None,
+                     bias=None, mean, var, rstd, y, int threads, residual=None, h=None, mask=None, counts=None):
+    """IN x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp (C * J,) intp
+    parameter offset of each row, weight, bias (P,) in their own dtype or None (ones,
+    zeros; unread with affine NONE), affine an nc_affine_kind (contract.h), residual (1, C,
+    B) T or None; OUT mean (C,) (0 when not centred), var (C,) (mean square when not
+    centred), rstd (C,) float64, y (1, C, B) T and h (1, C, B) T (with a residual):
+    statistics of each group, then its rows normalized, as the separate kernels do, while
+    the group is in cache. With a residual the group normalized is h = x + residual (as
+    add), made in the same visit. With ``mask`` (masking.MaskRows for the C * J rows of
+    S): over the counted elements (of h with a residual) only, OUT counts (C,) float64
+    counted elements per group; a group without counted elements gets mean 0, var 0 and
+    rstd 0 (y is its bias)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    cdef const unsigned char* m = NULL if mask is None else <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = NULL if mask is None else <const Py_ssize_t*>_in(moff, IDX)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const unsigned char* m = mk.bytes
+    cdef const Py_ssize_t* off = mk.off
+    cdef int mstep = mk.step
     cdef double* n = NULL if mask is None else <double*>_out(counts, F64)
     cdef const void* pr = NULL if residual is None else _in(residual, T)
     cdef void* ph = NULL if residual is None else _out(h, T)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
-    cdef const double* pb = <const double*>_in(bias, F64)
     cdef double* mu = <double*>_out(mean, F64)
     cdef double* v = <double*>_out(var, F64)
     cdef double* rs = <double*>_out(rstd, F64)
-    cdef float* wf = NULL
-    cdef float* bf = NULL
+    cdef nc_params q
+    q.own[0] = q.own[1] = q.own[2] = q.own[3] = NULL
+    q.w = q.b = NULL
+    q.wf = q.bf = NULL
+    cdef const double* pw
+    cdef const double* pb
+    cdef const float* wf
+    cdef const float* bf
     cdef void* scratch = NULL
     cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(<cnp.ndarray>x)
     try:
@@ -914,9 +993,9 @@ def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, dou
             scratch = malloc(<size_t>(max(threads, 1) * max(d[2], 1) * item))
             if scratch == NULL:
                 raise MemoryError()
-        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64:
-            wf = _params_f32(w)
-            bf = _params_f32(bias)
+        if affine != NC_AFFINE_NONE:
+            _params_of(weight, bias, 0, affine == NC_AFFINE_INNER and T != F64, &q)
+        pw, pb, wf, bf = q.w, q.b, q.wf, q.bf
         if T == cnp.NPY_FLOAT32:
             _normalize_groups(<const float*>_in(x, T), <const float*>pr, <float*>ph, d[1], d[2], rows_per_group,
                               center, eps, affine, p, pw, pb, wf, bf, mu, v, rs, <float*>_out(y, T), threads,
@@ -934,8 +1013,7 @@ def normalize_groups(x, residual, h, Py_ssize_t rows_per_group, bint center, dou
                               rows_per_group, center, eps, affine, p, pw, pb, NULL, NULL, mu, v, rs,
                               <double*>_out(y, T), threads, <double*>scratch, m, off, mstep, n)
     finally:
-        free(wf)
-        free(bf)
+        _params_free(&q)
         free(scratch)
 
 
@@ -1016,58 +1094,69 @@ cdef inline void _row_param_sums(const floating* dy, const floating* x, Py_ssize
         db[i] += g
 
 
-def backward_groups(dy, x, Py_ssize_t rows_per_group, bint center, int affine, rp, w, mean, rstd, counts,
-                    Py_ssize_t groups_per_block, t1, t2, pdw, pdb, dh, dx, int threads, *, mask=None, moff=None,
-                    int mstep=0):
+def backward_groups(*, dy, x, Py_ssize_t rows_per_group, bint center, rp, weight=None, mean, rstd, counts,
+                    Py_ssize_t groups_per_block, dx, int threads, row_sums=None, part_grads=None, dh=None, mask=None):
     """IN dy, x (1, C, B) T (group c is x[0, c], J = rows_per_group rows of S), rp
-    (C * J,) intp, w (P,) float64, mean, rstd, counts (C,) float64 (the elements of each
-    group; 0 reads as 1: such a group's rstd is 0), affine an nc_affine_kind;
-    OUT t1, t2 (C * J,) float64 row sums of dy and dy * (x - mean) (affine NONE, ROW),
-    pdw, pdb (ceil(C / groups_per_block), P) float64 zeroed partials (INNER), dx
-    (1, C, B) T. Training-mode backward in one visit per group: the group's sums, then its
-    dx while dy and x are still in cache (same formulas as dx_rows / dx_inner). dh (1, C,
-    B) T or None: added to dx (as add, after dx's rounding) in the same visit. With
-    ``mask`` (moff, mstep as normalize_groups takes them, counts from it): the
-    sums run over the counted elements only (the others are not data), and dx is 0 where
-    not counted (then dh is added
-    everywhere, to those zeros too)."""
+    (C * J,) intp, weight (P,) in its own dtype or None (ones), mean, rstd, counts (C,)
+    float64 (the elements of each group; 0 reads as 1: such a group's rstd is 0), dh (1,
+    C, B) T or None; OUT dx (1, C, B) T, and either row_sums (2, C * J) float64, the row
+    sums of dy and dy * (x - mean) (one weight per row, w[rp[r]]), or part_grads (2,
+    ceil(C / groups_per_block), P) float64 zeroed, the dweight / dbias partials (the
+    parameters along the rows, w[rp[r] + s]).
+    Training-mode backward in one visit per group: the group's sums, then its dx while dy
+    and x are still in cache (same formulas as dx_rows / dx_inner), plus dh (as add, after
+    dx's rounding) in the same visit. With ``mask`` (as normalize_groups takes it, counts
+    from it): the sums run over the counted elements only (the others are not data), and
+    dx is 0 where not counted (then dh is added everywhere, to those zeros too)."""
     cdef Py_ssize_t* d = _shape(x, 3)
-    cdef Py_ssize_t P = _shape(pdw, 2)[1]
+    cdef Py_ssize_t R = _shape(rp, 1)[0]
+    cdef int affine = NC_AFFINE_INNER if part_grads is not None else (
+        NC_AFFINE_ROW if weight is not None else NC_AFFINE_NONE)
+    cdef Py_ssize_t nb = 1, P = 0
+    cdef double* dw = NULL
+    cdef double* db = NULL
+    if part_grads is not None:
+        nb, P = _shape(part_grads, 3)[1], _shape(part_grads, 3)[2]
+        dw = <double*>_out(part_grads, F64)
+        db = dw + nb * P
     cdef int T = _storage(x)
-    cdef const unsigned char* m = NULL if mask is None else <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = NULL if mask is None else <const Py_ssize_t*>_in(moff, IDX)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
     cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
-    cdef double* q1 = <double*>_out(t1, F64)
-    cdef double* q2 = <double*>_out(t2, F64)
-    cdef double* dw = <double*>_out(pdw, F64)
-    cdef double* db = <double*>_out(pdb, F64)
-    cdef float* wf = NULL
+    cdef double* q1 = NULL if row_sums is None else <double*>_out(row_sums, F64)
+    cdef double* q2 = NULL if row_sums is None else q1 + R
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
+    cdef const void* pdy = _in(dy, T)
+    cdef const void* px = _in(x, T)
+    cdef void* pdx = _out(dx, T)
+    cdef nc_params q
+    q.own[0] = q.own[1] = q.own[2] = q.own[3] = NULL
+    q.w = q.wf = NULL
     try:
-        if affine == NC_AFFINE_INNER and T != cnp.NPY_FLOAT64 and mask is None:  # (the masked pass reads w)
-            wf = _params_f32(w)
+        if affine != NC_AFFINE_NONE:  # (the masked pass reads w in double)
+            _params_of(weight, None, P if weight is None else 0, affine == NC_AFFINE_INNER and T != F64
+                       and mask is None, &q)
         if T == cnp.NPY_FLOAT32:
-            _backward_groups(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], rows_per_group,
-                             center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const float*>pdh, <float*>_out(dx, T), threads, m, off, mstep, n)
+            _backward_groups(<const float*>pdy, <const float*>px, d[1], d[2], rows_per_group, center, affine, p,
+                             q.w, q.wf, mu, rs, groups_per_block, q1, q2, P, dw, db, <const float*>pdh,
+                             <float*>pdx, threads, mk.bytes, mk.off, mk.step, n)
         elif T == HALF:
-            _backward_groups(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], rows_per_group,
-                             center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads, m, off, mstep, n)
+            _backward_groups(<const nc_f16*>pdy, <const nc_f16*>px, d[1], d[2], rows_per_group, center, affine,
+                             p, q.w, q.wf, mu, rs, groups_per_block, q1, q2, P, dw, db, <const nc_f16*>pdh,
+                             <nc_f16*>pdx, threads, mk.bytes, mk.off, mk.step, n)
         elif T == BF16:
-            _backward_groups(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], rows_per_group,
-                             center, affine, p, pw, wf, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads, m, off, mstep, n)
+            _backward_groups(<const nc_bf16*>pdy, <const nc_bf16*>px, d[1], d[2], rows_per_group, center, affine,
+                             p, q.w, q.wf, mu, rs, groups_per_block, q1, q2, P, dw, db, <const nc_bf16*>pdh,
+                             <nc_bf16*>pdx, threads, mk.bytes, mk.off, mk.step, n)
         else:
-            _backward_groups(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], rows_per_group,
-                             center, affine, p, pw, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db,
-                             <const double*>pdh, <double*>_out(dx, T), threads, m, off, mstep, n)
+            _backward_groups(<const double*>pdy, <const double*>px, d[1], d[2], rows_per_group, center, affine,
+                             p, q.w, NULL, mu, rs, groups_per_block, q1, q2, P, dw, db, <const double*>pdh,
+                             <double*>pdx, threads, mk.bytes, mk.off, mk.step, n)
     finally:
-        free(wf)
+        _params_free(&q)
 
 
 cdef inline void _group_dx(const floating* dy, const floating* x, floating* dx, Py_ssize_t c, Py_ssize_t C,
@@ -1205,42 +1294,45 @@ cdef inline void _tile_param_sums(const floating* dy, const floating* x, Py_ssiz
         _row_param_sums(dy + i * ld, x + i * ld, tw, mean[i], rstd[i], dw + rp[i] + c0, db + rp[i] + c0)
 
 
-def sums_inner(dy, x, mean, rstd, rp, w, Py_ssize_t rows_per_block, s1, s2, pdw, pdb, int threads, mask=None,
-               moff=None, int mstep=0):
-    """IN dy, x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp, w (P,) float64;
-    OUT s1, s2 (R,) float64 sums of g = dy * w and of g * xhat; pdw, pdb
-    (ceil(R / rows_per_block), P) float64 zeroed partial dweight/dbias. One pass over a
-    block of rows: the row sums first, then the block's column tiles while it is in cache.
-    With mask (uint8 bytes, moff (R,) intp and mstep for the rows of S): over the counted
-    elements only, row by row."""
+def sums_inner(*, dy, x, row_mean, row_rstd, rp, weight=None, Py_ssize_t rows_per_block, row_sums, part_grads,
+               int threads, mask=None):
+    """IN dy, x (1, R, S) T, row_mean, row_rstd (R,) float64, rp (R,) intp, weight (P,) in
+    its own dtype or None (ones); OUT row_sums (2, R) float64 sums of g = dy * w and of
+    g * xhat; part_grads (2, ceil(R / rows_per_block), P) float64 zeroed partial dweight /
+    dbias. One pass over a block of rows: the row sums first, then the block's column tiles
+    while it is in cache. With ``mask`` (masking.MaskRows for the rows of S): over the
+    counted elements only, row by row."""
     cdef Py_ssize_t* d = _shape(x, 3)
-    cdef Py_ssize_t* pd = _shape(pdw, 2)
+    cdef Py_ssize_t* pd = _shape(part_grads, 3)
     cdef int T = _storage(x)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const double* mu = <const double*>_in(row_mean, F64)
+    cdef const double* rs = <const double*>_in(row_rstd, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
-    cdef double* q1 = <double*>_out(s1, F64)
-    cdef double* q2 = <double*>_out(s2, F64)
-    cdef double* dw = <double*>_out(pdw, F64)
-    cdef double* db = <double*>_out(pdb, F64)
-    cdef const unsigned char* m = NULL
-    cdef const Py_ssize_t* off = NULL
-    if mask is not None:
-        m = <const unsigned char*>_in(mask, U8)
-        off = <const Py_ssize_t*>_in(moff, IDX)
-    if T == cnp.NPY_FLOAT32:
-        _sums_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
-    elif T == HALF:
-        _sums_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
-    elif T == BF16:
-        _sums_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
-    else:
-        _sums_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw,
-                    rows_per_block, q1, q2, pd[0], pd[1], dw, db, threads, m, off, mstep)
+    cdef double* q1 = <double*>_out(row_sums, F64)
+    cdef double* q2 = q1 + d[1]
+    cdef double* dw = <double*>_out(part_grads, F64)
+    cdef double* db = dw + pd[1] * pd[2]
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const void* pdy = _in(dy, T)
+    cdef const void* px = _in(x, T)
+    cdef nc_params q
+    try:
+        _params_of(weight, None, pd[2], False, &q)
+        if T == cnp.NPY_FLOAT32:
+            _sums_inner(<const float*>pdy, <const float*>px, d[1], d[2], mu, rs, p, q.w, rows_per_block, q1, q2,
+                        pd[1], pd[2], dw, db, threads, mk.bytes, mk.off, mk.step)
+        elif T == HALF:
+            _sums_inner(<const nc_f16*>pdy, <const nc_f16*>px, d[1], d[2], mu, rs, p, q.w, rows_per_block, q1, q2,
+                        pd[1], pd[2], dw, db, threads, mk.bytes, mk.off, mk.step)
+        elif T == BF16:
+            _sums_inner(<const nc_bf16*>pdy, <const nc_bf16*>px, d[1], d[2], mu, rs, p, q.w, rows_per_block, q1, q2,
+                        pd[1], pd[2], dw, db, threads, mk.bytes, mk.off, mk.step)
+        else:
+            _sums_inner(<const double*>pdy, <const double*>px, d[1], d[2], mu, rs, p, q.w, rows_per_block, q1, q2,
+                        pd[1], pd[2], dw, db, threads, mk.bytes, mk.off, mk.step)
+    finally:
+        _params_free(&q)
 
 
 cdef void _sums_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean,
@@ -1288,47 +1380,44 @@ cdef inline void _dx_inner_row(const floating* dy, const floating* x, floating* 
             dx[i] = dx[i] + dh[i]
 
 
-def dx_inner(dy, x, mean, rstd, rp, w, c1, c2, dh, dx, int threads, *, mask=None, moff=None, int mstep=0):
-    """IN dy, x (1, R, S) T, mean, rstd (R,) float64, rp (R,) intp, w (P,) float64,
-    c1 (R,) group mean of g (0 when not centred), c2 (R,) group mean of g * xhat (0 in
-    eval), dh (1, R, S) T or None; OUT dx (1, R, S) T: dx = rstd[r] * (dy * w[rp[r] + s] -
-    c1[r] - xhat * c2[r]), plus dh after dx's rounding (as add) when given."""
-    if mask is not None:  # (moff, mstep for the rows of S): dx where counted, 0 elsewhere, then dh
-        return _masked_dx_inner_entry(dy, x, mask, moff, mstep, mean, rstd, rp, w, c1, c2, dh, dx, threads)
+def dx_inner(*, dy, x, row_mean, row_rstd, rp, weight=None, group_means, dx, int threads, dh=None, mask=None):
+    """IN dy, x (1, R, S) T, row_mean, row_rstd (R,) float64, rp (R,) intp, weight (P,) in
+    its own dtype or None (ones), group_means (2, R) float64 per row: the group mean of g
+    (0 when not centred) and of g * xhat (0 in eval), dh (1, R, S) T or None; OUT dx (1, R,
+    S) T: dx = rstd[r] * (dy * w[rp[r] + s] - mean_g[r] - xhat * mean_gx[r]), plus dh
+    after dx's rounding (as add) when given. With ``mask`` (masking.MaskRows for the rows
+    of S): dx where counted, 0 elsewhere, then dh."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
-    cdef const double* mu = <const double*>_in(mean, F64)
-    cdef const double* rs = <const double*>_in(rstd, F64)
+    cdef const double* mu = <const double*>_in(row_mean, F64)
+    cdef const double* rs = <const double*>_in(row_rstd, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
-    cdef const double* q1 = <const double*>_in(c1, F64)
-    cdef const double* q2 = <const double*>_in(c2, F64)
-    cdef float* wf
-    if T == cnp.NPY_FLOAT32:
-        wf = _params_f32(w)
-        try:
-            _dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
-                      <const float*>pdh, <float*>_out(dx, T), threads)
-        finally:
-            free(wf)
-    elif T == HALF:
-        wf = _params_f32(w)
-        try:
-            _dx_inner(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
-                      <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
-        finally:
-            free(wf)
-    elif T == BF16:
-        wf = _params_f32(w)
-        try:
-            _dx_inner(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), d[1], d[2], mu, rs, p, pw, wf, q1, q2,
-                      <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
-        finally:
-            free(wf)
-    else:
-        _dx_inner(<const double*>_in(dy, T), <const double*>_in(x, T), d[1], d[2], mu, rs, p, pw, NULL, q1, q2,
-                  <const double*>pdh, <double*>_out(dx, T), threads)
+    cdef const double* q1 = <const double*>_in(group_means, F64)
+    cdef const double* q2 = q1 + d[1]
+    cdef const void* pdy = _in(dy, T)
+    cdef const void* px = _in(x, T)
+    cdef void* pdx = _out(dx, T)
+    cdef nc_params q
+    try:
+        _params_of(weight, None, 0 if weight is not None else _inner_size(rp, d[2]), T != F64 and mask is None, &q)
+        if mask is not None:
+            _masked_dx_inner_entry(dy, x, mask.base, mask.offsets, mask.step, row_mean, row_rstd, rp, q.w, q1, q2,
+                                   dh, dx, threads)
+        elif T == cnp.NPY_FLOAT32:
+            _dx_inner(<const float*>pdy, <const float*>px, d[1], d[2], mu, rs, p, q.w, q.wf, q1, q2,
+                      <const float*>pdh, <float*>pdx, threads)
+        elif T == HALF:
+            _dx_inner(<const nc_f16*>pdy, <const nc_f16*>px, d[1], d[2], mu, rs, p, q.w, q.wf, q1, q2,
+                      <const nc_f16*>pdh, <nc_f16*>pdx, threads)
+        elif T == BF16:
+            _dx_inner(<const nc_bf16*>pdy, <const nc_bf16*>px, d[1], d[2], mu, rs, p, q.w, q.wf, q1, q2,
+                      <const nc_bf16*>pdh, <nc_bf16*>pdx, threads)
+        else:
+            _dx_inner(<const double*>pdy, <const double*>px, d[1], d[2], mu, rs, p, q.w, NULL, q1, q2,
+                      <const double*>pdh, <double*>pdx, threads)
+    finally:
+        _params_free(&q)
 
 
 cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssize_t S, const double* mean,
@@ -1351,9 +1440,9 @@ cdef void _dx_inner(const floating* dy, const floating* x, Py_ssize_t R, Py_ssiz
 # array operations (which dominate small inputs); serial, in a fixed order.
 # ---------------------------------------------------------------------------------------
 
-def finalize_moments(pmean, pm2, pcount, bint center, double eps, mean, var, rstd, *, counts=None):
-    """IN pmean, pm2 (K, C) partial means and centred sums of squares, pcount (K, C)
-    elements behind each (all float64); OUT mean (C,) (0 when not centred), var (C,) biased
+def finalize_moments(*, part_mean, part_m2, part_count, bint center, double eps, mean, var, rstd, counts=None):
+    """IN part_mean, part_m2 (K, C) partial means and centred sums of squares, part_count
+    (K, C) elements behind each (all float64); OUT mean (C,) (0 when not centred), var (C,) biased
     variance (mean square when not centred), rstd (C,) 1 / sqrt(var + eps), and counts (C,)
     the elements of each group when given. Partials merge exactly, in order, by the
     two-pass formula over the partial means, mean = sum(n_k mean_k) / n, m2 = sum(m2_k +
@@ -1361,9 +1450,9 @@ def finalize_moments(pmean, pm2, pcount, bint center, double eps, mean, var, rst
     through); then n divides, the non-centred transform applies (var + mean^2: the mean of
     squares without cancellation) and rstd is taken. A group without elements gets mean 0,
     var 0, rstd 0."""
-    cdef Py_ssize_t* d = _shape(pmean, 2)
-    _finalize_moments(<const double*>_in(pmean, F64), <const double*>_in(pm2, F64),
-                      <const double*>_in(pcount, F64), d[1], 1, d[0], d[1], center, eps,
+    cdef Py_ssize_t* d = _shape(part_mean, 2)
+    _finalize_moments(<const double*>_in(part_mean, F64), <const double*>_in(part_m2, F64),
+                      <const double*>_in(part_count, F64), d[1], 1, d[0], d[1], center, eps,
                       <double*>_out(mean, F64), <double*>_out(var, F64), <double*>_out(rstd, F64),
                       NULL if counts is None else <double*>_out(counts, F64))
 
@@ -1422,11 +1511,10 @@ cdef void _finalize_moments(const double* pmean, const double* pm2, const double
         rstd[c] = 1.0 / sqrt(v + eps)
 
 
-def update_running(mean, var, counts, rc, double groups_per_running, double momentum, double keep,
-                   bint unbiased, running_mean, running_var, scratch):
+def update_running(*, mean, var, counts, rc, double groups_per_running, double momentum, double keep,
+                   bint unbiased, running_mean, running_var):
     """IN mean, var, counts (C,) float64 batch statistics and elements of each group, rc (C,)
-    intp running entry of each group; IN/OUT running_mean, running_var (E,) T; scratch
-    (2E,) float64:
+    intp running entry of each group; IN/OUT running_mean, running_var (E,) T:
     running = keep * running + momentum * batch (keep: 1 - momentum, or the caller's decay
     exactly), each entry's batch value the
     average over its groups (summed in group order), each group's variance times n / (n - 1)
@@ -1437,19 +1525,22 @@ def update_running(mean, var, counts, rc, double groups_per_running, double mome
     cdef const double* v = <const double*>_in(var, F64)
     cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* c = <const Py_ssize_t*>_in(rc, IDX)
-    cdef double* work = <double*>_out(scratch, F64)
-    if T == cnp.NPY_FLOAT32:
-        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <float*>_out(running_mean, T),
-                        <float*>_out(running_var, T), E, work)
-    elif T == HALF:
-        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <nc_f16*>_out(running_mean, T),
-                        <nc_f16*>_out(running_var, T), E, work)
-    elif T == BF16:
-        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <nc_bf16*>_out(running_mean, T),
-                        <nc_bf16*>_out(running_var, T), E, work)
-    else:
-        _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased, <double*>_out(running_mean, T),
-                        <double*>_out(running_var, T), E, work)
+    cdef double* work = _scratch(2 * E)  # the entries' sums
+    try:
+        if T == cnp.NPY_FLOAT32:
+            _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased,
+                            <float*>_out(running_mean, T), <float*>_out(running_var, T), E, work)
+        elif T == HALF:
+            _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased,
+                            <nc_f16*>_out(running_mean, T), <nc_f16*>_out(running_var, T), E, work)
+        elif T == BF16:
+            _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased,
+                            <nc_bf16*>_out(running_mean, T), <nc_bf16*>_out(running_var, T), E, work)
+        else:
+            _update_running(mu, v, n, c, C, groups_per_running, momentum, keep, unbiased,
+                            <double*>_out(running_mean, T), <double*>_out(running_var, T), E, work)
+    finally:
+        free(work)
 
 
 cdef void _update_running(const double* mean, const double* var, const double* counts, const Py_ssize_t* rc,
@@ -1473,7 +1564,7 @@ cdef void _update_running(const double* mean, const double* var, const double* c
         nc_put(running_var, e, keep * nc_get(running_var, e) + momentum * sv[e])
 
 
-def running_statistics(running_mean, running_var, rc, double eps, mean, var, rstd):
+def running_statistics(*, running_mean, running_var, rc, double eps, mean, var, rstd):
     """IN running_mean, running_var (E,) T, rc (C,) intp running entry of each group;
     OUT mean, var, rstd (C,) float64: per-group statistics read from the running ones (the
     stored values, so the output is normalized with exactly what they hold)."""
@@ -1508,32 +1599,25 @@ cdef void _running_statistics(const floating* running_mean, const floating* runn
         rstd[c] = 1.0 / sqrt(v + eps)
 
 
-def row_coefficients(mean, rstd, rg, rp, w, b, bint has_w, bint has_b, mean_r, scale, shift):
+def row_coefficients(*, mean, rstd, rg, rp, weight=None, bias=None, row_mean, row_scale, row_shift):
     """IN mean, rstd (C,) float64, rg (R,) intp statistics group of each row, rp (R,) intp
-    parameter of each row, w, b (P,) T (read only where has_w / has_b); OUT mean_r,
-    scale, shift (R,) float64, the coefficients of affine_rows:
-    y = (x - mean_r) * scale + shift with scale = rstd * w and shift = b."""
+    parameter of each row, weight, bias (P,) in their own dtype or None; OUT row_mean,
+    row_scale, row_shift (R,) float64, the coefficients of affine_rows:
+    y = (x - mean) * scale + shift with scale = rstd * weight and shift = bias."""
     cdef Py_ssize_t R = _shape(rg, 1)[0]
-    cdef int T = _storage(w)
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
     cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef double* m = <double*>_out(mean_r, F64)
-    cdef double* sc = <double*>_out(scale, F64)
-    cdef double* sh = <double*>_out(shift, F64)
-    if T == cnp.NPY_FLOAT32:
-        _row_coefficients(mu, rs, g, p, <const float*>_in(w, T), <const float*>_in(b, T), has_w, has_b, R,
-                          m, sc, sh)
-    elif T == HALF:
-        _row_coefficients(mu, rs, g, p, <const nc_f16*>_in(w, T), <const nc_f16*>_in(b, T), has_w, has_b, R,
-                          m, sc, sh)
-    elif T == BF16:
-        _row_coefficients(mu, rs, g, p, <const nc_bf16*>_in(w, T), <const nc_bf16*>_in(b, T), has_w, has_b, R,
-                          m, sc, sh)
-    else:
-        _row_coefficients(mu, rs, g, p, <const double*>_in(w, T), <const double*>_in(b, T), has_w, has_b, R,
-                          m, sc, sh)
+    cdef double* m = <double*>_out(row_mean, F64)
+    cdef double* sc = <double*>_out(row_scale, F64)
+    cdef double* sh = <double*>_out(row_shift, F64)
+    cdef nc_params q
+    try:
+        _params_of(weight, bias, 0, False, &q)
+        _row_coefficients(mu, rs, g, p, q.w, q.b, q.has_w, q.has_b, R, m, sc, sh)
+    finally:
+        _params_free(&q)
 
 
 cdef void _row_coefficients(const double* mean, const double* rstd, const Py_ssize_t* rg, const Py_ssize_t* rp,
@@ -1550,32 +1634,26 @@ cdef void _row_coefficients(const double* mean, const double* rstd, const Py_ssi
         shift[r] = nc_get(b, rp[r]) if has_b else 0.0
 
 
-def gradient_sums(p1, p2, rg, rp, w, bint has_w, rstd, g1, g2, dw, db):
-    """IN p1, p2 (K, R) float64 partial row sums of dy and dy * (x - mean), rg, rp (R,)
-    intp, w (P,) T (read only where has_w), rstd (C,) float64; OUT g1, g2 (C,) float64
-    group sums of g = w * dy and g * xhat; dw, db (P,) float64 zeroed by the caller, or
-    empty to skip them. Partials are summed over K in order, then into groups and
-    parameters in row order."""
-    cdef Py_ssize_t* d = _shape(p1, 2)
-    cdef Py_ssize_t C = _shape(g1, 1)[0], P = _shape(dw, 1)[0]
-    cdef int T = _storage(w)
-    cdef const double* q1 = <const double*>_in(p1, F64)
-    cdef const double* q2 = <const double*>_in(p2, F64)
+def gradient_sums(*, sums, rg, rp, weight=None, rstd, group_sums, param_grads):
+    """IN sums (2, K, R) float64 partial row sums of dy and dy * (x - mean), rg, rp (R,)
+    intp, weight (P,) in its own dtype or None, rstd (C,) float64; OUT group_sums (2, C)
+    float64 group sums of g = weight * dy and g * xhat; param_grads (2, P) float64 dweight
+    and dbias, zeroed by the caller, or (2, 0) to skip them. Partials are summed over K in
+    order, then into groups and parameters in row order."""
+    cdef Py_ssize_t* d = _shape(sums, 3)
+    cdef Py_ssize_t C = _shape(group_sums, 2)[1], P = _shape(param_grads, 2)[1]
+    cdef const double* q1 = <const double*>_in(sums, F64)
     cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* rs = <const double*>_in(rstd, F64)
-    cdef double* o1 = <double*>_out(g1, F64)
-    cdef double* o2 = <double*>_out(g2, F64)
-    cdef double* ow = <double*>_out(dw, F64)
-    cdef double* ob = <double*>_out(db, F64)
-    if T == cnp.NPY_FLOAT32:
-        _gradient_sums(q1, q2, d[0], d[1], g, p, <const float*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
-    elif T == HALF:
-        _gradient_sums(q1, q2, d[0], d[1], g, p, <const nc_f16*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
-    elif T == BF16:
-        _gradient_sums(q1, q2, d[0], d[1], g, p, <const nc_bf16*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
-    else:
-        _gradient_sums(q1, q2, d[0], d[1], g, p, <const double*>_in(w, T), has_w, rs, C, o1, o2, P, ow, ob)
+    cdef double* o1 = <double*>_out(group_sums, F64)
+    cdef double* ow = <double*>_out(param_grads, F64)
+    cdef nc_params q
+    try:
+        _params_of(weight, None, 0, False, &q)
+        _gradient_sums(q1, q1 + d[1] * d[2], d[1], d[2], g, p, q.w, q.has_w, rs, C, o1, o1 + C, P, ow, ow + P)
+    finally:
+        _params_free(&q)
 
 
 cdef void _gradient_sums(const double* p1, const double* p2, Py_ssize_t K, Py_ssize_t R, const Py_ssize_t* rg,
@@ -1609,33 +1687,30 @@ cdef void _gradient_sums(const double* p1, const double* p2, Py_ssize_t K, Py_ss
     free(tot)
 
 
-def dx_coefficients(g1, g2, counts, rg, rp, w, bint has_w, rstd, bint stats_grad, bint center,
-                    k1, k2, k3):
-    """IN g1, g2 (C,) float64 group sums of g = w * dy and g * xhat, counts (C,) float64
-    elements of each group (all ranks; 0 reads as 1: such a group's rstd is 0), rg, rp
-    (R,) intp, w (P,) T (read only where has_w), rstd (C,) float64, stats_grad (gradients flow through the statistics), center; OUT k1, k2, k3
-    (R,) float64, the coefficients of dx_rows:
+def dx_coefficients(*, group_sums, counts, rg, rp, weight=None, rstd, bint stats_grad, bint center, dy_scale,
+                    xc_scale, dx_shift):
+    """IN group_sums (2, C) float64 group sums of g = weight * dy and g * xhat, counts (C,)
+    float64 elements of each group (all ranks; 0 reads as 1: such a group's rstd is 0),
+    rg, rp (R,) intp, weight (P,) in its own dtype or None, rstd (C,) float64, stats_grad
+    (gradients flow through the statistics), center; OUT dy_scale, xc_scale, dx_shift (R,)
+    float64, the coefficients of dx_rows:
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with xhat = (x - mean) * rstd,
-    regrouped as dy * k1 + (x - mean) * k2 + k3."""
-    cdef Py_ssize_t R = _shape(rg, 1)[0]
-    cdef int T = _storage(w)
-    cdef const double* q1 = <const double*>_in(g1, F64)
-    cdef const double* q2 = <const double*>_in(g2, F64)
+    regrouped as dy * dy_scale + (x - mean) * xc_scale + dx_shift."""
+    cdef Py_ssize_t R = _shape(rg, 1)[0], C = _shape(group_sums, 2)[1]
+    cdef const double* q1 = <const double*>_in(group_sums, F64)
     cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
     cdef const double* rs = <const double*>_in(rstd, F64)
-    cdef double* o1 = <double*>_out(k1, F64)
-    cdef double* o2 = <double*>_out(k2, F64)
-    cdef double* o3 = <double*>_out(k3, F64)
-    if T == cnp.NPY_FLOAT32:
-        _dx_coefficients(q1, q2, n, g, p, <const float*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
-    elif T == HALF:
-        _dx_coefficients(q1, q2, n, g, p, <const nc_f16*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
-    elif T == BF16:
-        _dx_coefficients(q1, q2, n, g, p, <const nc_bf16*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
-    else:
-        _dx_coefficients(q1, q2, n, g, p, <const double*>_in(w, T), has_w, rs, R, stats_grad, center, o1, o2, o3)
+    cdef double* o1 = <double*>_out(dy_scale, F64)
+    cdef double* o2 = <double*>_out(xc_scale, F64)
+    cdef double* o3 = <double*>_out(dx_shift, F64)
+    cdef nc_params q
+    try:
+        _params_of(weight, None, 0, False, &q)
+        _dx_coefficients(q1, q1 + C, n, g, p, q.w, q.has_w, rs, R, stats_grad, center, o1, o2, o3)
+    finally:
+        _params_free(&q)
 
 
 cdef void _dx_coefficients(const double* g1, const double* g2, const double* counts, const Py_ssize_t* rg,
@@ -1687,10 +1762,10 @@ cdef inline double* _widen(object a, double* out) except NULL:
     return out
 
 
-def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp, w, b, bint has_w,
-                   bint has_b, mean, var, rstd, y, int threads):
+def normalize_cols(*, x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp, weight=None, bias=None, mean,
+                   var, rstd, y, int threads):
     """IN x (A, C) T (A > 1: the column strategy, group c is column c), rg, rp (C,) intp,
-    w, b (P,) any storage type (read only where has_w / has_b); OUT mean, var, rstd (C,)
+    weight, bias (P,) in their own dtype or None; OUT mean, var, rstd (C,)
     float64 as finalize_moments gives them, y (A, C) T: moments_cols, finalize_moments,
     row_coefficients and affine_rows in one call."""
     cdef Py_ssize_t* d = _shape(x, 2)
@@ -1704,25 +1779,25 @@ def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp
     cdef double* rs = <double*>_out(rstd, F64)
     cdef const void* px = _in(x, T)
     cdef void* py = _out(y, T)
-    cdef Py_ssize_t nw = _shape(w, 1)[0], nbias = _shape(b, 1)[0]
     if C == 0:
         return
-    # partial means and sums of squares (nb, C), block counts (nb,), scale and shift (C,),
-    # weight and bias in double
-    cdef double* work = _scratch(2 * nb * C + nb + 2 * C + nw + nbias)
+    # partial means and sums of squares (nb, C), block counts (nb,), scale and shift (C,)
+    cdef nc_params q
+    _params_of(weight, bias, 0, False, &q)
+    cdef const double* pw = q.w
+    cdef const double* pb = q.b
+    cdef bint has_w = q.has_w, has_b = q.has_b
+    cdef double* work
+    try:
+        work = _scratch(2 * nb * C + nb + 2 * C)
+    except BaseException:
+        _params_free(&q)
+        raise
     cdef double* pmean = work
     cdef double* pm2 = work + nb * C
     cdef double* counts = work + 2 * nb * C
     cdef double* scale = counts + nb
     cdef double* shift = scale + C
-    cdef const double* pw
-    cdef const double* pb
-    try:
-        pw = _widen(w, shift + C)
-        pb = _widen(b, shift + C + nw)
-    except BaseException:
-        free(work)
-        raise
     for k in range(nb):
         counts[k] = <double>_block_rows(k, rows_per_block, A)
     with nogil:
@@ -1747,13 +1822,14 @@ def normalize_cols(x, Py_ssize_t rows_per_block, bint center, double eps, rg, rp
             _row_coefficients(mu, rs, g, p, pw, pb, has_w, has_b, C, pmean, scale, shift)
             _affine_rows(<const double*>px, A, C, 1, pmean, scale, shift, rows_per_block, <double*>py, threads)
     free(work)
+    _params_free(&q)
 
 
-def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b, bint has_w, bint has_b,
+def normalize_running(*, x, running_mean, running_var, rc, double eps, rg, rp, weight=None, bias=None,
                       Py_ssize_t rows_per_block, mean, var, rstd, y, int threads):
     """IN x (A, R, S) T, or (A, R) for S == 1 (the column strategy's x as it is read),
-    running_mean, running_var (E,), rc (C,) intp, rg, rp (R,) intp, w, b (P,) (any storage
-    type each, w and b read only where has_w / has_b); OUT mean, var, rstd (C,) float64 as running_statistics gives
+    running_mean, running_var (E,), rc (C,) intp, rg, rp (R,) intp, weight, bias (P,) (any
+    storage type each) or None; OUT mean, var, rstd (C,) float64 as running_statistics gives
     them, y (A, R, S) T: running_statistics, row_coefficients and affine_rows in one call
     (the output of eval mode and of estimated batch norm)."""
     cdef Py_ssize_t* d = _shape(x, 2 if cnp.PyArray_Check(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) == 2 else 3)
@@ -1769,22 +1845,25 @@ def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b
     cdef double* rs = <double*>_out(rstd, F64)
     cdef const void* px = _in(x, T)
     cdef void* py = _out(y, T)
-    cdef Py_ssize_t E = _shape(running_mean, 1)[0], nw = _shape(w, 1)[0], nbias = _shape(b, 1)[0]
+    cdef Py_ssize_t E = _shape(running_mean, 1)[0]
     if C == 0:
         return
-    # mean, scale and shift per row; the running statistics, weight and bias in double
-    cdef double* work = _scratch(3 * R + 2 * E + nw + nbias)
+    # mean, scale and shift per row; the running statistics in double
+    cdef nc_params q
+    _params_of(weight, bias, 0, False, &q)
+    cdef const double* pw = q.w
+    cdef const double* pb = q.b
+    cdef bint has_w = q.has_w, has_b = q.has_b
+    cdef double* work = NULL
     cdef const double* prm
     cdef const double* prv
-    cdef const double* pw
-    cdef const double* pb
     try:
+        work = _scratch(3 * R + 2 * E)
         prm = _widen(running_mean, work + 3 * R)
         prv = _widen(running_var, work + 3 * R + E)
-        pw = _widen(w, work + 3 * R + 2 * E)
-        pb = _widen(b, work + 3 * R + 2 * E + nw)
     except BaseException:
         free(work)
+        _params_free(&q)
         raise
     with nogil:
         if T == cnp.NPY_FLOAT32:
@@ -1808,16 +1887,17 @@ def normalize_running(x, running_mean, running_var, rc, double eps, rg, rp, w, b
             _affine_rows(<const double*>px, A, R, S, work, work + R, work + 2 * R, rows_per_block, <double*>py,
                          threads)
     free(work)
+    _params_free(&q)
 
 
-def backward_cols(dy, x, mean, rstd, counts, Py_ssize_t rows_per_block, rg, rp, w, bint has_w,
-                  bint stats_grad, bint center, dw, db, dh, dx, int threads):
+def backward_cols(*, dy, x, mean, rstd, counts, Py_ssize_t rows_per_block, rg, rp, weight=None, bint stats_grad,
+                  bint center, param_grads, dx, int threads, dh=None):
     """IN dy, x (A, C) T (the column strategy), mean, rstd, counts (C,) float64, rg, rp (C,)
-    intp, w (P,) any storage type (read only where has_w), stats_grad, center; OUT
-    dw, db (P,) float64 (empty to skip them), dx (A, C) T: sums_cols, gradient_sums,
-    dx_coefficients and dx_rows (with dh, (A, C) T or None) in one call."""
+    intp, weight (P,) in its own dtype or None, stats_grad, center; OUT param_grads (2, P)
+    float64 dweight and dbias ((2, 0) to skip them), dx (A, C) T: sums_cols,
+    gradient_sums, dx_coefficients and dx_rows (with dh, (A, C) T or None) in one call."""
     cdef Py_ssize_t* d = _shape(x, 2)
-    cdef Py_ssize_t A = d[0], C = d[1], P = _shape(dw, 1)[0], k
+    cdef Py_ssize_t A = d[0], C = d[1], P = _shape(param_grads, 2)[1], k
     cdef Py_ssize_t nb = (A + rows_per_block - 1) // rows_per_block
     cdef int T = _storage(x)
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
@@ -1826,20 +1906,27 @@ def backward_cols(dy, x, mean, rstd, counts, Py_ssize_t rows_per_block, rg, rp, 
     cdef const double* n = <const double*>_in(counts, F64)
     cdef const Py_ssize_t* g = <const Py_ssize_t*>_in(rg, IDX)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef double* ow = <double*>_out(dw, F64)
-    cdef double* ob = <double*>_out(db, F64)
+    cdef double* ow = <double*>_out(param_grads, F64)
+    cdef double* ob = ow + P
     cdef const void* pdy = _in(dy, T)
     cdef const void* px = _in(x, T)
     cdef void* pdx = _out(dx, T)
-    cdef Py_ssize_t nw = _shape(w, 1)[0]
     for k in range(P):
         ow[k] = 0.0
         ob[k] = 0.0
     if C == 0:
         return
-    # partial sums (nb, C) twice, group sums (C,) twice, dx coefficients (C,) three times,
-    # the weight in double
-    cdef double* work = _scratch(2 * nb * C + 5 * C + nw)
+    # partial sums (nb, C) twice, group sums (C,) twice, dx coefficients (C,) three times
+    cdef nc_params q
+    _params_of(weight, None, 0, False, &q)
+    cdef const double* pw = q.w
+    cdef bint has_w = q.has_w
+    cdef double* work
+    try:
+        work = _scratch(2 * nb * C + 5 * C)
+    except BaseException:
+        _params_free(&q)
+        raise
     cdef double* part_dy = work
     cdef double* part_dyx = work + nb * C
     cdef double* group_g = work + 2 * nb * C
@@ -1848,12 +1935,6 @@ def backward_cols(dy, x, mean, rstd, counts, Py_ssize_t rows_per_block, rg, rp, 
     cdef double* k2 = k1 + C
     cdef double* k3 = k2 + C
     cdef bint sums = stats_grad or P > 0
-    cdef const double* pw
-    try:
-        pw = _widen(w, k3 + C)
-    except BaseException:
-        free(work)
-        raise
     with nogil:
         if T == cnp.NPY_FLOAT32:
             if sums:
@@ -1896,6 +1977,7 @@ def backward_cols(dy, x, mean, rstd, counts, Py_ssize_t rows_per_block, rg, rp, 
             _dx_rows(<const double*>pdy, <const double*>px, A, C, 1, mu, k1, k2, k3, rows_per_block,
                      <const double*>pdh, <double*>pdx, threads)
     free(work)
+    _params_free(&q)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1926,9 +2008,6 @@ cdef extern from "simd.h" nogil:
                                Py_ssize_t R)
     void nc_masked_dx_inner_row(const void* dy, const void* x, const unsigned char* m, int step, void* dx,
                                 Py_ssize_t n, double mu, double rs, const double* w, double m1, double m2)
-
-cdef int U8 = cnp.NPY_UINT8
-
 
 cdef inline void _row_moments_masked(const floating* p, const unsigned char* m, Py_ssize_t n,
                                      double* out_mean, double* out_m2, double* out_n) noexcept nogil:
@@ -2142,13 +2221,16 @@ cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2
                             mu, c1, c2, c3, coefs, rows_per_block, <const float*>pdh, <float*>_out(dx, T), threads)
         elif T == HALF:
             _masked_dx_rows(<const nc_f16*>_in(dy, T), <const nc_f16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const nc_f16*>pdh, <nc_f16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const nc_f16*>pdh,
+                            <nc_f16*>_out(dx, T), threads)
         elif T == BF16:
             _masked_dx_rows(<const nc_bf16*>_in(dy, T), <const nc_bf16*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const nc_bf16*>pdh, <nc_bf16*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const nc_bf16*>pdh,
+                            <nc_bf16*>_out(dx, T), threads)
         else:
             _masked_dx_rows(<const double*>_in(dy, T), <const double*>_in(x, T), m, off, mstep, cols, d[0], d[1],
-                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const double*>pdh, <double*>_out(dx, T), threads)
+                            d[2], mu, c1, c2, c3, coefs, rows_per_block, <const double*>pdh,
+                            <double*>_out(dx, T), threads)
     finally:
         free(coefs)
 
@@ -2208,7 +2290,8 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
         nc_sfence()
 
 
-cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1, c2, dh, dx, int threads):
+cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, const double* pw, const double* q1,
+                            const double* q2, dh, dx, int threads):
     """IN dy, x (1, R, S) T, mask uint8 bytes with moff (R,) intp and mstep, mean, rstd, c1,
     c2 (R,) float64, rp (R,) intp, w (P,) float64; OUT dx (1, R, S) T: dx = rstd[r] * (dy *
     w[rp[r] + s] - (c1[r] + xhat * c2[r])) with the bracket only where counted (in double);
@@ -2221,9 +2304,6 @@ cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, w, c1,
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
-    cdef const double* pw = <const double*>_in(w, F64)
-    cdef const double* q1 = <const double*>_in(c1, F64)
-    cdef const double* q2 = <const double*>_in(c2, F64)
     if T == cnp.NPY_FLOAT32:
         _masked_dx_inner(<const float*>_in(dy, T), <const float*>_in(x, T), m, off, mstep, d[1], d[2], mu, rs, p,
                          pw, q1, q2, <const float*>pdh, <float*>_out(dx, T), threads)
