@@ -5,6 +5,7 @@ process (separate runs drift 10-40 % on a shared machine; calls alternating do n
     python bench/ab.py /tmp/before --threads 1,2
     python bench/ab.py /tmp/before --small      # the small calls of bench_cpu.py --small
     python bench/ab.py /tmp/before --masked-add # a padded batch through the residual stream
+    python bench/ab.py /tmp/before --cases "BN1d,LN" --repeats 31   # a second run of some cases
 
 The other checkout's package is copied under another name (its imports are relative), so
 both load side by side. For each large case and pass it prints the median milliseconds of
@@ -110,7 +111,10 @@ def main():
     p.add_argument("--repeats", type=int, default=11)
     p.add_argument("--small", action="store_true", help="small layer calls, 1 thread")
     p.add_argument("--masked-add", action="store_true", help="masked add_normalize + backward with dh")
+    p.add_argument("--cases", default="", help="comma-separated labels (or shapes) to run, e.g. 'BN1d,LN' "
+                                                "(a second run of the cases below 0.95)")
     args = p.parse_args()
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     other = load_other(args.other)
     if args.small:
         with threadpool_limits(1):
@@ -122,6 +126,8 @@ def main():
     for threads in (int(t) for t in args.threads.split(",")):
         with threadpool_limits(threads, user_api="openmp"):
             for label, shape, mode, sizes in (MASKED_ADD_CASES if args.masked_add else CASES):
+                if wanted and not any(w == label or w == str(shape) for w in wanted):
+                    continue
                 x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
                 make = _masked_add_calls if args.masked_add else _calls
                 fns = {(who, k): f for who, nc in (("other", other), ("this", normcore))
