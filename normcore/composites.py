@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["Composites"]
+__all__ = ["Composites", "xp_of"]
 
 
-def _xp_of(a):
-    """The array module of ``a``: NumPy's for host arrays, else CuPy's."""
+def xp_of(a):
+    """The array module of ``a``: NumPy's for host arrays (the CUDA kernels' host emulation
+    included), else CuPy's.
+
+    >>> xp_of(np.zeros(2)) is np
+    True
+    """
     if isinstance(a, np.ndarray):
         return np
     import cupy
@@ -30,7 +35,7 @@ class Composites:
         A, C = x.shape
         if C == 0:
             return
-        xp = _xp_of(x)
+        xp = xp_of(x)
         nb = -(-A // rows_per_block)
         counts = np.full((nb, C), float(rows_per_block))
         counts[-1] = A - rows_per_block * (nb - 1)
@@ -48,7 +53,7 @@ class Composites:
                           rows_per_block, mean, var, rstd, y, threads):
         if mean.shape[0] == 0:
             return
-        xp = _xp_of(x)
+        xp = xp_of(x)
         if x.ndim == 2:
             x = x.reshape(x.shape + (1,))
         R = x.shape[1]
@@ -66,7 +71,7 @@ class Composites:
         param_grads[...] = 0.0
         if C == 0:
             return
-        xp = _xp_of(x)
+        xp = xp_of(x)
         group_sums = xp.zeros((2, C))  # unread when no sums are taken
         if stats_grad or param_grads.shape[1] > 0:
             sums = xp.empty((2, -(-A // rows_per_block), C))

@@ -25,7 +25,7 @@ import numpy as np
 from . import backend
 from .backend import AffineKind, Backend
 from .bounded import PlanArrays
-from .composites import Composites
+from .composites import Composites, xp_of as _xp_of
 
 __all__ = ["available", "unavailable_reason", "cuda_backend", "kernel_source", "storage_dtypes",
            "compile_options", "kernel_names", "CudaKernels"]
@@ -392,14 +392,6 @@ def _params64(weight, bias, rp, S, P=None):
     w = weight.astype(np.float64) if weight is not None else xp.ones(P)
     b = bias.astype(np.float64) if bias is not None else xp.zeros(P)
     return w, b
-
-
-def _xp_of(a):
-    """The array module of ``a``: CuPy's on the GPU, NumPy's for the host emulation."""
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy
-    return cupy
 
 
 

@@ -116,12 +116,9 @@ class _Builder:
         self.steps.append(Step("call", -1, name=name, args=[None if isinstance(a, Reg) else a for a in args],
                                slots=slots, keywords=tuple(kwargs)))
 
-    def sum0(self, src, out, axis=0):
-        self.steps.append(Step("sum0", out, src, axis=axis))
-
     def sum_of(self, src, axis) -> Reg:
         r = self.reg()
-        self.sum0(src, r, axis)
+        self.steps.append(Step("sum0", r, src, axis=axis))
         return r
 
     def part(self, src, item, out=None) -> Reg:

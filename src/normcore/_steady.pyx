@@ -61,7 +61,7 @@ cdef enum:
     OP_ZEROS = 1     # reg[out] = zeros(shape, dtype)
     OP_OUTPUT = 2    # reg[out] = empty(shape, dtype) unless the caller put an array there
     OP_VIEW = 3      # reg[out] = reg[src].reshape(shape), or None when reg[src] is None
-    OP_CALL = 4      # reg[out] = K.<entry>(**args), registers in some of them
+    OP_CALL = 4      # K.<entry>(**args), registers in some of them (it returns nothing)
     OP_SUM0 = 5      # reg[out] = reg[src].sum(axis=0), or along ``axis``
     OP_TAKE = 7      # reg[out] = reg[src][index]
     OP_ALIAS = 8     # reg[out] = reg[src]
@@ -170,9 +170,7 @@ cdef class Program:
                 for i in range(s.nargs):
                     r = s.regs[i]
                     argv[i] = <PyObject*>(s.template[i] if r < 0 else regs[r])
-                got = PyObject_Vectorcall(s.func, argv, 0, s.keywords)
-                if s.out >= 0:
-                    regs[s.out] = got
+                PyObject_Vectorcall(s.func, argv, 0, s.keywords)  # entries write their OUT arrays
             elif s.op == OP_EMPTY:
                 regs[s.out] = cnp.PyArray_EMPTY(s.nd, s.dims, s.typenum, 0)
             elif s.op == OP_OUTPUT:

@@ -187,7 +187,6 @@ cdef struct nc_params:
     const float* wf      # float32 views: only when asked for
     const float* bf
     bint has_w, has_b
-    Py_ssize_t size
     void* own[4]
 
 
@@ -200,7 +199,6 @@ cdef int _params_of(object weight, object bias, Py_ssize_t P, bint f32, nc_param
         P = _shape(weight, 1)[0]
     elif bias is not None:
         P = _shape(bias, 1)[0]
-    p.size = P
     p.w = _as_double(weight, P, 1.0, &p.own[0])
     p.b = _as_double(bias, P, 0.0, &p.own[1])
     if f32:
@@ -419,7 +417,7 @@ def moments_rows(*, x, part_mean, part_m2, int threads, mask=None, Py_ssize_t ro
     only, OUT part_mean, part_m2, part_count (A, R / J) float64 (0, 0, 0 for a group
     with none)."""
     if mask is not None:
-        return _masked_moments_rows_entry(x, mask.base, mask.offsets, mask.step, rows_per_group, part_mean,
+        return _masked_moments_rows_entry(x, mask, rows_per_group, part_mean,
                                           part_m2, part_count, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
@@ -476,7 +474,7 @@ def moments_cols(*, x, Py_ssize_t rows_per_block, part_mean, part_m2, int thread
     the A rows of C): over the counted elements only, their number per block and column
     into part_count (same shape)."""
     if mask is not None:
-        return _masked_moments_cols_entry(x, mask.base, mask.offsets, mask.step, rows_per_block, part_mean,
+        return _masked_moments_cols_entry(x, mask, rows_per_block, part_mean,
                                           part_m2, part_count, threads)
     cdef Py_ssize_t* d = _shape(x, 2)
     cdef Py_ssize_t nb = _shape(part_mean, 2)[0]
@@ -829,7 +827,7 @@ def dx_rows(*, dy, x, row_mean, dy_scale, xc_scale, dx_shift, Py_ssize_t rows_pe
     A rows of R elements of the column strategy, S == 1; else the A * R rows of S): dx
     where counted, 0 elsewhere (not data), then dh everywhere when given."""
     if mask is not None:
-        return _masked_dx_rows_entry(dy, x, mask.base, mask.offsets, mask.step, cols, row_mean, dy_scale,
+        return _masked_dx_rows_entry(dy, x, mask, cols, row_mean, dy_scale,
                                      xc_scale, dx_shift, rows_per_block, dh, dx, threads)
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
@@ -1402,7 +1400,7 @@ def dx_inner(*, dy, x, row_mean, row_rstd, rp, weight=None, group_means, dx, int
     try:
         _params_of(weight, None, 0 if weight is not None else _inner_size(rp, d[2]), T != F64 and mask is None, &q)
         if mask is not None:
-            _masked_dx_inner_entry(dy, x, mask.base, mask.offsets, mask.step, row_mean, row_rstd, rp, q.w, q1, q2,
+            _masked_dx_inner_entry(dy, x, mask, row_mean, row_rstd, rp, q.w, q1, q2,
                                    dh, dx, threads)
         elif T == cnp.NPY_FLOAT32:
             _dx_inner(<const float*>pdy, <const float*>px, d[1], d[2], mu, rs, p, q.w, q.wf, q1, q2,
@@ -2082,15 +2080,18 @@ cdef inline void _masked_dx_row(const floating* dy, const floating* x, floating*
         nc_masked_dx_row(dy, x, m, dx, n, mu, k1, k2, k3, nt, pf1, pf2, pfm)
 
 
-cdef _masked_moments_rows_entry(x, mask, moff, int mstep, Py_ssize_t rows_per_group, pmean, pm2, pcount, int threads):
+cdef _masked_moments_rows_entry(x, mask, Py_ssize_t rows_per_group, pmean, pm2, pcount, int threads):
     """IN x (A, R, S) T (group c of block a: rows c * J .. c * J + J - 1 of block a, J =
-    rows_per_group), mask uint8 bytes and moff (A * R,) intp, mstep 0 or 1 (see above);
+    rows_per_group), mask a masking.MaskRows for the A * R rows (see above);
     OUT pmean, pm2, pcount (A, R / J) float64: mean, centred sum of squares and number of
     each group's counted elements in each block (0, 0, 0 for none)."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
-    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const unsigned char* m = mk.bytes
+    cdef const Py_ssize_t* off = mk.off
+    cdef int mstep = mk.step
     cdef double* pm = <double*>_out(pmean, F64)
     cdef double* p2 = <double*>_out(pm2, F64)
     cdef double* pn = <double*>_out(pcount, F64)
@@ -2117,15 +2118,18 @@ cdef void _masked_moments_rows(const floating* x, const unsigned char* m, const 
         _group_moments_masked(x + g * J * S, m, off, step, g * J, J, S, pmean + g, pm2 + g, pcount + g)
 
 
-cdef _masked_moments_cols_entry(x, mask, moff, int mstep, Py_ssize_t rows_per_block, pmean, pm2, pcount, int threads):
-    """IN x (A, C) T, mask uint8 bytes and moff (A,) intp (row a's bytes), mstep; OUT
+cdef _masked_moments_cols_entry(x, mask, Py_ssize_t rows_per_block, pmean, pm2, pcount, int threads):
+    """IN x (A, C) T, mask a masking.MaskRows for the A rows of C; OUT
     pmean, pm2, pcount (ceil(A / rows_per_block), C) float64: moments and count of each
     column's counted elements in each row block."""
     cdef Py_ssize_t* d = _shape(x, 2)
     cdef Py_ssize_t nb = _shape(pmean, 2)[0]
     cdef int T = _storage(x)
-    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const unsigned char* m = mk.bytes
+    cdef const Py_ssize_t* off = mk.off
+    cdef int mstep = mk.step
     cdef double* pm = <double*>_out(pmean, F64)
     cdef double* p2 = <double*>_out(pm2, F64)
     cdef double* pn = <double*>_out(pcount, F64)
@@ -2192,9 +2196,9 @@ cdef void _masked_moments_cols(const floating* x, const unsigned char* m, const 
                 pm2[k * C + c] = _clamp0(pm2[k * C + c] - s * (s / n))
 
 
-cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh,
+cdef _masked_dx_rows_entry(dy, x, mask, bint cols, mean, k1, k2, k3, Py_ssize_t rows_per_block, dh,
                            dx, int threads):
-    """IN dy, x (A, R, S) T, mask uint8 bytes with moff and mstep for the kernel's rows
+    """IN dy, x (A, R, S) T, mask a masking.MaskRows for the kernel's rows
     (cols: the A rows of R elements of the column strategy, S == 1; else the A * R rows of
     S), mean, k1, k2, k3 (R,) float64; OUT dx (A, R, S) T: dx = dy * k1[r] + (x - mean[r])
     * k2[r] + k3[r] where counted, 0 elsewhere (not data), in dx_rows' arithmetic; plus dh
@@ -2202,8 +2206,11 @@ cdef _masked_dx_rows_entry(dy, x, mask, moff, int mstep, bint cols, mean, k1, k2
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
-    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const unsigned char* m = mk.bytes
+    cdef const Py_ssize_t* off = mk.off
+    cdef int mstep = mk.step
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* c1 = <const double*>_in(k1, F64)
     cdef const double* c2 = <const double*>_in(k2, F64)
@@ -2290,17 +2297,20 @@ cdef void _masked_dx_rows(const floating* dy, const floating* x, const unsigned 
         nc_sfence()
 
 
-cdef _masked_dx_inner_entry(dy, x, mask, moff, int mstep, mean, rstd, rp, const double* pw, const double* q1,
+cdef _masked_dx_inner_entry(dy, x, mask, mean, rstd, rp, const double* pw, const double* q1,
                             const double* q2, dh, dx, int threads):
-    """IN dy, x (1, R, S) T, mask uint8 bytes with moff (R,) intp and mstep, mean, rstd, c1,
+    """IN dy, x (1, R, S) T, mask a masking.MaskRows for the R rows, mean, rstd, c1,
     c2 (R,) float64, rp (R,) intp, w (P,) float64; OUT dx (1, R, S) T: dx = rstd[r] * (dy *
     w[rp[r] + s] - (c1[r] + xhat * c2[r])) with the bracket only where counted (in double);
     plus dh (1, R, S) T or None after dx's rounding (as add), row by row while in cache."""
     cdef Py_ssize_t* d = _shape(x, 3)
     cdef int T = _storage(x)
     cdef const void* pdh = NULL if dh is None else _in(dh, T)
-    cdef const unsigned char* m = <const unsigned char*>_in(mask, U8)
-    cdef const Py_ssize_t* off = <const Py_ssize_t*>_in(moff, IDX)
+    cdef nc_mask mk
+    _mask_of(mask, &mk)
+    cdef const unsigned char* m = mk.bytes
+    cdef const Py_ssize_t* off = mk.off
+    cdef int mstep = mk.step
     cdef const double* mu = <const double*>_in(mean, F64)
     cdef const double* rs = <const double*>_in(rstd, F64)
     cdef const Py_ssize_t* p = <const Py_ssize_t*>_in(rp, IDX)
