@@ -46,7 +46,6 @@ def run_forward(call: Call, x):
     run = Run.of(call.be, x3.size)
     out = call.out
     y_rows = output_rows(None if late_rules and route.output is None else out, plan, call.dtype, xp)
-    counts, count = group_counts(plan, call.be), plan.count
     mean = var = rstd = None
     # the mask as the kernels read it: for the statistics (route.masked), and for backward
     # whenever one was given (its masked-out positions are not data, in eval too)
@@ -55,6 +54,8 @@ def run_forward(call: Call, x):
         mean, var, rstd, counts, count = _batch_statistics(call, x3, y_rows, run, r3, h3, mask3)
         if h3 is not None:
             x = x3 = h3  # what the kernel normalized, and what backward reads
+    else:  # statistics from the running ones: every element of a group counts
+        counts, count = group_counts(plan, call.be), plan.count
     if route.update:
         _update_running(call, mean, var, counts, run)
     if route.output in ("running", "running inner"):

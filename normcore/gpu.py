@@ -394,7 +394,6 @@ def _params64(weight, bias, rp, S, P=None):
     return w, b
 
 
-
 class CudaBackend(Backend):
     name = "cuda"
     place = "GPU"

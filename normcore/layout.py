@@ -45,7 +45,6 @@ class Run:
         return self.be.index(plan, "rp" if plan.rp is not None else "rg")
 
 
-
 _SERIAL: dict = {}
 
 
